@@ -1,0 +1,219 @@
+"""The policy, as hyperfence understands it after parsing: frozen, validated, comparable.
+
+A policy names the networks (managed bridges), the VMs on them, IP sets and rules. Every declared VM is
+*protected*: it gets nothing, in either direction, unless a rule allows it.
+
+Selectors come in two kinds:
+
+* **workload selectors** (`vm:NAME`, `label:KEY=VALUE`, `vms`) pick VMs. A VM picked on a rule's `from` side
+  gets the rule in its egress chain; on the `to` side, in its ingress chain. One rule between two VMs
+  therefore grants both the sender's egress and the receiver's ingress.
+* **address selectors** (`10.0.0.0/24`, `10.0.0.5-10.0.0.9`, `ipset:NAME`, `host`, `outside`, `any`) only
+  match addresses; they never make a rule apply to a VM.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+
+class Action(enum.StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    REJECT = "reject"
+
+
+class Direction(enum.StrEnum):
+    """Seen from the VM: `out` is what it sends (egress), `in` what it receives (ingress)."""
+
+    OUT = "out"
+    IN = "in"
+
+
+@dataclass(frozen=True, order=True)
+class AddressRange:
+    """An inclusive IPv4 range; a CIDR or a single address is a range too."""
+
+    first: IPv4Address
+    last: IPv4Address
+
+    @classmethod
+    def of_network(cls, net: IPv4Network) -> AddressRange:
+        return cls(net.network_address, net.broadcast_address)
+
+    @classmethod
+    def single(cls, addr: IPv4Address) -> AddressRange:
+        return cls(addr, addr)
+
+
+# --- selectors -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VmSelector:
+    name: str
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
+class AllVmsSelector:
+    pass
+
+
+@dataclass(frozen=True)
+class AddressSelector:
+    """A CIDR or range, written in the policy as such."""
+
+    range: AddressRange
+    text: str
+
+
+@dataclass(frozen=True)
+class IpSetSelector:
+    name: str
+
+
+class SpecialPeer(enum.StrEnum):
+    ANY = "any"  # every IPv4 address
+    HOST = "host"  # the hypervisor's own addresses on the managed networks (the gateways)
+    OUTSIDE = "outside"  # everything that is not on a managed network: reached through the host's routing
+
+
+@dataclass(frozen=True)
+class SpecialSelector:
+    peer: SpecialPeer
+
+
+Selector = VmSelector | LabelSelector | AllVmsSelector | AddressSelector | IpSetSelector | SpecialSelector
+WORKLOAD_SELECTORS = (VmSelector, LabelSelector, AllVmsSelector)
+
+
+# --- services --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    first: int
+    last: int
+
+
+class L4(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+@dataclass(frozen=True)
+class PortService:
+    """TCP or UDP to these destination ports (all ports when `ports` is empty)."""
+
+    protocol: L4
+    ports: tuple[PortRange, ...] = ()
+
+
+@dataclass(frozen=True)
+class IcmpService:
+    """ICMP (v4) of a type and optionally a code; any ICMP when `type` is None."""
+
+    type: int | None = None
+    code: int | None = None
+
+
+@dataclass(frozen=True)
+class ProtocolService:
+    """Any packet of this IP protocol number (e.g. 47 = GRE)."""
+
+    number: int
+
+
+class SpecialService(enum.StrEnum):
+    ANY = "any"  # every IPv4 packet
+    ARP = "arp"  # ARP between the VM and the peers
+    DHCP = "dhcp"  # the VM may get a lease from the peers (DHCP client side)
+    DHCP_SERVER = "dhcp-server"  # the VM may answer as a DHCP server to the peers
+
+
+@dataclass(frozen=True)
+class NamedService:
+    kind: SpecialService
+
+
+Service = PortService | IcmpService | ProtocolService | NamedService
+
+
+# --- the policy ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    index: int  # position in the file; breaks ties between equal priorities
+    from_: tuple[Selector, ...]
+    to: tuple[Selector, ...]
+    services: tuple[Service, ...]
+    action: Action = Action.ALLOW
+    priority: int = 1000  # lower runs first
+    log: bool = False
+    description: str = ""
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.priority, self.index)
+
+
+@dataclass(frozen=True)
+class Network:
+    """A managed bridge. `gateway` is the host's address on it; `uplinks` are bridge ports that lead to a
+    physical network rather than to a VM (they are not filtered as VMs)."""
+
+    name: str
+    bridge: str
+    subnet: IPv4Network
+    gateway: IPv4Address | None = None
+    uplinks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Vm:
+    """A VM's identity as the firewall needs it. `id` is stable (a libvirt UUID); `name` is for people."""
+
+    id: str
+    name: str
+    network: str
+    port: str  # the bridge port (tap) the VM is plugged into
+    mac: str  # lower case, colon separated
+    ips: tuple[IPv4Address, ...]
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def label(self, key: str) -> str | None:
+        return dict(self.labels).get(key)
+
+
+@dataclass(frozen=True)
+class Settings:
+    log_denied: bool = True  # every default deny emits a (rate-limited) NFLOG event
+    log_rate_per_second: int = 10  # per VM and direction (and per logged rule)
+    log_burst: int = 20
+    nflog_group: int = 7
+    conntrack_mark: int = 0x00200000  # one bit of the packet mark, reserved for hyperfence
+
+
+@dataclass(frozen=True)
+class Policy:
+    networks: tuple[Network, ...]
+    vms: tuple[Vm, ...]
+    ipsets: tuple[tuple[str, tuple[AddressRange, ...]], ...] = ()
+    rules: tuple[Rule, ...] = ()
+    settings: Settings = field(default_factory=Settings)
+
+    def vm_by_name(self, name: str) -> Vm | None:
+        return next((v for v in self.vms if v.name == name), None)
+
+    def ipset(self, name: str) -> tuple[AddressRange, ...] | None:
+        return dict(self.ipsets).get(name)

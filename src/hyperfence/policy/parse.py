@@ -1,0 +1,458 @@
+"""Policy files (YAML or JSON) -> `Policy`, with every problem located.
+
+`parse_policy` never stops at the first mistake: each section item is validated on its own (pydantic, strict
+mode: `false` is not a port, `"80"` is not a priority), then cross-references are checked (a rule naming a
+VM that does not exist, two VMs on one port, an IP claimed twice, ...). If anything is wrong it raises one
+`InvalidInputError` listing every problem as `path: message`, e.g. `rules[2].ports[0]: range 80-70 is
+reversed (expected 70-80)`. Nothing is returned half-parsed, so nothing half-valid can reach the store or
+the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from hyperfence.errors import InvalidInputError, Problem
+from hyperfence.model.policy import (
+    L4,
+    Action,
+    AddressRange,
+    IcmpService,
+    IpSetSelector,
+    NamedService,
+    Network,
+    Policy,
+    PortService,
+    Rule,
+    Selector,
+    Service,
+    Settings,
+    Vm,
+    VmSelector,
+)
+from hyperfence.policy import syntax
+
+T = TypeVar("T")
+
+MAX_POLICY_BYTES = 64 * 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+StrOrList = StrictStr | list[StrictStr]
+PortValue = StrictInt | StrictStr
+
+
+class SettingsDoc(_Strict):
+    log_denied: StrictBool = True
+    log_rate: Annotated[StrictInt, Field(ge=1, le=10000)] = 10
+    log_burst: Annotated[StrictInt, Field(ge=1, le=100000)] = 20
+    nflog_group: Annotated[StrictInt, Field(ge=1, le=65535)] = 7
+    conntrack_mark: Annotated[StrictInt, Field(ge=1, le=0x80000000)] = 0x00200000
+
+
+class NetworkDoc(_Strict):
+    name: StrictStr
+    bridge: StrictStr
+    subnet: StrictStr
+    gateway: StrictStr | None = None
+    uplinks: list[StrictStr] = []
+
+
+class VmDoc(_Strict):
+    name: StrictStr
+    id: StrictStr | None = None
+    network: StrictStr | None = None
+    port: StrictStr
+    mac: StrictStr
+    ips: list[StrictStr] = Field(min_length=1)
+    labels: dict[StrictStr, StrictStr] = {}
+
+
+class RuleDoc(_Strict):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
+    id: StrictStr | None = None
+    description: StrictStr = ""
+    from_: StrOrList = Field(alias="from")
+    to: StrOrList
+    protocol: StrictStr | StrictInt | None = None
+    ports: list[PortValue] | PortValue | None = None
+    icmp_type: StrictStr | StrictInt | None = None
+    icmp_code: StrictInt | None = None
+    services: list[StrictStr] | None = None
+    action: Literal["allow", "deny", "reject"] = "allow"
+    priority: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 1000
+    log: StrictBool = False
+
+
+class PolicyDoc(_Strict):
+    version: Literal[1] = 1
+    settings: dict[str, Any] = {}
+    networks: list[Any] = Field(min_length=1)
+    vms: list[Any] = []
+    ipsets: dict[str, Any] = {}
+    rules: list[Any] = []
+
+
+def load_document(text: str, *, source: str = "policy") -> Any:
+    """YAML (a superset of JSON) -> plain data. Syntax errors become one located problem."""
+    if len(text.encode()) > MAX_POLICY_BYTES:
+        raise InvalidInputError(f"{source}: larger than {MAX_POLICY_BYTES} bytes; split it or use IP sets")
+    try:
+        if text.lstrip().startswith("{"):
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(
+            f"{source} is not valid JSON", [Problem(f"line {e.lineno} column {e.colno}", e.msg)]
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise InvalidInputError(
+            f"{source} is not valid YAML", [Problem(where, str(getattr(e, "problem", e)))]
+        ) from None
+
+
+def parse_policy_text(text: str, *, source: str = "policy") -> Policy:
+    return parse_policy(load_document(text, source=source), source=source)
+
+
+def _loc(parts: Iterable[int | str]) -> str:
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += ("." if out else "") + ("from" if p == "from_" else p)
+    return out
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message))
+
+    def model(self, cls: type[T], data: Any, path: str) -> T | None:
+        try:
+            return cls.model_validate(data)  # type: ignore[attr-defined, no-any-return]
+        except ValidationError as e:
+            for err in e.errors():
+                sub = _loc(err["loc"])
+                where = f"{path}.{sub}" if sub and path else (sub or path)
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] not in ("missing", "extra_forbidden"):
+                    msg = f"{msg} (got {err['input']!r})"
+                if err["type"] == "extra_forbidden":
+                    msg = "unknown field (check the spelling; see docs/policy.md)"
+                self.add(where, msg)
+            return None
+
+    def value(self, fn: Callable[[Any], T], arg: Any, path: str) -> T | None:
+        try:
+            return fn(arg)
+        except ValueError as e:
+            self.add(path, str(e))
+            return None
+
+
+def parse_policy(data: Any, *, source: str = "policy") -> Policy:
+    """Validate a whole policy document. Raises `InvalidInputError` with every problem, or returns it."""
+    c = _Collector()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidInputError(
+            f"{source} is not a policy",
+            [Problem("", f"expected a mapping with networks, vms, ipsets, rules; got {type(data).__name__}")],
+        )
+    doc = c.model(PolicyDoc, data, "")
+    if doc is None:
+        raise InvalidInputError(f"{source} has {len(c.problems)} problem(s)", c.problems)
+
+    settings = _settings(c, doc.settings)
+    networks = _networks(c, doc.networks)
+    vms = _vms(c, doc.vms, networks)
+    ipsets = _ipsets(c, doc.ipsets)
+    rules = _rules(c, doc.rules, vms, ipsets)
+    if c.problems:
+        raise InvalidInputError(f"{source} has {len(c.problems)} problem(s)", c.problems)
+    return Policy(
+        networks=tuple(networks),
+        vms=tuple(vms),
+        ipsets=tuple(sorted(ipsets.items())),
+        rules=tuple(rules),
+        settings=settings,
+    )
+
+
+def _settings(c: _Collector, data: dict[str, Any]) -> Settings:
+    doc = c.model(SettingsDoc, data, "settings")
+    if doc is None:
+        return Settings()
+    if doc.conntrack_mark & (doc.conntrack_mark - 1):
+        c.add(
+            "settings.conntrack_mark", f"{doc.conntrack_mark:#x} is not a single bit (expected e.g. 0x200000)"
+        )
+    return Settings(
+        log_denied=doc.log_denied,
+        log_rate_per_second=doc.log_rate,
+        log_burst=doc.log_burst,
+        nflog_group=doc.nflog_group,
+        conntrack_mark=doc.conntrack_mark,
+    )
+
+
+def _networks(c: _Collector, items: list[Any]) -> list[Network]:
+    out: list[Network] = []
+    seen_names: set[str] = set()
+    seen_bridges: set[str] = set()
+    for i, raw in enumerate(items):
+        p = f"networks[{i}]"
+        doc = c.model(NetworkDoc, raw, p)
+        if doc is None:
+            continue
+        name = c.value(syntax.parse_name, doc.name, f"{p}.name")
+        bridge = c.value(syntax.parse_ifname, doc.bridge, f"{p}.bridge")
+        subnet = c.value(syntax.parse_network, doc.subnet, f"{p}.subnet")
+        gateway = c.value(syntax.parse_ipv4, doc.gateway, f"{p}.gateway") if doc.gateway else None
+        uplinks = tuple(
+            u
+            for j, raw_u in enumerate(doc.uplinks)
+            if (u := c.value(syntax.parse_ifname, raw_u, f"{p}.uplinks[{j}]")) is not None
+        )
+        if name in seen_names:
+            c.add(f"{p}.name", f"{name!r} is used by another network (expected unique names)")
+        if bridge in seen_bridges:
+            c.add(f"{p}.bridge", f"{bridge!r} is used by another network (expected one network per bridge)")
+        if subnet is not None and gateway is not None and gateway not in subnet:
+            c.add(f"{p}.gateway", f"{gateway} is not in subnet {subnet}")
+        if name is None or bridge is None or subnet is None:
+            continue
+        seen_names.add(name)
+        seen_bridges.add(bridge)
+        out.append(Network(name=name, bridge=bridge, subnet=subnet, gateway=gateway, uplinks=uplinks))
+    return out
+
+
+def _vms(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
+    out: list[Vm] = []
+    by_name = {n.name: n for n in networks}
+    owners: dict[str, dict[object, str]] = {"name": {}, "id": {}, "port": {}, "mac": {}, "ip": {}}
+
+    def claim(kind: str, key: object, path: str, who: str) -> None:
+        other = owners[kind].setdefault(key, who)
+        if other != who:
+            c.add(path, f"{key} is already used by VM {other!r} (expected each VM to have its own {kind})")
+
+    for i, raw in enumerate(items):
+        p = f"vms[{i}]"
+        doc = c.model(VmDoc, raw, p)
+        if doc is None:
+            continue
+        name = c.value(lambda s: syntax.parse_name(s, "VM name"), doc.name, f"{p}.name")
+        vm_id = c.value(lambda s: syntax.parse_name(s, "VM id"), doc.id or doc.name, f"{p}.id")
+        port = c.value(syntax.parse_ifname, doc.port, f"{p}.port")
+        mac = c.value(syntax.parse_mac, doc.mac, f"{p}.mac")
+        ips = tuple(
+            a
+            for j, s in enumerate(doc.ips)
+            if (a := c.value(syntax.parse_ipv4, s, f"{p}.ips[{j}]")) is not None
+        )
+        labels: list[tuple[str, str]] = []
+        for k, v in sorted(doc.labels.items()):
+            if not syntax.LABEL_RE.match(k) or not syntax.LABEL_RE.match(v):
+                c.add(
+                    f"{p}.labels.{k}",
+                    f"{k}={v!r} is not a label (expected KEY=VALUE of letters, digits, '_', '.', '/', '-')",
+                )
+            else:
+                labels.append((k, v))
+        if doc.network is None:
+            if len(networks) != 1:
+                c.add(
+                    f"{p}.network",
+                    f"missing (expected the name of one of the networks, as there are {len(networks)})",
+                )
+                continue
+            net = networks[0]
+        elif doc.network not in by_name:
+            c.add(
+                f"{p}.network",
+                f"{doc.network!r} is not a declared network "
+                f"(expected one of: {', '.join(sorted(by_name)) or 'none declared'})",
+            )
+            continue
+        else:
+            net = by_name[doc.network]
+        for j, a in enumerate(ips):
+            if a not in net.subnet:
+                c.add(f"{p}.ips[{j}]", f"{a} is not in network {net.name!r} ({net.subnet})")
+            if a == net.gateway:
+                c.add(f"{p}.ips[{j}]", f"{a} is the gateway of network {net.name!r} (the host's address)")
+        if port is not None and port in net.uplinks:
+            c.add(f"{p}.port", f"{port!r} is declared as an uplink of network {net.name!r}")
+        if name is None or vm_id is None or port is None or mac is None or len(ips) != len(doc.ips):
+            continue
+        who = f"{name}"
+        claim("name", name, f"{p}.name", who)
+        claim("id", vm_id, f"{p}.id", who)
+        claim("port", (net.bridge, port), f"{p}.port", who)
+        claim("mac", mac, f"{p}.mac", who)
+        for j, a in enumerate(ips):
+            claim("ip", a, f"{p}.ips[{j}]", who)
+        out.append(
+            Vm(id=vm_id, name=name, network=net.name, port=port, mac=mac, ips=ips, labels=tuple(labels))
+        )
+    return out
+
+
+def _ipsets(c: _Collector, items: dict[str, Any]) -> dict[str, tuple[AddressRange, ...]]:
+    out: dict[str, tuple[AddressRange, ...]] = {}
+    for name, raw in items.items():
+        p = f"ipsets.{name}"
+        if c.value(lambda s: syntax.parse_name(s, "IP set name"), name, p) is None:
+            continue
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            c.add(p, f"expected a list of addresses, CIDRs or ranges (got {raw!r:.60})")
+            continue
+        ranges = tuple(
+            r
+            for j, s in enumerate(raw)
+            if (r := c.value(syntax.parse_address_range, s, f"{p}[{j}]")) is not None
+        )
+        if len(ranges) == len(raw):
+            out[name] = ranges
+    return out
+
+
+def _rule_services(c: _Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
+    if doc.services is not None:
+        if doc.protocol is not None or doc.ports is not None or doc.icmp_type is not None:
+            c.add(p, "both services and protocol/ports/icmp_type given (expected one way of naming services)")
+        if not doc.services:
+            c.add(f"{p}.services", "empty (expected at least one service, or `any`)")
+        return tuple(
+            s
+            for j, t in enumerate(doc.services)
+            if (s := c.value(syntax.parse_service, t, f"{p}.services[{j}]")) is not None
+        )
+    proto = "any" if doc.protocol is None else doc.protocol
+    if (
+        isinstance(proto, int)
+        or proto.isdigit()
+        or (proto in syntax.PROTOCOL_NAMES and proto not in ("tcp", "udp", "icmp"))
+    ):
+        number = c.value(syntax.parse_protocol_number, proto, f"{p}.protocol")
+        svc: Service | None = None if number is None else syntax.normalize_protocol_service(number)
+    elif proto in ("tcp", "udp"):
+        raw = doc.ports if isinstance(doc.ports, list) else ([] if doc.ports is None else [doc.ports])
+        ports = tuple(
+            r
+            for j, x in enumerate(raw)
+            if (
+                r := c.value(
+                    syntax.parse_port_range,
+                    x,
+                    f"{p}.ports[{j}]" if isinstance(doc.ports, list) else f"{p}.ports",
+                )
+            )
+            is not None
+        )
+        svc = PortService(L4(proto), ports)
+    elif proto == "icmp":
+        typ = (
+            c.value(syntax.parse_icmp_type, doc.icmp_type, f"{p}.icmp_type")
+            if doc.icmp_type is not None
+            else None
+        )
+        if doc.icmp_code is not None and doc.icmp_type is None:
+            c.add(f"{p}.icmp_code", "given without icmp_type (expected icmp_type too)")
+        code = (
+            c.value(syntax.parse_icmp_code, doc.icmp_code, f"{p}.icmp_code")
+            if doc.icmp_code is not None
+            else None
+        )
+        svc = IcmpService(typ, code)
+    else:
+        svc = c.value(syntax.parse_service, proto, f"{p}.protocol")
+    if doc.ports is not None and proto not in ("tcp", "udp"):
+        c.add(f"{p}.ports", f"ports given for protocol {proto!r} (expected protocol tcp or udp)")
+    if doc.icmp_type is not None and proto != "icmp":
+        c.add(f"{p}.icmp_type", f"icmp_type given for protocol {proto!r} (expected protocol icmp)")
+    return () if svc is None else (svc,)
+
+
+def _rules(
+    c: _Collector, items: list[Any], vms: list[Vm], ipsets: dict[str, tuple[AddressRange, ...]]
+) -> list[Rule]:
+    out: list[Rule] = []
+    vm_names = {v.name for v in vms}
+    ids: dict[str, int] = {}
+    for i, raw in enumerate(items):
+        p = f"rules[{i}]"
+        doc = c.model(RuleDoc, raw, p)
+        if doc is None:
+            continue
+        rule_id = c.value(lambda s: syntax.parse_name(s, "rule id"), doc.id or f"r{i}", f"{p}.id")
+        if rule_id is not None and len(rule_id) > 32:
+            c.add(
+                f"{p}.id",
+                f"{rule_id!r} is longer than 32 characters (it is written into kernel log prefixes)",
+            )
+        if rule_id is not None and (first := ids.setdefault(rule_id, i)) != i:
+            c.add(f"{p}.id", f"{rule_id!r} is also the id of rules[{first}] (expected unique ids)")
+        sides: dict[str, tuple[Selector, ...]] = {}
+        for side, value in (("from", doc.from_), ("to", doc.to)):
+            texts = [value] if isinstance(value, str) else value
+            if not texts:
+                c.add(f"{p}.{side}", "empty (expected at least one selector)")
+            sels: list[Selector] = []
+            for j, t in enumerate(texts):
+                path = f"{p}.{side}" if isinstance(value, str) else f"{p}.{side}[{j}]"
+                sel = c.value(syntax.parse_selector, t, path)
+                if sel is None:
+                    continue
+                if isinstance(sel, VmSelector) and sel.name not in vm_names:
+                    c.add(
+                        path,
+                        f"VM {sel.name!r} is not declared (expected one of: "
+                        f"{', '.join(sorted(vm_names)[:10]) or 'no VMs declared'})",
+                    )
+                if isinstance(sel, IpSetSelector) and sel.name not in ipsets:
+                    c.add(
+                        path,
+                        f"IP set {sel.name!r} is not declared (expected one of: "
+                        f"{', '.join(sorted(ipsets)) or 'no IP sets declared'})",
+                    )
+                sels.append(sel)
+            sides[side] = tuple(sels)
+        services = _rule_services(c, doc, p)
+        action = Action(doc.action)
+        if action is Action.REJECT and any(isinstance(s, NamedService) for s in services):
+            c.add(f"{p}.action", "reject applies to IP traffic only (expected deny for arp/dhcp services)")
+        if rule_id is None:
+            continue
+        out.append(
+            Rule(
+                id=rule_id,
+                index=i,
+                from_=sides["from"],
+                to=sides["to"],
+                services=services,
+                action=action,
+                priority=doc.priority,
+                log=doc.log,
+                description=doc.description,
+            )
+        )
+    return out

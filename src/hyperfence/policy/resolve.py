@@ -1,0 +1,206 @@
+"""Resolve a policy against its VMs: which rules apply to which VM, in which direction, against which
+addresses. Pure.
+
+The result (`VmPolicy` per VM) is what the compiler renders into nftables and what `hyperfence can` walks
+to answer what-if questions, so both always agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from hyperfence.model.policy import (
+    Action,
+    AddressRange,
+    AddressSelector,
+    AllVmsSelector,
+    Direction,
+    IpSetSelector,
+    LabelSelector,
+    NamedService,
+    Policy,
+    Rule,
+    Selector,
+    Service,
+    SpecialPeer,
+    SpecialSelector,
+    SpecialService,
+    Vm,
+    VmSelector,
+)
+
+DHCP_SERVICES = (NamedService(SpecialService.DHCP), NamedService(SpecialService.DHCP_SERVER))
+MAX_ADDR = int(IPv4Address("255.255.255.255"))
+ANY: tuple[AddressRange, ...] = (AddressRange(IPv4Address(0), IPv4Address(MAX_ADDR)),)
+
+
+def merge_ranges(ranges: Iterable[AddressRange]) -> tuple[AddressRange, ...]:
+    """Sorted, non-overlapping, non-adjacent ranges covering exactly the union of `ranges`."""
+    out: list[list[int]] = []
+    for r in sorted(ranges):
+        a, b = int(r.first), int(r.last)
+        if out and a <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return tuple(AddressRange(IPv4Address(a), IPv4Address(b)) for a, b in out)
+
+
+def complement(ranges: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:
+    """Every IPv4 address not in `ranges` (which must be merged)."""
+    out: list[AddressRange] = []
+    nxt = 0
+    for r in ranges:
+        if int(r.first) > nxt:
+            out.append(AddressRange(IPv4Address(nxt), IPv4Address(int(r.first) - 1)))
+        nxt = int(r.last) + 1
+    if nxt <= MAX_ADDR:
+        out.append(AddressRange(IPv4Address(nxt), IPv4Address(MAX_ADDR)))
+    return tuple(out)
+
+
+def intersect(a: tuple[AddressRange, ...], b: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:
+    out: list[AddressRange] = []
+    for x in a:
+        for y in b:
+            lo, hi = max(x.first, y.first), min(x.last, y.last)
+            if lo <= hi:
+                out.append(AddressRange(lo, hi))
+    return merge_ranges(out)
+
+
+def contains(ranges: tuple[AddressRange, ...], addr: IPv4Address) -> bool:
+    return any(r.first <= addr <= r.last for r in ranges)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One policy rule as it applies to one VM in one direction. `peers` are the addresses on the other
+    end (destination for `out`, source for `in`); ANY means no address match at all."""
+
+    rule: Rule
+    direction: Direction
+    peer_selectors: tuple[Selector, ...]
+    peers: tuple[AddressRange, ...]
+    services: tuple[Service, ...]
+    paired: bool = False  # the other half of a DHCP exchange, added to the opposite chain
+
+    @property
+    def action(self) -> Action:
+        return self.rule.action
+
+
+@dataclass(frozen=True)
+class VmPolicy:
+    vm: Vm
+    subnet: IPv4Network
+    gateway: IPv4Address | None
+    egress: tuple[Entry, ...]
+    ingress: tuple[Entry, ...]
+    arp_peers: tuple[AddressRange, ...]  # implied by allow rules: whom the VM may ARP with
+    dhcp_client: bool  # some allow rule lets it get a DHCP lease
+    dhcp_server: bool  # some allow rule lets it answer DHCP
+
+
+@dataclass(frozen=True)
+class Resolved:
+    policy: Policy
+    vms: tuple[VmPolicy, ...]
+    outside: tuple[AddressRange, ...]
+    host: tuple[AddressRange, ...]
+
+
+def _workloads(policy: Policy, selectors: tuple[Selector, ...]) -> list[Vm]:
+    out: dict[str, Vm] = {}
+    for sel in selectors:
+        for vm in policy.vms:
+            if (
+                isinstance(sel, AllVmsSelector)
+                or (isinstance(sel, VmSelector) and vm.name == sel.name)
+                or (isinstance(sel, LabelSelector) and vm.label(sel.key) == sel.value)
+            ):
+                out[vm.id] = vm
+    return list(out.values())
+
+
+def _addresses(
+    policy: Policy,
+    selectors: tuple[Selector, ...],
+    *,
+    outside: tuple[AddressRange, ...],
+    host: tuple[AddressRange, ...],
+) -> tuple[AddressRange, ...]:
+    ranges: list[AddressRange] = []
+    for sel in selectors:
+        match sel:
+            case AddressSelector(rng, _):
+                ranges.append(rng)
+            case IpSetSelector(name):
+                ranges.extend(policy.ipset(name) or ())
+            case SpecialSelector(SpecialPeer.ANY):
+                return ANY
+            case SpecialSelector(SpecialPeer.OUTSIDE):
+                ranges.extend(outside)
+            case SpecialSelector(SpecialPeer.HOST):
+                ranges.extend(host)
+            case _:
+                ranges.extend(AddressRange.single(a) for vm in _workloads(policy, (sel,)) for a in vm.ips)
+    return merge_ranges(ranges)
+
+
+def resolve_policy(policy: Policy) -> Resolved:
+    """For every VM: its egress and ingress entries in evaluation order, and what ARP/DHCP it may do."""
+    managed = merge_ranges(AddressRange.of_network(n.subnet) for n in policy.networks)
+    outside = complement(managed)
+    host = merge_ranges(AddressRange.single(n.gateway) for n in policy.networks if n.gateway is not None)
+    nets = {n.name: n for n in policy.networks}
+    egress: dict[str, list[Entry]] = {vm.id: [] for vm in policy.vms}
+    ingress: dict[str, list[Entry]] = {vm.id: [] for vm in policy.vms}
+    for rule in sorted(policy.rules, key=lambda r: r.order):
+        to_addrs = _addresses(policy, rule.to, outside=outside, host=host)
+        from_addrs = _addresses(policy, rule.from_, outside=outside, host=host)
+        dhcp = tuple(s for s in rule.services if s in DHCP_SERVICES)
+        for vm in _workloads(policy, rule.from_):
+            egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, rule.services))
+            if dhcp:
+                ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, dhcp, paired=True))
+        for vm in _workloads(policy, rule.to):
+            ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, rule.services))
+            if dhcp:
+                egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, dhcp, paired=True))
+    out: list[VmPolicy] = []
+    for vm in policy.vms:
+        net = nets[vm.network]
+        entries = egress[vm.id] + ingress[vm.id]
+        allows = [e for e in entries if e.action is Action.ALLOW]
+        subnet = (AddressRange.of_network(net.subnet),)
+        wanted = merge_ranges(r for e in allows if not _only_named(e.services) for r in e.peers)
+        arp = list(intersect(wanted, subnet))
+        if net.gateway is not None and intersect(wanted, complement(subnet)):
+            arp.append(AddressRange.single(net.gateway))  # routed peers are reached through the gateway
+        own = merge_ranges(AddressRange.single(a) for a in vm.ips)
+        arp_peers = tuple(r for r in _subtract(merge_ranges(arp), own))
+        out.append(
+            VmPolicy(
+                vm=vm,
+                subnet=net.subnet,
+                gateway=net.gateway,
+                egress=tuple(egress[vm.id]),
+                ingress=tuple(ingress[vm.id]),
+                arp_peers=arp_peers,
+                dhcp_client=any(NamedService(SpecialService.DHCP) in e.services for e in allows),
+                dhcp_server=any(NamedService(SpecialService.DHCP_SERVER) in e.services for e in allows),
+            )
+        )
+    return Resolved(policy=policy, vms=tuple(out), outside=outside, host=host)
+
+
+def _only_named(services: tuple[Service, ...]) -> bool:
+    """Rules that name only ARP/DHCP services do not imply ARP for IP traffic."""
+    return bool(services) and all(isinstance(s, NamedService) for s in services)
+
+
+def _subtract(a: tuple[AddressRange, ...], b: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:
+    return intersect(a, complement(b))

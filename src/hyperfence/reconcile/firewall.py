@@ -1,0 +1,183 @@
+"""Make the kernel hold a desired ruleset: read back, plan, apply one atomic batch, read back and verify.
+
+`Firewall.converge` is level-triggered: it never assumes what an event changed, it compares desired state
+with what the kernel holds. With `full=True` it lists every hyperfence table (the periodic resync that
+finds drift, such as a hand-run `nft flush ruleset`); otherwise it plans against the state it verified
+after its previous apply and re-reads only what it touched, which keeps a one-rule change in the
+milliseconds at 1,000 VMs. If an incremental batch is refused (someone changed the kernel meanwhile), it
+falls back to a full read and a fresh plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hyperfence.errors import DriftError, KernelError
+from hyperfence.ruleset.ir import JSON, Ruleset, TableId
+from hyperfence.ruleset.plan import Plan, plan_changes
+from hyperfence.ruleset.readback import Actual, parse_listing
+
+VERIFY_PARTIAL_LIMIT = 64  # above this many touched objects, verification re-reads whole tables
+
+
+class NftPort(Protocol):
+    def apply(self, batch: dict[str, JSON], *, check_only: bool = False) -> None: ...
+    def list(self, what: dict[str, JSON]) -> list[JSON]: ...
+
+
+@dataclass
+class ConvergeResult:
+    changed: bool
+    drift: list[str] = field(default_factory=list)  # what a full read found wrong before repairing it
+    summary: dict[str, int] = field(default_factory=dict)
+    commands: int = 0
+    full_replace: bool = False
+    seconds: float = 0.0
+
+
+def describe_drift(desired: Ruleset, actual: Ruleset) -> list[str]:
+    """Human sentences for the differences between desired and actual (for events and `ruleset diff`)."""
+    out: list[str] = []
+    for t in desired.tables:
+        if t not in actual.tables:
+            out.append(f"table {t.family} {t.name} is missing")
+    a_chains, a_sets = actual.chain_by_key(), actual.set_by_key()
+    for k, c in desired.chain_by_key().items():
+        if k[0] in actual.tables and k not in a_chains:
+            out.append(f"chain {c.table.family} {c.table.name} {c.name} is missing")
+    for k, s in desired.set_by_key().items():
+        if k[0] not in actual.tables:
+            continue
+        if k not in a_sets:
+            out.append(f"{s.kind} {s.name} is missing")
+        elif a_sets[k].elements != s.elements:
+            gone, extra = s.elements - a_sets[k].elements, a_sets[k].elements - s.elements
+            out.append(f"{s.kind} {s.name}: {len(gone)} element(s) missing, {len(extra)} unexpected")
+    a_rules, d_rules = actual.chain_rules(), desired.chain_rules()
+    for k, want in d_rules.items():
+        if k in a_chains and a_rules.get(k, []) != want:
+            have = a_rules.get(k, [])
+            missing = {r.comment for r in want} - {r.comment for r in have}
+            unexpected = {r.comment for r in have} - {r.comment for r in want}
+            out.append(
+                f"chain {k[1]}: {len(missing)} rule(s) missing, {len(unexpected)} unexpected"
+                + ("" if missing or unexpected else ", rules changed or out of order")
+            )
+    for k in a_chains:
+        if k not in desired.chain_by_key() and k[0] in desired.tables:
+            out.append(f"chain {k[1]} is not hyperfence's")
+    return out
+
+
+class Firewall:
+    def __init__(self, nft: NftPort, tables: tuple[TableId, ...]) -> None:
+        self.nft = nft
+        self.tables = tables
+        self.actual: Actual | None = None
+
+    def read(self) -> Actual:
+        objs: list[JSON] = []
+        for t in self.tables:
+            objs.extend(self.nft.list({"table": {"family": t.family, "name": t.name}}))
+        return parse_listing(objs)
+
+    def converge(self, desired: Ruleset, *, full: bool = False) -> ConvergeResult:
+        t0 = time.monotonic()
+        drift: list[str] = []
+        if full or self.actual is None:
+            self.actual = self.read()
+            drift = describe_drift(desired, self.actual.ruleset)
+        plan = plan_changes(desired, self.actual)
+        if plan.empty:
+            return ConvergeResult(changed=False, drift=drift, seconds=time.monotonic() - t0)
+        try:
+            self.nft.apply(plan.batch())
+        except KernelError:
+            if full:
+                raise
+            # The kernel moved under us: plan again from what it really holds.
+            self.actual = self.read()
+            drift = describe_drift(desired, self.actual.ruleset)
+            plan = plan_changes(desired, self.actual)
+            self.nft.apply(plan.batch())
+        self._verify(desired, plan)
+        return ConvergeResult(
+            changed=True,
+            drift=drift,
+            summary=plan.summary,
+            commands=len(plan.commands),
+            full_replace=plan.full_replace,
+            seconds=time.monotonic() - t0,
+        )
+
+    def _verify(self, desired: Ruleset, plan: Plan) -> None:
+        """Re-read what the batch touched and check it is exactly what we wanted."""
+        if (
+            plan.full_replace
+            or self.actual is None
+            or len(plan.touched_chains) + len(plan.touched_sets) > VERIFY_PARTIAL_LIMIT
+        ):
+            self.actual = self.read()
+        else:
+            self.actual = self._reread_partial(plan, desired)
+        problems = describe_drift(desired, self.actual.ruleset)
+        if problems:
+            self.actual = None  # unknown: the next converge reads everything
+            raise DriftError("the kernel does not hold what was just applied: " + "; ".join(problems[:5]))
+
+    def _reread_partial(self, plan: Plan, desired: Ruleset) -> Actual:
+        old = self.actual or Actual.empty()
+        chains = {(c.table, c.name): c for c in old.ruleset.chains}
+        sets = {(s.table, s.name): s for s in old.ruleset.sets}
+        rules = old.ruleset.chain_rules()
+        handles = dict(old.handles)
+        tables = set(old.ruleset.tables)
+        desired_sets = desired.set_by_key()
+        for key in plan.touched_chains:
+            t, name = key
+            fresh = parse_listing(
+                self.nft.list({"chain": {"family": t.family, "table": t.name, "name": name}})
+            )
+            for h in [h for h in handles if h[0] == t and h[1] == name]:
+                del handles[h]
+            rules.pop(key, None)
+            chains.pop(key, None)
+            tables.add(t)
+            for c in fresh.ruleset.chains:
+                chains[(c.table, c.name)] = c
+            if fresh.ruleset.chains:
+                rules[key] = list(fresh.ruleset.rules)
+            handles.update(fresh.handles)
+        for key in plan.touched_sets:
+            t, name = key
+            known = desired_sets.get(key) or sets.get(key)
+            kind = known.kind if known is not None else "set"
+            fresh = parse_listing(self.nft.list({kind: {"family": t.family, "table": t.name, "name": name}}))
+            sets.pop(key, None)
+            for s in fresh.ruleset.sets:
+                sets[(s.table, s.name)] = s
+        # Objects the plan deleted are gone from the kernel: drop them from the cache too.
+        for cmd in plan.commands:
+            if "delete" in cmd:
+                body = cmd["delete"]
+                if "chain" in body:
+                    c = body["chain"]
+                    key = (TableId(c["family"], c["table"]), c["name"])
+                    chains.pop(key, None)
+                    rules.pop(key, None)
+                for kind in ("set", "map"):
+                    if kind in body:
+                        s = body[kind]
+                        sets.pop((TableId(s["family"], s["table"]), s["name"]), None)
+        all_rules = [r for c in chains for r in rules.get(c, [])]
+        ruleset = dataclasses.replace(
+            old.ruleset,
+            tables=tuple(sorted(tables)),
+            chains=tuple(chains.values()),
+            sets=tuple(sets.values()),
+            rules=tuple(all_rules),
+        )
+        return Actual(ruleset, handles)

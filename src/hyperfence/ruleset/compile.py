@@ -1,0 +1,324 @@
+"""Resolved policy -> the nftables state hyperfence owns (`Ruleset`). Pure and deterministic.
+
+Layout (see docs/design.md for the reasons and the hook evidence):
+
+    table inet hyperfence
+      chain pre   prerouting -150   conntrack says established/related -> set our mark bit, else clear it
+      chain out   output     -150   the same for packets the host itself sends
+    table bridge hyperfence
+      chain guard   prerouting -300  iifname vmap @guard_ports -> <vm>_guard: anti-spoofing, before
+                                     conntrack and before the bridge learns a MAC; unknown port -> drop
+      chain egress  prerouting +10   established -> accept; iifname vmap @out_ports -> <vm>_out
+      chain ingress postrouting +10  established -> accept; oifname vmap @in_ports  -> <vm>_in
+      set  <selector-hash>           addresses of a rule side (ipv4_addr, interval), shared by all rules
+                                     with the same selectors; membership changes are element updates
+      set  <vm>_arp                  whom the VM may ARP with (implied by its allow rules)
+
+Every VM chain ends in a (rate-limited, logged) default deny. Every rule carries a counter and a comment
+that is its id: `rule:<policy-rule-id>#<n>` for rules from the policy, `sys:<name>` for built-in ones.
+Log prefixes are `hf:<vm-sid>:<direction>:<verdict>:<comment>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from hyperfence.model.policy import (
+    Action,
+    AddressRange,
+    Direction,
+    IcmpService,
+    NamedService,
+    PortService,
+    ProtocolService,
+    Selector,
+    Service,
+    Settings,
+    SpecialService,
+)
+from hyperfence.policy.resolve import ANY, Entry, Resolved, VmPolicy
+from hyperfence.policy.syntax import format_selector
+from hyperfence.ruleset import expr as x
+from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, Ruleset, TableId, canonical
+
+BRIDGE = TableId("bridge", "hyperfence")
+INET = TableId("inet", "hyperfence")
+TABLES = (BRIDGE, INET)
+
+GUARD_MAP, OUT_MAP, IN_MAP = "guard_ports", "out_ports", "in_ports"
+LOG_PREFIX = "hf"
+ETHERTYPE_IP = 2048
+ETHERTYPE_ARP = 2054
+
+
+def vm_sid(vm_id: str) -> str:
+    """Short, stable nft name for a VM (its chains are `<sid>_guard`, `<sid>_out`, `<sid>_in`)."""
+    return "v" + hashlib.sha256(vm_id.encode()).hexdigest()[:10]
+
+
+def selector_set_name(selectors: Iterable[Selector]) -> str:
+    text = "\n".join(sorted(format_selector(s) for s in selectors))
+    return "s_" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def log_prefix(sid: str, direction: str, verdict: str, comment: str) -> str:
+    return f"{LOG_PREFIX}:{sid}:{direction}:{verdict}:{comment}"
+
+
+class _Builder:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.chains: list[Chain] = []
+        self.sets: dict[str, NftSet] = {}
+        self.rules: list[Rule] = []
+
+    def chain(
+        self,
+        table: TableId,
+        name: str,
+        *,
+        hook: str | None = None,
+        priority: int | None = None,
+        policy: str | None = None,
+    ) -> None:
+        self.chains.append(
+            Chain(table, name, type="filter" if hook else None, hook=hook, priority=priority, policy=policy)
+        )
+
+    def rule(self, table: TableId, chain: str, comment: str, statements: list[JSON]) -> None:
+        self.rules.append(Rule(table, chain, comment, canonical(statements)))
+
+    def address_set(self, name: str, ranges: tuple[AddressRange, ...]) -> str:
+        elems = frozenset(canonical(x.range_element(r)) for r in ranges)
+        self.sets[name] = NftSet(BRIDGE, name, "ipv4_addr", ("interval",), None, elems)
+        return name
+
+    def verdict_map(self, name: str, entries: dict[str, JSON]) -> None:
+        elems = frozenset(canonical([port, verdict]) for port, verdict in entries.items())
+        self.sets[name] = NftSet(BRIDGE, name, "ifname", (), "verdict", elems)
+
+    def logged_drop(
+        self, table: TableId, chain: str, comment: str, prefix: str, matches: list[JSON] | None = None
+    ) -> None:
+        s = self.settings
+        if s.log_denied:
+            self.rule(
+                table,
+                chain,
+                comment + ":log",
+                [*(matches or []), x.limit(s.log_rate_per_second, s.log_burst), x.log(prefix, s.nflog_group)],
+            )
+        self.rule(table, chain, comment, [*(matches or []), x.COUNTER, x.DROP])
+
+
+def compile_ruleset(resolved: Resolved) -> Ruleset:
+    """The whole desired state. Same input, same output, byte for byte."""
+    settings = resolved.policy.settings
+    b = _Builder(settings)
+    _conntrack_marker(b, settings.conntrack_mark)
+    _base_chains(b, resolved, settings)
+    for vp in sorted(resolved.vms, key=lambda v: vm_sid(v.vm.id)):
+        _vm_chains(b, vp)
+    return Ruleset(
+        tables=TABLES,
+        chains=tuple(b.chains),
+        sets=tuple(b.sets[k] for k in sorted(b.sets)),
+        rules=tuple(b.rules),
+    )
+
+
+def _conntrack_marker(b: _Builder, mark: int) -> None:
+    """The bridge family has no conntrack here: br_netfilter runs the inet hooks for bridged IPv4, so the
+    inet table asks conntrack and leaves the answer in one bit of the packet mark for the bridge chains."""
+    keep = 0xFFFFFFFF & ~mark
+    for name, hook in (("pre", "prerouting"), ("out", "output")):
+        b.chain(INET, name, hook=hook, priority=-150, policy="accept")
+        b.rule(
+            INET,
+            name,
+            "sys:ct-mark",
+            [
+                x.match({"ct": {"key": "state"}}, [2, 4], op="in"),  # established, related,
+                x.COUNTER,
+                {"mangle": {"key": x.meta("mark"), "value": {"|": [x.meta("mark"), mark]}}},
+                x.ACCEPT,
+            ],
+        )
+        b.rule(
+            INET,
+            name,
+            "sys:ct-clear",
+            [
+                {"mangle": {"key": x.meta("mark"), "value": {"&": [x.meta("mark"), keep]}}},
+            ],
+        )
+
+
+def _base_chains(b: _Builder, resolved: Resolved, settings: Settings) -> None:
+    uplinks = sorted({u for n in resolved.policy.networks for u in n.uplinks})
+    for map_name, suffix in ((GUARD_MAP, "guard"), (OUT_MAP, "out"), (IN_MAP, "in")):
+        entries: dict[str, JSON] = dict.fromkeys(uplinks, x.ACCEPT)
+        entries.update({vp.vm.port: x.jump(f"{vm_sid(vp.vm.id)}_{suffix}") for vp in resolved.vms})
+        b.verdict_map(map_name, entries)
+    mark = settings.conntrack_mark
+    b.chain(BRIDGE, "guard", hook="prerouting", priority=-300, policy="drop")
+    b.rule(BRIDGE, "guard", "sys:dispatch", [x.vmap("iifname", GUARD_MAP)])
+    b.logged_drop(BRIDGE, "guard", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
+    b.chain(BRIDGE, "egress", hook="prerouting", priority=10, policy="drop")
+    b.rule(BRIDGE, "egress", "sys:est", [x.mark_is_set(mark), x.COUNTER, x.ACCEPT])
+    b.rule(BRIDGE, "egress", "sys:dispatch", [x.vmap("iifname", OUT_MAP)])
+    b.logged_drop(BRIDGE, "egress", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
+    b.chain(BRIDGE, "ingress", hook="postrouting", priority=10, policy="drop")
+    b.rule(BRIDGE, "ingress", "sys:est", [x.mark_is_set(mark), x.COUNTER, x.ACCEPT])
+    b.rule(BRIDGE, "ingress", "sys:dispatch", [x.vmap("oifname", IN_MAP)])
+    b.logged_drop(BRIDGE, "ingress", "sys:unknown-port", log_prefix("-", "in", "deny", "sys:unknown-port"))
+
+
+def _own(vp: VmPolicy) -> JSON:
+    return x.anon_set([str(a) for a in vp.vm.ips])
+
+
+def _vm_chains(b: _Builder, vp: VmPolicy) -> None:
+    sid = vm_sid(vp.vm.id)
+    mac = vp.vm.mac
+    guard, out, inn = f"{sid}_guard", f"{sid}_out", f"{sid}_in"
+    for name in (guard, out, inn):
+        b.chain(BRIDGE, name)
+
+    # Anti-spoofing: only IPv4 from the VM's MAC and addresses, and ARP that tells the truth about both.
+    b.rule(
+        BRIDGE,
+        guard,
+        "sys:ip",
+        [x.match(x.payload("ether", "saddr"), mac), x.match(x.payload("ip", "saddr"), _own(vp)), x.ACCEPT],
+    )
+    b.rule(
+        BRIDGE,
+        guard,
+        "sys:arp",
+        [
+            x.match(x.payload("ether", "saddr"), mac),
+            x.match(x.payload("arp", "saddr ether"), mac),
+            x.match(x.payload("arp", "saddr ip"), _own(vp)),
+            x.ACCEPT,
+        ],
+    )
+    if vp.dhcp_client:
+        b.rule(
+            BRIDGE,
+            guard,
+            "sys:dhcp-discover",
+            [
+                x.match(x.payload("ether", "saddr"), mac),
+                x.match(x.payload("ip", "saddr"), "0.0.0.0"),  # noqa: S104 - DHCPDISCOVER source
+                x.match(x.payload("ip", "daddr"), "255.255.255.255"),
+                x.match(x.payload("udp", "sport"), 68),
+                x.match(x.payload("udp", "dport"), 67),
+                x.ACCEPT,
+            ],
+        )
+    b.logged_drop(BRIDGE, guard, "sys:spoof", log_prefix(sid, "out", "spoof", "sys:spoof"))
+
+    if not vp.dhcp_server:
+        b.rule(
+            BRIDGE,
+            out,
+            "sys:no-dhcp-server",
+            [
+                x.match(x.payload("udp", "sport"), 67),
+                x.match(x.payload("udp", "dport"), 68),
+                x.COUNTER,
+                x.DROP,
+            ],
+        )
+    for chain, entries in ((out, vp.egress), (inn, vp.ingress)):
+        for entry in entries:
+            _entry_rules(b, vp, sid, chain, entry)
+    if vp.arp_peers:
+        arp_set = b.address_set(f"{sid}_arp", vp.arp_peers)
+        b.rule(
+            BRIDGE,
+            out,
+            "sys:arp",
+            [x.match(x.payload("arp", "daddr ip"), f"@{arp_set}"), x.COUNTER, x.ACCEPT],
+        )
+        b.rule(
+            BRIDGE,
+            inn,
+            "sys:arp",
+            [
+                x.match(x.payload("arp", "saddr ip"), f"@{arp_set}"),
+                x.match(x.payload("arp", "daddr ip"), _own(vp)),
+                x.COUNTER,
+                x.ACCEPT,
+            ],
+        )
+    b.logged_drop(BRIDGE, out, "sys:default-deny", log_prefix(sid, "out", "deny", "sys:default-deny"))
+    b.logged_drop(BRIDGE, inn, "sys:default-deny", log_prefix(sid, "in", "deny", "sys:default-deny"))
+
+
+def _entry_rules(b: _Builder, vp: VmPolicy, sid: str, chain: str, entry: Entry) -> None:
+    rule = entry.rule
+    peer_field = "daddr" if entry.direction is Direction.OUT else "saddr"
+    peer: JSON | None = None
+    if entry.peers != ANY:
+        peer = x.match(
+            x.payload("ip", peer_field),
+            f"@{b.address_set(selector_set_name(entry.peer_selectors), entry.peers)}",
+        )
+    arp_peer = None if peer is None else peer["match"]["right"]
+    verdict = x.ACCEPT if rule.action is Action.ALLOW else x.DROP
+    for service in entry.services:
+        n = rule.services.index(service) + 1
+        matches = _service_matches(service, entry.direction, peer, arp_peer, vp)
+        comment = f"rule:{rule.id}#{n}" + (":pair" if entry.paired else "")
+        if rule.log:
+            s = b.settings
+            prefix = log_prefix(sid, entry.direction.value, rule.action.value, comment)
+            b.rule(
+                BRIDGE,
+                chain,
+                comment + ":log",
+                [*matches, x.limit(s.log_rate_per_second, s.log_burst), x.log(prefix, s.nflog_group)],
+            )
+        b.rule(BRIDGE, chain, comment, [*matches, x.COUNTER, verdict])
+
+
+def _service_matches(
+    service: Service, direction: Direction, peer: JSON | None, arp_peer: JSON | None, vp: VmPolicy
+) -> list[JSON]:
+    out = direction is Direction.OUT
+    peer_m = [peer] if peer is not None else []
+    match service:
+        case PortService(proto, ports) if ports:
+            values = [x.port_value(p.first, p.last) for p in ports]
+            return [*peer_m, x.match(x.payload(proto.value, "dport"), x.anon_set(values))]
+        case PortService(proto, _):
+            return [*peer_m, x.match(x.payload("ip", "protocol"), 6 if proto.value == "tcp" else 17)]
+        case IcmpService(None, _):
+            return [*peer_m, x.match(x.payload("ip", "protocol"), 1)]
+        case IcmpService(typ, code):
+            code_m = [] if code is None else [x.match(x.payload("icmp", "code"), code)]
+            return [*peer_m, x.match(x.payload("icmp", "type"), typ), *code_m]
+        case ProtocolService(number):
+            return [*peer_m, x.match(x.payload("ip", "protocol"), number)]
+        case NamedService(SpecialService.ANY):
+            return peer_m or [x.match(x.payload("ether", "type"), ETHERTYPE_IP)]
+        case NamedService(SpecialService.ARP):
+            if out:
+                return (
+                    [x.match(x.payload("arp", "daddr ip"), arp_peer)]
+                    if arp_peer is not None
+                    else [x.match(x.payload("ether", "type"), ETHERTYPE_ARP)]
+                )
+            own = x.match(x.payload("arp", "daddr ip"), _own(vp))
+            return [x.match(x.payload("arp", "saddr ip"), arp_peer), own] if arp_peer is not None else [own]
+        case NamedService(SpecialService.DHCP):
+            if out:  # requests go to the broadcast address, so the server is checked on the reply
+                return [x.match(x.payload("udp", "sport"), 68), x.match(x.payload("udp", "dport"), 67)]
+            return [*peer_m, x.match(x.payload("udp", "sport"), 67), x.match(x.payload("udp", "dport"), 68)]
+        case NamedService(SpecialService.DHCP_SERVER):
+            sport, dport = (67, 68) if out else (68, 67)
+            return [x.match(x.payload("udp", "sport"), sport), x.match(x.payload("udp", "dport"), dport)]
+    raise AssertionError(f"unhandled service {service!r}")

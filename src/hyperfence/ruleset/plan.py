@@ -1,0 +1,227 @@
+"""Desired vs actual -> the smallest batch of nft commands that makes the kernel hold the desired state.
+
+The batch is applied atomically by the kernel (one transaction), so it either all happens or none of it.
+Rules the kernel already holds, unchanged and in order, are left alone: their counters keep counting and
+nothing is rewritten when nothing changed (an empty plan). Rules are matched by their comment (their id).
+
+Command order inside a batch: create tables, chains and sets; remove stale set/map elements; add new
+elements; delete, replace and insert rules; flush and delete stale chains; delete stale sets. Each step
+only refers to objects that exist at that point of the transaction.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass, field
+
+from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, Ruleset, TableId
+from hyperfence.ruleset.readback import Actual
+
+
+@dataclass
+class Plan:
+    commands: list[JSON] = field(default_factory=list)
+    touched_chains: set[tuple[TableId, str]] = field(default_factory=set)
+    touched_sets: set[tuple[TableId, str]] = field(default_factory=set)
+    full_replace: bool = False
+    summary: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.commands
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.summary[what] = self.summary.get(what, 0) + n
+
+    def batch(self) -> JSON:
+        return {"nftables": self.commands}
+
+
+def _t(table: TableId) -> dict[str, str]:
+    return {"family": table.family, "table": table.name}
+
+
+def chain_obj(c: Chain) -> JSON:
+    obj: dict[str, JSON] = {**_t(c.table), "name": c.name}
+    if c.is_base:
+        obj.update({"type": c.type, "hook": c.hook, "prio": c.priority, "policy": c.policy})
+        if c.device:
+            obj["dev"] = c.device
+    return obj
+
+
+def set_obj(s: NftSet, *, with_elements: bool) -> JSON:
+    obj: dict[str, JSON] = {**_t(s.table), "name": s.name, "type": s.key_type}
+    if s.map_type:
+        obj["map"] = s.map_type
+    if s.flags:
+        obj["flags"] = list(s.flags)
+    if with_elements and s.elements:
+        obj["elem"] = _elements(s.elements)
+    return obj
+
+
+def _elements(elements: frozenset[str] | set[str]) -> list[JSON]:
+    return [json.loads(e) for e in sorted(elements)]
+
+
+def rule_obj(r: Rule, *, handle: int | None = None) -> JSON:
+    obj: dict[str, JSON] = {**_t(r.table), "chain": r.chain, "expr": r.statements(), "comment": r.comment}
+    if handle is not None:
+        obj["handle"] = handle
+    return obj
+
+
+def plan_full(desired: Ruleset, tables: tuple[TableId, ...]) -> Plan:
+    """Replace `tables` whole, in one transaction: `add table` (so `delete` cannot fail), `delete table`,
+    then create everything. Used when an object's shape changed and for the first apply."""
+    plan = Plan(full_replace=True)
+    for t in tables:
+        plan.commands.append({"add": {"table": {"family": t.family, "name": t.name}}})
+        plan.commands.append({"delete": {"table": {"family": t.family, "name": t.name}}})
+    _create_all(plan, desired, set(tables))
+    return plan
+
+
+def _create_all(plan: Plan, desired: Ruleset, tables: set[TableId]) -> None:
+    for t in desired.tables:
+        if t in tables:
+            plan.commands.append({"add": {"table": {"family": t.family, "name": t.name}}})
+    for c in desired.chains:
+        if c.table in tables:
+            plan.commands.append({"add": {"chain": chain_obj(c)}})
+            plan.touched_chains.add((c.table, c.name))
+    for s in desired.sets:
+        if s.table in tables:
+            plan.commands.append({"add": {s.kind: set_obj(s, with_elements=True)}})
+            plan.touched_sets.add((s.table, s.name))
+    for r in desired.rules:
+        if r.table in tables:
+            plan.commands.append({"add": {"rule": rule_obj(r)}})
+    plan.count("rules", sum(1 for r in desired.rules if r.table in tables))
+
+
+def plan_changes(desired: Ruleset, actual: Actual) -> Plan:
+    """The incremental batch from `actual` to `desired` (empty when they are equal)."""
+    act = actual.ruleset
+    missing_tables = [t for t in desired.tables if t not in act.tables]
+    act_chains, des_chains = act.chain_by_key(), desired.chain_by_key()
+    act_sets, des_sets = act.set_by_key(), desired.set_by_key()
+    # A changed hook, priority or set type cannot be altered in place: replace those tables whole.
+    reshaped = {k[0] for k, c in des_chains.items() if k in act_chains and act_chains[k] != c}
+    reshaped |= {k[0] for k, s in des_sets.items() if k in act_sets and act_sets[k].shape() != s.shape()}
+    if reshaped:
+        return plan_full(desired, tuple(sorted(reshaped | set(missing_tables))))
+
+    plan = Plan()
+    cmds = plan.commands
+    for t in missing_tables:
+        cmds.append({"add": {"table": {"family": t.family, "name": t.name}}})
+    for k, c in des_chains.items():
+        if k not in act_chains:
+            cmds.append({"add": {"chain": chain_obj(c)}})
+            plan.touched_chains.add(k)
+            plan.count("chains+")
+    for k, s in des_sets.items():
+        if k not in act_sets:
+            cmds.append({"add": {s.kind: set_obj(s, with_elements=True)}})
+            plan.touched_sets.add(k)
+            plan.count("sets+")
+    # Elements: stale ones out first (an interval set refuses overlapping elements), then new ones in.
+    adds: list[JSON] = []
+    for k, s in des_sets.items():
+        if k not in act_sets:
+            continue
+        old = act_sets[k].elements
+        gone, new = old - s.elements, s.elements - old
+        if gone:
+            cmds.append({"delete": {"element": {**_t(s.table), "name": s.name, "elem": _elements(gone)}}})
+            plan.count("elements-", len(gone))
+        if new:
+            adds.append({"add": {"element": {**_t(s.table), "name": s.name, "elem": _elements(new)}}})
+            plan.count("elements+", len(new))
+        if gone or new:
+            plan.touched_sets.add(k)
+    cmds.extend(adds)
+    _plan_rules(plan, desired, actual)
+    for k, c in act_chains.items():
+        if k not in des_chains and c.table in desired.tables:
+            cmds.append({"flush": {"chain": chain_obj(Chain(c.table, c.name))}})
+            cmds.append({"delete": {"chain": chain_obj(Chain(c.table, c.name))}})
+            plan.count("chains-")
+    for k, s in act_sets.items():
+        if k not in des_sets and s.table in desired.tables:
+            cmds.append({"delete": {s.kind: {**_t(s.table), "name": s.name}}})
+            plan.count("sets-")
+    return plan
+
+
+def _plan_rules(plan: Plan, desired: Ruleset, actual: Actual) -> None:
+    des_rules = desired.chain_rules()
+    act_rules = actual.ruleset.chain_rules()
+    for key, want in des_rules.items():
+        have = act_rules.get(key, [])
+        if [r.comment for r in have] == [r.comment for r in want] and have == want:
+            continue
+        plan.touched_chains.add(key)
+        _plan_chain(plan, key, want, have, actual)
+    # Rules in chains that should not exist go with their chain (flushed by the caller).
+
+
+def _plan_chain(
+    plan: Plan, key: tuple[TableId, str], want: list[Rule], have: list[Rule], actual: Actual
+) -> None:
+    table, chain = key
+    have_pos = {r.comment: i for i, r in enumerate(have)}
+    # Keep the longest run of rules that already stand in the desired order; move nothing else.
+    candidates = [(i, have_pos[r.comment]) for i, r in enumerate(want) if r.comment in have_pos]
+    kept_idx = {candidates[i][0] for i in _longest_increasing(candidates)}
+    kept = {want[i].comment for i in kept_idx}
+    for r in have:
+        if r.comment not in kept:
+            handle = actual.handles[(table, chain, r.comment)]
+            plan.commands.append({"delete": {"rule": {**_t(table), "chain": chain, "handle": handle}}})
+            plan.count("rules-")
+    next_kept: int | None = None  # handle of the nearest kept rule after position i
+    inserts: list[JSON] = []
+    for i in range(len(want) - 1, -1, -1):
+        r = want[i]
+        if i in kept_idx:
+            handle = actual.handles[(table, chain, r.comment)]
+            old = have[have_pos[r.comment]]
+            if old.expr != r.expr:
+                plan.commands.append({"replace": {"rule": rule_obj(r, handle=handle)}})
+                plan.count("rules~")
+            next_kept = handle
+        elif next_kept is None:
+            inserts.append({"add": {"rule": rule_obj(r)}})
+            plan.count("rules+")
+        else:
+            inserts.append({"insert": {"rule": rule_obj(r, handle=next_kept)}})
+            plan.count("rules+")
+    # Built back to front; `insert` before a kept rule and `add` at the end both keep the desired order
+    # when applied front to back.
+    plan.commands.extend(reversed(inserts))
+
+
+def _longest_increasing(pairs: list[tuple[int, int]]) -> list[int]:
+    """Indexes into `pairs` of a longest subsequence whose second items increase (patience sort)."""
+    tails: list[int] = []
+    tail_idx: list[int] = []
+    prev: list[int] = [-1] * len(pairs)
+    for i, (_, v) in enumerate(pairs):
+        j = bisect.bisect_left(tails, v)
+        if j == len(tails):
+            tails.append(v)
+            tail_idx.append(i)
+        else:
+            tails[j] = v
+            tail_idx[j] = i
+        prev[i] = tail_idx[j - 1] if j > 0 else -1
+    out: list[int] = []
+    k = tail_idx[-1] if tail_idx else -1
+    while k >= 0:
+        out.append(k)
+        k = prev[k]
+    return out[::-1]
