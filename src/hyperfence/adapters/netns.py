@@ -12,7 +12,6 @@ import concurrent.futures
 import ctypes
 import ctypes.util
 import os
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -61,17 +60,18 @@ class NetnsThread:
         self.netns = netns
         if netns is not None:
             netns_path(netns)  # validate early, in the caller's thread
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=name, initializer=self._enter
-        )
-        self._entered = threading.Event()
-        # Enter now, so that a missing namespace fails here and not on first use.
-        self.call(lambda: None)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        # Enter now, as the first call, so that a missing namespace fails here (NotFoundError) and not on
+        # first use. A worker that could not enter is never used: it might be in the wrong namespace.
+        try:
+            self.call(self._enter)
+        except BaseException:
+            self._pool.shutdown(wait=True)
+            raise
 
     def _enter(self) -> None:
         if self.netns is not None:
             enter_netns(self.netns)
-        self._entered.set()
 
     def call(self, fn: Callable[[], T]) -> T:
         future = self._pool.submit(fn)

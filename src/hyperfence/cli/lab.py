@@ -1,0 +1,93 @@
+"""`hyperfence lab up|down|status|exec`: VMs as network namespaces on a bridge (see lab/plan.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from hyperfence.errors import NotFoundError
+from hyperfence.lab import topology
+from hyperfence.lab.plan import plan_lab
+from hyperfence.lab.policy import lab_policy
+
+app = typer.Typer(no_args_is_help=True, help="A lab of VMs as network namespaces (for the demo and tests).")
+out = Console(highlight=False)
+
+NameOpt = Annotated[str, typer.Option("--name", help="Lab name ([a-z0-9]{1,8}); several labs can coexist.")]
+
+
+@app.command("up")
+def up(name: NameOpt = "lab", vms: Annotated[int, typer.Option(help="How many VMs.")] = 3) -> None:
+    """Create (or repair) the lab. Idempotent. Writes a starting policy (no rules) beside its state."""
+    plan = plan_lab(name, vms)
+    topology.create_lab(plan)
+    policy_file = os.path.join(str(topology.state_dir(name)), "policy.yaml")
+    if not os.path.exists(policy_file):
+        with open(policy_file, "w", encoding="utf-8") as f:
+            yaml.safe_dump(lab_policy(plan), f, sort_keys=False)
+    out.print(
+        f"lab {name!r} is up: {len(plan.vms)} VMs on {plan.bridge} in netns {plan.host_netns}, "
+        f"outside in {plan.outside_netns}"
+    )
+    out.print(f"a starting policy (every VM declared, no rules: all traffic denied) is in {policy_file}")
+    out.print(f"use it with: hyperfence --lab {name} policy apply {policy_file}")
+
+
+@app.command("down")
+def down(name: NameOpt = "lab") -> None:
+    """Remove every namespace and process of the lab. Idempotent."""
+    topology.destroy_lab(name)
+    out.print(f"lab {name!r} is down")
+
+
+@app.command("status")
+def status(name: NameOpt = "lab") -> None:
+    """What exists of the lab."""
+    st = topology.lab_status(name)
+    if not st.recorded and not st.host_netns_exists:
+        raise NotFoundError(f"lab {name!r} does not exist (run `hyperfence lab up --name {name}`)")
+    out.print(
+        f"lab {name}: host netns {'up' if st.host_netns_exists else 'MISSING'}, outside "
+        f"{'up' if st.outside_netns_exists else 'MISSING'}, dnsmasq "
+        f"{'pid ' + str(st.dnsmasq_pid) if st.dnsmasq_alive else 'not running'}, "
+        f"NAT {'present' if st.nat_present else 'missing'}, {st.created_vms}/{st.planned_vms} VMs"
+    )
+    table = Table("vm", "netns", "port present", "port up")
+    for v in st.vms:
+        table.add_row(
+            v.name,
+            "yes" if v.netns_exists else "no",
+            "yes" if v.port_present else "no",
+            "yes" if v.port_up else "no",
+        )
+    out.print(table)
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def exec_cmd(ctx: typer.Context, vm: str, name: NameOpt = "lab") -> None:
+    """Run a command inside a lab VM (or `host` / `outside`): hyperfence lab exec vm1 -- ping -c1 10.77.0.12"""
+    plan = topology.read_lab(name)
+    if plan is None:
+        raise NotFoundError(f"lab {name!r} does not exist (run `hyperfence lab up --name {name}`)")
+    argv = list(ctx.args)
+    if not argv:
+        raise typer.BadParameter("give the command after --, e.g. -- ping -c1 10.77.0.12")
+    if vm == "host":
+        netns = plan.host_netns
+    elif vm == "outside":
+        netns = plan.outside_netns
+    else:
+        match = next((v for v in plan.vms if v.name == vm), None)
+        if match is None:
+            raise NotFoundError(
+                f"lab {name!r} has no VM {vm!r} (expected host, outside or vm1..vm{len(plan.vms)})"
+            )
+        netns = match.netns
+    sys.stdout.flush()
+    os.execvp("ip", ["ip", "netns", "exec", netns, *argv])  # noqa: S606 - replaces this process by design

@@ -1,0 +1,351 @@
+"""`hyperfence <noun> <verb>`: the command line. Errors become exit codes in one place (`main`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from hyperfence import errors
+from hyperfence.cli import render
+from hyperfence.policy.parse import load_document, parse_policy
+from hyperfence.policy.resolve import resolve_policy
+from hyperfence.policy.whatif import Flow, can
+from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.firewall import describe_drift
+from hyperfence.ruleset.compile import TABLES, compile_ruleset
+from hyperfence.ruleset.plan import plan_changes
+from hyperfence.ruleset.readback import rule_counters
+
+EXIT_CODES: dict[type[errors.HyperfenceError], int] = {
+    errors.InvalidInputError: 2,
+    errors.NotFoundError: 3,
+    errors.ConflictError: 4,
+    errors.PermissionDeniedError: 5,
+    errors.TemporaryError: 6,
+    errors.KernelError: 7,
+    errors.DriftError: 8,
+    errors.BugError: 70,
+}
+
+DEFAULT_STATE = "/var/lib/hyperfence"
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="hyperfence: per-VM firewall on the hypervisor's virtual switch.",
+)
+policy_app = typer.Typer(no_args_is_help=True, help="Check, apply and show the policy.")
+ruleset_app = typer.Typer(
+    no_args_is_help=True, help="What hyperfence wants in the kernel, and what is there."
+)
+app.add_typer(policy_app, name="policy")
+app.add_typer(ruleset_app, name="ruleset")
+out = Console()
+err = Console(stderr=True)
+
+
+@dataclass
+class Ctx:
+    netns: str | None
+    state_dir: str
+
+    def engine(self, policy_file: str | None = None) -> Engine:
+        return Engine(netns=self.netns, state_dir=self.state_dir, policy_file=policy_file)
+
+
+def lab_target(lab: str) -> tuple[str, str]:
+    """(netns, state dir) of a lab made by `hyperfence lab up --name LAB`."""
+    return f"hf-{lab}-host", os.path.join(DEFAULT_STATE, "labs", lab)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    netns: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HYPERFENCE_NETNS", help="Network namespace holding the bridges (default: ours)."
+        ),
+    ] = None,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(envvar="HYPERFENCE_STATE_DIR", help=f"State directory (default {DEFAULT_STATE})."),
+    ] = None,
+    lab: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HYPERFENCE_LAB", help="Act on the lab of this name (sets --netns and --state-dir)."
+        ),
+    ] = None,
+) -> None:
+    if lab:
+        lab_ns, lab_state = lab_target(lab)
+        netns = netns or lab_ns
+        state_dir = state_dir or lab_state
+    ctx.obj = Ctx(netns=netns, state_dir=state_dir or DEFAULT_STATE)
+
+
+def _read_policy_file(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise errors.NotFoundError(f"cannot read policy file {path}: {e.strerror}") from None
+    return load_document(text, source=path)
+
+
+# --- policy -----------------------------------------------------------------------------------------
+
+
+@policy_app.command("check")
+def policy_check(file: str) -> None:
+    """Validate FILE; list every problem with its path and value. Changes nothing."""
+    policy = parse_policy(_read_policy_file(file), source=file)
+    rs = compile_ruleset(resolve_policy(policy))
+    c = rs.counts()
+    out.print(
+        f"{file}: ok — {len(policy.vms)} VMs, {len(policy.rules)} rules, {len(policy.ipsets)} IP sets "
+        f"-> {c['chains']} chains, {c['rules']} nft rules, {c['sets']} sets"
+    )
+
+
+@policy_app.command("apply")
+def policy_apply(
+    ctx: typer.Context,
+    file: str,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
+) -> None:
+    """Validate FILE, store it as a new generation and make the kernel hold it (atomically)."""
+    from hyperfence.daemon import request  # noqa: PLC0415 - keeps `hyperfence policy check` light
+
+    c: Ctx = ctx.obj
+    document = _read_policy_file(file)
+    policy = parse_policy(document, source=file)
+    if dry_run:
+        engine = c.engine()
+        plan = plan_changes(compile_ruleset(resolve_policy(policy)), engine.firewall.read())
+        out.print(f"would send {len(plan.commands)} commands: {plan.summary or 'nothing to change'}")
+        return
+    engine = c.engine()
+    generation = engine.store.put_policy(document, source=os.path.abspath(file))
+    reply = request(c.state_dir, {"op": "reconcile"})
+    if reply is not None:
+        if not reply.get("ok"):
+            raise errors.KernelError(
+                f"the daemon could not apply generation {generation}: {reply.get('error')}"
+            )
+        out.print(
+            f"generation {generation} applied by the daemon: {reply.get('summary') or 'no change'} "
+            f"({reply.get('ms')} ms)"
+        )
+        return
+    _, result = engine.converge(full=True)
+    if result is None:
+        raise errors.BugError("converge returned no result right after storing a policy")
+    out.print(
+        f"generation {generation} applied: {result.summary or 'no change'} "
+        f"({result.seconds * 1000:.1f} ms; {len(policy.vms)} VMs, {len(policy.rules)} rules)"
+    )
+    engine.close()
+
+
+@policy_app.command("show")
+def policy_show(
+    ctx: typer.Context, generation: Annotated[int | None, typer.Option(help="Default: the latest.")] = None
+) -> None:
+    """Print the stored policy (YAML)."""
+    c: Ctx = ctx.obj
+    engine = c.engine()
+    stored = engine.store.get_policy(generation)
+    if stored is None:
+        raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
+    out.print(f"# generation {stored.generation} from {stored.source}", highlight=False)
+    out.print(yaml.safe_dump(stored.document, sort_keys=False), highlight=False)
+
+
+# --- ruleset ----------------------------------------------------------------------------------------
+
+
+@ruleset_app.command("show")
+def ruleset_show(
+    ctx: typer.Context,
+    desired: Annotated[bool, typer.Option("--desired", help="What the policy compiles to.")] = False,
+    actual: Annotated[bool, typer.Option("--actual", help="What the kernel holds (default).")] = False,
+    policy: Annotated[str | None, typer.Option(help="Compile this file instead of the store.")] = None,
+) -> None:
+    """Show hyperfence's nftables state (desired or actual) in nft syntax."""
+    c: Ctx = ctx.obj
+    engine = c.engine(policy)
+    if desired and actual:
+        raise errors.InvalidInputError("--desired and --actual: choose one")
+    if desired:
+        compiled = engine.compiled()
+        if compiled is None:
+            raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
+        out.print(render.ruleset_text(compiled.ruleset), highlight=False)
+    else:
+        out.print(render.ruleset_text(engine.firewall.read().ruleset), highlight=False)
+
+
+@ruleset_app.command("diff")
+def ruleset_diff(
+    ctx: typer.Context,
+    policy: Annotated[str | None, typer.Option(help="Compare this file instead of the store.")] = None,
+) -> None:
+    """What differs between the desired ruleset and the kernel. Exit 1 when they differ."""
+    c: Ctx = ctx.obj
+    engine = c.engine(policy)
+    compiled = engine.compiled()
+    if compiled is None:
+        raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
+    actual = engine.firewall.read()
+    problems = describe_drift(compiled.ruleset, actual.ruleset)
+    plan = plan_changes(compiled.ruleset, actual)
+    if not problems and plan.empty:
+        out.print("in sync: the kernel holds exactly the desired ruleset")
+        return
+    for p in problems:
+        out.print(f"- {p}")
+    out.print(f"a reconcile would send {len(plan.commands)} commands: {plan.summary}")
+    raise typer.Exit(1)
+
+
+@ruleset_app.command("stats")
+def ruleset_stats(
+    ctx: typer.Context,
+    by_vm: Annotated[bool, typer.Option("--by-vm", help="One line per VM and rule.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Packet and byte counters per policy rule (summed over the VMs it applies to)."""
+    c: Ctx = ctx.obj
+    engine = c.engine()
+    compiled = engine.compiled()
+    sid_names = {}
+    if compiled is not None:
+        from hyperfence.ruleset.compile import vm_sid  # noqa: PLC0415
+
+        sid_names = {vm_sid(v.id): v.name for v in compiled.policy.vms}
+    objs: list[Any] = []
+    for t in TABLES:
+        objs.extend(engine.nft.list({"table": {"family": t.family, "name": t.name}}))
+    rows = render.stats_rows(rule_counters(objs), sid_names, by_vm=by_vm)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("rule", *(["vm"] if by_vm else []), "direction", "packets", "bytes")
+    for r in rows:
+        table.add_row(
+            r["rule"], *([r["vm"]] if by_vm else []), r["direction"], str(r["packets"]), str(r["bytes"])
+        )
+    out.print(table)
+
+
+# --- what-if ----------------------------------------------------------------------------------------
+
+
+def parse_flow(port: str | None, protocol: str | None, icmp_type: str | None) -> Flow:
+    from hyperfence.policy import syntax  # noqa: PLC0415
+
+    if port:
+        number, sep, proto = port.partition("/")
+        if not sep or proto not in ("tcp", "udp") or not number.isdigit() or not 1 <= int(number) <= 65535:
+            raise errors.InvalidInputError(
+                f"--port: {port!r} is not PORT/PROTO (expected e.g. 443/tcp or 53/udp)"
+            )
+        return Flow(proto, int(number))
+    proto = protocol or "icmp"
+    if proto == "icmp":
+        try:
+            typ = syntax.parse_icmp_type(icmp_type or "echo-request")
+        except ValueError as e:
+            raise errors.InvalidInputError(f"--icmp-type: {e}") from None
+        return Flow("icmp", icmp_type=typ)
+    if proto == "arp" or proto.isdigit():
+        return Flow(proto)
+    raise errors.InvalidInputError(
+        f"--protocol: {proto!r} is not a protocol (expected icmp, arp or a number; use --port for tcp/udp)"
+    )
+
+
+@app.command("can")
+def can_cmd(
+    ctx: typer.Context,
+    src: str,
+    dst: str,
+    port: Annotated[str | None, typer.Option(help="PORT/PROTO, e.g. 443/tcp")] = None,
+    protocol: Annotated[str | None, typer.Option(help="icmp (default), arp or an IP protocol number")] = None,
+    icmp_type: Annotated[str | None, typer.Option(help="ICMP type (default echo-request)")] = None,
+    policy: Annotated[str | None, typer.Option(help="Ask this policy file instead of the store.")] = None,
+) -> None:
+    """Would the compiled policy let SRC open this flow to DST? Names the deciding rule. Exit 1 if not."""
+    c: Ctx = ctx.obj
+    compiled = c.engine(policy).compiled()
+    if compiled is None:
+        raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
+    flow = parse_flow(port, protocol, icmp_type)
+    try:
+        answer = can(compiled.resolved, src, dst, flow)
+    except ValueError:
+        raise errors.InvalidInputError(
+            f"{src!r} or {dst!r} is neither a VM name nor an IPv4 address"
+        ) from None
+    out.print(("[green]allowed[/green]" if answer.allowed else "[red]denied[/red]") + f": {answer.reason}")
+    if not answer.allowed:
+        raise typer.Exit(1)
+
+
+# --- daemon, logs -----------------------------------------------------------------------------------
+
+
+@app.command("daemon")
+def daemon_cmd(
+    ctx: typer.Context,
+    policy: Annotated[str | None, typer.Option(help="Follow this policy file instead of the store.")] = None,
+    resync: Annotated[float, typer.Option(help="Seconds between full kernel checks.")] = 10.0,
+    poll: Annotated[float, typer.Option(help="Seconds between policy change checks.")] = 0.2,
+) -> None:
+    """Run the reconcile loop (foreground). Kernel rules outlive it."""
+    import logging  # noqa: PLC0415
+
+    from hyperfence.daemon import run_daemon  # noqa: PLC0415
+
+    c: Ctx = ctx.obj
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_daemon(netns=c.netns, state_dir=c.state_dir, policy_file=policy, poll=poll, resync=resync)
+
+
+def _register_optional() -> None:
+    from hyperfence.cli import demo, lab, logs  # noqa: PLC0415
+
+    app.add_typer(lab.app, name="lab")
+    app.command("logs")(logs.logs_cmd)
+    app.command("demo")(demo.demo_cmd)
+
+
+def main() -> None:
+    _register_optional()
+    try:
+        app(standalone_mode=False)
+    except errors.HyperfenceError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(next((code for cls, code in EXIT_CODES.items() if isinstance(e, cls)), 1))
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        sys.exit(130)
+    except Exception as e:  # click's usage errors arrive here in standalone_mode=False
+        import click  # noqa: PLC0415
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

@@ -1,0 +1,114 @@
+"""Text for people: the IR in nft syntax, counters per rule. Pure."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from hyperfence.ruleset.ir import JSON, Ruleset, TableId
+from hyperfence.ruleset.readback import RuleKey
+
+
+def _value(v: JSON) -> str:
+    if isinstance(v, dict):
+        if "set" in v:
+            return "{ " + ", ".join(_value(x) for x in v["set"]) + " }"
+        if "range" in v:
+            return f"{_value(v['range'][0])}-{_value(v['range'][1])}"
+        if "prefix" in v:
+            return f"{v['prefix']['addr']}/{v['prefix']['len']}"
+        if "payload" in v:
+            return f"{v['payload']['protocol']} {v['payload']['field']}"
+        if "meta" in v:
+            return f"meta {v['meta']['key']}"
+        if "ct" in v:
+            return f"ct {v['ct']['key']}"
+        if "&" in v:
+            return f"{_value(v['&'][0])} & {_value(v['&'][1])}"
+        if "|" in v:
+            return f"{_value(v['|'][0])} | {_value(v['|'][1])}"
+        if "concat" in v:
+            return " . ".join(_value(x) for x in v["concat"])
+        if "jump" in v:
+            return f"jump {v['jump']['target']}"
+        if len(v) == 1:
+            return str(next(iter(v)))
+    if isinstance(v, list):
+        return "{ " + ", ".join(_value(x) for x in v) + " }"
+    if isinstance(v, int) and v > 0xFFFF:
+        return hex(v)
+    return str(v)
+
+
+def statement_text(stmt: JSON) -> str:
+    ((key, body),) = stmt.items()
+    kind = str(key)
+    if kind == "match":
+        op = "" if body["op"] in ("==", "in") else f"{body['op']} "
+        return f"{_value(body['left'])} {op}{_value(body['right'])}"
+    if kind == "counter":
+        return f"counter packets {body.get('packets', 0)} bytes {body.get('bytes', 0)}" if body else "counter"
+    if kind == "vmap":
+        return f"{_value(body['key'])} vmap {body['data']}"
+    if kind == "limit":
+        return f"limit rate {body['rate']}/{body.get('per', 'second')} burst {body.get('burst', 0)} packets"
+    if kind == "log":
+        return f'log prefix "{body.get("prefix", "")}" group {body.get("group", 0)}'
+    if kind == "mangle":
+        return f"{_value(body['key'])} set {_value(body['value'])}"
+    if kind in ("jump", "goto"):
+        return f"{kind} {body['target']}"
+    if body is None:
+        return kind
+    return f"{kind} {json.dumps(body)}"
+
+
+def ruleset_text(rs: Ruleset) -> str:
+    lines: list[str] = []
+    rules = rs.chain_rules()
+    for t in rs.tables:
+        lines.append(f"table {t.family} {t.name} {{")
+        for s in rs.sets:
+            if s.table != t:
+                continue
+            typ = s.key_type + (f" : {s.map_type}" if s.map_type else "")
+            flags = f" flags {','.join(s.flags)};" if s.flags else ""
+            elems = sorted(
+                _value(json.loads(e)) if not s.map_type else " : ".join(_value(x) for x in json.loads(e))
+                for e in s.elements
+            )
+            lines.append(f"  {s.kind} {s.name} {{ type {typ};{flags} elements = {{ {', '.join(elems)} }} }}")
+        for c in rs.chains:
+            if c.table != t:
+                continue
+            lines.append(f"  chain {c.name} {{")
+            if c.is_base:
+                lines.append(f"    type {c.type} hook {c.hook} priority {c.priority}; policy {c.policy};")
+            for r in rules.get((t, c.name), []):
+                text = " ".join(statement_text(s) for s in r.statements())
+                lines.append(f'    {text} comment "{r.comment}"')
+            lines.append("  }")
+        lines.append("}")
+    return "\n".join(lines)
+
+
+def stats_rows(
+    counters: dict[RuleKey, tuple[int, int]], sid_names: dict[str, str], *, by_vm: bool
+) -> list[dict[str, Any]]:
+    """Aggregate nft rule counters by policy rule (and VM): `rule:web#1` and `rule:web#2` count as `web`."""
+    agg: dict[tuple[str, str, str], list[int]] = {}
+    for (table, chain, comment), (packets, nbytes) in counters.items():
+        if comment.endswith(":log") or table != TableId("bridge", "hyperfence"):
+            continue
+        sid, _, suffix = chain.partition("_")
+        direction = {"out": "egress", "in": "ingress", "guard": "guard"}.get(suffix, chain)
+        vm = sid_names.get(sid, "-") if suffix else "-"
+        rule = comment.removeprefix("rule:").split("#", 1)[0] if comment.startswith("rule:") else comment
+        key = (rule, vm if by_vm else "", direction)
+        acc = agg.setdefault(key, [0, 0])
+        acc[0] += packets
+        acc[1] += nbytes
+    return [
+        {"rule": k[0], "vm": k[1], "direction": k[2], "packets": v[0], "bytes": v[1]}
+        for k, v in sorted(agg.items())
+    ]

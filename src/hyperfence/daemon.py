@@ -1,0 +1,214 @@
+"""`hyperfence daemon`: the composition root. Keeps the kernel holding the policy, forever.
+
+* Reconcile loop: the policy is polled cheaply (store generation or file mtime, every `poll` seconds) and a
+  change is converged incrementally; every `resync` seconds a full read of the kernel finds and repairs
+  drift (a hand-run `nft flush ruleset`), which is recorded as an event.
+* Control socket (`<state>/daemon.sock`, root only): `policy apply` asks the daemon to converge now and
+  waits for the answer, so a one-rule change is applied by a process that already holds the kernel state.
+* Traffic log: NFLOG events from the rules -> JSON lines in `<state>/traffic.jsonl`.
+
+The kernel rules do not depend on this process: a crash or `kill -9` leaves them exactly as they were (fail
+closed), and a restart that finds the kernel already right writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hyperfence.errors import HyperfenceError
+from hyperfence.reconcile.engine import Engine
+
+log = logging.getLogger("hyperfence.daemon")
+
+CONTROL_SOCKET = "daemon.sock"
+MAX_REQUEST = 64 * 1024
+
+
+def control_path(state_dir: str) -> str:
+    return os.path.join(state_dir, CONTROL_SOCKET)
+
+
+def request(state_dir: str, payload: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any] | None:
+    """Ask a running daemon; None when no daemon is listening."""
+    path = control_path(state_dir)
+    if not os.path.exists(path):
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps(payload).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        result: dict[str, Any] = json.loads(buf)
+        return result
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+    finally:
+        s.close()
+
+
+class Daemon:
+    def __init__(
+        self, engine: Engine, *, poll: float = 0.2, resync: float = 10.0, traffic_log: bool = True
+    ) -> None:
+        self.engine = engine
+        self.poll = poll
+        self.resync = resync
+        self.traffic_log = traffic_log
+        self.stop_event = threading.Event()
+        self._wake = threading.Event()
+        self._server: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self.last_key: str | None = None
+
+    # --- control socket ------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        path = control_path(self.engine.state_dir)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        os.chmod(path, 0o600)
+        srv.listen(16)
+        srv.settimeout(0.5)
+        self._server = srv
+        while not self.stop_event.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                buf = b""
+                while not buf.endswith(b"\n") and len(buf) < MAX_REQUEST:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                req = json.loads(buf or b"{}")
+                reply = self._dispatch(req if isinstance(req, dict) else {})
+            except (ValueError, OSError) as e:
+                reply = {"ok": False, "error": f"bad request: {e}"}
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "reconcile":
+            return self._converge(full=bool(req.get("full")))
+        if op == "status":
+            return {"ok": True, "pid": os.getpid(), "policy": self.last_key}
+        return {"ok": False, "error": f"unknown op {op!r} (expected reconcile or status)"}
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def _converge(self, *, full: bool) -> dict[str, Any]:
+        try:
+            compiled, result = self.engine.converge(full=full)
+        except HyperfenceError as e:
+            log.error("converge failed: %s", e)
+            self.engine.store.add_event("converge-failed", {"error": str(e)[:2000]})
+            return {"ok": False, "error": str(e)}
+        if compiled is None or result is None:
+            return {"ok": True, "policy": None}
+        self.last_key = compiled.key
+        if result.drift:
+            log.warning("drift repaired: %s", "; ".join(result.drift[:10]))
+        if result.changed:
+            log.info("applied %s: %s in %.1f ms", compiled.key, result.summary, result.seconds * 1000)
+        return {
+            "ok": True,
+            "policy": compiled.key,
+            "changed": result.changed,
+            "drift": result.drift,
+            "summary": result.summary,
+            "ms": round(result.seconds * 1000, 3),
+        }
+
+    def run(self) -> None:
+        self._start(self._serve, "control")
+        if self.traffic_log:
+            self._start(self._read_traffic, "traffic")
+        self._converge(full=True)
+        next_resync = time.monotonic() + self.resync
+        while not self.stop_event.is_set():
+            self._wake.wait(self.poll)
+            self._wake.clear()
+            if self.stop_event.is_set():
+                break
+            full = time.monotonic() >= next_resync
+            try:
+                changed = self.engine.policy_key() != self.last_key
+            except HyperfenceError as e:
+                log.error("%s", e)
+                changed = False
+            if full or changed:
+                self._converge(full=full)
+            if full:
+                next_resync = time.monotonic() + self.resync
+        self._shutdown()
+
+    def _start(self, fn: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=fn, name=f"hyperfence-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _read_traffic(self) -> None:
+        from hyperfence.reconcile.traffic import run_traffic_log  # noqa: PLC0415 - optional at import
+
+        run_traffic_log(self.engine, self.stop_event)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self._wake.set()
+
+    def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control_path(self.engine.state_dir))
+        for t in self._threads:
+            t.join(timeout=2)
+
+
+def run_daemon(
+    *, netns: str | None, state_dir: str, policy_file: str | None, poll: float, resync: float
+) -> None:
+    engine = Engine(netns=netns, state_dir=state_dir, policy_file=policy_file)
+    daemon = Daemon(engine, poll=poll, resync=resync)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop())
+    with open(os.path.join(state_dir, "daemon.pid"), "w", encoding="utf-8") as f:
+        f.write(str(os.getpid()))
+    log.info(
+        "hyperfence daemon pid %d, netns %s, state %s, policy %s",
+        os.getpid(),
+        netns or "(own)",
+        state_dir,
+        policy_file or "store",
+    )
+    try:
+        daemon.run()
+    finally:
+        engine.close()

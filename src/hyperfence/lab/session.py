@@ -1,0 +1,159 @@
+"""A lab with hyperfence on it: the lab's namespaces, an engine bound to its host namespace, and real
+traffic tools (ping, TCP/UDP probes, a DHCP client). Used by the demo, the tests and the benchmarks.
+
+`LabSession` is a context manager: on exit it stops what it started and (unless `keep=True`) destroys the
+lab, even when the body raised.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+from hyperfence.errors import BugError
+from hyperfence.lab import topology
+from hyperfence.lab.plan import LabPlan, plan_lab
+from hyperfence.lab.policy import lab_policy
+from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.firewall import ConvergeResult
+
+STATE_ROOT = "/var/lib/hyperfence/labs"
+PROBE = [sys.executable, "-m", "hyperfence.lab.probe"]
+
+
+class LabSession:
+    def __init__(
+        self,
+        name: str = "lab",
+        vms: int = 3,
+        *,
+        keep: bool = False,
+        state_dir: str | None = None,
+        labels: dict[str, dict[str, str]] | None = None,
+    ) -> None:
+        self.plan: LabPlan = plan_lab(name, vms)
+        self.keep = keep
+        self.labels = labels
+        self.state_dir = state_dir or os.path.join(STATE_ROOT, name)
+        self._servers: list[subprocess.Popen[bytes]] = []
+        self.engine: Engine | None = None
+
+    def __enter__(self) -> LabSession:
+        try:
+            topology.create_lab(self.plan)
+            self.engine = Engine(netns=self.plan.host_netns, state_dir=self.state_dir)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for p in self._servers:
+            topology.stop_process(p)
+        self._servers.clear()
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if not self.keep:
+            topology.destroy_lab(self.plan.name)
+
+    # --- policy ---------------------------------------------------------------------------------------
+
+    def document(self, rules: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        return lab_policy(self.plan, rules, labels=self.labels)
+
+    def apply(self, rules: Sequence[dict[str, Any]] = (), *, full: bool = False) -> ConvergeResult:
+        """Store a policy with these rules as a new generation and converge the kernel to it."""
+        if self.engine is None:
+            raise BugError("LabSession.apply outside its `with` block")
+        self.engine.store.put_policy(self.document(rules), source="lab")
+        _, result = self.engine.converge(full=full)
+        if result is None:
+            raise BugError("converge returned no result right after storing a policy")
+        return result
+
+    # --- traffic --------------------------------------------------------------------------------------
+
+    def ip(self, vm: str) -> str:
+        if vm == "outside":
+            return str(self.plan.outside_ip)
+        if vm in ("host", "gateway"):
+            return str(self.plan.gateway)
+        return str(self.plan.vm(vm).ip)
+
+    def run(
+        self, where: str, argv: Sequence[str], *, timeout: float = 30
+    ) -> subprocess.CompletedProcess[bytes]:
+        if where == "outside":
+            return topology.run_in_outside(self.plan, argv, timeout=timeout)
+        if where == "host":
+            return topology.run_in_host(self.plan, argv, timeout=timeout)
+        return topology.run_in_vm(self.plan, where, argv, timeout=timeout)
+
+    def ping(self, src: str, dst: str, *, count: int = 2, wait: float = 1.0) -> tuple[int, str]:
+        """(replies received, ping's output). `dst` is a VM name, outside, host or an address."""
+        target = dst if dst[0].isdigit() else self.ip(dst)
+        r = self.run(
+            src,
+            ["ping", "-n", "-c", str(count), "-i", "0.2", "-W", str(wait), target],
+            timeout=count * wait + 10,
+        )
+        text = r.stdout.decode(errors="replace")
+        m = re.search(r"(\d+) received", text)
+        return (int(m.group(1)) if m else 0), text
+
+    def tcp(self, src: str, dst: str, port: int, *, timeout: float = 1.5) -> str:
+        target = dst if dst[0].isdigit() else self.ip(dst)
+        r = self.run(src, [*PROBE, "tcp", target, str(port), str(timeout)], timeout=timeout + 15)
+        return r.stdout.decode().split(" ")[0].strip() or "ERR"
+
+    def udp(self, src: str, dst: str, port: int, *, timeout: float = 1.5) -> str:
+        target = dst if dst[0].isdigit() else self.ip(dst)
+        r = self.run(src, [*PROBE, "udp", target, str(port), str(timeout)], timeout=timeout + 15)
+        return r.stdout.decode().split(" ")[0].strip() or "ERR"
+
+    def dhcp(self, vm: str, *, tries: int = 2) -> bool:
+        """Does a real DHCP client (busybox udhcpc) in `vm` get a lease? Does not change the VM's address."""
+        r = self.run(
+            vm,
+            [
+                "busybox",
+                "udhcpc",
+                "-i",
+                "eth0",
+                "-n",
+                "-q",
+                "-f",
+                "-t",
+                str(tries),
+                "-T",
+                "1",
+                "-s",
+                "/bin/true",
+            ],
+            timeout=tries * 3 + 10,
+        )
+        return r.returncode == 0
+
+    def serve(self, where: str, *, tcp: Sequence[int] = (), udp: Sequence[int] = ()) -> None:
+        """Start TCP/UDP responders ("OK") in `where`; stopped on close."""
+        argv = [*PROBE, "serve", ",".join(map(str, tcp)), ",".join(map(str, udp))]
+        if where == "outside":
+            p = topology.popen_in_outside(self.plan, argv, stdout=subprocess.PIPE)
+        else:
+            p = topology.popen_in_vm(self.plan, where, argv, stdout=subprocess.PIPE)
+        line = p.stdout.readline() if p.stdout is not None else b""
+        if not line.startswith(b"ready"):
+            topology.stop_process(p)
+            raise RuntimeError(f"probe server in {where} did not start")
+        self._servers.append(p)

@@ -1,0 +1,138 @@
+"""`hyperfence can SRC DST --port 443/tcp`: would the compiled policy let this flow start? Pure.
+
+Walks exactly the entries the compiler renders (`resolve_policy`), in the same order, so the answer names
+the rule that the kernel would apply: the sender's egress chain first, then the receiver's ingress chain.
+Replies to an allowed flow always pass (stateful), so only the first packet of a flow is asked about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from hyperfence.model.policy import (
+    Action,
+    Direction,
+    IcmpService,
+    NamedService,
+    PortService,
+    ProtocolService,
+    Service,
+    SpecialService,
+)
+from hyperfence.policy.resolve import Entry, Resolved, VmPolicy, contains
+
+PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
+
+
+@dataclass(frozen=True)
+class Flow:
+    protocol: str  # tcp, udp, icmp, arp, or a number as text
+    port: int | None = None  # destination port (tcp/udp)
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Step:
+    vm: str
+    direction: Direction
+    verdict: Action
+    rule: str  # policy rule id, or sys:... for built-in rules
+
+
+@dataclass(frozen=True)
+class Answer:
+    allowed: bool
+    steps: tuple[Step, ...]
+    reason: str
+
+    @property
+    def deciding(self) -> Step | None:
+        for s in self.steps:
+            if s.verdict is not Action.ALLOW:
+                return s
+        return self.steps[-1] if self.steps else None
+
+
+def _service_matches(svc: Service, flow: Flow, direction: Direction) -> bool:
+    match svc:
+        case PortService(proto, ports):
+            if flow.protocol != proto.value:
+                return False
+            return not ports or (flow.port is not None and any(p.first <= flow.port <= p.last for p in ports))
+        case IcmpService(typ, code):
+            return (
+                flow.protocol == "icmp"
+                and (typ is None or typ == flow.icmp_type)
+                and (code is None or code == flow.icmp_code)
+            )
+        case ProtocolService(number):
+            return str(PROTO_NUMBERS.get(flow.protocol, flow.protocol)) == str(number)
+        case NamedService(SpecialService.ANY):
+            return flow.protocol != "arp"
+        case NamedService(SpecialService.ARP):
+            return flow.protocol == "arp"
+        case NamedService(SpecialService.DHCP):
+            return flow.protocol == "udp" and flow.port == (67 if direction is Direction.OUT else 68)
+        case NamedService(SpecialService.DHCP_SERVER):
+            return flow.protocol == "udp" and flow.port == (68 if direction is Direction.OUT else 67)
+    return False
+
+
+def _walk(
+    vp: VmPolicy, entries: tuple[Entry, ...], peer: IPv4Address, flow: Flow, direction: Direction
+) -> Step:
+    for e in entries:
+        if e.paired:
+            continue
+        if not contains(e.peers, peer) and not (flow.protocol == "arp" and contains(vp.arp_peers, peer)):
+            continue
+        if any(_service_matches(s, flow, direction) for s in e.services):
+            return Step(vp.vm.name, direction, e.action, e.rule.id)
+    if flow.protocol == "arp" and contains(vp.arp_peers, peer):
+        return Step(vp.vm.name, direction, Action.ALLOW, "sys:arp")
+    return Step(vp.vm.name, direction, Action.DENY, "sys:default-deny")
+
+
+def find_vm(resolved: Resolved, name_or_ip: str) -> tuple[VmPolicy | None, IPv4Address]:
+    """A VM by name or by one of its addresses; else (None, the address)."""
+    for vp in resolved.vms:
+        if name_or_ip in (vp.vm.name, vp.vm.id):
+            return vp, vp.vm.ips[0]
+    addr = IPv4Address(name_or_ip)
+    for vp in resolved.vms:
+        if addr in vp.vm.ips:
+            return vp, addr
+    return None, addr
+
+
+def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
+    """Raises ValueError when src/dst is neither a VM nor an IPv4 address."""
+    src_vm, src_ip = find_vm(resolved, src)
+    dst_vm, dst_ip = find_vm(resolved, dst)
+    if src_vm is None and dst_vm is None:
+        return Answer(True, (), f"neither {src} nor {dst} is a protected VM: hyperfence does not filter it")
+    steps: list[Step] = []
+    if src_vm is not None:
+        step = _walk(src_vm, src_vm.egress, dst_ip, flow, Direction.OUT)
+        steps.append(step)
+        if step.verdict is not Action.ALLOW:
+            return Answer(
+                False, tuple(steps), f"{src_vm.vm.name} egress: {step.verdict.value} by {step.rule}"
+            )
+    if dst_vm is not None:
+        step = _walk(dst_vm, dst_vm.ingress, src_ip, flow, Direction.IN)
+        steps.append(step)
+        if step.verdict is not Action.ALLOW:
+            return Answer(
+                False, tuple(steps), f"{dst_vm.vm.name} ingress: {step.verdict.value} by {step.rule}"
+            )
+    return Answer(
+        True,
+        tuple(steps),
+        "allowed by "
+        + " and ".join(
+            f"{s.rule} ({s.vm} {'egress' if s.direction is Direction.OUT else 'ingress'})" for s in steps
+        ),
+    )

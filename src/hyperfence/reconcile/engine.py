@@ -1,0 +1,112 @@
+"""The reconcile engine: where the policy comes from, what it compiles to, and making the kernel hold it.
+
+Used by the daemon's loop and by one-shot CLI commands (`policy apply` without a running daemon), so both
+follow exactly the same path: policy -> resolve -> compile -> converge (plan, one atomic batch, verify).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from hyperfence.adapters.nft import Nft
+from hyperfence.adapters.store import Store
+from hyperfence.errors import NotFoundError
+from hyperfence.model.policy import Policy
+from hyperfence.policy.parse import load_document, parse_policy
+from hyperfence.policy.resolve import Resolved, resolve_policy
+from hyperfence.reconcile.firewall import ConvergeResult, Firewall
+from hyperfence.ruleset.compile import TABLES, compile_ruleset
+from hyperfence.ruleset.ir import Ruleset
+
+
+@dataclass(frozen=True)
+class Compiled:
+    key: str  # "gen:N" for the store, "file:mtime:size" for a policy file
+    policy: Policy
+    resolved: Resolved
+    ruleset: Ruleset
+
+
+class Engine:
+    def __init__(self, *, netns: str | None, state_dir: str, policy_file: str | None = None) -> None:
+        self.netns = netns
+        self.state_dir = state_dir
+        self.policy_file = policy_file
+        self.store = Store(state_dir)
+        self._nft: Nft | None = None
+        self._firewall: Firewall | None = None
+        self._compiled: Compiled | None = None
+        self.lock = threading.RLock()
+
+    @property
+    def nft(self) -> Nft:
+        if self._nft is None:
+            self._nft = Nft(self.netns)
+        return self._nft
+
+    @property
+    def firewall(self) -> Firewall:
+        if self._firewall is None:
+            self._firewall = Firewall(self.nft, TABLES)
+        return self._firewall
+
+    def policy_key(self) -> str | None:
+        """Cheap: what identifies the current policy version (None: there is no policy yet)."""
+        if self.policy_file:
+            try:
+                st = os.stat(self.policy_file)
+            except FileNotFoundError:
+                raise NotFoundError(f"policy file {self.policy_file} does not exist") from None
+            return f"file:{st.st_mtime_ns}:{st.st_size}"
+        gen = self.store.latest_generation()
+        return f"gen:{gen}" if gen else None
+
+    def _load_document(self) -> tuple[Any, str]:
+        if self.policy_file:
+            with open(self.policy_file, encoding="utf-8") as f:
+                return load_document(f.read(), source=self.policy_file), self.policy_file
+        stored = self.store.get_policy()
+        if stored is None:
+            raise NotFoundError("no policy in the store yet: run `hyperfence policy apply FILE`")
+        return stored.document, f"store generation {stored.generation}"
+
+    def compiled(self) -> Compiled | None:
+        """The compiled current policy (cached while the policy does not change)."""
+        key = self.policy_key()
+        if key is None:
+            return None
+        if self._compiled is not None and self._compiled.key == key:
+            return self._compiled
+        document, source = self._load_document()
+        policy = parse_policy(document, source=source)
+        resolved = resolve_policy(policy)
+        self._compiled = Compiled(key, policy, resolved, compile_ruleset(resolved))
+        return self._compiled
+
+    def converge(self, *, full: bool = False) -> tuple[Compiled | None, ConvergeResult | None]:
+        with self.lock:
+            compiled = self.compiled()
+            if compiled is None:
+                return None, None
+            result = self.firewall.converge(compiled.ruleset, full=full)
+            if result.drift:
+                self.store.add_event("drift-repaired", {"policy": compiled.key, "drift": result.drift[:50]})
+            if result.changed:
+                self.store.add_event(
+                    "applied",
+                    {
+                        "policy": compiled.key,
+                        "summary": result.summary,
+                        "commands": result.commands,
+                        "ms": round(result.seconds * 1000, 2),
+                    },
+                )
+            return compiled, result
+
+    def close(self) -> None:
+        if self._nft is not None:
+            self._nft.close()
+        self.store.close()
