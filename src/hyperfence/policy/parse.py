@@ -306,7 +306,7 @@ def _vms(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
         who = f"{name}"
         claim("name", name, f"{p}.name", who)
         claim("id", vm_id, f"{p}.id", who)
-        claim("port", (net.bridge, port), f"{p}.port", who)
+        claim("port", f"{port} on {net.bridge}", f"{p}.port", who)
         claim("mac", mac, f"{p}.mac", who)
         for j, a in enumerate(ips):
             claim("ip", a, f"{p}.ips[{j}]", who)

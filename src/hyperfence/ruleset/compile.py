@@ -48,8 +48,8 @@ TABLES = (BRIDGE, INET)
 
 GUARD_MAP, OUT_MAP, IN_MAP = "guard_ports", "out_ports", "in_ports"
 LOG_PREFIX = "hf"
-ETHERTYPE_IP = 2048
-ETHERTYPE_ARP = 2054
+# No `ether type` matches: nft 1.0.6 lists them byte-swapped in numeric mode (0x0806 as 1544), which would
+# break the exact readback. `ip version 4` and `arp hlen 6` select the same frames and list as written.
 
 
 def vm_sid(vm_id: str) -> str:
@@ -304,13 +304,13 @@ def _service_matches(
         case ProtocolService(number):
             return [*peer_m, x.match(x.payload("ip", "protocol"), number)]
         case NamedService(SpecialService.ANY):
-            return peer_m or [x.match(x.payload("ether", "type"), ETHERTYPE_IP)]
+            return peer_m or [x.match(x.payload("ip", "version"), 4)]
         case NamedService(SpecialService.ARP):
             if out:
                 return (
                     [x.match(x.payload("arp", "daddr ip"), arp_peer)]
                     if arp_peer is not None
-                    else [x.match(x.payload("ether", "type"), ETHERTYPE_ARP)]
+                    else [x.match(x.payload("arp", "hlen"), 6)]
                 )
             own = x.match(x.payload("arp", "daddr ip"), _own(vp))
             return [x.match(x.payload("arp", "saddr ip"), arp_peer), own] if arp_peer is not None else [own]

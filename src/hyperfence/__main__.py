@@ -1,0 +1,3 @@
+from hyperfence.cli.main import main
+
+main()

@@ -1,0 +1,196 @@
+"""The firewall against the real kernel: lab namespaces, real packets, real nftables."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from hyperfence.errors import KernelError
+from hyperfence.lab import topology
+from hyperfence.lab.experiment import run_experiment
+from hyperfence.lab.session import LabSession
+from hyperfence.ruleset.compile import TABLES
+from hyperfence.ruleset.readback import rule_counters
+
+pytestmark = pytest.mark.kernel
+
+PING_1_2 = {"id": "ping", "from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp"}
+UDP_2_1 = {"id": "udp5000", "from": "vm:vm2", "to": "vm:vm1", "protocol": "udp", "ports": [5000]}
+
+
+@pytest.fixture
+def lab(tmp_path: object) -> Iterator[LabSession]:
+    name = "f" + secrets.token_hex(3)
+    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
+        yield s
+
+
+def counter(s: LabSession, chain_suffix: str, comment: str) -> int:
+    assert s.engine is not None
+    objs = []
+    for t in TABLES:
+        objs.extend(s.engine.nft.list({"table": {"family": t.family, "name": t.name}}))
+    return sum(p for (_, chain, c), (p, _) in rule_counters(objs).items()
+               if chain.endswith(chain_suffix) and c == comment)
+
+
+def test_the_papers_experiment(lab: LabSession) -> None:
+    observations = run_experiment(lab)
+    failed = [f"{o.step}: {o.check}: expected {o.expected}, got {o.got}" for o in observations if not o.ok]
+    assert not failed, failed
+    assert len(observations) >= 15
+
+
+def test_kernel_reads_back_identical_and_a_second_converge_writes_nothing(lab: LabSession) -> None:
+    lab.apply([PING_1_2, UDP_2_1])
+    assert lab.engine is not None
+    _, again = lab.engine.converge(full=True)
+    assert again is not None and not again.changed and again.drift == []
+
+
+def test_hand_flush_is_repaired_and_reported(lab: LabSession) -> None:
+    lab.apply([PING_1_2])
+    assert lab.ping("vm1", "vm2")[0] == 2
+    lab.run("host", ["nft", "flush", "ruleset"]).check_returncode()
+    assert lab.engine is not None
+    _, result = lab.engine.converge(full=True)
+    assert result is not None and result.changed
+    assert any("missing" in d for d in result.drift)
+    assert lab.engine.store.events(kind="drift-repaired")
+    assert lab.ping("vm1", "vm2")[0] == 2
+    assert lab.ping("vm3", "vm2")[0] == 0
+
+
+def test_failing_batch_leaves_previous_ruleset_in_place(lab: LabSession) -> None:
+    lab.apply([PING_1_2])
+    assert lab.engine is not None
+    before = lab.run("host", ["nft", "list", "ruleset"]).stdout
+    bad = {"nftables": [{"add": {"element": {"family": "bridge", "table": "hyperfence", "name": "in_ports",
+                                             "elem": [["vp9", {"jump": {"target": "no_such_chain"}}]]}}},
+                        {"delete": {"table": {"family": "bridge", "name": "hyperfence"}}}]}
+    with pytest.raises(KernelError):
+        lab.engine.nft.apply(bad)
+    assert lab.run("host", ["nft", "list", "ruleset"]).stdout == before
+    assert lab.ping("vm1", "vm2")[0] == 2
+
+
+def test_unknown_port_on_the_bridge_gets_nothing(lab: LabSession) -> None:
+    lab.apply([{"id": "any", "from": "vms", "to": "any", "services": ["any", "arp"]}])
+    ns = f"hf-{lab.plan.name}-vm9"
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        host = ["ip", "-n", lab.plan.host_netns]
+        subprocess.run([*host, "link", "add", "vp9", "type", "veth", "peer", "name", "eth0", "netns", ns],
+                       check=True)
+        subprocess.run([*host, "link", "set", "vp9", "master", "br0", "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.99/22", "dev", "eth0"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+        r = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "10.77.0.11"],
+                           capture_output=True, check=False)
+        assert b" 0 received" in r.stdout
+        assert counter(lab, "guard", "sys:unknown-port") > 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def _udp_count(lab: LabSession, vm: str, port: int, seconds: float) -> subprocess.Popen[bytes]:
+    code = ("import socket,time,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',%d))\n"
+            "s.settimeout(0.2);n=0;end=time.time()+%f\nprint('ready',flush=True)\nwhile time.time()<end:\n"
+            " try:\n  d=s.recv(2048);n+=b'FORGED' in d\n except OSError: pass\nprint(n,flush=True)\n"
+            % (port, seconds))
+    p = topology.popen_in_vm(lab.plan, vm, [sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
+    return p
+
+
+def _scapy(lab: LabSession, vm: str, script: str) -> None:
+    r = lab.run(vm, [sys.executable, "-c", "from scapy.all import *\n" + script], timeout=60)
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_spoofed_source_ip_mac_and_arp_are_dropped(lab: LabSession) -> None:
+    lab.apply([UDP_2_1, PING_1_2])
+    vm1, vm2, vm3 = lab.plan.vms
+    listener = _udp_count(lab, "vm1", 5000, 3.0)
+    # vm3 forges vm2's IP (with its own MAC, then with vm2's MAC): vm1 allows UDP 5000 from vm2 only.
+    _scapy(lab, "vm3", f"sendp(Ether(src='{vm3.mac}', dst='{vm1.mac}')/IP(src='{vm2.ip}', dst='{vm1.ip}')/"
+                       f"UDP(sport=4000, dport=5000)/Raw(b'FORGED'), iface='eth0', count=3, verbose=0)\n"
+                       f"sendp(Ether(src='{vm2.mac}', dst='{vm1.mac}')/IP(src='{vm2.ip}', dst='{vm1.ip}')/"
+                       f"UDP(sport=4000, dport=5000)/Raw(b'FORGED'), iface='eth0', count=3, verbose=0)\n"
+                       f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=2, hwsrc='{vm3.mac}', "
+                       f"psrc='{vm2.ip}', pdst='{vm1.ip}'), iface='eth0', count=3, verbose=0)")
+    # the control: vm2 itself sends the same datagram and it arrives
+    _scapy(lab, "vm2", f"sendp(Ether(src='{vm2.mac}', dst='{vm1.mac}')/IP(src='{vm2.ip}', dst='{vm1.ip}')/"
+                       f"UDP(sport=4000, dport=5000)/Raw(b'FORGED'), iface='eth0', count=2, verbose=0)")
+    out, _ = listener.communicate(timeout=10)
+    assert int(out.split()[-1]) == 2  # only vm2's two genuine datagrams
+    assert counter(lab, "guard", "sys:spoof") >= 9
+    neigh = lab.run("vm1", ["ip", "neigh", "show", str(vm2.ip)]).stdout.decode()
+    assert vm3.mac not in neigh  # the forged ARP reply did not poison vm1
+
+
+def test_a_vm_cannot_act_as_dhcp_server(lab: LabSession) -> None:
+    lab.apply([{"id": "dhcp", "from": "vms", "to": "host", "services": ["dhcp"]},
+               {"id": "all", "from": "vm:vm3", "to": "vms", "services": ["any"]}])
+    vm3 = lab.plan.vms[2]
+    _scapy(lab, "vm3", f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/IP(src='{vm3.ip}', "
+                       f"dst='255.255.255.255')/UDP(sport=67, dport=68)/BOOTP(op=2, yiaddr='10.77.0.99')/"
+                       f"DHCP(options=[('message-type','offer'), 'end']), iface='eth0', count=3, verbose=0)")
+    assert counter(lab, "_out", "sys:no-dhcp-server") >= 3
+    assert lab.dhcp("vm1")  # the real server still works
+
+
+def test_reloads_under_traffic_lose_no_packets(lab: LabSession) -> None:
+    lab.apply([PING_1_2])
+    ping = topology.popen_in_vm(lab.plan, "vm1", ["ping", "-n", "-q", "-i", "0.002", "-c", "1500",
+                                                  str(lab.plan.vms[1].ip)], stdout=subprocess.PIPE)
+    time.sleep(0.3)
+    for i in range(20):
+        lab.apply([PING_1_2, {"id": f"extra{i % 2}", "from": "vm:vm3", "to": "any", "protocol": "tcp",
+                              "ports": [1000 + i]}])
+    out, _ = ping.communicate(timeout=30)
+    text = out.decode()
+    assert "1500 packets transmitted, 1500 received" in text, text
+
+
+def test_daemon_kill_9_changes_nothing_and_restart_writes_nothing(lab: LabSession) -> None:
+    lab.apply([PING_1_2])
+    hf = [sys.executable, "-m", "hyperfence", "--netns", lab.plan.host_netns, "--state-dir", lab.state_dir]
+
+    def start() -> subprocess.Popen[bytes]:
+        p = subprocess.Popen([*hf, "daemon", "--resync", "3600"], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(os.path.join(lab.state_dir, "daemon.sock")):
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        return p
+
+    daemon = start()
+    try:
+        monitor_out = open(os.path.join(lab.state_dir, "monitor.txt"), "wb")  # noqa: SIM115
+        monitor = topology.popen_in_host(lab.plan, ["nft", "monitor"], stdout=monitor_out)
+        time.sleep(0.3)
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.wait()
+        assert lab.ping("vm1", "vm2")[0] == 2
+        assert lab.ping("vm3", "vm2")[0] == 0
+        daemon = start()
+        time.sleep(1.0)  # its first converge (a full read) has run by now
+        monitor_out.flush()
+        assert os.path.getsize(monitor_out.name) == 0  # the restart wrote nothing to the kernel
+        assert lab.ping("vm1", "vm2")[0] == 2
+        lab.apply([PING_1_2, UDP_2_1])  # the control: a real change is seen by the monitor
+        time.sleep(0.5)
+        topology.stop_process(monitor)
+        monitor_out.close()
+        assert os.path.getsize(monitor_out.name) > 0
+    finally:
+        daemon.kill()
+        daemon.wait()
