@@ -333,7 +333,8 @@ def _register_optional() -> None:
 def main() -> None:
     _register_optional()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except errors.HyperfenceError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(next((code for cls, code in EXIT_CODES.items() if isinstance(e, cls)), 1))

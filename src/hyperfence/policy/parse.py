@@ -47,7 +47,6 @@ class _Strict(BaseModel):
 
 
 StrOrList = StrictStr | list[StrictStr]
-PortValue = StrictInt | StrictStr
 
 
 class SettingsDoc(_Strict):
@@ -83,7 +82,7 @@ class RuleDoc(_Strict):
     from_: StrOrList = Field(alias="from")
     to: StrOrList
     protocol: StrictStr | StrictInt | None = None
-    ports: list[PortValue] | PortValue | None = None
+    ports: Any = None  # checked by syntax.parse_port_range, which names the bad item
     icmp_type: StrictStr | StrictInt | None = None
     icmp_code: StrictInt | None = None
     services: list[StrictStr] | None = None

@@ -152,8 +152,8 @@ def parse_selector(text: str) -> Selector:
     raise ValueError(f"{text!r} is not a selector ({SELECTOR_HELP})")
 
 
-def parse_port_range(value: int | str) -> PortRange:
-    if isinstance(value, bool):
+def parse_port_range(value: object) -> PortRange:
+    if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"{value!r} is not a port (expected 1-65535 or a range like 8000-8080)")
     if isinstance(value, int):
         first = last = value

@@ -37,8 +37,11 @@ def counter(s: LabSession, chain_suffix: str, comment: str) -> int:
     objs = []
     for t in TABLES:
         objs.extend(s.engine.nft.list({"table": {"family": t.family, "name": t.name}}))
-    return sum(p for (_, chain, c), (p, _) in rule_counters(objs).items()
-               if chain.endswith(chain_suffix) and c == comment)
+    return sum(
+        p
+        for (_, chain, c), (p, _) in rule_counters(objs).items()
+        if chain.endswith(chain_suffix) and c == comment
+    )
 
 
 def test_the_papers_experiment(lab: LabSession) -> None:
@@ -71,13 +74,25 @@ def test_hand_flush_is_repaired_and_reported(lab: LabSession) -> None:
 def test_failing_batch_leaves_previous_ruleset_in_place(lab: LabSession) -> None:
     lab.apply([PING_1_2])
     assert lab.engine is not None
-    before = lab.run("host", ["nft", "list", "ruleset"]).stdout
-    bad = {"nftables": [{"add": {"element": {"family": "bridge", "table": "hyperfence", "name": "in_ports",
-                                             "elem": [["vp9", {"jump": {"target": "no_such_chain"}}]]}}},
-                        {"delete": {"table": {"family": "bridge", "name": "hyperfence"}}}]}
+    before = lab.run("host", ["nft", "-s", "list", "ruleset"]).stdout
+    bad = {
+        "nftables": [
+            {
+                "add": {
+                    "element": {
+                        "family": "bridge",
+                        "table": "hyperfence",
+                        "name": "in_ports",
+                        "elem": [["vp9", {"jump": {"target": "no_such_chain"}}]],
+                    }
+                }
+            },
+            {"delete": {"table": {"family": "bridge", "name": "hyperfence"}}},
+        ]
+    }
     with pytest.raises(KernelError):
         lab.engine.nft.apply(bad)
-    assert lab.run("host", ["nft", "list", "ruleset"]).stdout == before
+    assert lab.run("host", ["nft", "-s", "list", "ruleset"]).stdout == before
     assert lab.ping("vm1", "vm2")[0] == 2
 
 
@@ -87,13 +102,17 @@ def test_unknown_port_on_the_bridge_gets_nothing(lab: LabSession) -> None:
     try:
         subprocess.run(["ip", "netns", "add", ns], check=True)
         host = ["ip", "-n", lab.plan.host_netns]
-        subprocess.run([*host, "link", "add", "vp9", "type", "veth", "peer", "name", "eth0", "netns", ns],
-                       check=True)
+        subprocess.run(
+            [*host, "link", "add", "vp9", "type", "veth", "peer", "name", "eth0", "netns", ns], check=True
+        )
         subprocess.run([*host, "link", "set", "vp9", "master", "br0", "up"], check=True)
         subprocess.run(["ip", "-n", ns, "addr", "add", "10.77.0.99/22", "dev", "eth0"], check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
-        r = subprocess.run(["ip", "netns", "exec", ns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "10.77.0.11"],
-                           capture_output=True, check=False)
+        r = subprocess.run(
+            ["ip", "netns", "exec", ns, "ping", "-c", "2", "-i", "0.2", "-W", "1", "10.77.0.11"],
+            capture_output=True,
+            check=False,
+        )
         assert b" 0 received" in r.stdout
         assert counter(lab, "guard", "sys:unknown-port") > 0
     finally:
@@ -101,10 +120,12 @@ def test_unknown_port_on_the_bridge_gets_nothing(lab: LabSession) -> None:
 
 
 def _udp_count(lab: LabSession, vm: str, port: int, seconds: float) -> subprocess.Popen[bytes]:
-    code = ("import socket,time,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',%d))\n"
-            "s.settimeout(0.2);n=0;end=time.time()+%f\nprint('ready',flush=True)\nwhile time.time()<end:\n"
-            " try:\n  d=s.recv(2048);n+=b'FORGED' in d\n except OSError: pass\nprint(n,flush=True)\n"
-            % (port, seconds))
+    code = (
+        "import socket,time,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);s.bind(('0.0.0.0',%d))\n"
+        "s.settimeout(0.2);n=0;end=time.time()+%f\nprint('ready',flush=True)\nwhile time.time()<end:\n"
+        " try:\n  d=s.recv(2048);n+=b'FORGED' in d\n except OSError: pass\nprint(n,flush=True)\n"
+        % (port, seconds)
+    )
     p = topology.popen_in_vm(lab.plan, vm, [sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
     return p
@@ -120,15 +141,23 @@ def test_spoofed_source_ip_mac_and_arp_are_dropped(lab: LabSession) -> None:
     vm1, vm2, vm3 = lab.plan.vms
     listener = _udp_count(lab, "vm1", 5000, 3.0)
     # vm3 forges vm2's IP (with its own MAC, then with vm2's MAC): vm1 allows UDP 5000 from vm2 only.
-    _scapy(lab, "vm3", f"sendp(Ether(src='{vm3.mac}', dst='{vm1.mac}')/IP(src='{vm2.ip}', dst='{vm1.ip}')/"
-                       f"UDP(sport=4000, dport=5000)/Raw(b'FORGED'), iface='eth0', count=3, verbose=0)\n"
-                       f"sendp(Ether(src='{vm2.mac}', dst='{vm1.mac}')/IP(src='{vm2.ip}', dst='{vm1.ip}')/"
-                       f"UDP(sport=4000, dport=5000)/Raw(b'FORGED'), iface='eth0', count=3, verbose=0)\n"
-                       f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=2, hwsrc='{vm3.mac}', "
-                       f"psrc='{vm2.ip}', pdst='{vm1.ip}'), iface='eth0', count=3, verbose=0)")
+    _scapy(
+        lab,
+        "vm3",
+        f"sendp(Ether(src='{vm3.mac}', dst='{vm1.mac}')/IP(src='{vm2.ip}', dst='{vm1.ip}')/"
+        f"UDP(sport=4000, dport=5000)/Raw(b'FORGED'), iface='eth0', count=3, verbose=0)\n"
+        f"sendp(Ether(src='{vm2.mac}', dst='{vm1.mac}')/IP(src='{vm2.ip}', dst='{vm1.ip}')/"
+        f"UDP(sport=4000, dport=5000)/Raw(b'FORGED'), iface='eth0', count=3, verbose=0)\n"
+        f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/ARP(op=2, hwsrc='{vm3.mac}', "
+        f"psrc='{vm2.ip}', pdst='{vm1.ip}'), iface='eth0', count=3, verbose=0)",
+    )
     # the control: vm2 itself sends the same datagram and it arrives
-    _scapy(lab, "vm2", f"sendp(Ether(src='{vm2.mac}', dst='{vm1.mac}')/IP(src='{vm2.ip}', dst='{vm1.ip}')/"
-                       f"UDP(sport=4000, dport=5000)/Raw(b'FORGED'), iface='eth0', count=2, verbose=0)")
+    _scapy(
+        lab,
+        "vm2",
+        f"sendp(Ether(src='{vm2.mac}', dst='{vm1.mac}')/IP(src='{vm2.ip}', dst='{vm1.ip}')/"
+        f"UDP(sport=4000, dport=5000)/Raw(b'FORGED'), iface='eth0', count=2, verbose=0)",
+    )
     out, _ = listener.communicate(timeout=10)
     assert int(out.split()[-1]) == 2  # only vm2's two genuine datagrams
     assert counter(lab, "guard", "sys:spoof") >= 9
@@ -137,24 +166,46 @@ def test_spoofed_source_ip_mac_and_arp_are_dropped(lab: LabSession) -> None:
 
 
 def test_a_vm_cannot_act_as_dhcp_server(lab: LabSession) -> None:
-    lab.apply([{"id": "dhcp", "from": "vms", "to": "host", "services": ["dhcp"]},
-               {"id": "all", "from": "vm:vm3", "to": "vms", "services": ["any"]}])
+    lab.apply(
+        [
+            {"id": "dhcp", "from": "vms", "to": "host", "services": ["dhcp"]},
+            {"id": "all", "from": "vm:vm3", "to": "vms", "services": ["any"]},
+        ]
+    )
     vm3 = lab.plan.vms[2]
-    _scapy(lab, "vm3", f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/IP(src='{vm3.ip}', "
-                       f"dst='255.255.255.255')/UDP(sport=67, dport=68)/BOOTP(op=2, yiaddr='10.77.0.99')/"
-                       f"DHCP(options=[('message-type','offer'), 'end']), iface='eth0', count=3, verbose=0)")
+    _scapy(
+        lab,
+        "vm3",
+        f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/IP(src='{vm3.ip}', "
+        f"dst='255.255.255.255')/UDP(sport=67, dport=68)/BOOTP(op=2, yiaddr='10.77.0.99')/"
+        f"DHCP(options=[('message-type','offer'), 'end']), iface='eth0', count=3, verbose=0)",
+    )
     assert counter(lab, "_out", "sys:no-dhcp-server") >= 3
     assert lab.dhcp("vm1")  # the real server still works
 
 
 def test_reloads_under_traffic_lose_no_packets(lab: LabSession) -> None:
     lab.apply([PING_1_2])
-    ping = topology.popen_in_vm(lab.plan, "vm1", ["ping", "-n", "-q", "-i", "0.002", "-c", "1500",
-                                                  str(lab.plan.vms[1].ip)], stdout=subprocess.PIPE)
+    ping = topology.popen_in_vm(
+        lab.plan,
+        "vm1",
+        ["ping", "-n", "-q", "-i", "0.002", "-c", "1500", str(lab.plan.vms[1].ip)],
+        stdout=subprocess.PIPE,
+    )
     time.sleep(0.3)
     for i in range(20):
-        lab.apply([PING_1_2, {"id": f"extra{i % 2}", "from": "vm:vm3", "to": "any", "protocol": "tcp",
-                              "ports": [1000 + i]}])
+        lab.apply(
+            [
+                PING_1_2,
+                {
+                    "id": f"extra{i % 2}",
+                    "from": "vm:vm3",
+                    "to": "any",
+                    "protocol": "tcp",
+                    "ports": [1000 + i],
+                },
+            ]
+        )
     out, _ = ping.communicate(timeout=30)
     text = out.decode()
     assert "1500 packets transmitted, 1500 received" in text, text

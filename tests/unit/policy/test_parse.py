@@ -6,13 +6,27 @@ from typing import Any
 import pytest
 
 from hyperfence.errors import InvalidInputError
-from hyperfence.model.policy import L4, Action, IcmpService, NamedService, PortRange, PortService, SpecialService
+from hyperfence.model.policy import (
+    L4,
+    Action,
+    IcmpService,
+    NamedService,
+    PortRange,
+    PortService,
+    SpecialService,
+)
 from hyperfence.policy.parse import parse_policy, parse_policy_text
 
 BASE: dict[str, Any] = {
     "networks": [{"name": "lab", "bridge": "br0", "subnet": "10.77.0.0/22", "gateway": "10.77.0.1"}],
     "vms": [
-        {"name": "vm1", "port": "vp1", "mac": "02:77:00:00:00:0b", "ips": ["10.77.0.11"], "labels": {"role": "web"}},
+        {
+            "name": "vm1",
+            "port": "vp1",
+            "mac": "02:77:00:00:00:0b",
+            "ips": ["10.77.0.11"],
+            "labels": {"role": "web"},
+        },
         {"name": "vm2", "port": "vp2", "mac": "02:77:00:00:00:0c", "ips": ["10.77.0.12"]},
     ],
 }
@@ -29,15 +43,29 @@ def problems(data: Any) -> list[str]:
 
 
 def test_valid_policy_parses_every_service_form() -> None:
-    p = parse_policy(doc(
-        ipsets={"admins": ["10.9.0.0/24", "10.9.1.5-10.9.1.9"]},
-        rules=[
-            {"id": "web", "from": ["vm:vm1", "ipset:admins"], "to": "label:role=web", "protocol": "tcp",
-             "ports": [80, "8000-8080"], "priority": 10, "log": True},
-            {"from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp", "icmp_type": "echo-request"},
-            {"from": "vms", "to": "host", "services": ["dhcp", "udp/53", "icmp/3/4", "proto/47", "arp"],
-             "action": "deny"},
-        ]))
+    p = parse_policy(
+        doc(
+            ipsets={"admins": ["10.9.0.0/24", "10.9.1.5-10.9.1.9"]},
+            rules=[
+                {
+                    "id": "web",
+                    "from": ["vm:vm1", "ipset:admins"],
+                    "to": "label:role=web",
+                    "protocol": "tcp",
+                    "ports": [80, "8000-8080"],
+                    "priority": 10,
+                    "log": True,
+                },
+                {"from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp", "icmp_type": "echo-request"},
+                {
+                    "from": "vms",
+                    "to": "host",
+                    "services": ["dhcp", "udp/53", "icmp/3/4", "proto/47", "arp"],
+                    "action": "deny",
+                },
+            ],
+        )
+    )
     web, icmp, mixed = p.rules
     assert web.services == (PortService(L4.TCP, (PortRange(80, 80), PortRange(8000, 8080))),)
     assert icmp.id == "r1" and icmp.services == (IcmpService(8, None),)
@@ -52,19 +80,25 @@ networks: [{name: lab, bridge: br0, subnet: 10.77.0.0/22}]
 vms: [{name: a, port: vp1, mac: "02:00:00:00:00:01", ips: [10.77.0.5]}]
 rules: [{from: vm:a, to: any, protocol: udp, ports: 53}]
 """
-    json_text = ('{"networks": [{"name": "lab", "bridge": "br0", "subnet": "10.77.0.0/22"}], '
-                 '"vms": [{"name": "a", "port": "vp1", "mac": "02:00:00:00:00:01", "ips": ["10.77.0.5"]}], '
-                 '"rules": [{"from": "vm:a", "to": "any", "protocol": "udp", "ports": 53}]}')
+    json_text = (
+        '{"networks": [{"name": "lab", "bridge": "br0", "subnet": "10.77.0.0/22"}], '
+        '"vms": [{"name": "a", "port": "vp1", "mac": "02:00:00:00:00:01", "ips": ["10.77.0.5"]}], '
+        '"rules": [{"from": "vm:a", "to": "any", "protocol": "udp", "ports": 53}]}'
+    )
     assert parse_policy_text(yaml_text) == parse_policy_text(json_text)
 
 
 def test_every_mistake_is_listed_with_its_path_and_value() -> None:
-    got = problems(doc(rules=[
-        {"from": "vm:vm1", "to": "vm:vm2", "protocol": "tcp", "ports": ["80-70"]},
-        {"from": "vm:nobody", "to": "10.0.0.0/33", "protocol": "udp", "ports": [70000]},
-        {"from": "vm:vm1", "to": "vm:vm2", "protocol": "tcp", "ports": [False]},
-        {"from": "vm:vm1", "to": "any", "action": "permit"},
-    ]))
+    got = problems(
+        doc(
+            rules=[
+                {"from": "vm:vm1", "to": "vm:vm2", "protocol": "tcp", "ports": ["80-70"]},
+                {"from": "vm:nobody", "to": "10.0.0.0/33", "protocol": "udp", "ports": [70000]},
+                {"from": "vm:vm1", "to": "vm:vm2", "protocol": "tcp", "ports": [False]},
+                {"from": "vm:vm1", "to": "any", "action": "permit"},
+            ]
+        )
+    )
     joined = "\n".join(got)
     assert "rules[0].ports[0]: range 80-70 is reversed" in joined
     assert "rules[1].from: VM 'nobody' is not declared" in joined
@@ -76,13 +110,25 @@ def test_every_mistake_is_listed_with_its_path_and_value() -> None:
 
 
 def test_duplicate_identities_and_bad_vm_fields() -> None:
-    got = "\n".join(problems(doc(vms=[
-        {"name": "a", "port": "vp1", "mac": "02:00:00:00:00:01", "ips": ["10.77.0.5"]},
-        {"name": "b", "port": "vp1", "mac": "02:00:00:00:00:01", "ips": ["10.77.0.5"]},
-        {"name": "c", "port": "vp3", "mac": "01:00:00:00:00:03", "ips": ["192.168.1.1"]},
-        {"name": "d", "port": "vp4", "mac": "zz", "ips": ["10.77.0.1"]},
-        {"name": "e", "port": "vp5", "mac": "02:00:00:00:00:05", "ips": ["10.77.0.6"], "color": "red"},
-    ])))
+    got = "\n".join(
+        problems(
+            doc(
+                vms=[
+                    {"name": "a", "port": "vp1", "mac": "02:00:00:00:00:01", "ips": ["10.77.0.5"]},
+                    {"name": "b", "port": "vp1", "mac": "02:00:00:00:00:01", "ips": ["10.77.0.5"]},
+                    {"name": "c", "port": "vp3", "mac": "01:00:00:00:00:03", "ips": ["192.168.1.1"]},
+                    {"name": "d", "port": "vp4", "mac": "zz", "ips": ["10.77.0.1"]},
+                    {
+                        "name": "e",
+                        "port": "vp5",
+                        "mac": "02:00:00:00:00:05",
+                        "ips": ["10.77.0.6"],
+                        "color": "red",
+                    },
+                ]
+            )
+        )
+    )
     assert "vms[1].port: vp1 on br0 is already used by VM 'a'" in got
     assert "vms[1].mac: 02:00:00:00:00:01 is already used by VM 'a'" in got
     assert "vms[1].ips[0]: 10.77.0.5 is already used by VM 'a'" in got
@@ -104,9 +150,15 @@ def test_not_a_mapping() -> None:
 
 
 def test_duplicate_rule_ids_and_services() -> None:
-    got = "\n".join(problems(doc(rules=[
-        {"id": "x", "from": "vm:vm1", "to": "any", "services": ["tcp/80"]},
-        {"id": "x", "from": "vm:vm1", "to": "any", "services": ["bogus/1"]},
-    ])))
+    got = "\n".join(
+        problems(
+            doc(
+                rules=[
+                    {"id": "x", "from": "vm:vm1", "to": "any", "services": ["tcp/80"]},
+                    {"id": "x", "from": "vm:vm1", "to": "any", "services": ["bogus/1"]},
+                ]
+            )
+        )
+    )
     assert "rules[1].id: 'x' is also the id of rules[0]" in got
     assert "rules[1].services[0]: 'bogus/1' is not a service" in got

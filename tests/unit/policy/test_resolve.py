@@ -21,8 +21,9 @@ def test_merge_and_complement() -> None:
 
 
 def test_one_rule_grants_sender_egress_and_receiver_ingress() -> None:
-    res = resolve_policy(parse_policy(doc(rules=[{"id": "p", "from": "vm:vm1", "to": "vm:vm2",
-                                                  "protocol": "icmp"}])))
+    res = resolve_policy(
+        parse_policy(doc(rules=[{"id": "p", "from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp"}]))
+    )
     vm1, vm2 = res.vms
     assert [e.rule.id for e in vm1.egress] == ["p"] and vm1.ingress == ()
     assert [e.rule.id for e in vm2.ingress] == ["p"] and vm2.egress == ()
@@ -33,16 +34,31 @@ def test_one_rule_grants_sender_egress_and_receiver_ingress() -> None:
 
 
 def test_address_selectors_do_not_make_rules_apply_to_vms() -> None:
-    res = resolve_policy(parse_policy(doc(rules=[{"from": "10.77.0.0/22", "to": "vm:vm2", "protocol": "tcp"}])))
+    res = resolve_policy(
+        parse_policy(doc(rules=[{"from": "10.77.0.0/22", "to": "vm:vm2", "protocol": "tcp"}]))
+    )
     vm1, vm2 = res.vms
     assert vm1.egress == () and len(vm2.ingress) == 1
 
 
 def test_outside_peers_go_through_the_gateway_and_entries_follow_priority() -> None:
-    res = resolve_policy(parse_policy(doc(rules=[
-        {"id": "late", "from": "vm:vm1", "to": "outside", "protocol": "tcp", "priority": 50},
-        {"id": "early", "from": "vm:vm1", "to": "any", "protocol": "udp", "priority": 5, "action": "deny"},
-    ])))
+    res = resolve_policy(
+        parse_policy(
+            doc(
+                rules=[
+                    {"id": "late", "from": "vm:vm1", "to": "outside", "protocol": "tcp", "priority": 50},
+                    {
+                        "id": "early",
+                        "from": "vm:vm1",
+                        "to": "any",
+                        "protocol": "udp",
+                        "priority": 5,
+                        "action": "deny",
+                    },
+                ]
+            )
+        )
+    )
     vm1 = res.vms[0]
     assert [e.rule.id for e in vm1.egress] == ["early", "late"]
     assert vm1.egress[1].direction is Direction.OUT
@@ -51,8 +67,9 @@ def test_outside_peers_go_through_the_gateway_and_entries_follow_priority() -> N
 
 
 def test_dhcp_rule_pairs_request_and_reply() -> None:
-    res = resolve_policy(parse_policy(doc(rules=[{"id": "d", "from": "vms", "to": "host",
-                                                  "services": ["dhcp"]}])))
+    res = resolve_policy(
+        parse_policy(doc(rules=[{"id": "d", "from": "vms", "to": "host", "services": ["dhcp"]}]))
+    )
     for vp in res.vms:
         assert vp.dhcp_client and not vp.dhcp_server
         assert [e.paired for e in vp.ingress] == [True]

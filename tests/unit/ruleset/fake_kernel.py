@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from hyperfence.ruleset.ir import Chain, NftSet, Rule, Ruleset, TableId, canonical
@@ -41,7 +40,9 @@ class FakeKernel:
 
     def _add_chain(self, o: dict[str, Any]) -> None:
         key = (self._t(o), o["name"])
-        self.chains[key] = Chain(key[0], o["name"], o.get("type"), o.get("hook"), o.get("prio"), o.get("policy"))
+        self.chains[key] = Chain(
+            key[0], o["name"], o.get("type"), o.get("hook"), o.get("prio"), o.get("policy")
+        )
         self.rules.setdefault(key, [])
 
     def _flush_chain(self, o: dict[str, Any]) -> None:
@@ -54,8 +55,14 @@ class FakeKernel:
 
     def _add_set(self, o: dict[str, Any]) -> None:
         key = (self._t(o), o["name"])
-        self.sets[key] = NftSet(key[0], o["name"], o["type"], tuple(o.get("flags", ())), o.get("map"),
-                                frozenset(canonical(e) for e in o.get("elem", [])))
+        self.sets[key] = NftSet(
+            key[0],
+            o["name"],
+            o["type"],
+            tuple(o.get("flags", ())),
+            o.get("map"),
+            frozenset(canonical(e) for e in o.get("elem", [])),
+        )
 
     _add_map = _add_set
 
@@ -106,8 +113,9 @@ class FakeKernel:
         del rules[self._index(o)]
 
     def ruleset(self) -> Ruleset:
-        return Ruleset(tuple(self.tables), tuple(self.chains.values()),
-                       tuple(sorted(self.sets.values(), key=lambda s: s.name)),
-                       tuple(r for k in self.chains for _, r in self.rules[k]))
-
-
+        return Ruleset(
+            tuple(self.tables),
+            tuple(self.chains.values()),
+            tuple(sorted(self.sets.values(), key=lambda s: s.name)),
+            tuple(r for k in self.chains for _, r in self.rules[k]),
+        )

@@ -21,8 +21,14 @@ def compiled(data: dict[str, Any]) -> Ruleset:
 
 RULES = [
     {"id": "ping", "from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp"},
-    {"id": "web", "from": ["vm:vm1", "10.9.0.0/24"], "to": "label:role=web", "protocol": "tcp", "ports": [80],
-     "log": True},
+    {
+        "id": "web",
+        "from": ["vm:vm1", "10.9.0.0/24"],
+        "to": "label:role=web",
+        "protocol": "tcp",
+        "ports": [80],
+        "log": True,
+    },
     {"id": "dhcp", "from": "vms", "to": "host", "services": ["dhcp"]},
 ]
 
@@ -36,13 +42,18 @@ def test_compile_is_deterministic_and_independent_of_vm_order() -> None:
 
 def test_every_rule_has_a_unique_id_per_chain_and_a_counter() -> None:
     rs = compiled(doc(rules=RULES))
-    for (table, chain), rules in rs.chain_rules().items():
+    for (_, chain), rules in rs.chain_rules().items():
         comments = [r.comment for r in rules]
         assert len(comments) == len(set(comments)), chain
         for r in rules:
             # log rules, dispatch and the per-packet anti-spoofing accepts (the hot path) carry no counter
-            if r.comment.endswith(":log") or r.comment in ("sys:dispatch", "sys:ct-clear", "sys:ip", "sys:arp",
-                                                           "sys:dhcp-discover"):
+            if r.comment.endswith(":log") or r.comment in (
+                "sys:dispatch",
+                "sys:ct-clear",
+                "sys:ip",
+                "sys:arp",
+                "sys:dhcp-discover",
+            ):
                 continue
             assert any("counter" in s for s in r.statements()), (chain, r.comment)
 
@@ -60,39 +71,64 @@ def test_protected_vm_with_no_rules_ends_in_default_deny_both_ways() -> None:
 
 def test_addresses_live_in_sets_not_rules() -> None:
     many = [f"10.{i // 250}.{i % 250}.1" for i in range(5000)]
-    small = compiled(doc(ipsets={"big": ["10.200.0.1"]}, rules=[{"from": "ipset:big", "to": "vm:vm1",
-                                                                 "protocol": "tcp", "ports": [22]}]))
-    big = compiled(doc(ipsets={"big": many}, rules=[{"from": "ipset:big", "to": "vm:vm1", "protocol": "tcp",
-                                                     "ports": [22]}]))
+    small = compiled(
+        doc(
+            ipsets={"big": ["10.200.0.1"]},
+            rules=[{"from": "ipset:big", "to": "vm:vm1", "protocol": "tcp", "ports": [22]}],
+        )
+    )
+    big = compiled(
+        doc(
+            ipsets={"big": many},
+            rules=[{"from": "ipset:big", "to": "vm:vm1", "protocol": "tcp", "ports": [22]}],
+        )
+    )
     assert len(big.rules) == len(small.rules)
     assert big.counts()["elements"] - small.counts()["elements"] == 4999
 
 
 def test_plan_against_its_own_state_is_empty_and_one_change_is_small() -> None:
     rs = compiled(doc(rules=RULES))
-    assert plan_changes(rs, Actual(rs, {(r.table, r.chain, r.comment): i for i, r in enumerate(rs.rules)})).empty
+    assert plan_changes(
+        rs, Actual(rs, {(r.table, r.chain, r.comment): i for i, r in enumerate(rs.rules)})
+    ).empty
     first = plan_changes(rs, Actual.empty())
     assert first.summary["rules+"] == len(rs.rules)
     changed = compiled(doc(rules=[*RULES[:1], {**RULES[1], "ports": [80, 443]}, *RULES[2:]]))
-    plan = plan_changes(changed, Actual(rs, {(r.table, r.chain, r.comment): i for i, r in enumerate(rs.rules)}))
+    plan = plan_changes(
+        changed, Actual(rs, {(r.table, r.chain, r.comment): i for i, r in enumerate(rs.rules)})
+    )
     # the logged rule is two nft rules (log + verdict), in vm1 egress and in vm1 ingress (role=web): 4 in place
     assert plan.summary == {"rules~": 4}
 
 
-rule_strategy = st.fixed_dictionaries({
-    "from": st.sampled_from(["vm:vm1", "vm:vm2", "vms", "any", "outside", "10.1.0.0/16", "label:role=web"]),
-    "to": st.sampled_from(["vm:vm1", "vm:vm2", "vms", "any", "host", "10.77.0.0/24"]),
-    "services": st.lists(st.sampled_from(["tcp/80", "udp/53", "icmp", "icmp/8", "arp", "any", "proto/47",
-                                          "tcp/1000-2000"]), min_size=1, max_size=3, unique=True),
-    "action": st.sampled_from(["allow", "deny"]),
-    "priority": st.integers(0, 3),
-})
+rule_strategy = st.fixed_dictionaries(
+    {
+        "from": st.sampled_from(
+            ["vm:vm1", "vm:vm2", "vms", "any", "outside", "10.1.0.0/16", "label:role=web"]
+        ),
+        "to": st.sampled_from(["vm:vm1", "vm:vm2", "vms", "any", "host", "10.77.0.0/24"]),
+        "services": st.lists(
+            st.sampled_from(
+                ["tcp/80", "udp/53", "icmp", "icmp/8", "arp", "any", "proto/47", "tcp/1000-2000"]
+            ),
+            min_size=1,
+            max_size=3,
+            unique=True,
+        ),
+        "action": st.sampled_from(["allow", "deny"]),
+        "priority": st.integers(0, 3),
+    }
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(before=st.lists(rule_strategy, max_size=5), after=st.lists(rule_strategy, max_size=5), seed=st.integers())
-def test_plan_reaches_desired_from_any_previous_state(before: list[dict[str, Any]], after: list[dict[str, Any]],
-                                                      seed: int) -> None:
+@given(
+    before=st.lists(rule_strategy, max_size=5), after=st.lists(rule_strategy, max_size=5), seed=st.integers()
+)
+def test_plan_reaches_desired_from_any_previous_state(
+    before: list[dict[str, Any]], after: list[dict[str, Any]], seed: int
+) -> None:
     """Apply the plan to a simulated kernel: it must end exactly at the desired ruleset."""
     old = compiled(doc(rules=[{"id": f"a{i}", **r} for i, r in enumerate(before)]))
     new = compiled(doc(rules=[{"id": f"b{i}" if seed % 2 else f"a{i}", **r} for i, r in enumerate(after)]))

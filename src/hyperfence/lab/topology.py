@@ -1,0 +1,878 @@
+"""Build, inspect, use and destroy a lab on the real kernel. Root only. The layout is in `hyperfence.lab.plan`.
+
+A lab is recorded in ``/run/hyperfence/labs/<lab>.json`` (its plan, how many VMs really exist, dnsmasq's PID
+and command line); dnsmasq's leases, log and PID file live in ``/run/hyperfence/labs/<lab>/``. The record is
+written *before* anything is created, so `destroy_lab` can always find what a crashed `create_lab` left.
+
+Tools, and why each:
+
+- Namespaces are created by one ``ip -batch`` process for all of them (~0.7 ms each). pyroute2's
+  ``netns.create`` forks a multiprocessing child per namespace (~8 ms each) and that child leaks a socket,
+  which ``-W error`` reports. They are removed with pyroute2's ``netns.remove`` (umount + unlink, in-process,
+  exactly what ``ip netns del`` does).
+- Links, addresses, routes and sysctls: pyroute2 ``IPRoute`` opened on a `NetnsThread`, a thread that entered
+  the namespace; a netlink socket stays in the namespace it was opened in, and the caller's threads never
+  change namespace.
+- NAT: ``nft -f -`` under ``ip netns exec`` (the nftables Python binding is not on PyPI).
+- dnsmasq and commands "in a VM": ``ip netns exec NS ARGV...``, which execs ARGV (same PID, so a PID we hold is
+  the command's own), each in a new session so that stopping it stops its children too.
+
+Processes. dnsmasq runs in the foreground as a child of the process that called `create_lab`; `destroy_lab`
+in that process stops it by PID and reaps it. Called from another process, `destroy_lab` can only signal it:
+the dead dnsmasq then stays a zombie of its parent, or of PID 1, which does not reap orphans here. A zombie
+holds no namespace, and the lab treats a zombie as dead. Processes started with ``popen_in_*`` are also
+remembered per lab and stopped by `destroy_lab` (or earlier with `stop_process`).
+
+Every command runs in its own session; stopping one kills its whole session. So that what a dying command
+leaves behind does not end up a zombie of PID 1, the first ``run_in_*``/``popen_in_*`` call makes the calling
+process a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``): such orphans become its children, and are
+killed and reaped when their session is stopped. Orphans of anything else would then also become zombies of
+this process rather than of PID 1; the lab never touches them.
+
+Not safe to call concurrently for the *same* lab name; different labs are independent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from hyperfence.adapters.netns import NetnsThread
+from hyperfence.errors import (
+    ConflictError,
+    InvalidInputError,
+    KernelError,
+    NotFoundError,
+    PermissionDeniedError,
+    Problem,
+)
+from hyperfence.lab.plan import (
+    STATE_VERSION,
+    LabPlan,
+    LabVm,
+    dnsmasq_command,
+    is_lab_netns,
+    lab_netns,
+    nat_ruleset,
+    plan_from_dict,
+    plan_lab,
+    plan_to_dict,
+    validate_lab_name,
+)
+
+STATE_ROOT = Path("/run/hyperfence/labs")
+NETNS_DIR = Path("/run/netns")
+DNSMASQ_READY_TIMEOUT = 5.0
+STOP_TIMEOUT = 3.0
+
+_EEXIST = 17
+_PR_SET_CHILD_SUBREAPER = 36
+_IFF_UP = 0x1
+_HOST_SYSCTLS = (
+    ("net/ipv4/ip_forward", "1"),
+    # br_netfilter: bridged IPv4 also passes the inet hooks (the firewall's conntrack needs it), IPv6 does not.
+    ("net/bridge/bridge-nf-call-iptables", "1"),
+    ("net/bridge/bridge-nf-call-ip6tables", "0"),
+    # Link-local addresses of br0/up0 are usable at once instead of after duplicate address detection.
+    ("net/ipv6/conf/all/accept_dad", "0"),
+    ("net/ipv6/conf/default/accept_dad", "0"),
+)
+
+T = TypeVar("T")
+
+# Children of *this* process, per lab, so they can be reaped (PID 1 here does not reap orphans).
+_DNSMASQ: dict[str, subprocess.Popen[bytes]] = {}
+_PROCESSES: dict[str, list[subprocess.Popen[bytes]]] = {}
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """What the kernel holds for one created VM.
+
+    `port_up` means the port is administratively up *and* has carrier (operstate UP), i.e. the VM's own end
+    is up too; `port_bridged` that it is a port of the lab's bridge.
+    """
+
+    name: str
+    netns_exists: bool
+    port_present: bool
+    port_up: bool
+    port_bridged: bool
+
+
+@dataclass(frozen=True)
+class LabStatus:
+    """What exists of lab `name`. `recorded` is False when there is no state file (then `vms` is empty)."""
+
+    name: str
+    recorded: bool
+    planned_vms: int
+    created_vms: int
+    host_netns_exists: bool
+    outside_netns_exists: bool
+    dnsmasq_pid: int | None
+    dnsmasq_alive: bool
+    nat_present: bool
+    vms: tuple[VmStatus, ...]
+
+    @property
+    def is_healthy(self) -> bool:
+        """Whether every piece `create_lab` makes is there: namespaces, ports up, dnsmasq, NAT table."""
+        return (
+            self.recorded
+            and self.host_netns_exists
+            and self.outside_netns_exists
+            and self.dnsmasq_alive
+            and self.nat_present
+            and all(vm.netns_exists and vm.port_present and vm.port_up and vm.port_bridged for vm in self.vms)
+        )
+
+
+@dataclass(frozen=True)
+class _Record:
+    plan: LabPlan
+    created_vms: int
+    dnsmasq_pid: int | None
+    dnsmasq_argv: tuple[str, ...] | None
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def state_file(name: str) -> Path:
+    """Where lab `name` is recorded."""
+    return STATE_ROOT / f"{validate_lab_name(name)}.json"
+
+
+def state_dir(name: str) -> Path:
+    """The directory holding lab `name`'s dnsmasq leases (``leases``), log (``dnsmasq.log``) and PID file."""
+    return STATE_ROOT / validate_lab_name(name)
+
+
+def create_lab(plan: LabPlan, *, only: int | None = None) -> None:
+    """Make the kernel hold `plan`: namespaces, bridge, ports, addresses, routes, NAT and dnsmasq.
+
+    `only` creates just the first `only` VMs (0..len(plan.vms)) while dnsmasq and the record still declare
+    all of them; by default every VM is created. VMs that already exist are kept, so the lab has at least
+    `only` VMs afterwards.
+
+    Idempotent and level-triggered: on an existing lab every piece is checked and only what is missing or
+    wrong is made again (a dead dnsmasq is restarted; a lost address, route or NAT table comes back); what is
+    right is left alone (same namespaces, same links, same dnsmasq PID). A bigger plan for an existing lab adds
+    VMs (and restarts dnsmasq with the new hosts).
+
+    Raises `InvalidInputError` for a plan not made by `plan_lab` or a bad `only`, `ConflictError` when the
+    lab already declares more VMs than `plan` or its record is unreadable (destroy it first), `PermissionDeniedError` when not root,
+    `KernelError` when the kernel or a tool refused something (the lab may be half made: `destroy_lab` it).
+    """
+    _require_root()
+    if plan != plan_lab(plan.name, len(plan.vms)):
+        raise InvalidInputError(
+            f"lab {plan.name!r}: the plan was not made by plan_lab (build it with plan_lab(name, vms))"
+        )
+    wanted = len(plan.vms) if only is None else only
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 <= wanted <= len(plan.vms):
+        raise InvalidInputError(
+            f"lab {plan.name!r}: invalid create",
+            [Problem("only", f"{only!r} is out of range (expected 0..{len(plan.vms)} or None)")],
+        )
+    record = _read_record(plan.name)
+    if record is not None:
+        declared = len(record.plan.vms)
+        if declared > len(plan.vms):
+            raise ConflictError(
+                f"lab {plan.name!r} already declares {declared} VMs; a plan of {len(plan.vms)} would drop "
+                f"some: plan at least {declared} VMs, or destroy_lab({plan.name!r}) first"
+            )
+        wanted = max(wanted, record.created_vms)
+
+    sdir = state_dir(plan.name)
+    sdir.mkdir(parents=True, exist_ok=True)
+    old_pid = record.dnsmasq_pid if record else None
+    old_argv = record.dnsmasq_argv if record else None
+    _write_record(_Record(plan, wanted, old_pid, old_argv))
+
+    vms = plan.vms[:wanted]
+    _ensure_netns([plan.host_netns, plan.outside_netns, *(vm.netns for vm in vms)])
+    _in_netns(plan.host_netns, lambda: _configure_host(plan, vms))
+    _in_netns(plan.outside_netns, lambda: _configure_outside(plan))
+    for vm in vms:
+        _in_netns(vm.netns, functools.partial(_configure_vm, plan, vm))
+    _apply_nat(plan)
+    argv = dnsmasq_command(plan, state_dir=sdir)
+    pid = _ensure_dnsmasq(plan, argv=argv, old_pid=old_pid)
+    _write_record(_Record(plan, wanted, pid, argv))
+
+
+def destroy_lab(name: str) -> None:
+    """Remove lab `name`: stop its processes, delete its namespaces, remove its record and state directory.
+
+    The namespaces deleted are those the record lists plus any named exactly ``hf-<name>-host``,
+    ``hf-<name>-out`` or ``hf-<name>-vm<i>`` (a crash may have left some unrecorded); nothing else is
+    touched. dnsmasq is stopped only if its command line shows it is this lab's (a recycled PID is left
+    alone) and reaped when it is our child. Processes started by ``popen_in_*`` in this process are stopped
+    too. Deleting the links inside the namespaces is the kernel's job: a namespace goes with its last user.
+
+    Idempotent: destroying a lab that does not exist does nothing. Every step is tried even if one fails;
+    then `KernelError` lists what failed.
+    """
+    validate_lab_name(name)
+    _require_root()
+    failures: list[str] = []
+    try:
+        record = _read_record(name)
+    except ConflictError:  # an unreadable record: find dnsmasq by its PID file, the namespaces by name
+        record = None
+
+    for proc in _PROCESSES.pop(name, []):
+        stop_process(proc)
+
+    sdir = state_dir(name)
+    pid = record.dnsmasq_pid if record else _read_pid_file(sdir / "dnsmasq.pid")
+    try:
+        _stop_dnsmasq(name, pid)
+    except OSError as exc:
+        failures.append(f"stopping dnsmasq (pid {pid}): {exc}")
+
+    names = set(record.plan.netns_names) if record else set()
+    names |= {ns for ns in _list_netns() if is_lab_netns(name, ns)}
+    for ns in sorted(names):
+        if (NETNS_DIR / ns).exists():
+            try:
+                pyroute2_netns.remove(ns)
+            except OSError as exc:
+                failures.append(f"deleting netns {ns}: {exc}")
+
+    state_file(name).unlink(missing_ok=True)
+    shutil.rmtree(sdir, ignore_errors=True)
+    if failures:
+        raise KernelError(f"lab {name!r}: destroy was incomplete:\n  " + "\n  ".join(failures))
+
+
+def read_lab(name: str) -> LabPlan | None:
+    """The plan lab `name` was created with, or None if it is not recorded.
+
+    Raises `InvalidInputError` for a bad name and `ConflictError` when the record is unreadable
+    (`destroy_lab` removes it).
+    """
+    record = _read_record(validate_lab_name(name))
+    return record.plan if record else None
+
+
+def lab_status(name: str) -> LabStatus:
+    """What the kernel holds of lab `name` now (reads only; needs root for the port and NAT checks)."""
+    record = _read_record(validate_lab_name(name))
+    existing = set(_list_netns())
+    if record is None:
+        return LabStatus(
+            name=name,
+            recorded=False,
+            planned_vms=0,
+            created_vms=0,
+            host_netns_exists=lab_netns(name, "host") in existing,
+            outside_netns_exists=lab_netns(name, "out") in existing,
+            dnsmasq_pid=None,
+            dnsmasq_alive=False,
+            nat_present=False,
+            vms=(),
+        )
+    plan = record.plan
+    host_exists = plan.host_netns in existing
+    links = _in_netns(plan.host_netns, _read_links) if host_exists else {}
+    vms = tuple(
+        VmStatus(
+            name=vm.name,
+            netns_exists=vm.netns in existing,
+            port_present=vm.port in links,
+            port_up=vm.port in links and links[vm.port][0],
+            port_bridged=vm.port in links and links[vm.port][1] == plan.bridge,
+        )
+        for vm in plan.vms[: record.created_vms]
+    )
+    pid = record.dnsmasq_pid
+    alive = pid is not None and record.dnsmasq_argv is not None and _is_process(pid, record.dnsmasq_argv)
+    nat = host_exists and _run_nft(plan, ["nft", "list", "table", "ip", plan.nat_table]).returncode == 0
+    return LabStatus(
+        name=name,
+        recorded=True,
+        planned_vms=len(plan.vms),
+        created_vms=record.created_vms,
+        host_netns_exists=host_exists,
+        outside_netns_exists=plan.outside_netns in existing,
+        dnsmasq_pid=pid,
+        dnsmasq_alive=alive,
+        nat_present=nat,
+        vms=vms,
+    )
+
+
+def run_in_vm(
+    plan: LabPlan,
+    vm_name: str,
+    argv: Sequence[str],
+    *,
+    timeout: float = 30,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv` inside VM `vm_name`'s namespace and wait; stdout and stderr are captured.
+
+    A non-zero exit status is returned, not raised. Whatever the command leaves running in its session is
+    killed when it ends (use ``popen_in_*`` for servers). On timeout the command and its session are killed
+    and `subprocess.TimeoutExpired` is raised. `NotFoundError` if the plan has no such VM
+    or its namespace does not exist.
+    """
+    return _run_in(plan.vm(vm_name).netns, argv, timeout=timeout, input=input)
+
+
+def run_in_host(
+    plan: LabPlan, argv: Sequence[str], *, timeout: float = 30, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv` in the lab's host namespace (the one with the bridge); as `run_in_vm`."""
+    return _run_in(plan.host_netns, argv, timeout=timeout, input=input)
+
+
+def run_in_outside(
+    plan: LabPlan, argv: Sequence[str], *, timeout: float = 30, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv` in the lab's outside namespace (beyond the routed uplink); as `run_in_vm`."""
+    return _run_in(plan.outside_netns, argv, timeout=timeout, input=input)
+
+
+_Stdio = int | IO[bytes] | None
+
+
+def popen_in_vm(
+    plan: LabPlan,
+    vm_name: str,
+    argv: Sequence[str],
+    *,
+    stdin: _Stdio = subprocess.DEVNULL,
+    stdout: _Stdio = None,
+    stderr: _Stdio = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in VM `vm_name`'s namespace, in its own session, and return at once (for servers).
+
+    The process is remembered: stop it with `stop_process`, or `destroy_lab` stops it. `NotFoundError` if the
+    plan has no such VM or its namespace does not exist.
+    """
+    return _popen_in(plan, plan.vm(vm_name).netns, argv, stdin=stdin, stdout=stdout, stderr=stderr)
+
+
+def popen_in_host(
+    plan: LabPlan,
+    argv: Sequence[str],
+    *,
+    stdin: _Stdio = subprocess.DEVNULL,
+    stdout: _Stdio = None,
+    stderr: _Stdio = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in the lab's host namespace; as `popen_in_vm`."""
+    return _popen_in(plan, plan.host_netns, argv, stdin=stdin, stdout=stdout, stderr=stderr)
+
+
+def popen_in_outside(
+    plan: LabPlan,
+    argv: Sequence[str],
+    *,
+    stdin: _Stdio = subprocess.DEVNULL,
+    stdout: _Stdio = None,
+    stderr: _Stdio = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` in the lab's outside namespace; as `popen_in_vm`."""
+    return _popen_in(plan, plan.outside_netns, argv, stdin=stdin, stdout=stdout, stderr=stderr)
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = STOP_TIMEOUT) -> int:
+    """Stop a process started by ``popen_in_*`` and its session: SIGTERM, then SIGKILL after `timeout`.
+
+    Reaps it and whatever its session left behind, closes its pipes and returns its exit status (negative:
+    killed by that signal). Safe to call on a process that already exited.
+    """
+    _end_session(proc, grace=timeout)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    for procs in _PROCESSES.values():
+        if proc in procs:
+            procs.remove(proc)
+    return proc.returncode
+
+
+# ------------------------------------------------------------------------------------------------ record
+
+
+def _read_record(name: str) -> _Record | None:
+    path = state_file(name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise ValueError(f"expected a version {STATE_VERSION} lab record")
+        plan = plan_from_dict(data["plan"])
+        created = data["created_vms"]
+        pid = data["dnsmasq_pid"]
+        argv = data["dnsmasq_argv"]
+        if not isinstance(created, int) or not 0 <= created <= len(plan.vms):
+            raise ValueError(f"created_vms: {created!r} is out of range")
+        if pid is not None and (not isinstance(pid, int) or pid <= 1):
+            raise ValueError(f"dnsmasq_pid: {pid!r} is not a PID")
+        if argv is not None and (not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)):
+            raise ValueError(f"dnsmasq_argv: {argv!r} is not a command line")
+    except (ValueError, KeyError, TypeError, InvalidInputError) as exc:
+        raise ConflictError(
+            f"lab {name!r}: the record {path} is unreadable ({exc}); destroy_lab({name!r}) removes the lab"
+        ) from exc
+    return _Record(plan, created, pid, tuple(argv) if argv is not None else None)
+
+
+def _write_record(record: _Record) -> None:
+    """Replace the record atomically (write a temporary file, then rename it over the old one)."""
+    path = state_file(record.plan.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "version": STATE_VERSION,
+        "plan": plan_to_dict(record.plan),
+        "created_vms": record.created_vms,
+        "dnsmasq_pid": record.dnsmasq_pid,
+        "dnsmasq_argv": list(record.dnsmasq_argv) if record.dnsmasq_argv is not None else None,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------- namespaces, links
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise PermissionDeniedError("lab: network namespaces need root: run as root")
+
+
+def _list_netns() -> list[str]:
+    """Names of the mounted namespaces in /run/netns."""
+    try:
+        names = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return []
+    return [name for name in names if _is_mounted_netns(NETNS_DIR / name)]
+
+
+def _is_mounted_netns(path: Path) -> bool:
+    """Whether `path` is a live namespace mount (an nsfs file), not a stale empty file left by a crash."""
+    try:
+        return path.stat().st_dev != NETNS_DIR.stat().st_dev
+    except FileNotFoundError:
+        return False
+
+
+def _ensure_netns(names: Iterable[str]) -> None:
+    """Create every namespace of `names` that does not exist yet, with one ``ip -batch`` process."""
+    missing: list[str] = []
+    for name in names:
+        path = NETNS_DIR / name
+        if _is_mounted_netns(path):
+            continue
+        path.unlink(missing_ok=True)  # a stale mount point of ours: `ip netns add` would refuse it
+        missing.append(name)
+    if missing:
+        batch = "".join(f"netns add {name}\n" for name in missing)
+        _check_run(["ip", "-batch", "-"], input=batch.encode(), what="creating namespaces")
+
+
+def _in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """Run `fn` on a thread inside `netns`; netlink and OS errors become `KernelError`."""
+    thread = NetnsThread(netns, name=f"hf-lab-{netns}")
+    try:
+        return thread.call(fn)
+    except NetlinkError as exc:
+        raise KernelError(f"netns {netns}: the kernel refused a change: {exc}") from exc
+    except OSError as exc:
+        raise KernelError(f"netns {netns}: {exc}") from exc
+    finally:
+        thread.close()
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    """Set sysctl `key` (e.g. ``net/ipv4/ip_forward``) of the calling thread's namespace."""
+    with open(f"/proc/sys/{key}", "w", encoding="ascii") as f:
+        f.write(value)
+
+
+def _links(ipr: IPRoute) -> dict[str, Any]:
+    """Every link of `ipr`'s namespace by name (one dump: cheaper than a lookup per link)."""
+    return {str(link.get("ifname")): link for link in ipr.get_links()}
+
+
+def _link(ipr: IPRoute, ifname: str, where: str) -> Any:
+    """The link called `ifname`; `KernelError` if it does not exist."""
+    try:
+        (link,) = ipr.link("get", ifname=ifname)
+    except NetlinkError as exc:
+        raise KernelError(f"{where}: link {ifname} is missing ({exc})") from exc
+    return link
+
+
+def _set_up(ipr: IPRoute, link: Any, *, mac: str | None = None, master: int | None = None) -> None:
+    """Bring `link` up (with `mac` and under `master` when given); nothing is sent when it already is."""
+    change: dict[str, object] = {}
+    if not link["flags"] & _IFF_UP:
+        change["state"] = "up"
+    if mac is not None and link.get("address") != mac:
+        change["address"] = mac
+    if master is not None and link.get("master") != master:
+        change["master"] = master
+    if change:
+        ipr.link("set", index=link["index"], **change)
+
+
+def _ensure_address(ipr: IPRoute, index: int, address: str, prefixlen: int) -> None:
+    try:
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+    except NetlinkError as exc:
+        if exc.code != _EEXIST:
+            raise
+
+
+def _configure_host(plan: LabPlan, vms: Sequence[LabVm]) -> None:
+    """In the host namespace: sysctls, bridge + gateway address, uplink veth, one port per VM (veth)."""
+    for key, value in _HOST_SYSCTLS:
+        _write_sysctl(key, value)
+    with IPRoute() as ipr:
+        links = _links(ipr)
+        _set_up(ipr, links["lo"])
+
+        if plan.bridge not in links:
+            ipr.link("add", ifname=plan.bridge, kind="bridge", address=plan.bridge_mac)
+        bridge = _link(ipr, plan.bridge, plan.host_netns)
+        _set_up(ipr, bridge, mac=plan.bridge_mac)
+        _ensure_address(ipr, bridge["index"], str(plan.gateway), plan.subnet.prefixlen)
+
+        if plan.uplink not in links:
+            ipr.link(
+                "add",
+                ifname=plan.uplink,
+                kind="veth",
+                address=plan.uplink_mac,
+                peer={
+                    "ifname": plan.outside_ifname,
+                    "address": plan.outside_mac,
+                    "net_ns_fd": str(NETNS_DIR / plan.outside_netns),
+                },
+            )
+        uplink = _link(ipr, plan.uplink, plan.host_netns)
+        _set_up(ipr, uplink, mac=plan.uplink_mac)
+        _ensure_address(ipr, uplink["index"], str(plan.uplink_ip), plan.outside_subnet.prefixlen)
+
+        for vm in vms:
+            port = links.get(vm.port)
+            if port is None:
+                ipr.link(
+                    "add",
+                    ifname=vm.port,
+                    kind="veth",
+                    peer={"ifname": vm.ifname, "address": vm.mac, "net_ns_fd": str(NETNS_DIR / vm.netns)},
+                )
+                port = _link(ipr, vm.port, plan.host_netns)
+            # A bridge port is a pure L2 "tap": no IPv6 link-local address, no router solicitations from it.
+            _write_sysctl(f"net/ipv6/conf/{vm.port}/disable_ipv6", "1")
+            _set_up(ipr, port, master=bridge["index"])
+
+
+def _configure_outside(plan: LabPlan) -> None:
+    """In the outside namespace: lo, eth0 with its address, a route to the VM subnet via the host."""
+    with IPRoute() as ipr:
+        links = _links(ipr)
+        _set_up(ipr, links["lo"])
+        eth = links.get(plan.outside_ifname)
+        if eth is None:
+            raise KernelError(f"{plan.outside_netns}: link {plan.outside_ifname} is missing")
+        _set_up(ipr, eth, mac=plan.outside_mac)
+        _ensure_address(ipr, eth["index"], str(plan.outside_ip), plan.outside_subnet.prefixlen)
+        ipr.route("replace", dst=str(plan.subnet), gateway=str(plan.uplink_ip))
+
+
+def _configure_vm(plan: LabPlan, vm: LabVm) -> None:
+    """In a VM namespace: lo, eth0 with its MAC and address, default route via the gateway."""
+    with IPRoute() as ipr:
+        links = _links(ipr)
+        _set_up(ipr, links["lo"])
+        eth = links.get(vm.ifname)
+        if eth is None:
+            raise KernelError(f"{vm.netns}: link {vm.ifname} is missing")
+        _set_up(ipr, eth, mac=vm.mac)
+        _ensure_address(ipr, eth["index"], str(vm.ip), plan.subnet.prefixlen)
+        ipr.route("replace", dst="0.0.0.0/0", gateway=str(plan.gateway))
+
+
+def _read_links() -> dict[str, tuple[bool, str | None]]:
+    """Every link of the calling thread's namespace: name -> (admin up and operstate UP, master's name)."""
+    with IPRoute() as ipr:
+        links = list(ipr.get_links())
+    names = {link["index"]: str(link.get("ifname")) for link in links}
+    return {
+        str(link.get("ifname")): (
+            bool(link["flags"] & _IFF_UP) and link.get("operstate") == "UP",
+            names.get(link.get("master")),
+        )
+        for link in links
+    }
+
+
+# --------------------------------------------------------------------------------------- nft, processes
+
+
+def _check_run(argv: Sequence[str], *, input: bytes | None = None, what: str) -> None:
+    try:
+        done = subprocess.run(list(argv), input=input, capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelError(f"{what}: {exc}") from exc
+    if done.returncode != 0:
+        stderr = done.stderr.decode(errors="replace").strip()
+        raise KernelError(f"{what}: `{' '.join(argv[:3])} …` failed ({done.returncode}): {stderr}")
+
+
+def _run_nft(
+    plan: LabPlan, argv: Sequence[str], *, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["ip", "netns", "exec", plan.host_netns, *argv],
+        input=input,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _apply_nat(plan: LabPlan) -> None:
+    done = _run_nft(plan, ["nft", "-f", "-"], input=nat_ruleset(plan).encode())
+    if done.returncode != 0:
+        stderr = done.stderr.decode(errors="replace").strip()
+        raise KernelError(f"lab {plan.name!r}: nft refused the NAT table (nothing applied): {stderr}")
+
+
+def _read_pid_file(path: Path) -> int | None:
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and int(text) > 1 else None
+
+
+def _is_process(pid: int, argv: Sequence[str]) -> bool:
+    """Whether `pid` is a living (not zombie) process with exactly this command line."""
+    return _is_alive(pid) and _cmdline(pid) == list(argv)
+
+
+def _is_alive(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (a zombie is dead, only not yet reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rpartition(")")[2].split()
+    return bool(state) and state[0] not in {"Z", "X"}
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
+
+
+def _is_lab_dnsmasq(name: str, pid: int) -> bool:
+    """Whether `pid` is a living dnsmasq of lab `name` (its PID file is in the lab's state directory)."""
+    cmd = _cmdline(pid)
+    pid_file = f"--pid-file={state_dir(name) / 'dnsmasq.pid'}"
+    return _is_alive(pid) and bool(cmd) and os.path.basename(cmd[0]) == "dnsmasq" and pid_file in cmd
+
+
+def _stop_dnsmasq(name: str, pid: int | None) -> None:
+    """Stop lab `name`'s dnsmasq: our child by `Popen` (reaped), else `pid` if it is really this lab's."""
+    child = _DNSMASQ.pop(name, None)
+    if child is not None:
+        _stop_child(child)
+        if child.pid == pid:
+            return
+    if pid is None or not _is_lab_dnsmasq(name, pid):
+        return  # gone, a zombie, or a recycled PID that is not ours
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while _is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _is_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _stop_child(proc: subprocess.Popen[bytes]) -> None:
+    _end_session(proc, grace=STOP_TIMEOUT)
+
+
+def _ensure_dnsmasq(plan: LabPlan, *, argv: Sequence[str], old_pid: int | None) -> int:
+    """The PID of a dnsmasq serving `plan`: the running one if its command line is `argv`, else a new one."""
+    child = _DNSMASQ.get(plan.name)
+    if child is not None and child.poll() is not None:
+        del _DNSMASQ[plan.name]  # died; poll() reaped it
+    if old_pid is not None and _is_process(old_pid, argv):
+        return old_pid
+    _stop_dnsmasq(plan.name, old_pid)
+    return _start_dnsmasq(plan, argv)
+
+
+def _start_dnsmasq(plan: LabPlan, argv: Sequence[str]) -> int:
+    """Start dnsmasq in the host namespace and wait until it wrote its PID file (its sockets are bound then)."""
+    sdir = state_dir(plan.name)
+    pid_file = sdir / "dnsmasq.pid"
+    pid_file.unlink(missing_ok=True)
+    err_path = sdir / "dnsmasq.stderr"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", plan.host_netns, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+    _DNSMASQ[plan.name] = proc
+    deadline = time.monotonic() + DNSMASQ_READY_TIMEOUT
+    while _read_pid_file(pid_file) != proc.pid:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_child(proc)
+            del _DNSMASQ[plan.name]
+            stderr = err_path.read_text(errors="replace").strip()
+            raise KernelError(
+                f"lab {plan.name!r}: dnsmasq did not start (exit {proc.returncode}): {stderr or 'no output'}"
+            )
+        time.sleep(0.005)
+    return proc.pid
+
+
+def _require_netns(netns: str) -> None:
+    if not _is_mounted_netns(NETNS_DIR / netns):
+        raise NotFoundError(f"netns {netns} does not exist: create_lab the lab (with enough VMs) first")
+
+
+@functools.cache
+def _become_subreaper() -> None:
+    """Make this process a child subreaper (once), so that the orphans of a lab command become ours.
+
+    PID 1 does not reap orphans on this machine: when a command's session leader dies, what it started would
+    stay a zombie forever. As a subreaper we inherit those orphans and `_kill_leftovers` reaps them (only
+    them: it touches our children in the command's own process group). Best effort: without it, leftovers
+    are only killed, and stay zombies of PID 1.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _end_session(proc: subprocess.Popen[bytes], *, grace: float) -> None:
+    """Stop `proc` (a session leader we started) and everything in its session; reap them all.
+
+    The whole group is signalled only while the leader is unreaped: until then its PID, hence the group id,
+    cannot belong to anyone else.
+    """
+    if proc.poll() is None:
+        if grace > 0:
+            _signal_group(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _kill_leftovers(proc.pid)
+
+
+def _kill_leftovers(pgid: int) -> None:
+    """SIGKILL and reap our children still in process group `pgid` (orphans we inherited as subreaper)."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while (pids := _children_in_group(pgid)) and time.monotonic() < deadline:
+        for pid in pids:  # our unreaped children: these PIDs cannot have been recycled
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _children_in_group(pgid: int) -> list[int]:
+    me = os.getpid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text(errors="replace").rpartition(")")[2].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if len(fields) > 2 and int(fields[1]) == me and int(fields[2]) == pgid:
+            found.append(int(entry.name))
+    return found
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _run_in(
+    netns: str, argv: Sequence[str], *, timeout: float, input: bytes | None
+) -> subprocess.CompletedProcess[bytes]:
+    _require_netns(netns)
+    _become_subreaper()
+    cmd = ["ip", "netns", "exec", netns, *argv]
+    with subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)  # unreaped leader: the group is ours
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+        finally:
+            if proc.returncode is not None:
+                _kill_leftovers(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _popen_in(
+    plan: LabPlan, netns: str, argv: Sequence[str], *, stdin: _Stdio, stdout: _Stdio, stderr: _Stdio
+) -> subprocess.Popen[bytes]:
+    _require_netns(netns)
+    _become_subreaper()
+    procs = _PROCESSES.setdefault(plan.name, [])
+    procs[:] = [p for p in procs if p.poll() is None]
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, *argv],
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+    )
+    procs.append(proc)
+    return proc
