@@ -34,7 +34,6 @@ install_venv() {
   fi
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing Python packages into .venv"
-    .venv/bin/pip install -q --upgrade pip >/dev/null
     .venv/bin/pip install -q -e ".[dev]"
     echo "$want" > "$stamp"
   fi
