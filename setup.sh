@@ -34,7 +34,8 @@ install_venv() {
   fi
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "setup: installing Python packages into .venv"
-    .venv/bin/pip install -q -e ".[dev]"
+    # A first install into a fresh venv has been seen to exit 2 once and succeed on the next try.
+    .venv/bin/pip install -q -e ".[dev]" || .venv/bin/pip install -q -e ".[dev]"
     echo "$want" > "$stamp"
   fi
 }
