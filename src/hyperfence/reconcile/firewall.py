@@ -66,8 +66,9 @@ def describe_drift(desired: Ruleset, actual: Ruleset) -> list[str]:
                 f"chain {k[1]}: {len(missing)} rule(s) missing, {len(unexpected)} unexpected"
                 + ("" if missing or unexpected else ", rules changed or out of order")
             )
+    d_chains = desired.chain_by_key()
     for k in a_chains:
-        if k not in desired.chain_by_key() and k[0] in desired.tables:
+        if k not in d_chains and k[0] in desired.tables:
             out.append(f"chain {k[1]} is not hyperfence's")
     return out
 
