@@ -15,6 +15,7 @@ import ctypes
 import json
 from typing import Any
 
+from hyperfence.adapters import nft_rules
 from hyperfence.adapters.netns import NetnsThread
 from hyperfence.errors import KernelError, NotFoundError
 
@@ -67,6 +68,8 @@ class Nft:
         self._lib = _load()
         self._thread = NetnsThread(netns, name="hyperfence-nft")
         self._ctx: int = self._thread.call(self._new_ctx)
+        self._sock = self._thread.call(nft_rules.open_socket)
+        self._seq = 0
 
     def _new_ctx(self) -> int:
         ctx = self._lib.nft_ctx_new(NFT_CTX_DEFAULT)
@@ -121,7 +124,14 @@ class Nft:
             (o["table"]["family"], o["table"]["name"]) for o in json.loads(out)["nftables"] if "table" in o
         ]
 
+    def rule_ids(self, family: str, table: str, chain: str) -> builtins.list[tuple[int, str]]:
+        """(handle, comment) of every rule of one chain, in order, straight from the kernel ([] if absent)."""
+        self._seq += 1
+        seq = self._seq
+        return self._thread.call(lambda: nft_rules.read_rule_ids(self._sock, family, table, chain, seq))
+
     def close(self) -> None:
+        self._sock.close()
         ctx = self._ctx
         if ctx:
             self._thread.call(lambda: self._lib.nft_ctx_free(ctx))

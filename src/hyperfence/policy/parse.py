@@ -243,6 +243,33 @@ def _networks(c: _Collector, items: list[Any]) -> list[Network]:
     return out
 
 
+# Validated VM items by their JSON text: a policy of 1,000 VMs changes one rule at a time, and re-validating
+# every unchanged VM item would cost most of a one-rule apply. Only items that validated are remembered.
+_VM_DOCS: dict[str, VmDoc] = {}
+_VM_DOCS_MAX = 20_000
+
+
+def _vm_key(raw: Any) -> str | None:
+    try:
+        return json.dumps(raw, sort_keys=True)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cached_vm_doc(raw: Any) -> VmDoc | None:
+    key = _vm_key(raw)
+    return None if key is None else _VM_DOCS.get(key)
+
+
+def _remember_vm_doc(raw: Any, doc: VmDoc) -> None:
+    key = _vm_key(raw)
+    if key is None:
+        return
+    if len(_VM_DOCS) >= _VM_DOCS_MAX:
+        _VM_DOCS.clear()
+    _VM_DOCS[key] = doc
+
+
 def _vms(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
     out: list[Vm] = []
     by_name = {n.name: n for n in networks}
@@ -255,9 +282,12 @@ def _vms(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
 
     for i, raw in enumerate(items):
         p = f"vms[{i}]"
-        doc = c.model(VmDoc, raw, p)
+        doc = _cached_vm_doc(raw)
         if doc is None:
-            continue
+            doc = c.model(VmDoc, raw, p)
+            if doc is None:
+                continue
+            _remember_vm_doc(raw, doc)
         name = c.value(lambda s: syntax.parse_name(s, "VM name"), doc.name, f"{p}.name")
         vm_id = c.value(lambda s: syntax.parse_name(s, "VM id"), doc.id or doc.name, f"{p}.id")
         port = c.value(syntax.parse_ifname, doc.port, f"{p}.port")

@@ -62,13 +62,18 @@ def complement(ranges: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:
 
 
 def intersect(a: tuple[AddressRange, ...], b: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:
+    """The addresses in both (each argument merged and sorted). Linear: one sweep over both lists."""
     out: list[AddressRange] = []
-    for x in a:
-        for y in b:
-            lo, hi = max(x.first, y.first), min(x.last, y.last)
-            if lo <= hi:
-                out.append(AddressRange(lo, hi))
-    return merge_ranges(out)
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i].first, b[j].first), min(a[i].last, b[j].last)
+        if lo <= hi:
+            out.append(AddressRange(lo, hi))
+        if a[i].last < b[j].last:
+            i += 1
+        else:
+            j += 1
+    return tuple(out)
 
 
 def contains(ranges: tuple[AddressRange, ...], addr: IPv4Address) -> bool:
@@ -112,42 +117,59 @@ class Resolved:
     host: tuple[AddressRange, ...]
 
 
-def _workloads(policy: Policy, selectors: tuple[Selector, ...]) -> list[Vm]:
-    out: dict[str, Vm] = {}
-    for sel in selectors:
+class _Index:
+    """Lookups a resolve needs many times: VMs by name and label, addresses by selector list."""
+
+    def __init__(
+        self, policy: Policy, outside: tuple[AddressRange, ...], host: tuple[AddressRange, ...]
+    ) -> None:
+        self.policy = policy
+        self.outside = outside
+        self.host = host
+        self.by_name = {vm.name: vm for vm in policy.vms}
+        self.by_label: dict[tuple[str, str], list[Vm]] = {}
         for vm in policy.vms:
-            if (
-                isinstance(sel, AllVmsSelector)
-                or (isinstance(sel, VmSelector) and vm.name == sel.name)
-                or (isinstance(sel, LabelSelector) and vm.label(sel.key) == sel.value)
-            ):
-                out[vm.id] = vm
-    return list(out.values())
+            for label in vm.labels:
+                self.by_label.setdefault(label, []).append(vm)
+        self._addresses: dict[tuple[Selector, ...], tuple[AddressRange, ...]] = {}
 
+    def workloads(self, selectors: tuple[Selector, ...]) -> list[Vm]:
+        out: dict[str, Vm] = {}
+        for sel in selectors:
+            match sel:
+                case AllVmsSelector():
+                    return list(self.policy.vms)
+                case VmSelector(name) if name in self.by_name:
+                    vm = self.by_name[name]
+                    out[vm.id] = vm
+                case LabelSelector(key, value):
+                    out.update((vm.id, vm) for vm in self.by_label.get((key, value), ()))
+        order = {vm.id: i for i, vm in enumerate(self.policy.vms)} if len(out) > 1 else {}
+        return sorted(out.values(), key=lambda v: order.get(v.id, 0))
 
-def _addresses(
-    policy: Policy,
-    selectors: tuple[Selector, ...],
-    *,
-    outside: tuple[AddressRange, ...],
-    host: tuple[AddressRange, ...],
-) -> tuple[AddressRange, ...]:
-    ranges: list[AddressRange] = []
-    for sel in selectors:
-        match sel:
-            case AddressSelector(rng, _):
-                ranges.append(rng)
-            case IpSetSelector(name):
-                ranges.extend(policy.ipset(name) or ())
-            case SpecialSelector(SpecialPeer.ANY):
-                return ANY
-            case SpecialSelector(SpecialPeer.OUTSIDE):
-                ranges.extend(outside)
-            case SpecialSelector(SpecialPeer.HOST):
-                ranges.extend(host)
-            case _:
-                ranges.extend(AddressRange.single(a) for vm in _workloads(policy, (sel,)) for a in vm.ips)
-    return merge_ranges(ranges)
+    def addresses(self, selectors: tuple[Selector, ...]) -> tuple[AddressRange, ...]:
+        cached = self._addresses.get(selectors)
+        if cached is None:
+            cached = self._addresses[selectors] = self._compute(selectors)
+        return cached
+
+    def _compute(self, selectors: tuple[Selector, ...]) -> tuple[AddressRange, ...]:
+        ranges: list[AddressRange] = []
+        for sel in selectors:
+            match sel:
+                case AddressSelector(rng, _):
+                    ranges.append(rng)
+                case IpSetSelector(name):
+                    ranges.extend(self.policy.ipset(name) or ())
+                case SpecialSelector(SpecialPeer.ANY):
+                    return ANY
+                case SpecialSelector(SpecialPeer.OUTSIDE):
+                    ranges.extend(self.outside)
+                case SpecialSelector(SpecialPeer.HOST):
+                    ranges.extend(self.host)
+                case _:
+                    ranges.extend(AddressRange.single(a) for vm in self.workloads((sel,)) for a in vm.ips)
+        return merge_ranges(ranges)
 
 
 def resolve_policy(policy: Policy) -> Resolved:
@@ -158,30 +180,33 @@ def resolve_policy(policy: Policy) -> Resolved:
     nets = {n.name: n for n in policy.networks}
     egress: dict[str, list[Entry]] = {vm.id: [] for vm in policy.vms}
     ingress: dict[str, list[Entry]] = {vm.id: [] for vm in policy.vms}
+    index = _Index(policy, outside, host)
     for rule in sorted(policy.rules, key=lambda r: r.order):
-        to_addrs = _addresses(policy, rule.to, outside=outside, host=host)
-        from_addrs = _addresses(policy, rule.from_, outside=outside, host=host)
+        to_addrs = index.addresses(rule.to)
+        from_addrs = index.addresses(rule.from_)
         dhcp = tuple(s for s in rule.services if s in DHCP_SERVICES)
-        for vm in _workloads(policy, rule.from_):
+        for vm in index.workloads(rule.from_):
             egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, rule.services))
             if dhcp:
                 ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, dhcp, paired=True))
-        for vm in _workloads(policy, rule.to):
+        for vm in index.workloads(rule.to):
             ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, rule.services))
             if dhcp:
                 egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, dhcp, paired=True))
     out: list[VmPolicy] = []
+    arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]] = {}
     for vm in policy.vms:
         net = nets[vm.network]
         entries = egress[vm.id] + ingress[vm.id]
         allows = [e for e in entries if e.action is Action.ALLOW]
-        subnet = (AddressRange.of_network(net.subnet),)
-        wanted = merge_ranges(r for e in allows if not _only_named(e.services) for r in e.peers)
-        arp = list(intersect(wanted, subnet))
-        if net.gateway is not None and intersect(wanted, complement(subnet)):
-            arp.append(AddressRange.single(net.gateway))  # routed peers are reached through the gateway
-        own = merge_ranges(AddressRange.single(a) for a in vm.ips)
-        arp_peers = tuple(r for r in _subtract(merge_ranges(arp), own))
+        # VMs with the same peers share one computation (1,000 VMs x a 10k-address IP set otherwise)
+        key = (net.name, *sorted({e.peer_selectors for e in allows if not _only_named(e.services)}, key=repr))
+        reachable = arp_cache.get(key)
+        if reachable is None:
+            reachable = arp_cache[key] = _arp_reachable(
+                net.subnet, net.gateway, [e.peers for e in allows if not _only_named(e.services)]
+            )
+        arp_peers = _subtract(reachable, merge_ranges(AddressRange.single(a) for a in vm.ips))
         out.append(
             VmPolicy(
                 vm=vm,
@@ -195,6 +220,18 @@ def resolve_policy(policy: Policy) -> Resolved:
             )
         )
     return Resolved(policy=policy, vms=tuple(out), outside=outside, host=host)
+
+
+def _arp_reachable(
+    subnet_net: IPv4Network, gateway: IPv4Address | None, peer_lists: list[tuple[AddressRange, ...]]
+) -> tuple[AddressRange, ...]:
+    """Whom a VM may ARP with: its allowed peers on its own subnet, and the gateway for routed peers."""
+    subnet = (AddressRange.of_network(subnet_net),)
+    wanted = merge_ranges(r for peers in peer_lists for r in peers)
+    arp = list(intersect(wanted, subnet))
+    if gateway is not None and intersect(wanted, complement(subnet)):
+        arp.append(AddressRange.single(gateway))  # routed peers are reached through the gateway
+    return merge_ranges(arp)
 
 
 def _only_named(services: tuple[Service, ...]) -> bool:

@@ -18,7 +18,7 @@ from hyperfence.model.policy import Policy
 from hyperfence.policy.parse import load_document, parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy
 from hyperfence.reconcile.firewall import ConvergeResult, Firewall
-from hyperfence.ruleset.compile import TABLES, compile_ruleset
+from hyperfence.ruleset.compile import TABLES, CompileCache, compile_ruleset
 from hyperfence.ruleset.ir import Ruleset
 
 
@@ -39,6 +39,7 @@ class Engine:
         self._nft: Nft | None = None
         self._firewall: Firewall | None = None
         self._compiled: Compiled | None = None
+        self._cache = CompileCache()
         self.lock = threading.RLock()
 
     @property
@@ -83,7 +84,7 @@ class Engine:
         document, source = self._load_document()
         policy = parse_policy(document, source=source)
         resolved = resolve_policy(policy)
-        self._compiled = Compiled(key, policy, resolved, compile_ruleset(resolved))
+        self._compiled = Compiled(key, policy, resolved, compile_ruleset(resolved, self._cache))
         return self._compiled
 
     def converge(self, *, full: bool = False) -> tuple[Compiled | None, ConvergeResult | None]:

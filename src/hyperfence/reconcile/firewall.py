@@ -10,13 +10,14 @@ falls back to a full read and a fresh plan.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from hyperfence.errors import DriftError, KernelError
-from hyperfence.ruleset.ir import JSON, Ruleset, TableId
+from hyperfence.ruleset.ir import JSON, Rule, Ruleset, TableId
 from hyperfence.ruleset.plan import Plan, plan_changes
 from hyperfence.ruleset.readback import Actual, parse_listing
 
@@ -26,6 +27,7 @@ VERIFY_PARTIAL_LIMIT = 64  # above this many touched objects, verification re-re
 class NftPort(Protocol):
     def apply(self, batch: dict[str, JSON], *, check_only: bool = False) -> None: ...
     def list(self, what: dict[str, JSON]) -> list[JSON]: ...
+    def rule_ids(self, family: str, table: str, chain: str) -> builtins.list[tuple[int, str]]: ...
 
 
 @dataclass
@@ -71,6 +73,18 @@ def describe_drift(desired: Ruleset, actual: Ruleset) -> list[str]:
         if k not in d_chains and k[0] in desired.tables:
             out.append(f"chain {k[1]} is not hyperfence's")
     return out
+
+
+def _only(rs: Ruleset, plan: Plan) -> Ruleset:
+    """The part of `rs` a plan touched (its tables, touched chains with their rules, touched sets)."""
+    by_chain = rs.chain_rules()
+    chain_map, set_map = rs.chain_by_key(), rs.set_by_key()
+    return dataclasses.replace(
+        rs,
+        chains=tuple(chain_map[k] for k in plan.touched_chains if k in chain_map),
+        sets=tuple(set_map[k] for k in plan.touched_sets if k in set_map),
+        rules=tuple(r for k in plan.touched_chains for r in by_chain.get(k, ())),
+    )
 
 
 class Firewall:
@@ -124,7 +138,10 @@ class Firewall:
             self.actual = self.read()
         else:
             self.actual = self._reread_partial(plan, desired)
-        problems = describe_drift(desired, self.actual.ruleset)
+        if plan.full_replace or len(plan.touched_chains) + len(plan.touched_sets) > VERIFY_PARTIAL_LIMIT:
+            problems = describe_drift(desired, self.actual.ruleset)
+        else:  # only what the batch touched was re-read, so only that is compared
+            problems = describe_drift(_only(desired, plan), _only(self.actual.ruleset, plan))
         if problems:
             self.actual = None  # unknown: the next converge reads everything
             raise DriftError("the kernel does not hold what was just applied: " + "; ".join(problems[:5]))
@@ -133,25 +150,30 @@ class Firewall:
         old = self.actual or Actual.empty()
         chains = {(c.table, c.name): c for c in old.ruleset.chains}
         sets = {(s.table, s.name): s for s in old.ruleset.sets}
-        rules = old.ruleset.chain_rules()
+        rules = dict(old.ruleset.chain_rules())  # a copy: the cached mapping is shared
         handles = dict(old.handles)
         tables = set(old.ruleset.tables)
         desired_sets = desired.set_by_key()
+        desired_chains = desired.chain_by_key()
+        desired_rules = desired.chain_rules()
         for key in plan.touched_chains:
             t, name = key
-            fresh = parse_listing(
-                self.nft.list({"chain": {"family": t.family, "table": t.name, "name": name}})
-            )
-            for h in [h for h in handles if h[0] == t and h[1] == name]:
-                del handles[h]
-            rules.pop(key, None)
+            for r in rules.pop(key, []):
+                handles.pop((t, name, r.comment), None)
             chains.pop(key, None)
+            if key not in desired_chains:
+                continue  # deleted by the plan
+            # The kernel's own list of (handle, comment) for this chain: ids, order and handles are checked
+            # here; rule bodies are compared exactly by the next full read.
+            by_comment = {r.comment: r for r in desired_rules.get(key, [])}
+            held: list[Rule] = []
+            for handle, text in self.nft.rule_ids(t.family, t.name, name):
+                comment = text or f"?handle={handle}"
+                held.append(by_comment.get(comment) or Rule(t, name, comment, "?"))
+                handles[(t, name, comment)] = handle
             tables.add(t)
-            for c in fresh.ruleset.chains:
-                chains[(c.table, c.name)] = c
-            if fresh.ruleset.chains:
-                rules[key] = list(fresh.ruleset.rules)
-            handles.update(fresh.handles)
+            chains[key] = desired_chains[key]
+            rules[key] = held
         for key in plan.touched_sets:
             t, name = key
             known = desired_sets.get(key) or sets.get(key)

@@ -21,8 +21,9 @@ Log prefixes are `hf:<vm-sid>:<direction>:<verdict>:<comment>`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterable
+import json
 
 from hyperfence.model.policy import (
     Action,
@@ -57,7 +58,8 @@ def vm_sid(vm_id: str) -> str:
     return "v" + hashlib.sha256(vm_id.encode()).hexdigest()[:10]
 
 
-def selector_set_name(selectors: Iterable[Selector]) -> str:
+@functools.lru_cache(maxsize=65536)
+def selector_set_name(selectors: tuple[Selector, ...]) -> str:
     text = "\n".join(sorted(format_selector(s) for s in selectors))
     return "s_" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -66,9 +68,30 @@ def log_prefix(sid: str, direction: str, verdict: str, comment: str) -> str:
     return f"{LOG_PREFIX}:{sid}:{direction}:{verdict}:{comment}"
 
 
+def _dump(obj: JSON) -> str:
+    """`canonical()` for what the compiler builds: its counters are already zero, so no walk is needed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+class CompileCache:
+    """Per-VM results of earlier compiles, so a one-rule change recompiles only the VMs it touches.
+
+    Keys hold everything a VM's chains depend on (its identity, the rules that apply to it and their
+    selectors, its ARP peers, the settings) but not the contents of shared address sets, which are
+    element updates. Entries not used by the latest compile are dropped, so the cache never outgrows
+    one policy. Using a cache never changes the result: `compile_ruleset(r) == compile_ruleset(r, cache)`.
+    """
+
+    def __init__(self) -> None:
+        self.vms: dict[object, tuple[list[Chain], list[Rule], NftSet | None]] = {}
+        self.elements: dict[tuple[AddressRange, ...], frozenset[str]] = {}
+        self.maps: dict[tuple[str, str], frozenset[str]] = {}
+
+
 class _Builder:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cache: CompileCache | None = None) -> None:
         self.settings = settings
+        self.cache = cache
         self.chains: list[Chain] = []
         self.sets: dict[str, NftSet] = {}
         self.rules: list[Rule] = []
@@ -87,15 +110,27 @@ class _Builder:
         )
 
     def rule(self, table: TableId, chain: str, comment: str, statements: list[JSON]) -> None:
-        self.rules.append(Rule(table, chain, comment, canonical(statements)))
+        # The compiler only ever writes zeroed counters, so the canonical text is a plain sorted dump.
+        self.rules.append(
+            Rule(table, chain, comment, json.dumps(statements, sort_keys=True, separators=(",", ":")))
+        )
 
     def address_set(self, name: str, ranges: tuple[AddressRange, ...]) -> str:
-        elems = frozenset(canonical(x.range_element(r)) for r in ranges)
+        elems = self.cache.elements.get(ranges) if self.cache is not None else None
+        if elems is None:
+            elems = frozenset(canonical(x.range_element(r)) for r in ranges)
+            if self.cache is not None:
+                self.cache.elements[ranges] = elems
         self.sets[name] = NftSet(BRIDGE, name, "ipv4_addr", ("interval",), None, elems)
         return name
 
     def verdict_map(self, name: str, entries: dict[str, JSON]) -> None:
-        elems = frozenset(canonical([port, verdict]) for port, verdict in entries.items())
+        key = (name, _dump(entries))
+        elems = self.cache.maps.get(key) if self.cache is not None else None
+        if elems is None:
+            elems = frozenset(_dump([port, verdict]) for port, verdict in entries.items())
+            if self.cache is not None:
+                self.cache.maps = {key: elems, **{k: v for k, v in self.cache.maps.items() if k[0] != name}}
         self.sets[name] = NftSet(BRIDGE, name, "ifname", (), "verdict", elems)
 
     def logged_drop(
@@ -112,14 +147,54 @@ class _Builder:
         self.rule(table, chain, comment, [*(matches or []), x.COUNTER, x.DROP])
 
 
-def compile_ruleset(resolved: Resolved) -> Ruleset:
-    """The whole desired state. Same input, same output, byte for byte."""
+def _vm_key(vp: VmPolicy, settings: Settings) -> object:
+    def entries(es: tuple[Entry, ...]) -> tuple[object, ...]:
+        return tuple(
+            (e.rule, e.direction, e.peer_selectors, e.peers == ANY, e.services, e.paired) for e in es
+        )
+
+    return (
+        vp.vm,
+        vp.subnet,
+        vp.gateway,
+        entries(vp.egress),
+        entries(vp.ingress),
+        vp.arp_peers,
+        vp.dhcp_client,
+        vp.dhcp_server,
+        settings,
+    )
+
+
+def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ruleset:
+    """The whole desired state. Same input, same output, byte for byte (with or without a cache)."""
     settings = resolved.policy.settings
-    b = _Builder(settings)
+    b = _Builder(settings, cache)
     _conntrack_marker(b, settings.conntrack_mark)
     _base_chains(b, resolved, settings)
+    used: dict[object, tuple[list[Chain], list[Rule], NftSet | None]] = {}
     for vp in sorted(resolved.vms, key=lambda v: vm_sid(v.vm.id)):
-        _vm_chains(b, vp)
+        for entry in (*vp.egress, *vp.ingress):  # shared sets: always from the current contents
+            if entry.peers != ANY:
+                name = selector_set_name(entry.peer_selectors)
+                if name not in b.sets:
+                    b.address_set(name, entry.peers)
+        key = _vm_key(vp, settings)
+        hit = cache.vms.get(key) if cache is not None else None
+        if hit is None:
+            one = _Builder(settings, cache)
+            _vm_chains(one, vp)
+            arp = one.sets.get(f"{vm_sid(vp.vm.id)}_arp")
+            hit = (one.chains, one.rules, arp)
+        used[key] = hit
+        b.chains.extend(hit[0])
+        b.rules.extend(hit[1])
+        if hit[2] is not None:
+            b.sets[hit[2].name] = hit[2]
+    if cache is not None:
+        cache.vms = used
+        live = {s.elements for s in b.sets.values()}
+        cache.elements = {k: v for k, v in cache.elements.items() if v in live}
     return Ruleset(
         tables=TABLES,
         chains=tuple(b.chains),
@@ -262,11 +337,8 @@ def _entry_rules(b: _Builder, vp: VmPolicy, sid: str, chain: str, entry: Entry) 
     rule = entry.rule
     peer_field = "daddr" if entry.direction is Direction.OUT else "saddr"
     peer: JSON | None = None
-    if entry.peers != ANY:
-        peer = x.match(
-            x.payload("ip", peer_field),
-            f"@{b.address_set(selector_set_name(entry.peer_selectors), entry.peers)}",
-        )
+    if entry.peers != ANY:  # the set itself is added by compile_ruleset
+        peer = x.match(x.payload("ip", peer_field), f"@{selector_set_name(entry.peer_selectors)}")
     arp_peer = None if peer is None else peer["match"]["right"]
     verdict = x.ACCEPT if rule.action is Action.ALLOW else x.DROP
     for service in entry.services:

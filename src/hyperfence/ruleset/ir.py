@@ -8,6 +8,7 @@ comparison, not a guess.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,15 +95,28 @@ class Ruleset:
     meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def chain_rules(self) -> dict[tuple[TableId, str], list[Rule]]:
+        """Rules by chain, in order. Computed once per ruleset: callers must not change the result."""
+        return self._chain_rules
+
+    @functools.cached_property
+    def _chain_rules(self) -> dict[tuple[TableId, str], list[Rule]]:
         out: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in self.chains}
         for r in self.rules:
             out.setdefault((r.table, r.chain), []).append(r)
         return out
 
     def set_by_key(self) -> dict[tuple[TableId, str], NftSet]:
+        return self._set_by_key
+
+    @functools.cached_property
+    def _set_by_key(self) -> dict[tuple[TableId, str], NftSet]:
         return {(s.table, s.name): s for s in self.sets}
 
     def chain_by_key(self) -> dict[tuple[TableId, str], Chain]:
+        return self._chain_by_key
+
+    @functools.cached_property
+    def _chain_by_key(self) -> dict[tuple[TableId, str], Chain]:
         return {(c.table, c.name): c for c in self.chains}
 
     def counts(self) -> dict[str, int]:

@@ -11,7 +11,6 @@ only refers to objects that exist at that point of the transaction.
 
 from __future__ import annotations
 
-import bisect
 import json
 from dataclasses import dataclass, field
 
@@ -173,55 +172,30 @@ def _plan_chain(
     plan: Plan, key: tuple[TableId, str], want: list[Rule], have: list[Rule], actual: Actual
 ) -> None:
     table, chain = key
-    have_pos = {r.comment: i for i, r in enumerate(have)}
-    # Keep the longest run of rules that already stand in the desired order; move nothing else.
-    candidates = [(i, have_pos[r.comment]) for i, r in enumerate(want) if r.comment in have_pos]
-    kept_idx = {candidates[i][0] for i in _longest_increasing(candidates)}
-    kept = {want[i].comment for i in kept_idx}
+    # libnftables can only append (`add`) or prepend (`insert` without a handle) a rule cheaply: placing one
+    # at a position makes it load every rule of the table first (~110 ms at 1,000 VMs, against ~5 ms). So
+    # the planner keeps the longest prefix of the desired chain that the kernel already holds, unchanged and
+    # in order (kernel rules in between are deleted), and appends the rest. Rules after the first change in
+    # a chain therefore restart their counters; chains that did not change keep theirs.
+    kept: set[str] = set()
+    j = 0
+    split = len(want)
+    for i, r in enumerate(want):
+        while j < len(have) and have[j].comment != r.comment:
+            j += 1
+        if j == len(have) or have[j].expr != r.expr:
+            split = i
+            break
+        kept.add(r.comment)
+        j += 1
+    wanted = {r.comment for r in want}
     for r in have:
         if r.comment not in kept:
             handle = actual.handles[(table, chain, r.comment)]
             plan.commands.append({"delete": {"rule": {**_t(table), "chain": chain, "handle": handle}}})
-            plan.count("rules-")
-    next_kept: int | None = None  # handle of the nearest kept rule after position i
-    inserts: list[JSON] = []
-    for i in range(len(want) - 1, -1, -1):
-        r = want[i]
-        if i in kept_idx:
-            handle = actual.handles[(table, chain, r.comment)]
-            old = have[have_pos[r.comment]]
-            if old.expr != r.expr:
-                plan.commands.append({"replace": {"rule": rule_obj(r, handle=handle)}})
-                plan.count("rules~")
-            next_kept = handle
-        elif next_kept is None:
-            inserts.append({"add": {"rule": rule_obj(r)}})
-            plan.count("rules+")
-        else:
-            inserts.append({"insert": {"rule": rule_obj(r, handle=next_kept)}})
-            plan.count("rules+")
-    # Built back to front; `insert` before a kept rule and `add` at the end both keep the desired order
-    # when applied front to back.
-    plan.commands.extend(reversed(inserts))
-
-
-def _longest_increasing(pairs: list[tuple[int, int]]) -> list[int]:
-    """Indexes into `pairs` of a longest subsequence whose second items increase (patience sort)."""
-    tails: list[int] = []
-    tail_idx: list[int] = []
-    prev: list[int] = [-1] * len(pairs)
-    for i, (_, v) in enumerate(pairs):
-        j = bisect.bisect_left(tails, v)
-        if j == len(tails):
-            tails.append(v)
-            tail_idx.append(i)
-        else:
-            tails[j] = v
-            tail_idx[j] = i
-        prev[i] = tail_idx[j - 1] if j > 0 else -1
-    out: list[int] = []
-    k = tail_idx[-1] if tail_idx else -1
-    while k >= 0:
-        out.append(k)
-        k = prev[k]
-    return out[::-1]
+            if r.comment not in wanted:
+                plan.count("rules-")
+    have_comments = {r.comment for r in have}
+    for r in want[split:]:
+        plan.commands.append({"add": {"rule": rule_obj(r)}})
+        plan.count("rules~" if r.comment in have_comments else "rules+")

@@ -98,8 +98,9 @@ def test_plan_against_its_own_state_is_empty_and_one_change_is_small() -> None:
     plan = plan_changes(
         changed, Actual(rs, {(r.table, r.chain, r.comment): i for i, r in enumerate(rs.rules)})
     )
-    # the logged rule is two nft rules (log + verdict), in vm1 egress and in vm1 ingress (role=web): 4 in place
-    assert plan.summary == {"rules~": 4}
+    # only vm1's egress and vm1's ingress (role=web) chains change, from the changed rule to their end
+    assert set(plan.summary) == {"rules~"}
+    assert {c for _, c in plan.touched_chains} == {f"{vm_sid('vm1')}_out", f"{vm_sid('vm1')}_in"}
 
 
 rule_strategy = st.fixed_dictionaries(
@@ -141,3 +142,24 @@ def test_plan_reaches_desired_from_any_previous_state(
     assert set(got.chains) == set(new.chains)
     assert set(got.sets) == set(new.sets)
     assert got.chain_rules() == new.chain_rules()
+
+
+def test_a_compile_cache_never_changes_the_result() -> None:
+    from hyperfence.ruleset.compile import CompileCache
+
+    cache = CompileCache()
+    versions = [
+        doc(rules=RULES),
+        doc(rules=[*RULES[:1], {**RULES[1], "ports": [80, 443]}, *RULES[2:]]),
+        doc(
+            ipsets={"x": ["10.9.0.0/24"]}, rules=[*RULES, {"from": "ipset:x", "to": "vms", "protocol": "udp"}]
+        ),
+        doc(
+            ipsets={"x": ["10.9.1.0/24"]}, rules=[*RULES, {"from": "ipset:x", "to": "vms", "protocol": "udp"}]
+        ),
+        doc(rules=RULES),
+    ]
+    for v in versions:
+        resolved = resolve_policy(parse_policy(v))
+        assert compile_ruleset(resolved, cache) == compile_ruleset(resolved)
+    assert len(cache.vms) == 2  # only the latest policy's VMs are kept
