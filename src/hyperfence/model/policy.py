@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import NamedTuple
 
 
 class Action(enum.StrEnum):
@@ -32,9 +33,9 @@ class Direction(enum.StrEnum):
     IN = "in"
 
 
-@dataclass(frozen=True, order=True)
-class AddressRange:
-    """An inclusive IPv4 range; a CIDR or a single address is a range too."""
+class AddressRange(NamedTuple):
+    """An inclusive IPv4 range; a CIDR or a single address is a range too. (A named tuple: hashed and
+    compared very often.)"""
 
     first: IPv4Address
     last: IPv4Address

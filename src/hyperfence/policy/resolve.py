@@ -200,13 +200,13 @@ def resolve_policy(policy: Policy) -> Resolved:
         entries = egress[vm.id] + ingress[vm.id]
         allows = [e for e in entries if e.action is Action.ALLOW]
         # VMs with the same peers share one computation (1,000 VMs x a 10k-address IP set otherwise)
-        key = (net.name, *sorted({e.peer_selectors for e in allows if not _only_named(e.services)}, key=repr))
+        key = (net.name, frozenset(e.peer_selectors for e in allows if not _only_named(e.services)))
         reachable = arp_cache.get(key)
         if reachable is None:
             reachable = arp_cache[key] = _arp_reachable(
                 net.subnet, net.gateway, [e.peers for e in allows if not _only_named(e.services)]
             )
-        arp_peers = _subtract(reachable, merge_ranges(AddressRange.single(a) for a in vm.ips))
+        arp_peers = _without(reachable, vm.ips)
         out.append(
             VmPolicy(
                 vm=vm,
@@ -232,6 +232,13 @@ def _arp_reachable(
     if gateway is not None and intersect(wanted, complement(subnet)):
         arp.append(AddressRange.single(gateway))  # routed peers are reached through the gateway
     return merge_ranges(arp)
+
+
+def _without(ranges: tuple[AddressRange, ...], addrs: tuple[IPv4Address, ...]) -> tuple[AddressRange, ...]:
+    """`ranges` minus a few single addresses (a VM's own), without rebuilding untouched ranges."""
+    if not any(r.first <= a <= r.last for r in ranges for a in addrs):
+        return ranges
+    return _subtract(ranges, merge_ranges(AddressRange.single(a) for a in addrs))
 
 
 def _only_named(services: tuple[Service, ...]) -> bool:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
+from dataclasses import dataclass
 
 from hyperfence.model.policy import (
     Action,
@@ -53,6 +55,7 @@ LOG_PREFIX = "hf"
 # break the exact readback. `ip version 4` and `arp hlen 6` select the same frames and list as written.
 
 
+@functools.lru_cache(maxsize=65536)
 def vm_sid(vm_id: str) -> str:
     """Short, stable nft name for a VM (its chains are `<sid>_guard`, `<sid>_out`, `<sid>_in`)."""
     return "v" + hashlib.sha256(vm_id.encode()).hexdigest()[:10]
@@ -73,6 +76,15 @@ def _dump(obj: JSON) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class _VmFragment:
+    """What one VM compiles to: its chains, their rules (shared lists: never changed), its ARP set."""
+
+    chains: list[Chain]
+    rules: dict[tuple[TableId, str], list[Rule]]
+    arp: NftSet | None
+
+
 class CompileCache:
     """Per-VM results of earlier compiles, so a one-rule change recompiles only the VMs it touches.
 
@@ -83,7 +95,7 @@ class CompileCache:
     """
 
     def __init__(self) -> None:
-        self.vms: dict[object, tuple[list[Chain], list[Rule], NftSet | None]] = {}
+        self.vms: dict[object, _VmFragment] = {}
         self.elements: dict[tuple[AddressRange, ...], frozenset[str]] = {}
         self.maps: dict[tuple[str, str], frozenset[str]] = {}
 
@@ -172,7 +184,10 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
     b = _Builder(settings, cache)
     _conntrack_marker(b, settings.conntrack_mark)
     _base_chains(b, resolved, settings)
-    used: dict[object, tuple[list[Chain], list[Rule], NftSet | None]] = {}
+    by_chain: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in b.chains}
+    for r in b.rules:
+        by_chain[(r.table, r.chain)].append(r)
+    used: dict[object, _VmFragment] = {}
     for vp in sorted(resolved.vms, key=lambda v: vm_sid(v.vm.id)):
         for entry in (*vp.egress, *vp.ingress):  # shared sets: always from the current contents
             if entry.peers != ANY:
@@ -184,23 +199,27 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
         if hit is None:
             one = _Builder(settings, cache)
             _vm_chains(one, vp)
-            arp = one.sets.get(f"{vm_sid(vp.vm.id)}_arp")
-            hit = (one.chains, one.rules, arp)
+            rules: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in one.chains}
+            for r in one.rules:
+                rules[(r.table, r.chain)].append(r)
+            hit = _VmFragment(one.chains, rules, one.sets.get(f"{vm_sid(vp.vm.id)}_arp"))
         used[key] = hit
-        b.chains.extend(hit[0])
-        b.rules.extend(hit[1])
-        if hit[2] is not None:
-            b.sets[hit[2].name] = hit[2]
+        b.chains.extend(hit.chains)
+        by_chain.update(hit.rules)
+        if hit.arp is not None:
+            b.sets[hit.arp.name] = hit.arp
     if cache is not None:
         cache.vms = used
         live = {s.elements for s in b.sets.values()}
         cache.elements = {k: v for k, v in cache.elements.items() if v in live}
-    return Ruleset(
+    rs = Ruleset(
         tables=TABLES,
         chains=tuple(b.chains),
         sets=tuple(b.sets[k] for k in sorted(b.sets)),
-        rules=tuple(b.rules),
+        rules=tuple(itertools.chain.from_iterable(by_chain.values())),
     )
+    rs.preset_chain_rules(by_chain)
+    return rs
 
 
 def _conntrack_marker(b: _Builder, mark: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 JSON = Any
 
@@ -31,8 +31,9 @@ def _zero_counters(obj: JSON) -> JSON:
     return obj
 
 
-@dataclass(frozen=True, order=True)
-class TableId:
+class TableId(NamedTuple):
+    """A named tuple, not a dataclass: it is hashed tens of thousands of times per plan."""
+
     family: str
     name: str
 
@@ -97,6 +98,10 @@ class Ruleset:
     def chain_rules(self) -> dict[tuple[TableId, str], list[Rule]]:
         """Rules by chain, in order. Computed once per ruleset: callers must not change the result."""
         return self._chain_rules
+
+    def preset_chain_rules(self, by_chain: dict[tuple[TableId, str], list[Rule]]) -> None:
+        """For builders that already hold the rules grouped by chain (same content as `rules`)."""
+        self.__dict__["_chain_rules"] = by_chain
 
     @functools.cached_property
     def _chain_rules(self) -> dict[tuple[TableId, str], list[Rule]]:
