@@ -34,6 +34,8 @@ def _os_error(e: OSError) -> str:
     """EHOSTUNREACH: ARP got no answer (the firewall blocked it), as ping's "Destination Host Unreachable"."""
     if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return "UNREACHABLE"
+    if e.errno == errno.ECONNREFUSED:  # a UDP datagram answered with ICMP port unreachable
+        return "REFUSED"
     return f"ERR:{e.__class__.__name__}:{e.errno}"
 
 
@@ -41,12 +43,13 @@ def udp(host: str, port: int, timeout: float) -> str:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.settimeout(timeout)
     try:
-        s.sendto(b"hi", (host, port))
+        s.connect((host, port))  # a connected socket is told about ICMP errors (a reject) as ECONNREFUSED
+        s.send(b"hi")
         return "OK" if s.recv(16) == b"OK" else "NODATA"
     except TimeoutError:
         return "TIMEOUT"
     except OSError as e:
-        return f"ERR:{e.__class__.__name__}"
+        return _os_error(e)
     finally:
         s.close()
 

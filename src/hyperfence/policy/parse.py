@@ -397,7 +397,7 @@ def _rule_services(c: _Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
             )
             is not None
         )
-        svc = PortService(L4(proto), ports)
+        svc = PortService(L4(proto), syntax.normalize_ports(ports))
     elif proto == "icmp":
         typ = (
             c.value(syntax.parse_icmp_type, doc.icmp_type, f"{p}.icmp_type")

@@ -172,6 +172,18 @@ def parse_port_range(value: object) -> PortRange:
     return PortRange(first, last)
 
 
+def normalize_ports(ports: tuple[PortRange, ...]) -> tuple[PortRange, ...]:
+    """Sorted, with overlapping and adjacent ranges merged: the form nft itself keeps (and lists), so that
+    `[443, 80, 81]` and `[80-81, 443]` are the same service and read back exactly as written."""
+    out: list[PortRange] = []
+    for p in sorted(ports):
+        if out and p.first <= out[-1].last + 1:
+            out[-1] = PortRange(out[-1].first, max(out[-1].last, p.last))
+        else:
+            out.append(p)
+    return tuple(out)
+
+
 def parse_icmp_type(value: int | str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 255:
         return value
@@ -221,7 +233,7 @@ def parse_service(text: str) -> Service:
     head, _, rest = t.partition("/")
     if head in ("tcp", "udp"):
         ports = tuple(parse_port_range(p) for p in rest.split(",")) if rest else ()
-        return PortService(L4(head), ports)
+        return PortService(L4(head), normalize_ports(ports))
     if head == "icmp":
         if not rest:
             return IcmpService()

@@ -184,6 +184,9 @@ class Firewall:
                 sets[(s.table, s.name)] = s
         # Objects the plan deleted are gone from the kernel: drop them from the cache too.
         for cmd in plan.commands:
+            if "add" in cmd and "table" in cmd["add"]:
+                t = cmd["add"]["table"]
+                tables.add(TableId(t["family"], t["name"]))
             if "delete" in cmd:
                 body = cmd["delete"]
                 if "chain" in body:

@@ -28,6 +28,7 @@ import json
 from dataclasses import dataclass
 
 from hyperfence.model.policy import (
+    L4,
     Action,
     AddressRange,
     Direction,
@@ -47,7 +48,9 @@ from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, Ruleset, TableId, c
 
 BRIDGE = TableId("bridge", "hyperfence")
 INET = TableId("inet", "hyperfence")
-TABLES = (BRIDGE, INET)
+NETDEV = TableId("netdev", "hyperfence")
+TABLES = (BRIDGE, INET, NETDEV)
+REJECT_DST_MAP = "reject_dst"
 
 GUARD_MAP, OUT_MAP, IN_MAP = "guard_ports", "out_ports", "in_ports"
 LOG_PREFIX = "hf"
@@ -116,9 +119,18 @@ class _Builder:
         hook: str | None = None,
         priority: int | None = None,
         policy: str | None = None,
+        device: str | None = None,
     ) -> None:
         self.chains.append(
-            Chain(table, name, type="filter" if hook else None, hook=hook, priority=priority, policy=policy)
+            Chain(
+                table,
+                name,
+                type="filter" if hook else None,
+                hook=hook,
+                priority=priority,
+                policy=policy,
+                device=device,
+            )
         )
 
     def rule(self, table: TableId, chain: str, comment: str, statements: list[JSON]) -> None:
@@ -127,13 +139,13 @@ class _Builder:
             Rule(table, chain, comment, json.dumps(statements, sort_keys=True, separators=(",", ":")))
         )
 
-    def address_set(self, name: str, ranges: tuple[AddressRange, ...]) -> str:
+    def address_set(self, name: str, ranges: tuple[AddressRange, ...], table: TableId | None = None) -> str:
         elems = self.cache.elements.get(ranges) if self.cache is not None else None
         if elems is None:
             elems = frozenset(canonical(x.range_element(r)) for r in ranges)
             if self.cache is not None:
                 self.cache.elements[ranges] = elems
-        self.sets[name] = NftSet(BRIDGE, name, "ipv4_addr", ("interval",), None, elems)
+        self.sets[name] = NftSet(table or BRIDGE, name, "ipv4_addr", ("interval",), None, elems)
         return name
 
     def verdict_map(self, name: str, entries: dict[str, JSON]) -> None:
@@ -208,6 +220,12 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
         by_chain.update(hit.rules)
         if hit.arp is not None:
             b.sets[hit.arp.name] = hit.arp
+    first_chain, first_rule = len(b.chains), len(b.rules)
+    _reject_chains(b, resolved)
+    for c in b.chains[first_chain:]:
+        by_chain[(c.table, c.name)] = []
+    for r in b.rules[first_rule:]:
+        by_chain[(r.table, r.chain)].append(r)
     if cache is not None:
         cache.vms = used
         live = {s.elements for s in b.sets.values()}
@@ -416,3 +434,98 @@ def _service_matches(
             sport, dport = (67, 68) if out else (68, 67)
             return [x.match(x.payload("udp", "sport"), sport), x.match(x.payload("udp", "dport"), dport)]
     raise AssertionError(f"unhandled service {service!r}")
+
+
+# --- reject ---------------------------------------------------------------------------------------------
+#
+# The bridge family cannot reject on this kernel. A netdev ingress chain on the *sender's* port can: it sees
+# every frame the VM sends before the bridge does, and `reject` there answers the sender (TCP reset for a new
+# TCP connection, ICMP unreachable otherwise). It repeats the sender's egress rules in order (allow/deny
+# only pass the frame on to the bridge, which decides as usual), and after an allow asks the receiver's
+# ingress rules the same question through a map from destination address to that VM's reject chain. Rules
+# that are not rejects never change a verdict here: the bridge chains stay the only place that allows.
+
+
+def _reject_verdict(service: Service) -> list[JSON]:
+    match service:
+        case PortService(L4.TCP, _):
+            syn_only = x.match(
+                {"&": [x.payload("tcp", "flags"), [2, 16]]}, 2
+            )  # SYN without ACK: a new connection
+            return [syn_only, x.COUNTER, {"reject": {"type": "tcp reset"}}]
+        case PortService(L4.UDP, _):
+            return [x.COUNTER, {"reject": {"type": "icmp", "expr": 3}}]  # port unreachable
+    return [x.COUNTER, {"reject": {"type": "icmp", "expr": 13}}]  # administratively prohibited
+
+
+def _reject_entries(
+    b: _Builder, vp: VmPolicy, chain: str, entries: tuple[Entry, ...], on_allow: JSON
+) -> None:
+    for entry in entries:
+        if entry.paired:
+            continue
+        peer: JSON | None = None
+        if entry.peers != ANY:
+            name = "n" + selector_set_name(entry.peer_selectors)
+            b.address_set(name, entry.peers, NETDEV)
+            peer = x.match(
+                x.payload("ip", "daddr" if entry.direction is Direction.OUT else "saddr"), f"@{name}"
+            )
+        for service in entry.services:
+            if isinstance(service, NamedService) and service.kind is not SpecialService.ANY:
+                continue  # ARP and DHCP are never rejected
+            n = entry.rule.services.index(service) + 1
+            matches = _service_matches(service, entry.direction, peer, None, vp)
+            comment = f"rule:{entry.rule.id}#{n}"
+            if entry.action is Action.REJECT:
+                b.rule(NETDEV, chain, comment, [*matches, *_reject_verdict(service)])
+                b.rule(NETDEV, chain, comment + ":rest", [*matches, x.RETURN])
+            elif entry.action is Action.ALLOW:
+                b.rule(NETDEV, chain, comment, [*matches, on_allow])
+            else:
+                b.rule(NETDEV, chain, comment, [*matches, x.RETURN])
+
+
+def _reject_chains(b: _Builder, resolved: Resolved) -> None:
+    def rejects(es: tuple[Entry, ...]) -> bool:
+        return any(e.action is Action.REJECT for e in es)
+
+    receivers = [vp for vp in resolved.vms if rejects(vp.ingress)]
+    senders = list(resolved.vms) if receivers else [vp for vp in resolved.vms if rejects(vp.egress)]
+    if not senders:
+        return
+    on_allow: JSON = x.RETURN
+    if receivers:
+        b.chain(NETDEV, "reject_dst")
+        b.rule(
+            NETDEV,
+            "reject_dst",
+            "sys:dispatch",
+            [{"vmap": {"key": x.payload("ip", "daddr"), "data": f"@{REJECT_DST_MAP}"}}],
+        )
+        on_allow = {"goto": {"target": "reject_dst"}}
+        elems: list[str] = []
+        for vp in sorted(receivers, key=lambda v: vm_sid(v.vm.id)):
+            chain = f"{vm_sid(vp.vm.id)}_rej_in"
+            b.chain(NETDEV, chain)
+            _reject_entries(b, vp, chain, vp.ingress, x.RETURN)
+            elems.extend(_dump([str(ip), {"goto": {"target": chain}}]) for ip in vp.vm.ips)
+        b.sets[REJECT_DST_MAP] = NftSet(NETDEV, REJECT_DST_MAP, "ipv4_addr", (), "verdict", frozenset(elems))
+    for vp in sorted(senders, key=lambda v: vm_sid(v.vm.id)):
+        sid = vm_sid(vp.vm.id)
+        port_tag = hashlib.sha256(vp.vm.port.encode()).hexdigest()[:6]
+        base, out = f"{sid}_rej_{port_tag}", f"{sid}_rej_out"
+        b.chain(NETDEV, base, hook="ingress", priority=-500, policy="accept", device=vp.vm.port)
+        b.chain(NETDEV, out)
+        # Only frames that pass anti-spoofing are answered: never send a reset to a forged source.
+        b.rule(
+            NETDEV,
+            base,
+            "sys:identity",
+            [
+                x.match(x.payload("ether", "saddr"), vp.vm.mac),
+                x.match(x.payload("ip", "saddr"), _own(vp)),
+                {"goto": {"target": out}},
+            ],
+        )
+        _reject_entries(b, vp, out, vp.egress, on_allow)

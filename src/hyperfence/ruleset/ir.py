@@ -46,7 +46,9 @@ class Chain:
     hook: str | None = None
     priority: int | None = None
     policy: str | None = None
-    device: str | None = None  # netdev ingress chains
+    # netdev ingress chains. Not compared: nft 1.0.6 lists netdev chains without their device, so equality
+    # (readback vs desired) cannot see it; hyperfence names those chains after the device instead.
+    device: str | None = field(default=None, compare=False)
 
     @property
     def is_base(self) -> bool:

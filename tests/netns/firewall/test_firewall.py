@@ -245,3 +245,52 @@ def test_daemon_kill_9_changes_nothing_and_restart_writes_nothing(lab: LabSessio
     finally:
         daemon.kill()
         daemon.wait()
+
+
+def test_reject_answers_the_sender_at_once(lab: LabSession) -> None:
+    lab.serve("vm2", tcp=[22, 80], udp=[53])
+    lab.apply(
+        [
+            {
+                "id": "ssh-rejected",
+                "from": "vm:vm1",
+                "to": "vm:vm2",
+                "protocol": "tcp",
+                "ports": [22],
+                "action": "reject",
+                "priority": 10,
+            },
+            {
+                "id": "dns-rejected",
+                "from": "vm:vm1",
+                "to": "vm:vm2",
+                "protocol": "udp",
+                "ports": [53],
+                "action": "reject",
+                "priority": 10,
+            },
+            {"id": "vm1-web", "from": "vm:vm1", "to": "vm:vm2", "protocol": "tcp", "ports": [80, 22]},
+            # vm3 may send anything on tcp/80, but vm2 rejects it at its ingress
+            {"id": "vm3-out", "from": "vm:vm3", "to": "any", "protocol": "tcp", "ports": [80]},
+            {
+                "id": "no-vm3",
+                "from": "vm:vm3",
+                "to": "vm:vm2",
+                "protocol": "tcp",
+                "ports": [80],
+                "action": "reject",
+            },
+            {"id": "arp", "from": "vm:vm3", "to": "vm:vm2", "services": ["arp"]},
+            {"id": "arp2", "from": "vm:vm2", "to": "vm:vm3", "services": ["arp"]},
+        ]
+    )
+    assert lab.tcp("vm1", "vm2", 80) == "OK"  # not everything is rejected
+    assert lab.tcp("vm1", "vm2", 22, timeout=5) == "REFUSED"  # egress reject: a TCP reset, not a timeout
+    assert lab.udp("vm1", "vm2", 53, timeout=5) == "REFUSED"  # ICMP port unreachable
+    assert lab.tcp("vm3", "vm2", 80, timeout=5) == "REFUSED"  # the receiver's ingress reject
+    assert lab.tcp("vm3", "vm1", 80) in ("TIMEOUT", "UNREACHABLE")  # vm1 never allowed it: plain deny
+    assert counter(lab, "_rej_out", "rule:ssh-rejected#1") >= 1
+    assert lab.engine is not None
+    _, again = lab.engine.converge(full=True)
+    assert again is not None
+    assert not again.changed  # the netdev chains read back identical too

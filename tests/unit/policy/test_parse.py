@@ -162,3 +162,22 @@ def test_duplicate_rule_ids_and_services() -> None:
     )
     assert "rules[1].id: 'x' is also the id of rules[0]" in got
     assert "rules[1].services[0]: 'bogus/1' is not a service" in got
+
+
+def test_ports_are_kept_sorted_and_merged_as_nft_keeps_them() -> None:
+    p = parse_policy(
+        doc(
+            rules=[
+                {
+                    "from": "vm:vm1",
+                    "to": "any",
+                    "protocol": "tcp",
+                    "ports": [443, 80, 81, "1000-2000", "1500-2500"],
+                },
+                {"from": "vm:vm1", "to": "any", "services": ["udp/53,52,9"]},
+            ]
+        )
+    )
+    tcp, udp = (r.services[0] for r in p.rules)
+    assert tcp == PortService(L4.TCP, (PortRange(80, 81), PortRange(443, 443), PortRange(1000, 2500)))
+    assert udp == PortService(L4.UDP, (PortRange(9, 9), PortRange(52, 53)))
