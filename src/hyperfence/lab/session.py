@@ -19,6 +19,7 @@ from hyperfence.errors import BugError
 from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan, plan_lab
 from hyperfence.lab.policy import lab_policy
+from hyperfence.policy.parse import parse_policy
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.firewall import ConvergeResult
 
@@ -69,14 +70,21 @@ class LabSession:
 
     # --- policy ---------------------------------------------------------------------------------------
 
-    def document(self, rules: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-        return lab_policy(self.plan, rules, labels=self.labels)
+    def document(self, rules: Sequence[dict[str, Any]] = (), *,
+                 ipsets: dict[str, list[str]] | None = None) -> dict[str, Any]:
+        doc = lab_policy(self.plan, rules, labels=self.labels)
+        if ipsets:
+            doc["ipsets"] = ipsets
+        return doc
 
-    def apply(self, rules: Sequence[dict[str, Any]] = (), *, full: bool = False) -> ConvergeResult:
-        """Store a policy with these rules as a new generation and converge the kernel to it."""
+    def apply(self, rules: Sequence[dict[str, Any]] = (), *, full: bool = False,
+              ipsets: dict[str, list[str]] | None = None) -> ConvergeResult:
+        """Validate a policy with these rules, store it as a new generation and converge the kernel to it."""
         if self.engine is None:
             raise BugError("LabSession.apply outside its `with` block")
-        self.engine.store.put_policy(self.document(rules), source="lab")
+        document = self.document(rules, ipsets=ipsets)
+        parse_policy(document, source="lab policy")  # never store what does not validate
+        self.engine.store.put_policy(document, source="lab")
         _, result = self.engine.converge(full=full)
         if result is None:
             raise BugError("converge returned no result right after storing a policy")
