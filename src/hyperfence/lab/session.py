@@ -70,15 +70,21 @@ class LabSession:
 
     # --- policy ---------------------------------------------------------------------------------------
 
-    def document(self, rules: Sequence[dict[str, Any]] = (), *,
-                 ipsets: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    def document(
+        self, rules: Sequence[dict[str, Any]] = (), *, ipsets: dict[str, list[str]] | None = None
+    ) -> dict[str, Any]:
         doc = lab_policy(self.plan, rules, labels=self.labels)
         if ipsets:
             doc["ipsets"] = ipsets
         return doc
 
-    def apply(self, rules: Sequence[dict[str, Any]] = (), *, full: bool = False,
-              ipsets: dict[str, list[str]] | None = None) -> ConvergeResult:
+    def apply(
+        self,
+        rules: Sequence[dict[str, Any]] = (),
+        *,
+        full: bool = False,
+        ipsets: dict[str, list[str]] | None = None,
+    ) -> ConvergeResult:
         """Validate a policy with these rules, store it as a new generation and converge the kernel to it."""
         if self.engine is None:
             raise BugError("LabSession.apply outside its `with` block")

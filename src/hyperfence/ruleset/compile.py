@@ -274,7 +274,57 @@ def _base_chains(b: _Builder, resolved: Resolved, settings: Settings) -> None:
         entries.update({vp.vm.port: x.jump(f"{vm_sid(vp.vm.id)}_{suffix}") for vp in resolved.vms})
         b.verdict_map(map_name, entries)
     mark = settings.conntrack_mark
+    # Identity of every VM port: (port, MAC, address) for IPv4, (port, MAC, ARP sender MAC, ARP sender
+    # address) for ARP, (port, MAC) for VMs allowed to ask for a DHCP lease from 0.0.0.0.
+    ident_ip: list[str] = []
+    ident_arp: list[str] = []
+    dhcp: list[str] = []
+    for vp in resolved.vms:
+        v = vp.vm
+        ident_ip.extend(_dump({"concat": [v.port, v.mac, str(ip)]}) for ip in v.ips)
+        ident_arp.extend(_dump({"concat": [v.port, v.mac, v.mac, str(ip)]}) for ip in v.ips)
+        if vp.dhcp_client:
+            dhcp.append(_dump({"concat": [v.port, v.mac]}))
+    b.sets["ident_ip"] = NftSet(
+        BRIDGE, "ident_ip", "ifname . ether_addr . ipv4_addr", (), None, frozenset(ident_ip)
+    )
+    b.sets["ident_arp"] = NftSet(
+        BRIDGE, "ident_arp", "ifname . ether_addr . ether_addr . ipv4_addr", (), None, frozenset(ident_arp)
+    )
+    b.sets["dhcp_clients"] = NftSet(BRIDGE, "dhcp_clients", "ifname . ether_addr", (), None, frozenset(dhcp))
+    port_mac = [x.meta("iifname"), x.payload("ether", "saddr")]
     b.chain(BRIDGE, "guard", hook="prerouting", priority=-300, policy="drop")
+    b.rule(
+        BRIDGE,
+        "guard",
+        "sys:ident-ip",
+        [x.match({"concat": [*port_mac, x.payload("ip", "saddr")]}, "@ident_ip"), x.ACCEPT],
+    )
+    b.rule(
+        BRIDGE,
+        "guard",
+        "sys:ident-arp",
+        [
+            x.match(
+                {"concat": [*port_mac, x.payload("arp", "saddr ether"), x.payload("arp", "saddr ip")]},
+                "@ident_arp",
+            ),
+            x.ACCEPT,
+        ],
+    )
+    b.rule(
+        BRIDGE,
+        "guard",
+        "sys:dhcp-discover",
+        [
+            x.match({"concat": port_mac}, "@dhcp_clients"),
+            x.match(x.payload("ip", "saddr"), "0.0.0.0"),  # noqa: S104 - DHCPDISCOVER source
+            x.match(x.payload("ip", "daddr"), "255.255.255.255"),
+            x.match(x.payload("udp", "sport"), 68),
+            x.match(x.payload("udp", "dport"), 67),
+            x.ACCEPT,
+        ],
+    )
     b.rule(BRIDGE, "guard", "sys:dispatch", [x.vmap("iifname", GUARD_MAP)])
     b.logged_drop(BRIDGE, "guard", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
     b.chain(BRIDGE, "egress", hook="prerouting", priority=10, policy="drop")
@@ -293,43 +343,12 @@ def _own(vp: VmPolicy) -> JSON:
 
 def _vm_chains(b: _Builder, vp: VmPolicy) -> None:
     sid = vm_sid(vp.vm.id)
-    mac = vp.vm.mac
     guard, out, inn = f"{sid}_guard", f"{sid}_out", f"{sid}_in"
     for name in (guard, out, inn):
         b.chain(BRIDGE, name)
 
-    # Anti-spoofing: only IPv4 from the VM's MAC and addresses, and ARP that tells the truth about both.
-    b.rule(
-        BRIDGE,
-        guard,
-        "sys:ip",
-        [x.match(x.payload("ether", "saddr"), mac), x.match(x.payload("ip", "saddr"), _own(vp)), x.ACCEPT],
-    )
-    b.rule(
-        BRIDGE,
-        guard,
-        "sys:arp",
-        [
-            x.match(x.payload("ether", "saddr"), mac),
-            x.match(x.payload("arp", "saddr ether"), mac),
-            x.match(x.payload("arp", "saddr ip"), _own(vp)),
-            x.ACCEPT,
-        ],
-    )
-    if vp.dhcp_client:
-        b.rule(
-            BRIDGE,
-            guard,
-            "sys:dhcp-discover",
-            [
-                x.match(x.payload("ether", "saddr"), mac),
-                x.match(x.payload("ip", "saddr"), "0.0.0.0"),  # noqa: S104 - DHCPDISCOVER source
-                x.match(x.payload("ip", "daddr"), "255.255.255.255"),
-                x.match(x.payload("udp", "sport"), 68),
-                x.match(x.payload("udp", "dport"), 67),
-                x.ACCEPT,
-            ],
-        )
+    # Anti-spoofing happens in the guard base chain, one set lookup per frame (`ident_ip`, `ident_arp`,
+    # `dhcp_clients`); a frame that fails it is dispatched here to be logged and dropped.
     b.logged_drop(BRIDGE, guard, "sys:spoof", log_prefix(sid, "out", "spoof", "sys:spoof"))
 
     if not vp.dhcp_server:

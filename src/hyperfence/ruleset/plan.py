@@ -51,7 +51,8 @@ def chain_obj(c: Chain) -> JSON:
 
 
 def set_obj(s: NftSet, *, with_elements: bool) -> JSON:
-    obj: dict[str, JSON] = {**_t(s.table), "name": s.name, "type": s.key_type}
+    key: JSON = s.key_type.split(" . ") if " . " in s.key_type else s.key_type
+    obj: dict[str, JSON] = {**_t(s.table), "name": s.name, "type": key}
     if s.map_type:
         obj["map"] = s.map_type
     if s.flags:

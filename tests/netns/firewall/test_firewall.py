@@ -301,15 +301,43 @@ def test_selectors_priorities_and_default_deny_with_real_packets(lab: LabSession
     broadcast, multicast, IPv6 and other ethertypes."""
     lab.labels = {"vm1": {"tier": "app"}, "vm2": {"tier": "db"}}
     lab.serve("vm2", tcp=[5432, 6000], udp=[7000])
-    lab.apply([
-        {"id": "app-db", "from": "label:tier=app", "to": "label:tier=db", "protocol": "tcp", "ports": [5432]},
-        {"id": "deny-6000", "from": "10.77.0.0/22", "to": "vm:vm2", "protocol": "tcp", "ports": [6000],
-         "action": "deny", "priority": 10},
-        {"id": "any-6000", "from": "vms", "to": "vms", "protocol": "tcp", "ports": [6000]},
-        {"id": "udp-from-set", "from": "ipset:friends", "to": "vm:vm2", "protocol": "udp", "ports": [7000]},
-        {"id": "udp-out", "from": "vm:vm3", "to": "vm:vm2", "protocol": "udp", "ports": [7000]},
-        {"id": "echo-only", "from": "vm:vm3", "to": "host", "protocol": "icmp", "icmp_type": "echo-request"},
-    ], ipsets={"friends": ["10.77.0.13"]})
+    lab.apply(
+        [
+            {
+                "id": "app-db",
+                "from": "label:tier=app",
+                "to": "label:tier=db",
+                "protocol": "tcp",
+                "ports": [5432],
+            },
+            {
+                "id": "deny-6000",
+                "from": "10.77.0.0/22",
+                "to": "vm:vm2",
+                "protocol": "tcp",
+                "ports": [6000],
+                "action": "deny",
+                "priority": 10,
+            },
+            {"id": "any-6000", "from": "vms", "to": "vms", "protocol": "tcp", "ports": [6000]},
+            {
+                "id": "udp-from-set",
+                "from": "ipset:friends",
+                "to": "vm:vm2",
+                "protocol": "udp",
+                "ports": [7000],
+            },
+            {"id": "udp-out", "from": "vm:vm3", "to": "vm:vm2", "protocol": "udp", "ports": [7000]},
+            {
+                "id": "echo-only",
+                "from": "vm:vm3",
+                "to": "host",
+                "protocol": "icmp",
+                "icmp_type": "echo-request",
+            },
+        ],
+        ipsets={"friends": ["10.77.0.13"]},
+    )
     assert lab.tcp("vm1", "vm2", 5432) == "OK"  # label to label
     assert lab.tcp("vm3", "vm2", 5432) in ("TIMEOUT", "UNREACHABLE")  # vm3 has no label
     assert lab.tcp("vm1", "vm2", 6000) in ("TIMEOUT", "UNREACHABLE")  # the priority-10 deny wins
@@ -318,25 +346,33 @@ def test_selectors_priorities_and_default_deny_with_real_packets(lab: LabSession
     assert lab.ping("vm3", "host")[0] == 2  # ICMP echo to the host
     listener = _udp_count(lab, "vm1", 9999, 3.0)
     vm1, _, vm3 = lab.plan.vms
-    _scapy(lab, "vm3", f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/IP(src='{vm3.ip}', "
-                       f"dst='10.77.3.255')/UDP(sport=9999, dport=9999)/Raw(b'FORGED'), iface='eth0', count=3, "
-                       f"verbose=0)\n"
-                       f"sendp(Ether(src='{vm3.mac}', dst='01:00:5e:01:01:01')/IP(src='{vm3.ip}', "
-                       f"dst='239.1.1.1')/UDP(sport=9999, dport=9999)/Raw(b'FORGED'), iface='eth0', count=3, "
-                       f"verbose=0)\n"
-                       f"sendp(Ether(src='{vm3.mac}', dst='{vm1.mac}', type=0x88b5)/Raw(b'FORGED'*10), "
-                       f"iface='eth0', count=3, verbose=0)\n"
-                       f"sendp(Ether(src='{vm3.mac}', dst='{vm1.mac}')/IPv6(src='fe80::1', dst='fe80::2')/"
-                       f"UDP(sport=9999, dport=9999)/Raw(b'FORGED'), iface='eth0', count=3, verbose=0)")
+    _scapy(
+        lab,
+        "vm3",
+        f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/IP(src='{vm3.ip}', "
+        f"dst='10.77.3.255')/UDP(sport=9999, dport=9999)/Raw(b'FORGED'), iface='eth0', count=3, "
+        f"verbose=0)\n"
+        f"sendp(Ether(src='{vm3.mac}', dst='01:00:5e:01:01:01')/IP(src='{vm3.ip}', "
+        f"dst='239.1.1.1')/UDP(sport=9999, dport=9999)/Raw(b'FORGED'), iface='eth0', count=3, "
+        f"verbose=0)\n"
+        f"sendp(Ether(src='{vm3.mac}', dst='{vm1.mac}', type=0x88b5)/Raw(b'FORGED'*10), "
+        f"iface='eth0', count=3, verbose=0)\n"
+        f"sendp(Ether(src='{vm3.mac}', dst='{vm1.mac}')/IPv6(src='fe80::1', dst='fe80::2')/"
+        f"UDP(sport=9999, dport=9999)/Raw(b'FORGED'), iface='eth0', count=3, verbose=0)",
+    )
     out, _ = listener.communicate(timeout=10)
     assert int(out.split()[-1]) == 0
     # the control: without hyperfence's tables the same broadcast does arrive
     for t in ("bridge", "inet", "netdev"):
         lab.run("host", ["nft", "delete", "table", t, "hyperfence"])
     listener = _udp_count(lab, "vm1", 9999, 2.0)
-    _scapy(lab, "vm3", f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/IP(src='{vm3.ip}', "
-                       f"dst='10.77.3.255')/UDP(sport=9999, dport=9999)/Raw(b'FORGED'), iface='eth0', count=3, "
-                       f"verbose=0)")
+    _scapy(
+        lab,
+        "vm3",
+        f"sendp(Ether(src='{vm3.mac}', dst='ff:ff:ff:ff:ff:ff')/IP(src='{vm3.ip}', "
+        f"dst='10.77.3.255')/UDP(sport=9999, dport=9999)/Raw(b'FORGED'), iface='eth0', count=3, "
+        f"verbose=0)",
+    )
     out, _ = listener.communicate(timeout=10)
     assert int(out.split()[-1]) == 3
 
@@ -346,10 +382,12 @@ def test_policy_check_with_mistakes_touches_nothing(lab: LabSession, tmp_path: o
     before = lab.run("host", ["nft", "-s", "list", "ruleset"]).stdout
     bad = os.path.join(str(tmp_path), "bad.yaml")
     with open(bad, "w", encoding="utf-8") as f:
-        f.write("networks: [{name: lab, bridge: br0, subnet: 10.77.0.0/22}]\n"
-                "vms: [{name: vm1, port: vp1, mac: '02:77:00:00:00:0b', ips: [10.77.0.11]}]\n"
-                "rules:\n  - {from: vm:vm1, to: vm:nope, protocol: tcp, ports: ['80-70']}\n"
-                "  - {from: vm:vm1, to: any, protocol: udp, ports: [false]}\n")
+        f.write(
+            "networks: [{name: lab, bridge: br0, subnet: 10.77.0.0/22}]\n"
+            "vms: [{name: vm1, port: vp1, mac: '02:77:00:00:00:0b', ips: [10.77.0.11]}]\n"
+            "rules:\n  - {from: vm:vm1, to: vm:nope, protocol: tcp, ports: ['80-70']}\n"
+            "  - {from: vm:vm1, to: any, protocol: udp, ports: [false]}\n"
+        )
     hf = [sys.executable, "-m", "hyperfence", "--netns", lab.plan.host_netns, "--state-dir", lab.state_dir]
     for verb in ("check", "apply"):
         r = subprocess.run([*hf, "policy", verb, bad], capture_output=True, check=False)

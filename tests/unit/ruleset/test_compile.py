@@ -50,8 +50,8 @@ def test_every_rule_has_a_unique_id_per_chain_and_a_counter() -> None:
             if r.comment.endswith(":log") or r.comment in (
                 "sys:dispatch",
                 "sys:ct-clear",
-                "sys:ip",
-                "sys:arp",
+                "sys:ident-ip",
+                "sys:ident-arp",
                 "sys:dhcp-discover",
             ):
                 continue
@@ -66,7 +66,9 @@ def test_protected_vm_with_no_rules_ends_in_default_deny_both_ways() -> None:
         last = rules[(BRIDGE, chain)][-1]
         assert last.comment == "sys:default-deny" and {"drop": None} in last.statements()
     guard = [r.comment for r in rules[(BRIDGE, f"{sid}_guard")]]
-    assert guard == ["sys:ip", "sys:arp", "sys:spoof:log", "sys:spoof"]  # no DHCP discover without a rule
+    assert guard == ["sys:spoof:log", "sys:spoof"]  # identity is checked by one lookup in the base chain
+    dhcp = next(s for s in rs.sets if s.name == "dhcp_clients")
+    assert dhcp.elements == frozenset()  # no DHCP discover without a rule
 
 
 def test_addresses_live_in_sets_not_rules() -> None:
