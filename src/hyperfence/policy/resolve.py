@@ -105,6 +105,11 @@ class VmPolicy:
     egress: tuple[Entry, ...]
     ingress: tuple[Entry, ...]
     arp_peers: tuple[AddressRange, ...]  # implied by allow rules: whom the VM may ARP with
+    # The same, as the compiler renders it: the peer selector lists of its allow rules (True: "any"), and
+    # whether a routed peer makes the gateway an ARP peer. Rules share their address sets, so ARP costs no
+    # per-VM copy of a peer list.
+    arp_sources: tuple[tuple[tuple[Selector, ...], bool], ...]
+    arp_gateway: bool
     dhcp_client: bool  # some allow rule lets it get a DHCP lease
     dhcp_server: bool  # some allow rule lets it answer DHCP
 
@@ -207,6 +212,11 @@ def resolve_policy(policy: Policy) -> Resolved:
                 net.subnet, net.gateway, [e.peers for e in allows if not _only_named(e.services)]
             )
         arp_peers = _without(reachable, vm.ips)
+        sources: dict[tuple[Selector, ...], bool] = {}
+        for e in allows:
+            if not _only_named(e.services) and not e.paired:
+                sources.setdefault(e.peer_selectors, e.peers == ANY)
+        routed = net.gateway is not None and contains(reachable, net.gateway)
         out.append(
             VmPolicy(
                 vm=vm,
@@ -215,6 +225,8 @@ def resolve_policy(policy: Policy) -> Resolved:
                 egress=tuple(egress[vm.id]),
                 ingress=tuple(ingress[vm.id]),
                 arp_peers=arp_peers,
+                arp_sources=tuple(sources.items()),
+                arp_gateway=routed,
                 dhcp_client=any(NamedService(SpecialService.DHCP) in e.services for e in allows),
                 dhcp_server=any(NamedService(SpecialService.DHCP_SERVER) in e.services for e in allows),
             )

@@ -12,7 +12,6 @@ Layout (see docs/design.md for the reasons and the hook evidence):
       chain ingress postrouting +10  established -> accept; oifname vmap @in_ports  -> <vm>_in
       set  <selector-hash>           addresses of a rule side (ipv4_addr, interval), shared by all rules
                                      with the same selectors; membership changes are element updates
-      set  <vm>_arp                  whom the VM may ARP with (implied by its allow rules)
 
 Every VM chain ends in a (rate-limited, logged) default deny. Every rule carries a counter and a comment
 that is its id: `rule:<policy-rule-id>#<n>` for rules from the policy, `sys:<name>` for built-in ones.
@@ -81,11 +80,10 @@ def _dump(obj: JSON) -> str:
 
 @dataclass(frozen=True)
 class _VmFragment:
-    """What one VM compiles to: its chains, their rules (shared lists: never changed), its ARP set."""
+    """What one VM compiles to: its chains and their rules (shared lists: never changed)."""
 
     chains: list[Chain]
     rules: dict[tuple[TableId, str], list[Rule]]
-    arp: NftSet | None
 
 
 class CompileCache:
@@ -183,7 +181,8 @@ def _vm_key(vp: VmPolicy, settings: Settings) -> object:
         vp.gateway,
         entries(vp.egress),
         entries(vp.ingress),
-        vp.arp_peers,
+        vp.arp_sources,
+        vp.arp_gateway,
         vp.dhcp_client,
         vp.dhcp_server,
         settings,
@@ -214,12 +213,10 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
             rules: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in one.chains}
             for r in one.rules:
                 rules[(r.table, r.chain)].append(r)
-            hit = _VmFragment(one.chains, rules, one.sets.get(f"{vm_sid(vp.vm.id)}_arp"))
+            hit = _VmFragment(one.chains, rules)
         used[key] = hit
         b.chains.extend(hit.chains)
         by_chain.update(hit.rules)
-        if hit.arp is not None:
-            b.sets[hit.arp.name] = hit.arp
     first_chain, first_rule = len(b.chains), len(b.rules)
     _reject_chains(b, resolved)
     for c in b.chains[first_chain:]:
@@ -366,20 +363,22 @@ def _vm_chains(b: _Builder, vp: VmPolicy) -> None:
     for chain, entries in ((out, vp.egress), (inn, vp.ingress)):
         for entry in entries:
             _entry_rules(b, vp, sid, chain, entry)
-    if vp.arp_peers:
-        arp_set = b.address_set(f"{sid}_arp", vp.arp_peers)
-        b.rule(
-            BRIDGE,
-            out,
-            "sys:arp",
-            [x.match(x.payload("arp", "daddr ip"), f"@{arp_set}"), x.COUNTER, x.ACCEPT],
-        )
+    # ARP with the peers of the allow rules (their shared address sets) and, for routed peers, the gateway.
+    subnet: JSON = {"prefix": {"addr": str(vp.subnet.network_address), "len": vp.subnet.prefixlen}}
+    arp_peers: list[tuple[str, JSON]] = [
+        (f"sys:arp#{k}", subnet if is_any else f"@{selector_set_name(sels)}")
+        for k, (sels, is_any) in enumerate(vp.arp_sources, start=1)
+    ]
+    if vp.arp_gateway and vp.gateway is not None:
+        arp_peers.append(("sys:arp-gw", str(vp.gateway)))
+    for comment, peer in arp_peers:
+        b.rule(BRIDGE, out, comment, [x.match(x.payload("arp", "daddr ip"), peer), x.COUNTER, x.ACCEPT])
         b.rule(
             BRIDGE,
             inn,
-            "sys:arp",
+            comment,
             [
-                x.match(x.payload("arp", "saddr ip"), f"@{arp_set}"),
+                x.match(x.payload("arp", "saddr ip"), peer),
                 x.match(x.payload("arp", "daddr ip"), _own(vp)),
                 x.COUNTER,
                 x.ACCEPT,
