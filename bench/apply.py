@@ -321,12 +321,12 @@ def measure_restart(daemon: DaemonProc, store: Store, nft: Nft, monitor: Monitor
 def nft_call_costs(nft: Nft, reps: int = 5) -> dict[str, float]:
     """Median ms of single libnftables calls on our own context: does a call cost follow the table size?"""
     chain = f"{vm_sid(f'{LAB}-vm2')}_in"
-    arp = {
-        "family": "bridge",
-        "table": "hyperfence",
-        "name": f"{vm_sid(f'{LAB}-vm2')}_arp",
-        "elem": ["10.77.3.250"],
-    }
+    shared = next(
+        o["set"]["name"]
+        for o in nft.list({"table": {"family": "bridge", "name": "hyperfence"}})
+        if "set" in o and o["set"]["name"].startswith("s_")
+    )
+    arp = {"family": "bridge", "table": "hyperfence", "name": shared, "elem": ["10.77.3.250"]}
     calls = {
         "list_chain": lambda: nft.list({"chain": {"family": "bridge", "table": "hyperfence", "name": chain}}),
         "list_inet": lambda: nft.list({"table": {"family": "inet", "name": "hyperfence"}}),
