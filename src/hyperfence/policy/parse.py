@@ -32,6 +32,7 @@ from hyperfence.model.policy import (
     Selector,
     Service,
     Settings,
+    SpecialService,
     Vm,
     VmSelector,
 )
@@ -180,7 +181,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
 
     settings = _settings(c, doc.settings)
     networks = _networks(c, doc.networks)
-    vms = _vms(c, doc.vms, networks)
+    vms = _vms_cached(c, doc.vms, networks)
     ipsets = _ipsets(c, doc.ipsets)
     rules = _rules(c, doc.rules, vms, ipsets)
     if c.problems:
@@ -268,6 +269,24 @@ def _remember_vm_doc(raw: Any, doc: VmDoc) -> None:
     if len(_VM_DOCS) >= _VM_DOCS_MAX:
         _VM_DOCS.clear()
     _VM_DOCS[key] = doc
+
+
+# The last valid `vms` section, by its JSON text and the networks it was checked against: a one-rule change
+# of a 1,000-VM policy then reuses the very same Vm objects (which also lets resolve and compile see at a
+# glance that nothing about the VMs changed).
+_LAST_VMS: tuple[str, tuple[Network, ...], list[Vm]] | None = None
+
+
+def _vms_cached(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
+    global _LAST_VMS  # noqa: PLW0603 - a one-entry memo of a pure function
+    key = _vm_key(items)
+    if key is not None and _LAST_VMS is not None and _LAST_VMS[0] == key and _LAST_VMS[1] == tuple(networks):
+        return _LAST_VMS[2]
+    before = len(c.problems)
+    vms = _vms(c, items, networks)
+    if key is not None and len(c.problems) == before:
+        _LAST_VMS = (key, tuple(networks), vms)
+    return vms
 
 
 def _vms(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
@@ -467,7 +486,9 @@ def _rules(
             sides[side] = tuple(sels)
         services = _rule_services(c, doc, p)
         action = Action(doc.action)
-        if action is Action.REJECT and any(isinstance(s, NamedService) for s in services):
+        if action is Action.REJECT and any(
+            isinstance(s, NamedService) and s.kind is not SpecialService.ANY for s in services
+        ):
             c.add(f"{p}.action", "reject applies to IP traffic only (expected deny for arp/dhcp services)")
         if rule_id is None:
             continue

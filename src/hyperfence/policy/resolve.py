@@ -20,6 +20,7 @@ from hyperfence.model.policy import (
     IpSetSelector,
     LabelSelector,
     NamedService,
+    Network,
     Policy,
     Rule,
     Selector,
@@ -132,6 +133,7 @@ class _Index:
         self.outside = outside
         self.host = host
         self.by_name = {vm.name: vm for vm in policy.vms}
+        self.order = {vm.id: i for i, vm in enumerate(policy.vms)}
         self.by_label: dict[tuple[str, str], list[Vm]] = {}
         for vm in policy.vms:
             for label in vm.labels:
@@ -149,8 +151,7 @@ class _Index:
                     out[vm.id] = vm
                 case LabelSelector(key, value):
                     out.update((vm.id, vm) for vm in self.by_label.get((key, value), ()))
-        order = {vm.id: i for i, vm in enumerate(self.policy.vms)} if len(out) > 1 else {}
-        return sorted(out.values(), key=lambda v: order.get(v.id, 0))
+        return sorted(out.values(), key=lambda v: self.order[v.id]) if len(out) > 1 else list(out.values())
 
     def addresses(self, selectors: tuple[Selector, ...]) -> tuple[AddressRange, ...]:
         cached = self._addresses.get(selectors)
@@ -177,6 +178,64 @@ class _Index:
         return merge_ranges(ranges)
 
 
+def _rule_entries(
+    rule: Rule,
+    index: _Index,
+    egress: dict[str, list[Entry]],
+    ingress: dict[str, list[Entry]],
+    only: set[str] | None = None,
+) -> None:
+    """Append the entries of one rule to the VMs it selects (all of them, or those in `only`)."""
+    from_vms = [v for v in index.workloads(rule.from_) if only is None or v.id in only]
+    to_vms = [v for v in index.workloads(rule.to) if only is None or v.id in only]
+    if not from_vms and not to_vms:
+        return
+    to_addrs = index.addresses(rule.to)
+    from_addrs = index.addresses(rule.from_)
+    dhcp = tuple(s for s in rule.services if s in DHCP_SERVICES)
+    for vm in from_vms:
+        egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, rule.services))
+        if dhcp:
+            ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, dhcp, paired=True))
+    for vm in to_vms:
+        ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, rule.services))
+        if dhcp:
+            egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, dhcp, paired=True))
+
+
+def _vm_policy(
+    vm: Vm,
+    net: Network,
+    egress: list[Entry],
+    ingress: list[Entry],
+    arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]],
+) -> VmPolicy:
+    allows = [e for e in (*egress, *ingress) if e.action is Action.ALLOW]
+    # VMs with the same peers share one computation (1,000 VMs x a 10k-address IP set otherwise)
+    key = (net.name, frozenset(e.peer_selectors for e in allows if not _only_named(e.services)))
+    reachable = arp_cache.get(key)
+    if reachable is None:
+        reachable = arp_cache[key] = _arp_reachable(
+            net.subnet, net.gateway, [e.peers for e in allows if not _only_named(e.services)]
+        )
+    sources: dict[tuple[Selector, ...], bool] = {}
+    for e in allows:
+        if not _only_named(e.services) and not e.paired:
+            sources.setdefault(e.peer_selectors, e.peers == ANY)
+    return VmPolicy(
+        vm=vm,
+        subnet=net.subnet,
+        gateway=net.gateway,
+        egress=tuple(egress),
+        ingress=tuple(ingress),
+        arp_peers=_without(reachable, vm.ips),
+        arp_sources=tuple(sources.items()),
+        arp_gateway=net.gateway is not None and contains(reachable, net.gateway),
+        dhcp_client=any(NamedService(SpecialService.DHCP) in e.services for e in allows),
+        dhcp_server=any(NamedService(SpecialService.DHCP_SERVER) in e.services for e in allows),
+    )
+
+
 def resolve_policy(policy: Policy) -> Resolved:
     """For every VM: its egress and ingress entries in evaluation order, and what ARP/DHCP it may do."""
     managed = merge_ranges(AddressRange.of_network(n.subnet) for n in policy.networks)
@@ -187,51 +246,57 @@ def resolve_policy(policy: Policy) -> Resolved:
     ingress: dict[str, list[Entry]] = {vm.id: [] for vm in policy.vms}
     index = _Index(policy, outside, host)
     for rule in sorted(policy.rules, key=lambda r: r.order):
-        to_addrs = index.addresses(rule.to)
-        from_addrs = index.addresses(rule.from_)
-        dhcp = tuple(s for s in rule.services if s in DHCP_SERVICES)
-        for vm in index.workloads(rule.from_):
-            egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, rule.services))
-            if dhcp:
-                ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, dhcp, paired=True))
-        for vm in index.workloads(rule.to):
-            ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, rule.services))
-            if dhcp:
-                egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, dhcp, paired=True))
-    out: list[VmPolicy] = []
+        _rule_entries(rule, index, egress, ingress)
     arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]] = {}
-    for vm in policy.vms:
-        net = nets[vm.network]
-        entries = egress[vm.id] + ingress[vm.id]
-        allows = [e for e in entries if e.action is Action.ALLOW]
-        # VMs with the same peers share one computation (1,000 VMs x a 10k-address IP set otherwise)
-        key = (net.name, frozenset(e.peer_selectors for e in allows if not _only_named(e.services)))
-        reachable = arp_cache.get(key)
-        if reachable is None:
-            reachable = arp_cache[key] = _arp_reachable(
-                net.subnet, net.gateway, [e.peers for e in allows if not _only_named(e.services)]
-            )
-        arp_peers = _without(reachable, vm.ips)
-        sources: dict[tuple[Selector, ...], bool] = {}
-        for e in allows:
-            if not _only_named(e.services) and not e.paired:
-                sources.setdefault(e.peer_selectors, e.peers == ANY)
-        routed = net.gateway is not None and contains(reachable, net.gateway)
-        out.append(
-            VmPolicy(
-                vm=vm,
-                subnet=net.subnet,
-                gateway=net.gateway,
-                egress=tuple(egress[vm.id]),
-                ingress=tuple(ingress[vm.id]),
-                arp_peers=arp_peers,
-                arp_sources=tuple(sources.items()),
-                arp_gateway=routed,
-                dhcp_client=any(NamedService(SpecialService.DHCP) in e.services for e in allows),
-                dhcp_server=any(NamedService(SpecialService.DHCP_SERVER) in e.services for e in allows),
-            )
-        )
-    return Resolved(policy=policy, vms=tuple(out), outside=outside, host=host)
+    vms = tuple(
+        _vm_policy(vm, nets[vm.network], egress[vm.id], ingress[vm.id], arp_cache) for vm in policy.vms
+    )
+    return Resolved(policy=policy, vms=vms, outside=outside, host=host)
+
+
+MAX_INCREMENTAL_RULES = 32
+
+
+def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
+    """`resolve_policy(policy)`, computed from `prev` when only a few rules changed: the VMs those rules
+    select (before or after the change) are resolved again, every other VM keeps its `VmPolicy` object.
+    None when the change is not of that kind (networks, VMs, IP sets or settings changed; many rules
+    changed): the caller resolves from scratch. The result equals `resolve_policy(policy)`."""
+    old = prev.policy
+    if (
+        old.networks != policy.networks
+        or old.vms != policy.vms
+        or old.ipsets != policy.ipsets
+        or old.settings != policy.settings
+    ):
+        return None
+    old_rules = {r.id: r for r in old.rules}
+    new_rules = {r.id: r for r in policy.rules}
+    changed = [i for i in old_rules.keys() | new_rules.keys() if old_rules.get(i) != new_rules.get(i)]
+    if len(changed) > MAX_INCREMENTAL_RULES:
+        return None
+    index = _Index(policy, prev.outside, prev.host)
+    affected: set[str] = set()
+    for rid in changed:
+        for rule in (old_rules.get(rid), new_rules.get(rid)):
+            if rule is not None:
+                affected.update(v.id for v in index.workloads(rule.from_))
+                affected.update(v.id for v in index.workloads(rule.to))
+    if not affected:
+        return Resolved(policy=policy, vms=prev.vms, outside=prev.outside, host=prev.host)
+    egress: dict[str, list[Entry]] = {vid: [] for vid in affected}
+    ingress: dict[str, list[Entry]] = {vid: [] for vid in affected}
+    for rule in sorted(policy.rules, key=lambda r: r.order):
+        _rule_entries(rule, index, egress, ingress, only=affected)
+    nets = {n.name: n for n in policy.networks}
+    arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]] = {}
+    vms = tuple(
+        _vm_policy(vp.vm, nets[vp.vm.network], egress[vp.vm.id], ingress[vp.vm.id], arp_cache)
+        if vp.vm.id in affected
+        else vp
+        for vp in prev.vms
+    )
+    return Resolved(policy=policy, vms=vms, outside=prev.outside, host=prev.host)
 
 
 def _arp_reachable(

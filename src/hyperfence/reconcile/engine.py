@@ -16,7 +16,7 @@ from hyperfence.adapters.store import Store
 from hyperfence.errors import NotFoundError
 from hyperfence.model.policy import Policy
 from hyperfence.policy.parse import load_document, parse_policy
-from hyperfence.policy.resolve import Resolved, resolve_policy
+from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
 from hyperfence.reconcile.firewall import ConvergeResult, Firewall
 from hyperfence.ruleset.compile import TABLES, CompileCache, compile_ruleset
 from hyperfence.ruleset.ir import Ruleset
@@ -83,7 +83,10 @@ class Engine:
             return self._compiled
         document, source = self._load_document()
         policy = parse_policy(document, source=source)
-        resolved = resolve_policy(policy)
+        previous = self._compiled
+        resolved = (
+            resolve_update(previous.resolved, policy) if previous is not None else None
+        ) or resolve_policy(policy)
         self._compiled = Compiled(key, policy, resolved, compile_ruleset(resolved, self._cache))
         return self._compiled
 

@@ -99,6 +99,7 @@ class CompileCache:
         self.vms: dict[object, _VmFragment] = {}
         self.elements: dict[tuple[AddressRange, ...], frozenset[str]] = {}
         self.maps: dict[tuple[str, str], frozenset[str]] = {}
+        self.last: dict[str, tuple[VmPolicy, Settings, object]] = {}  # by VM id: its input and key last time
 
 
 class _Builder:
@@ -199,13 +200,16 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
     for r in b.rules:
         by_chain[(r.table, r.chain)].append(r)
     used: dict[object, _VmFragment] = {}
+    last: dict[str, tuple[VmPolicy, Settings, object]] = {}
     for vp in sorted(resolved.vms, key=lambda v: vm_sid(v.vm.id)):
         for entry in (*vp.egress, *vp.ingress):  # shared sets: always from the current contents
             if entry.peers != ANY:
                 name = selector_set_name(entry.peer_selectors)
                 if name not in b.sets:
                     b.address_set(name, entry.peers)
-        key = _vm_key(vp, settings)
+        seen = cache.last.get(vp.vm.id) if cache is not None else None
+        # The very same VmPolicy object as last time (an incremental resolve): reuse its key, no hashing.
+        key = seen[2] if seen is not None and seen[0] is vp and seen[1] == settings else _vm_key(vp, settings)
         hit = cache.vms.get(key) if cache is not None else None
         if hit is None:
             one = _Builder(settings, cache)
@@ -215,6 +219,7 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
                 rules[(r.table, r.chain)].append(r)
             hit = _VmFragment(one.chains, rules)
         used[key] = hit
+        last[vp.vm.id] = (vp, settings, key)
         b.chains.extend(hit.chains)
         by_chain.update(hit.rules)
     first_chain, first_rule = len(b.chains), len(b.rules)
@@ -225,6 +230,7 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
         by_chain[(r.table, r.chain)].append(r)
     if cache is not None:
         cache.vms = used
+        cache.last = last
         live = {s.elements for s in b.sets.values()}
         cache.elements = {k: v for k, v in cache.elements.items() if v in live}
     rs = Ruleset(

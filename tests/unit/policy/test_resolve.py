@@ -2,9 +2,12 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address as A
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from hyperfence.model.policy import AddressRange, Direction
 from hyperfence.policy.parse import parse_policy
-from hyperfence.policy.resolve import ANY, complement, merge_ranges, resolve_policy
+from hyperfence.policy.resolve import ANY, complement, merge_ranges, resolve_policy, resolve_update
 from tests.unit.policy.test_parse import doc
 
 
@@ -74,3 +77,48 @@ def test_dhcp_rule_pairs_request_and_reply() -> None:
         assert vp.dhcp_client and not vp.dhcp_server
         assert [e.paired for e in vp.ingress] == [True]
         assert vp.ingress[0].peers == (r("10.77.0.1", "10.77.0.1"),)
+
+
+rule_st = st.fixed_dictionaries(
+    {
+        "id": st.sampled_from(["a", "b", "c", "d"]),
+        "from": st.sampled_from(["vm:vm1", "vm:vm2", "vms", "any", "label:role=web", "10.77.0.0/24"]),
+        "to": st.sampled_from(["vm:vm1", "vm:vm2", "vms", "outside", "host", "label:role=web"]),
+        "services": st.lists(
+            st.sampled_from(["tcp/80", "udp/53", "icmp", "dhcp", "arp", "any"]),
+            min_size=1,
+            max_size=2,
+            unique=True,
+        ),
+        "action": st.sampled_from(["allow", "deny", "reject"]),
+        "priority": st.integers(0, 2),
+    }
+)
+
+
+def _unique(rules: list[dict[str, object]]) -> list[dict[str, object]]:
+    seen: dict[object, dict[str, object]] = {}
+    for r in rules:
+        if r["action"] == "reject":  # reject applies to IP traffic only
+            r = {**r, "services": [x for x in r["services"] if x not in ("arp", "dhcp")] or ["tcp/80"]}  # type: ignore[attr-defined]
+        seen.setdefault(r["id"], r)
+    return list(seen.values())
+
+
+@settings(max_examples=80, deadline=None)
+@given(before=st.lists(rule_st, max_size=4), after=st.lists(rule_st, max_size=4))
+def test_incremental_resolve_equals_a_full_resolve(
+    before: list[dict[str, object]], after: list[dict[str, object]]
+) -> None:
+    prev = resolve_policy(parse_policy(doc(rules=_unique(before))))
+    policy = parse_policy(doc(rules=_unique(after)))
+    updated = resolve_update(prev, policy)
+    assert updated is not None
+    assert updated == resolve_policy(policy)
+
+
+def test_incremental_resolve_declines_when_vms_change() -> None:
+    prev = resolve_policy(parse_policy(doc()))
+    changed = doc()
+    changed["vms"] = changed["vms"][:1]
+    assert resolve_update(prev, parse_policy(changed)) is None
