@@ -145,6 +145,9 @@ class Firewall:
         if problems:
             self.actual = None  # unknown: the next converge reads everything
             raise DriftError("the kernel does not hold what was just applied: " + "; ".join(problems[:5]))
+        # Verified: what the kernel holds is the desired ruleset (what the plan left alone already was). Keep
+        # the desired objects themselves, so the next plan compares most chains by identity.
+        self.actual = Actual(desired, self.actual.handles)
 
     def _reread_partial(self, plan: Plan, desired: Ruleset) -> Actual:
         old = self.actual or Actual.empty()

@@ -99,7 +99,11 @@ class CompileCache:
         self.vms: dict[object, _VmFragment] = {}
         self.elements: dict[tuple[AddressRange, ...], frozenset[str]] = {}
         self.maps: dict[tuple[str, str], frozenset[str]] = {}
-        self.last: dict[str, tuple[VmPolicy, Settings, object]] = {}  # by VM id: its input and key last time
+        self.last: dict[str, tuple[VmPolicy, Settings, object]] = {}
+        # The base chains, maps and identity sets, valid while the VMs, networks and settings are the same.
+        self.base: tuple[object, list[Chain], list[Rule], dict[str, NftSet]] | None = (
+            None  # by VM id: its input and key last time
+        )
 
 
 class _Builder:
@@ -195,7 +199,27 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
     settings = resolved.policy.settings
     b = _Builder(settings, cache)
     _conntrack_marker(b, settings.conntrack_mark)
-    _base_chains(b, resolved, settings)
+    base_key = (
+        resolved.policy.vms,
+        resolved.policy.networks,
+        settings,
+        tuple(vp.dhcp_client for vp in resolved.vms),
+    )
+    if cache is not None and cache.base is not None and cache.base[0] == base_key:
+        _, base_chains, base_rules, base_sets = cache.base
+        b.chains.extend(base_chains)
+        b.rules.extend(base_rules)
+        b.sets.update(base_sets)
+    else:
+        n_chains, n_rules, n_sets = len(b.chains), len(b.rules), set(b.sets)
+        _base_chains(b, resolved, settings)
+        if cache is not None:
+            cache.base = (
+                base_key,
+                b.chains[n_chains:],
+                b.rules[n_rules:],
+                {k: v for k, v in b.sets.items() if k not in n_sets},
+            )
     by_chain: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in b.chains}
     for r in b.rules:
         by_chain[(r.table, r.chain)].append(r)
