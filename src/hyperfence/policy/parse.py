@@ -440,14 +440,32 @@ def _rule_services(c: _Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
     return () if svc is None else (svc,)
 
 
+_RULES_MEMO: (
+    tuple[tuple[set[str], dict[str, tuple[AddressRange, ...]]], dict[tuple[int, str], Rule]] | None
+) = None
+
+
 def _rules(
     c: _Collector, items: list[Any], vms: list[Vm], ipsets: dict[str, tuple[AddressRange, ...]]
 ) -> list[Rule]:
     out: list[Rule] = []
     vm_names = {v.name for v in vms}
     ids: dict[str, int] = {}
+    # Rules that validated last time against the same VMs and IP sets are taken back as they were (same
+    # objects): a one-rule change of a 1,000-rule policy validates one rule.
+    global _RULES_MEMO  # noqa: PLW0603 - a memo of a pure function
+    token = (vm_names, ipsets)
+    memo = _RULES_MEMO[1] if _RULES_MEMO is not None and _RULES_MEMO[0] == token else {}
+    fresh: dict[tuple[int, str], Rule] = {}
     for i, raw in enumerate(items):
         p = f"rules[{i}]"
+        text = _vm_key(raw)
+        known = memo.get((i, text)) if text is not None else None
+        if known is not None and (first := ids.setdefault(known.id, i)) == i:
+            out.append(known)
+            fresh[(i, text)] = known  # type: ignore[index]
+            continue
+        before = len(c.problems)
         doc = c.model(RuleDoc, raw, p)
         if doc is None:
             continue
@@ -492,17 +510,20 @@ def _rules(
             c.add(f"{p}.action", "reject applies to IP traffic only (expected deny for arp/dhcp services)")
         if rule_id is None:
             continue
-        out.append(
-            Rule(
-                id=rule_id,
-                index=i,
-                from_=sides["from"],
-                to=sides["to"],
-                services=services,
-                action=action,
-                priority=doc.priority,
-                log=doc.log,
-                description=doc.description,
-            )
+        rule = Rule(
+            id=rule_id,
+            index=i,
+            from_=sides["from"],
+            to=sides["to"],
+            services=services,
+            action=action,
+            priority=doc.priority,
+            log=doc.log,
+            description=doc.description,
         )
+        out.append(rule)
+        if text is not None and len(c.problems) == before:
+            fresh[(i, text)] = rule
+    if not c.problems:
+        _RULES_MEMO = (token, fresh)
     return out

@@ -99,7 +99,7 @@ class CompileCache:
         self.vms: dict[object, _VmFragment] = {}
         self.elements: dict[tuple[AddressRange, ...], frozenset[str]] = {}
         self.maps: dict[tuple[str, str], frozenset[str]] = {}
-        self.last: dict[str, tuple[VmPolicy, Settings, object]] = {}
+        self.last: dict[str, tuple[VmPolicy, Settings, object, list[NftSet]]] = {}
         # The base chains, maps and identity sets, valid while the VMs, networks and settings are the same.
         self.base: tuple[object, list[Chain], list[Rule], dict[str, NftSet]] | None = (
             None  # by VM id: its input and key last time
@@ -199,53 +199,11 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
     settings = resolved.policy.settings
     b = _Builder(settings, cache)
     _conntrack_marker(b, settings.conntrack_mark)
-    base_key = (
-        resolved.policy.vms,
-        resolved.policy.networks,
-        settings,
-        tuple(vp.dhcp_client for vp in resolved.vms),
-    )
-    if cache is not None and cache.base is not None and cache.base[0] == base_key:
-        _, base_chains, base_rules, base_sets = cache.base
-        b.chains.extend(base_chains)
-        b.rules.extend(base_rules)
-        b.sets.update(base_sets)
-    else:
-        n_chains, n_rules, n_sets = len(b.chains), len(b.rules), set(b.sets)
-        _base_chains(b, resolved, settings)
-        if cache is not None:
-            cache.base = (
-                base_key,
-                b.chains[n_chains:],
-                b.rules[n_rules:],
-                {k: v for k, v in b.sets.items() if k not in n_sets},
-            )
+    _cached_base_chains(b, resolved, settings, cache)
     by_chain: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in b.chains}
     for r in b.rules:
         by_chain[(r.table, r.chain)].append(r)
-    used: dict[object, _VmFragment] = {}
-    last: dict[str, tuple[VmPolicy, Settings, object]] = {}
-    for vp in sorted(resolved.vms, key=lambda v: vm_sid(v.vm.id)):
-        for entry in (*vp.egress, *vp.ingress):  # shared sets: always from the current contents
-            if entry.peers != ANY:
-                name = selector_set_name(entry.peer_selectors)
-                if name not in b.sets:
-                    b.address_set(name, entry.peers)
-        seen = cache.last.get(vp.vm.id) if cache is not None else None
-        # The very same VmPolicy object as last time (an incremental resolve): reuse its key, no hashing.
-        key = seen[2] if seen is not None and seen[0] is vp and seen[1] == settings else _vm_key(vp, settings)
-        hit = cache.vms.get(key) if cache is not None else None
-        if hit is None:
-            one = _Builder(settings, cache)
-            _vm_chains(one, vp)
-            rules: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in one.chains}
-            for r in one.rules:
-                rules[(r.table, r.chain)].append(r)
-            hit = _VmFragment(one.chains, rules)
-        used[key] = hit
-        last[vp.vm.id] = (vp, settings, key)
-        b.chains.extend(hit.chains)
-        by_chain.update(hit.rules)
+    _vm_fragments(b, resolved, settings, cache, by_chain)
     first_chain, first_rule = len(b.chains), len(b.rules)
     _reject_chains(b, resolved)
     for c in b.chains[first_chain:]:
@@ -253,8 +211,6 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
     for r in b.rules[first_rule:]:
         by_chain[(r.table, r.chain)].append(r)
     if cache is not None:
-        cache.vms = used
-        cache.last = last
         live = {s.elements for s in b.sets.values()}
         cache.elements = {k: v for k, v in cache.elements.items() if v in live}
     rs = Ruleset(
@@ -265,6 +221,72 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
     )
     rs.preset_chain_rules(by_chain)
     return rs
+
+
+def _cached_base_chains(
+    b: _Builder, resolved: Resolved, settings: Settings, cache: CompileCache | None
+) -> None:
+    key = (
+        resolved.policy.vms,
+        resolved.policy.networks,
+        settings,
+        tuple(vp.dhcp_client for vp in resolved.vms),
+    )
+    if cache is not None and cache.base is not None and cache.base[0] == key:
+        _, chains, rules, sets = cache.base
+        b.chains.extend(chains)
+        b.rules.extend(rules)
+        b.sets.update(sets)
+        return
+    n_chains, n_rules, n_sets = len(b.chains), len(b.rules), set(b.sets)
+    _base_chains(b, resolved, settings)
+    if cache is not None:
+        new_sets = {k: v for k, v in b.sets.items() if k not in n_sets}
+        cache.base = (key, b.chains[n_chains:], b.rules[n_rules:], new_sets)
+
+
+def _vm_fragments(
+    b: _Builder,
+    resolved: Resolved,
+    settings: Settings,
+    cache: CompileCache | None,
+    by_chain: dict[tuple[TableId, str], list[Rule]],
+) -> None:
+    """Every VM's chains and address sets, from the cache when the VM's inputs did not change."""
+    used: dict[object, _VmFragment] = {}
+    last: dict[str, tuple[VmPolicy, Settings, object, list[NftSet]]] = {}
+    for vp in sorted(resolved.vms, key=lambda v: vm_sid(v.vm.id)):
+        seen = cache.last.get(vp.vm.id) if cache is not None else None
+        if seen is not None and seen[0] is vp and seen[1] == settings:
+            # The very same VmPolicy object as last time (an incremental resolve): its key and its address
+            # sets are those of last time, no hashing and no set building.
+            key, vm_sets = seen[2], seen[3]
+            for nset in vm_sets:
+                b.sets.setdefault(nset.name, nset)
+        else:
+            key = _vm_key(vp, settings)
+            vm_sets = []
+            for entry in (*vp.egress, *vp.ingress):  # shared sets: always from the current contents
+                if entry.peers != ANY:
+                    name = selector_set_name(entry.peer_selectors)
+                    if name not in b.sets:
+                        b.address_set(name, entry.peers)
+                    vm_sets.append(b.sets[name])
+        hit = cache.vms.get(key) if cache is not None else None
+        if hit is None:
+            one = _Builder(settings, cache)
+            _vm_chains(one, vp)
+            rules: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in one.chains}
+            for r in one.rules:
+                rules[(r.table, r.chain)].append(r)
+            hit = _VmFragment(one.chains, rules)
+        used[key] = hit
+        last[vp.vm.id] = (vp, settings, key, vm_sets)
+        b.chains.extend(hit.chains)
+        by_chain.update(hit.rules)
+    if cache is not None:
+        cache.vms = used
+        cache.last = last
 
 
 def _conntrack_marker(b: _Builder, mark: int) -> None:

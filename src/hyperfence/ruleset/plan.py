@@ -111,10 +111,14 @@ def plan_changes(desired: Ruleset, actual: Actual) -> Plan:
     # A changed hook, priority or set type cannot be altered in place: replace those tables whole.
     # (Identity first: after an incremental compile most objects are the very ones the kernel was verified
     # to hold, and comparing 3,000 dataclasses field by field is most of a one-rule plan at 1,000 VMs.)
-    reshaped = {k[0] for k, c in des_chains.items()
-                if (a := act_chains.get(k)) is not None and a is not c and a != c}
-    reshaped |= {k[0] for k, s in des_sets.items()
-                 if (a2 := act_sets.get(k)) is not None and a2 is not s and a2.shape() != s.shape()}
+    reshaped = {
+        k[0] for k, c in des_chains.items() if (a := act_chains.get(k)) is not None and a is not c and a != c
+    }
+    reshaped |= {
+        k[0]
+        for k, s in des_sets.items()
+        if (a2 := act_sets.get(k)) is not None and a2 is not s and a2.shape() != s.shape()
+    }
     if reshaped:
         return plan_full(desired, tuple(sorted(reshaped | set(missing_tables))))
 

@@ -181,3 +181,18 @@ def test_ports_are_kept_sorted_and_merged_as_nft_keeps_them() -> None:
     tcp, udp = (r.services[0] for r in p.rules)
     assert tcp == PortService(L4.TCP, (PortRange(80, 81), PortRange(443, 443), PortRange(1000, 2500)))
     assert udp == PortService(L4.UDP, (PortRange(9, 9), PortRange(52, 53)))
+
+
+def test_unchanged_rules_are_reused_and_never_hide_a_problem() -> None:
+    rules = [
+        {"id": "a", "from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp"},
+        {"id": "b", "from": "vm:vm2", "to": "any", "protocol": "udp", "ports": [53]},
+    ]
+    first = parse_policy(doc(rules=rules))
+    second = parse_policy(doc(rules=[rules[0], {**rules[1], "ports": [54]}]))
+    assert second.rules[0] is first.rules[0]  # same text, same VMs: the same object
+    assert second.rules[1] is not first.rules[1]
+    # vm2 is gone: the remembered rule "a" must be checked again and refused
+    without_vm2 = doc(rules=rules)
+    without_vm2["vms"] = without_vm2["vms"][:1]
+    assert "rules[0].to: VM 'vm2' is not declared" in "\n".join(problems(without_vm2))

@@ -98,9 +98,11 @@ rule_st = st.fixed_dictionaries(
 
 def _unique(rules: list[dict[str, object]]) -> list[dict[str, object]]:
     seen: dict[object, dict[str, object]] = {}
-    for r in rules:
+    for rule in rules:
+        r = rule
         if r["action"] == "reject":  # reject applies to IP traffic only
-            r = {**r, "services": [x for x in r["services"] if x not in ("arp", "dhcp")] or ["tcp/80"]}  # type: ignore[attr-defined]
+            kept = [x for x in r["services"] if x not in ("arp", "dhcp")]  # type: ignore[attr-defined]
+            r = {**r, "services": kept or ["tcp/80"]}
         seen.setdefault(r["id"], r)
     return list(seen.values())
 
@@ -122,3 +124,22 @@ def test_incremental_resolve_declines_when_vms_change() -> None:
     changed = doc()
     changed["vms"] = changed["vms"][:1]
     assert resolve_update(prev, parse_policy(changed)) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(versions=st.lists(st.lists(rule_st, max_size=4), min_size=2, max_size=5))
+def test_incremental_resolve_and_cached_compile_equal_a_fresh_compile(
+    versions: list[list[dict[str, object]]],
+) -> None:
+    from hyperfence.ruleset.compile import CompileCache, compile_ruleset
+
+    cache = CompileCache()
+    prev = None
+    for rules in versions:
+        policy = parse_policy(doc(rules=_unique(rules)))
+        resolved = (resolve_update(prev, policy) if prev is not None else None) or resolve_policy(policy)
+        fresh = compile_ruleset(resolve_policy(policy))
+        cached = compile_ruleset(resolved, cache)
+        assert cached == fresh
+        assert cached.chain_rules() == fresh.chain_rules()
+        prev = resolved
