@@ -62,10 +62,8 @@ from hyperfence.lab.plan import LabPlan, plan_lab
 from hyperfence.lab.policy import lab_policy
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
-from hyperfence.reconcile import firewall
 from hyperfence.reconcile.engine import Engine
 from hyperfence.ruleset.compile import TABLES, compile_ruleset, vm_sid
-from hyperfence.ruleset.ir import Ruleset
 
 LAB = "bap"
 REPO = Path(__file__).resolve().parent.parent
@@ -397,43 +395,6 @@ def run_n(n: int, changes: int, wd: Path) -> dict[str, Any]:
         topology.destroy_lab(LAB)
 
 
-def describe_drift_hoisted(desired: Ruleset, actual: Ruleset) -> list[str]:
-    """A copy of hyperfence.reconcile.firewall.describe_drift with ONE change: the last loop uses
-    `d_chains`, computed once, instead of calling `desired.chain_by_key()` once per actual chain (which makes
-    it O(chains^2): 9 million hashes at 1,000 VMs). Used only in this process, to measure that fix."""
-    out: list[str] = []
-    for t in desired.tables:
-        if t not in actual.tables:
-            out.append(f"table {t.family} {t.name} is missing")
-    a_chains, a_sets = actual.chain_by_key(), actual.set_by_key()
-    d_chains = desired.chain_by_key()
-    for k, c in d_chains.items():
-        if k[0] in actual.tables and k not in a_chains:
-            out.append(f"chain {c.table.family} {c.table.name} {c.name} is missing")
-    for k, s in desired.set_by_key().items():
-        if k[0] not in actual.tables:
-            continue
-        if k not in a_sets:
-            out.append(f"{s.kind} {s.name} is missing")
-        elif a_sets[k].elements != s.elements:
-            gone, extra = s.elements - a_sets[k].elements, a_sets[k].elements - s.elements
-            out.append(f"{s.kind} {s.name}: {len(gone)} element(s) missing, {len(extra)} unexpected")
-    a_rules, d_rules = actual.chain_rules(), desired.chain_rules()
-    for k, want in d_rules.items():
-        if k in a_chains and a_rules.get(k, []) != want:
-            have = a_rules.get(k, [])
-            missing = {r.comment for r in want} - {r.comment for r in have}
-            unexpected = {r.comment for r in have} - {r.comment for r in want}
-            out.append(
-                f"chain {k[1]}: {len(missing)} rule(s) missing, {len(unexpected)} unexpected"
-                + ("" if missing or unexpected else ", rules changed or out of order")
-            )
-    for k in a_chains:
-        if k not in d_chains and k[0] in desired.tables:
-            out.append(f"chain {k[1]} is not hyperfence's")
-    return out
-
-
 class Timed:
     """Wraps an Nft's apply/list to add up their time (this process only)."""
 
@@ -468,8 +429,7 @@ class Timed:
 
 def initial_breakdown(n: int, wd: Path) -> dict[str, float]:
     """Where the time goes, in-process with an instrumented Engine (the daemon's code path): the initial
-    apply, a no-op full converge (what a restart pays after compiling), and a one-rule change as is and with
-    describe_drift's quadratic loop fixed (monkeypatched in this process only)."""
+    apply, a no-op full converge (what a restart pays after compiling), and a one-rule change."""
     plan = plan_lab(LAB, n)
     fresh_lab(plan, only=3)
     engine = Engine(netns=plan.host_netns, state_dir=str(wd / f"breakdown-{n}"))
@@ -496,20 +456,14 @@ def initial_breakdown(n: int, wd: Path) -> dict[str, float]:
         engine.converge(full=True)
         out.update(noop_converge=time.perf_counter() - t3, noop_list=timed.spent["list"])
 
-        for label, patched in (("asis", False), ("hoisted", True)):
+        for label in ("asis",):
             for i, port in enumerate((PORTS[1], PORTS[0], PORTS[1], PORTS[0])):
                 engine.store.put_policy(policy(plan, port), source="bench/apply.py")
                 t4 = time.perf_counter()
                 engine.compiled()
                 t5 = time.perf_counter()
                 timed.reset()
-                original = firewall.describe_drift
-                if patched:
-                    firewall.describe_drift = describe_drift_hoisted  # type: ignore[assignment]
-                try:
-                    _, res = engine.converge()
-                finally:
-                    firewall.describe_drift = original  # type: ignore[assignment]
+                _, res = engine.converge()
                 t6 = time.perf_counter()
                 assert res is not None
                 assert res.changed
@@ -590,7 +544,7 @@ def print_breakdown(b: dict[str, float], n: int) -> None:
         f"  no-op full converge (what a restart pays after compiling): {b['noop_converge']:.2f} s, of which "
         f"listing {b['noop_list']:.2f} s"
     )
-    for label, title in (("asis", "as is"), ("hoisted", "with describe_drift's chain_by_key() hoisted")):
+    for label, title in (("asis", "as is"),):
         print(
             f"  one-rule change, {title}: compile {b[label + '_compile'] * 1000:.0f} ms + converge "
             f"{b[label + '_converge'] * 1000:.0f} ms (libnftables apply {b[label + '_apply'] * 1000:.0f} ms, "
