@@ -250,6 +250,12 @@ _VM_DOCS: dict[str, VmDoc] = {}
 _VM_DOCS_MAX = 20_000
 
 
+def _plain_copy(raw: Any) -> Any:
+    """A deep copy of plain JSON data, or None when it is not plain JSON."""
+    key = _vm_key(raw)
+    return None if key is None else json.loads(key)
+
+
 def _vm_key(raw: Any) -> str | None:
     try:
         return json.dumps(raw, sort_keys=True)
@@ -441,7 +447,7 @@ def _rule_services(c: _Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
 
 
 _RULES_MEMO: (
-    tuple[tuple[set[str], dict[str, tuple[AddressRange, ...]]], dict[tuple[int, str], Rule]] | None
+    tuple[tuple[set[str], dict[str, tuple[AddressRange, ...]]], dict[int, tuple[Any, Rule]]] | None
 ) = None
 
 
@@ -456,14 +462,14 @@ def _rules(
     global _RULES_MEMO  # noqa: PLW0603 - a memo of a pure function
     token = (vm_names, ipsets)
     memo = _RULES_MEMO[1] if _RULES_MEMO is not None and _RULES_MEMO[0] == token else {}
-    fresh: dict[tuple[int, str], Rule] = {}
+    fresh: dict[int, tuple[Any, Rule]] = {}
     for i, raw in enumerate(items):
         p = f"rules[{i}]"
-        text = _vm_key(raw)
-        known = memo.get((i, text)) if text is not None else None
-        if known is not None and (first := ids.setdefault(known.id, i)) == i:
-            out.append(known)
-            fresh[(i, text)] = known  # type: ignore[index]
+        # Compared with a private copy of the item as it was validated (a plain `==`, no serialisation).
+        seen = memo.get(i)
+        if seen is not None and seen[0] == raw and ids.setdefault(seen[1].id, i) == i:
+            out.append(seen[1])
+            fresh[i] = seen
             continue
         before = len(c.problems)
         doc = c.model(RuleDoc, raw, p)
@@ -522,8 +528,8 @@ def _rules(
             description=doc.description,
         )
         out.append(rule)
-        if text is not None and len(c.problems) == before:
-            fresh[(i, text)] = rule
+        if len(c.problems) == before and (copy := _plain_copy(raw)) is not None:
+            fresh[i] = (copy, rule)
     if not c.problems:
         _RULES_MEMO = (token, fresh)
     return out

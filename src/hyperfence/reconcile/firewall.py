@@ -209,4 +209,5 @@ class Firewall:
             sets=tuple(sets.values()),
             rules=tuple(all_rules),
         )
+        ruleset.preset_chain_rules({c: rules.get(c, []) for c in chains})
         return Actual(ruleset, handles)

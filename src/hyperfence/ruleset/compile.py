@@ -96,10 +96,10 @@ class CompileCache:
     """
 
     def __init__(self) -> None:
-        self.vms: dict[object, _VmFragment] = {}
+        self.vms: dict[_Key, _VmFragment] = {}
         self.elements: dict[tuple[AddressRange, ...], frozenset[str]] = {}
         self.maps: dict[tuple[str, str], frozenset[str]] = {}
-        self.last: dict[str, tuple[VmPolicy, Settings, object, list[NftSet]]] = {}
+        self.last: dict[str, tuple[VmPolicy, Settings, _Key, list[NftSet]]] = {}
         # The base chains, maps and identity sets, valid while the VMs, networks and settings are the same.
         self.base: tuple[object, list[Chain], list[Rule], dict[str, NftSet]] | None = (
             None  # by VM id: its input and key last time
@@ -174,23 +174,42 @@ class _Builder:
         self.rule(table, chain, comment, [*(matches or []), x.COUNTER, x.DROP])
 
 
-def _vm_key(vp: VmPolicy, settings: Settings) -> object:
+class _Key:
+    """A cache key that hashes once: the inputs of a VM's chains are a deep tuple, and re-hashing 1,000 of
+    them per compile would cost more than the compile saves."""
+
+    __slots__ = ("hash", "value")
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+        self.hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and self.hash == other.hash and self.value == other.value
+
+
+def _vm_key(vp: VmPolicy, settings: Settings) -> _Key:
     def entries(es: tuple[Entry, ...]) -> tuple[object, ...]:
         return tuple(
             (e.rule, e.direction, e.peer_selectors, e.peers == ANY, e.services, e.paired) for e in es
         )
 
-    return (
-        vp.vm,
-        vp.subnet,
-        vp.gateway,
-        entries(vp.egress),
-        entries(vp.ingress),
-        vp.arp_sources,
-        vp.arp_gateway,
-        vp.dhcp_client,
-        vp.dhcp_server,
-        settings,
+    return _Key(
+        (
+            vp.vm,
+            vp.subnet,
+            vp.gateway,
+            entries(vp.egress),
+            entries(vp.ingress),
+            vp.arp_sources,
+            vp.arp_gateway,
+            vp.dhcp_client,
+            vp.dhcp_server,
+            settings,
+        )
     )
 
 
@@ -253,8 +272,8 @@ def _vm_fragments(
     by_chain: dict[tuple[TableId, str], list[Rule]],
 ) -> None:
     """Every VM's chains and address sets, from the cache when the VM's inputs did not change."""
-    used: dict[object, _VmFragment] = {}
-    last: dict[str, tuple[VmPolicy, Settings, object, list[NftSet]]] = {}
+    used: dict[_Key, _VmFragment] = {}
+    last: dict[str, tuple[VmPolicy, Settings, _Key, list[NftSet]]] = {}
     for vp in sorted(resolved.vms, key=lambda v: vm_sid(v.vm.id)):
         seen = cache.last.get(vp.vm.id) if cache is not None else None
         if seen is not None and seen[0] is vp and seen[1] == settings:
