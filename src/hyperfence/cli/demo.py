@@ -19,7 +19,7 @@ from hyperfence.reconcile.traffic import TRAFFIC_FILE
 from hyperfence.ruleset.compile import TABLES, vm_sid
 from hyperfence.ruleset.readback import rule_counters
 
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 
 
 def demo_cmd(
