@@ -399,3 +399,41 @@ def test_policy_check_with_mistakes_touches_nothing(lab: LabSession, tmp_path: o
     assert lab.run("host", ["nft", "-s", "list", "ruleset"]).stdout == before
     assert lab.engine is not None
     assert lab.engine.store.latest_generation() == 1
+
+
+def test_traffic_log_names_vm_rule_and_verdict_and_is_rate_limited(lab: LabSession) -> None:
+    import json
+    import threading
+
+    from hyperfence.reconcile.traffic import TRAFFIC_FILE, run_traffic_log
+
+    lab.apply([{**PING_1_2, "log": True}])
+    assert lab.engine is not None
+    stop = threading.Event()
+    reader = threading.Thread(target=run_traffic_log, args=(lab.engine, stop), daemon=True)
+    reader.start()
+    try:
+        time.sleep(0.5)
+        assert lab.ping("vm1", "vm2")[0] == 2
+        # a deny flood from vm3: 1,000 UDP datagrams in well under a second
+        vm3 = lab.plan.vms[2]
+        _scapy(
+            lab,
+            "vm3",
+            f"sendp(Ether(src='{vm3.mac}', dst='{lab.plan.vms[1].mac}')/IP(src='{vm3.ip}', "
+            f"dst='{lab.plan.vms[1].ip}')/UDP(sport=1234, dport=4321), iface='eth0', count=1000, "
+            f"verbose=0)",
+        )
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+    with open(os.path.join(lab.state_dir, TRAFFIC_FILE), encoding="utf-8") as f:
+        events = [json.loads(line) for line in f]
+    allowed = [e for e in events if e["rule"] == "ping" and e["verdict"] == "allow"]
+    assert {(e["vm"], e["direction"]) for e in allowed} == {("vm1", "out"), ("vm2", "in")}
+    assert allowed[0]["protocol"] == "icmp" and allowed[0]["src"] == str(lab.plan.vms[0].ip)
+    flood = [e for e in events if e["vm"] == "vm3" and e["verdict"] == "deny" and e.get("dport") == 4321]
+    # vm3's egress default deny logs at 10/s with a burst of 20: the flood of 1,000 yields a few dozen events
+    assert 1 <= len(flood) <= 60, len(flood)
+    assert flood[0]["rule"] == "sys:default-deny"
