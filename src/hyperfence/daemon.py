@@ -151,9 +151,9 @@ class Daemon:
 
     def run(self) -> None:
         self._start(self._serve, "control")
-        if self.traffic_log:
-            self._start(self._read_traffic, "traffic")
         self._converge(full=True)
+        if self.traffic_log:  # after the first compile: the policy names the NFLOG group
+            self._start(self.read_traffic, "traffic")
         next_resync = time.monotonic() + self.resync
         while not self.stop_event.is_set():
             self._wake.wait(self.poll)
@@ -177,7 +177,7 @@ class Daemon:
         t.start()
         self._threads.append(t)
 
-    def _read_traffic(self) -> None:
+    def read_traffic(self) -> None:
         from hyperfence.reconcile.traffic import run_traffic_log  # noqa: PLC0415 - optional at import
 
         run_traffic_log(self.engine, self.stop_event)

@@ -39,7 +39,7 @@ def demo_cmd(
             if os.path.exists(path):
                 os.unlink(path)
         daemon = Daemon(s.engine, resync=3600, poll=3600)
-        logger = threading.Thread(target=daemon._read_traffic, daemon=True)
+        logger = threading.Thread(target=daemon.read_traffic, daemon=True)
         logger.start()
         obs = run_experiment(s, out.print)
         time.sleep(1.0)  # let the last log batch arrive

@@ -74,6 +74,11 @@ class Engine:
             raise NotFoundError("no policy in the store yet: run `hyperfence policy apply FILE`")
         return stored.document, f"store generation {stored.generation}"
 
+    @property
+    def current(self) -> Compiled | None:
+        """The last compiled policy, without looking for a newer one (safe from other threads)."""
+        return self._compiled
+
     def compiled(self) -> Compiled | None:
         """The compiled current policy (cached while the policy does not change)."""
         key = self.policy_key()

@@ -7,11 +7,11 @@ chain), so a deny flood costs the host at most N events per second per VM. The f
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -30,8 +30,10 @@ ETHERTYPES = {0x0800: "ipv4", 0x0806: "arp", 0x86DD: "ipv6"}
 
 class _EngineLike(Protocol):
     state_dir: str
+    netns: str | None
 
-    def compiled(self) -> Any: ...
+    @property
+    def current(self) -> Any: ...
 
 
 def traffic_record(pkt: NflogPacket, vm_names: dict[str, str], *, now: float) -> dict[str, Any] | None:
@@ -68,49 +70,46 @@ def traffic_record(pkt: NflogPacket, vm_names: dict[str, str], *, now: float) ->
     return rec
 
 
-def _vm_names(engine: _EngineLike) -> dict[str, str]:
-    try:
-        compiled = engine.compiled()
-    except HyperfenceError:
-        return {}
+def _vm_names(compiled: Any) -> dict[str, str]:
     if compiled is None:
         return {}
     return {vm_sid(v.id): v.name for v in compiled.policy.vms}
 
 
 def run_traffic_log(engine: _EngineLike, stop: threading.Event, *, group: int | None = None) -> None:
-    """Read NFLOG until `stop` is set, appending records to the traffic file."""
-    compiled = None
-    with contextlib.suppress(HyperfenceError):
-        compiled = engine.compiled()
+    """Read NFLOG until `stop` is set, appending records to the traffic file.
+
+    Runs on its own thread: it only reads `engine.current` (the last compiled policy, a frozen snapshot) and
+    never compiles, so it cannot race the reconcile loop."""
+    compiled = engine.current
     if group is None:
         group = compiled.policy.settings.nflog_group if compiled is not None else 7
     try:
-        reader = NflogReader(group, netns=getattr(engine, "netns", None))
+        reader = NflogReader(group, netns=engine.netns)
     except HyperfenceError as e:
         log.error("traffic log disabled: %s", e)
         return
     path = os.path.join(engine.state_dir, TRAFFIC_FILE)
-    names = _vm_names(engine)
-    names_key = getattr(compiled, "key", None)
-    import time  # noqa: PLC0415 - the adapter edge reads the clock
-
-    with reader, open(path, "a", encoding="utf-8") as f:
-        out = f
-        while not stop.is_set():
-            packets = reader.read(0.5)
-            if not packets:
-                continue
-            current = engine.compiled() if engine else None
-            if getattr(current, "key", None) != names_key:
-                names, names_key = _vm_names(engine), getattr(current, "key", None)
-            for pkt in packets:
-                rec = traffic_record(pkt, names, now=time.time())
-                if rec is not None:
-                    out.write(json.dumps(rec) + "\n")
-            out.flush()
-            if out.tell() > MAX_BYTES:
-                out.close()
-                os.replace(path, path + ".1")
-                out = open(path, "a", encoding="utf-8")  # noqa: SIM115
+    names = _vm_names(compiled)
+    out = open(path, "a", encoding="utf-8")  # noqa: SIM115 - reopened on rotation
+    try:
+        with reader:
+            while not stop.is_set():
+                packets = reader.read(0.5)
+                if not packets:
+                    continue
+                if engine.current is not compiled:
+                    compiled = engine.current
+                    names = _vm_names(compiled)
+                now = time.time()
+                for pkt in packets:
+                    rec = traffic_record(pkt, names, now=now)
+                    if rec is not None:
+                        out.write(json.dumps(rec) + "\n")
+                out.flush()
+                if out.tell() > MAX_BYTES:
+                    out.close()
+                    os.replace(path, path + ".1")
+                    out = open(path, "a", encoding="utf-8")  # noqa: SIM115
+    finally:
         out.close()
