@@ -320,7 +320,6 @@ def _conntrack_marker(b: _Builder, mark: int) -> None:
             "sys:ct-mark",
             [
                 x.match({"ct": {"key": "state"}}, [2, 4], op="in"),  # established, related,
-                x.COUNTER,
                 {"mangle": {"key": x.meta("mark"), "value": {"|": [x.meta("mark"), mark]}}},
                 x.ACCEPT,
             ],
@@ -396,11 +395,13 @@ def _base_chains(b: _Builder, resolved: Resolved, settings: Settings) -> None:
     b.rule(BRIDGE, "guard", "sys:dispatch", [x.vmap("iifname", GUARD_MAP)])
     b.logged_drop(BRIDGE, "guard", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
     b.chain(BRIDGE, "egress", hook="prerouting", priority=10, policy="drop")
-    b.rule(BRIDGE, "egress", "sys:est", [x.mark_is_set(mark), x.COUNTER, x.ACCEPT])
+    # The established shortcut runs for nearly every packet: no counter here (the bench measured ~2-3 % of
+    # small-packet rate for the counters on this path); per-rule counters are on the decisions.
+    b.rule(BRIDGE, "egress", "sys:est", [x.mark_is_set(mark), x.ACCEPT])
     b.rule(BRIDGE, "egress", "sys:dispatch", [x.vmap("iifname", OUT_MAP)])
     b.logged_drop(BRIDGE, "egress", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
     b.chain(BRIDGE, "ingress", hook="postrouting", priority=10, policy="drop")
-    b.rule(BRIDGE, "ingress", "sys:est", [x.mark_is_set(mark), x.COUNTER, x.ACCEPT])
+    b.rule(BRIDGE, "ingress", "sys:est", [x.mark_is_set(mark), x.ACCEPT])
     b.rule(BRIDGE, "ingress", "sys:dispatch", [x.vmap("oifname", IN_MAP)])
     b.logged_drop(BRIDGE, "ingress", "sys:unknown-port", log_prefix("-", "in", "deny", "sys:unknown-port"))
 

@@ -50,6 +50,8 @@ def test_every_rule_has_a_unique_id_per_chain_and_a_counter() -> None:
             if r.comment.endswith(":log") or r.comment in (
                 "sys:dispatch",
                 "sys:ct-clear",
+                "sys:ct-mark",
+                "sys:est",
                 "sys:ident-ip",
                 "sys:ident-arp",
                 "sys:dhcp-discover",
