@@ -103,8 +103,11 @@ class Firewall:
         t0 = time.monotonic()
         drift: list[str] = []
         if full or self.actual is None:
+            first_look = self.actual is None
             self.actual = self.read()
-            drift = describe_drift(desired, self.actual.ruleset)
+            # No hyperfence table at all on our first look is a first install, not drift.
+            if not (first_look and not self.actual.ruleset.tables):
+                drift = describe_drift(desired, self.actual.ruleset)
         plan = plan_changes(desired, self.actual)
         if plan.empty:
             return ConvergeResult(changed=False, drift=drift, seconds=time.monotonic() - t0)
