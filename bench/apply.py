@@ -403,10 +403,10 @@ class Timed:
         self.calls = {"apply": 0, "list": 0}
         real_apply, real_list = nft.apply, nft.list
 
-        def apply(batch: dict[str, Any], *, check_only: bool = False) -> None:
+        def apply(batch: dict[str, Any]) -> None:
             t = time.perf_counter()
             try:
-                real_apply(batch, check_only=check_only)
+                real_apply(batch)
             finally:
                 self.spent["apply"] += time.perf_counter() - t
                 self.calls["apply"] += 1

@@ -54,7 +54,6 @@ def _load() -> ctypes.CDLL:
     lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
     lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
     lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
-    lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
     lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
     return lib
@@ -80,25 +79,21 @@ class Nft:
         self._lib.nft_ctx_buffer_error(ctx)
         return int(ctx)
 
-    def _run(self, text: str, *, dry_run: bool = False) -> tuple[int, str, str]:
+    def _run(self, text: str) -> tuple[int, str, str]:
         def call() -> tuple[int, str, str]:
             lib, ctx = self._lib, self._ctx
-            lib.nft_ctx_set_dry_run(ctx, dry_run)
-            try:
-                rc = lib.nft_run_cmd_from_buffer(ctx, text.encode())
-            finally:
-                lib.nft_ctx_set_dry_run(ctx, False)
+            rc = lib.nft_run_cmd_from_buffer(ctx, text.encode())
             out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode(errors="replace")
             err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
             return rc, out, err
 
         return self._thread.call(call)
 
-    def apply(self, batch: dict[str, Any], *, check_only: bool = False) -> None:
-        """Apply one JSON batch atomically (or only check it). Raises KernelError; nothing is applied then."""
+    def apply(self, batch: dict[str, Any]) -> None:
+        """Apply one JSON batch atomically. Raises KernelError; nothing is applied then."""
         if not batch.get("nftables"):
             return
-        rc, _, err = self._run(json.dumps(batch), dry_run=check_only)
+        rc, _, err = self._run(json.dumps(batch))
         if rc != 0:
             raise KernelError(
                 f"nftables refused the batch ({len(batch['nftables'])} commands); nothing was "
@@ -115,14 +110,6 @@ class Nft:
             raise KernelError(f"nftables could not list {what}: {_trim(err)}")
         objs: list[Any] = json.loads(out)["nftables"]
         return [o for o in objs if "metainfo" not in o]
-
-    def list_tables(self) -> builtins.list[tuple[str, str]]:
-        rc, out, err = self._run('{"nftables": [{"list": {"tables": null}}]}')
-        if rc != 0:
-            raise KernelError(f"nftables could not list tables: {_trim(err)}")
-        return [
-            (o["table"]["family"], o["table"]["name"]) for o in json.loads(out)["nftables"] if "table" in o
-        ]
 
     def rule_ids(self, family: str, table: str, chain: str) -> builtins.list[tuple[int, str]]:
         """(handle, comment) of every rule of one chain, in order, straight from the kernel ([] if absent)."""

@@ -128,14 +128,13 @@ def policy_apply(
 
     c: Ctx = ctx.obj
     document = _read_policy_file(file)
-    policy = parse_policy(document, source=file)
+    engine = c.engine()
     if dry_run:
-        engine = c.engine()
+        policy = parse_policy(document, source=file)
         plan = plan_changes(compile_ruleset(resolve_policy(policy)), engine.firewall.read())
         out.print(f"would send {len(plan.commands)} commands: {plan.summary or 'nothing to change'}")
         return
-    engine = c.engine()
-    generation = engine.store.put_policy(document, source=os.path.abspath(file))
+    generation, policy = engine.store_policy(document, source=os.path.abspath(file))
     reply = request(c.state_dir, {"op": "reconcile"})
     if reply is not None:
         if not reply.get("ok"):

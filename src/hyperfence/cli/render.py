@@ -23,10 +23,9 @@ def _value(v: JSON) -> str:
             return f"meta {v['meta']['key']}"
         if "ct" in v:
             return f"ct {v['ct']['key']}"
-        if "&" in v:
-            return f"{_value(v['&'][0])} & {_value(v['&'][1])}"
-        if "|" in v:
-            return f"{_value(v['|'][0])} | {_value(v['|'][1])}"
+        for op in ("&", "|"):
+            if op in v:
+                return f"{_value(v[op][0])} {op} {_value(v[op][1])}"
         if "concat" in v:
             return " . ".join(_value(x) for x in v["concat"])
         if "jump" in v:

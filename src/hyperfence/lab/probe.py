@@ -13,15 +13,16 @@ import threading
 import time
 
 
-def tcp(host: str, port: int, timeout: float) -> str:
-    s = socket.socket()
+def probe(kind: str, host: str, port: int, timeout: float) -> str:
+    """Connect (TCP) or send a datagram (UDP, on a connected socket, so that an ICMP error such as a reject
+    comes back as ECONNREFUSED) and wait for the responder's "OK"."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
     s.settimeout(timeout)
     try:
         s.connect((host, port))
-        data = s.recv(16)
-        return "OK" if data.startswith(b"OK") else "NODATA"
-    except ConnectionRefusedError:
-        return "REFUSED"
+        if kind == "udp":
+            s.send(b"hi")
+        return "OK" if s.recv(16).startswith(b"OK") else "NODATA"
     except TimeoutError:
         return "TIMEOUT"
     except OSError as e:
@@ -31,27 +32,13 @@ def tcp(host: str, port: int, timeout: float) -> str:
 
 
 def _os_error(e: OSError) -> str:
-    """EHOSTUNREACH: ARP got no answer (the firewall blocked it), as ping's "Destination Host Unreachable"."""
+    """EHOSTUNREACH: ARP got no answer (the firewall blocked it), as ping's "Destination Host Unreachable";
+    ECONNREFUSED: a TCP reset, or ICMP port unreachable for UDP."""
     if e.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return "UNREACHABLE"
-    if e.errno == errno.ECONNREFUSED:  # a UDP datagram answered with ICMP port unreachable
+    if e.errno == errno.ECONNREFUSED:
         return "REFUSED"
     return f"ERR:{e.__class__.__name__}:{e.errno}"
-
-
-def udp(host: str, port: int, timeout: float) -> str:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(timeout)
-    try:
-        s.connect((host, port))  # a connected socket is told about ICMP errors (a reject) as ECONNREFUSED
-        s.send(b"hi")
-        return "OK" if s.recv(16) == b"OK" else "NODATA"
-    except TimeoutError:
-        return "TIMEOUT"
-    except OSError as e:
-        return _os_error(e)
-    finally:
-        s.close()
 
 
 def serve(tcp_ports: list[int], udp_ports: list[int]) -> None:
@@ -90,7 +77,7 @@ def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[0] in ("tcp", "udp"):
         t0 = time.monotonic()
         timeout = float(argv[3]) if len(argv) > 3 else 1.5
-        result = (tcp if argv[0] == "tcp" else udp)(argv[1], int(argv[2]), timeout)
+        result = probe(argv[0], argv[1], int(argv[2]), timeout)
         print(f"{result} {1000 * (time.monotonic() - t0):.0f}ms", flush=True)
         return 0 if result == "OK" else 1
     if len(argv) == 3 and argv[0] == "serve":

@@ -19,7 +19,6 @@ from hyperfence.errors import BugError
 from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan, plan_lab
 from hyperfence.lab.policy import lab_policy
-from hyperfence.policy.parse import parse_policy
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.firewall import ConvergeResult
 
@@ -88,9 +87,7 @@ class LabSession:
         """Validate a policy with these rules, store it as a new generation and converge the kernel to it."""
         if self.engine is None:
             raise BugError("LabSession.apply outside its `with` block")
-        document = self.document(rules, ipsets=ipsets)
-        parse_policy(document, source="lab policy")  # never store what does not validate
-        self.engine.store.put_policy(document, source="lab")
+        self.engine.store_policy(self.document(rules, ipsets=ipsets), source="lab")
         _, result = self.engine.converge(full=full)
         if result is None:
             raise BugError("converge returned no result right after storing a policy")

@@ -252,11 +252,12 @@ _VM_DOCS_MAX = 20_000
 
 def _plain_copy(raw: Any) -> Any:
     """A deep copy of plain JSON data, or None when it is not plain JSON."""
-    key = _vm_key(raw)
+    key = _json_key(raw)
     return None if key is None else json.loads(key)
 
 
-def _vm_key(raw: Any) -> str | None:
+def _json_key(raw: Any) -> str | None:
+    """Canonical JSON text of plain data (a memo key), or None when it is not plain JSON."""
     try:
         return json.dumps(raw, sort_keys=True)
     except (TypeError, ValueError):
@@ -264,12 +265,12 @@ def _vm_key(raw: Any) -> str | None:
 
 
 def _cached_vm_doc(raw: Any) -> VmDoc | None:
-    key = _vm_key(raw)
+    key = _json_key(raw)
     return None if key is None else _VM_DOCS.get(key)
 
 
 def _remember_vm_doc(raw: Any, doc: VmDoc) -> None:
-    key = _vm_key(raw)
+    key = _json_key(raw)
     if key is None:
         return
     if len(_VM_DOCS) >= _VM_DOCS_MAX:
@@ -285,7 +286,7 @@ _LAST_VMS: tuple[str, tuple[Network, ...], list[Vm]] | None = None
 
 def _vms_cached(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
     global _LAST_VMS  # noqa: PLW0603 - a one-entry memo of a pure function
-    key = _vm_key(items)
+    key = _json_key(items)
     if key is not None and _LAST_VMS is not None and _LAST_VMS[0] == key and _LAST_VMS[1] == tuple(networks):
         return _LAST_VMS[2]
     before = len(c.problems)

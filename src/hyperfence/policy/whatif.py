@@ -114,20 +114,16 @@ def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
     if src_vm is None and dst_vm is None:
         return Answer(True, (), f"neither {src} nor {dst} is a protected VM: hyperfence does not filter it")
     steps: list[Step] = []
-    if src_vm is not None:
-        step = _walk(src_vm, src_vm.egress, dst_ip, flow, Direction.OUT)
+    for vp, side, peer, direction in (
+        (src_vm, "egress", dst_ip, Direction.OUT),
+        (dst_vm, "ingress", src_ip, Direction.IN),
+    ):
+        if vp is None:
+            continue
+        step = _walk(vp, vp.egress if direction is Direction.OUT else vp.ingress, peer, flow, direction)
         steps.append(step)
         if step.verdict is not Action.ALLOW:
-            return Answer(
-                False, tuple(steps), f"{src_vm.vm.name} egress: {step.verdict.value} by {step.rule}"
-            )
-    if dst_vm is not None:
-        step = _walk(dst_vm, dst_vm.ingress, src_ip, flow, Direction.IN)
-        steps.append(step)
-        if step.verdict is not Action.ALLOW:
-            return Answer(
-                False, tuple(steps), f"{dst_vm.vm.name} ingress: {step.verdict.value} by {step.rule}"
-            )
+            return Answer(False, tuple(steps), f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}")
     return Answer(
         True,
         tuple(steps),

@@ -54,6 +54,12 @@ class Engine:
             self._firewall = Firewall(self.nft, TABLES)
         return self._firewall
 
+    def store_policy(self, document: Any, *, source: str) -> tuple[int, Policy]:
+        """Validate `document` and store it as a new generation. Nothing invalid ever reaches the store:
+        an `InvalidInputError` listing every problem is raised first."""
+        policy = parse_policy(document, source=source)
+        return self.store.put_policy(document, source=source), policy
+
     def policy_key(self) -> str | None:
         """Cheap: what identifies the current policy version (None: there is no policy yet)."""
         if self.policy_file:

@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hyperfence.errors import DriftError, KernelError
-from hyperfence.ruleset.ir import JSON, Rule, Ruleset, TableId
+from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, Ruleset, TableId
 from hyperfence.ruleset.plan import Plan, plan_changes
-from hyperfence.ruleset.readback import Actual, parse_listing
+from hyperfence.ruleset.readback import Actual, RuleKey, parse_listing
 
 VERIFY_PARTIAL_LIMIT = 64  # above this many touched objects, verification re-reads whole tables
 
 
 class NftPort(Protocol):
-    def apply(self, batch: dict[str, JSON], *, check_only: bool = False) -> None: ...
+    def apply(self, batch: dict[str, JSON]) -> None: ...
     def list(self, what: dict[str, JSON]) -> list[JSON]: ...
     def rule_ids(self, family: str, table: str, chain: str) -> builtins.list[tuple[int, str]]: ...
 
@@ -133,84 +133,60 @@ class Firewall:
 
     def _verify(self, desired: Ruleset, plan: Plan) -> None:
         """Re-read what the batch touched and check it is exactly what we wanted."""
+        old = self.actual
         if (
-            plan.full_replace
-            or self.actual is None
+            old is None
+            or plan.full_replace
             or len(plan.touched_chains) + len(plan.touched_sets) > VERIFY_PARTIAL_LIMIT
         ):
-            self.actual = self.read()
-        else:
-            self.actual = self._reread_partial(plan, desired)
-        if plan.full_replace or len(plan.touched_chains) + len(plan.touched_sets) > VERIFY_PARTIAL_LIMIT:
-            problems = describe_drift(desired, self.actual.ruleset)
-        else:  # only what the batch touched was re-read, so only that is compared
-            problems = describe_drift(_only(desired, plan), _only(self.actual.ruleset, plan))
+            actual = self.read()
+            problems = describe_drift(desired, actual.ruleset)
+            handles = actual.handles
+        else:  # only what the batch touched is re-read, so only that is compared
+            touched, handles = self._reread_touched(plan, desired, old)
+            problems = describe_drift(_only(desired, plan), touched)
         if problems:
             self.actual = None  # unknown: the next converge reads everything
             raise DriftError("the kernel does not hold what was just applied: " + "; ".join(problems[:5]))
         # Verified: what the kernel holds is the desired ruleset (what the plan left alone already was). Keep
         # the desired objects themselves, so the next plan compares most chains by identity.
-        self.actual = Actual(desired, self.actual.handles)
+        self.actual = Actual(desired, handles)
 
-    def _reread_partial(self, plan: Plan, desired: Ruleset) -> Actual:
-        old = self.actual or Actual.empty()
-        chains = {(c.table, c.name): c for c in old.ruleset.chains}
-        sets = {(s.table, s.name): s for s in old.ruleset.sets}
-        rules = dict(old.ruleset.chain_rules())  # a copy: the cached mapping is shared
+    def _reread_touched(
+        self, plan: Plan, desired: Ruleset, old: Actual
+    ) -> tuple[Ruleset, dict[RuleKey, int]]:
+        """The touched chains and sets as the kernel holds them now, and the rule handles updated."""
         handles = dict(old.handles)
-        tables = set(old.ruleset.tables)
-        desired_sets = desired.set_by_key()
-        desired_chains = desired.chain_by_key()
-        desired_rules = desired.chain_rules()
+        old_rules = old.ruleset.chain_rules()
+        desired_chains, desired_rules, desired_sets = (
+            desired.chain_by_key(),
+            desired.chain_rules(),
+            desired.set_by_key(),
+        )
+        chains: list[Chain] = []
+        rules: list[Rule] = []
         for key in plan.touched_chains:
             t, name = key
-            for r in rules.pop(key, []):
+            for r in old_rules.get(key, ()):
                 handles.pop((t, name, r.comment), None)
-            chains.pop(key, None)
             if key not in desired_chains:
-                continue  # deleted by the plan
+                continue
             # The kernel's own list of (handle, comment) for this chain: ids, order and handles are checked
             # here; rule bodies are compared exactly by the next full read.
             by_comment = {r.comment: r for r in desired_rules.get(key, [])}
-            held: list[Rule] = []
+            chains.append(desired_chains[key])
             for handle, text in self.nft.rule_ids(t.family, t.name, name):
                 comment = text or f"?handle={handle}"
-                held.append(by_comment.get(comment) or Rule(t, name, comment, "?"))
+                rules.append(by_comment.get(comment) or Rule(t, name, comment, "?"))
                 handles[(t, name, comment)] = handle
-            tables.add(t)
-            chains[key] = desired_chains[key]
-            rules[key] = held
+        sets: list[NftSet] = []
         for key in plan.touched_sets:
             t, name = key
-            known = desired_sets.get(key) or sets.get(key)
-            kind = known.kind if known is not None else "set"
-            fresh = parse_listing(self.nft.list({kind: {"family": t.family, "table": t.name, "name": name}}))
-            sets.pop(key, None)
-            for s in fresh.ruleset.sets:
-                sets[(s.table, s.name)] = s
-        # Objects the plan deleted are gone from the kernel: drop them from the cache too.
-        for cmd in plan.commands:
-            if "add" in cmd and "table" in cmd["add"]:
-                t = cmd["add"]["table"]
-                tables.add(TableId(t["family"], t["name"]))
-            if "delete" in cmd:
-                body = cmd["delete"]
-                if "chain" in body:
-                    c = body["chain"]
-                    key = (TableId(c["family"], c["table"]), c["name"])
-                    chains.pop(key, None)
-                    rules.pop(key, None)
-                for kind in ("set", "map"):
-                    if kind in body:
-                        s = body[kind]
-                        sets.pop((TableId(s["family"], s["table"]), s["name"]), None)
-        all_rules = [r for c in chains for r in rules.get(c, [])]
-        ruleset = dataclasses.replace(
-            old.ruleset,
-            tables=tuple(sorted(tables)),
-            chains=tuple(chains.values()),
-            sets=tuple(sets.values()),
-            rules=tuple(all_rules),
-        )
-        ruleset.preset_chain_rules({c: rules.get(c, []) for c in chains})
-        return Actual(ruleset, handles)
+            kind = desired_sets[key].kind if key in desired_sets else "set"
+            sets.extend(
+                parse_listing(
+                    self.nft.list({kind: {"family": t.family, "table": t.name, "name": name}})
+                ).ruleset.sets
+            )
+        # The batch created any missing table (it applied atomically, or we would not be here).
+        return Ruleset(desired.tables, tuple(chains), tuple(sets), tuple(rules)), handles

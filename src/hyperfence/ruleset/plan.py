@@ -5,8 +5,9 @@ Rules the kernel already holds, unchanged and in order, are left alone: their co
 nothing is rewritten when nothing changed (an empty plan). Rules are matched by their comment (their id).
 
 Command order inside a batch: create tables, chains and sets; remove stale set/map elements; add new
-elements; delete, replace and insert rules; flush and delete stale chains; delete stale sets. Each step
-only refers to objects that exist at that point of the transaction.
+elements; delete rules and append rules (see `_plan_chain` for why nothing is inserted or replaced in
+place); flush and delete stale chains; delete stale sets. Each step only refers to objects that exist at
+that point of the transaction.
 """
 
 from __future__ import annotations
@@ -66,11 +67,8 @@ def _elements(elements: frozenset[str] | set[str]) -> list[JSON]:
     return [json.loads(e) for e in sorted(elements)]
 
 
-def rule_obj(r: Rule, *, handle: int | None = None) -> JSON:
-    obj: dict[str, JSON] = {**_t(r.table), "chain": r.chain, "expr": r.statements(), "comment": r.comment}
-    if handle is not None:
-        obj["handle"] = handle
-    return obj
+def rule_obj(r: Rule) -> JSON:
+    return {**_t(r.table), "chain": r.chain, "expr": r.statements(), "comment": r.comment}
 
 
 def plan_full(desired: Ruleset, tables: tuple[TableId, ...]) -> Plan:
