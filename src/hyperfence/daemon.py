@@ -113,6 +113,8 @@ class Daemon:
                 reply = {"ok": False, "error": f"bad request: {e}"}
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps(reply).encode() + b"\n")
+            if reply.get("changed"):
+                self._tidy(full=False)  # after the answer: `policy apply` does not wait for it
 
     def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
@@ -152,6 +154,7 @@ class Daemon:
     def run(self) -> None:
         self._start(self._serve, "control")
         self._converge(full=True)
+        self._tidy(full=True)
         if self.traffic_log:  # after the first compile: the policy names the NFLOG group
             self._start(self.read_traffic, "traffic")
         next_resync = time.monotonic() + self.resync
@@ -167,10 +170,28 @@ class Daemon:
                 log.error("%s", e)
                 changed = False
             if full or changed:
-                self._converge(full=full)
+                reply = self._converge(full=full)
+                if full or reply.get("changed"):
+                    self._tidy(full=full)
             if full:
                 next_resync = time.monotonic() + self.resync
         self._shutdown()
+
+    def _tidy(self, *, full: bool) -> None:
+        """Housekeeping between changes, so none of it lands inside the next apply: fold the store's
+        write-ahead log, and freeze the objects that exist now (a 1,000-VM policy is a few hundred thousand
+        long-lived objects that every full garbage collection would otherwise walk again, +60 ms in the
+        middle of an apply). Freezing is O(1); what it keeps from the cycle collector is released at the
+        next full resync, which unfreezes and collects everything once (it reads the whole kernel anyway)."""
+        with self.engine.lock:
+            try:
+                self.engine.store.checkpoint()
+            except HyperfenceError as e:
+                log.warning("store checkpoint skipped: %s", e)
+            if full:
+                gc.unfreeze()
+                gc.collect()
+            gc.freeze()
 
     def _start(self, fn: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=fn, name=f"hyperfence-{name}", daemon=True)

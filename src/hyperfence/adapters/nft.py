@@ -15,6 +15,8 @@ import ctypes
 import json
 from typing import Any
 
+import orjson
+
 from hyperfence.adapters import nft_rules
 from hyperfence.adapters.netns import NetnsThread
 from hyperfence.errors import KernelError, NotFoundError
@@ -93,7 +95,7 @@ class Nft:
         """Apply one JSON batch atomically. Raises KernelError; nothing is applied then."""
         if not batch.get("nftables"):
             return
-        rc, _, err = self._run(json.dumps(batch))
+        rc, _, err = self._run(orjson.dumps(batch).decode())
         if rc != 0:
             raise KernelError(
                 f"nftables refused the batch ({len(batch['nftables'])} commands); nothing was "
@@ -108,7 +110,7 @@ class Nft:
             if "No such file or directory" in err:
                 return []
             raise KernelError(f"nftables could not list {what}: {_trim(err)}")
-        objs: list[Any] = json.loads(out)["nftables"]
+        objs: list[Any] = orjson.loads(out)["nftables"]
         return [o for o in objs if "metainfo" not in o]
 
     def rule_ids(self, family: str, table: str, chain: str) -> builtins.list[tuple[int, str]]:

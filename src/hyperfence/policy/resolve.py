@@ -8,7 +8,7 @@ to answer what-if questions, so both always agree.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from hyperfence.model.policy import (
@@ -113,6 +113,8 @@ class VmPolicy:
     arp_gateway: bool
     dhcp_client: bool  # some allow rule lets it get a DHCP lease
     dhcp_server: bool  # some allow rule lets it answer DHCP
+    rejects_out: bool = False  # some egress entry rejects
+    rejects_in: bool = False  # some ingress entry rejects
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class Resolved:
     vms: tuple[VmPolicy, ...]
     outside: tuple[AddressRange, ...]
     host: tuple[AddressRange, ...]
+    # The lookups this resolve used: valid for the next one while VMs, networks and IP sets are the same.
+    index: _Index | None = field(default=None, compare=False, repr=False)
 
 
 class _Index:
@@ -139,8 +143,23 @@ class _Index:
             for label in vm.labels:
                 self.by_label.setdefault(label, []).append(vm)
         self._addresses: dict[tuple[Selector, ...], tuple[AddressRange, ...]] = {}
+        self._workloads: dict[tuple[Selector, ...], tuple[list[Vm], frozenset[str]]] = {}
 
     def workloads(self, selectors: tuple[Selector, ...]) -> list[Vm]:
+        """The VMs `selectors` select, in policy order (a shared list: do not change it)."""
+        return self._selected(selectors)[0]
+
+    def workload_ids(self, selectors: tuple[Selector, ...]) -> frozenset[str]:
+        return self._selected(selectors)[1]
+
+    def _selected(self, selectors: tuple[Selector, ...]) -> tuple[list[Vm], frozenset[str]]:
+        hit = self._workloads.get(selectors)
+        if hit is None:
+            vms = self._select(selectors)
+            hit = self._workloads[selectors] = (vms, frozenset(v.id for v in vms))
+        return hit
+
+    def _select(self, selectors: tuple[Selector, ...]) -> list[Vm]:
         out: dict[str, Vm] = {}
         for sel in selectors:
             match sel:
@@ -186,6 +205,12 @@ def _rule_entries(
     only: set[str] | None = None,
 ) -> None:
     """Append the entries of one rule to the VMs it selects (all of them, or those in `only`)."""
+    if (
+        only is not None
+        and index.workload_ids(rule.from_).isdisjoint(only)
+        and index.workload_ids(rule.to).isdisjoint(only)
+    ):
+        return
     from_vms = [v for v in index.workloads(rule.from_) if only is None or v.id in only]
     to_vms = [v for v in index.workloads(rule.to) if only is None or v.id in only]
     if not from_vms and not to_vms:
@@ -233,6 +258,8 @@ def _vm_policy(
         arp_gateway=net.gateway is not None and contains(reachable, net.gateway),
         dhcp_client=any(NamedService(SpecialService.DHCP) in e.services for e in allows),
         dhcp_server=any(NamedService(SpecialService.DHCP_SERVER) in e.services for e in allows),
+        rejects_out=any(e.action is Action.REJECT for e in egress),
+        rejects_in=any(e.action is Action.REJECT for e in ingress),
     )
 
 
@@ -251,7 +278,7 @@ def resolve_policy(policy: Policy) -> Resolved:
     vms = tuple(
         _vm_policy(vm, nets[vm.network], egress[vm.id], ingress[vm.id], arp_cache) for vm in policy.vms
     )
-    return Resolved(policy=policy, vms=vms, outside=outside, host=host)
+    return Resolved(policy=policy, vms=vms, outside=outside, host=host, index=index)
 
 
 MAX_INCREMENTAL_RULES = 32
@@ -275,7 +302,8 @@ def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
     changed = [i for i in old_rules.keys() | new_rules.keys() if old_rules.get(i) != new_rules.get(i)]
     if len(changed) > MAX_INCREMENTAL_RULES:
         return None
-    index = _Index(policy, prev.outside, prev.host)
+    # Same VMs, networks and IP sets (checked above): the previous lookups still hold.
+    index = prev.index if prev.index is not None else _Index(policy, prev.outside, prev.host)
     affected: set[str] = set()
     for rid in changed:
         for rule in (old_rules.get(rid), new_rules.get(rid)):
@@ -283,7 +311,7 @@ def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
                 affected.update(v.id for v in index.workloads(rule.from_))
                 affected.update(v.id for v in index.workloads(rule.to))
     if not affected:
-        return Resolved(policy=policy, vms=prev.vms, outside=prev.outside, host=prev.host)
+        return Resolved(policy=policy, vms=prev.vms, outside=prev.outside, host=prev.host, index=index)
     egress: dict[str, list[Entry]] = {vid: [] for vid in affected}
     ingress: dict[str, list[Entry]] = {vid: [] for vid in affected}
     for rule in sorted(policy.rules, key=lambda r: r.order):
@@ -296,7 +324,7 @@ def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
         else vp
         for vp in prev.vms
     )
-    return Resolved(policy=policy, vms=vms, outside=prev.outside, host=prev.host)
+    return Resolved(policy=policy, vms=vms, outside=prev.outside, host=prev.host, index=index)
 
 
 def _arp_reachable(

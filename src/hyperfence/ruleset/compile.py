@@ -577,11 +577,8 @@ def _reject_entries(
 
 
 def _reject_chains(b: _Builder, resolved: Resolved) -> None:
-    def rejects(es: tuple[Entry, ...]) -> bool:
-        return any(e.action is Action.REJECT for e in es)
-
-    receivers = [vp for vp in resolved.vms if rejects(vp.ingress)]
-    senders = list(resolved.vms) if receivers else [vp for vp in resolved.vms if rejects(vp.egress)]
+    receivers = [vp for vp in resolved.vms if vp.rejects_in]
+    senders = list(resolved.vms) if receivers else [vp for vp in resolved.vms if vp.rejects_out]
     if not senders:
         return
     on_allow: JSON = x.RETURN
