@@ -21,6 +21,7 @@ Log prefixes are `hf:<vm-sid>:<direction>:<verdict>:<comment>`.
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass
 
 from hyperfence.model.policy import Action, Direction, Settings
@@ -44,7 +45,7 @@ from hyperfence.ruleset.build import (
     service_matches,
     vm_sid,
 )
-from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, Ruleset, TableId
+from hyperfence.ruleset.ir import JSON, Chain, Delta, NftSet, Rule, Ruleset, TableId
 from hyperfence.ruleset.reject import reject_chains
 
 __all__ = ["BRIDGE", "INET", "LOG_PREFIX", "NETDEV", "TABLES", "CompileCache", "compile_ruleset", "vm_sid"]
@@ -72,9 +73,12 @@ class CompileCache(BuildMemo):
         self.vms: dict[_Key, _VmFragment] = {}
         self.last: dict[str, tuple[VmPolicy, Settings, _Key, list[NftSet]]] = {}
         # The base chains, maps and identity sets, valid while the VMs, networks and settings are the same.
-        self.base: tuple[object, list[Chain], list[Rule], dict[str, NftSet]] | None = (
-            None  # by VM id: its input and key last time
-        )
+        self.base: tuple[object, list[Chain], list[Rule], dict[str, NftSet]] | None = None
+        # The last result, how many VMs use each VM address set, and how many VMs have reject rules: what
+        # a compile that rebuilds only the changed VMs starts from.
+        self.prev: Ruleset | None = None
+        self.set_users: dict[str, int] = {}
+        self.reject_vms = 0
 
 
 class _Key:
@@ -118,6 +122,22 @@ def _vm_key(vp: VmPolicy, settings: Settings) -> _Key:
 
 def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ruleset:
     """The whole desired state. Same input, same output, byte for byte (with or without a cache)."""
+    if cache is not None:
+        changed = _compile_changed_vms(resolved, cache)
+        if changed is not None:
+            return changed
+    rs = _compile_all(resolved, cache)
+    if cache is not None:
+        cache.prev = rs
+        cache.set_users = {}
+        for _, _, _, vm_sets in cache.last.values():
+            for name in {n.name for n in vm_sets}:
+                cache.set_users[name] = cache.set_users.get(name, 0) + 1
+        cache.reject_vms = sum(1 for vp in resolved.vms if vp.rejects_in or vp.rejects_out)
+    return rs
+
+
+def _compile_all(resolved: Resolved, cache: CompileCache | None) -> Ruleset:
     settings = resolved.policy.settings
     b = Builder(settings, cache)
     _conntrack_marker(b, settings.conntrack_mark)
@@ -145,15 +165,116 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
     return rs
 
 
-def _cached_base_chains(
-    b: Builder, resolved: Resolved, settings: Settings, cache: CompileCache | None
-) -> None:
-    key = (
+MAX_CHANGED_VMS = 64
+
+
+def _compile_changed_vms(resolved: Resolved, cache: CompileCache) -> Ruleset | None:
+    """The previous result with only the VMs whose inputs changed rebuilt, and a `Delta` saying which
+    chains and sets that touched. None when the change is of another kind (VMs, networks, settings, DHCP
+    clients, reject rules, a VM's chain names, many VMs): the caller compiles everything."""
+    prev, settings = cache.prev, resolved.policy.settings
+    if prev is None or cache.base is None or cache.reject_vms or len(resolved.vms) != len(cache.last):
+        return None
+    if cache.base[0] != _base_key(resolved, settings):
+        return None
+    changed: list[VmPolicy] = []
+    for vp in resolved.vms:
+        seen = cache.last.get(vp.vm.id)
+        if seen is None:
+            return None
+        if seen[0] is not vp:
+            changed.append(vp)
+            if len(changed) > MAX_CHANGED_VMS or vp.rejects_in or vp.rejects_out:
+                return None
+    if not changed:
+        return prev
+    b = Builder(settings, cache)
+    rebuilt: list[tuple[VmPolicy, _Key, _VmFragment, list[NftSet]]] = []
+    for vp in changed:
+        key = _vm_key(vp, settings)
+        frag = cache.vms.get(key) or _fragment(vp, settings, cache)
+        before = cache.vms[cache.last[vp.vm.id][2]]
+        if [c.name for c in frag.chains] != [c.name for c in before.chains]:
+            return None
+        rebuilt.append((vp, key, frag, _vm_sets(b, vp)))
+    # Nothing below can fail: the cache is updated as it goes.
+    by_chain = dict(prev.chain_rules())
+    set_map = dict(prev.set_by_key())
+    users = cache.set_users
+    chains: set[tuple[TableId, str]] = set()
+    sets: set[tuple[TableId, str]] = set()
+    touched: set[str] = set()
+    for vp, key, frag, vm_sets in rebuilt:
+        _, _, old_key, old_sets = cache.last[vp.vm.id]
+        for ck, rules in frag.rules.items():
+            if by_chain[ck] is not rules and by_chain[ck] != rules:
+                by_chain[ck] = rules
+                chains.add(ck)
+        for name in {n.name for n in old_sets}:
+            users[name] -= 1
+            touched.add(name)
+        for name in {n.name for n in vm_sets}:
+            users[name] = users.get(name, 0) + 1
+        del cache.vms[old_key]
+        cache.vms[key] = frag
+        cache.last[vp.vm.id] = (vp, settings, key, vm_sets)
+    for name, nset in b.sets.items():
+        sk = (nset.table, name)
+        have = set_map.get(sk)
+        if have is None or have.elements != nset.elements:
+            set_map[sk] = nset
+            sets.add(sk)
+    for name in sorted(n for n in touched if users[n] == 0):
+        del users[name]
+        del set_map[(BRIDGE, name)]
+        sets.add((BRIDGE, name))
+    rs = Ruleset(
+        tables=prev.tables,
+        chains=prev.chains,
+        sets=tuple(sorted(set_map.values(), key=lambda s: s.name)) if sets else prev.sets,
+        rules=tuple(itertools.chain.from_iterable(by_chain.values())) if chains else prev.rules,
+        delta=Delta(weakref.ref(prev), frozenset(chains), frozenset(sets)),
+    )
+    rs.preset_chain_rules(by_chain)
+    rs.preset_lookups(prev.chain_by_key(), set_map)
+    cache.prev = rs
+    return rs
+
+
+def _base_key(resolved: Resolved, settings: Settings) -> object:
+    return (
         resolved.policy.vms,
         resolved.policy.networks,
         settings,
         tuple(vp.dhcp_client for vp in resolved.vms),
     )
+
+
+def _vm_sets(b: Builder, vp: VmPolicy) -> list[NftSet]:
+    """A VM's address sets (shared by name: always built from the current contents)."""
+    out = []
+    for entry in (*vp.egress, *vp.ingress):
+        if entry.peers != ANY:
+            name = selector_set_name(entry.peer_selectors)
+            if name not in b.sets:
+                b.address_set(name, entry.peers)
+            out.append(b.sets[name])
+    return out
+
+
+def _fragment(vp: VmPolicy, settings: Settings, cache: CompileCache | None) -> _VmFragment:
+    one = Builder(settings, cache)
+    _vm_chains(one, vp)
+    rules: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in one.chains}
+    for r in one.rules:
+        rules[(r.table, r.chain)].append(r)
+    return _VmFragment(one.chains, rules)
+
+
+def _cached_base_chains(
+    b: Builder, resolved: Resolved, settings: Settings, cache: CompileCache | None
+) -> None:
+    key = _base_key(resolved, settings)
     if cache is not None and cache.base is not None and cache.base[0] == key:
         _, chains, rules, sets = cache.base
         b.chains.extend(chains)
@@ -187,21 +308,10 @@ def _vm_fragments(
                 b.sets.setdefault(nset.name, nset)
         else:
             key = _vm_key(vp, settings)
-            vm_sets = []
-            for entry in (*vp.egress, *vp.ingress):  # shared sets: always from the current contents
-                if entry.peers != ANY:
-                    name = selector_set_name(entry.peer_selectors)
-                    if name not in b.sets:
-                        b.address_set(name, entry.peers)
-                    vm_sets.append(b.sets[name])
+            vm_sets = _vm_sets(b, vp)
         hit = cache.vms.get(key) if cache is not None else None
         if hit is None:
-            one = Builder(settings, cache)
-            _vm_chains(one, vp)
-            rules: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in one.chains}
-            for r in one.rules:
-                rules[(r.table, r.chain)].append(r)
-            hit = _VmFragment(one.chains, rules)
+            hit = _fragment(vp, settings, cache)
         used[key] = hit
         last[vp.vm.id] = (vp, settings, key, vm_sets)
         b.chains.extend(hit.chains)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -90,12 +91,23 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Delta:
+    """`Ruleset` R equals `base()` except for the chains (with their rules) and sets named here. A weak
+    reference, so a chain of compiles never keeps old rulesets alive."""
+
+    base: weakref.ref[Ruleset]
+    chains: frozenset[tuple[TableId, str]]
+    sets: frozenset[tuple[TableId, str]]
+
+
+@dataclass(frozen=True)
 class Ruleset:
     tables: tuple[TableId, ...]
     chains: tuple[Chain, ...]
     sets: tuple[NftSet, ...]
     rules: tuple[Rule, ...]  # in chain order
-    meta: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    # Set by an incremental compile: how this ruleset differs from the one compiled before it.
+    delta: Delta | None = field(default=None, compare=False, hash=False, repr=False)
 
     def chain_rules(self) -> dict[tuple[TableId, str], list[Rule]]:
         """Rules by chain, in order. Computed once per ruleset: callers must not change the result."""
@@ -104,6 +116,17 @@ class Ruleset:
     def preset_chain_rules(self, by_chain: dict[tuple[TableId, str], list[Rule]]) -> None:
         """For builders that already hold the rules grouped by chain (same content as `rules`)."""
         self.__dict__["_chain_rules"] = by_chain
+
+    def preset_lookups(
+        self,
+        chains: dict[tuple[TableId, str], Chain] | None,
+        sets: dict[tuple[TableId, str], NftSet] | None,
+    ) -> None:
+        """For builders that already hold `chain_by_key()` / `set_by_key()` (same content)."""
+        if chains is not None:
+            self.__dict__["_chain_by_key"] = chains
+        if sets is not None:
+            self.__dict__["_set_by_key"] = sets
 
     @functools.cached_property
     def _chain_rules(self) -> dict[tuple[TableId, str], list[Rule]]:

@@ -119,3 +119,6 @@ class FakeKernel:
             tuple(sorted(self.sets.values(), key=lambda s: s.name)),
             tuple(r for k in self.chains for _, r in self.rules[k]),
         )
+
+    def handles(self) -> dict[tuple[TableId, str, str], int]:
+        return {(k[0], k[1], r.comment): h for k, rules in self.rules.items() for h, r in rules}
