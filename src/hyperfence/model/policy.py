@@ -169,6 +169,20 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class FloodLimit:
+    """Per selected VM and direction: at most `rate` packets a second (bursts up to `burst`) that do not
+    belong to an established flow; the rest is dropped and counted (and logged, rate-limited, if `log`).
+    Packets of established flows never count: a flood is what makes new flows (SYN, UDP, ICMP, ARP)."""
+
+    id: str
+    vms: tuple[Selector, ...]
+    directions: tuple[Direction, ...]
+    rate: int
+    burst: int
+    log: bool = True
+
+
+@dataclass(frozen=True)
 class Network:
     """A managed bridge. `gateway` is the host's address on it; `uplinks` are bridge ports that lead to a
     physical network rather than to a VM (they are not filtered as VMs)."""
@@ -212,6 +226,7 @@ class Policy:
     ipsets: tuple[tuple[str, tuple[AddressRange, ...]], ...] = ()
     rules: tuple[Rule, ...] = ()
     settings: Settings = field(default_factory=Settings)
+    limits: tuple[FloodLimit, ...] = ()
 
     def vm_by_name(self, name: str) -> Vm | None:
         return next((v for v in self.vms if v.name == name), None)

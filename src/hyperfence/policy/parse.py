@@ -22,8 +22,12 @@ from hyperfence.model.policy import (
     L4,
     Action,
     AddressRange,
+    AllVmsSelector,
+    Direction,
+    FloodLimit,
     IcmpService,
     IpSetSelector,
+    LabelSelector,
     NamedService,
     Network,
     Policy,
@@ -92,6 +96,15 @@ class RuleDoc(_Strict):
     log: StrictBool = False
 
 
+class LimitDoc(_Strict):
+    id: StrictStr | None = None
+    vms: StrOrList
+    direction: Literal["in", "out", "both"] = "both"
+    new_flows: Annotated[StrictInt, Field(ge=1, le=10_000_000)]
+    burst: Annotated[StrictInt, Field(ge=1, le=100_000_000)] | None = None
+    log: StrictBool = True
+
+
 class PolicyDoc(_Strict):
     version: Literal[1] = 1
     settings: dict[str, Any] = {}
@@ -99,6 +112,7 @@ class PolicyDoc(_Strict):
     vms: list[Any] = []
     ipsets: dict[str, Any] = {}
     rules: list[Any] = []
+    limits: list[Any] = []
 
 
 def load_document(text: str, *, source: str = "policy") -> Any:
@@ -184,6 +198,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     vms = _vms_cached(c, doc.vms, networks)
     ipsets = _ipsets(c, doc.ipsets)
     rules = _rules(c, doc.rules, vms, ipsets)
+    limits = _limits(c, doc.limits, {v.name for v in vms})
     if c.problems:
         raise InvalidInputError(f"{source} has {len(c.problems)} problem(s)", c.problems)
     return Policy(
@@ -192,6 +207,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
         ipsets=tuple(sorted(ipsets.items())),
         rules=tuple(rules),
         settings=settings,
+        limits=tuple(limits),
     )
 
 
@@ -533,4 +549,43 @@ def _rules(
             fresh[i] = (copy, rule)
     if not c.problems:
         _RULES_MEMO = (token, fresh)
+    return out
+
+
+_DIRECTIONS = {"in": (Direction.IN,), "out": (Direction.OUT,), "both": (Direction.OUT, Direction.IN)}
+
+
+def _limits(c: _Collector, items: list[Any], vm_names: set[str]) -> list[FloodLimit]:
+    out: list[FloodLimit] = []
+    ids: dict[str, int] = {}
+    for i, raw in enumerate(items):
+        p = f"limits[{i}]"
+        doc = c.model(LimitDoc, raw, p)
+        if doc is None:
+            continue
+        limit_id = c.value(lambda s: syntax.parse_name(s, "limit id"), doc.id or f"l{i}", f"{p}.id")
+        if limit_id is not None and len(limit_id) > 32:
+            c.add(f"{p}.id", f"{limit_id!r} is longer than 32 characters (it is written into log prefixes)")
+        if limit_id is not None and (first := ids.setdefault(limit_id, i)) != i:
+            c.add(f"{p}.id", f"{limit_id!r} is also the id of limits[{first}] (expected unique ids)")
+        texts = [doc.vms] if isinstance(doc.vms, str) else doc.vms
+        if not texts:
+            c.add(f"{p}.vms", "empty (expected at least one selector)")
+        sels: list[Selector] = []
+        for j, text in enumerate(texts):
+            path = f"{p}.vms" if isinstance(doc.vms, str) else f"{p}.vms[{j}]"
+            sel = c.value(syntax.parse_selector, text, path)
+            if sel is None:
+                continue
+            if not isinstance(sel, VmSelector | LabelSelector | AllVmsSelector):
+                c.add(path, f"{text!r} selects addresses, not VMs (expected vm:NAME, label:KEY=VALUE or vms)")
+            elif isinstance(sel, VmSelector) and sel.name not in vm_names:
+                c.add(path, f"VM {sel.name!r} is not declared")
+            else:
+                sels.append(sel)
+        burst = doc.burst if doc.burst is not None else 2 * doc.new_flows
+        if limit_id is not None and sels:
+            out.append(
+                FloodLimit(limit_id, tuple(sels), _DIRECTIONS[doc.direction], doc.new_flows, burst, doc.log)
+            )
     return out

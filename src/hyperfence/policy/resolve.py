@@ -17,6 +17,7 @@ from hyperfence.model.policy import (
     AddressSelector,
     AllVmsSelector,
     Direction,
+    FloodLimit,
     IpSetSelector,
     LabelSelector,
     NamedService,
@@ -115,6 +116,8 @@ class VmPolicy:
     dhcp_server: bool  # some allow rule lets it answer DHCP
     rejects_out: bool = False  # some egress entry rejects
     rejects_in: bool = False  # some ingress entry rejects
+    limits_out: tuple[FloodLimit, ...] = ()  # flood limits on what it sends, in policy order
+    limits_in: tuple[FloodLimit, ...] = ()  # and on what it receives
 
 
 @dataclass(frozen=True)
@@ -228,12 +231,23 @@ def _rule_entries(
             egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, dhcp, paired=True))
 
 
+def _limits(
+    index: _Index, limits: tuple[FloodLimit, ...], vm: Vm, direction: Direction
+) -> tuple[FloodLimit, ...]:
+    return tuple(
+        lim for lim in limits if direction in lim.directions and vm.id in index.workload_ids(lim.vms)
+    )
+
+
 def _vm_policy(
     vm: Vm,
     net: Network,
     egress: list[Entry],
     ingress: list[Entry],
     arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]],
+    *,
+    index: _Index,
+    limits: tuple[FloodLimit, ...],
 ) -> VmPolicy:
     allows = [e for e in (*egress, *ingress) if e.action is Action.ALLOW]
     # VMs with the same peers share one computation (1,000 VMs x a 10k-address IP set otherwise)
@@ -260,6 +274,8 @@ def _vm_policy(
         dhcp_server=any(NamedService(SpecialService.DHCP_SERVER) in e.services for e in allows),
         rejects_out=any(e.action is Action.REJECT for e in egress),
         rejects_in=any(e.action is Action.REJECT for e in ingress),
+        limits_out=_limits(index, limits, vm, Direction.OUT),
+        limits_in=_limits(index, limits, vm, Direction.IN),
     )
 
 
@@ -276,7 +292,10 @@ def resolve_policy(policy: Policy) -> Resolved:
         _rule_entries(rule, index, egress, ingress)
     arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]] = {}
     vms = tuple(
-        _vm_policy(vm, nets[vm.network], egress[vm.id], ingress[vm.id], arp_cache) for vm in policy.vms
+        _vm_policy(
+            vm, nets[vm.network], egress[vm.id], ingress[vm.id], arp_cache, index=index, limits=policy.limits
+        )
+        for vm in policy.vms
     )
     return Resolved(policy=policy, vms=vms, outside=outside, host=host, index=index)
 
@@ -287,7 +306,7 @@ MAX_INCREMENTAL_RULES = 32
 def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
     """`resolve_policy(policy)`, computed from `prev` when only a few rules changed: the VMs those rules
     select (before or after the change) are resolved again, every other VM keeps its `VmPolicy` object.
-    None when the change is not of that kind (networks, VMs, IP sets or settings changed; many rules
+    None when the change is not of that kind (networks, VMs, IP sets, settings or flood limits changed; many rules
     changed): the caller resolves from scratch. The result equals `resolve_policy(policy)`."""
     old = prev.policy
     if (
@@ -295,6 +314,7 @@ def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
         or old.vms != policy.vms
         or old.ipsets != policy.ipsets
         or old.settings != policy.settings
+        or old.limits != policy.limits
     ):
         return None
     old_rules = {r.id: r for r in old.rules}
@@ -319,7 +339,15 @@ def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
     nets = {n.name: n for n in policy.networks}
     arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]] = {}
     vms = tuple(
-        _vm_policy(vp.vm, nets[vp.vm.network], egress[vp.vm.id], ingress[vp.vm.id], arp_cache)
+        _vm_policy(
+            vp.vm,
+            nets[vp.vm.network],
+            egress[vp.vm.id],
+            ingress[vp.vm.id],
+            arp_cache,
+            index=index,
+            limits=policy.limits,
+        )
         if vp.vm.id in affected
         else vp
         for vp in prev.vms

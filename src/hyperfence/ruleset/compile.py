@@ -24,7 +24,7 @@ import itertools
 import weakref
 from dataclasses import dataclass
 
-from hyperfence.model.policy import Action, Direction, Settings
+from hyperfence.model.policy import Action, Direction, FloodLimit, Settings
 from hyperfence.policy.resolve import ANY, Entry, Resolved, VmPolicy
 from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.build import (
@@ -115,6 +115,8 @@ def _vm_key(vp: VmPolicy, settings: Settings) -> _Key:
             vp.arp_gateway,
             vp.dhcp_client,
             vp.dhcp_server,
+            vp.limits_out,
+            vp.limits_in,
             settings,
         )
     )
@@ -429,6 +431,8 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
     # `dhcp_clients`); a frame that fails it is dispatched here to be logged and dropped.
     b.logged_drop(BRIDGE, guard, "sys:spoof", log_prefix(sid, "out", "spoof", "sys:spoof"))
 
+    _flood_rules(b, sid, out, "out", vp.limits_out)
+    _flood_rules(b, sid, inn, "in", vp.limits_in)
     if not vp.dhcp_server:
         b.rule(
             BRIDGE,
@@ -467,6 +471,24 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
         )
     b.logged_drop(BRIDGE, out, "sys:default-deny", log_prefix(sid, "out", "deny", "sys:default-deny"))
     b.logged_drop(BRIDGE, inn, "sys:default-deny", log_prefix(sid, "in", "deny", "sys:default-deny"))
+
+
+def _flood_rules(b: Builder, sid: str, chain: str, direction: str, limits: tuple[FloodLimit, ...]) -> None:
+    """First in a VM chain, which only sees packets of flows that are not established yet: beyond the
+    limit, drop (and log, within the usual log rate)."""
+    s = b.settings
+    for lim in limits:
+        comment = f"sys:flood:{lim.id}"
+        over = x.limit_over(lim.rate, lim.burst)
+        if lim.log:
+            prefix = log_prefix(sid, direction, "flood", comment)
+            b.rule(
+                BRIDGE,
+                chain,
+                comment + ":log",
+                [over, x.limit(s.log_rate_per_second, s.log_burst), x.log(prefix, s.nflog_group)],
+            )
+        b.rule(BRIDGE, chain, comment, [over, x.COUNTER, x.DROP])
 
 
 def _entry_rules(b: Builder, vp: VmPolicy, sid: str, chain: str, entry: Entry) -> None:

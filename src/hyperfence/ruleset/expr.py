@@ -45,6 +45,11 @@ def limit(rate: int, burst: int) -> JSON:
     return {"limit": {"rate": rate, "burst": burst, "per": "second"}}
 
 
+def limit_over(rate: int, burst: int) -> JSON:
+    """Matches the packets beyond `rate` a second (bursts up to `burst`)."""
+    return {"limit": {"rate": rate, "burst": burst, "per": "second", "inv": True}}
+
+
 def log(prefix: str, group: int) -> JSON:
     return {"log": {"prefix": prefix, "group": group}}
 
