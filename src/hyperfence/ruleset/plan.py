@@ -6,7 +6,7 @@ nothing is rewritten when nothing changed (an empty plan). Rules are matched by 
 
 Command order inside a batch: create tables, chains and sets; remove stale set/map elements; add new
 elements; delete rules and append rules (see `_plan_chain` for why nothing is inserted or replaced in
-place); flush and delete stale chains; delete stale sets. Each step only refers to objects that exist at
+place); flush stale chains; delete stale sets and maps; delete stale chains. Each step only refers to objects that exist at
 that point of the transaction.
 """
 
@@ -198,17 +198,22 @@ def _plan(desired: Ruleset, actual: Actual, scope: _Scope) -> Plan:
             plan.touched_sets.add(k)
     cmds.extend(adds)
     _plan_rules(plan, desired, actual, scope.des_chains)
-    for k in scope.act_chains:
-        c = act_chains[k]
-        if k not in des_chains and c.table in desired.tables:
-            cmds.append({"flush": {"chain": chain_obj(Chain(c.table, c.name))}})
-            cmds.append({"delete": {"chain": chain_obj(Chain(c.table, c.name))}})
-            plan.count("chains-")
+    # Stale chains are emptied first, then stale sets and maps go (a map's verdicts may still name a stale
+    # chain, and the kernel refuses to delete a chain something refers to), then the chains themselves.
+    stale = [
+        Chain(c.table, c.name)
+        for k in scope.act_chains
+        if k not in des_chains and (c := act_chains[k]).table in desired.tables
+    ]
+    cmds.extend({"flush": {"chain": chain_obj(c)}} for c in stale)
     for k in scope.act_sets:
         s = act_sets[k]
         if k not in des_sets and s.table in desired.tables:
             cmds.append({"delete": {s.kind: {**_t(s.table), "name": s.name}}})
             plan.count("sets-")
+    cmds.extend({"delete": {"chain": chain_obj(c)}} for c in stale)
+    if stale:
+        plan.count("chains-", len(stale))
     return plan
 
 

@@ -41,7 +41,7 @@ def flood(lab: LabSession) -> None:
     assert r.returncode in (0, 1), r.stderr  # hping3 exits 1 when no reply came (UDP: none expected)
 
 
-@pytest.mark.parametrize("direction,chain", [("in", "_in"), ("out", "_out")])
+@pytest.mark.parametrize(("direction", "chain"), [("in", "_in"), ("out", "_out")])
 def test_a_new_flow_flood_is_cut_to_the_limit(lab: LabSession, direction: str, chain: str) -> None:
     target = "vm:vm2" if direction == "in" else "vm:vm1"
     apply(lab, [])

@@ -10,7 +10,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from hyperfence.errors import KernelError
 from hyperfence.lab.session import LabSession
 from hyperfence.ruleset.build import INET, NETDEV
 from hyperfence.ruleset.ir import TableId
@@ -141,12 +140,6 @@ def test_replies_to_a_flow_the_vm_started_pass_a_reject(lab: LabSession) -> None
     assert lab.udp("outside", "vm2", 53, timeout=QUICK) == "REFUSED"  # the control: a new flow is answered
 
 
-@pytest.mark.xfail(
-    raises=KernelError,
-    strict=True,
-    reason="plan.py deletes stale chains before the stale maps whose elements jump to them (EBUSY): removing "
-    "the last reject rule is refused. Fix in the planner: flush stale chains, delete stale sets, then chains.",
-)
 def test_removing_every_reject_rule_is_applied(lab: LabSession) -> None:
     lab.serve("vm2", tcp=[22])
     lab.apply(RULES)

@@ -51,6 +51,14 @@ class FakeKernel:
     def _delete_chain(self, o: dict[str, Any]) -> None:
         key = (self._t(o), o["name"])
         assert not self.rules[key], "deleting a non-empty chain"
+        # Like the kernel (EBUSY): a chain that a map verdict or a rule still jumps to cannot be deleted.
+        target = f'"target":"{key[1]}"'
+        assert not any(target in e for (t, _), st in self.sets.items() if t == key[0] for e in st.elements), (
+            f"deleting chain {key[1]} while a map still refers to it"
+        )
+        assert not any(
+            target in r.expr for (t, _), rules in self.rules.items() if t == key[0] for _, r in rules
+        ), f"deleting chain {key[1]} while a rule still jumps to it"
         del self.chains[key], self.rules[key]
 
     def _add_set(self, o: dict[str, Any]) -> None:
