@@ -262,7 +262,7 @@ def measure_changes(
 ) -> dict[str, Any]:
     chain_out = f"{vm_sid(f'{LAB}-vm1')}_out"
     chain_in = f"{vm_sid(f'{LAB}-vm2')}_in"
-    walls, kernels, daemons, unchanged, events = [], [], [], 0, []
+    walls, kernels, daemons, puts, unchanged, events = [], [], [], [], 0, []
     reply: dict[str, Any] | None = None
     for i in range(changes):
         port = PORTS[(i + 1) % 2]
@@ -270,6 +270,7 @@ def measure_changes(
         time.sleep(0.05)
         t0 = time.perf_counter()
         store.put_policy(docs[port], source="bench/apply.py")
+        puts.append((time.perf_counter() - t0) * 1000)
         reply = request(str(sd), {"op": "reconcile"}, timeout=600)
         t1 = time.perf_counter()
         if not reply or not reply.get("ok"):
@@ -292,6 +293,7 @@ def measure_changes(
         "wall": walls,
         "kernel": kernels,
         "daemon": daemons,
+        "store": puts,
         "unchanged": unchanged,
         "events": median(events),
         "summary": reply.get("summary") if reply else None,
@@ -508,6 +510,7 @@ def print_size(r: dict[str, Any]) -> None:
     print(pct_line("wall (store write -> daemon reply)", r["wall"]))
     print(pct_line("kernel (store write -> nft monitor)", r["kernel"]))
     print(pct_line("daemon-reported converge ms", r["daemon"]))
+    print(pct_line("store write (policy apply side)", r["store"]))
     print(
         f"  the daemon's poll loop applied {r['unchanged']} of {len(r['wall'])} changes before our request "
         f"(reply changed=false); nft monitor lines per change: {r['events']:.0f}"
