@@ -11,23 +11,18 @@ the kernel.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from hyperfence.errors import InvalidInputError, Problem
 from hyperfence.model.policy import (
     L4,
     Action,
     AddressRange,
-    AllVmsSelector,
-    Direction,
-    FloodLimit,
     IcmpService,
     IpSetSelector,
-    LabelSelector,
     NamedService,
     Network,
     Policy,
@@ -41,20 +36,18 @@ from hyperfence.model.policy import (
     VmSelector,
 )
 from hyperfence.policy import syntax
+from hyperfence.policy.collector import Collector, Strict
+from hyperfence.policy.sections import parse_limits
 
 T = TypeVar("T")
 
 MAX_POLICY_BYTES = 64 * 1024 * 1024
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-
 StrOrList = StrictStr | list[StrictStr]
 
 
-class SettingsDoc(_Strict):
+class SettingsDoc(Strict):
     log_denied: StrictBool = True
     log_rate: Annotated[StrictInt, Field(ge=1, le=10000)] = 10
     log_burst: Annotated[StrictInt, Field(ge=1, le=100000)] = 20
@@ -62,7 +55,7 @@ class SettingsDoc(_Strict):
     conntrack_mark: Annotated[StrictInt, Field(ge=1, le=0x80000000)] = 0x00200000
 
 
-class NetworkDoc(_Strict):
+class NetworkDoc(Strict):
     name: StrictStr
     bridge: StrictStr
     subnet: StrictStr
@@ -70,7 +63,7 @@ class NetworkDoc(_Strict):
     uplinks: list[StrictStr] = []
 
 
-class VmDoc(_Strict):
+class VmDoc(Strict):
     name: StrictStr
     id: StrictStr | None = None
     network: StrictStr | None = None
@@ -80,7 +73,7 @@ class VmDoc(_Strict):
     labels: dict[StrictStr, StrictStr] = {}
 
 
-class RuleDoc(_Strict):
+class RuleDoc(Strict):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
     id: StrictStr | None = None
     description: StrictStr = ""
@@ -96,16 +89,7 @@ class RuleDoc(_Strict):
     log: StrictBool = False
 
 
-class LimitDoc(_Strict):
-    id: StrictStr | None = None
-    vms: StrOrList
-    direction: Literal["in", "out", "both"] = "both"
-    new_flows: Annotated[StrictInt, Field(ge=1, le=10_000_000)]
-    burst: Annotated[StrictInt, Field(ge=1, le=100_000_000)] | None = None
-    log: StrictBool = True
-
-
-class PolicyDoc(_Strict):
+class PolicyDoc(Strict):
     version: Literal[1] = 1
     settings: dict[str, Any] = {}
     networks: list[Any] = Field(min_length=1)
@@ -139,49 +123,9 @@ def parse_policy_text(text: str, *, source: str = "policy") -> Policy:
     return parse_policy(load_document(text, source=source), source=source)
 
 
-def _loc(parts: Iterable[int | str]) -> str:
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            out += ("." if out else "") + ("from" if p == "from_" else p)
-    return out
-
-
-class _Collector:
-    def __init__(self) -> None:
-        self.problems: list[Problem] = []
-
-    def add(self, path: str, message: str) -> None:
-        self.problems.append(Problem(path, message))
-
-    def model(self, cls: type[T], data: Any, path: str) -> T | None:
-        try:
-            return cls.model_validate(data)  # type: ignore[attr-defined, no-any-return]
-        except ValidationError as e:
-            for err in e.errors():
-                sub = _loc(err["loc"])
-                where = f"{path}.{sub}" if sub and path else (sub or path)
-                msg = err["msg"].removeprefix("Value error, ")
-                if err["type"] not in ("missing", "extra_forbidden"):
-                    msg = f"{msg} (got {err['input']!r})"
-                if err["type"] == "extra_forbidden":
-                    msg = "unknown field (check the spelling; see docs/policy.md)"
-                self.add(where, msg)
-            return None
-
-    def value(self, fn: Callable[[Any], T], arg: Any, path: str) -> T | None:
-        try:
-            return fn(arg)
-        except ValueError as e:
-            self.add(path, str(e))
-            return None
-
-
 def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     """Validate a whole policy document. Raises `InvalidInputError` with every problem, or returns it."""
-    c = _Collector()
+    c = Collector()
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -198,7 +142,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     vms = _vms_cached(c, doc.vms, networks)
     ipsets = _ipsets(c, doc.ipsets)
     rules = _rules(c, doc.rules, vms, ipsets)
-    limits = _limits(c, doc.limits, {v.name for v in vms})
+    limits = parse_limits(c, doc.limits, {v.name for v in vms})
     if c.problems:
         raise InvalidInputError(f"{source} has {len(c.problems)} problem(s)", c.problems)
     return Policy(
@@ -211,7 +155,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     )
 
 
-def _settings(c: _Collector, data: dict[str, Any]) -> Settings:
+def _settings(c: Collector, data: dict[str, Any]) -> Settings:
     doc = c.model(SettingsDoc, data, "settings")
     if doc is None:
         return Settings()
@@ -228,7 +172,7 @@ def _settings(c: _Collector, data: dict[str, Any]) -> Settings:
     )
 
 
-def _networks(c: _Collector, items: list[Any]) -> list[Network]:
+def _networks(c: Collector, items: list[Any]) -> list[Network]:
     out: list[Network] = []
     seen_names: set[str] = set()
     seen_bridges: set[str] = set()
@@ -300,7 +244,7 @@ def _remember_vm_doc(raw: Any, doc: VmDoc) -> None:
 _LAST_VMS: tuple[str, tuple[Network, ...], list[Vm]] | None = None
 
 
-def _vms_cached(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
+def _vms_cached(c: Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
     global _LAST_VMS  # noqa: PLW0603 - a one-entry memo of a pure function
     key = _json_key(items)
     if key is not None and _LAST_VMS is not None and _LAST_VMS[0] == key and _LAST_VMS[1] == tuple(networks):
@@ -312,7 +256,7 @@ def _vms_cached(c: _Collector, items: list[Any], networks: list[Network]) -> lis
     return vms
 
 
-def _vms(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
+def _vms(c: Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
     out: list[Vm] = []
     by_name = {n.name: n for n in networks}
     owners: dict[str, dict[object, str]] = {"name": {}, "id": {}, "port": {}, "mac": {}, "ip": {}}
@@ -387,7 +331,7 @@ def _vms(c: _Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
     return out
 
 
-def _ipsets(c: _Collector, items: dict[str, Any]) -> dict[str, tuple[AddressRange, ...]]:
+def _ipsets(c: Collector, items: dict[str, Any]) -> dict[str, tuple[AddressRange, ...]]:
     out: dict[str, tuple[AddressRange, ...]] = {}
     for name, raw in items.items():
         p = f"ipsets.{name}"
@@ -406,7 +350,7 @@ def _ipsets(c: _Collector, items: dict[str, Any]) -> dict[str, tuple[AddressRang
     return out
 
 
-def _rule_services(c: _Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
+def _rule_services(c: Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
     if doc.services is not None:
         if doc.protocol is not None or doc.ports is not None or doc.icmp_type is not None:
             c.add(p, "both services and protocol/ports/icmp_type given (expected one way of naming services)")
@@ -469,7 +413,7 @@ _RULES_MEMO: (
 
 
 def _rules(
-    c: _Collector, items: list[Any], vms: list[Vm], ipsets: dict[str, tuple[AddressRange, ...]]
+    c: Collector, items: list[Any], vms: list[Vm], ipsets: dict[str, tuple[AddressRange, ...]]
 ) -> list[Rule]:
     out: list[Rule] = []
     vm_names = {v.name for v in vms}
@@ -549,43 +493,4 @@ def _rules(
             fresh[i] = (copy, rule)
     if not c.problems:
         _RULES_MEMO = (token, fresh)
-    return out
-
-
-_DIRECTIONS = {"in": (Direction.IN,), "out": (Direction.OUT,), "both": (Direction.OUT, Direction.IN)}
-
-
-def _limits(c: _Collector, items: list[Any], vm_names: set[str]) -> list[FloodLimit]:
-    out: list[FloodLimit] = []
-    ids: dict[str, int] = {}
-    for i, raw in enumerate(items):
-        p = f"limits[{i}]"
-        doc = c.model(LimitDoc, raw, p)
-        if doc is None:
-            continue
-        limit_id = c.value(lambda s: syntax.parse_name(s, "limit id"), doc.id or f"l{i}", f"{p}.id")
-        if limit_id is not None and len(limit_id) > 32:
-            c.add(f"{p}.id", f"{limit_id!r} is longer than 32 characters (it is written into log prefixes)")
-        if limit_id is not None and (first := ids.setdefault(limit_id, i)) != i:
-            c.add(f"{p}.id", f"{limit_id!r} is also the id of limits[{first}] (expected unique ids)")
-        texts = [doc.vms] if isinstance(doc.vms, str) else doc.vms
-        if not texts:
-            c.add(f"{p}.vms", "empty (expected at least one selector)")
-        sels: list[Selector] = []
-        for j, text in enumerate(texts):
-            path = f"{p}.vms" if isinstance(doc.vms, str) else f"{p}.vms[{j}]"
-            sel = c.value(syntax.parse_selector, text, path)
-            if sel is None:
-                continue
-            if not isinstance(sel, VmSelector | LabelSelector | AllVmsSelector):
-                c.add(path, f"{text!r} selects addresses, not VMs (expected vm:NAME, label:KEY=VALUE or vms)")
-            elif isinstance(sel, VmSelector) and sel.name not in vm_names:
-                c.add(path, f"VM {sel.name!r} is not declared")
-            else:
-                sels.append(sel)
-        burst = doc.burst if doc.burst is not None else 2 * doc.new_flows
-        if limit_id is not None and sels:
-            out.append(
-                FloodLimit(limit_id, tuple(sels), _DIRECTIONS[doc.direction], doc.new_flows, burst, doc.log)
-            )
     return out
