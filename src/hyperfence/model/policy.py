@@ -182,6 +182,37 @@ class FloodLimit:
     log: bool = True
 
 
+class SilenceAction(enum.Enum):
+    ALERT = "alert"  # an event only
+    ISOLATE = "isolate"  # quarantine: every packet to and from the VM dropped, established flows too
+    PAUSE = "pause"  # the hypervisor pauses the VM (libvirt guests); isolate where there is no hypervisor
+
+
+class Release(enum.Enum):
+    AUTO = "auto"  # when beats resume
+    MANUAL = "manual"  # only `hyperfence vm release VM`
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What the host expects from the agents of the selected VMs, and what it does when one goes silent:
+    no valid message for `misses` x `interval` seconds."""
+
+    id: str
+    vms: tuple[Selector, ...]
+    interval: float = 1.0
+    misses: int = 3
+    action: SilenceAction = SilenceAction.ISOLATE
+    release: Release = Release.AUTO
+
+    @property
+    def silent_after(self) -> float:
+        return self.interval * self.misses
+
+
+DEFAULT_HEARTBEAT = Heartbeat(id="default", vms=())
+
+
 @dataclass(frozen=True)
 class Network:
     """A managed bridge. `gateway` is the host's address on it; `uplinks` are bridge ports that lead to a
@@ -227,6 +258,7 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     settings: Settings = field(default_factory=Settings)
     limits: tuple[FloodLimit, ...] = ()
+    heartbeats: tuple[Heartbeat, ...] = ()
 
     def vm_by_name(self, name: str) -> Vm | None:
         return next((v for v in self.vms if v.name == name), None)

@@ -37,7 +37,7 @@ from hyperfence.model.policy import (
 )
 from hyperfence.policy import syntax
 from hyperfence.policy.collector import Collector, Strict
-from hyperfence.policy.sections import parse_limits
+from hyperfence.policy.sections import parse_heartbeats, parse_limits
 
 T = TypeVar("T")
 
@@ -97,6 +97,7 @@ class PolicyDoc(Strict):
     ipsets: dict[str, Any] = {}
     rules: list[Any] = []
     limits: list[Any] = []
+    heartbeats: list[Any] = []
 
 
 def load_document(text: str, *, source: str = "policy") -> Any:
@@ -143,6 +144,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     ipsets = _ipsets(c, doc.ipsets)
     rules = _rules(c, doc.rules, vms, ipsets)
     limits = parse_limits(c, doc.limits, {v.name for v in vms})
+    heartbeats = parse_heartbeats(c, doc.heartbeats, {v.name for v in vms})
     if c.problems:
         raise InvalidInputError(f"{source} has {len(c.problems)} problem(s)", c.problems)
     return Policy(
@@ -152,6 +154,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
         rules=tuple(rules),
         settings=settings,
         limits=tuple(limits),
+        heartbeats=tuple(heartbeats),
     )
 
 

@@ -6,7 +6,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
-from hyperfence.model.policy import AllVmsSelector, Direction, FloodLimit, LabelSelector, Selector, VmSelector
+from hyperfence.model.policy import (
+    AllVmsSelector,
+    Direction,
+    FloodLimit,
+    Heartbeat,
+    LabelSelector,
+    Release,
+    Selector,
+    SilenceAction,
+    VmSelector,
+)
 from hyperfence.policy import syntax
 from hyperfence.policy.collector import Collector, Strict
 
@@ -25,6 +35,35 @@ class LimitDoc(Strict):
 _DIRECTIONS = {"in": (Direction.IN,), "out": (Direction.OUT,), "both": (Direction.OUT, Direction.IN)}
 
 
+def _section_id(c: Collector, text: str, p: str, *, section: str, ids: dict[str, int], i: int) -> str | None:
+    item_id = c.value(lambda s: syntax.parse_name(s, "id"), text, f"{p}.id")
+    if item_id is not None and len(item_id) > 32:
+        c.add(f"{p}.id", f"{item_id!r} is longer than 32 characters (it is written into log prefixes)")
+    if item_id is not None and (first := ids.setdefault(item_id, i)) != i:
+        c.add(f"{p}.id", f"{item_id!r} is also the id of {section}[{first}] (expected unique ids)")
+    return item_id
+
+
+def _vm_selectors(c: Collector, value: str | list[str], path: str, vm_names: set[str]) -> list[Selector]:
+    """Selectors of VMs only: vm:NAME (declared), label:KEY=VALUE, vms."""
+    texts = [value] if isinstance(value, str) else value
+    if not texts:
+        c.add(path, "empty (expected at least one selector)")
+    sels: list[Selector] = []
+    for j, text in enumerate(texts):
+        where = path if isinstance(value, str) else f"{path}[{j}]"
+        sel = c.value(syntax.parse_selector, text, where)
+        if sel is None:
+            continue
+        if not isinstance(sel, VmSelector | LabelSelector | AllVmsSelector):
+            c.add(where, f"{text!r} selects addresses, not VMs (expected vm:NAME, label:KEY=VALUE or vms)")
+        elif isinstance(sel, VmSelector) and sel.name not in vm_names:
+            c.add(where, f"VM {sel.name!r} is not declared")
+        else:
+            sels.append(sel)
+    return sels
+
+
 def parse_limits(c: Collector, items: list[Any], vm_names: set[str]) -> list[FloodLimit]:
     out: list[FloodLimit] = []
     ids: dict[str, int] = {}
@@ -33,29 +72,45 @@ def parse_limits(c: Collector, items: list[Any], vm_names: set[str]) -> list[Flo
         doc = c.model(LimitDoc, raw, p)
         if doc is None:
             continue
-        limit_id = c.value(lambda s: syntax.parse_name(s, "limit id"), doc.id or f"l{i}", f"{p}.id")
-        if limit_id is not None and len(limit_id) > 32:
-            c.add(f"{p}.id", f"{limit_id!r} is longer than 32 characters (it is written into log prefixes)")
-        if limit_id is not None and (first := ids.setdefault(limit_id, i)) != i:
-            c.add(f"{p}.id", f"{limit_id!r} is also the id of limits[{first}] (expected unique ids)")
-        texts = [doc.vms] if isinstance(doc.vms, str) else doc.vms
-        if not texts:
-            c.add(f"{p}.vms", "empty (expected at least one selector)")
-        sels: list[Selector] = []
-        for j, text in enumerate(texts):
-            path = f"{p}.vms" if isinstance(doc.vms, str) else f"{p}.vms[{j}]"
-            sel = c.value(syntax.parse_selector, text, path)
-            if sel is None:
-                continue
-            if not isinstance(sel, VmSelector | LabelSelector | AllVmsSelector):
-                c.add(path, f"{text!r} selects addresses, not VMs (expected vm:NAME, label:KEY=VALUE or vms)")
-            elif isinstance(sel, VmSelector) and sel.name not in vm_names:
-                c.add(path, f"VM {sel.name!r} is not declared")
-            else:
-                sels.append(sel)
+        limit_id = _section_id(c, doc.id or f"l{i}", p, section="limits", ids=ids, i=i)
+        sels = _vm_selectors(c, doc.vms, f"{p}.vms", vm_names)
         burst = doc.burst if doc.burst is not None else 2 * doc.new_flows
         if limit_id is not None and sels:
             out.append(
                 FloodLimit(limit_id, tuple(sels), _DIRECTIONS[doc.direction], doc.new_flows, burst, doc.log)
+            )
+    return out
+
+
+class HeartbeatDoc(Strict):
+    id: StrictStr | None = None
+    vms: StrOrList
+    interval: Annotated[float, Field(ge=0.2, le=3600)] = 1.0
+    misses: Annotated[StrictInt, Field(ge=1, le=1000)] = 3
+    action: Literal["alert", "isolate", "pause"] = "isolate"
+    release: Literal["auto", "manual"] = "auto"
+
+
+def parse_heartbeats(c: Collector, items: list[Any], vm_names: set[str]) -> list[Heartbeat]:
+    """The `heartbeats` section. A VM selected by several entries takes the first (see `heartbeat_for`)."""
+    out: list[Heartbeat] = []
+    ids: dict[str, int] = {}
+    for i, raw in enumerate(items):
+        p = f"heartbeats[{i}]"
+        doc = c.model(HeartbeatDoc, raw, p)
+        if doc is None:
+            continue
+        hb_id = _section_id(c, doc.id or f"h{i}", p, section="heartbeats", ids=ids, i=i)
+        sels = _vm_selectors(c, doc.vms, f"{p}.vms", vm_names)
+        if hb_id is not None and sels:
+            out.append(
+                Heartbeat(
+                    hb_id,
+                    tuple(sels),
+                    float(doc.interval),
+                    doc.misses,
+                    SilenceAction(doc.action),
+                    Release(doc.release),
+                )
             )
     return out

@@ -1,0 +1,1 @@
+"""Agent health on the host: heartbeat policies and per-VM agent state (pure)."""

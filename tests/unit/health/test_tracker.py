@@ -1,0 +1,156 @@
+"""The host's view of agents, with a fake clock: silence -> isolate within `misses` intervals, beats ->
+release, and every bad input counted and dropped without touching another VM."""
+
+from __future__ import annotations
+
+import struct
+
+from hyperfence.agent import wire
+from hyperfence.health.tracker import AgentRecord, Tracker
+from hyperfence.model.policy import Heartbeat, Release, SilenceAction
+
+T0 = 1_000_000.0
+HB = Heartbeat("default", ())
+KEYS = {"a": b"A" * 32, "b": b"B" * 32}
+
+
+def tracker(**kw: float) -> Tracker:
+    records = {vm: AgentRecord(vm, key) for vm, key in KEYS.items()}
+    return Tracker(records, started=T0, startup_grace=0.0, **kw)
+
+
+class Agent:
+    def __init__(self, vm: str, key: bytes | None = None) -> None:
+        self.vm, self.key, self.seq = vm, key or KEYS[vm], 0
+
+    def frame(self, now: float, kind: str = "beat", data: dict[str, object] | None = None) -> bytes:
+        self.seq = wire.next_seq(self.seq, now)
+        body = wire.message(self.vm, self.seq, kind, data if data is not None else {"res": {"cpu": 3}}, now)
+        return wire.encode(self.key, body)[4:]
+
+
+def beat_until(t: Tracker, agent: Agent, start: float, end: float) -> None:
+    now = start
+    while now < end:
+        assert t.ingest(agent.vm, agent.frame(now), now).ok
+        now += 1.0
+
+
+def test_a_silent_agent_is_isolated_within_three_intervals_and_released_when_it_beats_again() -> None:
+    t, a, b = tracker(), Agent("a"), Agent("b")
+    beat_until(t, a, T0, T0 + 5)
+    beat_until(t, b, T0, T0 + 5)
+    last = T0 + 4
+    hbs = {"a": HB, "b": HB}
+    # a stops; b keeps beating
+    for k in range(1, 8):
+        now = last + k * 0.5
+        t.ingest("b", b.frame(now), now)
+        for d in t.decide(hbs, now):
+            assert d.vm == "a" and d.action == "isolate"
+            t.isolate(d.vm, d.reason, now)
+        if t.records["a"].isolated:
+            break
+    assert t.records["a"].isolated is not None
+    assert now - last <= 3.5  # within misses x interval (+ the decision's 0.5 s tick)
+    assert t.records["b"].isolated is None
+    assert t.status("a", HB, now) == "silent"
+    # a comes back: released after two good messages
+    assert t.decide(hbs, now) == []  # level-triggered: no second isolate
+    now += 1
+    t.ingest("a", a.frame(now), now)
+    assert [d.action for d in t.decide(hbs, now)] == []
+    now += 1
+    t.ingest("a", a.frame(now), now)
+    (d,) = t.decide(hbs, now)
+    assert (d.vm, d.action) == ("a", "release")
+
+
+def test_manual_release_policy_waits_for_the_operator() -> None:
+    t, a = tracker(), Agent("a")
+    hb = Heartbeat("m", (), release=Release.MANUAL)
+    t.isolate("a", "test", T0)
+    for k in range(1, 5):
+        t.ingest("a", a.frame(T0 + k), T0 + k)
+    assert t.decide({"a": hb}, T0 + 5) == []
+    t.release("a", T0 + 5, manual=True)
+    assert t.records["a"].isolated is None
+    assert t.decide({"a": hb}, T0 + 6) == []  # silence counts from the release
+
+
+def test_alert_is_raised_once_per_silence() -> None:
+    t = tracker()
+    hb = Heartbeat("al", (), action=SilenceAction.ALERT)
+    assert [d.action for d in t.decide({"a": hb}, T0 + 4)] == ["alert"]
+    assert t.decide({"a": hb}, T0 + 5) == []
+    assert t.records["a"].isolated is None
+
+
+def test_never_seen_is_given_the_startup_grace() -> None:
+    t = Tracker({"a": AgentRecord("a", KEYS["a"])}, started=T0, startup_grace=10.0)
+    assert t.status("a", HB, T0 + 12) == "never"
+    assert t.decide({"a": HB}, T0 + 12) == []
+    assert [d.action for d in t.decide({"a": HB}, T0 + 13.5)] == ["isolate"]
+
+
+def test_forged_replayed_and_garbage_are_counted_per_vm_and_change_nothing() -> None:
+    t, a = tracker(), Agent("a")
+    good = a.frame(T0)
+    assert t.ingest("a", good, T0).ok
+    assert t.ingest("a", good, T0 + 1).reason == "replayed"
+    assert t.ingest("a", Agent("a", key=b"x" * 32).frame(T0 + 1), T0 + 1).reason == "forged"
+    assert t.ingest("a", b"\x01" + b"\0" * 40, T0 + 1).reason == "forged"
+    assert t.ingest("a", b"garbage", T0 + 1).reason in ("malformed", "version")
+    assert t.refuse("a", "oversized", "10 MB").reason == "oversized"
+    counts = t.live["a"].counts
+    assert counts["accepted"] == 1 and counts["replayed"] == 1 and counts["forged"] == 2
+    assert t.records["a"].last_seen == T0  # only the accepted frame moved it
+    assert sum(t.live["b"].counts.values()) == 0
+
+
+def test_a_vm_cannot_speak_for_another() -> None:
+    t = tracker()
+    b_frame_signed_by_a = Agent("b", key=KEYS["a"]).frame(T0)
+    assert t.ingest("b", b_frame_signed_by_a, T0).reason == "forged"
+    a_frame_on_b_channel = Agent("a").frame(T0)
+    assert t.ingest("b", a_frame_on_b_channel, T0).reason == "forged"
+    assert t.records["a"].last_seen is None and t.records["b"].last_seen is None
+    assert t.ingest("nobody", Agent("a").frame(T0), T0).reason == "forged"
+
+
+def test_a_flood_is_cut_by_the_token_bucket_and_other_vms_are_unaffected() -> None:
+    t, a, b = tracker(rate=20.0, burst=50.0), Agent("a"), Agent("b")
+    results = [t.ingest("a", a.frame(T0 + i / 10_000), T0 + i / 10_000).reason for i in range(10_000)]
+    assert results.count("accepted") <= 50 + 20 + 1
+    assert results.count("flood") >= 9_900
+    assert t.ingest("b", b.frame(T0 + 1), T0 + 1).ok
+    assert len(t.live["a"].samples) <= 120  # memory stays bounded
+
+
+def test_events_and_metrics_are_bounded_and_flattened() -> None:
+    t, a = tracker(), Agent("a")
+    data = {
+        "res": {
+            "cpu": 5.5,
+            "mem": {"used": 100, "total": 200},
+            "bad": "x",
+            "flag": True,
+            "nan": float("inf"),
+        },
+        "events": [{"type": "listen", "port": 22, "blob": "y" * 1000}] * 60 + ["not an event"],
+    }
+    r = t.ingest("a", a.frame(T0, data=data), T0)
+    assert r.ok
+    assert r.metrics == {"cpu": 5.5, "mem.used": 100.0, "mem.total": 200.0}
+    assert len(r.events) == 51 and r.events[-1] == {"type": "truncated", "count": 11}
+    assert len(r.events[0]["blob"]) == 200
+
+
+def test_frames_arrive_through_a_reader_even_one_byte_at_a_time() -> None:
+    t, a = tracker(), Agent("a")
+    stream = b"".join(struct.pack(">I", len(f)) + f for f in (a.frame(T0), a.frame(T0 + 1)))
+    reader = wire.FrameReader()
+    got = [
+        t.ingest("a", f, T0 + 1).reason for i in range(len(stream)) for f in reader.feed(stream[i : i + 1])
+    ]
+    assert got == ["accepted", "accepted"]
