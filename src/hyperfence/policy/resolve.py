@@ -128,6 +128,9 @@ class Resolved:
     host: tuple[AddressRange, ...]
     # The lookups this resolve used: valid for the next one while VMs, networks and IP sets are the same.
     index: _Index | None = field(default=None, compare=False, repr=False)
+    # VMs in quarantine (an overlay from the agent monitor, not from the policy): every packet to and from
+    # them is dropped, established flows included.
+    quarantine: frozenset[str] = frozenset()
 
 
 class _Index:

@@ -6,6 +6,7 @@ follow exactly the same path: policy -> resolve -> compile -> converge (plan, on
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass
@@ -41,6 +42,15 @@ class Engine:
         self._compiled: Compiled | None = None
         self._cache = CompileCache()
         self.lock = threading.RLock()
+        # VMs isolated by the agent monitor: an overlay on the policy (see `set_quarantine`).
+        self.quarantine: frozenset[str] = frozenset()
+
+    def set_quarantine(self, vms: frozenset[str]) -> bool:
+        """Replace the set of quarantined VM ids; True when it changed (converge to apply it)."""
+        with self.lock:
+            changed = vms != self.quarantine
+            self.quarantine = vms
+            return changed
 
     @property
     def nft(self) -> Nft:
@@ -90,14 +100,18 @@ class Engine:
         key = self.policy_key()
         if key is None:
             return None
-        if self._compiled is not None and self._compiled.key == key:
-            return self._compiled
-        document, source = self._load_document()
-        policy = parse_policy(document, source=source)
         previous = self._compiled
-        resolved = (
-            resolve_update(previous.resolved, policy) if previous is not None else None
-        ) or resolve_policy(policy)
+        if previous is not None and previous.key == key:
+            if previous.resolved.quarantine == self.quarantine:
+                return previous
+            policy, resolved = previous.policy, previous.resolved
+        else:
+            document, source = self._load_document()
+            policy = parse_policy(document, source=source)
+            resolved = (
+                resolve_update(previous.resolved, policy) if previous is not None else None
+            ) or resolve_policy(policy)
+        resolved = dataclasses.replace(resolved, quarantine=self.quarantine)
         self._compiled = Compiled(key, policy, resolved, compile_ruleset(resolved, self._cache))
         return self._compiled
 
