@@ -26,12 +26,14 @@ from collections.abc import Callable
 from typing import Any
 
 from hyperfence.errors import HyperfenceError
+from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.engine import Engine
 
 log = logging.getLogger("hyperfence.daemon")
 
 CONTROL_SOCKET = "daemon.sock"
 MAX_REQUEST = 64 * 1024
+AGENT_OPS = ("agents", "agents-reload", "release")
 CHECKPOINT_IDLE = 2.0  # seconds without a change before the store's write-ahead log is checkpointed
 
 
@@ -65,9 +67,16 @@ def request(state_dir: str, payload: dict[str, Any], *, timeout: float = 30.0) -
 
 class Daemon:
     def __init__(
-        self, engine: Engine, *, poll: float = 0.2, resync: float = 10.0, traffic_log: bool = True
+        self,
+        engine: Engine,
+        *,
+        poll: float = 0.2,
+        resync: float = 10.0,
+        traffic_log: bool = True,
+        agents: AgentMonitor | None = None,
     ) -> None:
         self.engine = engine
+        self.agents = agents
         self.poll = poll
         self.resync = resync
         self.traffic_log = traffic_log
@@ -125,7 +134,28 @@ class Daemon:
             return self._converge(full=bool(req.get("full")))
         if op == "status":
             return {"ok": True, "pid": os.getpid(), "policy": self.last_key}
-        return {"ok": False, "error": f"unknown op {op!r} (expected reconcile or status)"}
+        if op in AGENT_OPS:
+            return self._agent_op(op, req)
+        return {
+            "ok": False,
+            "error": f"unknown op {op!r} (expected reconcile, status, {', '.join(AGENT_OPS)})",
+        }
+
+    def _agent_op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        if self.agents is None:
+            return {"ok": False, "error": "this daemon runs without the agent monitor"}
+        try:
+            if op == "agents":
+                return {"ok": True, "agents": self.agents.snapshot()}
+            if op == "agents-reload":
+                self.agents.reload()
+                return {"ok": True}
+            vm = req.get("vm")
+            if not isinstance(vm, str):
+                return {"ok": False, "error": "release needs a VM id in field 'vm'"}
+            return {"ok": True, **self.agents.release(vm)}
+        except HyperfenceError as e:
+            return {"ok": False, "error": str(e)}
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -162,6 +192,9 @@ class Daemon:
         self._tidy(full=True)
         if self.traffic_log:  # after the first compile: the policy names the NFLOG group
             self._start(self.read_traffic, "traffic")
+        if self.agents is not None:
+            agents = self.agents
+            self._start(lambda: agents.run(self.stop_event), "agents")
         next_resync = time.monotonic() + self.resync
         while not self.stop_event.is_set():
             self._wake.wait(self.poll)
@@ -236,7 +269,8 @@ def run_daemon(
     # collection lands in the middle of an apply every few changes (+60 ms). Collect less often.
     gc.set_threshold(200_000, 50, 100)
     engine = Engine(netns=netns, state_dir=state_dir, policy_file=policy_file)
-    daemon = Daemon(engine, poll=poll, resync=resync)
+    # Created before the first converge: isolation recorded in the store is back in the overlay at once.
+    daemon = Daemon(engine, poll=poll, resync=resync, agents=AgentMonitor(engine))
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     with open(os.path.join(state_dir, "daemon.pid"), "w", encoding="utf-8") as f:

@@ -6,16 +6,19 @@ place; events (drift repaired, applies) are appended. A second process can read 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from hyperfence.errors import TemporaryError
+from hyperfence.health.tracker import AgentRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS policy (
@@ -32,6 +35,24 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_vm ON events(vm, id);
+CREATE TABLE IF NOT EXISTS agents (
+    vm TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    enrolled REAL NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    last_seen REAL,
+    agent TEXT,
+    isolated TEXT,
+    isolated_since REAL,
+    released_at REAL
+);
+CREATE TABLE IF NOT EXISTS agent_samples (
+    vm TEXT NOT NULL,
+    minute INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (vm, minute)
+);
 """
 
 
@@ -94,16 +115,102 @@ class Store:
             (time.time(), kind, vm, json.dumps(data, sort_keys=True)),
         )
 
-    def events(self, *, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        sql = "SELECT id, time, kind, vm, data FROM events"
-        args: tuple[Any, ...] = ()
+    def events(
+        self, *, kind: str | None = None, vm: str | None = None, after: int = 0, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The latest `limit` events (oldest first), of one kind and/or VM, with an id above `after`."""
+        where: list[str] = ["id > ?"]
+        args: list[object] = [after]
         if kind:
-            sql += " WHERE kind = ?"
-            args = (kind,)
+            where.append("kind = ?")
+            args.append(kind)
+        if vm:
+            where.append("vm = ?")
+            args.append(vm)
+        sql = f"SELECT id, time, kind, vm, data FROM events WHERE {' AND '.join(where)}"  # noqa: S608 - fixed
         rows = self._exec(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [
             {"id": r[0], "time": r[1], "kind": r[2], "vm": r[3], **json.loads(r[4])} for r in reversed(rows)
         ]
+
+    # --- agents ---------------------------------------------------------------------------------------
+
+    def enroll_agent(self, rec: AgentRecord) -> None:
+        """Store a VM's agent key and channel; a new enrolment replaces the key and resets the sequence."""
+        self._exec(
+            "INSERT INTO agents(vm, key, channel, enrolled, last_seq) VALUES (?, ?, ?, ?, 0) "
+            "ON CONFLICT(vm) DO UPDATE SET key = excluded.key, channel = excluded.channel, "
+            "enrolled = excluded.enrolled, last_seq = 0",
+            (rec.vm, rec.key.hex(), json.dumps(rec.channel, sort_keys=True), time.time()),
+        )
+
+    def agents(self) -> dict[str, AgentRecord]:
+        rows = self._exec(
+            "SELECT vm, key, channel, last_seq, last_seen, agent, isolated, isolated_since, released_at "
+            "FROM agents ORDER BY vm"
+        ).fetchall()
+        return {
+            r[0]: AgentRecord(
+                vm=r[0],
+                key=bytes.fromhex(r[1]),
+                channel=json.loads(r[2]),
+                last_seq=int(r[3]),
+                last_seen=r[4],
+                agent=r[5],
+                isolated=r[6],
+                isolated_since=r[7],
+                released_at=r[8],
+            )
+            for r in rows
+        }
+
+    def save_agents(self, records: list[AgentRecord]) -> None:
+        """The changing part of each record (sequence, last seen, isolation), in one transaction."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE agents SET last_seq = MAX(last_seq, ?), last_seen = ?, agent = ?, isolated = ?, "
+                "isolated_since = ?, released_at = ? WHERE vm = ?",
+                [
+                    (r.last_seq, r.last_seen, r.agent, r.isolated, r.isolated_since, r.released_at, r.vm)
+                    for r in records
+                ],
+            )
+
+    def add_samples(self, rows: list[tuple[str, int, dict[str, float]]]) -> None:
+        """Downsampled history: one row per VM and minute (the latest write of a minute wins)."""
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO agent_samples(vm, minute, data) VALUES (?, ?, ?)",
+                [(vm, minute, json.dumps(data, sort_keys=True)) for vm, minute, data in rows],
+            )
+
+    def samples(self, vm: str, *, limit: int = 60) -> list[tuple[int, dict[str, float]]]:
+        rows = self._exec(
+            "SELECT minute, data FROM agent_samples WHERE vm = ? ORDER BY minute DESC LIMIT ?", (vm, limit)
+        ).fetchall()
+        return [(int(r[0]), json.loads(r[1])) for r in reversed(rows)]
+
+    def add_events(self, rows: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+        """Many events in one transaction: (kind, vm, data)."""
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO events(time, kind, vm, data) VALUES (?, ?, ?, ?)",
+                [(now, kind, vm, json.dumps(data, sort_keys=True)) for kind, vm, data in rows],
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise TemporaryError(f"store {self.path} is busy ({e}); retry", retry_after=0.5) from None
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def checkpoint(self) -> None:
         """Fold the write-ahead log into the database without waiting for readers (cheap when it is small)."""

@@ -19,7 +19,7 @@ from hyperfence.model.policy import Policy
 from hyperfence.policy.parse import load_document, parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
 from hyperfence.reconcile.firewall import ConvergeResult, Firewall
-from hyperfence.ruleset.compile import TABLES, CompileCache, compile_ruleset
+from hyperfence.ruleset.compile import BRIDGE, TABLES, CompileCache, compile_ruleset, vm_sid
 from hyperfence.ruleset.ir import Ruleset
 
 
@@ -123,6 +123,13 @@ class Engine:
             result = self.firewall.converge(compiled.ruleset, full=full)
             if result.drift:
                 self.store.add_event("drift-repaired", {"policy": compiled.key, "drift": result.drift[:50]})
+                # The filter's own heartbeat: a VM whose chains were missing or changed in the kernel.
+                self.store.add_events(
+                    [
+                        ("filter-repaired", vm, {"drift": lines[:20]})
+                        for vm, lines in vm_drift(compiled.policy, result.drift).items()
+                    ]
+                )
             if result.changed:
                 self.store.add_event(
                     "applied",
@@ -139,3 +146,18 @@ class Engine:
         if self._nft is not None:
             self._nft.close()
         self.store.close()
+
+
+def vm_drift(policy: Policy, drift: list[str]) -> dict[str, list[str]]:
+    """Drift lines by the VM whose chains they name (VM id -> lines)."""
+    by_sid = {vm_sid(vm.id): vm.id for vm in policy.vms}
+    out: dict[str, list[str]] = {}
+    if any(line.startswith(f"table {BRIDGE.family} {BRIDGE.name} ") for line in drift):
+        return {vm.id: [f"table {BRIDGE.family} {BRIDGE.name} is missing"] for vm in policy.vms}
+    for line in drift:
+        for word in line.replace(":", " ").split():
+            vm = by_sid.get(word.split("_", 1)[0])
+            if vm is not None:
+                out.setdefault(vm, []).append(line)
+                break
+    return out

@@ -1,0 +1,301 @@
+"""The agent monitor: channels -> tracker -> decisions -> quarantine in the kernel, events in the store.
+
+Runs in the daemon (one thread). Every round: read what the channels have (`Hub.poll`), then decide per VM
+from its heartbeat policy (`Tracker.decide`) and carry the decisions out: isolate = the VM's ports join the
+quarantine overlay and the firewall converges; pause = the hypervisor pauses the VM where one is known
+(`pause` callback), else isolate; alert = an event; release = the overlay drops the VM. Records (sequence,
+last seen, isolation) are saved every few seconds and on stop, so a restart keeps keys, replay protection and
+isolation. Refused frames are counted per VM and reason and logged at most once per VM and reason per
+LOG_EVERY seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from hyperfence.adapters.agent_channels import Hub
+from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError
+from hyperfence.health.heartbeat import heartbeat_for
+from hyperfence.health.tracker import AgentRecord, Decision, Ingested, Tracker
+from hyperfence.model.policy import Heartbeat, Vm
+from hyperfence.reconcile.engine import Engine
+from hyperfence.ruleset.compile import vm_sid
+
+log = logging.getLogger("hyperfence.agents")
+
+SAVE_EVERY = 5.0
+LOG_EVERY = 10.0
+EVENTS_PER_MINUTE = 60  # security events stored per VM and minute; the rest is counted
+ROUND = 0.2
+
+Pause = Callable[[str], bool]  # VM id -> paused?
+
+
+def channels_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "agents")
+
+
+def new_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+class AgentMonitor:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+        startup_grace: float = 15.0,
+        pause: Pause | None = None,
+    ) -> None:
+        self.engine = engine
+        self.clock = clock
+        self.pause = pause
+        self.lock = threading.Lock()
+        self.tracker = Tracker(engine.store.agents(), started=clock(), startup_grace=startup_grace)
+        # Isolation survives a restart: the overlay is in place before the daemon's first converge.
+        engine.set_quarantine(self.tracker.isolated())
+        self.hub = Hub(self._on_frame, self._on_refused, now=clock)
+        self._events: list[tuple[str, str | None, dict[str, Any]]] = []
+        self._event_budget: Counter[str] = Counter()
+        self._budget_minute = 0
+        self._logged: dict[tuple[str, str], float] = {}
+        self._suppressed: Counter[tuple[str, str]] = Counter()
+        self._last_save = clock()
+        self._minute_samples: dict[str, dict[str, float]] = {}
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        self.hub.sync(self._specs())
+        try:
+            while not stop.is_set():
+                self.round()
+        finally:
+            self.save()
+            self.hub.close()
+
+    def round(self, timeout: float = ROUND) -> None:
+        self.hub.poll(timeout)
+        now = self.clock()
+        with self.lock:
+            decisions = self.tracker.decide(self.heartbeats(), now)
+        for d in decisions:
+            self._carry_out(d, now)
+        if now - self._last_save >= SAVE_EVERY:
+            self.save()
+
+    def heartbeats(self) -> dict[str, Heartbeat]:
+        """The heartbeat policy of every enrolled VM in the current policy."""
+        compiled = self.engine.current
+        if compiled is None:
+            return {}
+        return {
+            vm.id: heartbeat_for(compiled.policy, vm)
+            for vm in compiled.policy.vms
+            if vm.id in self.tracker.records
+        }
+
+    # --- input ------------------------------------------------------------------------------------------
+
+    def _on_frame(self, vm: str, frame: bytes) -> None:
+        now = self.clock()
+        with self.lock:
+            result = self.tracker.ingest(vm, frame, now)
+        if result.ok:
+            self._accepted(vm, result, now)
+        else:
+            self._refused(vm, result)
+
+    def _on_refused(self, vm: str, reason: str, detail: str) -> None:
+        with self.lock:
+            result = self.tracker.refuse(vm, reason, detail)
+        self._refused(vm, result)
+
+    def _refused(self, vm: str, result: Ingested) -> None:
+        key = (vm, result.reason)
+        now = self.clock()
+        if now - self._logged.get(key, 0.0) < LOG_EVERY:
+            self._suppressed[key] += 1
+            return
+        more = self._suppressed.pop(key, 0)
+        self._logged[key] = now
+        log.warning(
+            "agent channel of VM %s: dropped a %s message: %s%s",
+            self._name(vm),
+            result.reason,
+            result.detail,
+            f" (and {more} more of this kind in the last {LOG_EVERY:g} s)" if more else "",
+        )
+
+    def _accepted(self, vm: str, result: Ingested, now: float) -> None:
+        minute = int(now // 60)
+        if minute != self._budget_minute:
+            self._budget_minute, self._event_budget = minute, Counter()
+        if result.kind in ("hello", "bye"):
+            self._event(f"agent-{result.kind}", vm, {})
+        for ev in result.events:
+            self._event_budget[vm] += 1
+            if self._event_budget[vm] <= EVENTS_PER_MINUTE:
+                self._event(f"agent:{ev['type']}"[:40], vm, ev)
+            elif self._event_budget[vm] == EVENTS_PER_MINUTE + 1:
+                self._event("agent-events-dropped", vm, {"limit_per_minute": EVENTS_PER_MINUTE})
+        if result.metrics:
+            self._minute_samples[vm] = result.metrics
+
+    def _event(self, kind: str, vm: str | None, data: dict[str, Any]) -> None:
+        with self.lock:
+            self._events.append((kind, vm, data))
+
+    # --- actions ------------------------------------------------------------------------------------------
+
+    def _carry_out(self, d: Decision, now: float) -> None:
+        name = self._name(d.vm)
+        if d.action == "alert":
+            log.warning("VM %s: %s", name, d.reason)
+            self._event("agent-silent", d.vm, {"reason": d.reason, "action": "alert"})
+            return
+        if d.action == "release":
+            with self.lock:
+                self.tracker.release(d.vm, now, manual=False)
+            log.info("VM %s released: %s", name, d.reason)
+            self._event("released", d.vm, {"reason": d.reason, "by": "auto"})
+            self._apply_quarantine()
+            return
+        how = "isolated"
+        if d.action == "pause":
+            if self.pause is not None and self.pause(d.vm):
+                how = "paused and isolated"
+            else:
+                how = "isolated (no hypervisor to pause it)"
+        with self.lock:
+            self.tracker.isolate(d.vm, d.reason, now)
+        log.warning("VM %s %s: %s", name, how, d.reason)
+        self._event("isolated", d.vm, {"reason": d.reason, "action": d.action, "how": how})
+        self._apply_quarantine()
+
+    def _apply_quarantine(self) -> None:
+        with self.lock:
+            isolated = self.tracker.isolated()
+        if self.engine.set_quarantine(isolated):
+            try:
+                self.engine.converge()
+            except HyperfenceError as e:  # the next round or the daemon's resync retries
+                log.error("could not apply the quarantine: %s", e)
+        self.save()
+
+    # --- operator requests (control socket) -------------------------------------------------------------
+
+    def release(self, vm: str) -> dict[str, Any]:
+        now = self.clock()
+        with self.lock:
+            rec = self.tracker.records.get(vm)
+            if rec is None:
+                raise NotFoundError(f"no agent is enrolled for VM {vm!r}: see `hyperfence vm list`")
+            was = rec.isolated
+            self.tracker.release(vm, now, manual=True)
+        self._event("released", vm, {"by": "operator", "was": was})
+        self._apply_quarantine()
+        return {"released": was is not None}
+
+    def reload(self) -> None:
+        """Enrolments changed in the store: new keys and channels (live state of others is kept)."""
+        stored = self.engine.store.agents()
+        now = self.clock()
+        with self.lock:
+            for vm, rec in stored.items():
+                have = self.tracker.records.get(vm)
+                if have is None or have.key != rec.key or have.channel != rec.channel:
+                    self.tracker.enroll(rec, now)
+        self.hub.sync(self._specs())
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Per enrolled VM: status, last seen, sequence, agent version, counts, isolation, latest metrics."""
+        now = self.clock()
+        hbs = self.heartbeats()
+        with self.lock:
+            out = []
+            for vm, rec in sorted(self.tracker.records.items()):
+                hb = hbs.get(vm)
+                live = self.tracker.live[vm]
+                out.append(
+                    {
+                        "vm": vm,
+                        "name": self._name(vm),
+                        "status": self.tracker.status(vm, hb, now) if hb else "not in policy",
+                        "last_seen": rec.last_seen,
+                        "seq": rec.last_seq,
+                        "agent": rec.agent,
+                        "isolated": rec.isolated,
+                        "isolated_since": rec.isolated_since,
+                        "heartbeat": None if hb is None else {"id": hb.id, "action": hb.action.value},
+                        "counts": dict(live.counts),
+                        "metrics": live.samples[-1][1] if live.samples else {},
+                        "channel": rec.channel,
+                    }
+                )
+            return out
+
+    # --- persistence -----------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        now = self.clock()
+        self._last_save = now
+        with self.lock:
+            records = list(self.tracker.records.values())
+            events, self._events = self._events, []
+            samples, self._minute_samples = self._minute_samples, {}
+        try:
+            self.engine.store.save_agents(records)
+            if events:
+                self.engine.store.add_events(events)
+            if samples:
+                minute = int(now // 60)
+                self.engine.store.add_samples([(vm, minute, m) for vm, m in samples.items()])
+        except HyperfenceError as e:
+            log.warning("agent state not saved (retried in %g s): %s", SAVE_EVERY, e)
+            with self.lock:
+                self._events = events + self._events
+
+    def _specs(self) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            return {vm: rec.channel for vm, rec in self.tracker.records.items()}
+
+    def _name(self, vm: str) -> str:
+        compiled = self.engine.current
+        if compiled is not None:
+            for v in compiled.policy.vms:
+                if v.id == vm:
+                    return v.name
+        return vm
+
+
+VIRTIO_PORT_NAME = "org.hyperfence.agent.0"
+
+
+def enroll(engine: Engine, vm: Vm, kind: str, *, interval: float) -> tuple[AgentRecord, dict[str, Any]]:
+    """A new key for `vm` in the store (replacing any earlier one), and the agent's config for it.
+
+    `kind`: "unix" (the host listens on a unix socket the agent connects to: lab VMs, processes on this
+    filesystem) or "virtio" (libvirt guests: QEMU's end of the VM's virtio-serial port, which the host
+    connects to; the agent opens the port by name)."""
+    sock = os.path.join(channels_dir(engine.state_dir), f"{vm_sid(vm.id)}.sock")
+    if kind == "unix":
+        host: dict[str, Any] = {"type": "unix", "path": sock}
+        guest: dict[str, Any] = {"type": "unix", "path": sock}
+    elif kind == "virtio":
+        host = {"type": "virtio", "path": sock}
+        guest = {"type": "virtio", "name": VIRTIO_PORT_NAME}
+    else:
+        raise InvalidInputError(f"channel {kind!r} is not supported (expected unix or virtio)")
+    rec = AgentRecord(vm=vm.id, key=new_key(), channel=host)
+    engine.store.enroll_agent(rec)
+    config = {"version": 1, "vm": vm.id, "key": rec.key.hex(), "interval": interval, "channel": guest}
+    return rec, config
