@@ -15,8 +15,8 @@ Body fields (every message):
     seq    int    strictly increasing for this VM, across agent restarts (see `next_seq`)
     t      float  the guest's clock, seconds since the epoch (informational: never trusted)
     kind   str    "hello" (agent start), "beat" (every interval), "bye" (agent stop)
-    data   obj    per kind: hello {agent, python, interval, boot}; beat {res: {...}, events: [...]};
-                  bye {reason}
+    data   obj    per kind: hello {agent, python, interval, boot, pid}; beat {res: {...}, events: [...],
+                  dropped, dropped_total}; bye {reason} (schemas: main.py, collect.py, watch.py, docs/agent.md)
 
 The key is per VM, issued at enrolment (`hyperfence vm enroll`). The receiver drops and counts a frame that is
 too long (`oversized`), not parseable (`malformed`), of another version (`version`), whose MAC does not verify
