@@ -13,6 +13,7 @@ from rich.console import Console
 
 from hyperfence.cli import render
 from hyperfence.daemon import Daemon
+from hyperfence.lab.agent_experiment import run_agent_experiment
 from hyperfence.lab.experiment import run_experiment
 from hyperfence.lab.session import LabSession
 from hyperfence.reconcile.traffic import TRAFFIC_FILE
@@ -25,6 +26,7 @@ out = Console(highlight=False, soft_wrap=True)
 def demo_cmd(
     name: Annotated[str, typer.Option("--name", help="Lab name.")] = "demo",
     keep: Annotated[bool, typer.Option("--keep", help="Leave the lab up afterwards.")] = False,
+    agents: Annotated[bool, typer.Option(help="Also show agents, heartbeats and isolation.")] = True,
 ) -> None:
     """Reproduce the papers' experiment on a lab of 3 VMs (network namespaces) with real packets."""
     out.print(
@@ -47,6 +49,8 @@ def demo_cmd(
         logger.join(timeout=3)
         _show_logs(os.path.join(s.state_dir, TRAFFIC_FILE))
         _show_stats(s)
+        if agents:
+            obs += run_agent_experiment(s, out.print)
         failed = [o for o in obs if not o.ok]
         out.print(f"\n[bold]{len(obs) - len(failed)} of {len(obs)} checks as the paper says[/bold]")
         if keep:

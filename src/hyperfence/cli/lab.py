@@ -12,9 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from hyperfence.errors import NotFoundError
+from hyperfence.lab import agents as lab_agents
 from hyperfence.lab import topology
 from hyperfence.lab.plan import plan_lab
 from hyperfence.lab.policy import lab_policy
+from hyperfence.lab.session import STATE_ROOT
+from hyperfence.reconcile.engine import Engine
 
 app = typer.Typer(no_args_is_help=True, help="A lab of VMs as network namespaces (for the demo and tests).")
 out = Console(highlight=False)
@@ -23,10 +26,22 @@ NameOpt = Annotated[str, typer.Option("--name", help="Lab name ([a-z0-9]{1,8}); 
 
 
 @app.command("up")
-def up(name: NameOpt = "lab", vms: Annotated[int, typer.Option(help="How many VMs.")] = 3) -> None:
-    """Create (or repair) the lab. Idempotent. Writes a starting policy (no rules) beside its state."""
+def up(
+    name: NameOpt = "lab",
+    vms: Annotated[int, typer.Option(help="How many VMs.")] = 3,
+    agents: Annotated[bool, typer.Option(help="Start a real agent in every VM.")] = True,
+) -> None:
+    """Create (or repair) the lab. Idempotent. Writes a starting policy (no rules) beside its state, and
+    starts an enrolled agent in every VM (they report once `hyperfence --lab NAME daemon` runs)."""
     plan = plan_lab(name, vms)
     topology.create_lab(plan)
+    if agents:
+        engine = Engine(netns=plan.host_netns, state_dir=os.path.join(STATE_ROOT, name))
+        try:
+            pids = lab_agents.start_detached(engine, plan)
+        finally:
+            engine.close()
+        out.print(f"agents running in {len(pids)} VMs (pids {', '.join(str(p) for p in pids.values())})")
     policy_file = os.path.join(str(topology.state_dir(name)), "policy.yaml")
     if not os.path.exists(policy_file):
         with open(policy_file, "w", encoding="utf-8") as f:
@@ -42,6 +57,9 @@ def up(name: NameOpt = "lab", vms: Annotated[int, typer.Option(help="How many VM
 @app.command("down")
 def down(name: NameOpt = "lab") -> None:
     """Remove every namespace and process of the lab. Idempotent."""
+    plan = topology.read_lab(name)
+    if plan is not None:
+        lab_agents.stop_detached(plan)
     topology.destroy_lab(name)
     out.print(f"lab {name!r} is down")
 

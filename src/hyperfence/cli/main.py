@@ -15,6 +15,7 @@ from rich.table import Table
 
 from hyperfence import errors
 from hyperfence.cli import render
+from hyperfence.cli.vm import agent_app, vm_app
 from hyperfence.policy.parse import load_document, parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.policy.whatif import Flow, can
@@ -48,6 +49,8 @@ ruleset_app = typer.Typer(
 )
 app.add_typer(policy_app, name="policy")
 app.add_typer(ruleset_app, name="ruleset")
+app.add_typer(vm_app, name="vm")
+app.add_typer(agent_app, name="agent")
 out = Console()
 err = Console(stderr=True)
 

@@ -152,3 +152,29 @@ def test_ten_thousand_messages_a_second_are_cut_and_memory_stays_bounded(monitor
     assert len(monitor.engine.store.events(vm="a", limit=10_000)) <= 62  # per-minute event budget
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
     assert grown_kb < 50_000, grown_kb
+
+
+def test_a_restart_keeps_keys_replay_protection_and_isolation(tmp_path: Path) -> None:
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    rec = AgentRecord("a", b"a" * 32, {"type": "unix", "path": str(tmp_path / "a.sock")})
+    engine.store.enroll_agent(rec)
+    first = AgentMonitor(engine, startup_grace=0)
+    sim = SimAgent.__new__(SimAgent)
+    sim.vm, sim.key, sim.seq = "a", b"a" * 32, 0
+    frame = sim.frame()[4:]
+    assert first.tracker.ingest("a", frame, time.time()).ok
+    first.tracker.isolate("a", "test: silent", time.time())
+    first.save()
+    first.hub.close()
+    engine.close()
+
+    engine2 = Engine(netns=None, state_dir=str(tmp_path))
+    second = AgentMonitor(engine2, startup_grace=0)
+    try:
+        assert engine2.quarantine == frozenset({"a"})  # isolation is back before any converge
+        assert second.tracker.records["a"].key == b"a" * 32
+        assert second.tracker.ingest("a", frame, time.time()).reason == "replayed"
+        assert second.tracker.ingest("a", sim.frame()[4:], time.time()).ok
+    finally:
+        second.hub.close()
+        engine2.close()

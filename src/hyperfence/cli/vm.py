@@ -1,0 +1,169 @@
+"""`hyperfence vm ...` (agents, isolation) and `hyperfence agent build`."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hyperfence import errors
+from hyperfence.daemon import request
+from hyperfence.health.heartbeat import heartbeat_for
+from hyperfence.model.policy import Policy, Vm
+from hyperfence.reconcile.agents import channels_dir, enroll
+from hyperfence.reconcile.engine import Engine
+
+vm_app = typer.Typer(no_args_is_help=True, help="VMs' agents: enrol, list, events, release.")
+agent_app = typer.Typer(no_args_is_help=True, help="The guest agent.")
+out = Console()
+
+
+def _engine(ctx: typer.Context) -> Engine:
+    engine: Engine = ctx.obj.engine()
+    return engine
+
+
+def _vm(engine: Engine, name: str) -> tuple[Vm, Policy]:
+    compiled = engine.compiled()
+    if compiled is None:
+        raise errors.NotFoundError("no policy yet: run `hyperfence policy apply FILE` first")
+    for vm in compiled.policy.vms:
+        if name in (vm.name, vm.id):
+            return vm, compiled.policy
+    names = ", ".join(sorted(v.name for v in compiled.policy.vms)[:10])
+    raise errors.NotFoundError(f"VM {name!r} is not in the policy (expected one of: {names})")
+
+
+def _ask(engine: Engine, payload: dict[str, Any]) -> dict[str, Any] | None:
+    reply = request(engine.state_dir, payload)
+    if reply is not None and not reply.get("ok"):
+        raise errors.ConflictError(f"the daemon refused: {reply.get('error')}")
+    return reply
+
+
+@vm_app.command("enroll")
+def vm_enroll(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name (or id) from the policy.")],
+    channel: Annotated[str, typer.Option(help="unix (lab, this host) or virtio (libvirt guests).")] = "unix",
+    out_file: Annotated[
+        str | None, typer.Option("--out", help="Where to write the agent's config (default: state dir).")
+    ] = None,
+) -> None:
+    """Issue a new key for VM's agent and write the agent's config file (copy it into the guest)."""
+    engine = _engine(ctx)
+    target, policy = _vm(engine, vm)
+    hb = heartbeat_for(policy, target)
+    _, config = enroll(engine, target, channel, interval=hb.interval)
+    path = Path(out_file or os.path.join(channels_dir(engine.state_dir), f"{target.name}.json"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=1)
+        f.write("\n")
+    reloaded = _ask(engine, {"op": "agents-reload"}) is not None
+    out.print(
+        f"enrolled {target.name} ({target.id}): agent config {path} (contains the key: mode 0600)"
+        + ("" if reloaded else "; no daemon is running: it reads the enrolment when it starts"),
+        highlight=False,
+    )
+
+
+def _ago(t: float | None) -> str:
+    if t is None:
+        return "never"
+    return f"{max(0.0, time.time() - t):.1f} s ago"
+
+
+@vm_app.command("list")
+def vm_list(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False
+) -> None:
+    """Each enrolled VM: agent status (ok / late / silent / never), last seen, isolation, refusals."""
+    engine = _engine(ctx)
+    reply = _ask(engine, {"op": "agents"})
+    if reply is not None:
+        rows: list[dict[str, Any]] = reply["agents"]
+    else:  # no daemon: what the store remembers
+        rows = [
+            {
+                "vm": r.vm,
+                "name": r.vm,
+                "status": "daemon not running",
+                "last_seen": r.last_seen,
+                "seq": r.last_seq,
+                "agent": r.agent,
+                "isolated": r.isolated,
+                "counts": {},
+            }
+            for r in engine.store.agents().values()
+        ]
+    if as_json:
+        for row in rows:
+            out.print_json(json.dumps(row))
+        return
+    table = Table("vm", "agent", "last seen", "isolation", "refused", "version")
+    for row in rows:
+        refused = {k: v for k, v in row.get("counts", {}).items() if k != "accepted" and v}
+        table.add_row(
+            row["name"],
+            row["status"],
+            _ago(row["last_seen"]),
+            "isolated: " + row["isolated"] if row["isolated"] else "-",
+            ", ".join(f"{k} {v}" for k, v in sorted(refused.items())) or "-",
+            row.get("agent") or "-",
+        )
+    out.print(table)
+
+
+@vm_app.command("events")
+def vm_events(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name (or id).")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
+) -> None:
+    """The VM's events: agent hello/bye, security events, isolation and release, filter repairs."""
+    engine = _engine(ctx)
+    target, _ = _vm(engine, vm)
+    last = 0
+    while True:
+        for ev in engine.store.events(vm=target.id, after=last, limit=limit):
+            last = ev["id"]
+            when = datetime.fromtimestamp(ev.pop("time"), UTC).isoformat(timespec="seconds")
+            kind = ev.pop("kind")
+            for k in ("id", "vm"):
+                ev.pop(k, None)
+            out.print(f"{when} {kind} {json.dumps(ev, sort_keys=True)}", highlight=False, soft_wrap=True)
+        if not follow:
+            return
+        time.sleep(0.5)
+
+
+@vm_app.command("release")
+def vm_release(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM name (or id).")]) -> None:
+    """Take the VM out of isolation now (its silence is counted again from now)."""
+    engine = _engine(ctx)
+    target, _ = _vm(engine, vm)
+    reply = _ask(engine, {"op": "release", "vm": target.id})
+    if reply is None:
+        raise errors.TemporaryError("no daemon is running: start `hyperfence daemon`, then release")
+    out.print(f"{target.name}: " + ("released" if reply.get("released") else "was not isolated"))
+
+
+@agent_app.command("build")
+def agent_build(
+    out_file: Annotated[str, typer.Option("--out", help="The zipapp to write.")] = "hyperfence-agent.pyz",
+) -> None:
+    """Build the agent as one file (a zipapp: `python3 hyperfence-agent.pyz --config FILE`)."""
+    from hyperfence.agent.build import build_zipapp  # noqa: PLC0415 - only this command needs it
+
+    path = build_zipapp(Path(out_file))
+    out.print(f"{path} ({path.stat().st_size} bytes)", highlight=False)
