@@ -34,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from agent_ingest import ingest, print_ingest
 from common import env_summary, log, median, percentile, workdir
 
 from hyperfence.agent import wire
@@ -205,6 +206,10 @@ def main() -> int:
     ap.add_argument(
         "--python", default=sys.executable, help="interpreter that runs the zipapp (default: this one)"
     )
+    ap.add_argument(
+        "--vms", type=int, default=500, help="simulated VMs for the daemon-ingest part (default 500)"
+    )
+    ap.add_argument("--ingest-seconds", type=int, default=30, help="daemon-ingest run time (default 30)")
     args = ap.parse_args()
     log("timing one sample in-process")
     cost = sample_cost()
@@ -228,8 +233,14 @@ def main() -> int:
         f"(the socket tables from /proc/net instead: {cost['proc_net_ms']:.2f} ms)"
     )
     ok = cpu_ok and rss_ok and r["beats"] >= expected - 2 and not r["bad_frames"]
-    print("PASS" if ok else "FAIL")
-    return 0 if ok else 1
+    print("agent footprint: " + ("PASS" if ok else "FAIL"))
+    log(f"daemon ingest: {args.vms} simulated VMs at 1 Hz")
+    ing = ingest(args.vms, args.ingest_seconds)
+    print()
+    print_ingest(ing)
+    ing_ok = ing["refused"] == 0 and ing["accepted"] >= 0.99 * ing["sent"]
+    print("daemon ingest: " + ("PASS (every message accepted)" if ing_ok else "FAIL"))
+    return 0 if ok and ing_ok else 1
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ daemon's.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,7 +66,8 @@ def proc_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def ingest(n: int = 500, seconds: int = 30) -> dict[str, Any]:
+def ingest(n: int = 500, seconds: int = 30, per_second: int = 1) -> dict[str, Any]:
+    """`per_second` beats per VM per second (1: the real load; more: to find the daemon's capacity)."""
     state = Path(tempfile.mkdtemp(prefix="hf-bench-agent-"))
     subprocess.run(["ip", "netns", "add", NETNS], check=True)
     daemon: subprocess.Popen[bytes] | None = None
@@ -75,14 +76,18 @@ def ingest(n: int = 500, seconds: int = 30) -> dict[str, Any]:
         keys = _enroll(state, n)
         daemon = _start_daemon(state)
         order = sorted(keys)
-        for vm in order:
+        paths = [os.path.join(channels_dir(str(state)), f"{vm_sid(vm)}.sock") for vm in order]
+        deadline = time.monotonic() + 30
+        while not all(os.path.exists(p) for p in paths) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the monitor opens its channels after the daemon's first converge
+        for path in paths:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(os.path.join(channels_dir(str(state)), f"{vm_sid(vm)}.sock"))
+            s.connect(path)
             socks.append(s)
         time.sleep(1.0)
         before = _accepted(state)
         cpu0, t0 = proc_cpu_seconds(daemon.pid), time.monotonic()
-        size, late = _send_beats(order, socks, keys, seconds, t0)
+        size, late = _send_beats(order, socks, keys, ticks=seconds * per_second, t0=t0, step=1.0 / per_second)
         time.sleep(1.0)  # let the daemon drain
         cpu1, t1 = proc_cpu_seconds(daemon.pid), time.monotonic()
         after = _accepted(state)
@@ -93,7 +98,8 @@ def ingest(n: int = 500, seconds: int = 30) -> dict[str, Any]:
         return {
             "vms": n,
             "seconds": seconds,
-            "sent": n * seconds,
+            "per_second": per_second,
+            "sent": n * seconds * per_second,
             "accepted": after - before,
             "rate": (after - before) / (t1 - t0),
             "refused": sum(v for r in rows for k, v in r["counts"].items() if k != "accepted"),
@@ -150,19 +156,25 @@ def _start_daemon(state: Path) -> subprocess.Popen[bytes]:
 
 
 def _send_beats(
-    order: list[str], socks: list[socket.socket], keys: dict[str, bytes], seconds: int, t0: float
+    order: list[str],
+    socks: list[socket.socket],
+    keys: dict[str, bytes],
+    *,
+    ticks: int,
+    t0: float,
+    step: float,
 ) -> tuple[int, int]:
-    """One beat per VM per second for `seconds`; (frame size, seconds in which the senders fell behind)."""
+    """One beat per VM every `step` seconds, `ticks` times; (frame size, ticks the senders fell behind)."""
     beat = sample_beat()
     seqs = dict.fromkeys(order, 0)
     size = len(wire.encode(keys[order[0]], wire.message(order[0], 1, "beat", beat, time.time())))
-    log(f"{len(order)} channels connected; each sends one {size}-byte beat a second for {seconds} s")
+    log(f"{len(order)} channels connected; each sends a {size}-byte beat every {step:g} s, {ticks} times")
     late = 0
-    for tick in range(seconds):
+    for tick in range(ticks):
         for vm, s in zip(order, socks, strict=True):
             seqs[vm] = wire.next_seq(seqs[vm], time.time())
             s.sendall(wire.encode(keys[vm], wire.message(vm, seqs[vm], "beat", beat, time.time())))
-        pause = t0 + tick + 1.0 - time.monotonic()
+        pause = t0 + (tick + 1) * step - time.monotonic()
         if pause > 0:
             time.sleep(pause)
         else:
@@ -180,7 +192,8 @@ def _accepted(state: Path) -> int:
 def print_ingest(r: dict[str, Any]) -> None:
     late = f" (the senders fell behind in {r['late_ticks']} of the seconds)" if r["late_ticks"] else ""
     print(
-        f"daemon ingest, {r['vms']} simulated VMs at 1 Hz for {r['seconds']} s ({r['frame_bytes']}-byte "
+        f"daemon ingest, {r['vms']} simulated VMs at {r['per_second']} Hz for {r['seconds']} s "
+        f"({r['frame_bytes']}-byte "
         f"beats):\n"
         f"  accepted {r['accepted']} of {r['sent']} sent = {r['rate']:.0f} messages/s; refused {r['refused']}; "
         f"agent statuses {r['statuses']}\n"
@@ -188,10 +201,16 @@ def print_ingest(r: dict[str, Any]) -> None:
     )
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    res = ingest(
-        int(sys.argv[1]) if len(sys.argv) > 1 else 500, int(sys.argv[2]) if len(sys.argv) > 2 else 30
-    )
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vms", type=int, default=500)
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--per-second", type=int, default=1, help="beats per VM per second (capacity runs)")
+    a = ap.parse_args()
+    res = ingest(a.vms, a.seconds, a.per_second)
     print_ingest(res)
     print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

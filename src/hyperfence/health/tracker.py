@@ -13,6 +13,7 @@ state: every method takes the channel's VM id.
 from __future__ import annotations
 
 import math
+from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from hyperfence.model.policy import Heartbeat, Release, SilenceAction
 REASONS = ("accepted", "forged", "replayed", "malformed", "oversized", "version", "flood", "truncated")
 MAX_EVENTS_PER_MESSAGE = 50
 MAX_METRICS = 64
-SAMPLES_KEPT = 120  # in memory per VM: two minutes at 1 s
+SAMPLES_KEPT = 60  # in memory per VM: a minute at 1 s
 RELEASE_AFTER_BEATS = 2  # consecutive accepted messages before an automatic release
 
 
@@ -42,6 +43,20 @@ class AgentRecord:
     released_at: float | None = None  # last manual release: silence is counted from here
 
 
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One resource report, compact: the metric names are shared with the VM's previous sample when they
+    are the same (they almost always are), the values are one array of doubles (~0.5 KB for 40 metrics,
+    against ~4 KB as a dict: 500 VMs x 60 samples stay ~15 MB)."""
+
+    t: float
+    names: tuple[str, ...]
+    values: array[float]
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(zip(self.names, self.values, strict=True))
+
+
 @dataclass
 class Live:
     """What is kept in memory only."""
@@ -49,7 +64,7 @@ class Live:
     counts: Counter[str] = field(default_factory=Counter)
     tokens: float = 0.0
     tokens_at: float = 0.0
-    samples: deque[tuple[float, dict[str, float]]] = field(default_factory=lambda: deque(maxlen=SAMPLES_KEPT))
+    samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=SAMPLES_KEPT))
     good: int = 0  # consecutive accepted messages
     alerted: bool = False  # an alert was raised for the current silence
 
@@ -122,7 +137,10 @@ class Tracker:
         events = _events(raw_events)
         metrics = _metrics(data.get("res")) if body["kind"] == "beat" else None
         if metrics:
-            live.samples.append((now, metrics))
+            names = tuple(metrics)
+            if live.samples and live.samples[-1].names == names:
+                names = live.samples[-1].names
+            live.samples.append(Sample(now, names, array("d", metrics.values())))
         return self._count(vm, Ingested("accepted", kind=body["kind"], events=events, metrics=metrics))
 
     def refuse(self, vm: str, reason: str, detail: str) -> Ingested:

@@ -237,7 +237,7 @@ class AgentMonitor:
                         "isolated_since": rec.isolated_since,
                         "heartbeat": None if hb is None else {"id": hb.id, "action": hb.action.value},
                         "counts": dict(live.counts),
-                        "metrics": live.samples[-1][1] if live.samples else {},
+                        "metrics": live.samples[-1].as_dict() if live.samples else {},
                         "channel": rec.channel,
                     }
                 )
