@@ -30,6 +30,7 @@ def build_zipapp(out: Path) -> Path:
     entries = [("__main__.py", ROOT_MAIN.encode()), ("hyperfence/__init__.py", b"")]
     entries += [(f"hyperfence/agent/{p.name}", p.read_bytes()) for p in sources]
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(SHEBANG)

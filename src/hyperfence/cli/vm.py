@@ -52,7 +52,9 @@ def _ask(engine: Engine, payload: dict[str, Any]) -> dict[str, Any] | None:
 def vm_enroll(
     ctx: typer.Context,
     vm: Annotated[str, typer.Argument(help="VM name (or id) from the policy.")],
-    channel: Annotated[str, typer.Option(help="unix (lab, this host) or virtio (libvirt guests).")] = "unix",
+    channel: Annotated[
+        str, typer.Option(help="unix (lab, this host), virtio (libvirt guests) or tls (over the network).")
+    ] = "unix",
     out_file: Annotated[
         str | None, typer.Option("--out", help="Where to write the agent's config (default: state dir).")
     ] = None,

@@ -248,6 +248,9 @@ class Settings:
     log_burst: int = 20
     nflog_group: int = 7
     conntrack_mark: int = 0x00200000  # one bit of the packet mark, reserved for hyperfence
+    # Where agents reach the host over TCP+TLS (address, port), or None: every VM may open that flow (also
+    # while isolated), so a guest whose channel is the network can still report.
+    agent_endpoint: tuple[IPv4Address, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ the kernel.
 from __future__ import annotations
 
 import json
+from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
@@ -53,6 +54,7 @@ class SettingsDoc(Strict):
     log_burst: Annotated[StrictInt, Field(ge=1, le=100000)] = 20
     nflog_group: Annotated[StrictInt, Field(ge=1, le=65535)] = 7
     conntrack_mark: Annotated[StrictInt, Field(ge=1, le=0x80000000)] = 0x00200000
+    agent_endpoint: StrictStr | None = None
 
 
 class NetworkDoc(Strict):
@@ -166,13 +168,28 @@ def _settings(c: Collector, data: dict[str, Any]) -> Settings:
         c.add(
             "settings.conntrack_mark", f"{doc.conntrack_mark:#x} is not a single bit (expected e.g. 0x200000)"
         )
+    endpoint = None
+    if doc.agent_endpoint is not None:
+        endpoint = c.value(_endpoint, doc.agent_endpoint, "settings.agent_endpoint")
     return Settings(
         log_denied=doc.log_denied,
         log_rate_per_second=doc.log_rate,
         log_burst=doc.log_burst,
         nflog_group=doc.nflog_group,
         conntrack_mark=doc.conntrack_mark,
+        agent_endpoint=endpoint,
     )
+
+
+def _endpoint(text: str) -> tuple[IPv4Address, int]:
+    addr, sep, port = text.rpartition(":")
+    try:
+        ip, number = IPv4Address(addr), int(port)
+    except ValueError:
+        ip, number = None, 0
+    if not sep or ip is None or not 1 <= number <= 65535:
+        raise ValueError(f"{text!r} is not ADDRESS:PORT (expected e.g. 10.77.0.1:7474)")
+    return ip, number
 
 
 def _networks(c: Collector, items: list[Any]) -> list[Network]:

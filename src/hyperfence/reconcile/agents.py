@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from collections import Counter
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from hyperfence.adapters.agent_channels import Hub
+from hyperfence.adapters.netns import NetnsThread
+from hyperfence.adapters.tls import ensure_certificates, server_context
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.health.tracker import AgentRecord, Decision, Ingested, Tracker
@@ -74,6 +77,7 @@ class AgentMonitor:
     # --- the loop -------------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        self._listen_tls()
         self.hub.sync(self._specs())
         try:
             while not stop.is_set():
@@ -91,6 +95,26 @@ class AgentMonitor:
             self._carry_out(d, now)
         if now - self._last_save >= SAVE_EVERY:
             self.save()
+
+    def _listen_tls(self) -> None:
+        """The TCP+TLS endpoint, when the policy names one (`settings.agent_endpoint`), in the namespace of
+        the bridges (where the VMs reach it)."""
+        compiled = self.engine.current
+        endpoint = compiled.policy.settings.agent_endpoint if compiled else None
+        if endpoint is None:
+            return
+        addr, port = endpoint
+        ensure_certificates(self.engine.state_dir, addr)
+        ns = NetnsThread(self.engine.netns, name="hyperfence-agent-tls")
+        try:
+            sock = ns.call(lambda: socket.create_server((str(addr), port), backlog=64))
+        except OSError as e:
+            log.error("agent endpoint %s:%d: cannot listen: %s", addr, port, e)
+            return
+        finally:
+            ns.close()
+        self.hub.listen_tls(sock, server_context(self.engine.state_dir))
+        log.info("agents over TLS: listening on %s:%d", addr, port)
 
     def heartbeats(self) -> dict[str, Heartbeat]:
         """The heartbeat policy of every enrolled VM in the current policy."""
@@ -293,8 +317,20 @@ def enroll(engine: Engine, vm: Vm, kind: str, *, interval: float) -> tuple[Agent
     elif kind == "virtio":
         host = {"type": "virtio", "path": sock}
         guest = {"type": "virtio", "name": VIRTIO_PORT_NAME}
+    elif kind == "tls":
+        compiled = engine.current or engine.compiled()
+        endpoint = compiled.policy.settings.agent_endpoint if compiled else None
+        if endpoint is None:
+            raise InvalidInputError(
+                "channel tls needs settings.agent_endpoint (ADDRESS:PORT) in the policy: the address the "
+                "VMs reach the host at"
+            )
+        addr, port = endpoint
+        ca = ensure_certificates(engine.state_dir, addr) / "ca.pem"
+        host = {"type": "tls"}
+        guest = {"type": "tls", "host": str(addr), "port": port, "ca": str(ca), "server_name": str(addr)}
     else:
-        raise InvalidInputError(f"channel {kind!r} is not supported (expected unix or virtio)")
+        raise InvalidInputError(f"channel {kind!r} is not supported (expected unix, virtio or tls)")
     rec = AgentRecord(vm=vm.id, key=new_key(), channel=host)
     engine.store.enroll_agent(rec)
     config = {"version": 1, "vm": vm.id, "key": rec.key.hex(), "interval": interval, "channel": guest}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 
 from hyperfence.model.policy import Action, Direction, FloodLimit, Settings
 from hyperfence.policy.resolve import ANY, Entry, Resolved, VmPolicy
@@ -418,13 +419,6 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
     b.rule(BRIDGE, "egress", "sys:dispatch", [x.vmap("iifname", OUT_MAP)])
     b.logged_drop(BRIDGE, "egress", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
     b.chain(BRIDGE, "ingress", hook="postrouting", priority=10, policy="drop")
-    if resolved.quarantine:
-        b.rule(
-            BRIDGE,
-            "ingress",
-            "sys:quarantine",
-            [x.match(x.meta("oifname"), "@quarantine"), x.COUNTER, x.DROP],
-        )
     b.rule(BRIDGE, "ingress", "sys:est", [x.mark_is_set(mark), x.ACCEPT])
     b.rule(BRIDGE, "ingress", "sys:dispatch", [x.vmap("oifname", IN_MAP)])
     b.logged_drop(BRIDGE, "ingress", "sys:unknown-port", log_prefix("-", "in", "deny", "sys:unknown-port"))
@@ -432,12 +426,36 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
 
 def _quarantine(b: Builder, resolved: Resolved) -> None:
     """Quarantined VMs (isolated by the agent monitor): their ports are dropped first in both base chains,
-    before the established shortcut, so open connections stop too. Only present while some VM is."""
+    before the established shortcut, so open connections stop too; only the agent's own flow to the host's
+    agent endpoint (if the policy names one) still passes. Only present while some VM is quarantined."""
     if not resolved.quarantine:
         return
     ports = frozenset(dump(vp.vm.port) for vp in resolved.vms if vp.vm.id in resolved.quarantine)
     b.sets["quarantine"] = NftSet(BRIDGE, "quarantine", "ifname", (), None, ports)
-    b.rule(BRIDGE, "egress", "sys:quarantine", [x.match(x.meta("iifname"), "@quarantine"), x.COUNTER, x.DROP])
+    endpoint = resolved.policy.settings.agent_endpoint
+    for base, side, key in (("egress", "out", "iifname"), ("ingress", "in", "oifname")):
+        member = x.match(x.meta(key), "@quarantine")
+        if endpoint is None:
+            b.rule(BRIDGE, base, "sys:quarantine", [member, x.COUNTER, x.DROP])
+            continue
+        chain = f"quarantine_{side}"
+        b.chain(BRIDGE, chain)
+        b.rule(BRIDGE, base, "sys:quarantine", [member, x.jump(chain)])
+        b.rule(BRIDGE, chain, "sys:agent", [*_agent_flow(endpoint, outbound=side == "out"), x.RETURN])
+        arp_field = "daddr ip" if side == "out" else "saddr ip"  # and ARP with the endpoint's address
+        b.rule(
+            BRIDGE, chain, "sys:agent-arp", [x.match(x.payload("arp", arp_field), str(endpoint[0])), x.RETURN]
+        )
+        b.rule(BRIDGE, chain, "sys:quarantine", [x.COUNTER, x.DROP])
+
+
+def _agent_flow(endpoint: tuple[IPv4Address, int], *, outbound: bool) -> list[JSON]:
+    """The agent's TCP+TLS flow to the host's endpoint (outbound) or its replies."""
+    addr, port = endpoint
+    return [
+        x.match(x.payload("ip", "daddr" if outbound else "saddr"), str(addr)),
+        x.match(x.payload("tcp", "dport" if outbound else "sport"), port),
+    ]
 
 
 def _vm_chains(b: Builder, vp: VmPolicy) -> None:
@@ -450,6 +468,9 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
     # `dhcp_clients`); a frame that fails it is dispatched here to be logged and dropped.
     b.logged_drop(BRIDGE, guard, "sys:spoof", log_prefix(sid, "out", "spoof", "sys:spoof"))
 
+    endpoint = b.settings.agent_endpoint
+    if endpoint is not None:  # the agent's channel to the host, whatever the policy says
+        b.rule(BRIDGE, out, "sys:agent", [*_agent_flow(endpoint, outbound=True), x.COUNTER, x.ACCEPT])
     _flood_rules(b, sid, out, "out", vp.limits_out)
     _flood_rules(b, sid, inn, "in", vp.limits_in)
     if not vp.dhcp_server:
@@ -475,6 +496,8 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
     ]
     if vp.arp_gateway and vp.gateway is not None:
         arp_peers.append(("sys:arp-gw", str(vp.gateway)))
+    if endpoint is not None and endpoint[0] in vp.subnet:  # the agent endpoint is on the VM's own subnet
+        arp_peers.append(("sys:arp-agent", str(endpoint[0])))
     for comment, peer in arp_peers:
         b.rule(BRIDGE, out, comment, [x.match(x.payload("arp", "daddr ip"), peer), x.COUNTER, x.ACCEPT])
         b.rule(

@@ -1,0 +1,89 @@
+"""The agent endpoint's certificates: a private CA and a server certificate, in `<state>/tls/`.
+
+`ensure_certificates` makes them once (ECDSA P-256, the CA valid 10 years, the server certificate 2 years,
+for the endpoint's address as an IP subject-alternative name); the CA certificate goes into each guest with
+the agent's config (the agent verifies the host with it). Keys are written 0600.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+def tls_dir(state_dir: str) -> Path:
+    return Path(state_dir) / "tls"
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def ensure_certificates(state_dir: str, host: ipaddress.IPv4Address) -> Path:
+    """The directory holding ca.pem, server.pem and server.key for `host` (made if missing or for another
+    address)."""
+    d = tls_dir(state_dir)
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    marker = d / "host"
+    if (d / "server.pem").exists() and marker.exists() and marker.read_text().strip() == str(host):
+        return d
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hyperfence agents CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(host))]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=730))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(host)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(d / "ca.key", _key_pem(ca_key), 0o600)
+    _write(d / "ca.pem", ca.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(d / "server.key", _key_pem(key), 0o600)
+    _write(d / "server.pem", server.public_bytes(serialization.Encoding.PEM), 0o644)
+    marker.write_text(f"{host}\n")
+    return d
+
+
+def server_context(state_dir: str) -> ssl.SSLContext:
+    d = tls_dir(state_dir)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(d / "server.pem", d / "server.key")
+    return ctx

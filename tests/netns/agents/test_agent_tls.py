@@ -1,0 +1,93 @@
+"""The TCP+TLS channel: a real agent in a lab VM reports to the host's agent endpoint over the lab network,
+keeps reporting while its VM is isolated (the quarantine lets its own flow through, nothing else), and a
+stranger that names the VM without its key is refused and counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hyperfence.agent import wire
+from hyperfence.agent.build import build_zipapp
+from hyperfence.lab import topology
+from hyperfence.lab.agents import agent_argv, zipapp_path
+from hyperfence.lab.session import LabSession
+from hyperfence.reconcile.agents import AgentMonitor, enroll
+
+pytestmark = pytest.mark.kernel
+
+PING = {"id": "ping", "from": "vms", "to": "vms", "protocol": "icmp"}
+
+
+@pytest.fixture
+def lab(tmp_path: object) -> Iterator[LabSession]:
+    name = "t" + secrets.token_hex(3)
+    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
+        yield s
+
+
+def wait(cond: object, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_an_agent_over_tls_reports_even_while_its_vm_is_isolated(lab: LabSession) -> None:
+    assert lab.engine is not None
+    endpoint = f"{lab.ip('host')}:7474"
+    doc = lab.document([PING])
+    doc["settings"] = {"agent_endpoint": endpoint}
+    doc["heartbeats"] = [{"vms": "vms", "interval": 1, "misses": 3, "release": "manual"}]
+    lab.engine.store_policy(doc, source="test")
+    lab.engine.converge()
+    vm1 = next(v for v in lab.engine.current.policy.vms if v.name == "vm1")  # type: ignore[union-attr]
+    _, config = enroll(lab.engine, vm1, "tls", interval=1.0)
+    cfg = Path(lab.engine.state_dir) / "vm1-tls.json"
+    cfg.write_text(json.dumps(config))
+    build_zipapp(zipapp_path(lab.engine))
+    monitor = AgentMonitor(lab.engine, startup_grace=30)
+    stop = threading.Event()
+    thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
+    thread.start()
+    agent = topology.popen_in_vm(lab.plan, "vm1", agent_argv(lab.engine, cfg))
+    try:
+        row = lambda: next(r for r in monitor.snapshot() if r["name"] == "vm1")  # noqa: E731
+        assert wait(lambda: row()["status"] == "ok" and row()["metrics"]), monitor.snapshot()
+        assert row()["channel"] == {"type": "tls"}
+
+        # Isolate vm1: its traffic stops, its agent's TLS flow does not.
+        with monitor.lock:
+            monitor.tracker.isolate(vm1.id, "test", time.time())
+        monitor._apply_quarantine()
+        assert lab.ping("vm1", "vm2")[0] == 0
+        lab.run("vm1", ["ip", "neigh", "flush", "all"])  # the endpoint must still resolve (ARP)
+        seq = row()["seq"]
+        assert wait(lambda: row()["seq"] > seq + 2, 6), "the agent stopped reporting while isolated"
+        assert row()["isolated"] == "test"
+
+        # A stranger (vm3) that names vm1 over TLS, without vm1's key: refused and counted, vm1 unharmed.
+        forged = wire.encode(b"x" * 32, wire.message(vm1.id, 10**15, "beat", {"res": {}}, time.time()))
+        script = (
+            "import socket,ssl,sys;"
+            f"c=ssl.create_default_context(cafile={config['channel']['ca']!r});"
+            f"s=c.wrap_socket(socket.create_connection(({lab.ip('host')!r},7474)),server_hostname={lab.ip('host')!r});"
+            f"s.sendall(bytes.fromhex({forged.hex()!r}));s.recv(1)"
+        )
+        before = row()["counts"].get("forged", 0)
+        lab.run("vm3", ["/usr/bin/python3", "-c", script], timeout=10)
+        assert wait(lambda: row()["counts"].get("forged", 0) == before + 1, 5), row()["counts"]
+        assert row()["status"] == "ok"
+    finally:
+        topology.stop_process(agent)
+        stop.set()
+        thread.join(timeout=5)
