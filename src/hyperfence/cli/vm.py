@@ -109,7 +109,7 @@ def vm_list(
         ]
     if as_json:
         for row in rows:
-            out.print_json(json.dumps(row))
+            typer.echo(json.dumps(row, sort_keys=True))
         return
     table = Table("vm", "agent", "last seen", "isolation", "refused", "version")
     for row in rows:

@@ -16,7 +16,7 @@ from hyperfence.errors import KernelError
 from hyperfence.lab import topology
 from hyperfence.lab.experiment import run_experiment
 from hyperfence.lab.session import LabSession
-from hyperfence.ruleset.compile import TABLES
+from hyperfence.ruleset.compile import TABLES, vm_sid
 from hyperfence.ruleset.readback import rule_counters
 
 pytestmark = pytest.mark.kernel
@@ -67,8 +67,26 @@ def test_hand_flush_is_repaired_and_reported(lab: LabSession) -> None:
     assert result is not None and result.changed
     assert any("missing" in d for d in result.drift)
     assert lab.engine.store.events(kind="drift-repaired")
+    # the filter's heartbeat: every VM whose chains were gone is told so
+    repaired = {e["vm"] for e in lab.engine.store.events(kind="filter-repaired")}
+    assert repaired == {v.id for v in lab.engine.current.policy.vms}  # type: ignore[union-attr]
     assert lab.ping("vm1", "vm2")[0] == 2
     assert lab.ping("vm3", "vm2")[0] == 0
+
+
+def test_one_vms_deleted_chain_is_repaired_and_reported_on_that_vm(lab: LabSession) -> None:
+    lab.apply([PING_1_2])
+    assert lab.engine is not None and lab.engine.current is not None
+    vm2 = next(v for v in lab.engine.current.policy.vms if v.name == "vm2")
+    chain = f"{vm_sid(vm2.id)}_in"
+    lab.run("host", ["nft", "flush", "chain", "bridge", "hyperfence", chain]).check_returncode()
+    assert lab.ping("vm1", "vm2")[0] == 0  # the flushed chain falls through to the base chain's drop
+    _, result = lab.engine.converge(full=True)
+    assert result is not None and result.changed
+    events = lab.engine.store.events(kind="filter-repaired")
+    assert [e["vm"] for e in events] == [vm2.id]
+    assert chain in events[0]["drift"][0]
+    assert lab.ping("vm1", "vm2")[0] == 2
 
 
 def test_failing_batch_leaves_previous_ruleset_in_place(lab: LabSession) -> None:

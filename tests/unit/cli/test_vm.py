@@ -1,0 +1,81 @@
+"""`hyperfence vm enroll|list|events` against a real store (no daemon, no kernel)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from hyperfence import errors
+from hyperfence.agent.config import load_config
+from hyperfence.cli.main import app
+from hyperfence.reconcile.engine import Engine
+from tests.unit.policy.test_parse import doc
+
+runner = CliRunner()
+
+
+def store_policy(state: Path, **extra: object) -> None:
+    engine = Engine(netns=None, state_dir=str(state))
+    engine.store_policy(doc(**extra), source="test")
+    engine.close()
+
+
+def test_enroll_writes_a_config_the_agent_accepts(tmp_path: Path) -> None:
+    store_policy(tmp_path, heartbeats=[{"vms": "vms", "interval": 2}])
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", "vm1"])
+    assert r.exit_code == 0, r.output
+    path = tmp_path / "agents" / "vm1.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    config = load_config(str(path))
+    assert config.interval == 2.0
+    raw = json.loads(path.read_text())
+    assert raw["channel"]["type"] == "unix" and len(raw["key"]) == 64
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    assert engine.store.agents()[raw["vm"]].key.hex() == raw["key"]
+    engine.close()
+    again = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", "vm1"])
+    assert again.exit_code == 0
+    assert json.loads(path.read_text())["key"] != raw["key"]  # a new enrolment is a new key
+
+
+def test_enroll_refuses_an_unknown_vm_and_a_tls_channel_without_endpoint(tmp_path: Path) -> None:
+    store_policy(tmp_path)
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", "ghost"])
+    assert isinstance(r.exception, errors.NotFoundError) and "ghost" in str(r.exception)
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", "vm1", "--channel", "tls"])
+    assert isinstance(r.exception, errors.InvalidInputError) and "agent_endpoint" in str(r.exception)
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", "vm1", "--channel", "pigeon"])
+    assert isinstance(r.exception, errors.InvalidInputError) and "pigeon" in str(r.exception)
+    assert not (tmp_path / "agents" / "vm1.json").exists()
+
+
+def test_enroll_tls_writes_the_ca_and_endpoint(tmp_path: Path) -> None:
+    store_policy(tmp_path, settings={"agent_endpoint": "10.77.0.1:7474"})
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", "vm2", "--channel", "tls"])
+    assert r.exit_code == 0, r.output
+    config = load_config(str(tmp_path / "agents" / "vm2.json"))
+    raw = json.loads((tmp_path / "agents" / "vm2.json").read_text())
+    assert raw["channel"] == {
+        "type": "tls",
+        "host": "10.77.0.1",
+        "port": 7474,
+        "ca": str(tmp_path / "tls" / "ca.pem"),
+        "server_name": "10.77.0.1",
+    }
+    assert config.vm == raw["vm"]
+    assert (tmp_path / "tls" / "server.pem").exists()
+    assert stat.S_IMODE((tmp_path / "tls" / "server.key").stat().st_mode) == 0o600
+
+
+def test_list_without_a_daemon_reads_the_store(tmp_path: Path) -> None:
+    store_policy(tmp_path)
+    runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", "vm1"])
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output.strip().splitlines()[0])
+    assert row["status"] == "daemon not running" and row["isolated"] is None
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "events", "vm1"])
+    assert r.exit_code == 0 and r.output == ""
