@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
@@ -23,9 +24,14 @@ from hyperfence.policy.collector import Collector, Strict
 StrOrList = StrictStr | list[StrictStr]
 
 
-class LimitDoc(Strict):
+class SectionDoc(Strict):
+    """An entry that selects VMs."""
+
     id: StrictStr | None = None
     vms: StrOrList
+
+
+class LimitDoc(SectionDoc):
     direction: Literal["in", "out", "both"] = "both"
     new_flows: Annotated[StrictInt, Field(ge=1, le=10_000_000)]
     burst: Annotated[StrictInt, Field(ge=1, le=100_000_000)] | None = None
@@ -64,27 +70,40 @@ def _vm_selectors(c: Collector, value: str | list[str], path: str, vm_names: set
     return sels
 
 
-def parse_limits(c: Collector, items: list[Any], vm_names: set[str]) -> list[FloodLimit]:
-    out: list[FloodLimit] = []
+D = TypeVar("D", bound=SectionDoc)
+
+
+def _entries(
+    c: Collector, items: list[Any], doc_type: type[D], section: str, vm_names: set[str]
+) -> Iterator[tuple[D, str, tuple[Selector, ...]]]:
+    """The valid entries of a section that selects VMs: (document, id, selectors); problems are collected."""
     ids: dict[str, int] = {}
     for i, raw in enumerate(items):
-        p = f"limits[{i}]"
-        doc = c.model(LimitDoc, raw, p)
+        p = f"{section}[{i}]"
+        doc = c.model(doc_type, raw, p)
         if doc is None:
             continue
-        limit_id = _section_id(c, doc.id or f"l{i}", p, section="limits", ids=ids, i=i)
+        item_id = _section_id(c, doc.id or f"{section[0]}{i}", p, section=section, ids=ids, i=i)
         sels = _vm_selectors(c, doc.vms, f"{p}.vms", vm_names)
-        burst = doc.burst if doc.burst is not None else 2 * doc.new_flows
-        if limit_id is not None and sels:
-            out.append(
-                FloodLimit(limit_id, tuple(sels), _DIRECTIONS[doc.direction], doc.new_flows, burst, doc.log)
-            )
-    return out
+        if item_id is not None and sels:
+            yield doc, item_id, tuple(sels)
 
 
-class HeartbeatDoc(Strict):
-    id: StrictStr | None = None
-    vms: StrOrList
+def parse_limits(c: Collector, items: list[Any], vm_names: set[str]) -> list[FloodLimit]:
+    return [
+        FloodLimit(
+            lim_id,
+            sels,
+            _DIRECTIONS[doc.direction],
+            doc.new_flows,
+            doc.burst if doc.burst is not None else 2 * doc.new_flows,
+            doc.log,
+        )
+        for doc, lim_id, sels in _entries(c, items, LimitDoc, "limits", vm_names)
+    ]
+
+
+class HeartbeatDoc(SectionDoc):
     interval: Annotated[float, Field(ge=0.2, le=3600)] = 1.0
     misses: Annotated[StrictInt, Field(ge=1, le=1000)] = 3
     action: Literal["alert", "isolate", "pause"] = "isolate"
@@ -93,24 +112,9 @@ class HeartbeatDoc(Strict):
 
 def parse_heartbeats(c: Collector, items: list[Any], vm_names: set[str]) -> list[Heartbeat]:
     """The `heartbeats` section. A VM selected by several entries takes the first (see `heartbeat_for`)."""
-    out: list[Heartbeat] = []
-    ids: dict[str, int] = {}
-    for i, raw in enumerate(items):
-        p = f"heartbeats[{i}]"
-        doc = c.model(HeartbeatDoc, raw, p)
-        if doc is None:
-            continue
-        hb_id = _section_id(c, doc.id or f"h{i}", p, section="heartbeats", ids=ids, i=i)
-        sels = _vm_selectors(c, doc.vms, f"{p}.vms", vm_names)
-        if hb_id is not None and sels:
-            out.append(
-                Heartbeat(
-                    hb_id,
-                    tuple(sels),
-                    float(doc.interval),
-                    doc.misses,
-                    SilenceAction(doc.action),
-                    Release(doc.release),
-                )
-            )
-    return out
+    return [
+        Heartbeat(
+            hb_id, sels, float(doc.interval), doc.misses, SilenceAction(doc.action), Release(doc.release)
+        )
+        for doc, hb_id, sels in _entries(c, items, HeartbeatDoc, "heartbeats", vm_names)
+    ]

@@ -154,3 +154,11 @@ def test_frames_arrive_through_a_reader_even_one_byte_at_a_time() -> None:
         t.ingest("a", f, T0 + 1).reason for i in range(len(stream)) for f in reader.feed(stream[i : i + 1])
     ]
     assert got == ["accepted", "accepted"]
+
+
+def test_statuses_ok_late_silent() -> None:
+    t, a = tracker(), Agent("a")
+    assert t.ingest("a", a.frame(T0), T0).ok
+    assert t.status("a", HB, T0 + 1.0) == "ok"
+    assert t.status("a", HB, T0 + 1.6) == "late"  # a beat is overdue
+    assert t.status("a", HB, T0 + 3.1) == "silent"
