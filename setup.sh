@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 here=$(pwd)
 
 APT_PACKAGES=(nftables libnftables1 iproute2 conntrack iputils-ping tcpdump iperf3 hping3 nmap
-              dnsmasq-base busybox ethtool procps python3 python3-venv python3-dev gcc
+              dnsmasq-base ethtool procps python3 python3-venv python3-dev gcc
               libvirt-daemon-system qemu-system-x86 libvirt-dev pkg-config cpio busybox-static)
 
 install_apt() {
