@@ -27,7 +27,7 @@ from hyperfence.adapters.tls import ensure_certificates, server_context
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.health.tracker import AgentRecord, Decision, Ingested, Tracker
-from hyperfence.model.policy import Heartbeat, Vm
+from hyperfence.model.policy import Heartbeat, Policy, Vm
 from hyperfence.reconcile.engine import Engine
 from hyperfence.ruleset.compile import vm_sid
 
@@ -73,6 +73,7 @@ class AgentMonitor:
         self._suppressed: Counter[tuple[str, str]] = Counter()
         self._last_save = clock()
         self._minute_samples: dict[str, dict[str, float]] = {}
+        self._hb_cache: tuple[Policy, frozenset[str], dict[str, Heartbeat], dict[str, str]] | None = None
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -117,15 +118,26 @@ class AgentMonitor:
         log.info("agents over TLS: listening on %s:%d", addr, port)
 
     def heartbeats(self) -> dict[str, Heartbeat]:
-        """The heartbeat policy of every enrolled VM in the current policy."""
+        """The heartbeat policy of every enrolled VM in the current policy (computed once per policy version
+        and set of enrolled VMs: this runs every round)."""
         compiled = self.engine.current
         if compiled is None:
             return {}
-        return {
-            vm.id: heartbeat_for(compiled.policy, vm)
-            for vm in compiled.policy.vms
-            if vm.id in self.tracker.records
-        }
+        enrolled = frozenset(self.tracker.records)
+        cache = self._hb_cache
+        if cache is None or cache[0] is not compiled.policy or cache[1] != enrolled:
+            hbs = {
+                vm.id: heartbeat_for(compiled.policy, vm)
+                for vm in compiled.policy.vms
+                if vm.id in self.tracker.records
+            }
+            cache = self._hb_cache = (
+                compiled.policy,
+                enrolled,
+                hbs,
+                {v.id: v.name for v in compiled.policy.vms},
+            )
+        return cache[2]
 
     # --- input ------------------------------------------------------------------------------------------
 
@@ -293,12 +305,8 @@ class AgentMonitor:
             return {vm: rec.channel for vm, rec in self.tracker.records.items()}
 
     def _name(self, vm: str) -> str:
-        compiled = self.engine.current
-        if compiled is not None:
-            for v in compiled.policy.vms:
-                if v.id == vm:
-                    return v.name
-        return vm
+        self.heartbeats()  # refreshes the name table with the policy
+        return self._hb_cache[3].get(vm, vm) if self._hb_cache is not None else vm
 
 
 VIRTIO_PORT_NAME = "org.hyperfence.agent.0"
