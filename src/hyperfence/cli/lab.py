@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from hyperfence.errors import NotFoundError
 from hyperfence.lab import agents as lab_agents
+from hyperfence.lab import image as lab_image
 from hyperfence.lab import topology
 from hyperfence.lab.plan import plan_lab
 from hyperfence.lab.policy import lab_policy
@@ -109,3 +111,25 @@ def exec_cmd(ctx: typer.Context, vm: str, name: NameOpt = "lab") -> None:
         netns = match.netns
     sys.stdout.flush()
     os.execvp("ip", ["ip", "netns", "exec", netns, *argv])  # noqa: S606 - replaces this process by design
+
+
+@app.command("image")
+def image(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where the image and its cache go (nothing is installed elsewhere).")
+    ] = lab_image.DEFAULT_OUT,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even if an up-to-date image is there.")
+    ] = False,
+) -> None:
+    """Build (or reuse) a tiny guest for tests and the demo: a Debian kernel and an initramfs with busybox,
+    Debian's Python and the agent; it boots under QEMU TCG in seconds (docs/guests.md)."""
+    img = lab_image.build_image(out_dir, force=force)
+    how = "reused (up to date)" if img.reused else f"built in {img.build_seconds:.1f} s"
+    out.print(f"guest image {how}: {img.kernel_package}, Python {img.python_version}")
+    out.print(f"  kernel  {img.kernel}  {img.kernel_bytes / 1e6:.1f} MB")
+    out.print(
+        f"  initrd  {img.initrd}  {img.initrd_bytes / 1e6:.1f} MB "
+        f"({img.initrd_unpacked_bytes / 1e6:.1f} MB unpacked, {img.stdlib_modules} stdlib files)"
+    )
+    out.print("boot it by hand: see docs/guests.md (the agent's config goes on the kernel command line)")
