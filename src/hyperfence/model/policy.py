@@ -251,6 +251,9 @@ class Settings:
     # Where agents reach the host over TCP+TLS (address, port), or None: every VM may open that flow (also
     # while isolated), so a guest whose channel is the network can still report.
     agent_endpoint: tuple[IPv4Address, int] | None = None
+    # "none": every VM is declared in the policy; "libvirt": VMs are also discovered from the hypervisor, so a
+    # rule may name a VM that does not exist right now (it selects nothing until it does).
+    inventory: str = "none"
 
 
 @dataclass(frozen=True)

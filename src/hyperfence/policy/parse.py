@@ -55,6 +55,7 @@ class SettingsDoc(Strict):
     nflog_group: Annotated[StrictInt, Field(ge=1, le=65535)] = 7
     conntrack_mark: Annotated[StrictInt, Field(ge=1, le=0x80000000)] = 0x00200000
     agent_endpoint: StrictStr | None = None
+    inventory: Literal["none", "libvirt"] = "none"
 
 
 class NetworkDoc(Strict):
@@ -144,7 +145,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     networks = _networks(c, doc.networks)
     vms = _vms_cached(c, doc.vms, networks)
     ipsets = _ipsets(c, doc.ipsets)
-    rules = _rules(c, doc.rules, vms, ipsets)
+    rules = _rules(c, doc.rules, vms, ipsets, strict_names=settings.inventory == "none")
     limits = parse_limits(c, doc.limits, {v.name for v in vms})
     heartbeats = parse_heartbeats(c, doc.heartbeats, {v.name for v in vms})
     if c.problems:
@@ -178,6 +179,7 @@ def _settings(c: Collector, data: dict[str, Any]) -> Settings:
         nflog_group=doc.nflog_group,
         conntrack_mark=doc.conntrack_mark,
         agent_endpoint=endpoint,
+        inventory=doc.inventory,
     )
 
 
@@ -428,20 +430,27 @@ def _rule_services(c: Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
 
 
 _RULES_MEMO: (
-    tuple[tuple[set[str], dict[str, tuple[AddressRange, ...]]], dict[int, tuple[Any, Rule]]] | None
+    tuple[tuple[set[str], dict[str, tuple[AddressRange, ...]], bool], dict[int, tuple[Any, Rule]]] | None
 ) = None
 
 
 def _rules(
-    c: Collector, items: list[Any], vms: list[Vm], ipsets: dict[str, tuple[AddressRange, ...]]
+    c: Collector,
+    items: list[Any],
+    vms: list[Vm],
+    ipsets: dict[str, tuple[AddressRange, ...]],
+    *,
+    strict_names: bool = True,
 ) -> list[Rule]:
+    """`strict_names`: a `vm:NAME` naming no declared VM is a problem (False with an inventory: the VM may
+    appear later)."""
     out: list[Rule] = []
     vm_names = {v.name for v in vms}
     ids: dict[str, int] = {}
     # Rules that validated last time against the same VMs and IP sets are taken back as they were (same
     # objects): a one-rule change of a 1,000-rule policy validates one rule.
     global _RULES_MEMO  # noqa: PLW0603 - a memo of a pure function
-    token = (vm_names, ipsets)
+    token = (vm_names, ipsets, strict_names)
     memo = _RULES_MEMO[1] if _RULES_MEMO is not None and _RULES_MEMO[0] == token else {}
     fresh: dict[int, tuple[Any, Rule]] = {}
     for i, raw in enumerate(items):
@@ -475,7 +484,7 @@ def _rules(
                 sel = c.value(syntax.parse_selector, t, path)
                 if sel is None:
                     continue
-                if isinstance(sel, VmSelector) and sel.name not in vm_names:
+                if isinstance(sel, VmSelector) and sel.name not in vm_names and strict_names:
                     c.add(
                         path,
                         f"VM {sel.name!r} is not declared (expected one of: "

@@ -16,6 +16,7 @@ from hyperfence.adapters.nft import Nft
 from hyperfence.adapters.store import Store
 from hyperfence.errors import NotFoundError
 from hyperfence.model.policy import Policy
+from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import load_document, parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
 from hyperfence.reconcile.firewall import ConvergeResult, Firewall
@@ -29,6 +30,7 @@ class Compiled:
     policy: Policy
     resolved: Resolved
     ruleset: Ruleset
+    discovered: tuple[dict[str, Any], ...] = ()  # the discovered VMs this was compiled with
 
 
 class Engine:
@@ -44,6 +46,17 @@ class Engine:
         self.lock = threading.RLock()
         # VMs isolated by the agent monitor: an overlay on the policy (see `set_quarantine`).
         self.quarantine: frozenset[str] = frozenset()
+        # VMs discovered from the hypervisor, as `vms` items (see `set_discovered`).
+        self.discovered: tuple[dict[str, Any], ...] = ()
+        self.skipped: list[str] = []  # discovered VMs left out, and why
+
+    def set_discovered(self, vms: tuple[dict[str, Any], ...]) -> bool:
+        """Replace the discovered VMs; True when they changed (converge to apply)."""
+        with self.lock:
+            changed = vms != self.discovered
+            if changed:
+                self.discovered = vms
+            return changed
 
     def set_quarantine(self, vms: frozenset[str]) -> bool:
         """Replace the set of quarantined VM ids; True when it changed (converge to apply it)."""
@@ -101,18 +114,22 @@ class Engine:
         if key is None:
             return None
         previous = self._compiled
-        if previous is not None and previous.key == key:
+        if previous is not None and previous.key == key and previous.discovered is self.discovered:
             if previous.resolved.quarantine == self.quarantine:
                 return previous
             policy, resolved = previous.policy, previous.resolved
         else:
             document, source = self._load_document()
+            if self.discovered and isinstance(document, dict):
+                document, self.skipped = merge_discovered(document, self.discovered)
             policy = parse_policy(document, source=source)
             resolved = (
                 resolve_update(previous.resolved, policy) if previous is not None else None
             ) or resolve_policy(policy)
         resolved = dataclasses.replace(resolved, quarantine=self.quarantine)
-        self._compiled = Compiled(key, policy, resolved, compile_ruleset(resolved, self._cache))
+        self._compiled = Compiled(
+            key, policy, resolved, compile_ruleset(resolved, self._cache), discovered=self.discovered
+        )
         return self._compiled
 
     def converge(self, *, full: bool = False) -> tuple[Compiled | None, ConvergeResult | None]:
