@@ -1,0 +1,250 @@
+"""What hyperfence reads from libvirt, as plain data, and the pure functions that read it. No I/O.
+
+`adapters/libvirt.py` does the talking (and is the only module importing `libvirt`); everything here works
+on XML text and integers, so it is tested without a libvirtd.
+
+A domain's hyperfence labels live in its metadata, in our own namespace::
+
+    <metadata>
+      <hf:labels xmlns:hf="https://hyperfence.dev/xmlns/1">
+        <hf:label key="tier">web</hf:label>
+      </hf:labels>
+    </metadata>
+
+(`label` children are accepted with or without the namespace: ``virsh metadata`` writes them either way.)
+Its agent channel is the virtio-serial port named `AGENT_CHANNEL`, whose host end is a unix socket that
+QEMU listens on (``<source mode='bind' path='…'/>``).
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from hyperfence.errors import InvalidInputError, Problem
+
+XMLNS = "https://hyperfence.dev/xmlns/1"
+"""The namespace of hyperfence's domain metadata; libvirt keys metadata by this URI."""
+XMLNS_PREFIX = "hf"
+AGENT_CHANNEL = "org.hyperfence.agent.0"
+"""The virtio-serial port name of the hyperfence agent."""
+
+# virDomainState
+DOMAIN_STATES = {
+    0: "nostate",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutting-down",
+    5: "shutoff",
+    6: "crashed",
+    7: "pmsuspended",
+}
+
+# virDomainEventType -> (kind, {detail number: detail name})
+_LIFECYCLE: dict[int, tuple[str, dict[int, str]]] = {
+    0: ("defined", {0: "added", 1: "updated", 2: "renamed", 3: "from-snapshot"}),
+    1: ("undefined", {0: "removed", 1: "renamed"}),
+    2: ("started", {0: "booted", 1: "migrated", 2: "restored", 3: "from-snapshot", 4: "wakeup"}),
+    3: (
+        "paused",
+        {
+            0: "paused",
+            1: "migrated",
+            2: "ioerror",
+            3: "watchdog",
+            4: "restored",
+            5: "from-snapshot",
+            6: "api-error",
+            7: "postcopy",
+            8: "postcopy-failed",
+        },
+    ),
+    4: ("resumed", {0: "unpaused", 1: "migrated", 2: "from-snapshot", 3: "postcopy", 4: "postcopy-failed"}),
+    5: (
+        "stopped",
+        {
+            0: "shutdown",
+            1: "destroyed",
+            2: "crashed",
+            3: "migrated",
+            4: "saved",
+            5: "failed",
+            6: "from-snapshot",
+        },
+    ),
+    6: ("shutdown", {0: "finished", 1: "guest", 2: "host"}),
+    7: ("paused", {0: "memory", 1: "disk"}),
+    8: ("crashed", {0: "panicked", 1: "crashloaded"}),
+}
+_MIGRATED = {(2, 1), (5, 3)}  # started because migrated in, stopped because migrated out
+
+ET.register_namespace(XMLNS_PREFIX, XMLNS)  # serialize our elements as hf:..., as libvirt shows them
+
+
+@dataclass(frozen=True)
+class DomainNic:
+    """One interface of a domain. `tap` is the host-side device, known only while the domain runs."""
+
+    mac: str
+    tap: str | None
+    bridge: str | None
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """One libvirt domain as hyperfence sees it; keyed by `uuid` (the name is only for people)."""
+
+    uuid: str
+    name: str
+    state: str
+    interfaces: tuple[DomainNic, ...]
+    agent_socket: str | None
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)  # a dict: left out of the hash
+
+    @property
+    def is_active(self) -> bool:
+        """Whether QEMU runs for it (running or paused): its taps exist."""
+        return self.state not in {"shutoff", "crashed", "nostate"}
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    """Something may have changed in the inventory: re-read it (level-triggered).
+
+    `kind` is one of defined, undefined, started, stopped, paused, resumed, migrated, shutdown, crashed,
+    nic-added, nic-removed, device-added, device-removed, and ``resync`` (uuid and name empty): the
+    connection to libvirtd was (re)made and events may have been missed, so re-read everything.
+    """
+
+    uuid: str
+    name: str
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class VmAction:
+    """A VM action hyperfence asked libvirt for: `outcome` is done, noop (already so) or failed."""
+
+    uuid: str
+    name: str
+    action: str
+    outcome: str
+    message: str
+
+
+def state_name(state: int) -> str:
+    """The name of libvirt's domain state number `state` ("running", "paused", "shutoff", ...)."""
+    return DOMAIN_STATES.get(state, f"state-{state}")
+
+
+def lifecycle_kind(event: int, detail: int) -> tuple[str, str]:
+    """(kind, detail) of a libvirt lifecycle event (virDomainEventType, its detail number).
+
+    Migration shows as ``migrated`` (detail ``in`` on the target, ``out`` on the source); unknown numbers
+    from a newer libvirt keep their number (``event-12``, ``detail-9``).
+    """
+    if (event, detail) in _MIGRATED:
+        return "migrated", "in" if event == 2 else "out"
+    kind, details = _LIFECYCLE.get(event, (f"event-{event}", {}))
+    return kind, details.get(detail, f"detail-{detail}")
+
+
+def device_kind(alias: str, *, added: bool) -> str:
+    """nic-added/-removed for a NIC's device alias (libvirt names NICs ``net<N>``), else device-*."""
+    what = "nic" if alias.startswith("net") and alias[3:].isdigit() else "device"
+    return f"{what}-{'added' if added else 'removed'}"
+
+
+def parse_domain_xml(xml: str, *, state: str = "unknown") -> DomainInfo:
+    """The `DomainInfo` of a domain's XML (``virDomainGetXMLDesc``); `state` comes from libvirt separately.
+
+    The XML of a running or paused domain (its root has an ``id``) names the taps; a shut-off domain's
+    interfaces have ``tap=None`` even when a target device name is configured, because that device does not
+    exist. MACs are lowercased. Interfaces without a MAC, channels other than the agent's, labels without
+    a key are ignored. Raises `InvalidInputError` for text that is not a domain with a name and a UUID.
+    """
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - see the import
+    except ET.ParseError as exc:
+        raise InvalidInputError(f"libvirt domain XML is not well-formed: {exc}") from exc
+    problems = []
+    if root.tag != "domain":
+        problems.append(Problem("", f"root element is <{root.tag}>, expected <domain>"))
+    name = (root.findtext("name") or "").strip()
+    uuid = (root.findtext("uuid") or "").strip().lower()
+    if not name:
+        problems.append(Problem("domain.name", "missing"))
+    if not uuid:
+        problems.append(Problem("domain.uuid", "missing"))
+    if problems:
+        raise InvalidInputError("not a libvirt domain", problems)
+    active = root.get("id") not in {None, "-1"}
+    return DomainInfo(
+        uuid=uuid,
+        name=name,
+        state=state,
+        interfaces=tuple(_interfaces(root, active=active)),
+        agent_socket=_agent_socket(root),
+        labels=_labels(root),
+    )
+
+
+def _interfaces(root: ET.Element, *, active: bool) -> list[DomainNic]:
+    nics = []
+    for iface in root.iterfind("devices/interface"):
+        mac = iface.find("mac")
+        address = mac.get("address") if mac is not None else None
+        if not address:
+            continue
+        target = iface.find("target")
+        source = iface.find("source")
+        nics.append(
+            DomainNic(
+                mac=address.lower(),
+                tap=target.get("dev") if active and target is not None else None,
+                bridge=source.get("bridge") if source is not None else None,
+            )
+        )
+    return nics
+
+
+def _agent_socket(root: ET.Element) -> str | None:
+    for channel in root.iterfind("devices/channel"):
+        target = channel.find("target")
+        source = channel.find("source")
+        if (
+            channel.get("type") == "unix"
+            and target is not None
+            and target.get("type") == "virtio"
+            and target.get("name") == AGENT_CHANNEL
+            and source is not None
+            and source.get("path")
+        ):
+            return source.get("path")
+    return None
+
+
+def _labels(root: ET.Element) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for element in root.iterfind(f"metadata/{{{XMLNS}}}labels"):
+        for label in element:
+            if label.tag in {"label", f"{{{XMLNS}}}label"} and label.get("key"):
+                labels[str(label.get("key"))] = (label.text or "").strip()
+    return labels
+
+
+def labels_xml(labels: Mapping[str, str], *, namespaced: bool = True) -> str:
+    """The metadata element holding `labels` (keys sorted), as it appears in a domain's XML.
+
+    With ``namespaced=False`` the elements carry no namespace: what ``virDomainSetMetadata`` takes (it
+    puts the element into the URI and prefix it is given, and refuses an element that declares one).
+    """
+    ns = f"{{{XMLNS}}}" if namespaced else ""
+    root = ET.Element(f"{ns}labels")
+    for key in sorted(labels):
+        label = ET.SubElement(root, f"{ns}label", key=key)
+        label.text = labels[key]
+    return ET.tostring(root, encoding="unicode")

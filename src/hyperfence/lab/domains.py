@@ -1,0 +1,250 @@
+"""The lab's VMs as libvirt domains: ``hf-<lab>-vm<N>`` on the lab bridge, with an agent channel.
+
+Each domain (`domain_xml`, pure) is a TCG guest (``<domain type='qemu'>``: no usable KVM here) that boots a
+kernel + initrd given by the caller (the lab's guest image) or, without them, sits in firmware (enough to
+start, pause, resume, destroy it and see its tap). It has:
+
+* one virtio NIC, ``<interface type='bridge'>`` on the lab's ``br0``, tap = the plan's port for that VM
+  (``vp<N>``), MAC = the plan's MAC, so the firewall sees the same port names as with namespace VMs;
+* the agent channel: virtio-serial port `AGENT_CHANNEL` whose host end is a unix socket QEMU listens on
+  (``<lab run dir>/qemu/vm<N>.agent.sock``; in the daemon's channel specs ``{"type": "virtio", "path": …}``);
+* the serial console written to ``<lab run dir>/qemu/vm<N>.console.log``;
+* kernel command line ``console=ttyS0 panic=-1 quiet hf.ip=<ip>/<prefix> hf.gw=<gateway> hf.agent=<b64>``,
+  where ``hf.agent`` is the agent's JSON config, base64. It holds the agent's key: anyone who can read the
+  domain XML (root) or QEMU's command line (``ps``: every local user!) can read it. Fine for the lab; a real
+  deployment hands the key over another way;
+* labels ``lab=<lab>`` and ``vm=vm<N>`` in hyperfence metadata: `undefine_lab_domains` removes only domains
+  that carry both *and* have the lab's name pattern, so nothing it did not create is touched.
+
+`on_poweroff`/`on_reboot`/`on_crash` are ``destroy``: a guest that panics (``panic=-1``) stops instead of
+looping.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pwd
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from hyperfence.adapters.libvirt import LibvirtInventory
+from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, DomainInfo, labels_xml
+from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError, Problem
+from hyperfence.lab import topology
+from hyperfence.lab.plan import LabPlan
+
+EMULATOR = "/usr/bin/qemu-system-x86_64"
+MEMORY_MIB = 256
+KERNEL_CMDLINE_MAX = 2048  # COMMAND_LINE_SIZE on x86
+QEMU_USER = "libvirt-qemu"
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    """Everything `domain_xml` needs for one VM."""
+
+    name: str
+    mac: str
+    bridge: str
+    tap: str
+    channel_path: str
+    console_path: str
+    labels: Mapping[str, str]
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str = ""
+    memory_mib: int = MEMORY_MIB
+    vcpus: int = 1
+    uuid: str | None = None  # None: libvirt picks one (and keeps it when the same name is redefined)
+
+
+def domain_name(plan: LabPlan, vm: str) -> str:
+    """``hf-<lab>-vm<N>``: the libvirt name of lab VM `vm` (`NotFoundError` if the plan has none)."""
+    return f"hf-{plan.name}-{plan.vm(vm).name}"
+
+
+def qemu_dir(plan: LabPlan) -> Path:
+    """Where the lab's agent sockets and console logs are (``<lab run dir>/qemu``)."""
+    return topology.state_dir(plan.name) / "qemu"
+
+
+def kernel_cmdline(*, ip: str, prefixlen: int, gateway: str, agent_config: str) -> str:
+    """The guest kernel's command line; `agent_config` (JSON text) goes in base64, no spaces.
+
+    `InvalidInputError` if it does not fit the kernel's 2048 bytes.
+    """
+    agent = base64.b64encode(agent_config.encode()).decode("ascii")
+    line = f"console=ttyS0 panic=-1 quiet hf.ip={ip}/{prefixlen} hf.gw={gateway} hf.agent={agent}"
+    if len(line) >= KERNEL_CMDLINE_MAX:
+        raise InvalidInputError(
+            "kernel command line too long",
+            [Problem("agent_config", f"{len(line)} bytes with it; the kernel takes < {KERNEL_CMDLINE_MAX}")],
+        )
+    return line
+
+
+def lab_domain_spec(
+    plan: LabPlan,
+    vm: str,
+    *,
+    agent_config: str | None = None,
+    kernel: str | None = None,
+    initrd: str | None = None,
+    memory_mib: int = MEMORY_MIB,
+    labels: Mapping[str, str] | None = None,
+) -> DomainSpec:
+    """The domain of lab VM `vm` ("vm1"...): plan's port, MAC and address; kernel + initrd if given."""
+    lab_vm = plan.vm(vm)
+    qdir = qemu_dir(plan)
+    if (kernel is None) != (initrd is None):
+        raise InvalidInputError("lab domain", [Problem("kernel/initrd", "give both or neither")])
+    cmdline = ""
+    if kernel is not None:
+        cmdline = kernel_cmdline(
+            ip=str(lab_vm.ip),
+            prefixlen=plan.subnet.prefixlen,
+            gateway=str(plan.gateway),
+            agent_config=agent_config or "{}",
+        )
+    return DomainSpec(
+        name=domain_name(plan, vm),
+        mac=lab_vm.mac,
+        bridge=plan.bridge,
+        tap=lab_vm.port,
+        channel_path=str(qdir / f"{lab_vm.name}.agent.sock"),
+        console_path=str(qdir / f"{lab_vm.name}.console.log"),
+        labels={**(labels or {}), "lab": plan.name, "vm": lab_vm.name},
+        kernel=kernel,
+        initrd=initrd,
+        cmdline=cmdline,
+        memory_mib=memory_mib,
+        vcpus=1,
+    )
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    """The libvirt domain XML of `spec`. Pure; `InvalidInputError` listing every bad field."""
+    problems = [
+        Problem(field, f"{value!r} has characters outside [A-Za-z0-9_.:-]")
+        for field, value in (
+            ("name", spec.name),
+            ("tap", spec.tap),
+            ("bridge", spec.bridge),
+            ("mac", spec.mac),
+        )
+        if not _SAFE_NAME.fullmatch(value)
+    ]
+    problems += [
+        Problem(field, f"{value!r} is not an absolute path")
+        for field, value in (
+            ("channel_path", spec.channel_path),
+            ("console_path", spec.console_path),
+            ("kernel", spec.kernel),
+            ("initrd", spec.initrd),
+        )
+        if value is not None and not value.startswith("/")
+    ]
+    if spec.uuid is not None and not _UUID.fullmatch(spec.uuid):
+        problems.append(Problem("uuid", f"{spec.uuid!r} is not a UUID"))
+    if not 16 <= spec.memory_mib <= 65536:
+        problems.append(Problem("memory_mib", f"{spec.memory_mib} is out of range (16..65536)"))
+    if problems:
+        raise InvalidInputError(f"domain {spec.name!r}", problems)
+
+    dom = ET.Element("domain", type="qemu")
+    ET.SubElement(dom, "name").text = spec.name
+    if spec.uuid is not None:
+        ET.SubElement(dom, "uuid").text = spec.uuid
+    ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mib)
+    ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
+    metadata = ET.SubElement(dom, "metadata")
+    metadata.append(ET.fromstring(labels_xml(spec.labels)))  # noqa: S314 - our own text
+    os_el = ET.SubElement(dom, "os")
+    ET.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
+    if spec.kernel is not None:
+        ET.SubElement(os_el, "kernel").text = spec.kernel
+        ET.SubElement(os_el, "initrd").text = spec.initrd
+        ET.SubElement(os_el, "cmdline").text = spec.cmdline
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        ET.SubElement(dom, event).text = "destroy"
+    devices = ET.SubElement(dom, "devices")
+    ET.SubElement(devices, "emulator").text = EMULATOR
+    iface = ET.SubElement(devices, "interface", type="bridge")
+    ET.SubElement(iface, "source", bridge=spec.bridge)
+    ET.SubElement(iface, "target", dev=spec.tap)
+    ET.SubElement(iface, "mac", address=spec.mac)
+    ET.SubElement(iface, "model", type="virtio")
+    ET.SubElement(iface, "rom", enabled="no")
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "source", mode="bind", path=spec.channel_path)
+    ET.SubElement(channel, "target", type="virtio", name=AGENT_CHANNEL)
+    for tag, target in (("serial", {"port": "0"}), ("console", {"type": "serial", "port": "0"})):
+        el = ET.SubElement(devices, tag, type="file")
+        ET.SubElement(el, "source", path=spec.console_path)
+        ET.SubElement(el, "target", target)
+    ET.SubElement(devices, "memballoon", model="none")
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+# -------------------------------------------------------------------------------------------------- I/O
+
+
+def prepare_qemu_dir(plan: LabPlan) -> Path:
+    """Create the lab's socket/console directory, writable by QEMU's default user if it exists."""
+    qdir = qemu_dir(plan)
+    qdir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    try:
+        qemu = pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        return qdir
+    os.chown(qdir, qemu.pw_uid, qemu.pw_gid)
+    return qdir
+
+
+def define_lab_domain(inventory: LibvirtInventory, spec: DomainSpec, *, start: bool = True) -> DomainInfo:
+    """Define (or redefine) the domain of `spec` and start it unless it runs; its `DomainInfo` after."""
+    info = inventory.define(domain_xml(spec))
+    if start:
+        inventory.start(info.uuid)
+        info = inventory.domain(info.uuid)
+    return info
+
+
+def lab_domains(inventory: LibvirtInventory, plan: LabPlan) -> list[DomainInfo]:
+    """The domains this lab created: name ``hf-<lab>-vm<N>`` *and* labels ``lab=<lab>``, ``vm=vm<N>``."""
+    found = []
+    for info in inventory.domains():
+        vm = info.labels.get("vm", "")
+        if info.labels.get("lab") == plan.name and info.name == f"hf-{plan.name}-{vm}":
+            found.append(info)
+    return found
+
+
+def undefine_lab_domains(inventory: LibvirtInventory, plan: LabPlan) -> list[str]:
+    """Destroy and undefine every domain of this lab (see `lab_domains`); their names.
+
+    Every domain is tried even if one fails; then the first error is raised.
+    """
+    done: list[str] = []
+    errors: list[HyperfenceError] = []
+    for info in lab_domains(inventory, plan):
+        try:
+            inventory.destroy(info.uuid)
+            inventory.undefine(info.uuid)
+            done.append(info.name)
+        except NotFoundError:
+            continue
+        except HyperfenceError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    return done

@@ -1,0 +1,243 @@
+"""Reading libvirt's domain XML, naming its events, and building the lab's domain XML. No libvirtd."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hyperfence.adapters.libvirt_xml import (
+    AGENT_CHANNEL,
+    XMLNS,
+    DomainInfo,
+    DomainNic,
+    device_kind,
+    labels_xml,
+    lifecycle_kind,
+    parse_domain_xml,
+    state_name,
+)
+from hyperfence.errors import InvalidInputError
+from hyperfence.lab.domains import DomainSpec, domain_xml, kernel_cmdline, lab_domain_spec
+from hyperfence.lab.plan import plan_lab
+from hyperfence.lab.topology import state_dir
+
+
+def tree(xml: str) -> ET.Element:
+    return ET.fromstring(xml)  # noqa: S314 - our own XML
+
+
+UUID = "5cf0cccd-3b32-4699-b03f-5839a5873aeb"
+
+RUNNING = f"""
+<domain type='qemu' id='7'>
+  <name>web1</name>
+  <uuid>{UUID.upper()}</uuid>
+  <metadata>
+    <other:thing xmlns:other="https://example.com/other"><label key="tier">not ours</label></other:thing>
+    <hf:labels xmlns:hf="{XMLNS}">
+      <hf:label key="tier">web</hf:label>
+      <label key="env"> prod </label>
+      <label>no key: ignored</label>
+    </hf:labels>
+  </metadata>
+  <devices>
+    <interface type='bridge'>
+      <mac address='52:54:00:AB:CD:01'/>
+      <source bridge='br0'/>
+      <target dev='vnet3'/>
+    </interface>
+    <interface type='network'>
+      <mac address='52:54:00:ab:cd:02'/>
+      <source network='default' portid='1f0e' bridge='virbr0'/>
+      <target dev='vnet4'/>
+    </interface>
+    <interface type='user'>
+      <mac address='52:54:00:ab:cd:03'/>
+    </interface>
+    <interface type='bridge'><source bridge='br9'/></interface>
+    <channel type='unix'>
+      <source mode='bind' path='/run/qga.sock'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <channel type='unix'>
+      <source mode='bind' path='/run/hf/web1.sock'/>
+      <target type='virtio' name='{AGENT_CHANNEL}' state='disconnected'/>
+    </channel>
+  </devices>
+</domain>
+"""
+
+
+def test_running_domain() -> None:
+    info = parse_domain_xml(RUNNING, state="running")
+    assert info == DomainInfo(
+        uuid=UUID,
+        name="web1",
+        state="running",
+        interfaces=(
+            DomainNic(mac="52:54:00:ab:cd:01", tap="vnet3", bridge="br0"),
+            DomainNic(mac="52:54:00:ab:cd:02", tap="vnet4", bridge="virbr0"),
+            DomainNic(mac="52:54:00:ab:cd:03", tap=None, bridge=None),
+        ),
+        agent_socket="/run/hf/web1.sock",
+        labels={"tier": "web", "env": "prod"},
+    )
+    assert info.is_active
+
+
+def test_a_shut_off_domain_has_no_taps_even_with_a_configured_target() -> None:
+    info = parse_domain_xml(RUNNING.replace(" id='7'", ""), state="shutoff")
+    assert [nic.tap for nic in info.interfaces] == [None, None, None]
+    assert not info.is_active
+
+
+def test_missing_pieces() -> None:
+    bare = f"<domain type='kvm'><name>x</name><uuid>{UUID}</uuid><devices/></domain>"
+    info = parse_domain_xml(bare)
+    assert (info.interfaces, info.agent_socket, info.labels, info.state) == ((), None, {}, "unknown")
+    other_channel = RUNNING.replace(AGENT_CHANNEL, "org.example.other")
+    assert parse_domain_xml(other_channel).agent_socket is None
+    pty_channel = bare.replace(
+        "<devices/>",
+        f"<devices><channel type='pty'><target type='virtio' name='{AGENT_CHANNEL}'/></channel></devices>",
+    )
+    assert parse_domain_xml(pty_channel).agent_socket is None
+
+
+@pytest.mark.parametrize(
+    ("xml", "found"),
+    [
+        ("<domain><name>x</name>", "not well-formed"),
+        ("<network><name>x</name></network>", "domain.uuid: missing"),
+        (f"<domain><uuid>{UUID}</uuid></domain>", "domain.name: missing"),
+        ("<pool/>", "root element is <pool>"),
+    ],
+)
+def test_not_a_domain(xml: str, found: str) -> None:
+    with pytest.raises(InvalidInputError, match=found):
+        parse_domain_xml(xml)
+
+
+def test_lifecycle_names() -> None:
+    assert lifecycle_kind(0, 0) == ("defined", "added")
+    assert lifecycle_kind(1, 0) == ("undefined", "removed")
+    assert lifecycle_kind(2, 0) == ("started", "booted")
+    assert lifecycle_kind(3, 0) == ("paused", "paused")
+    assert lifecycle_kind(4, 0) == ("resumed", "unpaused")
+    assert lifecycle_kind(5, 1) == ("stopped", "destroyed")
+    assert lifecycle_kind(2, 1) == ("migrated", "in")
+    assert lifecycle_kind(5, 3) == ("migrated", "out")
+    assert lifecycle_kind(7, 0) == ("paused", "memory")
+    assert lifecycle_kind(42, 3) == ("event-42", "detail-3")
+    assert lifecycle_kind(5, 99) == ("stopped", "detail-99")
+    assert state_name(1) == "running" and state_name(3) == "paused" and state_name(5) == "shutoff"
+    assert state_name(99) == "state-99"
+
+
+def test_device_events() -> None:
+    assert device_kind("net1", added=True) == "nic-added"
+    assert device_kind("net0", added=False) == "nic-removed"
+    assert device_kind("ua-mynic", added=True) == "device-added"
+    assert device_kind("network", added=False) == "device-removed"
+    assert device_kind("virtio-disk0", added=True) == "device-added"
+
+
+def test_labels_for_set_metadata_carry_no_namespace() -> None:
+    plain = labels_xml({"b": "2", "a": "1"}, namespaced=False)
+    assert plain == '<labels><label key="a">1</label><label key="b">2</label></labels>'
+    assert "hf:label" in labels_xml({"a": "1"})
+
+
+label_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FFF, exclude_characters="\x7f"))
+
+
+@given(st.dictionaries(label_text.filter(bool), label_text.map(str.strip), max_size=5))
+def test_labels_round_trip(labels: dict[str, str]) -> None:
+    xml = f"<domain><name>x</name><uuid>{UUID}</uuid><metadata>{labels_xml(labels)}</metadata></domain>"
+    assert parse_domain_xml(xml).labels == labels
+
+
+# --- the lab's domains ------------------------------------------------------------------------------------
+
+
+def test_lab_domain_round_trips_through_the_parser() -> None:
+    plan = plan_lab("t1", 3)
+    spec = lab_domain_spec(
+        plan,
+        "vm2",
+        agent_config='{"vm": "vm2"}',
+        kernel="/img/vmlinuz",
+        initrd="/img/initrd",
+        labels={"tier": "db"},
+    )
+    xml = domain_xml(dataclasses.replace(spec, uuid=UUID))
+    root = tree(xml)
+    root.set("id", "3")  # as libvirt shows a running domain
+    info = parse_domain_xml(ET.tostring(root, encoding="unicode"))
+    vm2 = plan.vm("vm2")
+    qdir = state_dir("t1") / "qemu"
+    assert info.name == "hf-t1-vm2"
+    assert info.interfaces == (DomainNic(mac=vm2.mac, tap="vp2", bridge="br0"),)
+    assert info.agent_socket == str(qdir / "vm2.agent.sock")
+    assert info.labels == {"tier": "db", "lab": "t1", "vm": "vm2"}
+
+    assert root.get("type") == "qemu"
+    assert root.findtext("os/kernel") == "/img/vmlinuz"
+    assert root.findtext("os/initrd") == "/img/initrd"
+    assert root.findtext("memory") == "256"
+    assert root.find("devices/interface/model").get("type") == "virtio"  # type: ignore[union-attr]
+    assert root.find("devices/serial/source").get("path") == str(qdir / "vm2.console.log")  # type: ignore[union-attr]
+    cmdline = root.findtext("os/cmdline") or ""
+    assert cmdline.startswith(f"console=ttyS0 panic=-1 quiet hf.ip={vm2.ip}/22 hf.gw=10.77.0.1 hf.agent=")
+    agent = cmdline.rsplit("hf.agent=", 1)[1]
+    assert json.loads(base64.b64decode(agent)) == {"vm": "vm2"}
+    assert [root.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
+
+
+def test_a_disk_less_domain_only_has_an_os_type() -> None:
+    spec = lab_domain_spec(plan_lab("t1", 1), "vm1", memory_mib=64)
+    root = tree(domain_xml(spec))
+    assert [child.tag for child in root.find("os")] == ["type"]  # type: ignore[union-attr]
+    assert root.findtext("memory") == "64"
+
+
+def test_domain_xml_rejects_every_bad_field() -> None:
+    spec = DomainSpec(
+        name="a b",
+        mac="52:54:00:00:00:01",
+        bridge="br0",
+        tap="vp1'",
+        channel_path="relative.sock",
+        console_path="/ok.log",
+        labels={},
+        memory_mib=8,
+        uuid="nope",
+    )
+    with pytest.raises(InvalidInputError) as exc:
+        domain_xml(spec)
+    assert [p.path for p in exc.value.problems] == ["name", "tap", "channel_path", "uuid", "memory_mib"]
+
+
+def test_kernel_and_initrd_come_together() -> None:
+    with pytest.raises(InvalidInputError, match="give both or neither"):
+        lab_domain_spec(plan_lab("t1", 1), "vm1", kernel="/k")
+
+
+def test_the_kernel_command_line_has_a_limit() -> None:
+    line = kernel_cmdline(ip="10.77.0.11", prefixlen=22, gateway="10.77.0.1", agent_config="{}")
+    assert " " not in line.rsplit("hf.agent=", 1)[1]
+    with pytest.raises(InvalidInputError, match="agent_config"):
+        kernel_cmdline(ip="10.77.0.11", prefixlen=22, gateway="10.77.0.1", agent_config="x" * 1600)
+
+
+def test_unknown_lab_vm() -> None:
+    with pytest.raises(Exception, match="no VM called 'vm9'"):
+        lab_domain_spec(plan_lab("t1", 1), "vm9")
+    assert Path(lab_domain_spec(plan_lab("t1", 1), "vm1").channel_path).name == "vm1.agent.sock"
