@@ -28,6 +28,7 @@ from typing import Any
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.inventory import InventoryWatcher
 
 log = logging.getLogger("hyperfence.daemon")
 
@@ -74,9 +75,11 @@ class Daemon:
         resync: float = 10.0,
         traffic_log: bool = True,
         agents: AgentMonitor | None = None,
+        inventory: InventoryWatcher | None = None,
     ) -> None:
         self.engine = engine
         self.agents = agents
+        self.inventory = inventory
         self.poll = poll
         self.resync = resync
         self.traffic_log = traffic_log
@@ -192,6 +195,9 @@ class Daemon:
         self._tidy(full=True)
         if self.traffic_log:  # after the first compile: the policy names the NFLOG group
             self._start(self.read_traffic, "traffic")
+        if self.inventory is not None:  # after the first compile: the policy names the managed bridges
+            inventory = self.inventory
+            self._start(lambda: inventory.run(self.stop_event), "inventory")
         if self.agents is not None:
             agents = self.agents
             self._start(lambda: agents.run(self.stop_event), "agents")
@@ -263,14 +269,22 @@ class Daemon:
 
 
 def run_daemon(
-    *, netns: str | None, state_dir: str, policy_file: str | None, poll: float, resync: float
+    *,
+    netns: str | None,
+    state_dir: str,
+    policy_file: str | None,
+    poll: float,
+    resync: float,
+    libvirt: str | None = None,
 ) -> None:
     # A policy of 1,000 VMs is a few hundred thousand small objects: with the default thresholds a full
     # collection lands in the middle of an apply every few changes (+60 ms). Collect less often.
     gc.set_threshold(200_000, 50, 100)
     engine = Engine(netns=netns, state_dir=state_dir, policy_file=policy_file)
+    inventory = InventoryWatcher(engine, libvirt) if libvirt else None
     # Created before the first converge: isolation recorded in the store is back in the overlay at once.
-    daemon = Daemon(engine, poll=poll, resync=resync, agents=AgentMonitor(engine))
+    monitor = AgentMonitor(engine, pause=inventory.pause if inventory else None)
+    daemon = Daemon(engine, poll=poll, resync=resync, agents=monitor, inventory=inventory)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     with open(os.path.join(state_dir, "daemon.pid"), "w", encoding="utf-8") as f:

@@ -102,6 +102,9 @@ class DomainInfo:
     interfaces: tuple[DomainNic, ...]
     agent_socket: str | None
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)  # a dict: left out of the hash
+    # The VM's addresses, from the same metadata element (`<ip>10.77.0.11</ip>`): what anti-spoofing lets it
+    # send from. libvirt does not know a bridged guest's addresses; without them its tap gets nothing.
+    ips: tuple[str, ...] = ()
 
     @property
     def is_active(self) -> bool:
@@ -189,6 +192,7 @@ def parse_domain_xml(xml: str, *, state: str = "unknown") -> DomainInfo:
         interfaces=tuple(_interfaces(root, active=active)),
         agent_socket=_agent_socket(root),
         labels=_labels(root),
+        ips=_ips(root),
     )
 
 
@@ -236,8 +240,17 @@ def _labels(root: ET.Element) -> dict[str, str]:
     return labels
 
 
-def labels_xml(labels: Mapping[str, str], *, namespaced: bool = True) -> str:
-    """The metadata element holding `labels` (keys sorted), as it appears in a domain's XML.
+def _ips(root: ET.Element) -> tuple[str, ...]:
+    return tuple(
+        (ip.text or "").strip()
+        for element in root.iterfind(f"metadata/{{{XMLNS}}}labels")
+        for ip in element
+        if ip.tag in {"ip", f"{{{XMLNS}}}ip"} and (ip.text or "").strip()
+    )
+
+
+def labels_xml(labels: Mapping[str, str], *, namespaced: bool = True, ips: tuple[str, ...] = ()) -> str:
+    """The metadata element holding `labels` (keys sorted) and the VM's addresses, as in a domain's XML.
 
     With ``namespaced=False`` the elements carry no namespace: what ``virDomainSetMetadata`` takes (it
     puts the element into the URI and prefix it is given, and refuses an element that declares one).
@@ -247,4 +260,6 @@ def labels_xml(labels: Mapping[str, str], *, namespaced: bool = True) -> str:
     for key in sorted(labels):
         label = ET.SubElement(root, f"{ns}label", key=key)
         label.text = labels[key]
+    for addr in ips:
+        ET.SubElement(root, f"{ns}ip").text = addr
     return ET.tostring(root, encoding="unicode")

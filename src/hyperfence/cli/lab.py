@@ -15,6 +15,7 @@ from rich.table import Table
 from hyperfence.errors import NotFoundError
 from hyperfence.lab import agents as lab_agents
 from hyperfence.lab import image as lab_image
+from hyperfence.lab import qemu as lab_qemu
 from hyperfence.lab import topology
 from hyperfence.lab.plan import plan_lab
 from hyperfence.lab.policy import lab_policy
@@ -32,28 +33,42 @@ def up(
     name: NameOpt = "lab",
     vms: Annotated[int, typer.Option(help="How many VMs.")] = 3,
     agents: Annotated[bool, typer.Option(help="Start a real agent in every VM.")] = True,
+    qemu: Annotated[
+        bool,
+        typer.Option(
+            help="VMs as QEMU (TCG) guests under libvirt instead of namespaces (see docs/libvirt.md)."
+        ),
+    ] = False,
 ) -> None:
     """Create (or repair) the lab. Idempotent. Writes a starting policy (no rules) beside its state, and
     starts an enrolled agent in every VM (they report once `hyperfence --lab NAME daemon` runs)."""
     plan = plan_lab(name, vms)
-    topology.create_lab(plan)
-    if agents:
-        engine = Engine(netns=plan.host_netns, state_dir=os.path.join(STATE_ROOT, name))
-        try:
+    topology.create_lab(plan, only=0 if qemu else None)
+    engine = Engine(netns=plan.host_netns, state_dir=os.path.join(STATE_ROOT, name))
+    try:
+        if qemu:
+            out.print(
+                "lab libvirtd runs QEMU as root (a lab-only choice: see docs/libvirt.md); building the guest"
+            )
+            domains = lab_qemu.up_qemu(plan, engine)
+            out.print(f"{len(domains)} guests started: {', '.join(d.name for d in domains)}")
+        elif agents:
             pids = lab_agents.start_detached(engine, plan)
-        finally:
-            engine.close()
-        out.print(f"agents running in {len(pids)} VMs (pids {', '.join(str(p) for p in pids.values())})")
+            out.print(f"agents running in {len(pids)} VMs (pids {', '.join(str(p) for p in pids.values())})")
+    finally:
+        engine.close()
     policy_file = os.path.join(str(topology.state_dir(name)), "policy.yaml")
     if not os.path.exists(policy_file):
         with open(policy_file, "w", encoding="utf-8") as f:
-            yaml.safe_dump(lab_policy(plan), f, sort_keys=False)
+            yaml.safe_dump(lab_qemu.qemu_policy(plan) if qemu else lab_policy(plan), f, sort_keys=False)
     out.print(
         f"lab {name!r} is up: {len(plan.vms)} VMs on {plan.bridge} in netns {plan.host_netns}, "
         f"outside in {plan.outside_netns}"
     )
-    out.print(f"a starting policy (every VM declared, no rules: all traffic denied) is in {policy_file}")
+    out.print(f"a starting policy (no rules: all traffic denied) is in {policy_file}")
     out.print(f"use it with: hyperfence --lab {name} policy apply {policy_file}")
+    if qemu:
+        out.print(f"then run: hyperfence --lab {name} daemon --libvirt {lab_qemu.URI}")
 
 
 @app.command("down")
@@ -62,6 +77,7 @@ def down(name: NameOpt = "lab") -> None:
     plan = topology.read_lab(name)
     if plan is not None:
         lab_agents.stop_detached(plan)
+        lab_qemu.down_qemu(plan)
     topology.destroy_lab(name)
     out.print(f"lab {name!r} is down")
 

@@ -313,6 +313,10 @@ def daemon_cmd(
     policy: Annotated[str | None, typer.Option(help="Follow this policy file instead of the store.")] = None,
     resync: Annotated[float, typer.Option(help="Seconds between full kernel checks.")] = 10.0,
     poll: Annotated[float, typer.Option(help="Seconds between policy change checks.")] = 0.2,
+    libvirt: Annotated[
+        str | None,
+        typer.Option(help="Take VMs from this libvirt URI too (e.g. qemu:///system); see docs/libvirt.md."),
+    ] = None,
 ) -> None:
     """Run the reconcile loop (foreground). Kernel rules outlive it."""
     import logging  # noqa: PLC0415
@@ -321,7 +325,9 @@ def daemon_cmd(
 
     c: Ctx = ctx.obj
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_daemon(netns=c.netns, state_dir=c.state_dir, policy_file=policy, poll=poll, resync=resync)
+    run_daemon(
+        netns=c.netns, state_dir=c.state_dir, policy_file=policy, poll=poll, resync=resync, libvirt=libvirt
+    )
 
 
 def _register_optional() -> None:

@@ -60,6 +60,7 @@ class DomainSpec:
     memory_mib: int = MEMORY_MIB
     vcpus: int = 1
     uuid: str | None = None  # None: libvirt picks one (and keeps it when the same name is redefined)
+    ips: tuple[str, ...] = ()  # written into the hyperfence metadata (what the inventory reports)
 
 
 def domain_name(plan: LabPlan, vm: str) -> str:
@@ -118,6 +119,7 @@ def lab_domain_spec(
         channel_path=str(qdir / f"{lab_vm.name}.agent.sock"),
         console_path=str(qdir / f"{lab_vm.name}.console.log"),
         labels={**(labels or {}), "lab": plan.name, "vm": lab_vm.name},
+        ips=(str(lab_vm.ip),),
         kernel=kernel,
         initrd=initrd,
         cmdline=cmdline,
@@ -166,7 +168,7 @@ def domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(dom, "memory", unit="MiB").text = str(spec.memory_mib)
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
     metadata = ET.SubElement(dom, "metadata")
-    metadata.append(ET.fromstring(labels_xml(spec.labels)))  # noqa: S314 - our own text
+    metadata.append(ET.fromstring(labels_xml(spec.labels, ips=spec.ips)))  # noqa: S314 - our own text
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
     if spec.kernel is not None:

@@ -312,13 +312,16 @@ class AgentMonitor:
 VIRTIO_PORT_NAME = "org.hyperfence.agent.0"
 
 
-def enroll(engine: Engine, vm: Vm, kind: str, *, interval: float) -> tuple[AgentRecord, dict[str, Any]]:
+def enroll(
+    engine: Engine, vm: Vm, kind: str, *, interval: float, host_path: str | None = None
+) -> tuple[AgentRecord, dict[str, Any]]:
     """A new key for `vm` in the store (replacing any earlier one), and the agent's config for it.
 
     `kind`: "unix" (the host listens on a unix socket the agent connects to: lab VMs, processes on this
     filesystem) or "virtio" (libvirt guests: QEMU's end of the VM's virtio-serial port, which the host
-    connects to; the agent opens the port by name)."""
-    sock = os.path.join(channels_dir(engine.state_dir), f"{vm_sid(vm.id)}.sock")
+    connects to; the agent opens the port by name). `host_path`: the unix socket's path when it is not
+    hyperfence's choice (a domain's `<channel>` source)."""
+    sock = host_path or os.path.join(channels_dir(engine.state_dir), f"{vm_sid(vm.id)}.sock")
     if kind == "unix":
         host: dict[str, Any] = {"type": "unix", "path": sock}
         guest: dict[str, Any] = {"type": "unix", "path": sock}

@@ -8,7 +8,9 @@ there is one per machine, and it would be someone else's.
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import queue
 import secrets
 import shutil
@@ -25,7 +27,10 @@ from hyperfence.errors import ConflictError, NotFoundError, TemporaryError
 from hyperfence.lab.domains import define_lab_domain, lab_domain_spec, lab_domains, prepare_qemu_dir
 from hyperfence.lab.libvirtd import ensure_libvirtd, kill_libvirtd, running_libvirtd, stop_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
+from hyperfence.lab.policy import lab_policy
 from hyperfence.lab.topology import create_lab, destroy_lab, run_in_host
+from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.inventory import InventoryWatcher
 
 pytestmark = [
     pytest.mark.kernel,
@@ -111,6 +116,40 @@ def test_inventory_reads_the_running_domain(env: Env) -> None:
     assert info in env.inventory.domains()
     link = run_in_host(env.plan, ["ip", "-o", "link", "show", vm.port]).stdout.decode()
     assert "master br0" in link  # the tap is a port of the lab bridge, in the lab's namespace
+
+
+def test_the_inventory_gives_a_started_domain_its_rules_and_nothing_before(
+    env: Env, tmp_path: pathlib.Path
+) -> None:
+    doc = lab_policy(env.plan)
+    doc["vms"] = []  # nothing typed by hand: the VMs come from libvirt
+    doc["settings"] = {"inventory": "libvirt"}
+    doc["rules"] = [{"id": "web-ping", "from": "label:tier=web", "to": "host", "protocol": "icmp"}]
+    engine = Engine(netns=env.plan.host_netns, state_dir=str(tmp_path))
+    try:
+        engine.store_policy(doc, source="test")
+        engine.converge()
+        tap = env.plan.vm("vm1").port
+
+        def ports() -> str:
+            return json.dumps(
+                engine.nft.list({"map": {"family": "bridge", "table": "hyperfence", "name": "out_ports"}})
+            )
+
+        assert tap not in ports()  # the domain runs, its tap is on the bridge: an unknown port, dropped
+        watcher = InventoryWatcher(engine, URI)
+        assert watcher.refresh()
+        assert tap in ports()
+        compiled = engine.current
+        assert compiled is not None
+        (vm,) = compiled.policy.vms
+        assert (vm.id, vm.name, vm.port, vm.labels) == (env.vm1.uuid, env.vm1.name, tap, (("tier", "web"),))
+        assert [str(a) for a in vm.ips] == [str(env.plan.vm("vm1").ip)]
+        rules = compiled.ruleset.chain_rules()
+        assert any(r.comment == "rule:web-ping#1" for k, rs in rules.items() for r in rs)
+        watcher.inventory.close()
+    finally:
+        engine.close()
 
 
 def test_actions_act_and_events_arrive(env: Env) -> None:

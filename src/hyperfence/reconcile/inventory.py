@@ -1,0 +1,108 @@
+"""VMs from libvirt: domains on managed bridges become policy VMs, kept in step by lifecycle events.
+
+Level-triggered: any event (started, stopped, defined, undefined, NIC added or removed, a reconnect's
+`resync`) and a periodic timer make the watcher read every domain again and hand the engine the VMs it found
+(`Engine.set_discovered`); the engine converges only when they changed. While libvirt cannot be read, the
+last known VMs stay (the kernel keeps their rules). A tap that appears before its VM's rules are in the
+kernel is an unknown port on the bridge, and unknown ports get nothing: starting a VM is fail-closed,
+whether or not the daemon is running.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
+from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo
+from hyperfence.errors import HyperfenceError
+from hyperfence.reconcile.engine import Engine
+
+log = logging.getLogger("hyperfence.inventory")
+
+RESYNC_EVERY = 30.0
+
+
+def vm_docs(domains: Iterable[DomainInfo], bridges: Mapping[str, str]) -> tuple[dict[str, Any], ...]:
+    """Policy `vms` items for the running domains with an interface on a managed bridge (bridge -> network
+    name). The first such interface is the VM's port; its id is the domain's UUID."""
+    out: list[dict[str, Any]] = []
+    for d in domains:
+        if not d.is_active:
+            continue
+        nic = next((n for n in d.interfaces if n.tap and n.bridge in bridges), None)
+        if nic is None or nic.bridge is None or nic.tap is None:
+            continue
+        labels = {k: v for k, v in d.labels.items() if k not in ("lab", "vm")}
+        out.append(
+            {
+                "name": d.name,
+                "id": d.uuid,
+                "network": bridges[nic.bridge],
+                "port": nic.tap,
+                "mac": nic.mac,
+                "ips": list(d.ips),
+                "labels": labels,
+            }
+        )
+    return tuple(sorted(out, key=lambda v: str(v["id"])))
+
+
+def managed_bridges(engine: Engine) -> dict[str, str]:
+    compiled = engine.current
+    if compiled is None:
+        return {}
+    return {n.bridge: n.name for n in compiled.policy.networks}
+
+
+class InventoryWatcher:
+    def __init__(
+        self, engine: Engine, uri: str = "qemu:///system", *, on_action: Callable[..., None] | None = None
+    ):
+        self.engine = engine
+        self.uri = uri
+        self.inventory = LibvirtInventory(uri, on_action=on_action)
+        self.events: queue.Queue[DomainEvent] = queue.Queue()
+        self.domains: list[DomainInfo] = []
+
+    def run(self, stop: threading.Event) -> None:
+        watcher = LibvirtEvents(self.uri, on_event=self.events.put)
+        watcher.start()
+        try:
+            self.refresh()
+            while not stop.is_set():
+                try:
+                    ev = self.events.get(timeout=RESYNC_EVERY)
+                    log.info("libvirt: %s %s (%s)", ev.kind, ev.name, ev.detail)
+                except queue.Empty:
+                    pass
+                while not self.events.empty():  # a burst of events is one re-read
+                    self.events.get_nowait()
+                self.refresh()
+        finally:
+            watcher.close()
+            self.inventory.close()
+
+    def refresh(self) -> bool:
+        """Read every domain and converge if the VMs changed; False when libvirt could not be read."""
+        try:
+            self.domains = self.inventory.domains()
+        except HyperfenceError as e:
+            log.warning("libvirt %s cannot be read (keeping the last known VMs): %s", self.uri, e)
+            return False
+        docs = vm_docs(self.domains, managed_bridges(self.engine))
+        if self.engine.set_discovered(docs):
+            try:
+                self.engine.converge()
+            except HyperfenceError as e:
+                log.error("converge after an inventory change failed: %s", e)
+            for why in self.engine.skipped:
+                log.warning("%s", why)
+        return True
+
+    def pause(self, vm_id: str) -> bool:
+        """For the agent monitor's `pause` action (VM ids of discovered VMs are libvirt UUIDs)."""
+        return self.inventory.pause_hook(vm_id)

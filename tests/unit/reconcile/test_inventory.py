@@ -1,0 +1,54 @@
+"""Domains -> policy VMs (pure)."""
+
+from __future__ import annotations
+
+from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic
+from hyperfence.policy.inventory import merge_discovered
+from hyperfence.policy.parse import parse_policy
+from hyperfence.reconcile.inventory import vm_docs
+from tests.unit.policy.test_parse import doc
+
+BRIDGES = {"br0": "lab"}
+
+
+def dom(name: str, state: str = "running", *, bridge: str = "br0", tap: str | None = "vnet1") -> DomainInfo:
+    return DomainInfo(
+        uuid=f"uuid-{name}",
+        name=name,
+        state=state,
+        interfaces=(
+            DomainNic("52:54:00:00:00:01", None, "virbr9"),
+            DomainNic("52:54:00:00:00:02", tap, bridge),
+        ),
+        agent_socket=None,
+        labels={"tier": "web", "lab": "x", "vm": "vm1"},
+        ips=("10.77.0.21",),
+    )
+
+
+def test_running_domains_on_managed_bridges_become_vms() -> None:
+    docs = vm_docs(
+        [dom("web1"), dom("off", "shutoff"), dom("other", bridge="virbr0"), dom("notap", tap=None)], BRIDGES
+    )
+    assert docs == (
+        {
+            "name": "web1",
+            "id": "uuid-web1",
+            "network": "lab",
+            "port": "vnet1",
+            "mac": "52:54:00:00:00:02",
+            "ips": ["10.77.0.21"],
+            "labels": {"tier": "web"},
+        },
+    )
+    merged, skipped = merge_discovered(doc(vms=[]), docs)
+    assert skipped == []
+    (vm,) = parse_policy(merged).vms
+    assert (vm.id, vm.port, vm.labels) == ("uuid-web1", "vnet1", (("tier", "web"),))
+
+
+def test_a_domain_without_addresses_is_left_out_with_a_reason() -> None:
+    d = dom("web1")
+    bare = DomainInfo(d.uuid, d.name, d.state, d.interfaces, None, d.labels, ips=())
+    merged, skipped = merge_discovered(doc(vms=[]), vm_docs([bare], BRIDGES))
+    assert merged["vms"] == [] and "ips" in skipped[0]
