@@ -1,0 +1,93 @@
+"""Two real TCG guests under libvirt, nothing typed by hand: the daemon's inventory finds them, their agents
+report over virtio-serial, and the firewall lets the host reach one guest's port and not the other's."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hyperfence.lab.libvirtd import running_libvirtd
+from hyperfence.lab.plan import LabPlan, plan_lab
+from hyperfence.lab.qemu import down_qemu, qemu_policy, up_qemu
+from hyperfence.lab.topology import create_lab, destroy_lab, run_in_host
+from hyperfence.reconcile.agents import AgentMonitor
+from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.inventory import InventoryWatcher
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(not os.path.exists("/usr/sbin/libvirtd"), reason="no libvirtd"),
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU"),
+]
+
+PROBE = (
+    "import socket,sys;s=socket.socket();s.settimeout(3)\n"
+    "try:\n s.connect((sys.argv[1],8080));s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n');print(s.recv(12).decode())\n"
+    "except OSError as e: print('FAIL', e)"
+)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[tuple[LabPlan, Engine]]:
+    if running_libvirtd() is not None:
+        pytest.skip("a libvirtd this test did not start is running (one per machine): not touching it")
+    plan = plan_lab(f"qm{secrets.token_hex(2)}", 2)
+    engine = Engine(netns=plan.host_netns, state_dir=str(tmp_path / "state"))
+    try:
+        create_lab(plan, only=0)
+        yield plan, engine
+    finally:
+        try:
+            down_qemu(plan)
+        finally:
+            engine.close()
+            destroy_lab(plan.name)
+
+
+def probe(plan: LabPlan, ip: str) -> str:
+    return run_in_host(plan, ["python3", "-c", PROBE, ip], timeout=15).stdout.decode().strip()
+
+
+def test_guests_found_in_libvirt_report_and_are_filtered(lab: tuple[LabPlan, Engine]) -> None:
+    plan, engine = lab
+    t0 = time.monotonic()
+    domains = up_qemu(plan, engine)
+    assert len(domains) == 2
+    doc = qemu_policy(plan)
+    doc["rules"] = [
+        {"id": "web", "from": "host", "to": f"vm:hf-{plan.name}-vm1", "protocol": "tcp", "ports": [8080]}
+    ]
+    engine.store_policy(doc, source="test")
+    engine.converge()
+    watcher = InventoryWatcher(engine)
+    assert watcher.refresh()
+    compiled = engine.current
+    assert compiled is not None
+    assert sorted(v.name for v in compiled.policy.vms) == sorted(d.name for d in domains)
+    monitor = AgentMonitor(engine, startup_grace=60)
+    stop = threading.Event()
+    thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not all(r["status"] == "ok" for r in monitor.snapshot()):
+            time.sleep(0.5)
+        rows = monitor.snapshot()
+        assert [r["status"] for r in rows] == ["ok", "ok"], rows
+        assert all(r["channel"]["type"] == "virtio" for r in rows)
+        first_beats = time.monotonic() - t0
+        vm1, vm2 = (str(plan.vm(n).ip) for n in ("vm1", "vm2"))
+        assert probe(plan, vm1).startswith("HTTP/1.")  # allowed by the policy
+        assert probe(plan, vm2).startswith("FAIL")  # default deny
+        print(f"2 guests: define+start to both agents beating {first_beats:.1f} s")
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        watcher.inventory.close()
