@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
-from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo
+from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, VmAction
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.engine import Engine
 
@@ -59,12 +59,10 @@ def managed_bridges(engine: Engine) -> dict[str, str]:
 
 
 class InventoryWatcher:
-    def __init__(
-        self, engine: Engine, uri: str = "qemu:///system", *, on_action: Callable[..., None] | None = None
-    ):
+    def __init__(self, engine: Engine, uri: str = "qemu:///system") -> None:
         self.engine = engine
         self.uri = uri
-        self.inventory = LibvirtInventory(uri, on_action=on_action)
+        self.inventory = LibvirtInventory(uri, on_action=self._record)
         self.events: queue.Queue[DomainEvent] = queue.Queue()
         self.domains: list[DomainInfo] = []
 
@@ -102,6 +100,17 @@ class InventoryWatcher:
             for why in self.engine.skipped:
                 log.warning("%s", why)
         return True
+
+    def _record(self, action: VmAction) -> None:
+        """Every VM action through libvirt is an event of that VM."""
+        try:
+            self.engine.store.add_event(
+                f"vm-{action.action}",
+                {"outcome": action.outcome, "message": action.message, "domain": action.name},
+                vm=action.uuid,
+            )
+        except HyperfenceError as e:
+            log.warning("VM action %s on %s not recorded: %s", action.action, action.name, e)
 
     def pause(self, vm_id: str) -> bool:
         """For the agent monitor's `pause` action (VM ids of discovered VMs are libvirt UUIDs)."""

@@ -86,6 +86,11 @@ def test_guests_found_in_libvirt_report_and_are_filtered(lab: tuple[LabPlan, Eng
         vm1, vm2 = (str(plan.vm(n).ip) for n in ("vm1", "vm2"))
         assert probe(plan, vm1).startswith("HTTP/1.")  # allowed by the policy
         assert probe(plan, vm2).startswith("FAIL")  # default deny
+        # the heartbeat policy's pause action, through libvirt, recorded as the VM's event
+        uuid2 = next(d.uuid for d in domains if d.name.endswith("vm2"))
+        assert watcher.pause(uuid2) is True
+        assert watcher.inventory.domain(uuid2).state == "paused"
+        assert [e["outcome"] for e in engine.store.events(kind="vm-pause", vm=uuid2)] == ["done"]
         print(f"2 guests: define+start to both agents beating {first_beats:.1f} s")
     finally:
         stop.set()
