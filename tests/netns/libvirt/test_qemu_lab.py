@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from hyperfence.lab.domains import qemu_dir
 from hyperfence.lab.libvirtd import running_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
 from hyperfence.lab.qemu import down_qemu, qemu_policy, up_qemu
@@ -96,3 +99,40 @@ def test_guests_found_in_libvirt_report_and_are_filtered(lab: tuple[LabPlan, Eng
         stop.set()
         thread.join(timeout=5)
         watcher.inventory.close()
+
+
+def test_a_guest_started_while_the_daemon_is_down_gets_nothing_until_its_rules_are_in(
+    lab: tuple[LabPlan, Engine],
+) -> None:
+    plan, engine = lab
+    doc = qemu_policy(plan)
+    doc["rules"] = [
+        {"id": "web", "from": "host", "to": f"vm:hf-{plan.name}-vm1", "protocol": "tcp", "ports": [8080]}
+    ]
+    engine.store_policy(doc, source="test")
+    engine.converge()  # what a daemon left in the kernel before it stopped: no guest is known
+    up_qemu(plan, engine)  # the guests start while no daemon runs
+    vm1 = str(plan.vm("vm1").ip)
+    console = qemu_dir(plan) / "vm1.console.log"
+    deadline = time.monotonic() + 60
+    while "HF: http on" not in (console.read_text(errors="replace") if console.exists() else ""):
+        assert time.monotonic() < deadline, "the guest did not boot"
+        time.sleep(0.5)
+    assert probe(plan, vm1).startswith("FAIL")  # it serves, but its tap is an unknown port: nothing passes
+    state = engine.state_dir
+    repo = Path(__file__).resolve().parents[3]
+    argv = [str(repo / ".venv/bin/hyperfence"), "--netns", plan.host_netns, "--state-dir", state]
+    with open(Path(state) / "daemon.log", "wb") as err:
+        daemon = subprocess.Popen([*argv, "daemon", "--libvirt", "qemu:///system"], stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        result = probe(plan, vm1)
+        while not result.startswith("HTTP/1.") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            run_in_host(plan, ["ip", "neigh", "flush", "all"])  # forget the failed resolution
+            result = probe(plan, vm1)
+        assert result.startswith("HTTP/1."), (result, (Path(state) / "daemon.log").read_text()[-2000:])
+        assert probe(plan, str(plan.vm("vm2").ip)).startswith("FAIL")  # vm2 known now, but no rule allows
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=15)
