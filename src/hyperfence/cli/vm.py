@@ -41,6 +41,39 @@ def _vm(engine: Engine, name: str) -> tuple[Vm, Policy]:
     raise errors.NotFoundError(f"VM {name!r} is not in the policy (expected one of: {names})")
 
 
+def _libvirt_vm(engine: Engine, name: str, uri: str) -> tuple[Vm, Policy, str]:
+    """A libvirt domain (running or not) as the VM to enrol, its policy, and its agent channel's socket."""
+    from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only with --libvirt
+
+    compiled = engine.compiled()
+    if compiled is None:
+        raise errors.NotFoundError("no policy yet: run `hyperfence policy apply FILE` first")
+    inventory = LibvirtInventory(uri)
+    try:
+        domain = next((d for d in inventory.domains() if name in (d.name, d.uuid)), None)
+    finally:
+        inventory.close()
+    if domain is None:
+        raise errors.NotFoundError(f"libvirt {uri} has no domain {name!r} (see `virsh list --all`)")
+    if domain.agent_socket is None:
+        raise errors.InvalidInputError(
+            f"domain {domain.name} has no agent channel: add a <channel type='unix'> with target virtio name "
+            "'org.hyperfence.agent.0' (docs/libvirt.md)"
+        )
+    # Only its identity matters for enrolment (id, name, labels for the heartbeat policy); the inventory
+    # gives the daemon the rest while the domain runs.
+    vm = Vm(
+        id=domain.uuid,
+        name=domain.name,
+        network=compiled.policy.networks[0].name,
+        port="",
+        mac="",
+        ips=(),
+        labels=tuple(sorted(domain.labels.items())),
+    )
+    return vm, compiled.policy, domain.agent_socket
+
+
 def _ask(engine: Engine, payload: dict[str, Any]) -> dict[str, Any] | None:
     reply = request(engine.state_dir, payload)
     if reply is not None and not reply.get("ok"):
@@ -58,12 +91,22 @@ def vm_enroll(
     out_file: Annotated[
         str | None, typer.Option("--out", help="Where to write the agent's config (default: state dir).")
     ] = None,
+    libvirt: Annotated[
+        str | None,
+        typer.Option(help="VM is a libvirt domain (name or UUID) at this URI: its UUID and channel socket."),
+    ] = None,
 ) -> None:
     """Issue a new key for VM's agent and write the agent's config file (copy it into the guest)."""
     engine = _engine(ctx)
-    target, policy = _vm(engine, vm)
+    host_path = None
+    if libvirt:
+        target, policy, host_path = _libvirt_vm(engine, vm, libvirt)
+    else:
+        target, policy = _vm(engine, vm)
     hb = heartbeat_for(policy, target)
-    _, config = enroll(engine, target, channel, interval=hb.interval)
+    _, config = enroll(
+        engine, target, "virtio" if libvirt else channel, interval=hb.interval, host_path=host_path
+    )
     path = Path(out_file or os.path.join(channels_dir(engine.state_dir), f"{target.name}.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

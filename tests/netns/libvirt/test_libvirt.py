@@ -20,9 +20,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from typer.testing import CliRunner
 
 from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
 from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, VmAction
+from hyperfence.cli.main import app
 from hyperfence.errors import ConflictError, NotFoundError, TemporaryError
 from hyperfence.lab.domains import define_lab_domain, lab_domain_spec, lab_domains, prepare_qemu_dir
 from hyperfence.lab.libvirtd import ensure_libvirtd, kill_libvirtd, running_libvirtd, stop_libvirtd
@@ -150,6 +152,34 @@ def test_the_inventory_gives_a_started_domain_its_rules_and_nothing_before(
         watcher.inventory.close()
     finally:
         engine.close()
+
+
+def test_enroll_takes_a_domains_uuid_and_channel_socket(env: Env, tmp_path: pathlib.Path) -> None:
+    doc = lab_policy(env.plan)
+    doc["vms"] = []
+    doc["settings"] = {"inventory": "libvirt"}
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine.store_policy(doc, source="test")
+    engine.close()
+    r = CliRunner().invoke(
+        app, ["--state-dir", str(tmp_path), "vm", "enroll", env.vm1.name, "--libvirt", URI]
+    )
+    assert r.exit_code == 0, (r.output, r.exception)
+    config = json.loads((tmp_path / "agents" / f"{env.vm1.name}.json").read_text())
+    assert config["vm"] == env.vm1.uuid and config["channel"] == {
+        "type": "virtio",
+        "name": "org.hyperfence.agent.0",
+    }
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    try:
+        rec = engine.store.agents()[env.vm1.uuid]
+        assert rec.channel == {"type": "virtio", "path": env.vm1.agent_socket}
+    finally:
+        engine.close()
+    r = CliRunner().invoke(
+        app, ["--state-dir", str(tmp_path), "vm", "enroll", "no-such-domain", "--libvirt", URI]
+    )
+    assert isinstance(r.exception, NotFoundError)
 
 
 def test_actions_act_and_events_arrive(env: Env) -> None:
