@@ -146,8 +146,9 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     vms = _vms_cached(c, doc.vms, networks)
     ipsets = _ipsets(c, doc.ipsets)
     rules = _rules(c, doc.rules, vms, ipsets, strict_names=settings.inventory == "none")
-    limits = parse_limits(c, doc.limits, {v.name for v in vms})
-    heartbeats = parse_heartbeats(c, doc.heartbeats, {v.name for v in vms})
+    names = {v.name for v in vms} if settings.inventory == "none" else None  # None: any name may appear
+    limits = parse_limits(c, doc.limits, names)
+    heartbeats = parse_heartbeats(c, doc.heartbeats, names)
     if c.problems:
         raise InvalidInputError(f"{source} has {len(c.problems)} problem(s)", c.problems)
     return Policy(

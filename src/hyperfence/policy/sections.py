@@ -50,8 +50,11 @@ def _section_id(c: Collector, text: str, p: str, *, section: str, ids: dict[str,
     return item_id
 
 
-def _vm_selectors(c: Collector, value: str | list[str], path: str, vm_names: set[str]) -> list[Selector]:
-    """Selectors of VMs only: vm:NAME (declared), label:KEY=VALUE, vms."""
+def _vm_selectors(
+    c: Collector, value: str | list[str], path: str, vm_names: set[str] | None
+) -> list[Selector]:
+    """Selectors of VMs only: vm:NAME (declared, unless `vm_names` is None: VMs come from an inventory),
+    label:KEY=VALUE, vms."""
     texts = [value] if isinstance(value, str) else value
     if not texts:
         c.add(path, "empty (expected at least one selector)")
@@ -63,7 +66,7 @@ def _vm_selectors(c: Collector, value: str | list[str], path: str, vm_names: set
             continue
         if not isinstance(sel, VmSelector | LabelSelector | AllVmsSelector):
             c.add(where, f"{text!r} selects addresses, not VMs (expected vm:NAME, label:KEY=VALUE or vms)")
-        elif isinstance(sel, VmSelector) and sel.name not in vm_names:
+        elif isinstance(sel, VmSelector) and vm_names is not None and sel.name not in vm_names:
             c.add(where, f"VM {sel.name!r} is not declared")
         else:
             sels.append(sel)
@@ -74,7 +77,7 @@ D = TypeVar("D", bound=SectionDoc)
 
 
 def _entries(
-    c: Collector, items: list[Any], doc_type: type[D], section: str, vm_names: set[str]
+    c: Collector, items: list[Any], doc_type: type[D], section: str, vm_names: set[str] | None
 ) -> Iterator[tuple[D, str, tuple[Selector, ...]]]:
     """The valid entries of a section that selects VMs: (document, id, selectors); problems are collected."""
     ids: dict[str, int] = {}
@@ -89,7 +92,7 @@ def _entries(
             yield doc, item_id, tuple(sels)
 
 
-def parse_limits(c: Collector, items: list[Any], vm_names: set[str]) -> list[FloodLimit]:
+def parse_limits(c: Collector, items: list[Any], vm_names: set[str] | None) -> list[FloodLimit]:
     return [
         FloodLimit(
             lim_id,
@@ -110,7 +113,7 @@ class HeartbeatDoc(SectionDoc):
     release: Literal["auto", "manual"] = "auto"
 
 
-def parse_heartbeats(c: Collector, items: list[Any], vm_names: set[str]) -> list[Heartbeat]:
+def parse_heartbeats(c: Collector, items: list[Any], vm_names: set[str] | None) -> list[Heartbeat]:
     """The `heartbeats` section. A VM selected by several entries takes the first (see `heartbeat_for`)."""
     return [
         Heartbeat(

@@ -14,9 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from hyperfence.lab.domains import qemu_dir
-from hyperfence.lab.libvirtd import running_libvirtd
+from hyperfence.cli.main import app
+from hyperfence.lab.domains import define_lab_domain, lab_domain_spec, prepare_qemu_dir, qemu_dir
+from hyperfence.lab.image import build_image
+from hyperfence.lab.libvirtd import ensure_libvirtd, running_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
 from hyperfence.lab.qemu import down_qemu, qemu_policy, up_qemu
 from hyperfence.lab.topology import create_lab, destroy_lab, run_in_host
@@ -136,3 +139,48 @@ def test_a_guest_started_while_the_daemon_is_down_gets_nothing_until_its_rules_a
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=15)
+
+
+def test_a_pause_policy_pauses_a_silent_guest_in_libvirt(lab: tuple[LabPlan, Engine]) -> None:
+    """vm1's agent never starts (its config is left out of the guest), so it is silent from the start; the
+    heartbeat policy says pause: the monitor pauses the domain through libvirt and isolates it."""
+    plan, engine = lab
+    image = build_image()
+    ensure_libvirtd(plan, qemu_as_root=True)
+    prepare_qemu_dir(plan)
+    doc = qemu_policy(plan)
+    name = f"hf-{plan.name}-vm1"
+    doc["heartbeats"] = [
+        {"vms": f"vm:{name}", "interval": 1, "misses": 2, "action": "pause", "release": "manual"}
+    ]
+    engine.store_policy(doc, source="test")
+    engine.converge()
+    watcher = InventoryWatcher(engine)
+    spec = lab_domain_spec(plan, "vm1", kernel=str(image.kernel), initrd=str(image.initrd), agent_config="{}")
+    info = define_lab_domain(watcher.inventory, spec)  # runs, without an agent
+    runner = CliRunner()
+    r = runner.invoke(
+        app, ["--state-dir", engine.state_dir, "vm", "enroll", name, "--libvirt", "qemu:///system"]
+    )
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert watcher.refresh()
+    monitor = AgentMonitor(engine, startup_grace=1, pause=watcher.pause)
+    stop = threading.Event()
+    thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 15
+        while watcher.inventory.domain(info.uuid).state != "paused" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert watcher.inventory.domain(info.uuid).state == "paused"
+        row = next(r for r in monitor.snapshot() if r["vm"] == info.uuid)
+        assert row["isolated"] is not None and "never seen" in row["isolated"]
+        monitor.save()
+        kinds = [e["kind"] for e in engine.store.events(vm=info.uuid)]
+        assert "vm-pause" in kinds and "isolated" in kinds
+        how = next(iter(engine.store.events(kind="isolated", vm=info.uuid)))["how"]
+        assert how == "paused and isolated"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        watcher.inventory.close()

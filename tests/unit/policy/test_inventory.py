@@ -43,3 +43,15 @@ def test_clashing_and_invalid_discovered_vms_are_left_out_with_a_reason() -> Non
     assert "ips" in skipped[1]
     assert "192.0.2.5 is not in network" in skipped[2]
     parse_policy(merged)  # what is merged is valid
+
+
+def test_with_an_inventory_heartbeats_and_limits_may_name_absent_vms() -> None:
+    sections = {
+        "heartbeats": [{"vms": "vm:web9", "action": "pause"}],
+        "limits": [{"vms": "vm:web9", "new_flows": 10}],
+    }
+    p = parse_policy(doc(settings={"inventory": "libvirt"}, **sections))
+    assert p.heartbeats and p.limits
+    got = problems(doc(**sections))
+    assert any("heartbeats[0].vms: VM 'web9' is not declared" in g for g in got)
+    assert any("limits[0].vms: VM 'web9' is not declared" in g for g in got)
