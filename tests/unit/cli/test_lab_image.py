@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,24 +11,13 @@ from typer.testing import CliRunner
 from hyperfence import errors
 from hyperfence.cli.lab import app
 from hyperfence.lab import image as lab_image
+from tests.unit.lab.test_image import IMAGE
 
 runner = CliRunner()
 
 
 def _image(out: Path, *, reused: bool) -> lab_image.GuestImage:
-    return lab_image.GuestImage(
-        kernel=out / "vmlinuz",
-        initrd=out / "initrd.cpio.gz",
-        kernel_release="6.1.0-56-amd64",
-        kernel_package="linux-image-6.1.0-56-amd64=6.1.192-2",
-        python_version="3.11.2",
-        kernel_bytes=8_247_232,
-        initrd_bytes=9_088_702,
-        initrd_unpacked_bytes=22_740_504,
-        stdlib_modules=83,
-        build_seconds=7.3,
-        reused=reused,
-    )
+    return replace(IMAGE, kernel=out / "vmlinuz", initrd=out / "initrd.cpio.gz", reused=reused)
 
 
 def test_lab_image_builds_where_asked_and_prints_paths_and_sizes(
