@@ -35,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from agent_ingest import ingest, print_ingest
-from common import env_summary, log, median, percentile, workdir
+from common import cpu_ticks, env_summary, log, median, percentile, rss_mb, workdir
 
 from hyperfence.agent import wire
 from hyperfence.agent.build import build_zipapp
@@ -95,18 +95,6 @@ class Sink:
             self.first_beat.set()
         elif body["kind"] == "bye":
             self.bye.set()
-
-
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def footprint(seconds: int, interval: float, python: str = sys.executable) -> dict[str, Any]:

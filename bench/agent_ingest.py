@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import log
+from common import cpu_ticks, log, rss_mb
 
 from hyperfence.agent import wire
 from hyperfence.daemon import request
@@ -54,18 +54,6 @@ def sample_beat() -> dict[str, Any]:
     return {"res": res, "events": [{"type": "fanout", "peers": 1, "ports": 1}], "dropped": 0}
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def ingest(n: int = 500, seconds: int = 30, per_second: int = 1) -> dict[str, Any]:
     """`per_second` beats per VM per second (1: the real load; more: to find the daemon's capacity)."""
     state = Path(tempfile.mkdtemp(prefix="hf-bench-agent-"))
@@ -86,10 +74,10 @@ def ingest(n: int = 500, seconds: int = 30, per_second: int = 1) -> dict[str, An
             socks.append(s)
         time.sleep(1.0)
         before = _accepted(state)
-        cpu0, t0 = proc_cpu_seconds(daemon.pid), time.monotonic()
+        cpu0, t0 = cpu_ticks(daemon.pid) / os.sysconf("SC_CLK_TCK"), time.monotonic()
         size, late = _send_beats(order, socks, keys, ticks=seconds * per_second, t0=t0, step=1.0 / per_second)
         time.sleep(1.0)  # let the daemon drain
-        cpu1, t1 = proc_cpu_seconds(daemon.pid), time.monotonic()
+        cpu1, t1 = cpu_ticks(daemon.pid) / os.sysconf("SC_CLK_TCK"), time.monotonic()
         after = _accepted(state)
         rows = request(str(state), {"op": "agents"})["agents"]  # type: ignore[index]
         statuses: dict[str, int] = {}
@@ -104,7 +92,7 @@ def ingest(n: int = 500, seconds: int = 30, per_second: int = 1) -> dict[str, An
             "rate": (after - before) / (t1 - t0),
             "refused": sum(v for r in rows for k, v in r["counts"].items() if k != "accepted"),
             "cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
-            "rss_mb": proc_rss_mb(daemon.pid),
+            "rss_mb": rss_mb(daemon.pid),
             "frame_bytes": size,
             "late_ticks": late,
             "statuses": statuses,

@@ -319,3 +319,17 @@ def env_summary() -> str:
 
 def as_json(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=True, default=str)
+
+
+def cpu_ticks(pid: int) -> int:
+    """CPU time a process used, in clock ticks (os.sysconf("SC_CLK_TCK") a second)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory now, MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

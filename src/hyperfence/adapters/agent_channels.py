@@ -154,9 +154,7 @@ class Hub:
             self._drop_conn(conn, replaced=True)
 
     def _drop_conn(self, conn: _Conn, *, replaced: bool = False) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(conn.sock)
-        conn.sock.close()
+        self._forget(conn.sock)
         if conn.reader.pending and not replaced:
             self.on_refused(
                 conn.vm, "truncated", f"channel closed inside a frame ({conn.reader.pending} bytes)"
@@ -280,12 +278,15 @@ class Hub:
         for frame in frames:
             self.on_frame(vm, frame)
 
+    def _forget(self, sock: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(sock)
+        sock.close()
+
     def _close_pending(self, fd: int) -> None:
         p = self._pending.pop(fd, None)
         if p is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(p.sock)
-            p.sock.close()
+            self._forget(p.sock)
 
     def _expire_pending(self) -> None:
         now = self.now()

@@ -7,6 +7,7 @@ with a declared VM (the declared one wins): one odd domain never makes the whole
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hyperfence.errors import InvalidInputError
@@ -32,14 +33,25 @@ def merge_discovered(
         if clash:
             skipped.append(f"discovered VM {vm.get('name')!r}: its {', '.join(clash)} is already declared")
             continue
-        try:
-            parse_policy({"networks": networks, "vms": [vm]}, source=f"discovered VM {vm.get('name')!r}")
-        except InvalidInputError as e:
-            skipped.append(f"{e}: " + "; ".join(str(p) for p in e.problems[:3]))
-            continue
         kept.append(vm)
         _claim(taken, vm)
+    # One validation of them all: every problem names its item (`vms[k]...`), so the bad ones are known.
+    try:
+        parse_policy({"networks": networks, "vms": kept}, source="discovered VMs")
+    except InvalidInputError as e:
+        bad: dict[int, list[str]] = {}
+        for problem in e.problems:
+            m = _ITEM.match(problem.path)
+            if m is None:  # not about one VM (e.g. the networks): no discovered VM can be used
+                return {**document, "vms": declared}, [*skipped, f"{e}: {problem}"]
+            bad.setdefault(int(m.group(1)), []).append(str(problem))
+        for k in sorted(bad):
+            skipped.append(f"discovered VM {kept[k].get('name')!r}: " + "; ".join(bad[k][:3]))
+        kept = [vm for k, vm in enumerate(kept) if k not in bad]
     return {**document, "vms": [*declared, *kept]}, skipped
+
+
+_ITEM = re.compile(r"vms\[(\d+)\]")
 
 
 def _identity(vm: dict[str, Any], key: str) -> object:
