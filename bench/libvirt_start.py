@@ -18,8 +18,6 @@ Then the domain is destroyed and the next repetition starts. Run as root from th
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import signal
 import statistics
 import subprocess
@@ -34,14 +32,12 @@ from common import env_summary, log
 
 from hyperfence.adapters.libvirt import LibvirtInventory
 from hyperfence.daemon import request
-from hyperfence.lab.domains import define_lab_domain, lab_domain_spec, prepare_qemu_dir
+from hyperfence.lab.domains import prepare_qemu_dir
 from hyperfence.lab.image import build_image
 from hyperfence.lab.libvirtd import ensure_libvirtd, running_libvirtd, stop_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
-from hyperfence.lab.qemu import URI, qemu_policy
+from hyperfence.lab.qemu import URI, define_lab_guest, qemu_policy
 from hyperfence.lab.topology import create_lab, destroy_lab
-from hyperfence.model.policy import Vm
-from hyperfence.reconcile.agents import enroll
 from hyperfence.reconcile.engine import Engine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,17 +59,7 @@ def _prepare(plan: LabPlan, state: Path, inventory: LibvirtInventory) -> str:
     engine = Engine(netns=plan.host_netns, state_dir=str(state))
     try:
         engine.store_policy(qemu_policy(plan), source="bench/libvirt")
-        lab_vm = plan.vms[0]
-        spec = lab_domain_spec(
-            plan, "vm1", kernel=str(image.kernel), initrd=str(image.initrd), agent_config="{}"
-        )
-        info = define_lab_domain(inventory, spec, start=False)
-        vm = Vm(info.uuid, info.name, plan.name, lab_vm.port, lab_vm.mac, (lab_vm.ip,))
-        _, config = enroll(engine, vm, "virtio", interval=1.0, host_path=spec.channel_path)
-        final = lab_domain_spec(
-            plan, "vm1", kernel=str(image.kernel), initrd=str(image.initrd), agent_config=json.dumps(config)
-        )
-        define_lab_domain(inventory, dataclasses.replace(final, uuid=info.uuid), start=False)
+        info = define_lab_guest(inventory, plan, engine, "vm1", image, start=False)
         return info.uuid
     finally:
         engine.close()

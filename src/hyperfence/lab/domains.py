@@ -8,11 +8,13 @@ start, pause, resume, destroy it and see its tap). It has:
   (``vp<N>``), MAC = the plan's MAC, so the firewall sees the same port names as with namespace VMs;
 * the agent channel: virtio-serial port `AGENT_CHANNEL` whose host end is a unix socket QEMU listens on
   (``<lab run dir>/qemu/vm<N>.agent.sock``; in the daemon's channel specs ``{"type": "virtio", "path": …}``);
+* the lab shell: virtio-serial port ``org.hyperfence.lab.shell`` on ``<lab run dir>/qemu/vm<N>.shell.sock``,
+  through which `hyperfence.lab.guest_shell.run_in_guest` runs commands in the guest (tests, demo);
 * the serial console written to ``<lab run dir>/qemu/vm<N>.console.log``;
-* kernel command line ``console=ttyS0 panic=-1 quiet hf.ip=<ip>/<prefix> hf.gw=<gateway> hf.agent=<b64>``,
-  where ``hf.agent`` is the agent's JSON config, base64. It holds the agent's key: anyone who can read the
-  domain XML (root) or QEMU's command line (``ps``: every local user!) can read it. Fine for the lab; a real
-  deployment hands the key over another way;
+* kernel command line ``console=ttyS0 panic=-1 quiet hf.ip=<ip>/<prefix> hf.gw=<gateway>``;
+* the agent's JSON config (its key included) as the firmware-config file ``opt/org.hyperfence/agent``, from
+  ``<lab run dir>/qemu/vm<N>.agent.json`` (0600, written by `write_agent_config`): QEMU's command line names
+  the path only, so ``ps`` does not show the key, and in the guest only root can read it;
 * labels ``lab=<lab>`` and ``vm=vm<N>`` in hyperfence metadata: `undefine_lab_domains` removes only domains
   that carry both *and* have the lab's name pattern, so nothing it did not create is touched.
 
@@ -22,7 +24,7 @@ looping.
 
 from __future__ import annotations
 
-import base64
+import dataclasses
 import os
 import pwd
 import re
@@ -34,12 +36,11 @@ from pathlib import Path
 from hyperfence.adapters.libvirt import LibvirtInventory
 from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, DomainInfo, labels_xml
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError, Problem
-from hyperfence.lab import topology
+from hyperfence.lab import guest_init, topology
 from hyperfence.lab.plan import LabPlan
 
 EMULATOR = "/usr/bin/qemu-system-x86_64"
 MEMORY_MIB = 256
-KERNEL_CMDLINE_MAX = 2048  # COMMAND_LINE_SIZE on x86
 QEMU_USER = "libvirt-qemu"
 
 
@@ -53,7 +54,9 @@ class DomainSpec:
     tap: str
     channel_path: str
     console_path: str
-    labels: Mapping[str, str]
+    shell_path: str | None = None  # the lab shell's socket (None: no lab shell)
+    agent_config_path: str | None = None  # the agent config handed over by fw_cfg (None: none)
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
     kernel: str | None = None
     initrd: str | None = None
     cmdline: str = ""
@@ -73,44 +76,35 @@ def qemu_dir(plan: LabPlan) -> Path:
     return topology.state_dir(plan.name) / "qemu"
 
 
-def kernel_cmdline(*, ip: str, prefixlen: int, gateway: str, agent_config: str) -> str:
-    """The guest kernel's command line; `agent_config` (JSON text) goes in base64, no spaces.
+def shell_socket(plan: LabPlan, vm: str) -> Path:
+    """The host end of lab VM `vm`'s lab shell (`hyperfence.lab.guest_shell.run_in_guest`)."""
+    return qemu_dir(plan) / f"{plan.vm(vm).name}.shell.sock"
 
-    `InvalidInputError` if it does not fit the kernel's 2048 bytes.
-    """
-    agent = base64.b64encode(agent_config.encode()).decode("ascii")
-    line = f"console=ttyS0 panic=-1 quiet hf.ip={ip}/{prefixlen} hf.gw={gateway} hf.agent={agent}"
-    if len(line) >= KERNEL_CMDLINE_MAX:
-        raise InvalidInputError(
-            "kernel command line too long",
-            [Problem("agent_config", f"{len(line)} bytes with it; the kernel takes < {KERNEL_CMDLINE_MAX}")],
-        )
-    return line
+
+def agent_config_file(plan: LabPlan, vm: str) -> Path:
+    """Where the lab keeps lab VM `vm`'s agent config for QEMU to hand over (fw_cfg)."""
+    return qemu_dir(plan) / f"{plan.vm(vm).name}.agent.json"
 
 
 def lab_domain_spec(
     plan: LabPlan,
     vm: str,
     *,
-    agent_config: str | None = None,
     kernel: str | None = None,
     initrd: str | None = None,
     memory_mib: int = MEMORY_MIB,
     labels: Mapping[str, str] | None = None,
 ) -> DomainSpec:
-    """The domain of lab VM `vm` ("vm1"...): plan's port, MAC and address; kernel + initrd if given."""
+    """The domain of lab VM `vm` ("vm1"...): plan's port, MAC and address; kernel + initrd if given, then also
+    the lab shell and the agent config file (`agent_config_file`; the guest starts no agent while it is
+    missing or empty)."""
     lab_vm = plan.vm(vm)
     qdir = qemu_dir(plan)
     if (kernel is None) != (initrd is None):
         raise InvalidInputError("lab domain", [Problem("kernel/initrd", "give both or neither")])
     cmdline = ""
     if kernel is not None:
-        cmdline = kernel_cmdline(
-            ip=str(lab_vm.ip),
-            prefixlen=plan.subnet.prefixlen,
-            gateway=str(plan.gateway),
-            agent_config=agent_config or "{}",
-        )
+        cmdline = guest_init.kernel_cmdline(ip=f"{lab_vm.ip}/{plan.subnet.prefixlen}", gw=str(plan.gateway))
     return DomainSpec(
         name=domain_name(plan, vm),
         mac=lab_vm.mac,
@@ -118,6 +112,8 @@ def lab_domain_spec(
         tap=lab_vm.port,
         channel_path=str(qdir / f"{lab_vm.name}.agent.sock"),
         console_path=str(qdir / f"{lab_vm.name}.console.log"),
+        shell_path=str(shell_socket(plan, vm)) if kernel is not None else None,
+        agent_config_path=str(agent_config_file(plan, vm)) if kernel is not None else None,
         labels={**(labels or {}), "lab": plan.name, "vm": lab_vm.name},
         ips=(str(lab_vm.ip),),
         kernel=kernel,
@@ -149,6 +145,8 @@ def domain_xml(spec: DomainSpec) -> str:
         for field, value in (
             ("channel_path", spec.channel_path),
             ("console_path", spec.console_path),
+            ("shell_path", spec.shell_path),
+            ("agent_config_path", spec.agent_config_path),
             ("kernel", spec.kernel),
             ("initrd", spec.initrd),
         )
@@ -169,12 +167,17 @@ def domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(dom, "vcpu").text = str(spec.vcpus)
     metadata = ET.SubElement(dom, "metadata")
     metadata.append(ET.fromstring(labels_xml(spec.labels, ips=spec.ips)))  # noqa: S314 - our own text
+    if spec.agent_config_path is not None:
+        sysinfo = ET.SubElement(dom, "sysinfo", type="fwcfg")
+        ET.SubElement(sysinfo, "entry", name=guest_init.FW_CFG_AGENT, file=spec.agent_config_path)
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
     if spec.kernel is not None:
         ET.SubElement(os_el, "kernel").text = spec.kernel
         ET.SubElement(os_el, "initrd").text = spec.initrd
         ET.SubElement(os_el, "cmdline").text = spec.cmdline
+    # ACPI: without it libvirt runs QEMU with -no-acpi, and the guest kernel finds no fw_cfg device
+    ET.SubElement(ET.SubElement(dom, "features"), "acpi")
     for event in ("on_poweroff", "on_reboot", "on_crash"):
         ET.SubElement(dom, event).text = "destroy"
     devices = ET.SubElement(dom, "devices")
@@ -185,9 +188,13 @@ def domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(iface, "mac", address=spec.mac)
     ET.SubElement(iface, "model", type="virtio")
     ET.SubElement(iface, "rom", enabled="no")
-    channel = ET.SubElement(devices, "channel", type="unix")
-    ET.SubElement(channel, "source", mode="bind", path=spec.channel_path)
-    ET.SubElement(channel, "target", type="virtio", name=AGENT_CHANNEL)
+    ports = [(spec.channel_path, AGENT_CHANNEL)]
+    if spec.shell_path is not None:
+        ports.append((spec.shell_path, guest_init.SHELL_PORT_NAME))
+    for path, port_name in ports:
+        channel = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(channel, "source", mode="bind", path=path)
+        ET.SubElement(channel, "target", type="virtio", name=port_name)
     for tag, target in (("serial", {"port": "0"}), ("console", {"type": "serial", "port": "0"})):
         el = ET.SubElement(devices, tag, type="file")
         ET.SubElement(el, "source", path=spec.console_path)
@@ -210,6 +217,16 @@ def prepare_qemu_dir(plan: LabPlan) -> Path:
         return qdir
     os.chown(qdir, qemu.pw_uid, qemu.pw_gid)
     return qdir
+
+
+def write_agent_config(path: str | Path, config: str) -> None:
+    """Write an agent's JSON config where its domain's fw_cfg entry points: 0600, replaced atomically."""
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(config)
+    os.replace(tmp, target)
 
 
 def define_lab_domain(inventory: LibvirtInventory, spec: DomainSpec, *, start: bool = True) -> DomainInfo:

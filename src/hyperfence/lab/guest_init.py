@@ -9,9 +9,17 @@ differs per VM comes on the kernel command line, read by `/init` from ``/proc/cm
                             it no agent starts
     hf.port=8080            the port of the tiny HTTP server for tests (default 8080; 0: none)
 
-The agent's key is on the command line: visible to the host (which issued it) and, in the guest, to anyone
-who reads ``/proc/cmdline`` (world-readable; this guest runs everything as root, so that is root). Acceptable
-for a lab guest only; a production guest gets its config as a 0600 file, as `docs/agent.md` says.
+The agent's config (key included) is best handed over as a QEMU firmware-config file, ``opt/org.hyperfence/
+agent`` (libvirt: ``<sysinfo type='fwcfg'><entry name='opt/org.hyperfence/agent' file='…'/>``): the host keeps
+it in a 0600 file, QEMU's command line names only the path, and in the guest it is readable by root only
+(``/sys/firmware/qemu_fw_cfg``). ``hf.agent=`` is the fallback for plain ``qemu -append``; on the command line
+the key is visible to every local user of the host (``ps``) and to the guest's ``/proc/cmdline``.
+
+Two virtio-serial ports: `AGENT_PORT_NAME` for the agent and, for tests and the demo only, `SHELL_PORT_NAME`,
+the **lab shell**: ``/bin/hf-shell`` runs each line the host writes there (``<tag> <seconds> <command>``) and
+answers ``HF-BEGIN <tag>``, the output, ``HF-END <tag> <status>`` (`hyperfence.lab.guest_shell`). It lets a test
+act inside the guest without using the network it is testing. It is root in the guest for whoever can open
+the host socket (root): never give it to a production guest.
 
 Everything `/init` says on the serial console starts with ``HF: `` so a test (or a person) can follow the
 boot: ``HF: init``, ``HF: net up``, ``HF: agent port``, ``HF: agent started pid N``, ``HF: http on``,
@@ -28,6 +36,9 @@ from typing import Any
 from hyperfence.errors import InvalidInputError, Problem
 
 AGENT_PORT_NAME = "org.hyperfence.agent.0"
+SHELL_PORT_NAME = "org.hyperfence.lab.shell"
+FW_CFG_AGENT = "opt/org.hyperfence/agent"  # QEMU firmware-config file holding the agent's JSON config
+SHELL = "/bin/hf-shell"
 AGENT_ZIPAPP = "/opt/hyperfence-agent.pyz"
 AGENT_CONFIG = "/etc/hyperfence-agent.json"
 AGENT_CONTROL = "/bin/hf-agent"
@@ -45,6 +56,7 @@ MODULES = (
     "net_failover",
     "virtio_net",
     "virtio_console",
+    "qemu_fw_cfg",
 )
 BASE_CMDLINE = "console=ttyS0 panic=-1 quiet"
 MAX_CMDLINE = 2047  # x86 COMMAND_LINE_SIZE is 2048 bytes, NUL included
@@ -87,25 +99,36 @@ if [ -e /sys/class/net/eth0 ]; then
 else
   echo "HF: net FAILED: no eth0 (give QEMU a virtio-net-pci device)"
 fi
-PORTDEV=
-for i in $(seq 1 100); do
-  for d in /sys/class/virtio-ports/*; do
-    [ -r "$d/name" ] && [ "$(cat "$d/name")" = "@PORT_NAME@" ] && PORTDEV=/dev/${d##*/}
+# findport NAME TRIES: the /dev node of the virtio-serial port called NAME (polls TRIES x 50 ms)
+findport() {
+  for i in $(seq 1 "$2"); do
+    for d in /sys/class/virtio-ports/*; do
+      [ -r "$d/name" ] && [ "$(cat "$d/name")" = "$1" ] && { echo "/dev/${d##*/}"; return 0; }
+    done
+    sleep 0.05
   done
-  [ -n "$PORTDEV" ] && break
-  sleep 0.05
-done
-if [ -n "$PORTDEV" ]; then
+  return 1
+}
+if PORTDEV=$(findport @PORT_NAME@ 100); then
   echo "HF: agent port $PORTDEV"
 else
   echo "HF: agent port FAILED: no virtio-serial port named @PORT_NAME@ (add -device virtserialport,name=@PORT_NAME@)"
 fi
-if [ -n "$AGENT" ]; then
+if SHELLDEV=$(findport @SHELL_PORT@ 1); then
+  @SHELL@ "$SHELLDEV" </dev/null >/dev/null 2>&1 &
+  echo "HF: lab shell on $SHELLDEV pid $!"
+fi
+FWCFG=/sys/firmware/qemu_fw_cfg/by_name/@FW_CFG_AGENT@/raw
+if [ -r "$FWCFG" ]; then
+  (umask 077; cat "$FWCFG" > @AGENT_CONFIG@) && echo "HF: agent config from fw_cfg @FW_CFG_AGENT@"
+elif [ -n "$AGENT" ]; then
   (umask 077; echo "$AGENT" | base64 -d > @AGENT_CONFIG@) || echo "HF: agent FAILED: hf.agent= is not base64"
+fi
+if [ -s @AGENT_CONFIG@ ]; then
   chmod 600 @AGENT_CONFIG@
   @AGENT_CONTROL@ start
 else
-  echo "HF: agent not started (no hf.agent= on the kernel command line)"
+  echo "HF: agent not started (no fw_cfg @FW_CFG_AGENT@ and no hf.agent= on the kernel command line)"
 fi
 if [ "$PORT" != 0 ]; then
   httpd -f -p "$PORT" -h @HTTP_ROOT@ &
@@ -141,6 +164,23 @@ case "$1" in
 esac
 """
 
+SHELL_SCRIPT = r"""#!/bin/sh
+# hf-shell DEV: the lab shell (tests and demo only; see docs/guests.md). Each line the host writes to the
+# virtio-serial port DEV is "<tag> <seconds> <command>"; the command runs under `timeout`, and the answer is
+# "HF-BEGIN <tag>", its output (stdout and stderr), "HF-END <tag> <status>". While no host is connected,
+# reads end at once (EOF): poll.
+exec 3<>"$1"
+while true; do
+  if read -r tag secs cmd <&3; then
+    echo "HF-BEGIN $tag" >&3
+    timeout "$secs" sh -c "$cmd" </dev/null >&3 2>&1
+    echo "HF-END $tag $?" >&3
+  else
+    sleep 0.2
+  fi
+done
+"""
+
 UDHCPC_SCRIPT = r"""#!/bin/sh
 # udhcpc event script of the hyperfence lab guest: set the offered address and router on $interface.
 case "$1" in
@@ -165,6 +205,11 @@ def init_script(*, modules: tuple[str, ...] = MODULES, http_port: int = DEFAULT_
 def agent_control_script() -> str:
     """`/bin/hf-agent start|stop|status`: how `/init` and a person on the console run the agent."""
     return _fill(AGENT_CONTROL_SCRIPT)
+
+
+def shell_script() -> str:
+    """`/bin/hf-shell DEV`: the lab shell's loop (`SHELL_PORT_NAME`)."""
+    return SHELL_SCRIPT
 
 
 def udhcpc_script() -> str:
@@ -223,6 +268,9 @@ def _fill(template: str, **extra: str) -> str:
         "AGENT_CONTROL": AGENT_CONTROL,
         "AGENT_ZIPAPP": AGENT_ZIPAPP,
         "HTTP_ROOT": HTTP_ROOT,
+        "SHELL_PORT": SHELL_PORT_NAME,
+        "SHELL": SHELL,
+        "FW_CFG_AGENT": FW_CFG_AGENT,
         **extra,
     }
     for name, value in values.items():

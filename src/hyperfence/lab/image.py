@@ -98,7 +98,12 @@ def build_image(out_dir: Path = DEFAULT_OUT, *, force: bool = False) -> GuestIma
 def boot_scripts_digest() -> str:
     """One hash over everything `guest_init` writes into the image: a changed script means a rebuild."""
     h = hashlib.sha256()
-    for text in (guest_init.init_script(), guest_init.agent_control_script(), guest_init.udhcpc_script()):
+    for text in (
+        guest_init.init_script(),
+        guest_init.agent_control_script(),
+        guest_init.shell_script(),
+        guest_init.udhcpc_script(),
+    ):
         h.update(text.encode())
         h.update(b"\0")
     h.update(guest_init.HTTP_INDEX.encode())
@@ -224,6 +229,7 @@ def _stage_boot(stage: Path, modules: Mapping[str, Path], zipapp: Path) -> None:
     shutil.copy2(BUSYBOX, stage / "bin/busybox")
     _write_text(stage / "init", guest_init.init_script(), mode=0o755)
     _write_text(stage / guest_init.AGENT_CONTROL.lstrip("/"), guest_init.agent_control_script(), mode=0o755)
+    _write_text(stage / guest_init.SHELL.lstrip("/"), guest_init.shell_script(), mode=0o755)
     _write_text(stage / "etc/udhcpc.sh", guest_init.udhcpc_script(), mode=0o755)
     _write_text(stage / guest_init.HTTP_ROOT.lstrip("/") / "index.html", guest_init.HTTP_INDEX, mode=0o644)
     mods = stage / guest_init.MODULE_DIR.lstrip("/")

@@ -1,13 +1,12 @@
 """`hyperfence lab up --qemu`: the lab's VMs as real QEMU (TCG) guests under libvirt, on the lab bridge.
 
 Each VM: the tiny guest (`lab image`), a libvirt domain `hf-<lab>-vmN` with the plan's tap, MAC and address,
-a virtio-serial agent channel, and an agent enrolled for the domain's UUID whose config rides on the kernel
-command line. The policy declares no VMs: the daemon takes them from libvirt (`daemon --libvirt`).
+a virtio-serial agent channel, an agent enrolled for the domain's UUID whose config QEMU hands over as a
+firmware-config file, and the lab shell (`hyperfence.lab.guest_shell`). The policy declares no VMs: the daemon takes them from libvirt (`daemon --libvirt`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -18,8 +17,9 @@ from hyperfence.lab.domains import (
     lab_domain_spec,
     prepare_qemu_dir,
     undefine_lab_domains,
+    write_agent_config,
 )
-from hyperfence.lab.image import build_image
+from hyperfence.lab.image import GuestImage, build_image
 from hyperfence.lab.libvirtd import ensure_libvirtd, running_libvirtd, stop_libvirtd
 from hyperfence.lab.plan import LabPlan
 from hyperfence.lab.policy import lab_policy
@@ -38,6 +38,38 @@ def qemu_policy(plan: LabPlan) -> dict[str, Any]:
     return doc
 
 
+def define_lab_guest(
+    inventory: LibvirtInventory,
+    plan: LabPlan,
+    engine: Engine,
+    vm: str,
+    image: GuestImage,
+    *,
+    interval: float = 1.0,
+    start: bool = True,
+) -> DomainInfo:
+    """Lab VM `vm` as a guest: define the domain, enrol an agent for its UUID (virtio channel), write the
+    agent's config where the domain's fw_cfg entry reads it, then start it (unless `start` is False)."""
+    lab_vm = plan.vm(vm)
+    spec = lab_domain_spec(plan, vm, kernel=str(image.kernel), initrd=str(image.initrd))
+    info = define_lab_domain(inventory, spec, start=False)  # its UUID is the VM's id
+    record = Vm(
+        id=info.uuid,
+        name=info.name,
+        network=plan.name,
+        port=lab_vm.port,
+        mac=lab_vm.mac,
+        ips=(lab_vm.ip,),
+    )
+    _, config = enroll(engine, record, "virtio", interval=interval, host_path=spec.channel_path)
+    assert spec.agent_config_path is not None  # noqa: S101 - a spec with a kernel has one
+    write_agent_config(spec.agent_config_path, json.dumps(config, separators=(",", ":")))
+    if start:
+        inventory.start(info.uuid)
+        info = inventory.domain(info.uuid)
+    return info
+
+
 def up_qemu(plan: LabPlan, engine: Engine, *, interval: float = 1.0) -> list[DomainInfo]:
     """Define and start every VM of the plan as a guest (the lab's namespaces must exist, with 0 VMs)."""
     image = build_image()
@@ -45,30 +77,10 @@ def up_qemu(plan: LabPlan, engine: Engine, *, interval: float = 1.0) -> list[Dom
     prepare_qemu_dir(plan)
     inventory = LibvirtInventory(URI)
     try:
-        started = []
-        for lab_vm in plan.vms:
-            spec = lab_domain_spec(
-                plan, lab_vm.name, kernel=str(image.kernel), initrd=str(image.initrd), agent_config="{}"
-            )
-            info = define_lab_domain(inventory, spec, start=False)  # its UUID is the VM's id
-            vm = Vm(
-                id=info.uuid,
-                name=info.name,
-                network=plan.name,
-                port=lab_vm.port,
-                mac=lab_vm.mac,
-                ips=(lab_vm.ip,),
-            )
-            _, config = enroll(engine, vm, "virtio", interval=interval, host_path=spec.channel_path)
-            final = lab_domain_spec(
-                plan,
-                lab_vm.name,
-                kernel=str(image.kernel),
-                initrd=str(image.initrd),
-                agent_config=json.dumps(config, separators=(",", ":")),
-            )
-            started.append(define_lab_domain(inventory, dataclasses.replace(final, uuid=info.uuid)))
-        return started
+        return [
+            define_lab_guest(inventory, plan, engine, lab_vm.name, image, interval=interval)
+            for lab_vm in plan.vms
+        ]
     finally:
         inventory.close()
 

@@ -1,8 +1,11 @@
 """Two real TCG guests under libvirt, nothing typed by hand: the daemon's inventory finds them, their agents
-report over virtio-serial, and the firewall lets the host reach one guest's port and not the other's."""
+report over virtio-serial, and the firewall works as seen from inside the guests (through the lab shell, a
+virtio-serial port, so the check does not ride on the network under test)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -10,14 +13,21 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from hyperfence.cli.main import app
-from hyperfence.lab.domains import define_lab_domain, lab_domain_spec, prepare_qemu_dir, qemu_dir
+from hyperfence.lab.domains import (
+    define_lab_domain,
+    lab_domain_spec,
+    prepare_qemu_dir,
+    qemu_dir,
+    shell_socket,
+)
+from hyperfence.lab.guest_shell import GuestResult, run_in_guest, wait_for_shell
 from hyperfence.lab.image import build_image
 from hyperfence.lab.libvirtd import ensure_libvirtd, running_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
@@ -104,6 +114,102 @@ def test_guests_found_in_libvirt_report_and_are_filtered(lab: tuple[LabPlan, Eng
         watcher.inventory.close()
 
 
+def consoles(plan: LabPlan) -> str:
+    """The guests' console logs, for a failure message."""
+    return "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in qemu_dir(plan).glob("*.log")
+    )
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, plan: LabPlan) -> float:
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout} s\n{consoles(plan)}"
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+def ping(shell: Path, ip: str) -> GuestResult:
+    return run_in_guest(shell, f"ping -c 3 -W 2 {ip}", timeout=20)
+
+
+def icmp_rule(src: str, dst: str, action: str) -> dict[str, str]:
+    return {"id": "icmp", "from": f"vm:{src}", "to": f"vm:{dst}", "protocol": "icmp", "action": action}
+
+
+def agent_row(monitor: AgentMonitor, uuid: str) -> dict[str, object]:
+    return next(r for r in monitor.snapshot() if r["vm"] == uuid)
+
+
+@contextlib.contextmanager
+def running_monitor(engine: Engine, grace: float) -> Iterator[AgentMonitor]:
+    """The inventory read once (the guests become policy VMs) and an agent monitor running on its thread."""
+    watcher = InventoryWatcher(engine)
+    assert watcher.refresh()
+    monitor = AgentMonitor(engine, startup_grace=grace, pause=watcher.pause)
+    stop = threading.Event()
+    thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield monitor
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        watcher.inventory.close()
+
+
+def test_inside_the_guests_deny_allow_deny_and_a_killed_agent_isolates_its_guest(
+    lab: tuple[LabPlan, Engine],
+) -> None:
+    plan, engine = lab
+    vm1, vm2 = (f"hf-{plan.name}-{n}" for n in ("vm1", "vm2"))
+    ip1, ip2 = (str(plan.vm(n).ip) for n in ("vm1", "vm2"))
+    shell1, shell2 = (shell_socket(plan, n) for n in ("vm1", "vm2"))
+    domains = up_qemu(plan, engine)
+    uuid2 = next(d.uuid for d in domains if d.name == vm2)
+    doc = qemu_policy(plan)
+    doc["heartbeats"] = [{"vms": "vms", "interval": 1, "misses": 3, "action": "isolate", "release": "auto"}]
+    engine.store_policy(doc, source="test")
+    engine.converge()
+    grace = 30.0  # the guests boot within it; silence counts only after it
+
+    def set_icmp(action: str | None) -> None:
+        doc["rules"] = [] if action is None else [icmp_rule(vm1, vm2, action)]
+        engine.store_policy(doc, source="test")
+        engine.converge()
+
+    with running_monitor(engine, grace) as monitor:
+        for shell in (shell1, shell2):
+            wait_for_shell(shell, timeout=90)
+        wait_for("both agents ok", lambda: all(r["status"] == "ok" for r in monitor.snapshot()), 60, plan)
+        assert run_in_guest(shell2, "ip -4 -o addr show dev eth0").output.split()[3] == f"{ip2}/22"
+
+        denied = ping(shell1, ip2)  # no rule: default deny
+        assert not denied.ok and "0 packets received" in denied.output, denied
+
+        set_icmp("allow")
+        allowed = ping(shell1, ip2)
+        assert allowed.ok and " 0% packet loss" in allowed.output, allowed
+        assert not ping(shell2, ip1).ok  # the rule is vm1 -> vm2 only
+
+        set_icmp("deny")
+        again = ping(shell1, ip2)
+        assert not again.ok and "0 packets received" in again.output, again
+
+        set_icmp("allow")
+        time.sleep(max(0.0, monitor.tracker.started + grace - time.time()))  # kill after the grace
+        kill = run_in_guest(shell2, "kill -9 $(cat /run/hf-agent.pid)")  # the agent dies inside vm2
+        assert kill.ok, kill
+        took = wait_for("vm2 isolated", lambda: agent_row(monitor, uuid2)["isolated"] is not None, 10, plan)
+        assert agent_row(monitor, uuid2)["status"] == "silent"
+        cut = ping(shell1, ip2)
+        assert not cut.ok and "0 packets received" in cut.output, cut  # allowed by policy, cut by quarantine
+        assert run_in_guest(shell2, "hf-agent start").ok  # back: released after good beats
+        wait_for("vm2 released", lambda: agent_row(monitor, uuid2)["isolated"] is None, 30, plan)
+        assert ping(shell1, ip2).ok
+        print(f"agent killed in vm2 -> isolated after {took:.1f} s")
+
+
 def test_a_guest_started_while_the_daemon_is_down_gets_nothing_until_its_rules_are_in(
     lab: tuple[LabPlan, Engine],
 ) -> None:
@@ -156,7 +262,8 @@ def test_a_pause_policy_pauses_a_silent_guest_in_libvirt(lab: tuple[LabPlan, Eng
     engine.store_policy(doc, source="test")
     engine.converge()
     watcher = InventoryWatcher(engine)
-    spec = lab_domain_spec(plan, "vm1", kernel=str(image.kernel), initrd=str(image.initrd), agent_config="{}")
+    spec = lab_domain_spec(plan, "vm1", kernel=str(image.kernel), initrd=str(image.initrd))
+    spec = dataclasses.replace(spec, agent_config_path=None)  # no config handed over: no agent
     info = define_lab_domain(watcher.inventory, spec)  # runs, without an agent
     runner = CliRunner()
     r = runner.invoke(

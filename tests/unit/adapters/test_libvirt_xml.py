@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from hyperfence.adapters.libvirt_xml import (
     state_name,
 )
 from hyperfence.errors import InvalidInputError
-from hyperfence.lab.domains import DomainSpec, domain_xml, kernel_cmdline, lab_domain_spec
+from hyperfence.lab.domains import DomainSpec, domain_xml, lab_domain_spec
 from hyperfence.lab.plan import plan_lab
 from hyperfence.lab.topology import state_dir
 
@@ -172,7 +170,6 @@ def test_lab_domain_round_trips_through_the_parser() -> None:
     spec = lab_domain_spec(
         plan,
         "vm2",
-        agent_config='{"vm": "vm2"}',
         kernel="/img/vmlinuz",
         initrd="/img/initrd",
         labels={"tier": "db"},
@@ -194,10 +191,16 @@ def test_lab_domain_round_trips_through_the_parser() -> None:
     assert root.findtext("memory") == "256"
     assert root.find("devices/interface/model").get("type") == "virtio"  # type: ignore[union-attr]
     assert root.find("devices/serial/source").get("path") == str(qdir / "vm2.console.log")  # type: ignore[union-attr]
-    cmdline = root.findtext("os/cmdline") or ""
-    assert cmdline.startswith(f"console=ttyS0 panic=-1 quiet hf.ip={vm2.ip}/22 hf.gw=10.77.0.1 hf.agent=")
-    agent = cmdline.rsplit("hf.agent=", 1)[1]
-    assert json.loads(base64.b64decode(agent)) == {"vm": "vm2"}
+    assert root.findtext("os/cmdline") == f"console=ttyS0 panic=-1 quiet hf.ip={vm2.ip}/22 hf.gw=10.77.0.1"
+    # the agent's config (its key) is a fw_cfg file, never on the command line that `ps` shows
+    entry = root.find("sysinfo[@type='fwcfg']/entry")
+    assert entry is not None and entry.get("name") == "opt/org.hyperfence/agent"
+    assert entry.get("file") == str(qdir / "vm2.agent.json") and entry.text is None
+    ports = {c.find("target").get("name"): c.find("source").get("path") for c in root.iter("channel")}  # type: ignore[union-attr]
+    assert ports == {
+        "org.hyperfence.agent.0": str(qdir / "vm2.agent.sock"),
+        "org.hyperfence.lab.shell": str(qdir / "vm2.shell.sock"),
+    }
     assert [root.findtext(e) for e in ("on_poweroff", "on_reboot", "on_crash")] == ["destroy"] * 3
 
 
@@ -205,6 +208,7 @@ def test_a_disk_less_domain_only_has_an_os_type() -> None:
     spec = lab_domain_spec(plan_lab("t1", 1), "vm1", memory_mib=64)
     root = tree(domain_xml(spec))
     assert [child.tag for child in root.find("os")] == ["type"]  # type: ignore[union-attr]
+    assert root.find("sysinfo") is None and len(list(root.iter("channel"))) == 1  # no agent file, no shell
     assert root.findtext("memory") == "64"
 
 
@@ -216,25 +220,26 @@ def test_domain_xml_rejects_every_bad_field() -> None:
         tap="vp1'",
         channel_path="relative.sock",
         console_path="/ok.log",
+        shell_path="shell.sock",
         labels={},
         memory_mib=8,
         uuid="nope",
     )
     with pytest.raises(InvalidInputError) as exc:
         domain_xml(spec)
-    assert [p.path for p in exc.value.problems] == ["name", "tap", "channel_path", "uuid", "memory_mib"]
+    assert [p.path for p in exc.value.problems] == [
+        "name",
+        "tap",
+        "channel_path",
+        "shell_path",
+        "uuid",
+        "memory_mib",
+    ]
 
 
 def test_kernel_and_initrd_come_together() -> None:
     with pytest.raises(InvalidInputError, match="give both or neither"):
         lab_domain_spec(plan_lab("t1", 1), "vm1", kernel="/k")
-
-
-def test_the_kernel_command_line_has_a_limit() -> None:
-    line = kernel_cmdline(ip="10.77.0.11", prefixlen=22, gateway="10.77.0.1", agent_config="{}")
-    assert " " not in line.rsplit("hf.agent=", 1)[1]
-    with pytest.raises(InvalidInputError, match="agent_config"):
-        kernel_cmdline(ip="10.77.0.11", prefixlen=22, gateway="10.77.0.1", agent_config="x" * 1600)
 
 
 def test_unknown_lab_vm() -> None:

@@ -15,10 +15,13 @@ from hyperfence.lab.guest_init import (
     AGENT_PORT_NAME,
     MAX_CMDLINE,
     MODULES,
+    SHELL,
+    SHELL_PORT_NAME,
     agent_control_script,
     agent_param,
     init_script,
     kernel_cmdline,
+    shell_script,
     udhcpc_script,
 )
 
@@ -38,11 +41,24 @@ def test_init_reads_its_settings_from_the_command_line_and_marks_each_step() -> 
     for param in ("hf.ip=*", "hf.gw=*", "hf.agent=*", "hf.port=*"):
         assert param in script
     assert "PORT=9000" in script
-    assert f'= "{AGENT_PORT_NAME}" ]' in script
+    assert f"findport {AGENT_PORT_NAME} 100" in script
     for marker in ("HF: init", "HF: net up", "HF: agent port", "HF: ready", "udhcpc -i eth0"):
         assert marker in script
     assert f"base64 -d > {AGENT_CONFIG}" in script and "umask 077" in script
     assert "@" not in script.replace("$@", "")  # every placeholder filled
+
+
+def test_init_takes_the_agent_config_from_fw_cfg_before_the_command_line() -> None:
+    script = init_script()
+    fw_cfg = script.index("/sys/firmware/qemu_fw_cfg/by_name/opt/org.hyperfence/agent/raw")
+    assert fw_cfg < script.index('echo "$AGENT" | base64 -d')
+    assert "qemu_fw_cfg" in MODULES
+
+
+def test_init_starts_the_lab_shell_only_when_its_port_exists() -> None:
+    script = init_script()
+    assert f"if SHELLDEV=$(findport {SHELL_PORT_NAME} 1); then" in script
+    assert f'{SHELL} "$SHELLDEV"' in script
 
 
 def test_the_agent_control_script_starts_stops_and_reports() -> None:
@@ -54,7 +70,7 @@ def test_the_agent_control_script_starts_stops_and_reports() -> None:
 
 
 @pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox is not installed")
-@pytest.mark.parametrize("script", [init_script(), agent_control_script(), udhcpc_script()])
+@pytest.mark.parametrize("script", [init_script(), agent_control_script(), shell_script(), udhcpc_script()])
 def test_the_scripts_are_valid_shell(script: str) -> None:
     proc = subprocess.run(["busybox", "sh", "-n"], input=script, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
