@@ -228,6 +228,19 @@ class LibvirtInventory:
             ),
         )
 
+    def attach_device(self, uuid: str, xml: str) -> None:
+        """Hot-plug the device `xml` (e.g. an ``<interface>``) into the running domain (live only)."""
+        dom = self._lookup(uuid)
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        self._call(f"attach a device to {uuid}", lambda _c: dom.attachDeviceFlags(xml, flags))
+
+    def detach_device(self, uuid: str, xml: str) -> None:
+        """Ask the running domain to release the device `xml` (live only). The guest must cooperate (ACPI
+        hot-unplug); it is gone when libvirt reports the device removed, which may be seconds later."""
+        dom = self._lookup(uuid)
+        flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        self._call(f"detach a device from {uuid}", lambda _c: dom.detachDeviceFlags(xml, flags))
+
     # --- actions (each reported to on_action) ---
 
     def pause(self, uuid: str) -> bool:

@@ -182,12 +182,7 @@ def domain_xml(spec: DomainSpec) -> str:
         ET.SubElement(dom, event).text = "destroy"
     devices = ET.SubElement(dom, "devices")
     ET.SubElement(devices, "emulator").text = EMULATOR
-    iface = ET.SubElement(devices, "interface", type="bridge")
-    ET.SubElement(iface, "source", bridge=spec.bridge)
-    ET.SubElement(iface, "target", dev=spec.tap)
-    ET.SubElement(iface, "mac", address=spec.mac)
-    ET.SubElement(iface, "model", type="virtio")
-    ET.SubElement(iface, "rom", enabled="no")
+    devices.append(_interface(bridge=spec.bridge, tap=spec.tap, mac=spec.mac))
     ports = [(spec.channel_path, AGENT_CHANNEL)]
     if spec.shell_path is not None:
         ports.append((spec.shell_path, guest_init.SHELL_PORT_NAME))
@@ -202,6 +197,29 @@ def domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(devices, "memballoon", model="none")
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")
+
+
+def interface_xml(*, bridge: str, tap: str, mac: str) -> str:
+    """A virtio ``<interface type='bridge'>`` on `bridge` with tap `tap` and `mac`: for a domain, or to hot-plug
+    (`LibvirtInventory.attach_device`). Pure; `InvalidInputError` for names outside [A-Za-z0-9_.:-]."""
+    problems = [
+        Problem(field, f"{value!r} has characters outside [A-Za-z0-9_.:-]")
+        for field, value in (("bridge", bridge), ("tap", tap), ("mac", mac))
+        if not _SAFE_NAME.fullmatch(value)
+    ]
+    if problems:
+        raise InvalidInputError("interface", problems)
+    return ET.tostring(_interface(bridge=bridge, tap=tap, mac=mac), encoding="unicode")
+
+
+def _interface(*, bridge: str, tap: str, mac: str) -> ET.Element:
+    iface = ET.Element("interface", type="bridge")
+    ET.SubElement(iface, "source", bridge=bridge)
+    ET.SubElement(iface, "target", dev=tap)
+    ET.SubElement(iface, "mac", address=mac)
+    ET.SubElement(iface, "model", type="virtio")
+    ET.SubElement(iface, "rom", enabled="no")
+    return iface
 
 
 # -------------------------------------------------------------------------------------------------- I/O

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
-from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, VmAction
+from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, DomainNic, VmAction
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.engine import Engine
 
@@ -51,6 +51,20 @@ def vm_docs(domains: Iterable[DomainInfo], bridges: Mapping[str, str]) -> tuple[
     return tuple(sorted(out, key=lambda v: str(v["id"])))
 
 
+def unprotected_nics(
+    domains: Iterable[DomainInfo], bridges: Mapping[str, str]
+) -> tuple[tuple[DomainInfo, DomainNic], ...]:
+    """The NICs on managed bridges that are not a VM's port: every one after a running domain's first. They are
+    unknown ports on the bridge, so they get nothing (fail closed); the watcher reports each once."""
+    out: list[tuple[DomainInfo, DomainNic]] = []
+    for d in domains:
+        if not d.is_active:
+            continue
+        managed = [n for n in d.interfaces if n.tap and n.bridge in bridges]
+        out.extend((d, nic) for nic in managed[1:])
+    return tuple(out)
+
+
 def managed_bridges(engine: Engine) -> dict[str, str]:
     compiled = engine.current
     if compiled is None:
@@ -65,6 +79,7 @@ class InventoryWatcher:
         self.inventory = LibvirtInventory(uri, on_action=self._record)
         self.events: queue.Queue[DomainEvent] = queue.Queue()
         self.domains: list[DomainInfo] = []
+        self._reported: set[tuple[str, str]] = set()  # (uuid, mac) of unprotected NICs already reported
 
     def run(self, stop: threading.Event) -> None:
         watcher = LibvirtEvents(self.uri, on_event=self.events.put)
@@ -91,7 +106,8 @@ class InventoryWatcher:
         except HyperfenceError as e:
             log.warning("libvirt %s cannot be read (keeping the last known VMs): %s", self.uri, e)
             return False
-        docs = vm_docs(self.domains, managed_bridges(self.engine))
+        bridges = managed_bridges(self.engine)
+        docs = vm_docs(self.domains, bridges)
         if self.engine.set_discovered(docs):
             try:
                 self.engine.converge()
@@ -99,7 +115,32 @@ class InventoryWatcher:
                 log.error("converge after an inventory change failed: %s", e)
             for why in self.engine.skipped:
                 log.warning("%s", why)
+        self._report_unprotected(unprotected_nics(self.domains, bridges))
         return True
+
+    def _report_unprotected(self, nics: tuple[tuple[DomainInfo, DomainNic], ...]) -> None:
+        """One `nic-unprotected` event (and warning) per extra NIC, when it appears."""
+        keys = set()
+        for d, nic in nics:
+            key = (d.uuid, nic.mac)
+            keys.add(key)
+            if key in self._reported:
+                continue
+            message = (
+                f"{d.name}: NIC {nic.mac} (tap {nic.tap}) on managed bridge {nic.bridge} gets no traffic: "
+                "hyperfence protects one NIC per VM, the first on a managed bridge; move this NIC to an "
+                "unmanaged bridge or remove it"
+            )
+            log.warning("%s", message)
+            try:
+                self.engine.store.add_event(
+                    "nic-unprotected",
+                    {"mac": nic.mac, "tap": nic.tap, "bridge": nic.bridge, "message": message},
+                    vm=d.uuid,
+                )
+            except HyperfenceError as e:
+                log.warning("event not recorded: %s", e)
+        self._reported = keys
 
     def _record(self, action: VmAction) -> None:
         """Every VM action through libvirt is an event of that VM."""

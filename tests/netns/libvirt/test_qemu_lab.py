@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from hyperfence.cli.main import app
 from hyperfence.lab.domains import (
     define_lab_domain,
+    interface_xml,
     lab_domain_spec,
     prepare_qemu_dir,
     qemu_dir,
@@ -31,7 +32,7 @@ from hyperfence.lab.guest_shell import GuestResult, run_in_guest, wait_for_shell
 from hyperfence.lab.image import build_image
 from hyperfence.lab.libvirtd import ensure_libvirtd, running_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
-from hyperfence.lab.qemu import down_qemu, qemu_policy, up_qemu
+from hyperfence.lab.qemu import define_lab_guest, down_qemu, qemu_policy, up_qemu
 from hyperfence.lab.topology import create_lab, destroy_lab, run_in_host
 from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.engine import Engine
@@ -291,3 +292,63 @@ def test_a_pause_policy_pauses_a_silent_guest_in_libvirt(lab: tuple[LabPlan, Eng
         stop.set()
         thread.join(timeout=5)
         watcher.inventory.close()
+
+
+def in_port_map(plan: LabPlan, tap: str) -> bool:
+    """Is `tap` a known port in the kernel (the bridge table's port map)?"""
+    out = run_in_host(plan, ["nft", "-j", "list", "map", "bridge", "hyperfence", "out_ports"]).stdout.decode()
+    return f'"{tap}"' in out
+
+
+def test_nic_hotplug_follows_the_guest_and_an_extra_nic_gets_nothing(lab: tuple[LabPlan, Engine]) -> None:
+    """Events drive the inventory: unplug the guest's NIC -> its VM and rules go; plug it back -> rules are in
+    the kernel and the allowed port answers again; a second NIC on the managed bridge is reported and dropped."""
+    plan, engine = lab
+    image = build_image()
+    ensure_libvirtd(plan, qemu_as_root=True)
+    prepare_qemu_dir(plan)
+    vm1 = plan.vm("vm1")
+    doc = qemu_policy(plan)
+    doc["rules"] = [
+        {"id": "web", "from": "host", "to": f"vm:hf-{plan.name}-vm1", "protocol": "tcp", "ports": [8080]}
+    ]
+    engine.store_policy(doc, source="test")
+    engine.converge()
+    watcher = InventoryWatcher(engine)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    shell = shell_socket(plan, "vm1")
+    nic = interface_xml(bridge=plan.bridge, tap=vm1.port, mac=vm1.mac)
+    try:
+        info = define_lab_guest(watcher.inventory, plan, engine, "vm1", image)
+        wait_for_shell(shell, timeout=90)
+        wait_for("vm1 served", lambda: probe(plan, str(vm1.ip)).startswith("HTTP/1."), 30, plan)
+
+        watcher.inventory.detach_device(info.uuid, nic)  # the guest releases it (ACPI hot-unplug)
+        wait_for("vm1 gone from the kernel", lambda: not in_port_map(plan, vm1.port), 30, plan)
+        assert engine.current is not None and engine.current.policy.vms == ()
+
+        watcher.inventory.attach_device(info.uuid, nic)
+        took = wait_for("vm1 back in the kernel", lambda: in_port_map(plan, vm1.port), 10, plan)
+        up = run_in_guest(
+            shell, f"i=$(basename /sys/class/net/eth*); ip link set $i up; ip addr add {vm1.ip}/22 dev $i"
+        )
+        assert up.ok, up
+        wait_for("vm1 served again", lambda: probe(plan, str(vm1.ip)).startswith("HTTP/1."), 30, plan)
+
+        extra = interface_xml(bridge=plan.bridge, tap=f"{vm1.port}x", mac="52:54:00:fe:00:01")
+        watcher.inventory.attach_device(info.uuid, extra)
+        wait_for(
+            "the extra NIC reported",
+            lambda: any(
+                e["tap"] == f"{vm1.port}x" for e in engine.store.events(kind="nic-unprotected", vm=info.uuid)
+            ),
+            10,
+            plan,
+        )
+        assert not in_port_map(plan, f"{vm1.port}x") and in_port_map(plan, vm1.port)
+        print(f"NIC plugged back -> its rules in the kernel after {took:.2f} s")
+    finally:
+        stop.set()
+        thread.join(timeout=10)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy
-from hyperfence.reconcile.inventory import vm_docs
+from hyperfence.reconcile.inventory import unprotected_nics, vm_docs
 from tests.unit.policy.test_parse import doc
 
 BRIDGES = {"br0": "lab"}
@@ -52,3 +54,18 @@ def test_a_domain_without_addresses_is_left_out_with_a_reason() -> None:
     bare = DomainInfo(d.uuid, d.name, d.state, d.interfaces, None, d.labels, ips=())
     merged, skipped = merge_discovered(doc(vms=[]), vm_docs([bare], BRIDGES))
     assert merged["vms"] == [] and "ips" in skipped[0]
+
+
+def test_nics_after_the_first_on_a_managed_bridge_are_reported_unprotected() -> None:
+    two = dataclasses.replace(
+        dom("multi"),
+        interfaces=(
+            DomainNic("52:54:00:00:00:02", "vnet1", "br0"),
+            DomainNic("52:54:00:00:00:03", "vnet2", "virbr0"),  # unmanaged bridge: not ours
+            DomainNic("52:54:00:00:00:04", "vnet3", "br0"),
+        ),
+    )
+    off = dataclasses.replace(two, uuid="uuid-off", name="off", state="shutoff")
+    assert [d["port"] for d in vm_docs([two, off], BRIDGES)] == ["vnet1"]
+    extra = unprotected_nics([two, off, dom("single")], BRIDGES)
+    assert [(d.name, n.tap) for d, n in extra] == [("multi", "vnet3")]
