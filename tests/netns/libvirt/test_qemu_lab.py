@@ -294,6 +294,12 @@ def test_a_pause_policy_pauses_a_silent_guest_in_libvirt(lab: tuple[LabPlan, Eng
         watcher.inventory.close()
 
 
+WAIT_FOR_ETH = (
+    "i=; for n in $(seq 1 75); do for d in /sys/class/net/eth*; do [ -e $d ] && i=${d##*/}; done; "
+    '[ -n "$i" ] && break; sleep 0.2; done'
+)
+
+
 def in_port_map(plan: LabPlan, tap: str) -> bool:
     """Is `tap` a known port in the kernel (the bridge table's port map)?"""
     out = run_in_host(plan, ["nft", "-j", "list", "map", "bridge", "hyperfence", "out_ports"]).stdout.decode()
@@ -331,8 +337,9 @@ def test_nic_hotplug_follows_the_guest_and_an_extra_nic_gets_nothing(lab: tuple[
 
         watcher.inventory.attach_device(info.uuid, nic)
         took = wait_for("vm1 back in the kernel", lambda: in_port_map(plan, vm1.port), 10, plan)
+        # the guest sees the new PCI device and binds virtio_net a moment later: wait for its ethN
         up = run_in_guest(
-            shell, f"i=$(basename /sys/class/net/eth*); ip link set $i up; ip addr add {vm1.ip}/22 dev $i"
+            shell, f"{WAIT_FOR_ETH}; ip link set $i up && ip addr add {vm1.ip}/22 dev $i", timeout=20
         )
         assert up.ok, up
         wait_for("vm1 served again", lambda: probe(plan, str(vm1.ip)).startswith("HTTP/1."), 30, plan)
