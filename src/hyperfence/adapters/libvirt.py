@@ -40,6 +40,7 @@ from hyperfence.adapters.libvirt_xml import (
     lifecycle_kind,
     parse_domain_xml,
     state_name,
+    with_fw_cfg_file,
 )
 from hyperfence.errors import (
     ConflictError,
@@ -227,6 +228,15 @@ class LibvirtInventory:
                 libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, XMLNS_PREFIX if text else None, XMLNS, flags
             ),
         )
+
+    def set_fw_cfg_file(self, uuid: str, name: str, path: str) -> None:
+        """Add (or replace) firmware-config entry `name`, read from `path`, in the domain's persistent
+        definition; the guest sees it from its next boot. The rest of the definition is kept as is."""
+        dom = self._lookup(uuid)
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE  # SECURE: keep its secrets
+        xml = self._call(f"read the definition of {uuid}", lambda _c: dom.XMLDesc(flags))
+        changed = with_fw_cfg_file(xml, name, path)
+        self._call(f"redefine domain {uuid}", lambda conn: conn.defineXML(changed))
 
     def attach_device(self, uuid: str, xml: str) -> None:
         """Hot-plug the device `xml` (e.g. an ``<interface>``) into the running domain (live only)."""

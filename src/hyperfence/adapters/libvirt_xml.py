@@ -29,6 +29,11 @@ XMLNS = "https://hyperfence.dev/xmlns/1"
 XMLNS_PREFIX = "hf"
 AGENT_CHANNEL = "org.hyperfence.agent.0"
 """The virtio-serial port name of the hyperfence agent."""
+QEMU_USER = "libvirt-qemu"
+"""The user libvirt runs QEMU as on Debian (qemu.conf ``user``): files QEMU opens itself must be readable by it."""
+AGENT_FW_CFG = "opt/org.hyperfence/agent"
+"""The QEMU firmware-config file that hands the agent its JSON config (key included) at boot; in the guest:
+``/sys/firmware/qemu_fw_cfg/by_name/opt/org.hyperfence/agent/raw`` (module ``qemu_fw_cfg``, root only)."""
 
 # virDomainState
 DOMAIN_STATES = {
@@ -262,4 +267,36 @@ def labels_xml(labels: Mapping[str, str], *, namespaced: bool = True, ips: tuple
         label.text = labels[key]
     for addr in ips:
         ET.SubElement(root, f"{ns}ip").text = addr
+    return ET.tostring(root, encoding="unicode")
+
+
+def with_fw_cfg_file(xml: str, name: str, path: str) -> str:
+    """The domain `xml` with the firmware-config entry `name` read from file `path` (``<sysinfo type='fwcfg'>``),
+    replacing an entry of that name; everything else is kept. Pure; `InvalidInputError` for XML that is not a
+    domain, or a name or path QEMU would not take."""
+    problems = []
+    if not name.startswith("opt/") or any(c in name for c in ",\n"):
+        problems.append(Problem("name", f"{name!r} (expected opt/<vendor>/<name>, no commas)"))
+    if not path.startswith("/") or any(c in path for c in ",\n"):
+        problems.append(Problem("path", f"{path!r} (expected an absolute path without commas)"))
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own XML
+    except ET.ParseError as e:
+        raise InvalidInputError("domain XML", [Problem("xml", f"not XML: {e}")]) from e
+    if root.tag != "domain":
+        problems.append(Problem("xml", f"root element {root.tag!r} (expected 'domain')"))
+    if problems:
+        raise InvalidInputError("cannot add the firmware-config entry", problems)
+    ET.register_namespace(XMLNS_PREFIX, XMLNS)
+    sysinfo = root.find("sysinfo[@type='fwcfg']")
+    if sysinfo is None:
+        sysinfo = ET.Element("sysinfo", type="fwcfg")
+        after = [
+            i for i, child in enumerate(root) if child.tag in ("name", "uuid", "metadata", "memory", "vcpu")
+        ]
+        root.insert(max(after, default=-1) + 1, sysinfo)
+    for entry in sysinfo.findall("entry"):
+        if entry.get("name") == name:
+            sysinfo.remove(entry)
+    ET.SubElement(sysinfo, "entry", name=name, file=path)
     return ET.tostring(root, encoding="unicode")

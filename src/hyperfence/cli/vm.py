@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hyperfence import errors
+from hyperfence.adapters.libvirt_xml import AGENT_FW_CFG, QEMU_USER
 from hyperfence.daemon import request
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.model.policy import Policy, Vm
@@ -95,10 +97,22 @@ def vm_enroll(
         str | None,
         typer.Option(help="VM is a libvirt domain (name or UUID) at this URI: its UUID and channel socket."),
     ] = None,
+    fw_cfg: Annotated[
+        bool,
+        typer.Option(
+            "--fw-cfg",
+            help="With --libvirt: hand the config to the guest at its next boot as QEMU firmware config "
+            f"{AGENT_FW_CFG} (added to the domain's definition), instead of copying it in.",
+        ),
+    ] = False,
 ) -> None:
-    """Issue a new key for VM's agent and write the agent's config file (copy it into the guest)."""
+    """Issue a new key for VM's agent and write the agent's config file (copy it into the guest, or --fw-cfg)."""
     engine = _engine(ctx)
     host_path = None
+    if fw_cfg and not libvirt:
+        raise errors.InvalidInputError(
+            "--fw-cfg needs --libvirt URI", [errors.Problem("--fw-cfg", "given without --libvirt")]
+        )
     if libvirt:
         target, policy, host_path = _libvirt_vm(engine, vm, libvirt)
     else:
@@ -113,11 +127,35 @@ def vm_enroll(
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=1)
         f.write("\n")
+    handover = ""
+    if fw_cfg and libvirt:
+        handover = _hand_over_by_fw_cfg(libvirt, target.id, path)
     reloaded = _ask(engine, {"op": "agents-reload"}) is not None
     out.print(
         f"enrolled {target.name} ({target.id}): agent config {path} (contains the key: mode 0600)"
+        + handover
         + ("" if reloaded else "; no daemon is running: it reads the enrolment when it starts"),
         highlight=False,
+    )
+
+
+def _hand_over_by_fw_cfg(uri: str, uuid: str, path: Path) -> str:
+    """Let QEMU read the config (owner: its user, if that exists; still 0600) and name it in the domain."""
+    from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only with --libvirt
+
+    try:
+        qemu = pwd.getpwnam(QEMU_USER)
+        os.chown(path, qemu.pw_uid, qemu.pw_gid)
+    except KeyError:
+        pass
+    inventory = LibvirtInventory(uri)
+    try:
+        inventory.set_fw_cfg_file(uuid, AGENT_FW_CFG, str(path.resolve()))
+    finally:
+        inventory.close()
+    return (
+        f"; the domain hands it over as firmware config {AGENT_FW_CFG} from its next boot (in the guest: "
+        f"modprobe qemu_fw_cfg; agent --config /sys/firmware/qemu_fw_cfg/by_name/{AGENT_FW_CFG}/raw)"
     )
 
 

@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperfence.adapters.libvirt import LibvirtInventory
-from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, DomainInfo, labels_xml
+from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, QEMU_USER, DomainInfo, labels_xml
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError, Problem
 from hyperfence.lab import guest_init, topology
 from hyperfence.lab.plan import LabPlan
 
 EMULATOR = "/usr/bin/qemu-system-x86_64"
 MEMORY_MIB = 256
-QEMU_USER = "libvirt-qemu"
 
 
 @dataclass(frozen=True)

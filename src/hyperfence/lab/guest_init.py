@@ -33,11 +33,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, AGENT_FW_CFG
 from hyperfence.errors import InvalidInputError, Problem
 
-AGENT_PORT_NAME = "org.hyperfence.agent.0"
+AGENT_PORT_NAME = AGENT_CHANNEL
 SHELL_PORT_NAME = "org.hyperfence.lab.shell"
-FW_CFG_AGENT = "opt/org.hyperfence/agent"  # QEMU firmware-config file holding the agent's JSON config
+FW_CFG_AGENT = AGENT_FW_CFG  # QEMU firmware-config file holding the agent's JSON config
 SHELL = "/bin/hf-shell"
 AGENT_ZIPAPP = "/opt/hyperfence-agent.pyz"
 AGENT_CONFIG = "/etc/hyperfence-agent.json"

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from typer.testing import CliRunner
 from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
 from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, VmAction
 from hyperfence.cli.main import app
-from hyperfence.errors import ConflictError, NotFoundError, TemporaryError
+from hyperfence.errors import ConflictError, InvalidInputError, NotFoundError, TemporaryError
 from hyperfence.lab.domains import define_lab_domain, lab_domain_spec, lab_domains, prepare_qemu_dir
 from hyperfence.lab.libvirtd import ensure_libvirtd, kill_libvirtd, running_libvirtd, stop_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
@@ -180,6 +181,42 @@ def test_enroll_takes_a_domains_uuid_and_channel_socket(env: Env, tmp_path: path
         app, ["--state-dir", str(tmp_path), "vm", "enroll", "no-such-domain", "--libvirt", URI]
     )
     assert isinstance(r.exception, NotFoundError)
+
+
+def test_enroll_with_fw_cfg_puts_the_config_in_the_domains_definition(
+    env: Env, tmp_path: pathlib.Path
+) -> None:
+    doc = lab_policy(env.plan)
+    doc["vms"] = []
+    doc["settings"] = {"inventory": "libvirt"}
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine.store_policy(doc, source="test")
+    engine.close()
+    info = define_lab_domain(
+        env.inventory, lab_domain_spec(env.plan, "vm2", memory_mib=64, labels={"t": "x"})
+    )
+    try:
+        argv = ["--state-dir", str(tmp_path), "vm", "enroll", info.name, "--libvirt", URI, "--fw-cfg"]
+        r = CliRunner().invoke(app, argv)
+        assert r.exit_code == 0, (r.output, r.exception)
+        path = tmp_path / "agents" / f"{info.name}.json"
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert "firmware config opt/org.hyperfence/agent" in " ".join(r.output.split())  # rich wraps
+        defined = ET.fromstring(virsh("dumpxml", "--inactive", info.uuid))  # noqa: S314 - libvirt's
+        entries = defined.findall("sysinfo[@type='fwcfg']/entry")
+        assert [(e.get("name"), e.get("file")) for e in entries] == [("opt/org.hyperfence/agent", str(path))]
+        assert env.inventory.domain(info.uuid).labels["t"] == "x"  # the rest of the definition is kept
+        r = CliRunner().invoke(app, argv)  # again: a new key, still one entry
+        assert r.exit_code == 0, (r.output, r.exception)
+        defined = ET.fromstring(virsh("dumpxml", "--inactive", info.uuid))  # noqa: S314
+        assert len(defined.findall("sysinfo[@type='fwcfg']/entry")) == 1
+        env.inventory.destroy(info.uuid)
+        assert env.inventory.start(info.uuid) is True  # QEMU reads the file when it starts
+        r = CliRunner().invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", info.name, "--fw-cfg"])
+        assert isinstance(r.exception, InvalidInputError) and "--libvirt" in str(r.exception)
+    finally:
+        env.inventory.destroy(info.uuid)
+        env.inventory.undefine(info.uuid)
 
 
 def test_actions_act_and_events_arrive(env: Env) -> None:

@@ -20,6 +20,7 @@ from hyperfence.adapters.libvirt_xml import (
     lifecycle_kind,
     parse_domain_xml,
     state_name,
+    with_fw_cfg_file,
 )
 from hyperfence.errors import InvalidInputError
 from hyperfence.lab.domains import DomainSpec, domain_xml, lab_domain_spec
@@ -246,3 +247,38 @@ def test_unknown_lab_vm() -> None:
     with pytest.raises(Exception, match="no VM called 'vm9'"):
         lab_domain_spec(plan_lab("t1", 1), "vm9")
     assert Path(lab_domain_spec(plan_lab("t1", 1), "vm1").channel_path).name == "vm1.agent.sock"
+
+
+# --- handing the agent its config (fw_cfg) --------------------------------------------------------------
+
+DEFINED = f"""<domain type='kvm'>
+  <name>web1</name><uuid>{UUID}</uuid>
+  <metadata><hf:labels xmlns:hf="{XMLNS}"><hf:label key="tier">web</hf:label></hf:labels></metadata>
+  <memory unit='KiB'>262144</memory>
+  <os><type>hvm</type></os>
+  <devices><graphics type='vnc' passwd='s3cret'/></devices>
+</domain>"""
+
+
+def test_a_fw_cfg_entry_is_added_once_and_the_rest_is_kept() -> None:
+    once = with_fw_cfg_file(DEFINED, "opt/org.hyperfence/agent", "/var/lib/hf/web1.json")
+    twice = with_fw_cfg_file(once, "opt/org.hyperfence/agent", "/var/lib/hf/web1-new.json")
+    root = tree(twice)
+    entries = root.findall("sysinfo[@type='fwcfg']/entry")
+    assert [(e.get("name"), e.get("file")) for e in entries] == [
+        ("opt/org.hyperfence/agent", "/var/lib/hf/web1-new.json")
+    ]
+    assert [c.tag for c in root][:5] == ["name", "uuid", "metadata", "memory", "sysinfo"]
+    info = parse_domain_xml(twice)
+    assert (info.name, info.uuid, info.labels) == ("web1", UUID, {"tier": "web"})
+    assert root.find("devices/graphics").get("passwd") == "s3cret"  # type: ignore[union-attr]
+    other = with_fw_cfg_file(twice, "opt/com.example/x", "/x")
+    assert len(tree(other).findall("sysinfo[@type='fwcfg']/entry")) == 2
+
+
+def test_a_fw_cfg_entry_qemu_would_not_take_is_refused_with_every_reason() -> None:
+    with pytest.raises(InvalidInputError) as exc:
+        with_fw_cfg_file("<network/>", "agent", "relative,path")
+    assert [p.path for p in exc.value.problems] == ["name", "path", "xml"]
+    with pytest.raises(InvalidInputError, match="not XML"):
+        with_fw_cfg_file("<domain", "opt/a/b", "/x")
