@@ -143,7 +143,7 @@ def agent_row(monitor: AgentMonitor, uuid: str) -> dict[str, object]:
 
 
 @contextlib.contextmanager
-def running_monitor(engine: Engine, grace: float) -> Iterator[AgentMonitor]:
+def running_monitor(engine: Engine, grace: float) -> Iterator[tuple[AgentMonitor, InventoryWatcher]]:
     """The inventory read once (the guests become policy VMs) and an agent monitor running on its thread."""
     watcher = InventoryWatcher(engine)
     assert watcher.refresh()
@@ -152,7 +152,7 @@ def running_monitor(engine: Engine, grace: float) -> Iterator[AgentMonitor]:
     thread = threading.Thread(target=monitor.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        yield monitor
+        yield monitor, watcher
     finally:
         stop.set()
         thread.join(timeout=5)
@@ -179,7 +179,7 @@ def test_inside_the_guests_deny_allow_deny_and_a_killed_agent_isolates_its_guest
         engine.store_policy(doc, source="test")
         engine.converge()
 
-    with running_monitor(engine, grace) as monitor:
+    with running_monitor(engine, grace) as (monitor, watcher):
         for shell in (shell1, shell2):
             wait_for_shell(shell, timeout=90)
         wait_for("both agents ok", lambda: all(r["status"] == "ok" for r in monitor.snapshot()), 60, plan)
@@ -208,7 +208,13 @@ def test_inside_the_guests_deny_allow_deny_and_a_killed_agent_isolates_its_guest
         assert run_in_guest(shell2, "hf-agent start").ok  # back: released after good beats
         wait_for("vm2 released", lambda: agent_row(monitor, uuid2)["isolated"] is None, 30, plan)
         assert ping(shell1, ip2).ok
-        print(f"agent killed in vm2 -> isolated after {took:.1f} s")
+
+        doc["heartbeats"][0]["action"] = "pause"  # the same crash under a pause policy: paused in libvirt
+        set_icmp("allow")
+        assert run_in_guest(shell2, "kill -9 $(cat /run/hf-agent.pid)").ok
+        paused = wait_for("vm2 paused", lambda: watcher.inventory.domain(uuid2).state == "paused", 10, plan)
+        assert agent_row(monitor, uuid2)["isolated"] is not None
+        print(f"agent killed in vm2 -> isolated after {took:.1f} s; under pause: paused after {paused:.1f} s")
 
 
 def test_a_guest_started_while_the_daemon_is_down_gets_nothing_until_its_rules_are_in(
