@@ -155,13 +155,18 @@ def test_the_inventory_gives_a_started_domain_its_rules_and_nothing_before(
         engine.close()
 
 
-def test_enroll_takes_a_domains_uuid_and_channel_socket(env: Env, tmp_path: pathlib.Path) -> None:
-    doc = lab_policy(env.plan)
+def store_inventory_policy(plan: LabPlan, state: pathlib.Path) -> None:
+    """The lab's networks, no VMs (they come from libvirt), stored in `state` for the CLI to find."""
+    doc = lab_policy(plan)
     doc["vms"] = []
     doc["settings"] = {"inventory": "libvirt"}
-    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine = Engine(netns=None, state_dir=str(state))
     engine.store_policy(doc, source="test")
     engine.close()
+
+
+def test_enroll_takes_a_domains_uuid_and_channel_socket(env: Env, tmp_path: pathlib.Path) -> None:
+    store_inventory_policy(env.plan, tmp_path)
     r = CliRunner().invoke(
         app, ["--state-dir", str(tmp_path), "vm", "enroll", env.vm1.name, "--libvirt", URI]
     )
@@ -186,12 +191,7 @@ def test_enroll_takes_a_domains_uuid_and_channel_socket(env: Env, tmp_path: path
 def test_enroll_with_fw_cfg_puts_the_config_in_the_domains_definition(
     env: Env, tmp_path: pathlib.Path
 ) -> None:
-    doc = lab_policy(env.plan)
-    doc["vms"] = []
-    doc["settings"] = {"inventory": "libvirt"}
-    engine = Engine(netns=None, state_dir=str(tmp_path))
-    engine.store_policy(doc, source="test")
-    engine.close()
+    store_inventory_policy(env.plan, tmp_path)
     info = define_lab_domain(
         env.inventory, lab_domain_spec(env.plan, "vm2", memory_mib=64, labels={"t": "x"})
     )

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -68,6 +69,15 @@ def lab(tmp_path: Path) -> Iterator[tuple[LabPlan, Engine]]:
             destroy_lab(plan.name)
 
 
+def web_policy(plan: LabPlan) -> dict[str, Any]:
+    """No VMs typed in (libvirt's), and one rule: the host may reach vm1's port 8080."""
+    doc = qemu_policy(plan)
+    doc["rules"] = [
+        {"id": "web", "from": "host", "to": f"vm:hf-{plan.name}-vm1", "protocol": "tcp", "ports": [8080]}
+    ]
+    return doc
+
+
 def probe(plan: LabPlan, ip: str) -> str:
     return run_in_host(plan, ["python3", "-c", PROBE, ip], timeout=15).stdout.decode().strip()
 
@@ -77,11 +87,7 @@ def test_guests_found_in_libvirt_report_and_are_filtered(lab: tuple[LabPlan, Eng
     t0 = time.monotonic()
     domains = up_qemu(plan, engine)
     assert len(domains) == 2
-    doc = qemu_policy(plan)
-    doc["rules"] = [
-        {"id": "web", "from": "host", "to": f"vm:hf-{plan.name}-vm1", "protocol": "tcp", "ports": [8080]}
-    ]
-    engine.store_policy(doc, source="test")
+    engine.store_policy(web_policy(plan), source="test")
     engine.converge()
     watcher = InventoryWatcher(engine)
     assert watcher.refresh()
@@ -221,11 +227,7 @@ def test_a_guest_started_while_the_daemon_is_down_gets_nothing_until_its_rules_a
     lab: tuple[LabPlan, Engine],
 ) -> None:
     plan, engine = lab
-    doc = qemu_policy(plan)
-    doc["rules"] = [
-        {"id": "web", "from": "host", "to": f"vm:hf-{plan.name}-vm1", "protocol": "tcp", "ports": [8080]}
-    ]
-    engine.store_policy(doc, source="test")
+    engine.store_policy(web_policy(plan), source="test")
     engine.converge()  # what a daemon left in the kernel before it stopped: no guest is known
     up_qemu(plan, engine)  # the guests start while no daemon runs
     vm1 = str(plan.vm("vm1").ip)
@@ -320,11 +322,7 @@ def test_nic_hotplug_follows_the_guest_and_an_extra_nic_gets_nothing(lab: tuple[
     ensure_libvirtd(plan, qemu_as_root=True)
     prepare_qemu_dir(plan)
     vm1 = plan.vm("vm1")
-    doc = qemu_policy(plan)
-    doc["rules"] = [
-        {"id": "web", "from": "host", "to": f"vm:hf-{plan.name}-vm1", "protocol": "tcp", "ports": [8080]}
-    ]
-    engine.store_policy(doc, source="test")
+    engine.store_policy(web_policy(plan), source="test")
     engine.converge()
     watcher = InventoryWatcher(engine)
     stop = threading.Event()
