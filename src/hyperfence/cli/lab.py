@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,9 +15,11 @@ from rich.table import Table
 
 from hyperfence.errors import NotFoundError
 from hyperfence.lab import agents as lab_agents
+from hyperfence.lab import domains as lab_domains
 from hyperfence.lab import image as lab_image
 from hyperfence.lab import qemu as lab_qemu
 from hyperfence.lab import topology
+from hyperfence.lab.guest_shell import run_in_guest
 from hyperfence.lab.plan import plan_lab
 from hyperfence.lab.policy import lab_policy
 from hyperfence.lab.session import STATE_ROOT
@@ -106,8 +109,17 @@ def status(name: NameOpt = "lab") -> None:
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def exec_cmd(ctx: typer.Context, vm: str, name: NameOpt = "lab") -> None:
-    """Run a command inside a lab VM (or `host` / `outside`): hyperfence lab exec vm1 -- ping -c1 10.77.0.12"""
+def exec_cmd(
+    ctx: typer.Context,
+    vm: str,
+    name: NameOpt = "lab",
+    timeout: Annotated[
+        int, typer.Option(help="QEMU guests: the guest stops the command after this many seconds.")
+    ] = 30,
+) -> None:
+    """Run a command inside a lab VM (or `host` / `outside`): hyperfence lab exec vm1 -- ping -c1 10.77.0.12
+
+    In a `lab up --qemu` lab the command runs in the guest through its lab shell (docs/guests.md)."""
     plan = topology.read_lab(name)
     if plan is None:
         raise NotFoundError(f"lab {name!r} does not exist (run `hyperfence lab up --name {name}`)")
@@ -124,6 +136,11 @@ def exec_cmd(ctx: typer.Context, vm: str, name: NameOpt = "lab") -> None:
             raise NotFoundError(
                 f"lab {name!r} has no VM {vm!r} (expected host, outside or vm1..vm{len(plan.vms)})"
             )
+        shell = lab_domains.shell_socket(plan, vm)
+        if not (topology.NETNS_DIR / match.netns).exists() and shell.exists():  # a QEMU guest (lab up --qemu)
+            result = run_in_guest(shell, shlex.join(argv), timeout=timeout)
+            sys.stdout.write(result.output)
+            raise typer.Exit(result.status)
         netns = match.netns
     sys.stdout.flush()
     os.execvp("ip", ["ip", "netns", "exec", netns, *argv])  # noqa: S606 - replaces this process by design

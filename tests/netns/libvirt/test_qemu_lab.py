@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from hyperfence.cli.lab import app as lab_app
 from hyperfence.cli.main import app
 from hyperfence.lab.domains import (
     define_lab_domain,
@@ -190,6 +191,10 @@ def test_inside_the_guests_deny_allow_deny_and_a_killed_agent_isolates_its_guest
             wait_for_shell(shell, timeout=90)
         wait_for("both agents ok", lambda: all(r["status"] == "ok" for r in monitor.snapshot()), 60, plan)
         assert run_in_guest(shell2, "ip -4 -o addr show dev eth0").output.split()[3] == f"{ip2}/22"
+        lab_exec = ["exec", "vm2", "--name", plan.name, "--"]  # `hyperfence lab exec` uses the lab shell too
+        r = CliRunner().invoke(lab_app, [*lab_exec, "cat", "/proc/sys/kernel/hostname"])
+        assert (r.exit_code, r.output) == (0, "hf-guest\n"), (r.output, r.exception)
+        assert CliRunner().invoke(lab_app, [*lab_exec, "sh", "-c", "exit 3"]).exit_code == 3
 
         denied = ping(shell1, ip2)  # no rule: default deny
         assert not denied.ok and "0 packets received" in denied.output, denied
