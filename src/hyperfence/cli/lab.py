@@ -165,4 +165,4 @@ def image(
         f"  initrd  {img.initrd}  {img.initrd_bytes / 1e6:.1f} MB "
         f"({img.initrd_unpacked_bytes / 1e6:.1f} MB unpacked, {img.stdlib_modules} stdlib files)"
     )
-    out.print("boot it by hand: see docs/guests.md (the agent's config goes on the kernel command line)")
+    out.print("boot it by hand: see docs/guests.md (the agent's config comes as QEMU firmware config)")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperfence.adapters.libvirt import LibvirtInventory
-from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, QEMU_USER, DomainInfo, labels_xml
+from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, AGENT_FW_CFG, QEMU_USER, DomainInfo, labels_xml
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError, Problem
 from hyperfence.lab import guest_init, topology
 from hyperfence.lab.plan import LabPlan
@@ -75,14 +75,19 @@ def qemu_dir(plan: LabPlan) -> Path:
     return topology.state_dir(plan.name) / "qemu"
 
 
+def lab_file(plan: LabPlan, vm: str, kind: str) -> Path:
+    """``<lab run dir>/qemu/vm<N>.<kind>``: lab VM `vm`'s sockets, console log and agent config."""
+    return qemu_dir(plan) / f"{plan.vm(vm).name}.{kind}"
+
+
 def shell_socket(plan: LabPlan, vm: str) -> Path:
     """The host end of lab VM `vm`'s lab shell (`hyperfence.lab.guest_shell.run_in_guest`)."""
-    return qemu_dir(plan) / f"{plan.vm(vm).name}.shell.sock"
+    return lab_file(plan, vm, "shell.sock")
 
 
 def agent_config_file(plan: LabPlan, vm: str) -> Path:
     """Where the lab keeps lab VM `vm`'s agent config for QEMU to hand over (fw_cfg)."""
-    return qemu_dir(plan) / f"{plan.vm(vm).name}.agent.json"
+    return lab_file(plan, vm, "agent.json")
 
 
 def lab_domain_spec(
@@ -98,7 +103,6 @@ def lab_domain_spec(
     the lab shell and the agent config file (`agent_config_file`; the guest starts no agent while it is
     missing or empty)."""
     lab_vm = plan.vm(vm)
-    qdir = qemu_dir(plan)
     if (kernel is None) != (initrd is None):
         raise InvalidInputError("lab domain", [Problem("kernel/initrd", "give both or neither")])
     cmdline = ""
@@ -109,8 +113,8 @@ def lab_domain_spec(
         mac=lab_vm.mac,
         bridge=plan.bridge,
         tap=lab_vm.port,
-        channel_path=str(qdir / f"{lab_vm.name}.agent.sock"),
-        console_path=str(qdir / f"{lab_vm.name}.console.log"),
+        channel_path=str(lab_file(plan, vm, "agent.sock")),
+        console_path=str(lab_file(plan, vm, "console.log")),
         shell_path=str(shell_socket(plan, vm)) if kernel is not None else None,
         agent_config_path=str(agent_config_file(plan, vm)) if kernel is not None else None,
         labels={**(labels or {}), "lab": plan.name, "vm": lab_vm.name},
@@ -127,18 +131,20 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
-def domain_xml(spec: DomainSpec) -> str:
-    """The libvirt domain XML of `spec`. Pure; `InvalidInputError` listing every bad field."""
-    problems = [
+def _unsafe_names(*fields: tuple[str, str]) -> list[Problem]:
+    """A problem for each (field, value) with characters that have no place in a libvirt name or path."""
+    return [
         Problem(field, f"{value!r} has characters outside [A-Za-z0-9_.:-]")
-        for field, value in (
-            ("name", spec.name),
-            ("tap", spec.tap),
-            ("bridge", spec.bridge),
-            ("mac", spec.mac),
-        )
+        for field, value in fields
         if not _SAFE_NAME.fullmatch(value)
     ]
+
+
+def domain_xml(spec: DomainSpec) -> str:
+    """The libvirt domain XML of `spec`. Pure; `InvalidInputError` listing every bad field."""
+    problems = _unsafe_names(
+        ("name", spec.name), ("tap", spec.tap), ("bridge", spec.bridge), ("mac", spec.mac)
+    )
     problems += [
         Problem(field, f"{value!r} is not an absolute path")
         for field, value in (
@@ -168,7 +174,7 @@ def domain_xml(spec: DomainSpec) -> str:
     metadata.append(ET.fromstring(labels_xml(spec.labels, ips=spec.ips)))  # noqa: S314 - our own text
     if spec.agent_config_path is not None:
         sysinfo = ET.SubElement(dom, "sysinfo", type="fwcfg")
-        ET.SubElement(sysinfo, "entry", name=guest_init.FW_CFG_AGENT, file=spec.agent_config_path)
+        ET.SubElement(sysinfo, "entry", name=AGENT_FW_CFG, file=spec.agent_config_path)
     os_el = ET.SubElement(dom, "os")
     ET.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
     if spec.kernel is not None:
@@ -201,11 +207,7 @@ def domain_xml(spec: DomainSpec) -> str:
 def interface_xml(*, bridge: str, tap: str, mac: str) -> str:
     """A virtio ``<interface type='bridge'>`` on `bridge` with tap `tap` and `mac`: for a domain, or to hot-plug
     (`LibvirtInventory.attach_device`). Pure; `InvalidInputError` for names outside [A-Za-z0-9_.:-]."""
-    problems = [
-        Problem(field, f"{value!r} has characters outside [A-Za-z0-9_.:-]")
-        for field, value in (("bridge", bridge), ("tap", tap), ("mac", mac))
-        if not _SAFE_NAME.fullmatch(value)
-    ]
+    problems = _unsafe_names(("bridge", bridge), ("tap", tap), ("mac", mac))
     if problems:
         raise InvalidInputError("interface", problems)
     return ET.tostring(_interface(bridge=bridge, tap=tap, mac=mac), encoding="unicode")

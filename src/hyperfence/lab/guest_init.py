@@ -38,7 +38,6 @@ from hyperfence.errors import InvalidInputError, Problem
 
 AGENT_PORT_NAME = AGENT_CHANNEL
 SHELL_PORT_NAME = "org.hyperfence.lab.shell"
-FW_CFG_AGENT = AGENT_FW_CFG  # QEMU firmware-config file holding the agent's JSON config
 SHELL = "/bin/hf-shell"
 AGENT_ZIPAPP = "/opt/hyperfence-agent.pyz"
 AGENT_CONFIG = "/etc/hyperfence-agent.json"
@@ -271,7 +270,7 @@ def _fill(template: str, **extra: str) -> str:
         "HTTP_ROOT": HTTP_ROOT,
         "SHELL_PORT": SHELL_PORT_NAME,
         "SHELL": SHELL,
-        "FW_CFG_AGENT": FW_CFG_AGENT,
+        "FW_CFG_AGENT": AGENT_FW_CFG,
         **extra,
     }
     for name, value in values.items():

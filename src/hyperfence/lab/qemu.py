@@ -13,6 +13,7 @@ from typing import Any
 from hyperfence.adapters.libvirt import LibvirtInventory
 from hyperfence.adapters.libvirt_xml import DomainInfo
 from hyperfence.lab.domains import (
+    agent_config_file,
     define_lab_domain,
     lab_domain_spec,
     prepare_qemu_dir,
@@ -62,8 +63,7 @@ def define_lab_guest(
         ips=(lab_vm.ip,),
     )
     _, config = enroll(engine, record, "virtio", interval=interval, host_path=spec.channel_path)
-    assert spec.agent_config_path is not None  # noqa: S101 - a spec with a kernel has one
-    write_agent_config(spec.agent_config_path, json.dumps(config, separators=(",", ":")))
+    write_agent_config(agent_config_file(plan, vm), json.dumps(config, separators=(",", ":")))
     if start:
         inventory.start(info.uuid)
         info = inventory.domain(info.uuid)
