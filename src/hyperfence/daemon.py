@@ -6,6 +6,9 @@
 * Control socket (`<state>/daemon.sock`, root only): `policy apply` asks the daemon to converge now and
   waits for the answer, so a one-rule change is applied by a process that already holds the kernel state.
 * Traffic log: NFLOG events from the rules -> JSON lines in `<state>/traffic.jsonl`.
+* Every long-running loop (control socket, reconcile, traffic log, inventory, agents) runs under a
+  `Supervisor`: a loop that fails is logged, recorded as a `loop-failed` event and restarted with backoff;
+  the `status` op (`hyperfence status`) says which loops run and which are down.
 
 The kernel rules do not depend on this process: a crash or `kill -9` leaves them exactly as they were (fail
 closed), and a restart that finds the kernel already right writes nothing.
@@ -22,13 +25,14 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from hyperfence.errors import HyperfenceError
+from hyperfence.model.text import printable
 from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.inventory import InventoryWatcher
+from hyperfence.reconcile.supervisor import Supervisor
 
 log = logging.getLogger("hyperfence.daemon")
 
@@ -36,6 +40,21 @@ CONTROL_SOCKET = "daemon.sock"
 MAX_REQUEST = 64 * 1024
 AGENT_OPS = ("agents", "agents-reload", "release")
 CHECKPOINT_IDLE = 2.0  # seconds without a change before the store's write-ahead log is checkpointed
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines that VM- or user-chosen text cannot forge or garble: control characters in the message
+    (a newline in a guest's process name, a terminal escape) are escaped. Tracebacks keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def control_path(state_dir: str) -> str:
@@ -86,31 +105,32 @@ class Daemon:
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self._server: socket.socket | None = None
-        self._threads: list[threading.Thread] = []
+        self.supervisor = Supervisor(self.stop_event, on_failure=self._loop_failed)
         self.last_key: str | None = None
         self._last_change: float | None = None  # monotonic time of the last applied change (None: none since
         # the last store checkpoint)
 
     # --- control socket ------------------------------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _serve(self, stop: threading.Event) -> None:
         path = control_path(self.engine.state_dir)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(path)
-        os.chmod(path, 0o600)
-        srv.listen(16)
-        srv.settimeout(0.5)
-        self._server = srv
-        while not self.stop_event.is_set():
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        try:
+            srv.bind(path)
+            os.chmod(path, 0o600)
+            srv.listen(16)
+            srv.settimeout(0.5)
+            self._server = srv
+            while not stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    continue
+                threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        finally:
+            srv.close()
 
     def _handle(self, conn: socket.socket) -> None:
         with conn:
@@ -124,8 +144,11 @@ class Daemon:
                     buf += chunk
                 req = json.loads(buf or b"{}")
                 reply = self._dispatch(req if isinstance(req, dict) else {})
-            except (ValueError, OSError) as e:
-                reply = {"ok": False, "error": f"bad request: {e}"}
+            except (ValueError, OSError, RecursionError) as e:
+                reply = {"ok": False, "error": f"bad request: {str(e)[:200]}"}
+            except Exception as e:  # a bug: answered, logged, and this connection's thread ends cleanly
+                log.exception("control request failed")
+                reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {str(e)[:200]}"}
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             if reply.get("changed"):
@@ -136,7 +159,7 @@ class Daemon:
         if op == "reconcile":
             return self._converge(full=bool(req.get("full")))
         if op == "status":
-            return {"ok": True, "pid": os.getpid(), "policy": self.last_key}
+            return {"ok": True, **self.health()}
         if op in AGENT_OPS:
             return self._agent_op(op, req)
         return {
@@ -159,6 +182,21 @@ class Daemon:
             return {"ok": True, **self.agents.release(vm)}
         except HyperfenceError as e:
             return {"ok": False, "error": str(e)}
+
+    def health(self) -> dict[str, Any]:
+        """What `hyperfence status` shows: the policy applied, each loop's state, the agent channels."""
+        down = self.supervisor.down()
+        return {
+            "pid": os.getpid(),
+            "policy": self.last_key,
+            "healthy": not down,
+            "down": down,
+            "loops": self.supervisor.status(),
+            "agent_channels": dict(self.agents.channel_stats) if self.agents is not None else None,
+        }
+
+    def _loop_failed(self, name: str, error: str, failures: int) -> None:
+        self.engine.store.add_event("loop-failed", {"loop": name, "error": error, "failures": failures})
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -190,22 +228,26 @@ class Daemon:
         }
 
     def run(self) -> None:
-        self._start(self._serve, "control")
+        self.supervisor.start("control", self._serve)
         self._converge(full=True)
         self._tidy(full=True)
+        self.supervisor.start("reconcile", self._reconcile)
         if self.traffic_log:  # after the first compile: the policy names the NFLOG group
-            self._start(self.read_traffic, "traffic")
+            self.supervisor.start("traffic", self.read_traffic)
         if self.inventory is not None:  # after the first compile: the policy names the managed bridges
-            inventory = self.inventory
-            self._start(lambda: inventory.run(self.stop_event), "inventory")
+            self.supervisor.start("inventory", self.inventory.run)
         if self.agents is not None:
-            agents = self.agents
-            self._start(lambda: agents.run(self.stop_event), "agents")
+            self.supervisor.start("agents", self.agents.run)
+        self.stop_event.wait()
+        self._shutdown()
+
+    def _reconcile(self, stop: threading.Event) -> None:
+        """Converge when the policy changed (checked every `poll` s) and fully every `resync` s."""
         next_resync = time.monotonic() + self.resync
-        while not self.stop_event.is_set():
+        while not stop.is_set():
             self._wake.wait(self.poll)
             self._wake.clear()
-            if self.stop_event.is_set():
+            if stop.is_set():
                 break
             full = time.monotonic() >= next_resync
             try:
@@ -220,7 +262,6 @@ class Daemon:
             if full:
                 next_resync = time.monotonic() + self.resync
             self._checkpoint_when_idle()
-        self._shutdown()
 
     def _tidy(self, *, full: bool) -> None:
         """After a change, so none of it lands inside the next apply: freeze the objects that exist now (a
@@ -245,15 +286,10 @@ class Daemon:
         except HyperfenceError as e:
             log.warning("store checkpoint skipped: %s", e)
 
-    def _start(self, fn: Callable[[], None], name: str) -> None:
-        t = threading.Thread(target=fn, name=f"hyperfence-{name}", daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def read_traffic(self) -> None:
+    def read_traffic(self, stop: threading.Event) -> None:
         from hyperfence.reconcile.traffic import run_traffic_log  # noqa: PLC0415 - optional at import
 
-        run_traffic_log(self.engine, self.stop_event)
+        run_traffic_log(self.engine, stop)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -264,8 +300,7 @@ class Daemon:
             self._server.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(control_path(self.engine.state_dir))
-        for t in self._threads:
-            t.join(timeout=2)
+        self.supervisor.join(timeout=2)
 
 
 def run_daemon(

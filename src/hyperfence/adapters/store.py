@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -76,14 +77,26 @@ class Store:
         # when idle instead (`checkpoint`); this bound only matters when no daemon runs.
         self._db.execute("PRAGMA wal_autocheckpoint=20000")
         self._db.executescript(SCHEMA)
+        # One connection, used by the daemon's threads in turn: a transaction must not take in another
+        # thread's statements, nor one thread's BEGIN meet another's open transaction.
+        self._lock = threading.RLock()
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:
-            return self._db.execute(sql, args)
+            with self._lock:
+                return self._db.execute(sql, args)
         except sqlite3.OperationalError as e:
             if "locked" in str(e):
                 raise TemporaryError(f"store {self.path} is busy ({e}); retry", retry_after=0.5) from None
             raise
+
+    def _row(self, sql: str, args: tuple[Any, ...] = ()) -> Any:
+        rows = self._rows(sql, args)
+        return rows[0] if rows else None
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self._lock:
+            return self._exec(sql, args).fetchall()
 
     def put_policy(self, document: Any, *, source: str) -> int:
         cur = self._exec(
@@ -93,18 +106,18 @@ class Store:
         return int(cur.lastrowid or 0)
 
     def latest_generation(self) -> int:
-        row = self._exec("SELECT MAX(generation) FROM policy").fetchone()
+        row = self._row("SELECT MAX(generation) FROM policy")
         return int(row[0] or 0)
 
     def get_policy(self, generation: int | None = None) -> StoredPolicy | None:
         if generation is None:
-            row = self._exec(
+            row = self._row(
                 "SELECT generation, created, source, document FROM policy ORDER BY generation DESC LIMIT 1"
-            ).fetchone()
+            )
         else:
-            row = self._exec(
+            row = self._row(
                 "SELECT generation, created, source, document FROM policy WHERE generation = ?", (generation,)
-            ).fetchone()
+            )
         if row is None:
             return None
         return StoredPolicy(int(row[0]), float(row[1]), str(row[2]), orjson.loads(row[3]))
@@ -128,7 +141,7 @@ class Store:
             where.append("vm = ?")
             args.append(vm)
         sql = f"SELECT id, time, kind, vm, data FROM events WHERE {' AND '.join(where)}"  # noqa: S608 - fixed
-        rows = self._exec(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        rows = self._rows(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
         return [
             {"id": r[0], "time": r[1], "kind": r[2], "vm": r[3], **json.loads(r[4])} for r in reversed(rows)
         ]
@@ -145,10 +158,10 @@ class Store:
         )
 
     def agents(self) -> dict[str, AgentRecord]:
-        rows = self._exec(
+        rows = self._rows(
             "SELECT vm, key, channel, last_seq, last_seen, agent, isolated, isolated_since, released_at "
             "FROM agents ORDER BY vm"
-        ).fetchall()
+        )
         return {
             r[0]: AgentRecord(
                 vm=r[0],
@@ -176,6 +189,15 @@ class Store:
                 ],
             )
 
+    def save_seqs(self, seqs: dict[str, int]) -> None:
+        """The last accepted sequence number of each VM (VM id -> seq), in one transaction; a seq never goes
+        back. Written every round in which agents were heard (replay protection across a crash)."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE agents SET last_seq = MAX(last_seq, ?) WHERE vm = ?",
+                [(seq, vm) for vm, seq in seqs.items()],
+            )
+
     def add_samples(self, rows: list[tuple[str, int, dict[str, float]]]) -> None:
         """Downsampled history: one row per VM and minute (the latest write of a minute wins)."""
         with self._transaction():
@@ -185,9 +207,9 @@ class Store:
             )
 
     def samples(self, vm: str, *, limit: int = 60) -> list[tuple[int, dict[str, float]]]:
-        rows = self._exec(
+        rows = self._rows(
             "SELECT minute, data FROM agent_samples WHERE vm = ? ORDER BY minute DESC LIMIT ?", (vm, limit)
-        ).fetchall()
+        )
         return [(int(r[0]), json.loads(r[1])) for r in reversed(rows)]
 
     def add_events(self, rows: list[tuple[str, str | None, dict[str, Any]]]) -> None:
@@ -201,16 +223,17 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise TemporaryError(f"store {self.path} is busy ({e}); retry", retry_after=0.5) from None
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise TemporaryError(f"store {self.path} is busy ({e}); retry", retry_after=0.5) from None
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def checkpoint(self) -> None:
         """Fold the write-ahead log into the database without waiting for readers (cheap when it is small)."""

@@ -30,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
+import re
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -38,7 +40,17 @@ VERSION = 1
 MAC_LEN = 32
 HEADER = struct.Struct(">I")
 MAX_FRAME = 256 * 1024  # a beat is ~2-10 KB; anything near this bound is an attack or a bug
+MAX_DEPTH = 16  # nesting of arrays/objects in a body; a beat needs 5
+MAX_SEQ = 2**63 - 1  # what the host's store holds (SQLite INTEGER)
+MAX_VM_ID = 128
 KINDS = ("hello", "beat", "bye")
+
+# A JSON string, possibly unterminated (the optional closing quote keeps every match linear in its length,
+# so no input can make the scan quadratic), and everything that is not a bracket.
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.S)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+# How a body names its VM (the agent writes compact JSON): used only to pick the key a claim is checked with.
+_VM_FIELD = re.compile(rb'"vm":"([^"\\]{1,%d})"' % MAX_VM_ID)
 
 
 class WireError(Exception):
@@ -71,8 +83,39 @@ def next_seq(last: int, now: float) -> int:
     return max(last + 1, int(now * 1000))
 
 
+def too_deep(payload: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON text nests arrays/objects deeper than `limit` (or has unbalanced brackets), found without
+    parsing it: strings are cut out, then innermost bracket pairs are removed `limit` times. Linear in the
+    payload and C-speed (the json module would recurse, and raise RecursionError, on a deep enough body)."""
+    if payload.count(b"[") + payload.count(b"{") <= limit:
+        return False
+    brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", payload))
+    for _ in range(limit):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+    return bool(brackets)
+
+
+def named_vms(frame: bytes, most: int = 4) -> list[str]:
+    """The VM ids an (unverified) frame's body names, at most `most`: which keys a receiver may try on a
+    connection that is not any VM's channel yet. Nothing here is trusted; the MAC decides."""
+    out: list[str] = []
+    for m in _VM_FIELD.finditer(frame, 1 + MAC_LEN):
+        try:
+            vm = m.group(1).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if vm not in out:
+            out.append(vm)
+        if len(out) >= most:
+            break
+    return out
+
+
 def verify(key: bytes, frame: bytes, vm: str) -> dict[str, Any]:
-    """The body of one frame (without its length prefix), checked. Raises WireError."""
+    """The body of one frame (without its length prefix), checked. Raises WireError, and nothing else, for
+    any input: the body is parsed only after its MAC verified, and only when its nesting is bounded."""
     if len(frame) <= 1 + MAC_LEN:
         raise WireError("malformed", f"frame of {len(frame)} bytes is shorter than its header")
     if frame[0] != VERSION:
@@ -81,24 +124,26 @@ def verify(key: bytes, frame: bytes, vm: str) -> dict[str, Any]:
     want = hmac.new(key, frame[:1] + payload, hashlib.sha256).digest()
     if not hmac.compare_digest(mac, want):
         raise WireError("forged", "the MAC does not verify with this VM's key")
+    if too_deep(payload):
+        raise WireError("malformed", f"body nests deeper than {MAX_DEPTH} levels (or is unbalanced)")
     try:
         body = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise WireError("malformed", f"body is not UTF-8 JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WireError("malformed", f"body is not UTF-8 JSON ({str(e)[:80]})") from None
     if not isinstance(body, dict):
         raise WireError("malformed", f"body is a JSON {type(body).__name__} (expected an object)")
     if body.get("vm") != vm:
         raise WireError("forged", f"signed for VM {str(body.get('vm'))[:80]!r} on the channel of {vm!r}")
     seq, kind, data = body.get("seq"), body.get("kind"), body.get("data")
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise WireError("malformed", f"seq {str(seq)[:40]!r} (expected a non-negative integer)")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+        raise WireError("malformed", f"seq {str(seq)[:40]!r} (expected an integer from 0 to 2**63-1)")
     if kind not in KINDS:
         raise WireError("malformed", f"kind {str(kind)[:40]!r} (expected one of {', '.join(KINDS)})")
     if not isinstance(data, dict):
         raise WireError("malformed", "data is not an object")
     t = body.get("t")
-    if not isinstance(t, (int, float)) or isinstance(t, bool):
-        raise WireError("malformed", f"t {str(t)[:40]!r} (expected a number)")
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
+        raise WireError("malformed", f"t {str(t)[:40]!r} (expected a finite number)")
     return body
 
 

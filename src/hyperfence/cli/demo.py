@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from hyperfence.cli import render
+from hyperfence.cli.output import plain
 from hyperfence.daemon import Daemon
 from hyperfence.lab.agent_experiment import run_agent_experiment
 from hyperfence.lab.experiment import run_experiment
@@ -20,7 +21,7 @@ from hyperfence.reconcile.traffic import TRAFFIC_FILE
 from hyperfence.ruleset.compile import TABLES, vm_sid
 from hyperfence.ruleset.readback import rule_counters
 
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False)  # markup: only in literals here
 
 
 def demo_cmd(
@@ -71,11 +72,12 @@ def _show_logs(path: str) -> None:
     for line in lines:
         r = json.loads(line)
         port = f":{r['dport']}" if "dport" in r else ""
-        out.print(
+        text = (
             f"   {r['time'][11:23]} {r['verdict']:6} {r.get('vm') or '-':4} {r['direction']:3} "
             f"{r.get('protocol', r['ethertype']):5} {r.get('src', '?')} -> {r.get('dst', '?')}{port} "
             f"rule={r['rule']}"
         )
+        out.print(plain(text), markup=False)
 
 
 def _show_stats(s: LabSession) -> None:
@@ -90,5 +92,8 @@ def _show_stats(s: LabSession) -> None:
     out.print("\n[bold]Per-rule counters[/bold] (hyperfence ruleset stats --by-vm), rules that matched:")
     for r in rows:
         out.print(
-            f"   {r['rule']:22} {r['vm']:5} {r['direction']:8} {r['packets']:6} packets {r['bytes']:8} bytes"
+            plain(
+                f"   {r['rule']:22} {r['vm']:5} {r['direction']:8} {r['packets']:6} packets {r['bytes']:8} bytes"
+            ),
+            markup=False,
         )

@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
+from hyperfence.cli.output import out
 from hyperfence.errors import NotFoundError
 from hyperfence.lab import agents as lab_agents
 from hyperfence.lab import domains as lab_domains
@@ -26,7 +26,6 @@ from hyperfence.lab.session import STATE_ROOT
 from hyperfence.reconcile.engine import Engine
 
 app = typer.Typer(no_args_is_help=True, help="A lab of VMs as network namespaces (for the demo and tests).")
-out = Console(highlight=False)
 
 NameOpt = Annotated[str, typer.Option("--name", help="Lab name ([a-z0-9]{1,8}); several labs can coexist.")]
 

@@ -8,12 +8,11 @@ import time
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.text import Text
 
+from hyperfence.cli.output import out, plain
 from hyperfence.errors import NotFoundError
 from hyperfence.reconcile.traffic import TRAFFIC_FILE
-
-out = Console(highlight=False)
 
 
 def _matches(rec: dict[str, Any], vm: str | None, verdict: str | None) -> bool:
@@ -58,11 +57,18 @@ def _print(rec: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         out.print(json.dumps(rec), soft_wrap=True)
         return
-    ports = f":{rec['sport']} -> " if "sport" in rec else " -> "
-    dst = f"{rec.get('dst', '?')}" + (f":{rec['dport']}" if "dport" in rec else "")
-    color = "green" if rec.get("verdict") == "allow" else "red"
-    out.print(
-        f"{rec['time']} [{color}]{rec.get('verdict', '?'):6}[/{color}] {rec.get('vm') or '-':10} "
-        f"{rec.get('direction', '?'):3} {rec.get('protocol', rec.get('ethertype', '?')):5} "
-        f"{rec.get('src', '?')}{ports}{dst}  rule={rec.get('rule')}"
+
+    def field(key: str, default: object = "?") -> str:
+        return plain(rec.get(key, default))
+
+    ports = f":{field('sport')} -> " if "sport" in rec else " -> "
+    dst = field("dst") + (f":{field('dport')}" if "dport" in rec else "")
+    verdict = field("verdict")
+    line = Text(f"{field('time')} ")
+    line.append(f"{verdict:6}", style="green" if verdict == "allow" else "red")
+    line.append(
+        f" {plain(rec.get('vm') or '-'):10} {field('direction'):3} "
+        f"{plain(rec.get('protocol', rec.get('ethertype', '?'))):5} "
+        f"{field('src')}{ports}{dst}  rule={field('rule', None)}"
     )
+    out.print(line)

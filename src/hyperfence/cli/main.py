@@ -10,11 +10,11 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
 from hyperfence import errors
 from hyperfence.cli import render
+from hyperfence.cli.output import err, out, plain, plain_lines, styled
 from hyperfence.cli.vm import agent_app, vm_app
 from hyperfence.policy.parse import load_document, parse_policy
 from hyperfence.policy.resolve import resolve_policy
@@ -51,8 +51,6 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(ruleset_app, name="ruleset")
 app.add_typer(vm_app, name="vm")
 app.add_typer(agent_app, name="agent")
-out = Console()
-err = Console(stderr=True)
 
 
 @dataclass
@@ -115,7 +113,7 @@ def policy_check(file: str) -> None:
     rs = compile_ruleset(resolve_policy(policy))
     c = rs.counts()
     out.print(
-        f"{file}: ok — {len(policy.vms)} VMs, {len(policy.rules)} rules, {len(policy.ipsets)} IP sets "
+        f"{plain(file)}: ok — {len(policy.vms)} VMs, {len(policy.rules)} rules, {len(policy.ipsets)} IP sets "
         f"-> {c['chains']} chains, {c['rules']} nft rules, {c['sets']} sets"
     )
 
@@ -169,8 +167,8 @@ def policy_show(
     stored = engine.store.get_policy(generation)
     if stored is None:
         raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
-    out.print(f"# generation {stored.generation} from {stored.source}", highlight=False)
-    out.print(yaml.safe_dump(stored.document, sort_keys=False), highlight=False)
+    out.print(f"# generation {stored.generation} from {plain(stored.source)}")
+    out.print(yaml.safe_dump(stored.document, sort_keys=False))  # YAML escapes control characters
 
 
 # --- ruleset ----------------------------------------------------------------------------------------
@@ -215,7 +213,7 @@ def ruleset_diff(
         out.print("in sync: the kernel holds exactly the desired ruleset")
         return
     for p in problems:
-        out.print(f"- {p}")
+        out.print(f"- {plain(p)}")
     out.print(f"a reconcile would send {len(plan.commands)} commands: {plan.summary}")
     raise typer.Exit(1)
 
@@ -245,7 +243,11 @@ def ruleset_stats(
     table = Table("rule", *(["vm"] if by_vm else []), "direction", "packets", "bytes")
     for r in rows:
         table.add_row(
-            r["rule"], *([r["vm"]] if by_vm else []), r["direction"], str(r["packets"]), str(r["bytes"])
+            plain(r["rule"]),
+            *([plain(r["vm"])] if by_vm else []),
+            r["direction"],
+            str(r["packets"]),
+            str(r["bytes"]),
         )
     out.print(table)
 
@@ -299,7 +301,8 @@ def can_cmd(
         raise errors.InvalidInputError(
             f"{src!r} or {dst!r} is neither a VM name nor an IPv4 address"
         ) from None
-    out.print(("[green]allowed[/green]" if answer.allowed else "[red]denied[/red]") + f": {answer.reason}")
+    verdict = styled("allowed", "green") if answer.allowed else styled("denied", "red")
+    out.print(verdict, f": {plain(answer.reason)}", sep="")
     if not answer.allowed:
         raise typer.Exit(1)
 
@@ -319,15 +322,49 @@ def daemon_cmd(
     ] = None,
 ) -> None:
     """Run the reconcile loop (foreground). Kernel rules outlive it."""
-    import logging  # noqa: PLC0415
-
-    from hyperfence.daemon import run_daemon  # noqa: PLC0415
+    from hyperfence.daemon import configure_logging, run_daemon  # noqa: PLC0415
 
     c: Ctx = ctx.obj
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     run_daemon(
         netns=c.netns, state_dir=c.state_dir, policy_file=policy, poll=poll, resync=resync, libvirt=libvirt
     )
+
+
+@app.command("status")
+def status_cmd(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="The daemon's answer as JSON.")] = False,
+) -> None:
+    """The running daemon's health: the policy it applied, each loop (running or down, failures, last error)
+    and the agent channels (connections claimed, strangers refused). Exit 1 when a loop is down."""
+    from hyperfence.daemon import request  # noqa: PLC0415
+
+    c: Ctx = ctx.obj
+    reply = request(c.state_dir, {"op": "status"}, timeout=5)
+    if reply is None:
+        raise errors.TemporaryError(
+            f"no daemon is running for state dir {c.state_dir}: start `hyperfence daemon`"
+        )
+    if as_json:
+        typer.echo(json.dumps(reply, sort_keys=True))
+    else:
+        out.print(f"daemon pid {reply.get('pid')}, policy {plain(reply.get('policy'))}")
+        table = Table("loop", "state", "failures", "last error")
+        for name, loop in sorted((reply.get("loops") or {}).items()):
+            state = styled(str(loop.get("state")), "red" if loop.get("state") == "down" else "green")
+            table.add_row(plain(name), state, str(loop.get("failures")), plain(loop.get("last_error") or "-"))
+        out.print(table)
+        channels = reply.get("agent_channels") or {}
+        refused = ", ".join(f"{k} {v}" for k, v in sorted((channels.get("refused") or {}).items())) or "none"
+        out.print(
+            plain(
+                f"agent channels: {channels.get('claimed', 0)} connections verified; strangers refused: {refused}"
+                + (f"; TLS endpoint {channels['endpoint']}" if channels.get("endpoint") else "")
+            )
+        )
+    if not reply.get("healthy", False):
+        raise typer.Exit(1)
 
 
 def _register_optional() -> None:
@@ -344,7 +381,7 @@ def main() -> None:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
     except errors.HyperfenceError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(styled("error:", "red"), plain_lines(e))
         sys.exit(next((code for cls, code in EXIT_CODES.items() if isinstance(e, cls)), 1))
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from hyperfence import errors
 from hyperfence.adapters.libvirt_xml import AGENT_FW_CFG, QEMU_USER
+from hyperfence.cli.output import out, plain
 from hyperfence.daemon import request
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.model.policy import Policy, Vm
@@ -24,7 +24,6 @@ from hyperfence.reconcile.engine import Engine
 
 vm_app = typer.Typer(no_args_is_help=True, help="VMs' agents: enrol, list, events, release.")
 agent_app = typer.Typer(no_args_is_help=True, help="The guest agent.")
-out = Console()
 
 
 def _engine(ctx: typer.Context) -> Engine:
@@ -132,10 +131,11 @@ def vm_enroll(
         handover = _hand_over_by_fw_cfg(libvirt, target.id, path)
     reloaded = _ask(engine, {"op": "agents-reload"}) is not None
     out.print(
-        f"enrolled {target.name} ({target.id}): agent config {path} (contains the key: mode 0600)"
-        + handover
-        + ("" if reloaded else "; no daemon is running: it reads the enrolment when it starts"),
-        highlight=False,
+        plain(
+            f"enrolled {target.name} ({target.id}): agent config {path} (contains the key: mode 0600)"
+            + handover
+            + ("" if reloaded else "; no daemon is running: it reads the enrolment when it starts")
+        )
     )
 
 
@@ -196,12 +196,12 @@ def vm_list(
     for row in rows:
         refused = {k: v for k, v in row.get("counts", {}).items() if k != "accepted" and v}
         table.add_row(
-            row["name"],
-            row["status"],
+            plain(row["name"]),
+            plain(row["status"]),
             _ago(row["last_seen"]),
-            "isolated: " + row["isolated"] if row["isolated"] else "-",
-            ", ".join(f"{k} {v}" for k, v in sorted(refused.items())) or "-",
-            row.get("agent") or "-",
+            plain("isolated: " + row["isolated"]) if row["isolated"] else "-",
+            plain(", ".join(f"{k} {v}" for k, v in sorted(refused.items())) or "-"),
+            plain(row.get("agent") or "-"),
         )
     out.print(table)
 
@@ -224,7 +224,8 @@ def vm_events(
             kind = ev.pop("kind")
             for k in ("id", "vm"):
                 ev.pop(k, None)
-            out.print(f"{when} {kind} {json.dumps(ev, sort_keys=True)}", highlight=False, soft_wrap=True)
+            # json.dumps escapes control characters in the event's fields; the kind may be a guest's
+            out.print(f"{when} {plain(kind)} {json.dumps(ev, sort_keys=True)}", soft_wrap=True)
         if not follow:
             return
         time.sleep(0.5)
@@ -238,7 +239,7 @@ def vm_release(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM na
     reply = _ask(engine, {"op": "release", "vm": target.id})
     if reply is None:
         raise errors.TemporaryError("no daemon is running: start `hyperfence daemon`, then release")
-    out.print(f"{target.name}: " + ("released" if reply.get("released") else "was not isolated"))
+    out.print(plain(f"{target.name}: " + ("released" if reply.get("released") else "was not isolated")))
 
 
 @agent_app.command("build")
@@ -249,4 +250,4 @@ def agent_build(
     from hyperfence.agent.build import build_zipapp  # noqa: PLC0415 - only this command needs it
 
     path = build_zipapp(Path(out_file))
-    out.print(f"{path} ({path.stat().st_size} bytes)", highlight=False)
+    out.print(plain(f"{path} ({path.stat().st_size} bytes)"))

@@ -21,7 +21,17 @@ from typing import Any
 from hyperfence.agent import wire
 from hyperfence.model.policy import Heartbeat, Release, SilenceAction
 
-REASONS = ("accepted", "forged", "replayed", "malformed", "oversized", "version", "flood", "truncated")
+REASONS = (
+    "accepted",
+    "forged",
+    "replayed",
+    "malformed",
+    "oversized",
+    "version",
+    "flood",
+    "truncated",
+    "error",  # processing the message failed unexpectedly (a bug): dropped, counted, logged
+)
 MAX_EVENTS_PER_MESSAGE = 50
 MAX_METRICS = 64
 SAMPLES_KEPT = 60  # in memory per VM: a minute at 1 s
@@ -108,11 +118,13 @@ class Tracker:
         self.startup_grace = startup_grace
         self.rate = rate
         self.burst = burst
+        self.unsaved: set[str] = set()  # VMs whose last_seq advanced since `take_unsaved`
 
     # --- input ------------------------------------------------------------------------------------
 
     def ingest(self, vm: str, frame: bytes, now: float) -> Ingested:
-        """One frame (without its length prefix) from VM `vm`'s channel."""
+        """One frame (without its length prefix) from VM `vm`'s channel. Everything is checked and computed
+        before any state changes, so a refused frame changes nothing but its VM's counts."""
         rec = self.records.get(vm)
         if rec is None:
             return Ingested("forged", f"no agent is enrolled for VM {vm!r}")
@@ -126,22 +138,43 @@ class Tracker:
         seq = body["seq"]
         if seq <= rec.last_seq:
             return self._count(vm, Ingested("replayed", f"seq {seq} is not above {rec.last_seq}"))
+        kind, data = body["kind"], body["data"]
+        agent = data.get("agent") if kind == "hello" else None
+        events = _events(data.get("events")) if kind == "beat" else ()
+        metrics = _metrics(data.get("res")) if kind == "beat" else None
         rec.last_seq = seq
         rec.last_seen = now
+        self.unsaved.add(vm)
         live.good += 1
         live.alerted = False
-        data = body["data"]
-        if body["kind"] == "hello" and isinstance(data.get("agent"), str):
-            rec.agent = data["agent"][:40]
-        raw_events = data.get("events") if body["kind"] == "beat" else None
-        events = _events(raw_events)
-        metrics = _metrics(data.get("res")) if body["kind"] == "beat" else None
+        if isinstance(agent, str):
+            rec.agent = agent[:40]
         if metrics:
             names = tuple(metrics)
             if live.samples and live.samples[-1].names == names:
                 names = live.samples[-1].names
             live.samples.append(Sample(now, names, array("d", metrics.values())))
-        return self._count(vm, Ingested("accepted", kind=body["kind"], events=events, metrics=metrics))
+        return self._count(vm, Ingested("accepted", kind=kind, events=events, metrics=metrics))
+
+    def verify_claim(self, vm: str, frame: bytes) -> bool:
+        """Does `frame` prove that its sender holds `vm`'s key, and is it fresh (MAC, body, seq above the last
+        accepted one)? Changes nothing: a connection becomes a VM's channel only on a True, and a stranger's
+        claim must not touch the VM's counts, budget or run of good beats."""
+        rec = self.records.get(vm)
+        if rec is None:
+            return False
+        try:
+            body = wire.verify(rec.key, frame, vm)
+        except wire.WireError:
+            return False
+        return bool(body["seq"] > rec.last_seq)
+
+    def take_unsaved(self) -> dict[str, int]:
+        """The sequence numbers accepted since the last call (VM id -> last seq): the caller makes them
+        durable before anything that follows from those frames leaves this process."""
+        out = {vm: self.records[vm].last_seq for vm in self.unsaved if vm in self.records}
+        self.unsaved.clear()
+        return out
 
     def refuse(self, vm: str, reason: str, detail: str) -> Ingested:
         """A refusal found by the channel itself (an oversized length, a frame cut by a closed channel)."""

@@ -1,12 +1,20 @@
 """The agent monitor: channels -> tracker -> decisions -> quarantine in the kernel, events in the store.
 
-Runs in the daemon (one thread). Every round: read what the channels have (`Hub.poll`), then decide per VM
-from its heartbeat policy (`Tracker.decide`) and carry the decisions out: isolate = the VM's ports join the
-quarantine overlay and the firewall converges; pause = the hypervisor pauses the VM where one is known
-(`pause` callback), else isolate; alert = an event; release = the overlay drops the VM. Records (sequence,
-last seen, isolation) are saved every few seconds and on stop, so a restart keeps keys, replay protection and
-isolation. Refused frames are counted per VM and reason and logged at most once per VM and reason per
-LOG_EVERY seconds.
+Runs in the daemon (one thread). Every round: read what the channels have (`Hub.poll`), make the sequence
+numbers just accepted durable, then decide per VM from its heartbeat policy (`Tracker.decide`) and carry the
+decisions out: isolate = the VM's ports join the quarantine overlay and the firewall converges; pause = the
+hypervisor pauses the VM where one is known (`pause` callback), else isolate; alert = an event; release =
+the overlay drops the VM.
+
+Replay protection survives a crash: the last accepted seq of every VM that sent something is written to the
+store (one transaction) in the round that accepted it, before any decision follows from those frames, so a
+frame accepted before a crash is refused as replayed after it. The rest of the records (last seen,
+isolation) and the events are saved every few seconds and on stop. Refused frames are counted per VM and
+reason and logged at most once per VM and reason per LOG_EVERY seconds; an unexpected error while
+processing a frame is counted as `error` and never ends the loop.
+
+Everything that changes the channels (enrolments, the TLS endpoint of a new policy) is done on the monitor's
+own thread, at the start of a round: the channels are not thread-safe.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 from hyperfence.adapters.agent_channels import Hub
 from hyperfence.adapters.netns import NetnsThread
 from hyperfence.adapters.tls import ensure_certificates, server_context
+from hyperfence.agent import wire
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.health.tracker import AgentRecord, Decision, Ingested, Tracker
@@ -37,6 +46,7 @@ SAVE_EVERY = 5.0
 LOG_EVERY = 10.0
 EVENTS_PER_MINUTE = 60  # security events stored per VM and minute; the rest is counted
 ROUND = 0.2
+ENDPOINT_RETRY = 10.0
 
 Pause = Callable[[str], bool]  # VM id -> paused?
 
@@ -65,7 +75,12 @@ class AgentMonitor:
         self.tracker = Tracker(engine.store.agents(), started=clock(), startup_grace=startup_grace)
         # Isolation survives a restart: the overlay is in place before the daemon's first converge.
         engine.set_quarantine(self.tracker.isolated())
-        self.hub = Hub(self._on_frame, self._on_refused, now=clock)
+        self.hub = self._new_hub()
+        self._resync_channels = threading.Event()
+        self._endpoint: tuple[Any, int] | None = None  # the endpoint of the policy last seen
+        self._endpoint_open = False
+        self._endpoint_retry = 0.0
+        self.channel_stats: dict[str, Any] = {}  # a copy made by the monitor's thread, for other threads
         self._events: list[tuple[str, str | None, dict[str, Any]]] = []
         self._event_budget: Counter[str] = Counter()
         self._budget_minute = 0
@@ -77,8 +92,13 @@ class AgentMonitor:
 
     # --- the loop -------------------------------------------------------------------------------------
 
+    def _new_hub(self) -> Hub:
+        return Hub(self._on_frame, self._on_refused, self._claim, now=self.clock)
+
     def run(self, stop: threading.Event) -> None:
-        self._listen_tls()
+        """Until `stop`; may be called again after it raised (a supervisor restarting it): each run opens
+        the channels afresh."""
+        self._endpoint, self._endpoint_open = None, False
         self.hub.sync(self._specs())
         try:
             while not stop.is_set():
@@ -86,9 +106,20 @@ class AgentMonitor:
         finally:
             self.save()
             self.hub.close()
+            self.hub = self._new_hub()
 
     def round(self, timeout: float = ROUND) -> None:
+        if self._resync_channels.is_set():
+            self._resync_channels.clear()
+            self.hub.sync(self._specs())
+        self._follow_endpoint()
         self.hub.poll(timeout)
+        self._save_seqs()
+        self.channel_stats = {
+            "claimed": self.hub.claimed,
+            "refused": dict(self.hub.refused),
+            "endpoint": None if self._endpoint is None else f"{self._endpoint[0]}:{self._endpoint[1]}",
+        }
         now = self.clock()
         with self.lock:
             decisions = self.tracker.decide(self.heartbeats(), now)
@@ -97,25 +128,59 @@ class AgentMonitor:
         if now - self._last_save >= SAVE_EVERY:
             self.save()
 
-    def _listen_tls(self) -> None:
-        """The TCP+TLS endpoint, when the policy names one (`settings.agent_endpoint`), in the namespace of
-        the bridges (where the VMs reach it)."""
-        compiled = self.engine.current
-        endpoint = compiled.policy.settings.agent_endpoint if compiled else None
-        if endpoint is None:
+    def _save_seqs(self) -> None:
+        """Make the seqs accepted in this round durable before anything follows from their frames. If the
+        store is busy they stay in memory (replay protection holds while this process lives) and the next
+        round tries again."""
+        with self.lock:
+            seqs = self.tracker.take_unsaved()
+        if not seqs:
             return
-        addr, port = endpoint
-        ensure_certificates(self.engine.state_dir, addr)
-        ns = NetnsThread(self.engine.netns, name="hyperfence-agent-tls")
         try:
-            sock = ns.call(lambda: socket.create_server((str(addr), port), backlog=64))
-        except OSError as e:
-            log.error("agent endpoint %s:%d: cannot listen: %s", addr, port, e)
+            self.engine.store.save_seqs(seqs)
+        except HyperfenceError as e:
+            log.warning("agent sequence numbers not saved (retried next round): %s", e)
+            with self.lock:
+                self.tracker.unsaved.update(seqs)
+
+    def _follow_endpoint(self) -> None:
+        """The TCP+TLS endpoint where the current policy puts it (`settings.agent_endpoint`), in the
+        namespace of the bridges (where the VMs reach it): opened when a policy names one, moved when it
+        changes, closed when it goes; an endpoint that could not be opened is tried again every
+        ENDPOINT_RETRY seconds. Checked every round (cheap: an attribute read and a compare)."""
+        compiled = self.engine.current
+        want = compiled.policy.settings.agent_endpoint if compiled else None
+        now = self.clock()
+        if want == self._endpoint and (want is None or self._endpoint_open or now < self._endpoint_retry):
             return
-        finally:
-            ns.close()
-        self.hub.listen_tls(sock, server_context(self.engine.state_dir))
+        if want != self._endpoint and self._endpoint is not None:
+            self.hub.close_tls()
+            log.info("agents over TLS: endpoint %s:%d closed", self._endpoint[0], self._endpoint[1])
+            if want is None:
+                self._event("agent-endpoint", None, {"endpoint": None})
+        self._endpoint, self._endpoint_open = want, False
+        if want is None:
+            return
+        addr, port = want
+        self._endpoint_retry = now + ENDPOINT_RETRY
+        try:
+            ensure_certificates(self.engine.state_dir, addr)
+            context = server_context(self.engine.state_dir)
+            ns = NetnsThread(self.engine.netns, name="hyperfence-agent-tls")
+            try:
+                sock = ns.call(lambda: socket.create_server((str(addr), port), backlog=64))
+            finally:
+                ns.close()
+        except (OSError, ValueError) as e:
+            log.error(
+                "agent endpoint %s:%d: cannot listen (retried in %g s): %s", addr, port, ENDPOINT_RETRY, e
+            )
+            self._event("agent-endpoint", None, {"endpoint": f"{addr}:{port}", "error": str(e)[:200]})
+            return
+        self.hub.listen_tls(sock, context)
+        self._endpoint_open = True
         log.info("agents over TLS: listening on %s:%d", addr, port)
+        self._event("agent-endpoint", None, {"endpoint": f"{addr}:{port}"})
 
     def heartbeats(self) -> dict[str, Heartbeat]:
         """The heartbeat policy of every enrolled VM in the current policy (computed once per policy version
@@ -141,14 +206,33 @@ class AgentMonitor:
 
     # --- input ------------------------------------------------------------------------------------------
 
+    def _claim(self, vm: str | None, frame: bytes) -> str | None:
+        """The VM a new connection's first frame is verified for (see `Hub`): the listener's VM for a unix
+        channel; for TLS, one of the VMs the frame names that is enrolled with a TLS channel."""
+        with self.lock:
+            if vm is not None:
+                rec = self.tracker.records.get(vm)
+                ok = rec is not None and rec.channel.get("type") == "unix"
+                return vm if ok and self.tracker.verify_claim(vm, frame) else None
+            for named in wire.named_vms(frame):
+                rec = self.tracker.records.get(named)
+                tls = rec is not None and rec.channel.get("type") == "tls"
+                if tls and self.tracker.verify_claim(named, frame):
+                    return named
+        return None
+
     def _on_frame(self, vm: str, frame: bytes) -> None:
         now = self.clock()
-        with self.lock:
-            result = self.tracker.ingest(vm, frame, now)
-        if result.ok:
-            self._accepted(vm, result, now)
-        else:
-            self._refused(vm, result)
+        try:
+            with self.lock:
+                result = self.tracker.ingest(vm, frame, now)
+            if result.ok:
+                self._accepted(vm, result, now)
+            else:
+                self._refused(vm, result)
+        except Exception as e:  # a bug: this frame is lost, the receiver is not
+            log.exception("agent channel of VM %s: a message could not be processed", self._name(vm))
+            self._on_refused(vm, "error", f"{type(e).__name__} while processing a message")
 
     def _on_refused(self, vm: str, reason: str, detail: str) -> None:
         with self.lock:
@@ -250,7 +334,7 @@ class AgentMonitor:
                 have = self.tracker.records.get(vm)
                 if have is None or have.key != rec.key or have.channel != rec.channel:
                     self.tracker.enroll(rec, now)
-        self.hub.sync(self._specs())
+        self._resync_channels.set()  # the channels follow on the monitor's thread
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Per enrolled VM: status, last seen, sequence, agent version, counts, isolation, latest metrics."""

@@ -1,6 +1,7 @@
 """The TCP+TLS channel: a real agent in a lab VM reports to the host's agent endpoint over the lab network,
 keeps reporting while its VM is isolated (the quarantine lets its own flow through, nothing else), and a
-stranger that names the VM without its key is refused and counted."""
+stranger that names the VM without its key is refused and counted as a stranger: the VM's own counts and its
+live connection are untouched."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def test_an_agent_over_tls_reports_even_while_its_vm_is_isolated(lab: LabSession
         assert wait(lambda: row()["seq"] > seq + 2, 6), "the agent stopped reporting while isolated"
         assert row()["isolated"] == "test"
 
-        # A stranger (vm3) that names vm1 over TLS, without vm1's key: refused and counted, vm1 unharmed.
+        # A stranger (vm3) that names vm1 over TLS, without vm1's key: refused and counted as a stranger;
+        # vm1's counts, its connection and its beats are untouched.
         forged = wire.encode(b"x" * 32, wire.message(vm1.id, 10**15, "beat", {"res": {}}, time.time()))
         script = (
             "import socket,ssl,sys;"
@@ -83,9 +85,16 @@ def test_an_agent_over_tls_reports_even_while_its_vm_is_isolated(lab: LabSession
             f"s=c.wrap_socket(socket.create_connection(({lab.ip('host')!r},7474)),server_hostname={lab.ip('host')!r});"
             f"s.sendall(bytes.fromhex({forged.hex()!r}));s.recv(1)"
         )
-        before = row()["counts"].get("forged", 0)
+        counts_before, claimed_before = row()["counts"], monitor.hub.claimed
         lab.run("vm3", ["/usr/bin/python3", "-c", script], timeout=10)
-        assert wait(lambda: row()["counts"].get("forged", 0) == before + 1, 5), row()["counts"]
+        assert wait(lambda: monitor.channel_stats["refused"].get("unverified") == 1, 5), monitor.channel_stats
+        seq = row()["seq"]
+        assert wait(lambda: row()["seq"] > seq + 1, 6), "vm1's agent stopped reporting"
+        counts = row()["counts"]
+        assert {k: v for k, v in counts.items() if k != "accepted"} == {
+            k: v for k, v in counts_before.items() if k != "accepted"
+        }, (counts_before, counts)
+        assert monitor.hub.claimed == claimed_before  # vm1's connection was never replaced
         assert row()["status"] == "ok"
     finally:
         topology.stop_process(agent)
