@@ -49,6 +49,7 @@ KINDS = ("hello", "beat", "bye")
 # so no input can make the scan quadratic), and everything that is not a bracket.
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.S)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_EMPTY_PAIR = re.compile(rb"\[\]|\{\}")  # one pass removes exactly the innermost containers
 # How a body names its VM (the agent writes compact JSON): used only to pick the key a claim is checked with.
 _VM_FIELD = re.compile(rb'"vm":"([^"\\]{1,%d})"' % MAX_VM_ID)
 
@@ -85,15 +86,15 @@ def next_seq(last: int, now: float) -> int:
 
 def too_deep(payload: bytes, limit: int = MAX_DEPTH) -> bool:
     """Whether JSON text nests arrays/objects deeper than `limit` (or has unbalanced brackets), found without
-    parsing it: strings are cut out, then innermost bracket pairs are removed `limit` times. Linear in the
-    payload and C-speed (the json module would recurse, and raise RecursionError, on a deep enough body)."""
+    parsing it: strings are cut out, then the innermost bracket pairs are removed, one level per pass,
+    `limit` times. Linear in the payload and C-speed (the json module would recurse, and raise RecursionError, on a deep enough body)."""
     if payload.count(b"[") + payload.count(b"{") <= limit:
         return False
     brackets = _NOT_BRACKET.sub(b"", _STRING.sub(b"", payload))
     for _ in range(limit):
         if not brackets:
             return False
-        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        brackets = _EMPTY_PAIR.sub(b"", brackets)
     return bool(brackets)
 
 

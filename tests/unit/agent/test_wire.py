@@ -119,3 +119,114 @@ def test_garbage_never_escapes_as_anything_but_a_wire_error(data: bytes) -> None
 def test_canonical_body_is_compact_sorted_json() -> None:
     payload = inner(body())[1 + wire.MAC_LEN :]
     assert payload == json.dumps(body(), separators=(",", ":"), sort_keys=True).encode()
+
+
+# --- bounds: what the host parses from a VM -------------------------------------------------------
+
+
+def signed(payload: bytes, key: bytes = KEY) -> bytes:
+    """A frame (without length prefix) whose MAC is valid for `payload`, whatever it is."""
+    import hashlib
+    import hmac
+
+    return b"\x01" + hmac.new(key, b"\x01" + payload, hashlib.sha256).digest() + payload
+
+
+@pytest.mark.parametrize("depth", [wire.MAX_DEPTH + 1, 1000, 100_000])
+def test_a_signed_body_nested_too_deep_is_malformed_not_a_crash(depth: int) -> None:
+    for opener, closer in ((b"[", b"]"), (b'{"a":', b"}")):
+        payload = b'{"vm":"vm-1","seq":1,"t":1,"kind":"beat","data":{"x":' + opener * depth + b"1"
+        payload += closer * depth + b"}}"
+        assert reason(signed(payload)) == "malformed"
+
+
+def test_nesting_within_the_bound_is_accepted() -> None:
+    nested: object = 1
+    for _ in range(wire.MAX_DEPTH - 3):  # body -> data -> x -> ...
+        nested = [nested]
+    assert wire.verify(KEY, inner(body(data={"x": nested})), VM)["data"]["x"] == nested
+
+
+def test_brackets_inside_strings_do_not_count() -> None:
+    text = "[" * 5000 + '\\"{' * 100
+    assert wire.verify(KEY, inner(body(data={"x": text})), VM)["data"]["x"] == text
+
+
+@pytest.mark.parametrize("seq", [wire.MAX_SEQ + 1, 2**64, 10**30])
+def test_a_seq_the_store_cannot_hold_is_malformed(seq: int) -> None:
+    assert reason(inner(body(seq=seq))) == "malformed"
+    assert wire.verify(KEY, inner(body(seq=wire.MAX_SEQ)), VM)["seq"] == wire.MAX_SEQ
+
+
+@pytest.mark.parametrize("t", ["NaN", "Infinity", "-Infinity"])
+def test_a_time_that_is_not_finite_is_malformed(t: str) -> None:
+    payload = b'{"data":{},"kind":"beat","seq":1,"t":' + t.encode() + b',"vm":"vm-1"}'
+    assert reason(signed(payload)) == "malformed"
+
+
+def test_a_huge_integer_is_malformed() -> None:
+    payload = b'{"data":{"x":' + b"9" * 10_000 + b'},"kind":"beat","seq":1,"t":1,"vm":"vm-1"}'
+    assert reason(signed(payload)) == "malformed"
+
+
+def depth_of(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((depth_of(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((depth_of(v) for v in value.values()), default=0)
+    return 0
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab,:'),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=3), children, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@given(json_values, st.integers(min_value=1, max_value=8))
+def test_too_deep_agrees_with_the_parsed_depth(value: object, limit: int) -> None:
+    text = json.dumps(value).encode()
+    assert wire.too_deep(text, limit) == (depth_of(value) > limit)
+
+
+def test_named_vms_reads_only_the_vm_field_and_at_most_a_few() -> None:
+    frame = inner(body())
+    assert wire.named_vms(frame) == [VM]
+    many = b"\x01" + b"m" * wire.MAC_LEN + b"".join(b'"vm":"v%d",' % i for i in range(100))
+    assert wire.named_vms(many) == ["v0", "v1", "v2", "v3"]
+    assert wire.named_vms(b"\x01" + b"m" * wire.MAC_LEN + b'"vm":"' + b"x" * 1000 + b'"') == []
+
+
+# --- fuzz: authenticated frames (the MAC verifies, so parsing is reached) ---------------------------
+
+
+@given(st.binary(max_size=2000))
+def test_any_signed_payload_is_a_body_or_a_wire_error(payload: bytes) -> None:
+    try:
+        got = wire.verify(KEY, signed(payload), VM)
+    except wire.WireError:
+        return
+    assert got["vm"] == VM and 0 <= got["seq"] <= wire.MAX_SEQ
+
+
+@given(json_values, json_values, st.sampled_from(["hello", "beat", "bye", "x"]))
+def test_any_signed_json_body_is_a_body_or_a_wire_error(data: object, seq: object, kind: str) -> None:
+    payload = json.dumps({"vm": VM, "seq": seq, "t": 1.0, "kind": kind, "data": data}).encode()
+    try:
+        got = wire.verify(KEY, signed(payload), VM)
+    except wire.WireError:
+        return
+    assert isinstance(got["data"], dict) and isinstance(got["seq"], int)
+
+
+@given(
+    st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"1", b",", b":", b"a"]), max_size=3000)
+)
+def test_any_signed_bracket_soup_is_a_wire_error_or_a_body(parts: list[bytes]) -> None:
+    try:
+        wire.verify(KEY, signed(b"".join(parts)), VM)
+    except wire.WireError:
+        pass
