@@ -162,3 +162,60 @@ def test_statuses_ok_late_silent() -> None:
     assert t.status("a", HB, T0 + 1.0) == "ok"
     assert t.status("a", HB, T0 + 1.6) == "late"  # a beat is overdue
     assert t.status("a", HB, T0 + 3.1) == "silent"
+
+
+# --- claims, refusals and what must be saved ------------------------------------------------------
+
+
+def state(t: Tracker) -> object:
+    """Everything a frame could change, comparable."""
+    return (
+        {vm: vars(rec).copy() for vm, rec in t.records.items()},
+        {vm: (dict(live.counts), live.tokens, live.good, len(live.samples)) for vm, live in t.live.items()},
+        set(t.unsaved),
+    )
+
+
+def test_a_claim_is_checked_without_changing_anything() -> None:
+    t, a, stranger = tracker(), Agent("a"), Agent("a", key=b"X" * 32)
+    before = state(t)
+    assert t.verify_claim("a", a.frame(T0)) is True
+    assert t.verify_claim("a", stranger.frame(T0)) is False
+    assert t.verify_claim("b", a.frame(T0)) is False  # a's frame is not b's
+    assert t.verify_claim("nobody", a.frame(T0)) is False
+    assert state(t) == before
+    frame = a.frame(T0 + 1)
+    assert t.ingest("a", frame, T0 + 1).ok
+    assert t.verify_claim("a", frame) is False  # not fresh any more: a replay cannot claim
+
+
+def test_a_refused_frame_changes_nothing_but_its_own_count() -> None:
+    t, a = tracker(), Agent("a")
+    assert t.ingest("a", a.frame(T0), T0).ok
+    t.take_unsaved()
+    deep = b"{" * 100_000
+    refused = [
+        Agent("a", key=b"X" * 32).frame(T0 + 1),
+        wire.encode(KEYS["a"], wire.message("a", 1, "beat", {}, T0))[4:],  # replayed
+        wire.encode(KEYS["a"], wire.message("a", 2**63, "beat", {}, T0))[4:],
+        Agent("b").frame(T0 + 1),
+        b"\x01" + b"m" * 32 + deep,
+    ]
+    for frame in refused:
+        before = state(t)
+        result = t.ingest("a", frame, T0 + 1)
+        assert not result.ok
+        recs, lives, unsaved = state(t)  # type: ignore[misc]
+        b_recs, b_lives, b_unsaved = before  # type: ignore[misc]
+        assert recs == b_recs and unsaved == b_unsaved
+        assert lives["b"] == b_lives["b"]
+        assert lives["a"][0][result.reason] == b_lives["a"][0].get(result.reason, 0) + 1
+
+
+def test_accepted_seqs_are_handed_out_once_for_saving() -> None:
+    t, a, b = tracker(), Agent("a"), Agent("b")
+    assert t.ingest("a", a.frame(T0), T0).ok
+    assert t.ingest("a", a.frame(T0 + 1), T0 + 1).ok
+    assert t.ingest("b", b.frame(T0), T0).ok
+    assert t.take_unsaved() == {"a": a.seq, "b": b.seq}
+    assert t.take_unsaved() == {}
