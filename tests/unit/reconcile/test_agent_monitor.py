@@ -178,3 +178,198 @@ def test_a_restart_keeps_keys_replay_protection_and_isolation(tmp_path: Path) ->
     finally:
         second.hub.close()
         engine2.close()
+
+
+# --- the whole receive path, fuzzed ----------------------------------------------------------------
+
+import tempfile  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KEY_A, KEY_B = b"a" * 32, b"b" * 32
+ITEMS = st.one_of(
+    st.just(("good",)),
+    st.just(("replay",)),
+    st.just(("forged",)),
+    st.just(("other-vm",)),
+    st.just(("deep",)),
+    st.just(("big-seq",)),
+    st.just(("bad-length",)),
+    st.tuples(st.just("garbage"), st.binary(min_size=1, max_size=200)),
+)
+
+
+def stream(items: list[tuple[object, ...]]) -> bytes:
+    """The bytes a hostile or confused agent sends on VM a's channel."""
+    out, seq, sent = b"", 0, []
+    for item in items:
+        kind = item[0]
+        if kind == "good":
+            seq += 1
+            frame = wire.encode(KEY_A, wire.message("a", seq, "beat", {"res": {"cpu": seq}}, 1.0))
+            sent.append(frame)
+        elif kind == "replay":
+            frame = sent[-1] if sent else wire.encode(KEY_A, wire.message("a", 0, "beat", {}, 1.0))
+        elif kind == "forged":
+            frame = wire.encode(b"x" * 32, wire.message("a", 10**12, "beat", {}, 1.0))
+        elif kind == "other-vm":
+            frame = wire.encode(KEY_B, wire.message("b", 10**12, "beat", {}, 1.0))
+        elif kind == "deep":
+            payload = (
+                b'{"data":{"x":' + b"[" * 5000 + b"]" * 5000 + b'},"kind":"beat","seq":1,"t":1,"vm":"a"}'
+            )
+            import hashlib
+            import hmac
+
+            mac = hmac.new(KEY_A, b"\x01" + payload, hashlib.sha256).digest()
+            frame = struct.pack(">I", 33 + len(payload)) + b"\x01" + mac + payload
+        elif kind == "big-seq":
+            frame = wire.encode(KEY_A, wire.message("a", 2**63, "beat", {}, 1.0))
+        elif kind == "bad-length":
+            frame = struct.pack(">I", wire.MAX_FRAME + 1)
+        else:
+            blob = item[1]
+            assert isinstance(blob, bytes)
+            frame = struct.pack(">I", len(blob)) + blob
+        out += frame
+    return out
+
+
+def model(data: bytes) -> tuple[bool, int, int, dict[str, int]]:
+    """What the receiver must make of `data` on a's unix channel: (claimed, last seq, accepted, refusals)."""
+    from collections import Counter
+
+    from hyperfence.adapters.agent_channels import MAX_CLAIM_FRAME
+
+    reader = wire.FrameReader(MAX_CLAIM_FRAME)
+    frames = reader.feed(data)
+    try:
+        first = next(frames, None)
+    except wire.WireError:
+        return False, 0, 0, {}
+    if first is None:
+        return False, 0, 0, {}
+    try:
+        if wire.verify(KEY_A, first, "a")["seq"] <= 0:
+            return False, 0, 0, {}
+    except wire.WireError:
+        return False, 0, 0, {}
+    reader.max_frame = wire.MAX_FRAME
+    last, counts = 0, Counter[str]()
+    rest = [first]
+    try:
+        rest.extend(reader.feed(b""))
+        closed = False
+    except wire.WireError as e:
+        counts[e.reason] += 1
+        closed = True
+    for frame in rest:
+        try:
+            seq = wire.verify(KEY_A, frame, "a")["seq"]
+        except wire.WireError as e:
+            counts[e.reason] += 1
+            continue
+        if seq <= last:
+            counts["replayed"] += 1
+        else:
+            last = seq
+            counts["accepted"] += 1
+    if not closed and reader.pending:
+        counts["truncated"] += 1
+    accepted = counts.pop("accepted", 0)
+    return True, last, accepted, dict(counts)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(ITEMS, min_size=1, max_size=25), st.lists(st.integers(1, 400), max_size=30))
+def test_no_frame_sequence_ends_the_receiver_or_touches_another_vm(
+    items: list[tuple[object, ...]], cuts: list[int]
+) -> None:
+    data = stream(items)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(netns=None, state_dir=tmp)
+        for vm, key in (("a", KEY_A), ("b", KEY_B)):
+            engine.store.enroll_agent(AgentRecord(vm, key, {"type": "unix", "path": f"{tmp}/{vm}.sock"}))
+        mon = AgentMonitor(engine, startup_grace=0)
+        mon.hub.sync(mon._specs())
+        b = SimAgent(f"{tmp}/b.sock", "b", KEY_B)
+        b.send(b.frame())
+        for _ in range(10):
+            mon.round(timeout=0.01)
+        b_before = (vars(mon.tracker.records["b"]).copy(), dict(mon.tracker.live["b"].counts))
+        a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.connect(f"{tmp}/a.sock")
+        pos = 0
+        for cut in [*cuts, len(data)]:  # fragmented at random points, several frames per piece or less
+            piece, pos = data[pos : pos + cut], pos + cut
+            try:
+                a.sendall(piece)
+            except OSError:  # the receiver closed the channel (a bad length): the rest is lost
+                break
+            mon.round(timeout=0.005)
+            if pos >= len(data):
+                break
+        a.close()
+        for _ in range(20):
+            mon.round(timeout=0.005)
+        claimed, last, accepted, refused = model(data)
+        rec, live = mon.tracker.records["a"], mon.tracker.live["a"]
+        counts = dict(live.counts)
+        try:
+            assert (vars(mon.tracker.records["b"]).copy(), dict(mon.tracker.live["b"].counts)) == b_before
+            if claimed:
+                assert rec.last_seq == last and counts.pop("accepted", 0) == accepted
+                assert counts == refused
+                assert engine.store.agents()["a"].last_seq == last  # saved in the round that accepted it
+            else:
+                assert counts == {} and rec.last_seq == 0 and sum(mon.hub.refused.values()) == 1
+        finally:
+            b.close()
+            mon.hub.close()
+            engine.close()
+
+
+def test_a_frame_accepted_before_a_crash_is_refused_after_it(tmp_path: Path) -> None:
+    """No save() between: the round that accepted the frame made its seq durable."""
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine.store.enroll_agent(AgentRecord("a", KEY_A, {"type": "unix", "path": str(tmp_path / "a.sock")}))
+    mon = AgentMonitor(engine, startup_grace=0)
+    mon.hub.sync(mon._specs())
+    sim = SimAgent(str(tmp_path / "a.sock"), "a", KEY_A)
+    frame = sim.frame()
+    sim.send(frame)
+    for _ in range(10):
+        mon.round(timeout=0.01)
+    assert mon.tracker.live["a"].counts["accepted"] == 1
+    # "crash": no save, no close of the monitor; a new one reads the store
+    sim.close()
+    engine2 = Engine(netns=None, state_dir=str(tmp_path))
+    second = AgentMonitor(engine2, startup_grace=0)
+    try:
+        assert second.tracker.ingest("a", frame[4:], time.time()).reason == "replayed"
+    finally:
+        mon.hub.close()
+        second.hub.close()
+        engine.close()
+        engine2.close()
+
+
+def test_an_error_while_processing_a_frame_is_counted_and_the_receiver_goes_on(
+    monitor: AgentMonitor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = agent(monitor, "a"), agent(monitor, "b")
+    a.send(a.frame())
+    wait_for(lambda: counts(monitor, "a").get("accepted") == 1)
+    real = monitor._accepted
+
+    def buggy(vm: str, *args: object) -> None:
+        if vm == "a":
+            raise KeyError("a bug")
+        real(vm, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(monitor, "_accepted", buggy)
+    a.send(a.frame())
+    wait_for(lambda: counts(monitor, "a").get("error") == 1)
+    b.send(b.frame())
+    wait_for(lambda: counts(monitor, "b").get("accepted") == 1)
