@@ -54,3 +54,57 @@ def test_tidy_freezes_what_exists_and_a_full_tidy_collects_first(daemon: Daemon)
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_failing_loop_is_restarted_reported_and_named_in_the_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from hyperfence.daemon import request
+    from hyperfence.reconcile import supervisor
+    from hyperfence.reconcile.agents import AgentMonitor
+
+    monkeypatch.setattr(supervisor, "BACKOFF_MIN", 0.3)
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    monitor = AgentMonitor(engine)
+    failures = [2]
+    real_round = monitor.round
+
+    def round_that_fails_twice(timeout: float = 0.2) -> None:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise RuntimeError("a bug in a round")
+        real_round(timeout)
+
+    monkeypatch.setattr(monitor, "round", round_that_fails_twice)
+    d = Daemon(engine, traffic_log=False, agents=monitor)
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        status = None
+        while time.monotonic() < deadline:
+            status = request(str(tmp_path), {"op": "status"}, timeout=2)
+            if status and status["loops"].get("agents", {}).get("state") == "down":
+                break
+            time.sleep(0.02)
+        assert status is not None and status["healthy"] is False and status["down"] == ["agents"], status
+        assert status["loops"]["agents"]["last_error"] == "RuntimeError: a bug in a round"
+        while time.monotonic() < deadline:  # restarted: healthy again once the bug stops
+            status = request(str(tmp_path), {"op": "status"}, timeout=2)
+            if status and status["healthy"] and status["loops"]["agents"]["failures"] == 2:
+                break
+            time.sleep(0.05)
+        assert status is not None and status["healthy"] is True, status
+        assert {name for name, loop in status["loops"].items() if loop["state"] == "running"} == {
+            "control",
+            "reconcile",
+            "agents",
+        }
+        events = engine.store.events(kind="loop-failed")
+        assert [(e["loop"], e["failures"]) for e in events] == [("agents", 1), ("agents", 2)]
+    finally:
+        d.stop()
+        t.join(timeout=5)
+        engine.close()
