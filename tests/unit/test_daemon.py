@@ -108,3 +108,15 @@ def test_a_failing_loop_is_restarted_reported_and_named_in_the_status(
         d.stop()
         t.join(timeout=5)
         engine.close()
+
+
+def test_log_lines_cannot_be_forged_from_a_message() -> None:
+    import logging
+
+    from hyperfence.daemon import PrintableFormatter
+
+    fmt = PrintableFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord(
+        "x", logging.WARNING, __file__, 1, "VM %s said %s", ("vm1", "hi\nERROR forged\x1b[2J"), None
+    )
+    assert fmt.format(record) == "WARNING VM vm1 said hi\\x0aERROR forged\\x1b[2J"

@@ -79,3 +79,44 @@ def test_list_without_a_daemon_reads_the_store(tmp_path: Path) -> None:
     assert row["status"] == "daemon not running" and row["isolated"] is None
     r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "events", "vm1"])
     assert r.exit_code == 0 and r.output == ""
+
+
+def test_what_a_guest_chose_is_printed_as_text_never_as_markup_or_control(tmp_path: Path) -> None:
+    """A guest names a process `[/x]` (rich markup that would raise), sends terminal escapes in its event
+    type and agent version: `vm events` and `vm list` print them escaped, exit 0, and show no traceback."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from hyperfence.agent import wire
+    from hyperfence.reconcile.agents import AgentMonitor
+
+    store_policy(tmp_path)
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", "vm1"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "agents" / "vm1.json").read_text())
+    key, vm = bytes.fromhex(config["key"]), config["vm"]
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    monitor = AgentMonitor(engine)
+    now = time.time()
+    hello = wire.message(vm, 1, "hello", {"agent": "[bold]1.0\x1b]0;pwned\x07"}, now)
+    event = {"type": "listen\x1b[2J[/x]", "comm": "[/x]", "exe": "[red]sshd\nFAKE LINE", "port": 22}
+    beat = wire.message(vm, 2, "beat", {"res": {}, "events": [event]}, now)
+    for body in (hello, beat):
+        monitor._on_frame(vm, wire.encode(key, body)[4:])
+    monitor.save()
+    monitor.hub.close()
+    engine.close()
+
+    cli = [os.path.join(os.path.dirname(sys.executable), "hyperfence"), "--state-dir", str(tmp_path), "vm"]
+    shown = subprocess.run([*cli, "events", "vm1"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
+    assert "agent:listen\\x1b[2J[/x]" in shown.stdout  # the kind, escaped, its markup as text
+    assert '"comm": "[/x]"' in shown.stdout and "FAKE LINE" in shown.stdout
+    assert "\x1b" not in shown.stdout and "\nFAKE" not in shown.stdout
+    listed = subprocess.run(
+        [*cli, "list"], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "[bold]1.0\\x1b]0;pwned\\x07" in listed.stdout and "\x1b" not in listed.stdout
