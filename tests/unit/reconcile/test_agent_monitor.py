@@ -373,3 +373,42 @@ def test_an_error_while_processing_a_frame_is_counted_and_the_receiver_goes_on(
     wait_for(lambda: counts(monitor, "a").get("error") == 1)
     b.send(b.frame())
     wait_for(lambda: counts(monitor, "b").get("accepted") == 1)
+
+
+def test_the_tls_endpoint_follows_the_policy_while_the_daemon_runs(monitor: AgentMonitor) -> None:
+    """A policy that sets, moves or drops `settings.agent_endpoint` opens, moves or closes the listener
+    without a restart (here on 127.0.0.1: no kernel, the engine's namespace is ours)."""
+    from tests.unit.policy.test_parse import doc
+
+    def ports() -> tuple[int, int]:
+        socks = [socket.socket() for _ in range(2)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        found = tuple(s.getsockname()[1] for s in socks)
+        for s in socks:
+            s.close()
+        return found  # type: ignore[return-value]
+
+    def listening(port: int) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def apply(endpoint: str | None) -> None:
+        settings = {"agent_endpoint": endpoint} if endpoint else {}
+        monitor.engine.store_policy(doc(settings=settings), source="test")
+        monitor.engine.compiled()
+
+    first, second = ports()
+    apply(f"127.0.0.1:{first}")
+    wait_for(lambda: listening(first))
+    wait_for(lambda: monitor.channel_stats["endpoint"] == f"127.0.0.1:{first}")
+    apply(f"127.0.0.1:{second}")
+    wait_for(lambda: listening(second) and not listening(first))
+    apply(None)
+    wait_for(lambda: not listening(second))
+    monitor.save()
+    endpoints = [e["endpoint"] for e in monitor.engine.store.events(kind="agent-endpoint")]
+    assert endpoints == [f"127.0.0.1:{first}", f"127.0.0.1:{second}", None]
