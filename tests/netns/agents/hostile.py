@@ -1,0 +1,121 @@
+"""What a hostile guest runs against the host's agent endpoint (standard library only: it runs with the
+guest's python3 inside a lab VM). It writes frames itself, as an attacker would, not with hyperfence's code.
+
+    hostile.py ATTACK HOST PORT CA [ARGS...]
+
+Prints one line of JSON with what it saw (e.g. whether the host closed the connection).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import ssl
+import struct
+import sys
+import time
+
+
+def frame(key: bytes, payload: bytes) -> bytes:
+    mac = hmac.new(key, b"\x01" + payload, hashlib.sha256).digest()
+    return struct.pack(">I", 33 + len(payload)) + b"\x01" + mac + payload
+
+
+def body(vm: str, seq: int, kind: str = "beat", data: str = '{"res":{}}') -> bytes:
+    return f'{{"data":{data},"kind":"{kind}","seq":{seq},"t":{time.time()},"vm":"{vm}"}}'.encode()
+
+
+def connect(host: str, port: int, ca: str) -> ssl.SSLSocket:
+    ctx = ssl.create_default_context(cafile=ca)
+    return ctx.wrap_socket(socket.create_connection((host, port), timeout=5), server_hostname=host)
+
+
+def send(s: socket.socket, data: bytes) -> bool:
+    """False when the host closed the connection before it took all of `data`."""
+    try:
+        s.sendall(data)
+    except OSError:
+        return False
+    return True
+
+
+def closed_by_host(s: socket.socket, wait: float = 3.0) -> bool:
+    s.settimeout(wait)
+    try:
+        return s.recv(1) == b""
+    except (TimeoutError, ssl.SSLError):
+        return False
+    except OSError:
+        return True
+
+
+def main() -> None:
+    attack, host, port, ca, *args = sys.argv[1:]
+    p = int(port)
+    seen: dict[str, object] = {}
+    if attack == "deep-unsigned":  # no key: frames naming VM args[0], their JSON nested 30,000 / 100,000 deep
+        vm = args[0]
+        closed = []
+        for depth in (30_000, 100_000):
+            s = connect(host, p, ca)
+            data = '{"x":' + "[" * depth + "]" * depth + "}"
+            closed.append(not send(s, frame(b"x" * 32, body(vm, 10**15, data=data))) or closed_by_host(s))
+            s.close()
+        seen["closed"] = all(closed)
+    elif attack == "impersonate":  # no key: N connections, each sending frames that name VM args[0]
+        vm, n = args[0], int(args[1])
+        closed = 0
+        for i in range(n):
+            try:
+                s = connect(host, p, ca)
+            except OSError:  # refused during the handshake (too many, too fast)
+                closed += 1
+                continue
+            sent = send(s, b"".join(frame(b"x" * 32, body(vm, 10**15 + i * 10 + k)) for k in range(5)))
+            closed += not sent or closed_by_host(s)
+            s.close()
+        seen["closed"] = closed
+    elif attack == "hold":  # open N plain TCP connections and keep them open, doing nothing, for T s
+        n, hold = int(args[0]), float(args[1])
+        socks = []
+        for _ in range(n):
+            try:
+                socks.append(socket.create_connection((host, p), timeout=2))
+            except OSError:
+                break
+        seen["opened"] = len(socks)
+        print(json.dumps(seen), flush=True)
+        time.sleep(hold)
+        seen["closed_by_host"] = sum(closed_by_host(s, 0.05) for s in socks)
+    elif attack == "own-key":  # with its own key (args[0]: the agent config): claim, then crash attempts
+        config = json.load(open(args[0]))  # noqa: SIM115 - a guest script
+        key, vm = bytes.fromhex(config["key"]), config["vm"]
+        seq = int(time.time() * 1000) + 50  # just above the real agent's (far above would lock it out)
+        s = connect(host, p, ca)
+        s.sendall(frame(key, body(vm, seq)))  # a good frame: the connection is now vm's channel
+        s.sendall(frame(key, body(vm, seq + 1, data='{"x":' + "[" * 50_000 + "]" * 50_000 + "}")))
+        s.sendall(frame(key, body(vm, 2**63)))  # more than the store holds
+        s.sendall(frame(key, body(vm, 2**64 + 5)))
+        s.sendall(frame(key, body(vm, seq + 2, data='{"x":' + "9" * 20_000 + "}")))  # a huge integer
+        s.sendall(frame(key, body(vm, seq + 3, data='{"res":{"cpu":NaN}}')))
+        s.sendall(
+            frame(
+                key,
+                b'{"data":{},"kind":"beat","seq":'
+                + str(seq + 4).encode()
+                + b',"t":Infinity,"vm":"'
+                + vm.encode()
+                + b'"}',
+            )
+        )
+        time.sleep(1.5)
+        seen["closed"] = closed_by_host(s, 0.2)
+    else:
+        raise SystemExit(f"unknown attack {attack}")
+    print(json.dumps(seen), flush=True)
+
+
+if __name__ == "__main__":
+    main()
