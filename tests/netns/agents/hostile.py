@@ -29,7 +29,12 @@ def body(vm: str, seq: int, kind: str = "beat", data: str = '{"res":{}}') -> byt
 
 def connect(host: str, port: int, ca: str) -> ssl.SSLSocket:
     ctx = ssl.create_default_context(cafile=ca)
-    return ctx.wrap_socket(socket.create_connection((host, port), timeout=5), server_hostname=host)
+    raw = socket.create_connection((host, port), timeout=5)
+    try:
+        return ctx.wrap_socket(raw, server_hostname=host)
+    except BaseException:
+        raw.close()
+        raise
 
 
 def send(s: socket.socket, data: bytes) -> bool:
@@ -45,7 +50,7 @@ def closed_by_host(s: socket.socket, wait: float = 3.0) -> bool:
     s.settimeout(wait)
     try:
         return s.recv(1) == b""
-    except (TimeoutError, ssl.SSLError):
+    except (TimeoutError, BlockingIOError, ssl.SSLError):
         return False
     except OSError:
         return True
@@ -77,18 +82,30 @@ def main() -> None:
             closed += not sent or closed_by_host(s)
             s.close()
         seen["closed"] = closed
-    elif attack == "hold":  # open N plain TCP connections and keep them open, doing nothing, for T s
+    elif (
+        attack == "hold"
+    ):  # keep N TLS connections open, sending nothing, for T s: reopen any the host closes
         n, hold = int(args[0]), float(args[1])
-        socks = []
-        for _ in range(n):
-            try:
-                socks.append(socket.create_connection((host, p), timeout=2))
-            except OSError:
-                break
-        seen["opened"] = len(socks)
-        print(json.dumps(seen), flush=True)
-        time.sleep(hold)
-        seen["closed_by_host"] = sum(closed_by_host(s, 0.05) for s in socks)
+        socks: list[socket.socket] = []
+        opened = reopened = 0
+        deadline = time.monotonic() + hold
+        announced = False
+        while time.monotonic() < deadline:
+            for s in [s for s in socks if closed_by_host(s, 0.0)]:
+                socks.remove(s)
+                s.close()
+                reopened += 1
+            while len(socks) < n and time.monotonic() < deadline:
+                try:
+                    socks.append(connect(host, p, ca))
+                    opened += 1
+                except OSError:
+                    break
+            if not announced:
+                print(json.dumps({"opened": opened}), flush=True)
+                announced = True
+            time.sleep(0.1)
+        seen.update(opened=opened, reopened=reopened, open_at_end=len(socks))
     elif attack == "own-key":  # with its own key (args[0]: the agent config): claim, then crash attempts
         config = json.load(open(args[0]))  # noqa: SIM115 - a guest script
         key, vm = bytes.fromhex(config["key"]), config["vm"]
