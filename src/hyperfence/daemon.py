@@ -27,6 +27,7 @@ import threading
 import time
 from typing import Any
 
+from hyperfence.adapters.state_dir import write_private
 from hyperfence.errors import HyperfenceError
 from hyperfence.model.text import printable
 from hyperfence.reconcile.agents import AgentMonitor
@@ -322,8 +323,7 @@ def run_daemon(
     daemon = Daemon(engine, poll=poll, resync=resync, agents=monitor, inventory=inventory)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
-    with open(os.path.join(state_dir, "daemon.pid"), "w", encoding="utf-8") as f:
-        f.write(str(os.getpid()))
+    write_private(os.path.join(state_dir, "daemon.pid"), str(os.getpid()))
     log.info(
         "hyperfence daemon pid %d, netns %s, state %s, policy %s",
         os.getpid(),

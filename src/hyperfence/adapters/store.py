@@ -1,4 +1,4 @@
-"""The embedded store: SQLite (WAL) in the state directory.
+"""The embedded store: SQLite (WAL) in the state directory (private: `adapters/state_dir.py`).
 
 Policies are kept as generations (the document as the user wrote it, already validated), never edited in
 place; events (drift repaired, applies) are appended. A second process can read while the daemon writes.
@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from hyperfence.adapters.state_dir import open_private, secure_state_dir
 from hyperfence.errors import TemporaryError
 from hyperfence.health.tracker import AgentRecord
 
@@ -67,8 +68,12 @@ class StoredPolicy:
 
 class Store:
     def __init__(self, state_dir: str) -> None:
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        # Every start checks (and repairs) that the state directory and the keys in it are private.
+        self.repaired = secure_state_dir(state_dir)
         self.path = os.path.join(state_dir, "hyperfence.db")
+        # 0600 before SQLite opens it: SQLite would create it 0644 (less the umask), and gives its -wal and
+        # -shm files the database file's mode.
+        os.close(open_private(self.path, os.O_RDWR))
         self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -2,14 +2,14 @@
 
 `ensure_certificates` makes them once (ECDSA P-256, the CA valid 10 years, the server certificate 2 years,
 for the endpoint's address as an IP subject-alternative name); the CA certificate goes into each guest with
-the agent's config (the agent verifies the host with it). Keys are written 0600.
+the agent's config (the agent verifies the host with it). Every file is written 0600 in a 0700 directory
+(`adapters/state_dir.py`), whatever the umask.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import ssl
 from pathlib import Path
 
@@ -18,15 +18,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
+
 
 def tls_dir(state_dir: str) -> Path:
     return Path(state_dir) / "tls"
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -39,7 +35,7 @@ def ensure_certificates(state_dir: str, host: ipaddress.IPv4Address) -> Path:
     """The directory holding ca.pem, server.pem and server.key for `host` (made if missing or for another
     address)."""
     d = tls_dir(state_dir)
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(d, mode=DIR_MODE)  # an existing one was checked by `secure_state_dir` at start
     marker = d / "host"
     if (d / "server.pem").exists() and marker.exists() and marker.read_text().strip() == str(host):
         return d
@@ -73,11 +69,11 @@ def ensure_certificates(state_dir: str, host: ipaddress.IPv4Address) -> Path:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write(d / "ca.key", _key_pem(ca_key), 0o600)
-    _write(d / "ca.pem", ca.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(d / "server.key", _key_pem(key), 0o600)
-    _write(d / "server.pem", server.public_bytes(serialization.Encoding.PEM), 0o644)
-    marker.write_text(f"{host}\n")
+    write_private(d / "ca.key", _key_pem(ca_key))
+    write_private(d / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
+    write_private(d / "server.key", _key_pem(key))
+    write_private(d / "server.pem", server.public_bytes(serialization.Encoding.PEM))
+    write_private(marker, f"{host}\n")
     return d
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import stat
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from hyperfence import errors
 from hyperfence.adapters.libvirt_xml import AGENT_FW_CFG, QEMU_USER
+from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
 from hyperfence.cli.output import out, plain
 from hyperfence.daemon import request
 from hyperfence.health.heartbeat import heartbeat_for
@@ -90,7 +92,12 @@ def vm_enroll(
         str, typer.Option(help="unix (lab, this host), virtio (libvirt guests) or tls (over the network).")
     ] = "unix",
     out_file: Annotated[
-        str | None, typer.Option("--out", help="Where to write the agent's config (default: state dir).")
+        str | None,
+        typer.Option(
+            "--out",
+            help="Where to write the agent's config (default: STATE/agents/VM.json; with --fw-cfg: "
+            "VM.agent.json beside the domain's channel socket, where QEMU can read it).",
+        ),
     ] = None,
     libvirt: Annotated[
         str | None,
@@ -116,19 +123,24 @@ def vm_enroll(
         target, policy, host_path = _libvirt_vm(engine, vm, libvirt)
     else:
         target, policy = _vm(engine, vm)
+    if out_file:
+        path = Path(out_file)
+    elif fw_cfg and host_path:
+        path = _fw_cfg_path(host_path, target.name)
+    else:
+        path = Path(channels_dir(engine.state_dir)) / f"{target.name}.json"
     hb = heartbeat_for(policy, target)
     _, config = enroll(
         engine, target, "virtio" if libvirt else channel, interval=hb.interval, host_path=host_path
     )
-    path = Path(out_file or os.path.join(channels_dir(engine.state_dir), f"{target.name}.json"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=1)
-        f.write("\n")
+    make_dirs(path.parent, mode=DIR_MODE)
+    qemu = _qemu_user() if fw_cfg else None
+    write_private(
+        path, json.dumps(config, indent=1) + "\n", owner=(qemu.pw_uid, qemu.pw_gid) if qemu else None
+    )
     handover = ""
     if fw_cfg and libvirt:
-        handover = _hand_over_by_fw_cfg(libvirt, target.id, path)
+        handover = _hand_over_by_fw_cfg(libvirt, target.id, path, qemu)
     reloaded = _ask(engine, {"op": "agents-reload"}) is not None
     out.print(
         plain(
@@ -139,24 +151,63 @@ def vm_enroll(
     )
 
 
-def _hand_over_by_fw_cfg(uri: str, uuid: str, path: Path) -> str:
-    """Let QEMU read the config (owner: its user, if that exists; still 0600) and name it in the domain."""
+def _fw_cfg_path(channel_socket: str, name: str) -> Path:
+    """Where `--fw-cfg` puts the config by default: beside the domain's channel socket. QEMU must reach that
+    directory anyway (it creates the socket there), and the state directory is 0700 root: QEMU running as
+    its own user could not open a file in it."""
+    directory = Path(channel_socket).parent
+    if not directory.is_dir():
+        raise errors.NotFoundError(
+            f"the directory of the domain's agent channel socket, {directory}, does not exist: create it "
+            f"writable by the QEMU user (install -d -o {QEMU_USER} -m 0750 {directory}), or pass --out FILE"
+        )
+    return directory / f"{name}.agent.json"
+
+
+def _qemu_user() -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        return None
+
+
+def _hand_over_by_fw_cfg(uri: str, uuid: str, path: Path, qemu: pwd.struct_passwd | None) -> str:
+    """Name the config in the domain (QEMU opens it: its owner is QEMU's user if that exists, still 0600)."""
     from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only with --libvirt
 
-    try:
-        qemu = pwd.getpwnam(QEMU_USER)
-        os.chown(path, qemu.pw_uid, qemu.pw_gid)
-    except KeyError:
-        pass
     inventory = LibvirtInventory(uri)
     try:
         inventory.set_fw_cfg_file(uuid, AGENT_FW_CFG, str(path.resolve()))
     finally:
         inventory.close()
+    blocked = _blocking_dir(path, qemu) if qemu is not None else None
+    warning = (
+        f"; warning: {QEMU_USER} cannot enter {blocked}, so the domain will not start unless QEMU runs as "
+        "root: write the config where QEMU can reach it (--out)"
+        if blocked is not None
+        else ""
+    )
     return (
         f"; the domain hands it over as firmware config {AGENT_FW_CFG} from its next boot (in the guest: "
         f"modprobe qemu_fw_cfg; agent --config /sys/firmware/qemu_fw_cfg/by_name/{AGENT_FW_CFG}/raw)"
+        + warning
     )
+
+
+def _blocking_dir(path: Path, user: pwd.struct_passwd) -> Path | None:
+    """The first directory on the way to `path` that `user` may not enter (no x bit for it), if any."""
+    groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+    for d in reversed(path.resolve().parents):
+        st = d.stat()
+        if st.st_uid == user.pw_uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if user.pw_uid != 0 and not st.st_mode & bit:
+            return d
+    return None
 
 
 def _ago(t: float | None) -> str:

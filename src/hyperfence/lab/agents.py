@@ -19,8 +19,9 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, open_private, write_private
 from hyperfence.agent.build import build_zipapp
 from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan
@@ -41,23 +42,27 @@ def prepare(engine: Engine, plan: LabPlan, *, interval: float = 1.0) -> dict[str
     """Enrol every lab VM that has no agent key yet, write its config, build the zipapp. VM name -> config."""
     enrolled = engine.store.agents()
     cdir = Path(channels_dir(engine.state_dir))
-    cdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(cdir, mode=DIR_MODE)
     out: dict[str, Path] = {}
     for vm in lab_vms(plan):
         path = cdir / f"{vm.name}.json"
         if vm.id not in enrolled or not path.exists():
             _, config = enroll(engine, vm, "unix", interval=interval)
             config["state"] = str(cdir / f"{vm.name}.seq")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(config, f, indent=1)
+            write_private(path, json.dumps(config, indent=1))
         out[vm.name] = path
-    build_zipapp(zipapp_path(engine))
+    build_zipapp(zipapp_path(engine)).chmod(0o700)  # in the private state directory: no access for others
     return out
 
 
 def zipapp_path(engine: Engine) -> Path:
     return Path(channels_dir(engine.state_dir)) / "hyperfence-agent.pyz"
+
+
+def _open_log(engine: Engine, vm: str) -> BinaryIO:
+    """The agent's output file, appended to; 0600 like everything in the state directory."""
+    path = Path(channels_dir(engine.state_dir)) / f"{vm}.log"
+    return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "ab")
 
 
 def agent_argv(engine: Engine, config: Path) -> list[str]:
@@ -75,7 +80,7 @@ class LabAgents:
 
     def start(self, vm: str) -> None:
         self.stop(vm)
-        log = open(Path(channels_dir(self.engine.state_dir)) / f"{vm}.log", "ab")  # noqa: SIM115 - child owns it
+        log = _open_log(self.engine, vm)
         try:
             self.procs[vm] = topology.popen_in_vm(
                 self.plan, vm, agent_argv(self.engine, self.configs[vm]), stdout=log, stderr=log
@@ -120,7 +125,7 @@ def start_detached(engine: Engine, plan: LabPlan) -> dict[str, int]:
         if have is not None and _alive(have["pid"], have["argv"]):
             continue
         argv = ["ip", "netns", "exec", plan.vm(vm).netns, *agent_argv(engine, config)]
-        log = open(Path(channels_dir(engine.state_dir)) / f"{vm}.log", "ab")  # noqa: SIM115 - child owns it
+        log = _open_log(engine, vm)
         with log:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from hyperfence.adapters.libvirt import LibvirtInventory
 from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, AGENT_FW_CFG, QEMU_USER, DomainInfo, labels_xml
+from hyperfence.adapters.state_dir import write_private
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError, Problem
 from hyperfence.lab import guest_init, topology
 from hyperfence.lab.plan import LabPlan
@@ -229,7 +230,8 @@ def _interface(*, bridge: str, tap: str, mac: str) -> ET.Element:
 def prepare_qemu_dir(plan: LabPlan) -> Path:
     """Create the lab's socket/console directory, writable by QEMU's default user if it exists."""
     qdir = qemu_dir(plan)
-    qdir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    qdir.mkdir(parents=True, exist_ok=True)
+    qdir.chmod(0o750)  # whatever the umask, or an earlier run, made it: the agent configs (keys) are in it
     try:
         qemu = pwd.getpwnam(QEMU_USER)
     except KeyError:
@@ -239,13 +241,9 @@ def prepare_qemu_dir(plan: LabPlan) -> Path:
 
 
 def write_agent_config(path: str | Path, config: str) -> None:
-    """Write an agent's JSON config where its domain's fw_cfg entry points: 0600, replaced atomically."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(config)
-    os.replace(tmp, target)
+    """Write an agent's JSON config where its domain's fw_cfg entry points: 0600 whatever the umask, replaced
+    atomically (never through a link: the directory is QEMU's user's)."""
+    write_private(path, config)
 
 
 def define_lab_domain(inventory: LibvirtInventory, spec: DomainSpec, *, start: bool = True) -> DomainInfo:

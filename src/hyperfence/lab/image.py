@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from hyperfence.adapters.state_dir import DIR_MODE, make_dirs
 from hyperfence.agent.build import build_zipapp
 from hyperfence.errors import BugError, NotFoundError, PermissionDeniedError
 from hyperfence.lab import guest_init, guest_python
@@ -79,7 +80,10 @@ def build_image(out_dir: Path = DEFAULT_OUT, *, force: bool = False) -> GuestIma
     if os.geteuid() != 0:
         raise PermissionDeniedError("building the guest image needs root (chroot, files owned by root)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Parents it has to create are 0700: the default's parent is hyperfence's state directory, which must
+    # never start out readable by others (a 0755 one is repaired at the next start, with a warning).
+    make_dirs(out_dir.parent, mode=DIR_MODE)
+    make_dirs(out_dir, mode=0o755)
     with _locked(out_dir / ".lock"):
         cache = out_dir / "cache"
         zipapp = build_zipapp(cache / "hyperfence-agent.pyz")

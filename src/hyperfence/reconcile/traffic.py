@@ -2,7 +2,7 @@
 
 The kernel already rate-limits every logging rule per VM and direction (`limit rate N/second` in each VM
 chain), so a deny flood costs the host at most N events per second per VM. The file is rotated at
-`MAX_BYTES` (one old file kept), so the log cannot fill the disk either.
+`MAX_BYTES` (one old file kept), so the log cannot fill the disk either. It is 0600: traffic metadata.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import os
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from hyperfence.adapters.nflog import NflogReader
 from hyperfence.adapters.nflog_parse import NflogPacket
+from hyperfence.adapters.state_dir import open_private
 from hyperfence.errors import HyperfenceError
 from hyperfence.ruleset.compile import LOG_PREFIX, vm_sid
 
@@ -76,6 +77,11 @@ def _vm_names(compiled: Any) -> dict[str, str]:
     return {vm_sid(v.id): v.name for v in compiled.policy.vms}
 
 
+def _open_log(path: str) -> TextIO:
+    """Appended to, 0600: who talked to whom is for root only (the state directory is 0700 as well)."""
+    return os.fdopen(open_private(path, os.O_WRONLY | os.O_APPEND), "a", encoding="utf-8")
+
+
 def run_traffic_log(engine: _EngineLike, stop: threading.Event, *, group: int | None = None) -> None:
     """Read NFLOG until `stop` is set, appending records to the traffic file.
 
@@ -91,7 +97,7 @@ def run_traffic_log(engine: _EngineLike, stop: threading.Event, *, group: int | 
         return
     path = os.path.join(engine.state_dir, TRAFFIC_FILE)
     names = _vm_names(compiled)
-    out = open(path, "a", encoding="utf-8")  # noqa: SIM115 - reopened on rotation
+    out = _open_log(path)
     try:
         with reader:
             while not stop.is_set():
@@ -110,6 +116,6 @@ def run_traffic_log(engine: _EngineLike, stop: threading.Event, *, group: int | 
                 if out.tell() > MAX_BYTES:
                     out.close()
                     os.replace(path, path + ".1")
-                    out = open(path, "a", encoding="utf-8")  # noqa: SIM115
+                    out = _open_log(path)
     finally:
         out.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -263,6 +264,37 @@ def test_daemon_kill_9_changes_nothing_and_restart_writes_nothing(lab: LabSessio
     finally:
         daemon.kill()
         daemon.wait()
+
+
+def test_the_daemon_under_umask_000_repairs_and_keeps_its_state_private(lab: LabSession) -> None:
+    """What an older version left readable is repaired at start (and said so); what the daemon creates
+    (pid file, control socket, traffic log) is 0600 although its umask is 000."""
+    lab.apply([PING_1_2])
+    state = lab.state_dir
+    os.chmod(state, 0o755)  # noqa: S103 - what `lab image` used to leave
+    os.chmod(os.path.join(state, "hyperfence.db"), 0o644)
+    os.chmod(os.path.join(state, "hyperfence.db-wal"), 0o644)  # the test's engine keeps the store open
+    hf = [sys.executable, "-m", "hyperfence", "--netns", lab.plan.host_netns, "--state-dir", state]
+    daemon = subprocess.Popen([*hf, "daemon", "--resync", "3600"], stderr=subprocess.PIPE, umask=0)
+    names = ("hyperfence.db", "hyperfence.db-wal", "hyperfence.db-shm", "daemon.pid", "daemon.sock")
+    try:
+        deadline = time.monotonic() + 20
+        while not all(os.path.exists(os.path.join(state, n)) for n in (*names, "traffic.jsonl")):
+            assert daemon.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        modes = {n: stat.S_IMODE(os.lstat(os.path.join(state, n)).st_mode) for n in (*names, "traffic.jsonl")}
+        assert modes == dict.fromkeys((*names, "traffic.jsonl"), 0o600)
+        assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    finally:
+        daemon.terminate()
+        _, err = daemon.communicate(timeout=30)
+    text = err.decode()
+    for repaired in (
+        f"{state}: mode 0755, now 0700",
+        f"{os.path.join(state, 'hyperfence.db')}: mode 0644, now 0600",
+        f"{os.path.join(state, 'hyperfence.db-wal')}: mode 0644, now 0600",
+    ):
+        assert f"WARNING hyperfence.state: state repaired: {repaired}" in text, text
 
 
 def test_reject_answers_the_sender_at_once(lab: LabSession) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import pwd
 import queue
 import secrets
 import shutil
@@ -199,8 +200,12 @@ def test_enroll_with_fw_cfg_puts_the_config_in_the_domains_definition(
         argv = ["--state-dir", str(tmp_path), "vm", "enroll", info.name, "--libvirt", URI, "--fw-cfg"]
         r = CliRunner().invoke(app, argv)
         assert r.exit_code == 0, (r.output, r.exception)
-        path = tmp_path / "agents" / f"{info.name}.json"
-        assert path.stat().st_mode & 0o777 == 0o600
+        # beside the domain's channel socket, where QEMU's user can reach it (the state directory is 0700)
+        assert info.agent_socket is not None
+        path = pathlib.Path(info.agent_socket).parent / f"{info.name}.agent.json"
+        st = path.stat()
+        assert (st.st_mode & 0o777, st.st_uid) == (0o600, pwd.getpwnam("libvirt-qemu").pw_uid)
+        assert "cannot enter" not in r.output
         assert "firmware config opt/org.hyperfence/agent" in " ".join(r.output.split())  # rich wraps
         defined = ET.fromstring(virsh("dumpxml", "--inactive", info.uuid))  # noqa: S314 - libvirt's
         entries = defined.findall("sysinfo[@type='fwcfg']/entry")
@@ -212,6 +217,10 @@ def test_enroll_with_fw_cfg_puts_the_config_in_the_domains_definition(
         assert len(defined.findall("sysinfo[@type='fwcfg']/entry")) == 1
         env.inventory.destroy(info.uuid)
         assert env.inventory.start(info.uuid) is True  # QEMU reads the file when it starts
+        inside = tmp_path / "agents" / "x.json"  # --out in the 0700 state directory: QEMU's user is told
+        r = CliRunner().invoke(app, [*argv, "--out", str(inside)])
+        assert r.exit_code == 0, (r.output, r.exception)
+        assert "warning: libvirt-qemu cannot enter /tmp" in " ".join(r.output.split())  # pytest's 0700 dirs
         r = CliRunner().invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", info.name, "--fw-cfg"])
         assert isinstance(r.exception, InvalidInputError) and "--libvirt" in str(r.exception)
     finally:

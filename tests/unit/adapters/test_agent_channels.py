@@ -42,7 +42,10 @@ class Rig:
             "t": {"type": "tls"},
         }
         self.tracker = Tracker(
-            {vm: AgentRecord(vm, key, spec) for (vm, key), spec in zip(KEYS.items(), self.specs.values())},
+            {
+                vm: AgentRecord(vm, key, spec)
+                for (vm, key), spec in zip(KEYS.items(), self.specs.values(), strict=False)
+            },
             started=self.clock.t,
             startup_grace=0,
         )

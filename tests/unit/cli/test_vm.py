@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from hyperfence import errors
 from hyperfence.agent.config import load_config
 from hyperfence.cli.main import app
+from hyperfence.cli.vm import _blocking_dir, _fw_cfg_path
 from hyperfence.reconcile.engine import Engine
 from tests.unit.policy.test_parse import doc
 
@@ -110,13 +116,51 @@ def test_what_a_guest_chose_is_printed_as_text_never_as_markup_or_control(tmp_pa
     engine.close()
 
     cli = [os.path.join(os.path.dirname(sys.executable), "hyperfence"), "--state-dir", str(tmp_path), "vm"]
-    shown = subprocess.run([*cli, "events", "vm1"], capture_output=True, text=True, timeout=60)
+    shown = subprocess.run([*cli, "events", "vm1"], check=False, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "Traceback" not in shown.stderr, shown.stderr
     assert "agent:listen\\x1b[2J[/x]" in shown.stdout  # the kind, escaped, its markup as text
     assert '"comm": "[/x]"' in shown.stdout and "FAKE LINE" in shown.stdout
     assert "\x1b" not in shown.stdout and "\nFAKE" not in shown.stdout
     listed = subprocess.run(
-        [*cli, "list"], capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"}
+        [*cli, "list"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
     )
     assert listed.returncode == 0, listed.stderr
     assert "[bold]1.0\\x1b]0;pwned\\x07" in listed.stdout and "\x1b" not in listed.stdout
+
+
+# --- --fw-cfg: where QEMU can read the config ---------------------------------------------------------
+
+
+def test_fw_cfg_config_goes_beside_the_channel_socket_which_must_exist(tmp_path: Path) -> None:
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    assert _fw_cfg_path(str(channels / "web1.agent.sock"), "web1") == channels / "web1.agent.json"
+    with pytest.raises(errors.NotFoundError) as e:
+        _fw_cfg_path(str(tmp_path / "missing" / "web1.agent.sock"), "web1")
+    assert "install -d -o libvirt-qemu" in str(e.value) and "--out" in str(e.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a directory's owner needs root")
+def test_the_directory_qemus_user_cannot_enter_is_named() -> None:
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="pm-fwcfg-", dir="/tmp"))  # /tmp: everyone may enter it
+    try:
+        inner = base / "qemu"
+        inner.mkdir()
+        config = inner / "web1.agent.json"
+        base.chmod(0o755)
+        inner.chmod(0o750)
+        assert _blocking_dir(config, nobody) == inner  # root's 0750: nobody is not in its group
+        os.chown(inner, nobody.pw_uid, 0)
+        inner.chmod(0o700)
+        assert _blocking_dir(config, nobody) is None  # its own directory
+        base.chmod(0o700)  # a 0700 state directory in the way
+        assert _blocking_dir(config, nobody) == base
+        assert _blocking_dir(config, pwd.getpwuid(0)) is None  # QEMU as root enters everything
+    finally:
+        shutil.rmtree(base)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hyperfence.lab import image as lab_image
 from hyperfence.lab.image import (
     BUILDER,
     GuestImage,
@@ -84,3 +87,28 @@ def test_another_builder_or_a_damaged_manifest_means_a_rebuild() -> None:
 def test_boot_scripts_digest_is_stable() -> None:
     assert boot_scripts_digest() == boot_scripts_digest()
     assert len(boot_scripts_digest()) == 64
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="build_image refuses to run without root")
+def test_lab_image_never_creates_the_state_directory_readable_by_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`lab image` used to create /var/lib/hyperfence 0755 before any daemon ran: parents it creates are 0700."""
+
+    def stop(path: Path) -> Path:
+        raise _Stop  # after the directories, before any real work
+
+    monkeypatch.setattr(lab_image, "build_zipapp", stop)
+    state = tmp_path / "var-lib-hyperfence"
+    old = os.umask(0)
+    try:
+        with pytest.raises(_Stop):
+            lab_image.build_image(state / "images")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((state / "images").stat().st_mode) == 0o755  # the image itself is no secret
