@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from hyperfence.daemon import request as daemon_request
 from hyperfence.errors import KernelError
 from hyperfence.lab import topology
 from hyperfence.lab.experiment import run_experiment
@@ -277,38 +278,80 @@ def test_reloads_under_traffic_lose_no_packets(lab: LabSession) -> None:
     assert "1500 packets transmitted, 1500 received" in text, text
 
 
+def _start_daemon(lab: LabSession) -> tuple[subprocess.Popen[bytes], str]:
+    """A `hyperfence daemon` on the lab, once its first converge has ended: its control socket answers
+    `status` with the policy it converged to (None until then). Returns the process and that policy key."""
+    hf = [sys.executable, "-m", "hyperfence", "--netns", lab.plan.host_netns, "--state-dir", lab.state_dir]
+    p = subprocess.Popen([*hf, "daemon", "--resync", "3600"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    try:
+        while True:
+            assert p.poll() is None, f"the daemon exited with status {p.returncode}"
+            reply = daemon_request(lab.state_dir, {"op": "status"}, timeout=5)
+            if reply is not None and reply.get("policy"):
+                return p, str(reply["policy"])
+            assert time.monotonic() < deadline, f"no first converge within 30 s: {reply}"
+            time.sleep(0.05)
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+
+
+def _monitor_mark(lab: LabSession, path: str, tag: str, *, wait: float = 10) -> str:
+    """What `nft monitor` (printing to `path`) printed before a marker: a scratch table `tag` added and
+    deleted in the lab's host namespace now. The kernel reports changes in order, so once the marker is in
+    the file, every change made before it is too. Raises AssertionError if the marker is not seen in time."""
+    lab.run("host", ["nft", "add", "table", "ip", tag]).check_returncode()
+    lab.run("host", ["nft", "delete", "table", "ip", tag]).check_returncode()
+    deadline = time.monotonic() + wait
+    while True:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        start = text.find(f"add table ip {tag}\n")
+        if text.find(f"delete table ip {tag}\n") > start >= 0:
+            return text[:start]
+        assert time.monotonic() < deadline, f"nft monitor did not print {tag}: {text!r}"
+        time.sleep(0.05)
+
+
+def _changes_since(monitor_text: str, tag: str) -> list[str]:
+    """The kernel changes `nft monitor` printed after the marker `tag` (without its `# new generation` lines)."""
+    rest = monitor_text[monitor_text.index(f"delete table ip {tag}\n") :].split("\n", 1)[1]
+    return [line for line in rest.splitlines() if line and not line.startswith("# new generation")]
+
+
 def test_daemon_kill_9_changes_nothing_and_restart_writes_nothing(lab: LabSession) -> None:
     lab.apply([PING_1_2])
-    hf = [sys.executable, "-m", "hyperfence", "--netns", lab.plan.host_netns, "--state-dir", lab.state_dir]
-
-    def start() -> subprocess.Popen[bytes]:
-        p = subprocess.Popen([*hf, "daemon", "--resync", "3600"], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(os.path.join(lab.state_dir, "daemon.sock")):
-            assert p.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        return p
-
-    daemon = start()
+    monitor_path = os.path.join(lab.state_dir, "monitor.txt")
+    daemon, key = _start_daemon(lab)
+    with open(monitor_path, "wb") as out:
+        monitor = topology.popen_in_host(lab.plan, ["nft", "monitor"], stdout=out)
     try:
-        monitor_out = open(os.path.join(lab.state_dir, "monitor.txt"), "wb")  # noqa: SIM115
-        monitor = topology.popen_in_host(lab.plan, ["nft", "monitor"], stdout=monitor_out)
-        time.sleep(0.3)
+        # The monitor listens once it prints a marker (retried: a marker made before it subscribed is lost).
+        for attempt in range(1, 21):
+            try:
+                _monitor_mark(lab, monitor_path, f"hfsync{attempt}", wait=1)
+                break
+            except AssertionError:
+                assert attempt < 20, "nft monitor never printed a marker"
+        _monitor_mark(lab, monitor_path, "hfbefore")
+        ruleset = lab.run("host", ["nft", "-a", "-s", "list", "ruleset"]).stdout  # with handles
         os.kill(daemon.pid, signal.SIGKILL)
         daemon.wait()
         assert lab.ping("vm1", "vm2")[0] == 2
         assert lab.ping("vm3", "vm2")[0] == 0
-        daemon = start()
-        time.sleep(1.0)  # its first converge (a full read) has run by now
-        monitor_out.flush()
-        assert os.path.getsize(monitor_out.name) == 0  # the restart wrote nothing to the kernel
+        daemon, restarted_key = _start_daemon(lab)
+        assert restarted_key == key
+        written = _changes_since(_monitor_mark(lab, monitor_path, "hfafter"), "hfbefore")
+        assert written == [], written  # the restart wrote nothing to the kernel
+        assert lab.run("host", ["nft", "-a", "-s", "list", "ruleset"]).stdout == ruleset  # same handles
         assert lab.ping("vm1", "vm2")[0] == 2
-        lab.apply([PING_1_2, UDP_2_1])  # the control: a real change is seen by the monitor
-        time.sleep(0.5)
-        topology.stop_process(monitor)
-        monitor_out.close()
-        assert os.path.getsize(monitor_out.name) > 0
+        # the control: a real change is seen by the monitor
+        lab.apply([PING_1_2, UDP_2_1])
+        assert _changes_since(_monitor_mark(lab, monitor_path, "hfchanged"), "hfafter")
     finally:
+        topology.stop_process(monitor)
         daemon.kill()
         daemon.wait()
 
