@@ -106,11 +106,12 @@ def test_reject_answers_routed_senders_and_the_host(lab: LabSession) -> None:
     assert lab.tcp("host", "vm3", 22, timeout=1.0) == "TIMEOUT"
     assert host_udp_errors(lab, lab.ip("vm3"), 53) == ["OK", "TimeoutError"]
 
-    # VM to VM: answered on the sender's port as before; the bridged packets never reach the inet chains.
+    # VM to VM: answered on the sender's port, before the bridge. (Whether bridged packets skip the inet
+    # chains, the forward chain's `sys:bridged` shortcut, is not checked: those chains repeat the same rules,
+    # so no packet here is answered differently without it; a zero inet counter held with it removed.)
     assert lab.tcp("vm1", "vm2", 22, timeout=QUICK) == "REFUSED"
     assert lab.tcp("vm1", "vm2", 80) == "OK"
     assert counter(lab, NETDEV, "_rej_out", "rule:rej-vm1#1") >= 1  # vm1's own egress rule
-    assert counter(lab, INET, "_rej_in", "rule:rej-vm1#1") == 0
 
     # Exact readback: a full read of every table finds nothing to change.
     assert lab.engine is not None
