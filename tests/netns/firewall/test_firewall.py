@@ -200,6 +200,7 @@ def _frames_seen(
         out, _ = listener.communicate(timeout=40)
     finally:
         topology.stop_process(listener)
+    assert listener.returncode == 0 and out, f"the frame listener in {receiver} failed: {out!r}"
     counts: dict[str, int] = json.loads(out.splitlines()[-1])
     return counts
 
