@@ -106,16 +106,29 @@ def test_reject_answers_routed_senders_and_the_host(lab: LabSession) -> None:
     assert lab.tcp("host", "vm3", 22, timeout=1.0) == "TIMEOUT"
     assert host_udp_errors(lab, lab.ip("vm3"), 53) == ["OK", "TimeoutError"]
 
-    # VM to VM: answered on the sender's port as before; the bridged packets never reach the inet chains.
+    # VM to VM: answered on the sender's port, before the bridge. (Whether bridged packets skip the inet
+    # chains, the forward chain's `sys:bridged` shortcut, is not checked: those chains repeat the same rules,
+    # so no packet here is answered differently without it; a zero inet counter held with it removed.)
     assert lab.tcp("vm1", "vm2", 22, timeout=QUICK) == "REFUSED"
     assert lab.tcp("vm1", "vm2", 80) == "OK"
     assert counter(lab, NETDEV, "_rej_out", "rule:rej-vm1#1") >= 1  # vm1's own egress rule
-    assert counter(lab, INET, "_rej_in", "rule:rej-vm1#1") == 0
 
     # Exact readback: a full read of every table finds nothing to change.
     assert lab.engine is not None
     _, again = lab.engine.converge(full=True)
     assert again is not None and not again.changed and again.drift == []
+
+
+def reply_to_port_53(s: LabSession, vm: str, peer: str) -> list[str]:
+    """`vm` sends from its UDP port 53 to `peer`:5000 (a probe server that answers): what it gets back."""
+    code = (
+        "import socket\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
+        f"s.bind(('0.0.0.0', 53)); s.connect(({s.ip(peer)!r}, 5000)); s.send(b'hi')\n"
+        "try:\n    print(s.recv(16).decode().strip())\n"
+        "except OSError as e:\n    print(type(e).__name__)\n"
+    )
+    return s.run(vm, [sys.executable, "-c", code], timeout=10).stdout.decode().split()
 
 
 def test_replies_to_a_flow_the_vm_started_pass_a_reject(lab: LabSession) -> None:
@@ -128,16 +141,27 @@ def test_replies_to_a_flow_the_vm_started_pass_a_reject(lab: LabSession) -> None
             {"id": "out", "from": "vm:vm2", "to": "outside", "services": ["udp/5000"]},
         ]
     )
-    code = (
-        "import socket\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n"
-        f"s.bind(('0.0.0.0', 53)); s.connect(({lab.ip('outside')!r}, 5000)); s.send(b'hi')\n"
-        "try:\n    print(s.recv(16).decode().strip())\n"
-        "except OSError as e:\n    print(type(e).__name__)\n"
-    )
-    r = lab.run("vm2", [sys.executable, "-c", code], timeout=10)
-    assert r.stdout.decode().split() == ["OK"]
+    assert reply_to_port_53(lab, "vm2", "outside") == ["OK"]
     assert lab.udp("outside", "vm2", 53, timeout=QUICK) == "REFUSED"  # the control: a new flow is answered
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: the netdev reject chain on a sender VM's port has no established-flow check, so a "
+    "VM-to-VM reject rule also answers the replies of a flow the receiver started",
+)
+def test_replies_to_a_flow_the_vm_started_with_another_vm_pass_a_reject(lab: LabSession) -> None:
+    """The same between two VMs: vm2 talks from its UDP port 53 to vm1; vm1's replies match vm1's reject
+    rule to vm2:53, but they belong to vm2's own flow."""
+    lab.serve("vm1", udp=[5000])
+    lab.apply(
+        [
+            {"id": "rej", "from": "vm:vm1", "to": "vm:vm2", "services": ["udp/53"], "action": "reject"},
+            {"id": "out", "from": "vm:vm2", "to": "vm:vm1", "services": ["udp/5000"]},
+        ]
+    )
+    assert lab.udp("vm1", "vm2", 53, timeout=QUICK) == "REFUSED"  # the control: a new flow is answered
+    assert reply_to_port_53(lab, "vm2", "vm1") == ["OK"]
 
 
 def test_removing_every_reject_rule_is_applied(lab: LabSession) -> None:
