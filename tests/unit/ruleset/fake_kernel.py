@@ -15,7 +15,8 @@ class FakeKernel:
         self.rules: dict[tuple[TableId, str], list[tuple[int, Rule]]] = {k: [] for k in self.chains}
         for r in rs.rules:
             self.rules[(r.table, r.chain)].append((handles[(r.table, r.chain, r.comment)], r))
-        self.next_handle = 10_000
+        # Like the kernel: a handle is never reused, also not by a model built from an earlier model's state.
+        self.next_handle = max([10_000, *handles.values()])
 
     def apply(self, commands: list[Any]) -> None:
         for cmd in commands:

@@ -91,3 +91,14 @@ def test_a_new_peer_set_is_added_and_an_unused_one_deleted() -> None:
     plan = plan_changes(second, actual)
     assert plan.summary.get("sets+") == 1  # the new peer's set
     assert plan.summary.get("sets-") == 2  # vm2's (vm1's peer) and vm1's (vm2's peer): no rule uses them
+
+
+def test_a_rule_added_then_removed_across_versions_deletes_the_right_handle() -> None:
+    """Found by the property test: each version's model kernel is built from the last one's handles, and
+    handles (like the kernel's) must never be reused, or a later delete would remove the wrong rule."""
+    rule = {"id": "a", "from": "vm:vm1", "to": "vm:vm1", "action": "allow", "priority": 0}
+    cache = CompileCache()
+    prev: Resolved | None = None
+    actual: Actual | None = None
+    for services in ([], ["tcp/80"], ["tcp/80", "udp/53"], ["tcp/80"]):
+        prev, _, actual = _step(cache, prev, actual, [{**rule, "services": services}] if services else [])
