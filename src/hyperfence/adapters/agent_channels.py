@@ -19,7 +19,7 @@ VM's by construction (the host dials QEMU's socket for that VM).
 Waiting connections are bounded three ways, so one VM cannot lock the others out: each must complete TLS
 and send a verified first frame of at most MAX_CLAIM_FRAME bytes within CLAIM_TIMEOUT seconds; at most
 MAX_PENDING_PER_SOURCE wait per source address (a VM can only send from its own addresses: anti-spoofing),
-and MAX_PENDING in all; new connections per source are rate-limited (ACCEPT_RATE/s, burst ACCEPT_BURST).
+and MAX_PENDING TLS connections in all; new connections per source are rate-limited (ACCEPT_RATE/s, burst ACCEPT_BURST).
 
 Reading is fair: at most one `recv` of READ_CHUNK bytes per ready channel per round (plus what TLS already
 decrypted), so a VM that floods its channel cannot starve the others, and memory per channel is bounded by
@@ -310,12 +310,16 @@ class Hub:
             self._stranger("rate", source, f"more than {ACCEPT_RATE:g} new connections/s")
             return False
         bucket.tokens -= 1.0
-        if self._per_source[source] >= MAX_PENDING_PER_SOURCE or len(self._pending) >= MAX_PENDING:
+        # The total bounds TLS only: a unix channel is one VM's own listener, so its 4 are already a bound.
+        tls_waiting = (
+            sum(1 for p in self._pending.values() if p.vm is None) if source.startswith("tls:") else 0
+        )
+        if self._per_source[source] >= MAX_PENDING_PER_SOURCE or tls_waiting >= MAX_PENDING:
             self._stranger(
                 "busy",
                 source,
-                f"{self._per_source[source]} connections from it and {len(self._pending)} in all wait "
-                f"(at most {MAX_PENDING_PER_SOURCE} and {MAX_PENDING})",
+                f"{self._per_source[source]} connections from it and {tls_waiting} over TLS wait "
+                f"(at most {MAX_PENDING_PER_SOURCE} per source and {MAX_PENDING} in all)",
             )
             return False
         return True
