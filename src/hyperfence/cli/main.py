@@ -16,10 +16,10 @@ from hyperfence import errors
 from hyperfence.cli import render
 from hyperfence.cli.output import err, out, plain, plain_lines, styled
 from hyperfence.cli.vm import agent_app, vm_app
-from hyperfence.policy.parse import load_document, parse_policy
+from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.policy.whatif import Flow, can
-from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.engine import Engine, read_policy_file
 from hyperfence.reconcile.firewall import describe_drift
 from hyperfence.ruleset.compile import TABLES, compile_ruleset
 from hyperfence.ruleset.plan import plan_changes
@@ -94,22 +94,13 @@ def _global(
     ctx.obj = Ctx(netns=netns, state_dir=state_dir or DEFAULT_STATE)
 
 
-def _read_policy_file(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise errors.NotFoundError(f"cannot read policy file {path}: {e.strerror}") from None
-    return load_document(text, source=path)
-
-
 # --- policy -----------------------------------------------------------------------------------------
 
 
 @policy_app.command("check")
 def policy_check(file: str) -> None:
     """Validate FILE; list every problem with its path and value. Changes nothing."""
-    policy = parse_policy(_read_policy_file(file), source=file)
+    policy = parse_policy(read_policy_file(file), source=file)
     rs = compile_ruleset(resolve_policy(policy))
     c = rs.counts()
     out.print(
@@ -128,7 +119,7 @@ def policy_apply(
     from hyperfence.daemon import request  # noqa: PLC0415 - keeps `hyperfence policy check` light
 
     c: Ctx = ctx.obj
-    document = _read_policy_file(file)
+    document = read_policy_file(file)
     engine = c.engine()
     if dry_run:
         policy = parse_policy(document, source=file)
