@@ -66,20 +66,38 @@ def load_document(text: str | bytes, *, source: str = "policy") -> Any:
 
 
 def _load_json(text: str, source: str) -> Any:
-    """JSON, the fast way; a mapping in YAML's flow style (`{networks: [...]}`) also starts with `{`."""
-    too_deep = _json_nesting_over_limit(text)
-    if too_deep is not None:
-        raise _Limit("is nested too deeply", _where(text, too_deep), _DEPTH_MESSAGE)
+    """JSON, the fast way; a mapping in YAML's flow style (`{networks: [...]}`) also starts with `{`.
+    The depth is measured on the loaded data (json.loads itself gives up with a RecursionError near 1,000
+    levels); only a document that is too deep is scanned again, for the place to report."""
     try:
-        return json.loads(text)
+        data = json.loads(text)
+        too_deep = _is_too_deep(data)
+    except RecursionError:
+        too_deep = True
     except json.JSONDecodeError as e:
         json_error = InvalidInputError(
             f"{source} is not valid JSON", [Problem(f"line {e.lineno} column {e.colno}", e.msg)]
         )
-    try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader (see _BoundedLoader)
-    except yaml.YAMLError:
-        raise json_error from None
+        try:
+            return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader (see _BoundedLoader)
+        except yaml.YAMLError:
+            raise json_error from None
+    if too_deep:
+        offset = _json_nesting_over_limit(text)
+        raise _Limit("is nested too deeply", "" if offset is None else _where(text, offset), _DEPTH_MESSAGE)
+    return data
+
+
+def _is_too_deep(data: Any) -> bool:
+    """True when lists and mappings nest deeper than `MAX_POLICY_DEPTH` (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_POLICY_DEPTH:
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, dict | list))
+    return False
 
 
 _DEPTH_MESSAGE = (
