@@ -159,7 +159,9 @@ def policy_show(
     stored = engine.store.get_policy(generation)
     latest = engine.store.latest_generation()
     if stored is None and generation is not None and latest:
-        raise errors.NotFoundError(f"--generation: there is no generation {generation} (the latest is {latest})")
+        raise errors.NotFoundError(
+            f"--generation: there is no generation {generation} (the latest is {latest})"
+        )
     if stored is None:
         raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
     out.print(f"# generation {stored.generation} from {plain(stored.source)}")
