@@ -193,13 +193,14 @@ class _BoundedLoader(yaml.SafeLoader):
                     "the values out, or use fewer aliases of aliases)",
                 )
             return super().compose_node(parent, index)  # an undefined alias is a YAML error there
-        self._depth += 1
+        nests = not isinstance(event, yaml.ScalarEvent)  # lists and mappings nest; as in JSON, text does not
+        self._depth += nests
         if self._depth > MAX_POLICY_DEPTH:
             raise _Limit("is nested too deeply", _mark(event.start_mark), _DEPTH_MESSAGE)
         start = self._nodes
         self._nodes += 1
         node = super().compose_node(parent, index)
-        self._depth -= 1
+        self._depth -= nests
         anchor = getattr(event, "anchor", None)
         if anchor is not None:
             self._sizes[anchor] = self._nodes - start
