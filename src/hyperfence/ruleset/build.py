@@ -36,7 +36,8 @@ LOG_PREFIX = "hf"
 # The kernel keeps a log prefix of at most 127 bytes (NF_LOG_PREFIXLEN, 128, less its NUL): nft 1.0.6 gets
 # ERANGE for 128 and crashes on much longer ones. nft's own parser reads comments of at most 128 characters,
 # so a longer one would not read back from `nft list ruleset`. Policy ids are at most `MAX_ID_LENGTH` (32)
-# characters, which keeps both well inside: `hf:<sid>:out:reject:rule:<id>#<n>:pair` is 70 + digits of n.
+# characters, which keeps both well inside: `hf:<sid>:out:reject:rule:<id>#<n>:pair` is 69 characters plus the
+# digits of n, `rule:<id>#<n>:pair:log` 47 plus those (see tests/unit/ruleset/test_build.py).
 LOG_PREFIX_MAX = 127
 COMMENT_MAX = 128
 # No `ether type` matches: nft 1.0.6 lists them byte-swapped in numeric mode (0x0806 as 1544), which would
