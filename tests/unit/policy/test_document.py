@@ -55,8 +55,13 @@ def test_nesting_up_to_the_limit_is_read(flavour: str) -> None:
 
 
 def test_brackets_inside_json_strings_do_not_count() -> None:
-    text = '{"a": "' + "[" * 100 + '\\"[[[", "b": [[1]]}'
-    assert load_document(text) == {"a": "[" * 100 + '"[[[', "b": [[1]]}
+    assert load_document('{"a": "' + "[" * 100 + '\\"[[[", "b": [[1]]}') == {
+        "a": "[" * 100 + '"[[[',
+        "b": [[1]],
+    }
+    # where a deep document is refused: strings (escaped quotes too) are skipped, the 33rd level is found
+    text = '{"a": "\\"' + "[" * 50 + '", "b": ' + "[" * 40 + "]" * 40 + "}"
+    assert refusal(text) == ("p.yaml is nested too deeply", [f"line 1 column 99: {DEPTH}"])
 
 
 def test_a_document_over_the_size_limit_is_refused_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
