@@ -78,14 +78,6 @@ class Collector:
         """True when a reference to `name` needs no problem of its own (see `mark_reported`)."""
         return (kind, name) in self._reported or (kind, ALL) in self._reported
 
-    def model(self, cls: type[M], data: Any, path: str) -> M | None:
-        """`data` validated as `cls`, or None with every problem collected."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            self._add_errors(e, path)
-            return None
-
     def fields(
         self, cls: type[M], data: Any, path: str, *, required: tuple[str, ...] = ()
     ) -> tuple[M, frozenset[str]] | None:
