@@ -146,3 +146,19 @@ def test_daemon_refuses_intervals_that_are_not_above_zero(
         ],
     )
     assert not (tmp_path / "state" / "daemon.pid").exists()  # refused before it started anything
+
+
+def test_policy_show_names_a_generation_that_is_not_there(tmp_path: Path) -> None:
+    from hyperfence.reconcile.engine import Engine
+    from tests.unit.policy.test_parse import doc
+
+    engine = Engine(netns=None, state_dir=str(tmp_path / "state"))
+    engine.store_policy(doc(), source="test")
+    engine.close()
+    r = run("policy", "show", "--generation", "5", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (
+        3,
+        ["error: --generation: there is no generation 5 (the latest is 1)"],
+    )
+    r = run("policy", "show", "--generation", "1", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("# generation 1 from test\n")
