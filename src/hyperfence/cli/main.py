@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -16,10 +17,10 @@ from hyperfence import errors
 from hyperfence.cli import render
 from hyperfence.cli.output import err, out, plain, plain_lines, styled
 from hyperfence.cli.vm import agent_app, vm_app
-from hyperfence.policy.parse import load_document, parse_policy
+from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.policy.whatif import Flow, can
-from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.engine import Engine, read_policy_file
 from hyperfence.reconcile.firewall import describe_drift
 from hyperfence.ruleset.compile import TABLES, compile_ruleset
 from hyperfence.ruleset.plan import plan_changes
@@ -94,22 +95,13 @@ def _global(
     ctx.obj = Ctx(netns=netns, state_dir=state_dir or DEFAULT_STATE)
 
 
-def _read_policy_file(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise errors.NotFoundError(f"cannot read policy file {path}: {e.strerror}") from None
-    return load_document(text, source=path)
-
-
 # --- policy -----------------------------------------------------------------------------------------
 
 
 @policy_app.command("check")
 def policy_check(file: str) -> None:
     """Validate FILE; list every problem with its path and value. Changes nothing."""
-    policy = parse_policy(_read_policy_file(file), source=file)
+    policy = parse_policy(read_policy_file(file), source=file)
     rs = compile_ruleset(resolve_policy(policy))
     c = rs.counts()
     out.print(
@@ -128,7 +120,7 @@ def policy_apply(
     from hyperfence.daemon import request  # noqa: PLC0415 - keeps `hyperfence policy check` light
 
     c: Ctx = ctx.obj
-    document = _read_policy_file(file)
+    document = read_policy_file(file)
     engine = c.engine()
     if dry_run:
         policy = parse_policy(document, source=file)
@@ -165,6 +157,11 @@ def policy_show(
     c: Ctx = ctx.obj
     engine = c.engine()
     stored = engine.store.get_policy(generation)
+    latest = engine.store.latest_generation()
+    if stored is None and generation is not None and latest:
+        raise errors.NotFoundError(
+            f"--generation: there is no generation {generation} (the latest is {latest})"
+        )
     if stored is None:
         raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
     out.print(f"# generation {stored.generation} from {plain(stored.source)}")
@@ -310,6 +307,19 @@ def can_cmd(
 # --- daemon, logs -----------------------------------------------------------------------------------
 
 
+MAX_INTERVAL = 86400.0
+
+
+def check_seconds(option: str, value: float, *, example: float) -> None:
+    """An interval option is above 0 (0 or less would spin the loop) and at most a day (a longer one is
+    a typo, and past ~1e9 the wait itself fails)."""
+    if not (math.isfinite(value) and 0 < value <= MAX_INTERVAL):
+        raise errors.InvalidInputError(
+            f"{option}: {value:g} is not an interval in seconds (expected a number above 0 and at most "
+            f"{MAX_INTERVAL:g}, e.g. {example:g})"
+        )
+
+
 @app.command("daemon")
 def daemon_cmd(
     ctx: typer.Context,
@@ -325,6 +335,8 @@ def daemon_cmd(
     from hyperfence.daemon import configure_logging, run_daemon  # noqa: PLC0415
 
     c: Ctx = ctx.obj
+    check_seconds("--poll", poll, example=0.2)
+    check_seconds("--resync", resync, example=10)
     configure_logging()
     run_daemon(
         netns=c.netns, state_dir=c.state_dir, policy_file=policy, poll=poll, resync=resync, libvirt=libvirt
@@ -389,9 +401,14 @@ def main() -> None:
         err.print("aborted")
         sys.exit(130)
     except Exception as e:  # click's usage errors arrive here in standalone_mode=False
-        import click  # noqa: PLC0415
+        if not is_usage_error(e):
+            raise
+        e.show()  # type: ignore[attr-defined]
+        sys.exit(e.exit_code)  # type: ignore[attr-defined]
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+
+def is_usage_error(e: BaseException) -> bool:
+    """A click `ClickException` (a missing argument, an unknown command, a value of the wrong type): the
+    click that typer 0.2x vendors (`typer._click`), not only the `click` package, so they are matched by
+    class name."""
+    return any(cls.__name__ == "ClickException" for cls in type(e).__mro__)

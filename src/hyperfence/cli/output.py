@@ -4,7 +4,9 @@ Much of what the CLI prints comes from people and VMs it does not trust: VM name
 policy, event fields, process names and agent versions from guests, error messages that quote them. So the
 consoles never interpret markup or emoji codes (`[/x]` in a guest's process name is printed as `[/x]`, not
 parsed), and `plain` turns control characters into visible escapes (`model/text.py`). Colour, where wanted,
-is given as a `rich.text.Text` with a style, never as markup in a string.
+is given as a `rich.text.Text` with a style, never as markup in a string. Nor do they wrap long lines: a
+located problem, a policy (`policy show`) or a ruleset (`ruleset show`) stays one line per line, also when
+piped, where rich would otherwise break it at 80 columns (tables still fit the terminal).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from rich.text import Text
 
 from hyperfence.model.text import printable
 
-out = Console(markup=False, highlight=False, emoji=False)
-err = Console(stderr=True, markup=False, highlight=False, emoji=False)
+out = Console(markup=False, highlight=False, emoji=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
 def plain(value: object) -> str:

@@ -150,6 +150,11 @@ Service = PortService | IcmpService | ProtocolService | NamedService
 
 # --- the policy ------------------------------------------------------------------------------------
 
+# The longest id of a rule, limit or heartbeat. Rule and limit ids are written into nft rule comments
+# (`rule:<id>#<n>:pair:log`) and kernel log prefixes (`hf:<vm>:<dir>:<verdict>:rule:<id>#<n>:pair`); the
+# kernel refuses a log prefix longer than 127 bytes, and 32 leaves that ample room (see `ruleset/build.py`).
+MAX_ID_LENGTH = 32
+
 
 @dataclass(frozen=True)
 class Rule:

@@ -6,6 +6,9 @@ VM that does not exist, two VMs on one port, an IP claimed twice, ...). If anyth
 `InvalidInputError` listing every problem as `path: message`, e.g. `rules[2].ports[0]: range 80-70 is
 reversed (expected 70-80)`. Nothing is returned half-parsed, so nothing half-valid can reach the store or
 the kernel.
+
+Each mistake is reported once, where it is (see `collector`): a bad field does not hide the other fields of
+its item, and an item that is wrong (a VM with a bad MAC) is not reported again wherever it is referenced.
 """
 
 from __future__ import annotations
@@ -14,8 +17,7 @@ import json
 from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal, TypeVar
 
-import yaml
-from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from hyperfence.errors import InvalidInputError, Problem
 from hyperfence.model.policy import (
@@ -27,6 +29,7 @@ from hyperfence.model.policy import (
     NamedService,
     Network,
     Policy,
+    PortRange,
     PortService,
     Rule,
     Selector,
@@ -37,15 +40,15 @@ from hyperfence.model.policy import (
     VmSelector,
 )
 from hyperfence.policy import syntax
-from hyperfence.policy.collector import Collector, Strict
+from hyperfence.policy.collector import ALL, Collector, Strict, key_path, one_or_list, shown
+from hyperfence.policy.document import load_document
 from hyperfence.policy.sections import parse_heartbeats, parse_limits
 
 T = TypeVar("T")
 
-MAX_POLICY_BYTES = 64 * 1024 * 1024
-
-
-StrOrList = StrictStr | list[StrictStr]
+# Every field has a default, so that one bad field leaves the others to be checked (`Collector.fields`);
+# the required ones are named where the item is parsed. `Any` fields are checked by the `syntax` functions,
+# which name each bad list item.
 
 
 class SettingsDoc(Strict):
@@ -59,71 +62,59 @@ class SettingsDoc(Strict):
 
 
 class NetworkDoc(Strict):
-    name: StrictStr
-    bridge: StrictStr
-    subnet: StrictStr
+    name: StrictStr | None = None  # required
+    bridge: StrictStr | None = None  # required
+    subnet: StrictStr | None = None  # required
     gateway: StrictStr | None = None
     uplinks: list[StrictStr] = []
 
 
+NETWORK_REQUIRED = ("name", "bridge", "subnet")
+
+
 class VmDoc(Strict):
-    name: StrictStr
+    name: StrictStr | None = None  # required
     id: StrictStr | None = None
     network: StrictStr | None = None
-    port: StrictStr
-    mac: StrictStr
-    ips: list[StrictStr] = Field(min_length=1)
+    port: StrictStr | None = None  # required
+    mac: StrictStr | None = None  # required
+    ips: Annotated[list[StrictStr], Field(min_length=1)] | None = None  # required
     labels: dict[StrictStr, StrictStr] = {}
 
 
+VM_REQUIRED = ("name", "port", "mac", "ips")
+
+
 class RuleDoc(Strict):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, populate_by_name=True)
     id: StrictStr | None = None
     description: StrictStr = ""
-    from_: StrOrList = Field(alias="from")
-    to: StrOrList
-    protocol: StrictStr | StrictInt | None = None
-    ports: Any = None  # checked by syntax.parse_port_range, which names the bad item
-    icmp_type: StrictStr | StrictInt | None = None
-    icmp_code: StrictInt | None = None
-    services: list[StrictStr] | None = None
+    from_: Any = Field(None, alias="from")  # required: a selector or a list of them
+    to: Any = None  # required: the same
+    protocol: Any = None  # a name or a number
+    ports: Any = None  # a port, a range or a list of them
+    icmp_type: Any = None
+    icmp_code: Any = None
+    services: Any = None  # a list of services
     action: Literal["allow", "deny", "reject"] = "allow"
     priority: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 1000
     log: StrictBool = False
 
 
+RULE_REQUIRED = ("from", "to")
+
+
 class PolicyDoc(Strict):
     version: Literal[1] = 1
-    settings: dict[str, Any] = {}
-    networks: list[Any] = Field(min_length=1)
+    settings: Any = None  # a mapping: checked field by field by SettingsDoc
+    networks: Annotated[list[Any], Field(min_length=1)] = []  # required
     vms: list[Any] = []
-    ipsets: dict[str, Any] = {}
+    ipsets: Any = None  # a mapping of names to address lists: checked by _ipsets
     rules: list[Any] = []
     limits: list[Any] = []
     heartbeats: list[Any] = []
 
 
-def load_document(text: str, *, source: str = "policy") -> Any:
-    """YAML (a superset of JSON) -> plain data. Syntax errors become one located problem."""
-    if len(text.encode()) > MAX_POLICY_BYTES:
-        raise InvalidInputError(f"{source}: larger than {MAX_POLICY_BYTES} bytes; split it or use IP sets")
-    try:
-        if text.lstrip().startswith("{"):
-            return json.loads(text)
-        return yaml.safe_load(text)
-    except json.JSONDecodeError as e:
-        raise InvalidInputError(
-            f"{source} is not valid JSON", [Problem(f"line {e.lineno} column {e.colno}", e.msg)]
-        ) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        raise InvalidInputError(
-            f"{source} is not valid YAML", [Problem(where, str(getattr(e, "problem", e)))]
-        ) from None
-
-
-def parse_policy_text(text: str, *, source: str = "policy") -> Policy:
+def parse_policy_text(text: str | bytes, *, source: str = "policy") -> Policy:
     return parse_policy(load_document(text, source=source), source=source)
 
 
@@ -137,13 +128,18 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
             f"{source} is not a policy",
             [Problem("", f"expected a mapping with networks, vms, ipsets, rules; got {type(data).__name__}")],
         )
-    doc = c.model(PolicyDoc, data, "")
-    if doc is None:
+    got = c.fields(PolicyDoc, data, "", required=("networks",))
+    if got is None:
         raise InvalidInputError(f"{source} has {len(c.problems)} problem(s)", c.problems)
+    doc, bad = got
+    # A section that is wrong as a whole is reported once: not again at each reference into it.
+    for section, kind in (("networks", "network"), ("vms", "vm"), ("ipsets", "ipset")):
+        if section in bad:
+            c.mark_reported(kind)
 
     settings = _settings(c, doc.settings)
     networks = _networks(c, doc.networks)
-    vms = _vms_cached(c, doc.vms, networks)
+    vms = _vms_cached(c, doc.vms, networks, declared=len(doc.networks))
     ipsets = _ipsets(c, doc.ipsets)
     # (No rules, nothing to validate: and the memo of the last policy's rules stays as it is.)
     rules = _rules(c, doc.rules, vms, ipsets, strict_names=settings.inventory == "none") if doc.rules else []
@@ -163,10 +159,14 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     )
 
 
-def _settings(c: Collector, data: dict[str, Any]) -> Settings:
-    doc = c.model(SettingsDoc, data, "settings")
-    if doc is None:
+def _settings(c: Collector, data: Any) -> Settings:
+    got = c.fields(SettingsDoc, {} if data is None else data, "settings")
+    if got is None:
+        c.mark_reported("vm")  # VMs may come from an inventory: which names exist is unknown
         return Settings()
+    doc, bad = got
+    if "inventory" in bad:
+        c.mark_reported("vm")  # VMs may come from an inventory: which names exist is unknown
     if doc.conntrack_mark & (doc.conntrack_mark - 1):
         c.add(
             "settings.conntrack_mark", f"{doc.conntrack_mark:#x} is not a single bit (expected e.g. 0x200000)"
@@ -192,7 +192,7 @@ def _endpoint(text: str) -> tuple[IPv4Address, int]:
     except ValueError:
         ip, number = None, 0
     if not sep or ip is None or not 1 <= number <= 65535:
-        raise ValueError(f"{text!r} is not ADDRESS:PORT (expected e.g. 10.77.0.1:7474)")
+        raise ValueError(f"{shown(text)} is not ADDRESS:PORT (expected e.g. 10.77.0.1:7474)")
     return ip, number
 
 
@@ -202,12 +202,13 @@ def _networks(c: Collector, items: list[Any]) -> list[Network]:
     seen_bridges: set[str] = set()
     for i, raw in enumerate(items):
         p = f"networks[{i}]"
-        doc = c.model(NetworkDoc, raw, p)
-        if doc is None:
+        got = c.fields(NetworkDoc, raw, p, required=NETWORK_REQUIRED)
+        if got is None:
             continue
-        name = c.value(syntax.parse_name, doc.name, f"{p}.name")
-        bridge = c.value(syntax.parse_ifname, doc.bridge, f"{p}.bridge")
-        subnet = c.value(syntax.parse_network, doc.subnet, f"{p}.subnet")
+        doc, _ = got
+        name = c.value(syntax.parse_name, doc.name, f"{p}.name") if doc.name is not None else None
+        bridge = c.value(syntax.parse_ifname, doc.bridge, f"{p}.bridge") if doc.bridge is not None else None
+        subnet = c.value(syntax.parse_network, doc.subnet, f"{p}.subnet") if doc.subnet is not None else None
         gateway = c.value(syntax.parse_ipv4, doc.gateway, f"{p}.gateway") if doc.gateway else None
         uplinks = tuple(
             u
@@ -221,6 +222,8 @@ def _networks(c: Collector, items: list[Any]) -> list[Network]:
         if subnet is not None and gateway is not None and gateway not in subnet:
             c.add(f"{p}.gateway", f"{gateway} is not in subnet {subnet}")
         if name is None or bridge is None or subnet is None:
+            if doc.name is not None:
+                c.mark_reported("network", doc.name)
             continue
         seen_names.add(name)
         seen_bridges.add(bridge)
@@ -265,24 +268,63 @@ def _remember_vm_doc(raw: Any, doc: VmDoc) -> None:
 # The last valid `vms` section, by its JSON text and the networks it was checked against: a one-rule change
 # of a 1,000-VM policy then reuses the very same Vm objects (which also lets resolve and compile see at a
 # glance that nothing about the VMs changed).
-_LAST_VMS: tuple[str, tuple[Network, ...], list[Vm]] | None = None
+_LAST_VMS: tuple[str, tuple[tuple[Network, ...], int], list[Vm]] | None = None
 
 
-def _vms_cached(c: Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
+def _vms_cached(c: Collector, items: list[Any], networks: list[Network], *, declared: int) -> list[Vm]:
+    """`declared`: how many networks the policy declares, valid or not."""
     global _LAST_VMS  # noqa: PLW0603 - a one-entry memo of a pure function
     key = _json_key(items)
-    if key is not None and _LAST_VMS is not None and _LAST_VMS[0] == key and _LAST_VMS[1] == tuple(networks):
+    against = (tuple(networks), declared)
+    if key is not None and _LAST_VMS is not None and _LAST_VMS[0] == key and _LAST_VMS[1] == against:
         return _LAST_VMS[2]
     before = len(c.problems)
-    vms = _vms(c, items, networks)
+    vms = _vms(c, items, networks, declared=declared)
     if key is not None and len(c.problems) == before:
-        _LAST_VMS = (key, tuple(networks), vms)
+        _LAST_VMS = (key, against, vms)
     return vms
 
 
-def _vms(c: Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
+def _vm_doc(c: Collector, raw: Any, p: str) -> VmDoc | None:
+    """The item's document (its bad fields, reported, hold None), remembered when it had no problem."""
+    doc = _cached_vm_doc(raw)
+    if doc is not None:
+        return doc
+    got = c.fields(VmDoc, raw, p, required=VM_REQUIRED)
+    if got is None:
+        return None
+    doc, bad = got
+    if not bad:
+        _remember_vm_doc(raw, doc)
+    return doc
+
+
+def _vm_network(
+    c: Collector, doc: VmDoc, p: str, networks: list[Network], *, declared: int
+) -> Network | None:
+    """The VM's network, or None with the problem collected (unless the network's own problems are)."""
+    if doc.network is None:
+        if declared == 1 and len(networks) == 1:
+            return networks[0]
+        if declared != 1 and not c.is_reported("network", ALL):
+            c.add(
+                f"{p}.network", f"missing (expected the name of one of the networks, as there are {declared})"
+            )
+        return None
+    for net in networks:
+        if net.name == doc.network:
+            return net
+    if not c.is_reported("network", doc.network):
+        c.add(
+            f"{p}.network",
+            f"{shown(doc.network)} is not a declared network "
+            f"(expected one of: {', '.join(sorted(n.name for n in networks)) or 'none declared'})",
+        )
+    return None
+
+
+def _vms(c: Collector, items: list[Any], networks: list[Network], *, declared: int) -> list[Vm]:
     out: list[Vm] = []
-    by_name = {n.name: n for n in networks}
     owners: dict[str, dict[object, str]] = {"name": {}, "id": {}, "port": {}, "mac": {}, "ip": {}}
 
     def claim(kind: str, key: object, path: str, who: str) -> None:
@@ -292,55 +334,54 @@ def _vms(c: Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
 
     for i, raw in enumerate(items):
         p = f"vms[{i}]"
-        doc = _cached_vm_doc(raw)
+        doc = _vm_doc(c, raw, p)
         if doc is None:
-            doc = c.model(VmDoc, raw, p)
-            if doc is None:
-                continue
-            _remember_vm_doc(raw, doc)
-        name = c.value(lambda s: syntax.parse_name(s, "VM name"), doc.name, f"{p}.name")
-        vm_id = c.value(lambda s: syntax.parse_name(s, "VM id"), doc.id or doc.name, f"{p}.id")
-        port = c.value(syntax.parse_ifname, doc.port, f"{p}.port")
-        mac = c.value(syntax.parse_mac, doc.mac, f"{p}.mac")
+            continue
+        name = (
+            None
+            if doc.name is None
+            else c.value(lambda s: syntax.parse_name(s, "VM name"), doc.name, f"{p}.name")
+        )
+        # (No id: the name is the id, and a bad name is reported once, as a name.)
+        vm_id = c.value(lambda s: syntax.parse_name(s, "VM id"), doc.id, f"{p}.id") if doc.id else name
+        port = c.value(syntax.parse_ifname, doc.port, f"{p}.port") if doc.port is not None else None
+        mac = c.value(syntax.parse_mac, doc.mac, f"{p}.mac") if doc.mac is not None else None
         ips = tuple(
             a
-            for j, s in enumerate(doc.ips)
+            for j, s in enumerate(doc.ips or ())
             if (a := c.value(syntax.parse_ipv4, s, f"{p}.ips[{j}]")) is not None
         )
         labels: list[tuple[str, str]] = []
         for k, v in sorted(doc.labels.items()):
-            if not syntax.LABEL_RE.match(k) or not syntax.LABEL_RE.match(v):
+            if not syntax.LABEL_RE.fullmatch(k) or not syntax.LABEL_RE.fullmatch(v):
                 c.add(
-                    f"{p}.labels.{k}",
-                    f"{k}={v!r} is not a label (expected KEY=VALUE of letters, digits, '_', '.', '/', '-')",
+                    key_path(f"{p}.labels", k),
+                    f"{shown(k)}: {shown(v)} is not a label "
+                    "(expected KEY: VALUE of letters, digits, '_', '.', '/', '-')",
                 )
             else:
                 labels.append((k, v))
-        if doc.network is None:
-            if len(networks) != 1:
-                c.add(
-                    f"{p}.network",
-                    f"missing (expected the name of one of the networks, as there are {len(networks)})",
-                )
-                continue
-            net = networks[0]
-        elif doc.network not in by_name:
-            c.add(
-                f"{p}.network",
-                f"{doc.network!r} is not a declared network "
-                f"(expected one of: {', '.join(sorted(by_name)) or 'none declared'})",
-            )
-            continue
-        else:
-            net = by_name[doc.network]
-        for j, a in enumerate(ips):
-            if a not in net.subnet:
-                c.add(f"{p}.ips[{j}]", f"{a} is not in network {net.name!r} ({net.subnet})")
-            if a == net.gateway:
-                c.add(f"{p}.ips[{j}]", f"{a} is the gateway of network {net.name!r} (the host's address)")
-        if port is not None and port in net.uplinks:
-            c.add(f"{p}.port", f"{port!r} is declared as an uplink of network {net.name!r}")
-        if name is None or vm_id is None or port is None or mac is None or len(ips) != len(doc.ips):
+        net = _vm_network(c, doc, p, networks, declared=declared)
+        if net is not None:
+            for j, a in enumerate(ips):
+                if a not in net.subnet:
+                    c.add(f"{p}.ips[{j}]", f"{a} is not in network {net.name!r} ({net.subnet})")
+                if a == net.gateway:
+                    c.add(f"{p}.ips[{j}]", f"{a} is the gateway of network {net.name!r} (the host's address)")
+            if port is not None and port in net.uplinks:
+                c.add(f"{p}.port", f"{port!r} is declared as an uplink of network {net.name!r}")
+        if (
+            net is None
+            or name is None
+            or vm_id is None
+            or port is None
+            or mac is None
+            or doc.ips is None
+            or len(ips) != len(doc.ips)
+        ):
+            # Its problems are reported here: a rule naming it is not told it is "not declared".
+            if doc.name is not None:
+                c.mark_reported("vm", doc.name.strip())  # (as a selector names it: stripped)
             continue
         who = f"{name}"
         claim("name", name, f"{p}.name", who)
@@ -355,14 +396,21 @@ def _vms(c: Collector, items: list[Any], networks: list[Network]) -> list[Vm]:
     return out
 
 
-def _ipsets(c: Collector, items: dict[str, Any]) -> dict[str, tuple[AddressRange, ...]]:
+def _ipsets(c: Collector, items: Any) -> dict[str, tuple[AddressRange, ...]]:
     out: dict[str, tuple[AddressRange, ...]] = {}
+    if items is None:
+        return out
+    if not isinstance(items, dict):
+        c.add("ipsets", f"expected a mapping of IP set names to address lists (got {shown(items)})")
+        c.mark_reported("ipset")
+        return out
     for name, raw in items.items():
-        p = f"ipsets.{name}"
+        p = key_path("ipsets", name)
         if c.value(lambda s: syntax.parse_name(s, "IP set name"), name, p) is None:
             continue
-        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
-            c.add(p, f"expected a list of addresses, CIDRs or ranges (got {raw!r:.60})")
+        if not isinstance(raw, list):
+            c.add(p, f"expected a list of addresses, CIDRs or ranges (got {shown(raw)})")
+            c.mark_reported("ipset", name)
             continue
         ranges = tuple(
             r
@@ -371,13 +419,28 @@ def _ipsets(c: Collector, items: dict[str, Any]) -> dict[str, tuple[AddressRange
         )
         if len(ranges) == len(raw):
             out[name] = ranges
+        else:
+            c.mark_reported("ipset", name)
     return out
 
 
+PROTOCOL_HELP = "expected tcp, udp, icmp, arp, dhcp, dhcp-server, any, a number 0-255 or one of " + ", ".join(
+    n for n in syntax.PROTOCOL_NAMES if n not in ("tcp", "udp", "icmp")
+)
+
+
 def _rule_services(c: Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
+    """The rule's services, from `services` or from protocol/ports/icmp_type/icmp_code. Each field is
+    checked on its own, so that a bad protocol does not hide bad ports."""
     if doc.services is not None:
         if doc.protocol is not None or doc.ports is not None or doc.icmp_type is not None:
             c.add(p, "both services and protocol/ports/icmp_type given (expected one way of naming services)")
+        if not isinstance(doc.services, list):
+            c.add(
+                f"{p}.services",
+                f"expected a list of services, e.g. [tcp/80, udp/53] (got {shown(doc.services)})",
+            )
+            return ()
         if not doc.services:
             c.add(f"{p}.services", "empty (expected at least one service, or `any`)")
         return tuple(
@@ -385,55 +448,86 @@ def _rule_services(c: Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
             for j, t in enumerate(doc.services)
             if (s := c.value(syntax.parse_service, t, f"{p}.services[{j}]")) is not None
         )
-    proto = "any" if doc.protocol is None else doc.protocol
-    if (
-        isinstance(proto, int)
-        or proto.isdigit()
-        or (proto in syntax.PROTOCOL_NAMES and proto not in ("tcp", "udp", "icmp"))
-    ):
-        number = c.value(syntax.parse_protocol_number, proto, f"{p}.protocol")
-        svc: Service | None = None if number is None else syntax.normalize_protocol_service(number)
-    elif proto in ("tcp", "udp"):
-        raw = doc.ports if isinstance(doc.ports, list) else ([] if doc.ports is None else [doc.ports])
+    ports: tuple[PortRange, ...] = ()
+    if doc.ports is not None:
+        if doc.ports == []:
+            c.add(f"{p}.ports", "empty (expected at least one port; leave ports out for all ports)")
         ports = tuple(
             r
-            for j, x in enumerate(raw)
-            if (
-                r := c.value(
-                    syntax.parse_port_range,
-                    x,
-                    f"{p}.ports[{j}]" if isinstance(doc.ports, list) else f"{p}.ports",
-                )
-            )
-            is not None
+            for where, x in one_or_list(doc.ports, f"{p}.ports")
+            if (r := c.value(syntax.parse_port_range, x, where)) is not None
         )
+    typ = None if doc.icmp_type is None else c.value(syntax.parse_icmp_type, doc.icmp_type, f"{p}.icmp_type")
+    code = None if doc.icmp_code is None else c.value(syntax.parse_icmp_code, doc.icmp_code, f"{p}.icmp_code")
+    if doc.icmp_code is not None and doc.icmp_type is None:
+        c.add(f"{p}.icmp_code", "given without icmp_type (expected icmp_type too)")
+    proto = "any" if doc.protocol is None else doc.protocol
+    svc: Service | None
+    if proto in ("tcp", "udp"):
         svc = PortService(L4(proto), syntax.normalize_ports(ports))
     elif proto == "icmp":
-        typ = (
-            c.value(syntax.parse_icmp_type, doc.icmp_type, f"{p}.icmp_type")
-            if doc.icmp_type is not None
-            else None
-        )
-        if doc.icmp_code is not None and doc.icmp_type is None:
-            c.add(f"{p}.icmp_code", "given without icmp_type (expected icmp_type too)")
-        code = (
-            c.value(syntax.parse_icmp_code, doc.icmp_code, f"{p}.icmp_code")
-            if doc.icmp_code is not None
-            else None
-        )
         svc = IcmpService(typ, code)
+    elif isinstance(proto, int) or (
+        isinstance(proto, str) and (proto.isdigit() or proto in syntax.PROTOCOL_NAMES)
+    ):
+        number = c.value(syntax.parse_protocol_number, proto, f"{p}.protocol")
+        svc = None if number is None else syntax.normalize_protocol_service(number)
     else:
-        svc = c.value(syntax.parse_service, proto, f"{p}.protocol")
+        try:
+            svc = syntax.parse_service(proto)  # also `tcp/80`, `arp`, `any`, ...
+        except ValueError:
+            c.add(f"{p}.protocol", f"{shown(proto)} is not a protocol ({PROTOCOL_HELP})")
+            return ()  # which ports or ICMP types it may have is unknown
+    if svc is None:
+        return ()
     if doc.ports is not None and proto not in ("tcp", "udp"):
-        c.add(f"{p}.ports", f"ports given for protocol {proto!r} (expected protocol tcp or udp)")
+        c.add(f"{p}.ports", f"ports given for protocol {shown(proto)} (expected protocol tcp or udp)")
     if doc.icmp_type is not None and proto != "icmp":
-        c.add(f"{p}.icmp_type", f"icmp_type given for protocol {proto!r} (expected protocol icmp)")
-    return () if svc is None else (svc,)
+        c.add(f"{p}.icmp_type", f"icmp_type given for protocol {shown(proto)} (expected protocol icmp)")
+    return (svc,)
 
 
 _RULES_MEMO: (
     tuple[tuple[set[str], dict[str, tuple[AddressRange, ...]], bool], dict[int, tuple[Any, Rule]]] | None
 ) = None
+
+
+def _rule_side(
+    c: Collector,
+    value: Any,
+    path: str,
+    vm_names: set[str],
+    ipsets: dict[str, tuple[AddressRange, ...]],
+    *,
+    strict_names: bool,
+) -> tuple[Selector, ...]:
+    """The selectors of a rule's `from` or `to` (one or a list), each problem located."""
+    if value == []:
+        c.add(path, "empty (expected at least one selector)")
+    sels: list[Selector] = []
+    for where, text in one_or_list(value, path):
+        sel = c.value(syntax.parse_selector, text, where)
+        if sel is None:
+            continue
+        if (
+            isinstance(sel, VmSelector)
+            and sel.name not in vm_names
+            and strict_names
+            and not c.is_reported("vm", sel.name)
+        ):
+            c.add(
+                where,
+                f"VM {sel.name!r} is not declared (expected one of: "
+                f"{', '.join(sorted(vm_names)[:10]) or 'no VMs declared'})",
+            )
+        if isinstance(sel, IpSetSelector) and sel.name not in ipsets and not c.is_reported("ipset", sel.name):
+            c.add(
+                where,
+                f"IP set {sel.name!r} is not declared (expected one of: "
+                f"{', '.join(sorted(ipsets)) or 'no IP sets declared'})",
+            )
+        sels.append(sel)
+    return tuple(sels)
 
 
 def _rules(
@@ -464,49 +558,27 @@ def _rules(
             fresh[i] = seen
             continue
         before = len(c.problems)
-        doc = c.model(RuleDoc, raw, p)
-        if doc is None:
+        got = c.fields(RuleDoc, raw, p, required=RULE_REQUIRED)
+        if got is None:
             continue
-        rule_id = c.value(lambda s: syntax.parse_name(s, "rule id"), doc.id or f"r{i}", f"{p}.id")
-        if rule_id is not None and len(rule_id) > 32:
-            c.add(
-                f"{p}.id",
-                f"{rule_id!r} is longer than 32 characters (it is written into kernel log prefixes)",
-            )
+        doc, bad = got
+        rule_id = None
+        if "id" not in bad:
+            rule_id = c.value(lambda s: syntax.parse_id(s, "rule id"), doc.id or f"r{i}", f"{p}.id")
         if rule_id is not None and (first := ids.setdefault(rule_id, i)) != i:
             c.add(f"{p}.id", f"{rule_id!r} is also the id of rules[{first}] (expected unique ids)")
-        sides: dict[str, tuple[Selector, ...]] = {}
-        for side, value in (("from", doc.from_), ("to", doc.to)):
-            texts = [value] if isinstance(value, str) else value
-            if not texts:
-                c.add(f"{p}.{side}", "empty (expected at least one selector)")
-            sels: list[Selector] = []
-            for j, t in enumerate(texts):
-                path = f"{p}.{side}" if isinstance(value, str) else f"{p}.{side}[{j}]"
-                sel = c.value(syntax.parse_selector, t, path)
-                if sel is None:
-                    continue
-                if isinstance(sel, VmSelector) and sel.name not in vm_names and strict_names:
-                    c.add(
-                        path,
-                        f"VM {sel.name!r} is not declared (expected one of: "
-                        f"{', '.join(sorted(vm_names)[:10]) or 'no VMs declared'})",
-                    )
-                if isinstance(sel, IpSetSelector) and sel.name not in ipsets:
-                    c.add(
-                        path,
-                        f"IP set {sel.name!r} is not declared (expected one of: "
-                        f"{', '.join(sorted(ipsets)) or 'no IP sets declared'})",
-                    )
-                sels.append(sel)
-            sides[side] = tuple(sels)
+        sides = {
+            side: _rule_side(c, value, f"{p}.{side}", vm_names, ipsets, strict_names=strict_names)
+            for side, value in (("from", doc.from_), ("to", doc.to))
+            if side not in bad
+        }
         services = _rule_services(c, doc, p)
         action = Action(doc.action)
         if action is Action.REJECT and any(
             isinstance(s, NamedService) and s.kind is not SpecialService.ANY for s in services
         ):
             c.add(f"{p}.action", "reject applies to IP traffic only (expected deny for arp/dhcp services)")
-        if rule_id is None:
+        if rule_id is None or len(sides) != 2:
             continue
         rule = Rule(
             id=rule_id,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
@@ -19,21 +19,22 @@ from hyperfence.model.policy import (
     VmSelector,
 )
 from hyperfence.policy import syntax
-from hyperfence.policy.collector import Collector, Strict
-
-StrOrList = StrictStr | list[StrictStr]
+from hyperfence.policy.collector import Collector, Strict, one_or_list
 
 
 class SectionDoc(Strict):
-    """An entry that selects VMs."""
+    """An entry that selects VMs. (Every field has a default, see `Collector.fields`; `REQUIRED` names the
+    fields that must be given.)"""
 
+    REQUIRED: ClassVar[tuple[str, ...]] = ("vms",)
     id: StrictStr | None = None
-    vms: StrOrList
+    vms: Any = None  # a selector or a list of them
 
 
 class LimitDoc(SectionDoc):
+    REQUIRED: ClassVar[tuple[str, ...]] = ("vms", "new_flows")
     direction: Literal["in", "out", "both"] = "both"
-    new_flows: Annotated[StrictInt, Field(ge=1, le=10_000_000)]
+    new_flows: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
     burst: Annotated[StrictInt, Field(ge=1, le=100_000_000)] | None = None
     log: StrictBool = True
 
@@ -42,32 +43,27 @@ _DIRECTIONS = {"in": (Direction.IN,), "out": (Direction.OUT,), "both": (Directio
 
 
 def _section_id(c: Collector, text: str, p: str, *, section: str, ids: dict[str, int], i: int) -> str | None:
-    item_id = c.value(lambda s: syntax.parse_name(s, "id"), text, f"{p}.id")
-    if item_id is not None and len(item_id) > 32:
-        c.add(f"{p}.id", f"{item_id!r} is longer than 32 characters (it is written into log prefixes)")
+    item_id = c.value(lambda s: syntax.parse_id(s, "id"), text, f"{p}.id")
     if item_id is not None and (first := ids.setdefault(item_id, i)) != i:
         c.add(f"{p}.id", f"{item_id!r} is also the id of {section}[{first}] (expected unique ids)")
     return item_id
 
 
-def _vm_selectors(
-    c: Collector, value: str | list[str], path: str, vm_names: set[str] | None
-) -> list[Selector]:
+def _vm_selectors(c: Collector, value: Any, path: str, vm_names: set[str] | None) -> list[Selector]:
     """Selectors of VMs only: vm:NAME (declared, unless `vm_names` is None: VMs come from an inventory),
     label:KEY=VALUE, vms."""
-    texts = [value] if isinstance(value, str) else value
-    if not texts:
+    if value == []:
         c.add(path, "empty (expected at least one selector)")
     sels: list[Selector] = []
-    for j, text in enumerate(texts):
-        where = path if isinstance(value, str) else f"{path}[{j}]"
+    for where, text in one_or_list(value, path):
         sel = c.value(syntax.parse_selector, text, where)
         if sel is None:
             continue
         if not isinstance(sel, VmSelector | LabelSelector | AllVmsSelector):
             c.add(where, f"{text!r} selects addresses, not VMs (expected vm:NAME, label:KEY=VALUE or vms)")
         elif isinstance(sel, VmSelector) and vm_names is not None and sel.name not in vm_names:
-            c.add(where, f"VM {sel.name!r} is not declared")
+            if not c.is_reported("vm", sel.name):  # (an invalid VM is reported where it is declared)
+                c.add(where, f"VM {sel.name!r} is not declared")
         else:
             sels.append(sel)
     return sels
@@ -83,12 +79,15 @@ def _entries(
     ids: dict[str, int] = {}
     for i, raw in enumerate(items):
         p = f"{section}[{i}]"
-        doc = c.model(doc_type, raw, p)
-        if doc is None:
+        got = c.fields(doc_type, raw, p, required=doc_type.REQUIRED)
+        if got is None:
             continue
-        item_id = _section_id(c, doc.id or f"{section[0]}{i}", p, section=section, ids=ids, i=i)
-        sels = _vm_selectors(c, doc.vms, f"{p}.vms", vm_names)
-        if item_id is not None and sels:
+        doc, bad = got
+        item_id = None
+        if "id" not in bad:
+            item_id = _section_id(c, doc.id or f"{section[0]}{i}", p, section=section, ids=ids, i=i)
+        sels = _vm_selectors(c, doc.vms, f"{p}.vms", vm_names) if "vms" not in bad else []
+        if item_id is not None and sels and not bad:
             yield doc, item_id, tuple(sels)
 
 
@@ -103,11 +102,12 @@ def parse_limits(c: Collector, items: list[Any], vm_names: set[str] | None) -> l
             doc.log,
         )
         for doc, lim_id, sels in _entries(c, items, LimitDoc, "limits", vm_names)
+        if doc.new_flows is not None  # (always: it is required)
     ]
 
 
 class HeartbeatDoc(SectionDoc):
-    interval: Annotated[float, Field(ge=0.2, le=3600)] = 1.0
+    interval: Annotated[float, Field(ge=0.2, le=3600, allow_inf_nan=False)] = 1.0
     misses: Annotated[StrictInt, Field(ge=1, le=1000)] = 3
     action: Literal["alert", "isolate", "pause"] = "isolate"
     release: Literal["auto", "manual"] = "auto"

@@ -11,6 +11,7 @@ from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueE
 
 from hyperfence.model.policy import (
     L4,
+    MAX_ID_LENGTH,
     AddressRange,
     AddressSelector,
     AllVmsSelector,
@@ -28,8 +29,10 @@ from hyperfence.model.policy import (
     SpecialService,
     VmSelector,
 )
+from hyperfence.policy.collector import shown
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_ID_LENGTH - 1}}}$")
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
@@ -70,19 +73,30 @@ SERVICE_HELP = (
 )
 
 
-def parse_name(text: str, what: str = "name") -> str:
-    if not NAME_RE.match(text):
+def parse_name(text: object, what: str = "name") -> str:
+    if not isinstance(text, str) or not NAME_RE.fullmatch(text):
         raise ValueError(
-            f"{text!r} is not a valid {what} (expected letters, digits, '_', '.', '-'; "
+            f"{shown(text)} is not a valid {what} (expected letters, digits, '_', '.', '-'; "
             "at most 63 characters, starting with a letter or digit)"
         )
     return text
 
 
-def parse_ifname(text: str) -> str:
-    if not IFNAME_RE.match(text):
+def parse_id(text: object, what: str = "rule id") -> str:
+    """The id of a rule, limit or heartbeat: a name of at most `MAX_ID_LENGTH` characters (it is written
+    into nft comments and kernel log prefixes)."""
+    if not isinstance(text, str) or not ID_RE.fullmatch(text):
         raise ValueError(
-            f"{text!r} is not an interface name (expected 1-15 characters of "
+            f"{shown(text)} is not a valid {what} (expected letters, digits, '_', '.', '-'; "
+            f"at most {MAX_ID_LENGTH} characters, starting with a letter or digit)"
+        )
+    return text
+
+
+def parse_ifname(text: object) -> str:
+    if not isinstance(text, str) or not IFNAME_RE.fullmatch(text):
+        raise ValueError(
+            f"{shown(text)} is not an interface name (expected 1-15 characters of "
             "letters, digits, '_', '.', ':', '-')"
         )
     return text
@@ -90,10 +104,12 @@ def parse_ifname(text: str) -> str:
 
 def parse_mac(text: str) -> str:
     mac = text.strip().lower().replace("-", ":")
-    if not MAC_RE.match(mac):
-        raise ValueError(f"{text!r} is not a MAC address (expected six hex pairs like 52:54:00:12:34:56)")
+    if not MAC_RE.fullmatch(mac):
+        raise ValueError(
+            f"{shown(text)} is not a MAC address (expected six hex pairs like 52:54:00:12:34:56)"
+        )
     if int(mac[:2], 16) & 1:
-        raise ValueError(f"{text!r} is a multicast MAC address (expected a unicast address)")
+        raise ValueError(f"{shown(text)} is a multicast MAC address (expected a unicast address)")
     return mac
 
 
@@ -101,23 +117,25 @@ def parse_ipv4(text: str) -> IPv4Address:
     try:
         return IPv4Address(text.strip())
     except AddressValueError:
-        raise ValueError(f"{text!r} is not an IPv4 address (expected a.b.c.d)") from None
+        raise ValueError(f"{shown(text)} is not an IPv4 address (expected a.b.c.d)") from None
 
 
 def parse_network(text: str) -> IPv4Network:
     try:
         return IPv4Network(text.strip(), strict=True)
     except (AddressValueError, NetmaskValueError):
-        raise ValueError(f"{text!r} is not an IPv4 network (expected a.b.c.d/len)") from None
+        raise ValueError(f"{shown(text)} is not an IPv4 network (expected a.b.c.d/len)") from None
     except ValueError:
         raise ValueError(
-            f"{text!r} has host bits set (expected the network address, "
+            f"{shown(text)} has host bits set (expected the network address, "
             f"e.g. {IPv4Network(text.strip(), strict=False)})"
         ) from None
 
 
-def parse_address_range(text: str) -> AddressRange:
+def parse_address_range(text: object) -> AddressRange:
     """`10.0.0.0/24`, `10.0.0.5-10.0.0.9` or `10.0.0.7`."""
+    if not isinstance(text, str):
+        raise ValueError(f"{shown(text)} is not an address, CIDR or range (expected e.g. 10.0.0.0/24)")
     t = text.strip()
     if "/" in t:
         return AddressRange.of_network(parse_network(t))
@@ -130,15 +148,17 @@ def parse_address_range(text: str) -> AddressRange:
     return AddressRange.single(parse_ipv4(t))
 
 
-def parse_selector(text: str) -> Selector:
+def parse_selector(text: object) -> Selector:
+    if not isinstance(text, str):
+        raise ValueError(f"{shown(text)} is not a selector ({SELECTOR_HELP})")
     t = text.strip()
     kind, sep, arg = t.partition(":")
     if sep and kind == "vm":
         return VmSelector(parse_name(arg, "VM name"))
     if sep and kind == "label":
         key, eq, value = arg.partition("=")
-        if not eq or not LABEL_RE.match(key) or not LABEL_RE.match(value):
-            raise ValueError(f"{text!r} is not a label selector (expected label:KEY=VALUE)")
+        if not eq or not LABEL_RE.fullmatch(key) or not LABEL_RE.fullmatch(value):
+            raise ValueError(f"{shown(text)} is not a label selector (expected label:KEY=VALUE)")
         return LabelSelector(key, value)
     if sep and kind == "ipset":
         return IpSetSelector(parse_name(arg, "IP set name"))
@@ -149,12 +169,12 @@ def parse_selector(text: str) -> Selector:
             return SpecialSelector(peer)
     if t and (t[0].isdigit()):
         return AddressSelector(parse_address_range(t), t)
-    raise ValueError(f"{text!r} is not a selector ({SELECTOR_HELP})")
+    raise ValueError(f"{shown(text)} is not a selector ({SELECTOR_HELP})")
 
 
 def parse_port_range(value: object) -> PortRange:
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError(f"{value!r} is not a port (expected 1-65535 or a range like 8000-8080)")
+        raise ValueError(f"{shown(value)} is not a port (expected 1-65535 or a range like 8000-8080)")
     if isinstance(value, int):
         first = last = value
         text = str(value)
@@ -162,7 +182,7 @@ def parse_port_range(value: object) -> PortRange:
         text = value.strip()
         a, sep, b = text.partition("-")
         if not a.isdigit() or (sep and not b.isdigit()):
-            raise ValueError(f"{value!r} is not a port (expected 1-65535 or a range like 8000-8080)")
+            raise ValueError(f"{shown(value)} is not a port (expected 1-65535 or a range like 8000-8080)")
         first, last = int(a), int(b) if sep else int(a)
     for p in (first, last):
         if not 1 <= p <= 65535:
@@ -192,7 +212,7 @@ def parse_icmp_type(value: int | str) -> int:
             return int(value)
         if value in ICMP_TYPES:
             return ICMP_TYPES[value]
-    raise ValueError(f"{value!r} is not an ICMP type (expected 0-255 or one of {', '.join(ICMP_TYPES)})")
+    raise ValueError(f"{shown(value)} is not an ICMP type (expected 0-255 or one of {', '.join(ICMP_TYPES)})")
 
 
 def parse_icmp_code(value: int | str) -> int:
@@ -200,7 +220,7 @@ def parse_icmp_code(value: int | str) -> int:
         return value
     if isinstance(value, str) and value.isdigit() and int(value) <= 255:
         return int(value)
-    raise ValueError(f"{value!r} is not an ICMP code (expected 0-255)")
+    raise ValueError(f"{shown(value)} is not an ICMP code (expected 0-255)")
 
 
 def parse_protocol_number(value: int | str) -> int:
@@ -212,7 +232,7 @@ def parse_protocol_number(value: int | str) -> int:
         if value in PROTOCOL_NAMES:
             return PROTOCOL_NAMES[value]
     raise ValueError(
-        f"{value!r} is not an IP protocol (expected 0-255 or one of {', '.join(PROTOCOL_NAMES)})"
+        f"{shown(value)} is not an IP protocol (expected 0-255 or one of {', '.join(PROTOCOL_NAMES)})"
     )
 
 
@@ -227,8 +247,10 @@ def normalize_protocol_service(number: int) -> Service:
     return ProtocolService(number)
 
 
-def parse_service(text: str) -> Service:
+def parse_service(text: object) -> Service:
     """`tcp/80`, `tcp/80,443,8000-8080`, `udp`, `icmp/echo-request`, `icmp/3/4`, `proto/47`, `arp`, ..."""
+    if not isinstance(text, str):
+        raise ValueError(f"{shown(text)} is not a service ({SERVICE_HELP})")
     t = text.strip()
     head, _, rest = t.partition("/")
     if head in ("tcp", "udp"):
@@ -244,7 +266,7 @@ def parse_service(text: str) -> Service:
     for special in SpecialService:
         if t == special.value:
             return NamedService(special)
-    raise ValueError(f"{text!r} is not a service ({SERVICE_HELP})")
+    raise ValueError(f"{shown(text)} is not a service ({SERVICE_HELP})")
 
 
 def format_selector(sel: Selector) -> str:

@@ -16,12 +16,24 @@ from hyperfence.adapters.nft import Nft
 from hyperfence.adapters.store import Store
 from hyperfence.errors import NotFoundError
 from hyperfence.model.policy import Policy
+from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
 from hyperfence.policy.inventory import merge_discovered
-from hyperfence.policy.parse import load_document, parse_policy
+from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
 from hyperfence.reconcile.firewall import ConvergeResult, Firewall
 from hyperfence.ruleset.compile import BRIDGE, TABLES, CompileCache, compile_ruleset, vm_sid
 from hyperfence.ruleset.ir import Ruleset
+
+
+def read_policy_file(path: str) -> Any:
+    """The document in a policy file (YAML or JSON). Reads at most one byte more than a policy may have,
+    so that `/dev/zero` or a huge file is refused without being read whole."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as e:
+        raise NotFoundError(f"cannot read policy file {path}: {e.strerror}") from None
+    return load_document(data, source=path)
 
 
 @dataclass(frozen=True)
@@ -96,8 +108,7 @@ class Engine:
 
     def _load_document(self) -> tuple[Any, str]:
         if self.policy_file:
-            with open(self.policy_file, encoding="utf-8") as f:
-                return load_document(f.read(), source=self.policy_file), self.policy_file
+            return read_policy_file(self.policy_file), self.policy_file
         stored = self.store.get_policy()
         if stored is None:
             raise NotFoundError("no policy in the store yet: run `hyperfence policy apply FILE`")

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 
+from hyperfence.errors import BugError
 from hyperfence.model.policy import (
     AddressRange,
     Direction,
@@ -32,6 +33,13 @@ REJECT_DST_MAP = "reject_dst"
 
 GUARD_MAP, OUT_MAP, IN_MAP = "guard_ports", "out_ports", "in_ports"
 LOG_PREFIX = "hf"
+# The kernel keeps a log prefix of at most 127 bytes (NF_LOG_PREFIXLEN, 128, less its NUL): nft 1.0.6 gets
+# ERANGE for 128 and crashes on much longer ones. nft's own parser reads comments of at most 128 characters,
+# so a longer one would not read back from `nft list ruleset`. Policy ids are at most `MAX_ID_LENGTH` (32)
+# characters, which keeps both well inside: `hf:<sid>:out:reject:rule:<id>#<n>:pair` is 69 characters plus the
+# digits of n, `rule:<id>#<n>:pair:log` 47 plus those (see tests/unit/ruleset/test_build.py).
+LOG_PREFIX_MAX = 127
+COMMENT_MAX = 128
 # No `ether type` matches: nft 1.0.6 lists them byte-swapped in numeric mode (0x0806 as 1544), which would
 # break the exact readback. `ip version 4` and `arp hlen 6` select the same frames and list as written.
 
@@ -49,7 +57,10 @@ def selector_set_name(selectors: tuple[Selector, ...]) -> str:
 
 
 def log_prefix(sid: str, direction: str, verdict: str, comment: str) -> str:
-    return f"{LOG_PREFIX}:{sid}:{direction}:{verdict}:{comment}"
+    prefix = f"{LOG_PREFIX}:{sid}:{direction}:{verdict}:{comment}"
+    if len(prefix.encode()) > LOG_PREFIX_MAX:  # the parser bounds ids so that this cannot happen
+        raise BugError(f"log prefix {prefix!r} is longer than the kernel keeps ({LOG_PREFIX_MAX} bytes)")
+    return prefix
 
 
 def dump(obj: JSON) -> str:
@@ -96,6 +107,8 @@ class Builder:
         )
 
     def rule(self, table: TableId, chain: str, comment: str, statements: list[JSON]) -> None:
+        if len(comment) > COMMENT_MAX:  # the parser bounds ids so that this cannot happen
+            raise BugError(f"rule comment {comment!r} is longer than nft reads back ({COMMENT_MAX})")
         # The compiler only ever writes zeroed counters, so the canonical text is a plain sorted dump.
         self.rules.append(
             Rule(table, chain, comment, json.dumps(statements, sort_keys=True, separators=(",", ":")))

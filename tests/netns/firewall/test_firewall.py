@@ -598,3 +598,40 @@ def test_traffic_log_names_vm_rule_and_verdict_and_is_rate_limited(lab: LabSessi
     # vm3's egress default deny logs at 10/s with a burst of 20: the flood of 1,000 yields a few dozen events
     assert 1 <= len(flood) <= 60, len(flood)
     assert flood[0]["rule"] == "sys:default-deny"
+
+
+def test_the_longest_ids_are_kept_whole_by_the_kernel(lab: LabSession) -> None:
+    """Ids of `MAX_ID_LENGTH` characters: nft takes every comment and log prefix, reads them back unchanged
+    (a second converge finds no drift), and packets still pass and are counted under the whole id."""
+    from hyperfence.model.policy import MAX_ID_LENGTH
+
+    longest = "x" * MAX_ID_LENGTH
+    services = [*(f"tcp/{p}" for p in range(1, 10)), "icmp", "dhcp"]  # icmp #10, dhcp #11 (paired)
+    rules = [
+        {"id": longest, "from": "vm:vm1", "to": "vm:vm2", "services": services, "log": True},
+        {
+            "id": "y" * MAX_ID_LENGTH,
+            "from": "vm:vm3",
+            "to": "vm:vm1",
+            "services": ["tcp/80"],
+            "action": "reject",
+        },
+    ]
+    assert lab.engine is not None
+    document = {
+        **lab.document(rules),
+        "limits": [{"id": "z" * MAX_ID_LENGTH, "vms": "vms", "new_flows": 1000}],
+    }
+    lab.engine.store_policy(document, source="test")
+    _, first = lab.engine.converge(full=True)
+    assert first is not None and first.changed
+    _, again = lab.engine.converge(full=True)
+    assert again is not None and not again.changed and again.drift == []
+    listed = lab.run("host", ["nft", "list", "ruleset"]).stdout.decode()
+    assert f'comment "rule:{longest}#11:pair:log"' in listed
+    vm1, vm2 = (vm_sid(f"{lab.plan.name}-{vm}") for vm in ("vm1", "vm2"))
+    assert f'log prefix "hf:{vm1}:in:allow:rule:{longest}#11:pair"' in listed  # the DHCP reply to vm1
+    assert f'log prefix "hf:{vm2}:in:allow:rule:{longest}#10"' in listed
+    assert lab.ping("vm1", "vm2")[0] == 2
+    # the pings are one flow: its first packet passes the rule, the second the established shortcut
+    assert counter(lab, "_in", f"rule:{longest}#10") == 1

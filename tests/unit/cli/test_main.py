@@ -1,0 +1,164 @@
+"""`hyperfence policy check`, `policy apply` and `daemon` options, run as the real command: what a person
+typing them sees (exit code, the exact located messages on stderr), never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HYPERFENCE = os.path.join(os.path.dirname(sys.executable), "hyperfence")
+
+POLICY = """\
+networks: [{name: lab, bridge: br0, subnet: 10.77.0.0/22}]
+vms:
+  - {name: web, port: vp1, mac: 52:54:00:zz:00:01, ips: [10.77.0.11]}
+  - {name: db, port: vp2, mac: 52:54:00:00:00:02, ips: [10.77.0.12]}
+rules:
+  - {from: vm:web, to: vm:db, protocol: tcp, ports: [5432]}
+  - {from: vm:db, to: [vm:ghost, "[/x]"], protocol: bogus, ports: [80-70], priority: x}
+"""
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HYPERFENCE, "--state-dir", str(cwd / "state"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "80"},
+    )
+
+
+def test_policy_check_lists_each_mistake_once_on_its_own_line(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(POLICY)
+    r = run("policy", "check", "p.yaml", cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr.splitlines() == [
+        "error: p.yaml has 6 problem(s)",
+        "  vms[0].mac: '52:54:00:zz:00:01' is not a MAC address (expected six hex pairs like 52:54:00:12:34:56)",
+        "  rules[1].priority: Input should be a valid integer (got 'x')",
+        "  rules[1].to[0]: VM 'ghost' is not declared (expected one of: db)",
+        "  rules[1].to[1]: '[/x]' is not a selector (expected vm:NAME, label:KEY=VALUE, vms, ipset:NAME, a CIDR "
+        "(10.0.0.0/24), a range (10.0.0.5-10.0.0.9), an address, host, outside or any)",
+        "  rules[1].ports[0]: range 80-70 is reversed (expected 70-80)",
+        "  rules[1].protocol: 'bogus' is not a protocol (expected tcp, udp, icmp, arp, dhcp, dhcp-server, any, "
+        "a number 0-255 or one of igmp, gre, esp, ah, sctp)",
+    ]
+    # policy apply refuses the same file with the same list, before it touches the store or the kernel
+    r = run("policy", "apply", "p.yaml", cwd=tmp_path)
+    assert (
+        r.returncode == 2
+        and r.stderr.splitlines()[1:]
+        == run("policy", "check", "p.yaml", cwd=tmp_path).stderr.splitlines()[1:]
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            '{"networks": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            [
+                "error: p.yaml is nested too deeply",
+                "  line 1 column 45: more than 32 nested lists or mappings (expected at most 32; a policy needs 5)",
+            ],
+        ),
+        (
+            "networks:\n" + "".join("  " * i + "-\n" for i in range(1, 3000)),
+            [
+                "error: p.yaml is nested too deeply",
+                "  line 33 column 65: more than 32 nested lists or mappings (expected at most 32; a policy needs 5)",
+            ],
+        ),
+        (
+            b"networks: [\xff]",
+            ["error: p.yaml is not UTF-8 text", "  line 1 column 12: byte 0xff is not UTF-8 (expected text)"],
+        ),
+        (
+            "a: &a [*a]",
+            [
+                "error: p.yaml is not a policy",
+                "  line 1 column 8: alias *a is inside its own anchor &a (expected no recursive aliases)",
+            ],
+        ),
+    ],
+    ids=["deep-json", "deep-yaml", "not-utf8", "recursive-alias"],
+)
+def test_documents_past_a_limit_get_a_located_error(
+    tmp_path: Path, content: str | bytes, expected: list[str]
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    r = run("policy", "check", "p.yaml", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (2, expected)
+
+
+def test_an_endless_file_is_refused_after_64_mib(tmp_path: Path) -> None:
+    r = run("policy", "check", "/dev/zero", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (
+        2,
+        [
+            "error: /dev/zero is larger than 64 MiB (67,108,864 bytes), the most a policy may be (expected a "
+            "smaller file: write long address lists as CIDRs and ranges)"
+        ],
+    )
+
+
+def test_a_good_policy_checks_ok_and_usage_mistakes_are_usage_errors(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(POLICY.split("rules:", maxsplit=1)[0].replace("zz", "00"))
+    r = run("policy", "check", "p.yaml", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (0, "")
+    assert r.stdout.startswith("p.yaml: ok — 2 VMs, 0 rules, 0 IP sets -> ")
+    r = run("policy", "check", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (2, "Error: Missing argument 'file'.")
+    r = run("policy", "chek", "p.yaml", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()[-1]) == (
+        2,
+        "Error: No such command 'chek'. Did you mean 'check'?",
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "example"),
+    [
+        ("--poll", "0", "0.2"),
+        ("--poll", "-0.5", "0.2"),
+        ("--resync", "-1", "10"),
+        ("--resync", "nan", "10"),
+        ("--poll", "1e308", "0.2"),
+    ],
+)
+def test_daemon_refuses_intervals_that_are_not_above_zero(
+    tmp_path: Path, option: str, value: str, example: str
+) -> None:
+    r = run("daemon", option, value, cwd=tmp_path)
+    shown = f"{float(value):g}"
+    assert (r.returncode, r.stderr.splitlines()) == (
+        2,
+        [
+            f"error: {option}: {shown} is not an interval in seconds (expected a number above 0 and at most 86400, e.g. {example})"
+        ],
+    )
+    assert not (tmp_path / "state" / "daemon.pid").exists()  # refused before it started anything
+
+
+def test_policy_show_names_a_generation_that_is_not_there(tmp_path: Path) -> None:
+    from hyperfence.reconcile.engine import Engine
+    from tests.unit.policy.test_parse import doc
+
+    engine = Engine(netns=None, state_dir=str(tmp_path / "state"))
+    engine.store_policy(doc(), source="test")
+    engine.close()
+    r = run("policy", "show", "--generation", "5", cwd=tmp_path)
+    assert (r.returncode, r.stderr.splitlines()) == (
+        3,
+        ["error: --generation: there is no generation 5 (the latest is 1)"],
+    )
+    r = run("policy", "show", "--generation", "1", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("# generation 1 from test\n")
