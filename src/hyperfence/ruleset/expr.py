@@ -33,8 +33,27 @@ def mark_is_set(mark: int) -> JSON:
     return match({"&": [meta("mark"), mark]}, mark)
 
 
+def goto(chain: str) -> JSON:
+    return {"goto": {"target": chain}}
+
+
 def vmap(key: str, map_name: str) -> JSON:
     return {"vmap": {"key": meta(key), "data": f"@{map_name}"}}
+
+
+def payload_vmap(protocol: str, field: str, map_name: str) -> JSON:
+    return {"vmap": {"key": payload(protocol, field), "data": f"@{map_name}"}}
+
+
+def ct_state_is(states: int | list[int]) -> JSON:
+    """`ct state ...`, numeric as listed (new 8, established 2, related 4)."""
+    return match({"ct": {"key": "state"}}, states, op="in")
+
+
+def ct_count_over(connections: int) -> JSON:
+    """Matches while the rule's own list of connections holds more than `connections` (this one included):
+    nft_connlimit adds the packet's connection to the list, then compares."""
+    return {"ct count": {"val": connections, "inv": True}}
 
 
 def jump(chain: str) -> JSON:

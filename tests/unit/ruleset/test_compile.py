@@ -49,6 +49,9 @@ def test_every_rule_has_a_unique_id_per_chain_and_a_counter() -> None:
             # log rules, dispatch and the per-packet anti-spoofing accepts (the hot path) carry no counter
             if r.comment.endswith(":log") or r.comment in (
                 "sys:dispatch",
+                "sys:ct-cap-out",  # dispatch to the VM's connection cap
+                "sys:ct-cap-in",
+                "sys:ct-count",  # the cap's decision is counted in sys:ct-cap
                 "sys:ct-clear",
                 "sys:ct-mark",
                 "sys:est",
