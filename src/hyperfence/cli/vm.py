@@ -189,7 +189,7 @@ def _with_connections(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
                     "counts": {},
                 }
             )
-    figures, problems = read_vm_connections(compiled.resolved, netns=engine.netns, nft_list=engine.nft.list)
+    figures, problems = read_vm_connections(compiled.resolved, netns=engine.netns)
     for row in rows:
         fig = figures.get(row["vm"])
         row["connections"] = None if fig is None else fig.as_dict()

@@ -9,11 +9,12 @@ TIME_WAIT or CLOSE, which the cap no longer counts: `tracked` may exceed `cap` b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from hyperfence.adapters.conntrack import read_address_pairs
+from hyperfence.adapters.nft import Nft
 from hyperfence.errors import HyperfenceError
 from hyperfence.model.policy import Vm
 from hyperfence.policy.resolve import Resolved
@@ -56,10 +57,10 @@ def cap_drops_per_vm(counters: Mapping[RuleKey, tuple[int, int]], vms: Iterable[
 
 
 def read_vm_connections(
-    resolved: Resolved, *, netns: str | None, nft_list: Callable[[dict[str, Any]], list[Any]]
+    resolved: Resolved, *, netns: str | None
 ) -> tuple[dict[str, VmConnections], list[str]]:
-    """Per VM id: cap, tracked connections and cap drops; and what could not be read (each a sentence).
-    `nft_list` lists one table (`Nft.list`)."""
+    """Per VM id: cap, tracked connections and cap drops, read in the bridges' namespace `netns`; and what
+    could not be read (each a sentence)."""
     vms = [vp.vm for vp in resolved.vms]
     problems: list[str] = []
     tracked: dict[str, int] | None = None
@@ -69,9 +70,12 @@ def read_vm_connections(
     except HyperfenceError as e:
         problems.append(f"tracked connections unavailable: {e}")
     try:
-        drops = cap_drops_per_vm(
-            rule_counters(nft_list({"table": {"family": "inet", "name": INET.name}})), vms
-        )
+        nft = Nft(netns)
+        try:
+            listing = nft.list({"table": {"family": INET.family, "name": INET.name}})
+        finally:
+            nft.close()
+        drops = cap_drops_per_vm(rule_counters(listing), vms)
     except HyperfenceError as e:
         problems.append(f"cap drops unavailable: {e}")
     figures = {
