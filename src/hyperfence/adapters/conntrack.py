@@ -92,6 +92,8 @@ def parse_dump_chunk(data: bytes, pairs: AddressPairs) -> tuple[bool, int]:
         if kind == NLMSG_DONE:
             return True, n
         if kind == NLMSG_ERROR:
+            if length < _NLMSG.size + 4:
+                raise KernelError(f"conntrack: malformed netlink error message (length {length})")
             (code,) = struct.unpack_from("=i", data, off + _NLMSG.size)
             if code == -errno.EPERM:
                 raise PermissionError(errno.EPERM, "EPERM")
