@@ -437,11 +437,13 @@ def _cap_dispatch(b: Builder, networks: tuple[Network, ...], vms: tuple[VmPolicy
     packets of established connections never get here. Conntrack exists only in the inet family: bridged
     IPv4 arrives here through br_netfilter with the bridge as input interface, so the sender is known by
     its source address, which the bridge guard (-300, before br_netfilter) has already checked; the
-    bridge match keeps routed senders (the outside) from spending a VM's cap with its address. The host's
-    own connections (the `out` chain) are not counted."""
+    bridge match keeps routed senders (the outside) from spending a VM's cap with its address. Only a
+    connection's first packet is looked at (its conntrack entry not confirmed yet): later packets of a
+    tracked connection, answered or not, never meet the cap, and a refused connection never gets an entry.
+    The host's own connections (the `out` chain) are not counted."""
     entries: dict[str, JSON] = {str(ip): x.jump(f"{vm_sid(vp.vm.id)}_cap") for vp in vms for ip in vp.vm.ips}
     b.verdict_map(CAP_MAP, entries, table=INET, key_type="ipv4_addr")
-    new = x.ct_state_is(8)
+    new = x.ct_unconfirmed()
     bridges = x.anon_set(sorted({n.bridge for n in networks}))
     b.rule(
         INET,

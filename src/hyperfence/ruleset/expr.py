@@ -45,9 +45,10 @@ def payload_vmap(protocol: str, field: str, map_name: str) -> JSON:
     return {"vmap": {"key": payload(protocol, field), "data": f"@{map_name}"}}
 
 
-def ct_state_is(states: int | list[int]) -> JSON:
-    """`ct state ...`, numeric as listed (new 8, established 2, related 4)."""
-    return match({"ct": {"key": "state"}}, states, op="in")
+def ct_unconfirmed() -> JSON:
+    """`ct status ! confirmed`: the first packet of a connection, before conntrack confirms (inserts) it at
+    the end of the hooks; false for every later packet, and for packets conntrack does not track."""
+    return match({"ct": {"key": "status"}}, 8, op="!")
 
 
 def ct_count_over(connections: int) -> JSON:

@@ -175,14 +175,15 @@ def test_a_compile_cache_never_changes_the_result() -> None:
 
 
 def test_every_vms_new_connections_pass_its_cap_both_ways() -> None:
-    """After the conntrack marker in `pre`: new connections from a VM (on a managed bridge, by source
-    address) and towards it (by destination address) reach its own `ct count` rule."""
+    """After the conntrack marker in `pre`: the first packet of a new connection (not confirmed yet) from a
+    VM (on a managed bridge, by source address) and towards it (by destination address) reaches its own
+    `ct count` rule."""
     rs = compiled(doc(rules=RULES, limits=[{"id": "small", "vms": "vm:vm1", "connections": 200}]))
     sid1, sid2 = (vm_sid(v.id) for v in parse_policy(doc()).vms)
     chains = rs.chain_rules()
     pre = chains[(INET, "pre")]
     assert [r.comment for r in pre] == ["sys:ct-mark", "sys:ct-clear", "sys:ct-cap-out", "sys:ct-cap-in"]
-    new = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": 8}}
+    new = {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": 8}}  # ct status ! confirmed
     bridge = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "br0"}}
     dispatch = {"vmap": {"key": {"payload": {"protocol": "ip", "field": "saddr"}}, "data": "@cap_vms"}}
     assert pre[2].statements() == [new, bridge, dispatch]
