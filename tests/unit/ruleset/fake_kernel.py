@@ -15,7 +15,9 @@ class FakeKernel:
         self.rules: dict[tuple[TableId, str], list[tuple[int, Rule]]] = {k: [] for k in self.chains}
         for r in rs.rules:
             self.rules[(r.table, r.chain)].append((handles[(r.table, r.chain, r.comment)], r))
-        self.next_handle = 10_000
+        # Like the kernel, never hand out a handle a rule already has (a kernel built from a previous one's
+        # handles would otherwise give a new rule the handle of an old one, and a delete would hit both).
+        self.next_handle = max(10_000, *handles.values()) if handles else 10_000
 
     def apply(self, commands: list[Any]) -> None:
         for cmd in commands:
