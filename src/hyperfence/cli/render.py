@@ -53,6 +53,8 @@ def statement_text(stmt: JSON) -> str:
         return f"limit rate {body['rate']}/{body.get('per', 'second')} burst {body.get('burst', 0)} packets"
     if kind == "log":
         return f'log prefix "{body.get("prefix", "")}" group {body.get("group", 0)}'
+    if kind == "ct count":
+        return f"ct count {'over ' if body.get('inv') else ''}{body['val']}"
     if kind == "mangle":
         return f"{_value(body['key'])} set {_value(body['value'])}"
     if kind in ("jump", "goto"):

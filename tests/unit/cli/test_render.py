@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hyperfence.cli.render import stats_rows
+from hyperfence.cli.render import statement_text, stats_rows
+from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.compile import BRIDGE, INET
 
 
@@ -25,3 +26,9 @@ def test_stats_sum_policy_rules_and_show_the_connection_caps_drops() -> None:
         ("sys:ct-cap", "vm2", 2),
         ("web", "vm1", 4),
     ]
+
+
+def test_the_cap_rules_read_as_nft_writes_them() -> None:
+    assert statement_text(x.ct_count_over(200)) == "ct count over 200"
+    assert statement_text(x.ct_unconfirmed()) == "ct status ! 8"
+    assert statement_text(x.goto("v1_cap_drop")) == "goto v1_cap_drop"
