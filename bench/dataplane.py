@@ -378,10 +378,12 @@ def variant_ladder_inet_only() -> str:
     )
 
 
-def variant_from_hyperfence(listing: str, *, counters: bool, port_first: bool) -> str:
+def variant_from_hyperfence(listing: str, *, counters: bool, port_first: bool, caps: bool = True) -> str:
     """hyperfence's own ruleset as the kernel lists it, renamed to `hfvar` and changed in one respect."""
     text = listing.replace("table bridge hyperfence {", "table bridge hfvar {")
     text = text.replace("table inet hyperfence {", "table inet hfvar {")
+    if not caps:  # no new connection reaches a connection cap (the dispatch rules in `pre` removed)
+        text = re.sub(r'^.*comment "sys:ct-cap-(?:out|in)"\n', "", text, flags=re.MULTILINE)
     if not counters:
         text = re.sub(r"\bcounter packets \d+ bytes \d+\s*", "", text)
     if port_first:  # the cheap port/protocol compare before the set lookup, so a non-matching rule fails fast
@@ -454,6 +456,12 @@ def variant_cases(plan: LabPlan, hf_listing: str, make: Callable[..., Case]) -> 
             "hfp",
             "hyperfence (b), port match before set",
             variant_from_hyperfence(hf_listing, counters=True, port_first=True),
+            True,
+        ),
+        (
+            "hfc",
+            "hyperfence (b) without connection caps",
+            variant_from_hyperfence(hf_listing, counters=True, port_first=False, caps=False),
             True,
         ),
     ]

@@ -22,7 +22,7 @@ def _matches(rec: dict[str, Any], vm: str | None, verdict: str | None) -> bool:
 def logs_cmd(
     ctx: typer.Context,
     vm: Annotated[str | None, typer.Option(help="Only this VM.")] = None,
-    verdict: Annotated[str | None, typer.Option(help="allow, deny, spoof or reject.")] = None,
+    verdict: Annotated[str | None, typer.Option(help="allow, deny, spoof, reject, flood or cap.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     lines: Annotated[int, typer.Option("-n", help="How many recent events.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Raw JSON lines.")] = False,

@@ -53,6 +53,8 @@ def statement_text(stmt: JSON) -> str:
         return f"limit rate {body['rate']}/{body.get('per', 'second')} burst {body.get('burst', 0)} packets"
     if kind == "log":
         return f'log prefix "{body.get("prefix", "")}" group {body.get("group", 0)}'
+    if kind == "ct count":
+        return f"ct count {'over ' if body.get('inv') else ''}{body['val']}"
     if kind == "mangle":
         return f"{_value(body['key'])} set {_value(body['value'])}"
     if kind in ("jump", "goto"):
@@ -94,13 +96,19 @@ def ruleset_text(rs: Ruleset) -> str:
 def stats_rows(
     counters: dict[RuleKey, tuple[int, int]], sid_names: dict[str, str], *, by_vm: bool
 ) -> list[dict[str, Any]]:
-    """Aggregate nft rule counters by policy rule (and VM): `rule:web#1` and `rule:web#2` count as `web`."""
+    """Aggregate nft rule counters by policy rule (and VM): `rule:web#1` and `rule:web#2` count as `web`.
+    The bridge table's decisions, and the connection caps' drops (`sys:ct-cap`, inet table)."""
     agg: dict[tuple[str, str, str], list[int]] = {}
     for (table, chain, comment), (packets, nbytes) in counters.items():
-        if comment.endswith(":log") or table != TableId("bridge", "hyperfence"):
+        if comment.endswith(":log"):
             continue
         sid, _, suffix = chain.partition("_")
-        direction = {"out": "egress", "in": "ingress", "guard": "guard"}.get(suffix, chain)
+        if table == TableId("inet", "hyperfence") and suffix == "cap_drop":
+            direction = "both"  # the connection cap counts what the VM opens and what is opened to it
+        elif table == TableId("bridge", "hyperfence"):
+            direction = {"out": "egress", "in": "ingress", "guard": "guard"}.get(suffix, chain)
+        else:
+            continue
         vm = sid_names.get(sid, "-") if suffix else "-"
         rule = comment.removeprefix("rule:").split("#", 1)[0] if comment.startswith("rule:") else comment
         key = (rule, vm if by_vm else "", direction)

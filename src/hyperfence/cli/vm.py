@@ -13,15 +13,17 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from hyperfence import errors
 from hyperfence.adapters.libvirt_xml import AGENT_FW_CFG, QEMU_USER
 from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
-from hyperfence.cli.output import out, plain
+from hyperfence.cli.output import err, out, plain
 from hyperfence.daemon import request
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.model.policy import Policy, Vm
 from hyperfence.reconcile.agents import channels_dir, enroll
+from hyperfence.reconcile.conntrack import read_vm_connections
 from hyperfence.reconcile.engine import Engine
 
 vm_app = typer.Typer(no_args_is_help=True, help="VMs' agents: enrol, list, events, release.")
@@ -216,11 +218,51 @@ def _ago(t: float | None) -> str:
     return f"{max(0.0, time.time() - t):.1f} s ago"
 
 
+def _with_connections(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
+    """Add every VM of the policy that has no agent row, and each VM's share of connection tracking
+    (`connections`: cap, tracked now, cap drops; read from the kernel). Returns what could not be read."""
+    compiled = engine.compiled()
+    if compiled is None:
+        return []
+    known = {row["vm"] for row in rows}
+    for vm in compiled.policy.vms:
+        if vm.id not in known:
+            rows.append(
+                {
+                    "vm": vm.id,
+                    "name": vm.name,
+                    "status": "no agent",
+                    "last_seen": None,
+                    "seq": None,
+                    "agent": None,
+                    "isolated": None,
+                    "counts": {},
+                }
+            )
+    figures, problems = read_vm_connections(compiled.resolved, netns=engine.netns)
+    for row in rows:
+        fig = figures.get(row["vm"])
+        row["connections"] = None if fig is None else fig.as_dict()
+    return problems
+
+
+def _connections_cells(conn: dict[str, Any] | None) -> tuple[Text, Text]:
+    """(tracked / cap, cap drops), plain text (never markup)."""
+    if conn is None:
+        return Text("-"), Text("-")
+
+    def number(v: int | None) -> str:
+        return "?" if v is None else str(v)
+
+    return Text(f"{number(conn['tracked'])} / {conn['cap']}"), Text(number(conn["cap_drops"]))
+
+
 @vm_app.command("list")
 def vm_list(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False
 ) -> None:
-    """Each enrolled VM: agent status (ok / late / silent / never), last seen, isolation, refusals."""
+    """Each VM: agent status (ok / late / silent / never / no agent), last seen, isolation, refusals, and
+    its connection tracking: tracked connections / cap, and new connections its cap dropped."""
     engine = _engine(ctx)
     reply = _ask(engine, {"op": "agents"})
     if reply is not None:
@@ -239,11 +281,14 @@ def vm_list(
             }
             for r in engine.store.agents().values()
         ]
+    problems = _with_connections(engine, rows)
+    for p in problems:
+        err.print(plain(p))
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row, sort_keys=True))
         return
-    table = Table("vm", "agent", "last seen", "isolation", "refused", "version")
+    table = Table("vm", "agent", "last seen", "isolation", "refused", "version", "conns / cap", "cap drops")
     for row in rows:
         refused = {k: v for k, v in row.get("counts", {}).items() if k != "accepted" and v}
         table.add_row(
@@ -253,6 +298,7 @@ def vm_list(
             plain("isolated: " + row["isolated"]) if row["isolated"] else "-",
             plain(", ".join(f"{k} {v}" for k, v in sorted(refused.items())) or "-"),
             plain(row.get("agent") or "-"),
+            *_connections_cells(row.get("connections")),
         )
     out.print(table)
 

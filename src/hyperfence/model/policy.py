@@ -187,6 +187,24 @@ class FloodLimit:
     log: bool = True
 
 
+# The largest per-VM connection cap a policy may ask for: 16 x the default conntrack table of a large host
+# (262,144 entries). A larger number is a typo, or means "no cap", which the policy does not offer.
+MAX_CONNECTIONS = 4_194_304
+
+
+@dataclass(frozen=True)
+class ConnectionCap:
+    """Per selected VM: at most `connections` open connections tracked by the host's conntrack, counting
+    both the connections the VM opens and those opened towards it. A new connection beyond the cap is
+    dropped and counted (and logged, rate-limited, if `log`); established connections are never touched.
+    `id` is "default" for the cap of `Settings.connections_per_vm` (VMs no `limits` entry caps)."""
+
+    id: str
+    vms: tuple[Selector, ...]
+    connections: int
+    log: bool = True
+
+
 class SilenceAction(enum.Enum):
     ALERT = "alert"  # an event only
     ISOLATE = "isolate"  # quarantine: every packet to and from the VM dropped, established flows too
@@ -259,6 +277,15 @@ class Settings:
     # "none": every VM is declared in the policy; "libvirt": VMs are also discovered from the hypervisor, so a
     # rule may name a VM that does not exist right now (it selects nothing until it does).
     inventory: str = "none"
+    # Every VM's share of the host's connection tracking table unless a `limits` entry says otherwise: 1/16
+    # of a large host's default table (nf_conntrack_max 262,144), so it takes 16 VMs at their cap to fill
+    # the table, while a busy server VM (thousands of concurrent clients and its own upstream connections)
+    # stays far below it. See docs/policy.md.
+    connections_per_vm: int = 16_384
+
+    @property
+    def default_cap(self) -> ConnectionCap:
+        return ConnectionCap("default", (), self.connections_per_vm)
 
 
 @dataclass(frozen=True)
@@ -269,6 +296,7 @@ class Policy:
     rules: tuple[Rule, ...] = ()
     settings: Settings = field(default_factory=Settings)
     limits: tuple[FloodLimit, ...] = ()
+    connection_caps: tuple[ConnectionCap, ...] = ()  # in policy order: a VM takes the first that selects it
     heartbeats: tuple[Heartbeat, ...] = ()
 
     def vm_by_name(self, name: str) -> Vm | None:

@@ -22,6 +22,7 @@ from pydantic import Field, StrictBool, StrictInt, StrictStr
 from hyperfence.errors import InvalidInputError, Problem
 from hyperfence.model.policy import (
     L4,
+    MAX_CONNECTIONS,
     Action,
     AddressRange,
     IcmpService,
@@ -59,6 +60,7 @@ class SettingsDoc(Strict):
     conntrack_mark: Annotated[StrictInt, Field(ge=1, le=0x80000000)] = 0x00200000
     agent_endpoint: StrictStr | None = None
     inventory: Literal["none", "libvirt"] = "none"
+    connections_per_vm: Annotated[StrictInt, Field(ge=1, le=MAX_CONNECTIONS)] = Settings().connections_per_vm
 
 
 class NetworkDoc(Strict):
@@ -144,7 +146,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
     # (No rules, nothing to validate: and the memo of the last policy's rules stays as it is.)
     rules = _rules(c, doc.rules, vms, ipsets, strict_names=settings.inventory == "none") if doc.rules else []
     names = {v.name for v in vms} if settings.inventory == "none" else None  # None: any name may appear
-    limits = parse_limits(c, doc.limits, names)
+    limits, caps = parse_limits(c, doc.limits, names)
     heartbeats = parse_heartbeats(c, doc.heartbeats, names)
     if c.problems:
         raise InvalidInputError(f"{source} has {len(c.problems)} problem(s)", c.problems)
@@ -155,6 +157,7 @@ def parse_policy(data: Any, *, source: str = "policy") -> Policy:
         rules=tuple(rules),
         settings=settings,
         limits=tuple(limits),
+        connection_caps=tuple(caps),
         heartbeats=tuple(heartbeats),
     )
 
@@ -182,6 +185,7 @@ def _settings(c: Collector, data: Any) -> Settings:
         conntrack_mark=doc.conntrack_mark,
         agent_endpoint=endpoint,
         inventory=doc.inventory,
+        connections_per_vm=doc.connections_per_vm,
     )
 
 

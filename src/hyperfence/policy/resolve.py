@@ -16,6 +16,7 @@ from hyperfence.model.policy import (
     AddressRange,
     AddressSelector,
     AllVmsSelector,
+    ConnectionCap,
     Direction,
     FloodLimit,
     IpSetSelector,
@@ -26,6 +27,7 @@ from hyperfence.model.policy import (
     Rule,
     Selector,
     Service,
+    Settings,
     SpecialPeer,
     SpecialSelector,
     SpecialService,
@@ -34,6 +36,7 @@ from hyperfence.model.policy import (
 )
 
 DHCP_SERVICES = (NamedService(SpecialService.DHCP), NamedService(SpecialService.DHCP_SERVER))
+DEFAULT_CAP = Settings().default_cap
 MAX_ADDR = int(IPv4Address("255.255.255.255"))
 ANY: tuple[AddressRange, ...] = (AddressRange(IPv4Address(0), IPv4Address(MAX_ADDR)),)
 
@@ -118,6 +121,9 @@ class VmPolicy:
     rejects_in: bool = False  # some ingress entry rejects
     limits_out: tuple[FloodLimit, ...] = ()  # flood limits on what it sends, in policy order
     limits_in: tuple[FloodLimit, ...] = ()  # and on what it receives
+    # Its share of the host's connection tracking: the first `limits` entry with `connections` that selects
+    # it, else the settings' default.
+    connection_cap: ConnectionCap = DEFAULT_CAP
 
 
 @dataclass(frozen=True)
@@ -242,6 +248,13 @@ def _limits(
     )
 
 
+def _connection_cap(index: _Index, policy: Policy, vm: Vm) -> ConnectionCap:
+    for cap in policy.connection_caps:
+        if vm.id in index.workload_ids(cap.vms):
+            return cap
+    return policy.settings.default_cap
+
+
 def _vm_policy(
     vm: Vm,
     net: Network,
@@ -250,7 +263,7 @@ def _vm_policy(
     arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]],
     *,
     index: _Index,
-    limits: tuple[FloodLimit, ...],
+    policy: Policy,
 ) -> VmPolicy:
     allows = [e for e in (*egress, *ingress) if e.action is Action.ALLOW]
     # VMs with the same peers share one computation (1,000 VMs x a 10k-address IP set otherwise)
@@ -277,8 +290,9 @@ def _vm_policy(
         dhcp_server=any(NamedService(SpecialService.DHCP_SERVER) in e.services for e in allows),
         rejects_out=any(e.action is Action.REJECT for e in egress),
         rejects_in=any(e.action is Action.REJECT for e in ingress),
-        limits_out=_limits(index, limits, vm, Direction.OUT),
-        limits_in=_limits(index, limits, vm, Direction.IN),
+        limits_out=_limits(index, policy.limits, vm, Direction.OUT),
+        limits_in=_limits(index, policy.limits, vm, Direction.IN),
+        connection_cap=_connection_cap(index, policy, vm),
     )
 
 
@@ -295,9 +309,7 @@ def resolve_policy(policy: Policy) -> Resolved:
         _rule_entries(rule, index, egress, ingress)
     arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]] = {}
     vms = tuple(
-        _vm_policy(
-            vm, nets[vm.network], egress[vm.id], ingress[vm.id], arp_cache, index=index, limits=policy.limits
-        )
+        _vm_policy(vm, nets[vm.network], egress[vm.id], ingress[vm.id], arp_cache, index=index, policy=policy)
         for vm in policy.vms
     )
     return Resolved(policy=policy, vms=vms, outside=outside, host=host, index=index)
@@ -309,7 +321,7 @@ MAX_INCREMENTAL_RULES = 32
 def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
     """`resolve_policy(policy)`, computed from `prev` when only a few rules changed: the VMs those rules
     select (before or after the change) are resolved again, every other VM keeps its `VmPolicy` object.
-    None when the change is not of that kind (networks, VMs, IP sets, settings or flood limits changed; many rules
+    None when the change is not of that kind (networks, VMs, IP sets, settings or limits changed; many rules
     changed): the caller resolves from scratch. The result equals `resolve_policy(policy)`."""
     old = prev.policy
     if (
@@ -318,6 +330,7 @@ def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
         or old.ipsets != policy.ipsets
         or old.settings != policy.settings
         or old.limits != policy.limits
+        or old.connection_caps != policy.connection_caps
     ):
         return None
     old_rules = {r.id: r for r in old.rules}
@@ -349,7 +362,7 @@ def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
             ingress[vp.vm.id],
             arp_cache,
             index=index,
-            limits=policy.limits,
+            policy=policy,
         )
         if vp.vm.id in affected
         else vp

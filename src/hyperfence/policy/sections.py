@@ -1,4 +1,5 @@
-"""The policy sections around the rules: flood limits (`limits`) and agent heartbeats (`heartbeats`)."""
+"""The policy sections around the rules: limits (flood limits and connection caps, `limits`) and agent
+heartbeats (`heartbeats`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from hyperfence.model.policy import (
+    MAX_CONNECTIONS,
     AllVmsSelector,
+    ConnectionCap,
     Direction,
     FloodLimit,
     Heartbeat,
@@ -32,10 +35,12 @@ class SectionDoc(Strict):
 
 
 class LimitDoc(SectionDoc):
-    REQUIRED: ClassVar[tuple[str, ...]] = ("vms", "new_flows")
+    """A flood limit (`new_flows`), a connection cap (`connections`), or both for the same VMs."""
+
     direction: Literal["in", "out", "both"] = "both"
     new_flows: Annotated[StrictInt, Field(ge=1, le=10_000_000)] | None = None
     burst: Annotated[StrictInt, Field(ge=1, le=100_000_000)] | None = None
+    connections: Annotated[StrictInt, Field(ge=1, le=MAX_CONNECTIONS)] | None = None
     log: StrictBool = True
 
 
@@ -74,8 +79,9 @@ D = TypeVar("D", bound=SectionDoc)
 
 def _entries(
     c: Collector, items: list[Any], doc_type: type[D], section: str, vm_names: set[str] | None
-) -> Iterator[tuple[D, str, tuple[Selector, ...]]]:
-    """The valid entries of a section that selects VMs: (document, id, selectors); problems are collected."""
+) -> Iterator[tuple[int, D, str, tuple[Selector, ...]]]:
+    """The valid entries of a section that selects VMs: (index, document, id, selectors); problems are
+    collected."""
     ids: dict[str, int] = {}
     for i, raw in enumerate(items):
         p = f"{section}[{i}]"
@@ -88,22 +94,33 @@ def _entries(
             item_id = _section_id(c, doc.id or f"{section[0]}{i}", p, section=section, ids=ids, i=i)
         sels = _vm_selectors(c, doc.vms, f"{p}.vms", vm_names) if "vms" not in bad else []
         if item_id is not None and sels and not bad:
-            yield doc, item_id, tuple(sels)
+            yield i, doc, item_id, tuple(sels)
 
 
-def parse_limits(c: Collector, items: list[Any], vm_names: set[str] | None) -> list[FloodLimit]:
-    return [
-        FloodLimit(
-            lim_id,
-            sels,
-            _DIRECTIONS[doc.direction],
-            doc.new_flows,
-            doc.burst if doc.burst is not None else 2 * doc.new_flows,
-            doc.log,
-        )
-        for doc, lim_id, sels in _entries(c, items, LimitDoc, "limits", vm_names)
-        if doc.new_flows is not None  # (always: it is required)
-    ]
+def parse_limits(
+    c: Collector, items: list[Any], vm_names: set[str] | None
+) -> tuple[list[FloodLimit], list[ConnectionCap]]:
+    """The `limits` section: its flood limits and its connection caps (each in policy order)."""
+    floods: list[FloodLimit] = []
+    caps: list[ConnectionCap] = []
+    for i, doc, lim_id, sels in _entries(c, items, LimitDoc, "limits", vm_names):
+        p = f"limits[{i}]"
+        if doc.new_flows is None:
+            if doc.connections is None:
+                c.add(p, "neither new_flows nor connections (expected at least one of them)")
+            for name in ("direction", "burst"):
+                if name in doc.model_fields_set:
+                    c.add(
+                        f"{p}.{name}",
+                        "applies to new_flows only, which this entry does not set (the connection cap "
+                        "counts the connections of both directions)",
+                    )
+        else:
+            burst = doc.burst if doc.burst is not None else 2 * doc.new_flows
+            floods.append(FloodLimit(lim_id, sels, _DIRECTIONS[doc.direction], doc.new_flows, burst, doc.log))
+        if doc.connections is not None:
+            caps.append(ConnectionCap(lim_id, sels, doc.connections, doc.log))
+    return floods, caps
 
 
 class HeartbeatDoc(SectionDoc):
@@ -119,5 +136,5 @@ def parse_heartbeats(c: Collector, items: list[Any], vm_names: set[str] | None) 
         Heartbeat(
             hb_id, sels, float(doc.interval), doc.misses, SilenceAction(doc.action), Release(doc.release)
         )
-        for doc, hb_id, sels in _entries(c, items, HeartbeatDoc, "heartbeats", vm_names)
+        for _, doc, hb_id, sels in _entries(c, items, HeartbeatDoc, "heartbeats", vm_names)
     ]

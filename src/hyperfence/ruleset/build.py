@@ -32,6 +32,7 @@ TABLES = (BRIDGE, INET, NETDEV)
 REJECT_DST_MAP = "reject_dst"
 
 GUARD_MAP, OUT_MAP, IN_MAP = "guard_ports", "out_ports", "in_ports"
+CAP_MAP = "cap_vms"  # inet: VM address -> jump <vm>_cap (the VM's connection cap)
 LOG_PREFIX = "hf"
 # The kernel keeps a log prefix of at most 127 bytes (NF_LOG_PREFIXLEN, 128, less its NUL): nft 1.0.6 gets
 # ERANGE for 128 and crashes on much longer ones. nft's own parser reads comments of at most 128 characters,
@@ -123,14 +124,16 @@ class Builder:
         self.sets[name] = NftSet(table or BRIDGE, name, "ipv4_addr", ("interval",), None, elems)
         return name
 
-    def verdict_map(self, name: str, entries: dict[str, JSON]) -> None:
+    def verdict_map(
+        self, name: str, entries: dict[str, JSON], *, table: TableId = BRIDGE, key_type: str = "ifname"
+    ) -> None:
         key = (name, dump(entries))
         elems = self.cache.maps.get(key) if self.cache is not None else None
         if elems is None:
             elems = frozenset(dump([port, verdict]) for port, verdict in entries.items())
             if self.cache is not None:
                 self.cache.maps = {key: elems, **{k: v for k, v in self.cache.maps.items() if k[0] != name}}
-        self.sets[name] = NftSet(BRIDGE, name, "ifname", (), "verdict", elems)
+        self.sets[name] = NftSet(table, name, key_type, (), "verdict", elems)
 
     def logged_drop(
         self, table: TableId, chain: str, comment: str, prefix: str, matches: list[JSON] | None = None

@@ -12,6 +12,10 @@ Layout (see docs/design.md for the reasons and the hook evidence):
       chain ingress postrouting +10  established -> accept; oifname vmap @in_ports  -> <vm>_in
       set  <selector-hash>           addresses of a rule side (ipv4_addr, interval), shared by all rules
                                      with the same selectors; membership changes are element updates
+    table inet hyperfence (continued): every VM's share of connection tracking
+      chain pre   (after the mark)   a new connection from a VM (on a managed bridge) or towards one ->
+                                     ip saddr / ip daddr vmap @cap_vms -> <vm>_cap
+      chain <vm>_cap                 ct count over <cap> -> goto <vm>_cap_drop (log within the log rate, drop)
 
 Every VM chain ends in a (rate-limited, logged) default deny. Every rule carries a counter and a comment
 that is its id: `rule:<policy-rule-id>#<n>` for rules from the policy, `sys:<name>` for built-in ones.
@@ -25,11 +29,12 @@ import weakref
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from hyperfence.model.policy import Action, Direction, FloodLimit, Settings
+from hyperfence.model.policy import Action, Direction, FloodLimit, Network, Settings
 from hyperfence.policy.resolve import ANY, Entry, Resolved, VmPolicy
 from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.build import (
     BRIDGE,
+    CAP_MAP,
     GUARD_MAP,
     IN_MAP,
     INET,
@@ -118,6 +123,7 @@ def _vm_key(vp: VmPolicy, settings: Settings) -> _Key:
             vp.dhcp_server,
             vp.limits_out,
             vp.limits_in,
+            vp.connection_cap,
             settings,
         )
     )
@@ -422,6 +428,30 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
     b.rule(BRIDGE, "ingress", "sys:est", [x.mark_is_set(mark), x.ACCEPT])
     b.rule(BRIDGE, "ingress", "sys:dispatch", [x.vmap("oifname", IN_MAP)])
     b.logged_drop(BRIDGE, "ingress", "sys:unknown-port", log_prefix("-", "in", "deny", "sys:unknown-port"))
+    _cap_dispatch(b, resolved.policy.networks, resolved.vms)
+
+
+def _cap_dispatch(b: Builder, networks: tuple[Network, ...], vms: tuple[VmPolicy, ...]) -> None:
+    """Every new connection a VM opens, or that is opened towards it, passes the VM's connection cap (its
+    `<vm>_cap` chain); a connection between two VMs passes both. After the conntrack marker in `pre`, so
+    packets of established connections never get here. Conntrack exists only in the inet family: bridged
+    IPv4 arrives here through br_netfilter with the bridge as input interface, so the sender is known by
+    its source address, which the bridge guard (-300, before br_netfilter) has already checked; the
+    bridge match keeps routed senders (the outside) from spending a VM's cap with its address. Only a
+    connection's first packet is looked at (its conntrack entry not confirmed yet): later packets of a
+    tracked connection, answered or not, never meet the cap, and a refused connection never gets an entry.
+    The host's own connections (the `out` chain) are not counted."""
+    entries: dict[str, JSON] = {str(ip): x.jump(f"{vm_sid(vp.vm.id)}_cap") for vp in vms for ip in vp.vm.ips}
+    b.verdict_map(CAP_MAP, entries, table=INET, key_type="ipv4_addr")
+    new = x.ct_unconfirmed()
+    bridges = x.anon_set(sorted({n.bridge for n in networks}))
+    b.rule(
+        INET,
+        "pre",
+        "sys:ct-cap-out",
+        [new, x.match(x.meta("iifname"), bridges), x.payload_vmap("ip", "saddr", CAP_MAP)],
+    )
+    b.rule(INET, "pre", "sys:ct-cap-in", [new, x.payload_vmap("ip", "daddr", CAP_MAP)])
 
 
 def _quarantine(b: Builder, resolved: Resolved) -> None:
@@ -513,6 +543,31 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
         )
     b.logged_drop(BRIDGE, out, "sys:default-deny", log_prefix(sid, "out", "deny", "sys:default-deny"))
     b.logged_drop(BRIDGE, inn, "sys:default-deny", log_prefix(sid, "in", "deny", "sys:default-deny"))
+    _cap_chains(b, vp, sid)
+
+
+def _cap_chains(b: Builder, vp: VmPolicy, sid: str) -> None:
+    """The VM's connection cap: one `ct count` rule (one list of connections per VM, whichever way they
+    were opened); beyond the cap, log within the log rate (direction: the VM sent it, or it was sent to
+    the VM) and drop, counted in `sys:ct-cap`."""
+    cap, drop = f"{sid}_cap", f"{sid}_cap_drop"
+    b.chain(INET, cap)
+    b.chain(INET, drop)
+    b.rule(INET, cap, "sys:ct-count", [x.ct_count_over(vp.connection_cap.connections), x.goto(drop)])
+    if vp.connection_cap.log:
+        s = b.settings
+        for direction, field in (("out", "saddr"), ("in", "daddr")):
+            b.rule(
+                INET,
+                drop,
+                f"sys:ct-cap:{direction}:log",
+                [
+                    x.match(x.payload("ip", field), own_ips(vp)),
+                    x.limit(s.log_rate_per_second, s.log_burst),
+                    x.log(log_prefix(sid, direction, "cap", "sys:ct-cap"), s.nflog_group),
+                ],
+            )
+    b.rule(INET, drop, "sys:ct-cap", [x.COUNTER, x.DROP])
 
 
 def _flood_rules(b: Builder, sid: str, chain: str, direction: str, limits: tuple[FloodLimit, ...]) -> None:

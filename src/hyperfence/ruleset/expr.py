@@ -33,8 +33,28 @@ def mark_is_set(mark: int) -> JSON:
     return match({"&": [meta("mark"), mark]}, mark)
 
 
+def goto(chain: str) -> JSON:
+    return {"goto": {"target": chain}}
+
+
 def vmap(key: str, map_name: str) -> JSON:
     return {"vmap": {"key": meta(key), "data": f"@{map_name}"}}
+
+
+def payload_vmap(protocol: str, field: str, map_name: str) -> JSON:
+    return {"vmap": {"key": payload(protocol, field), "data": f"@{map_name}"}}
+
+
+def ct_unconfirmed() -> JSON:
+    """`ct status ! confirmed`: the first packet of a connection, before conntrack confirms (inserts) it at
+    the end of the hooks; false for every later packet, and for packets conntrack does not track."""
+    return match({"ct": {"key": "status"}}, 8, op="!")
+
+
+def ct_count_over(connections: int) -> JSON:
+    """Matches while the rule's own list of connections holds more than `connections` (this one included):
+    nft_connlimit adds the packet's connection to the list, then compares."""
+    return {"ct count": {"val": connections, "inv": True}}
 
 
 def jump(chain: str) -> JSON:

@@ -9,14 +9,17 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from hyperfence import errors
 from hyperfence.agent.config import load_config
 from hyperfence.cli.main import app
 from hyperfence.cli.vm import _blocking_dir, _fw_cfg_path
+from hyperfence.reconcile.conntrack import VmConnections
 from hyperfence.reconcile.engine import Engine
 from tests.unit.policy.test_parse import doc
 
@@ -164,3 +167,32 @@ def test_the_directory_qemus_user_cannot_enter_is_named() -> None:
         assert _blocking_dir(config, pwd.getpwuid(0)) is None  # QEMU as root enters everything
     finally:
         shutil.rmtree(base)
+
+
+def test_list_shows_every_vm_of_the_policy_with_its_connections(tmp_path: Path, monkeypatch: Any) -> None:
+    store_policy(tmp_path, limits=[{"vms": "vm:vm1", "connections": 300}])
+    runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", "vm1"])
+    seen: dict[str, Any] = {}
+
+    def fake_read(resolved: Any, *, netns: str | None) -> tuple[dict[str, VmConnections], list[str]]:
+        seen["netns"] = netns
+        caps = {vp.vm.id: vp.connection_cap.connections for vp in resolved.vms}
+        vm1, vm2 = (vp.vm.id for vp in resolved.vms)
+        return (
+            {vm1: VmConnections(caps[vm1], 300, 1234), vm2: VmConnections(caps[vm2], None, 0)},
+            ["tracked connections unavailable: [bold]no[/bold]"],
+        )
+
+    monkeypatch.setattr("hyperfence.cli.vm.read_vm_connections", fake_read)
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in map(json.loads, r.stdout.splitlines())}
+    assert rows["vm1"]["connections"] == {"cap": 300, "tracked": 300, "cap_drops": 1234}
+    assert rows["vm2"]["status"] == "no agent"  # not enrolled, listed all the same
+    assert rows["vm2"]["connections"] == {"cap": 16384, "tracked": None, "cap_drops": 0}
+    assert "tracked connections unavailable" in r.stderr and seen["netns"] is None
+    monkeypatch.setattr("hyperfence.cli.vm.out", Console(width=200, markup=False))  # no wrapped cells
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "list"])
+    assert r.exit_code == 0, r.output
+    assert "300 / 300" in r.stdout and "1234" in r.stdout and "? / 16384" in r.stdout
+    assert "[bold]no[/bold]" in r.stderr  # printed as text, never as markup

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from hyperfence.errors import InvalidInputError
-from hyperfence.model.policy import Direction, LabelSelector
+from hyperfence.model.policy import MAX_CONNECTIONS, Direction, LabelSelector, VmSelector
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy, resolve_update
 from hyperfence.ruleset.compile import BRIDGE, compile_ruleset, vm_sid
@@ -114,3 +114,82 @@ def test_no_limits_no_flood_rules() -> None:
 def test_required_fields_and_types(bad: dict[str, object]) -> None:
     with pytest.raises(InvalidInputError):
         parse_policy(doc(limits=[bad]))
+
+
+# --- connection caps (`connections`) ---------------------------------------------------------------
+
+
+def test_a_connection_cap_parses_alone_and_beside_a_flood_limit() -> None:
+    p = parse_policy(
+        doc(
+            limits=[
+                {"id": "lb", "vms": "label:role=web", "connections": 100_000, "log": False},
+                {"id": "both", "vms": "vm:vm2", "new_flows": 50, "connections": 500},
+            ]
+        )
+    )
+    assert [(c.id, c.vms, c.connections, c.log) for c in p.connection_caps] == [
+        ("lb", (LabelSelector("role", "web"),), 100_000, False),
+        ("both", (VmSelector("vm2"),), 500, True),
+    ]
+    assert [lim.id for lim in p.limits] == ["both"]  # `lb` is no flood limit
+    assert p.settings.connections_per_vm == 16_384
+
+
+def test_every_connection_cap_mistake_is_located() -> None:
+    got = "\n".join(
+        problems(
+            doc(
+                settings={"connections_per_vm": 0},
+                limits=[
+                    {"vms": "vms", "connections": 0},
+                    {"vms": "vms", "connections": -5},
+                    {"vms": "vms", "connections": 2.5},
+                    {"vms": "vms", "connections": "100"},
+                    {"vms": "vms", "connections": MAX_CONNECTIONS + 1},
+                    {"vms": "vms"},
+                    {"vms": "vms", "connections": 10, "direction": "in", "burst": 5},
+                ],
+            )
+        )
+    )
+    assert "settings.connections_per_vm: Input should be greater than or equal to 1 (got 0)" in got
+    assert "limits[0].connections: Input should be greater than or equal to 1 (got 0)" in got
+    assert "limits[1].connections: Input should be greater than or equal to 1 (got -5)" in got
+    assert "limits[2].connections: Input should be a valid integer (got 2.5)" in got
+    assert "limits[3].connections: Input should be a valid integer (got '100')" in got
+    assert f"limits[4].connections: Input should be less than or equal to {MAX_CONNECTIONS}" in got
+    assert "limits[5]: neither new_flows nor connections (expected at least one of them)" in got
+    assert "limits[6].direction: applies to new_flows only" in got
+    assert "limits[6].burst: applies to new_flows only" in got
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5, "16384", MAX_CONNECTIONS + 1])
+def test_a_bad_default_cap_is_refused(bad: object) -> None:
+    got = problems(doc(settings={"connections_per_vm": bad}))
+    assert len(got) == 1 and got[0].startswith("settings.connections_per_vm: "), got
+
+
+def test_the_first_cap_selecting_a_vm_wins_and_the_others_get_the_default() -> None:
+    r = resolve_policy(
+        parse_policy(
+            doc(
+                settings={"connections_per_vm": 1000},
+                limits=[
+                    {"id": "flood-only", "vms": "vms", "new_flows": 10},
+                    {"id": "web", "vms": "label:role=web", "connections": 50},
+                    {"id": "all", "vms": "vm:vm1", "connections": 70},
+                ],
+            )
+        )
+    )
+    caps = {vp.vm.name: vp.connection_cap for vp in r.vms}
+    assert (caps["vm1"].id, caps["vm1"].connections) == ("web", 50)
+    assert (caps["vm2"].id, caps["vm2"].connections, caps["vm2"].log) == ("default", 1000, True)
+
+
+def test_a_cap_change_resolves_from_scratch() -> None:
+    before = parse_policy(doc(rules=[RULE]))
+    after = parse_policy(doc(rules=[RULE], limits=[{"vms": "vm:vm1", "connections": 5}]))
+    assert resolve_update(resolve_policy(before), after) is None
+    assert resolve_update(resolve_policy(before), parse_policy(doc(rules=[RULE]))) is not None

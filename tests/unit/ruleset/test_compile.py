@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from hypothesis import given, settings
@@ -7,7 +8,8 @@ from hypothesis import strategies as st
 
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
-from hyperfence.ruleset.compile import BRIDGE, compile_ruleset, vm_sid
+from hyperfence.ruleset import expr as x
+from hyperfence.ruleset.compile import BRIDGE, INET, compile_ruleset, vm_sid
 from hyperfence.ruleset.ir import Ruleset
 from hyperfence.ruleset.plan import plan_changes
 from hyperfence.ruleset.readback import Actual
@@ -49,6 +51,9 @@ def test_every_rule_has_a_unique_id_per_chain_and_a_counter() -> None:
             # log rules, dispatch and the per-packet anti-spoofing accepts (the hot path) carry no counter
             if r.comment.endswith(":log") or r.comment in (
                 "sys:dispatch",
+                "sys:ct-cap-out",  # dispatch to the VM's connection cap
+                "sys:ct-cap-in",
+                "sys:ct-count",  # the cap's decision is counted in sys:ct-cap
                 "sys:ct-clear",
                 "sys:ct-mark",
                 "sys:est",
@@ -167,3 +172,48 @@ def test_a_compile_cache_never_changes_the_result() -> None:
         resolved = resolve_policy(parse_policy(v))
         assert compile_ruleset(resolved, cache) == compile_ruleset(resolved)
     assert len(cache.vms) == 2  # only the latest policy's VMs are kept
+
+
+def test_every_vms_new_connections_pass_its_cap_both_ways() -> None:
+    """After the conntrack marker in `pre`: the first packet of a new connection (not confirmed yet) from a
+    VM (on a managed bridge, by source address) and towards it (by destination address) reaches its own
+    `ct count` rule."""
+    rs = compiled(doc(rules=RULES, limits=[{"id": "small", "vms": "vm:vm1", "connections": 200}]))
+    sid1, sid2 = (vm_sid(v.id) for v in parse_policy(doc()).vms)
+    chains = rs.chain_rules()
+    pre = chains[(INET, "pre")]
+    assert [r.comment for r in pre] == ["sys:ct-mark", "sys:ct-clear", "sys:ct-cap-out", "sys:ct-cap-in"]
+    new = {"match": {"op": "!", "left": {"ct": {"key": "status"}}, "right": 8}}  # ct status ! confirmed
+    bridge = {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "br0"}}
+    dispatch = {"vmap": {"key": {"payload": {"protocol": "ip", "field": "saddr"}}, "data": "@cap_vms"}}
+    assert pre[2].statements() == [new, bridge, dispatch]
+    assert pre[3].statements() == [
+        new,
+        {"vmap": {**dispatch["vmap"], "key": {"payload": {"protocol": "ip", "field": "daddr"}}}},
+    ]
+    (cap_map,) = [s for s in rs.sets if s.name == "cap_vms"]
+    assert (cap_map.table, cap_map.key_type, cap_map.map_type) == (INET, "ipv4_addr", "verdict")
+    assert {json.loads(e)[0]: json.loads(e)[1]["jump"]["target"] for e in cap_map.elements} == {
+        "10.77.0.11": f"{sid1}_cap",
+        "10.77.0.12": f"{sid2}_cap",
+    }
+    for sid, cap in ((sid1, 200), (sid2, 16_384)):
+        (count,) = chains[(INET, f"{sid}_cap")]
+        assert count.statements() == [
+            {"ct count": {"val": cap, "inv": True}},
+            {"goto": {"target": f"{sid}_cap_drop"}},
+        ]
+        out_log, in_log, drop = chains[(INET, f"{sid}_cap_drop")]
+        assert out_log.comment == "sys:ct-cap:out:log" and in_log.comment == "sys:ct-cap:in:log"
+        assert out_log.statements()[0]["match"]["left"]["payload"]["field"] == "saddr"
+        assert out_log.statements()[-1]["log"]["prefix"] == f"hf:{sid}:out:cap:sys:ct-cap"
+        assert in_log.statements()[0]["match"]["left"]["payload"]["field"] == "daddr"
+        assert in_log.statements()[-1]["log"]["prefix"] == f"hf:{sid}:in:cap:sys:ct-cap"
+        assert {"limit": {"rate": 10, "burst": 20, "per": "second"}} in out_log.statements()
+        assert (drop.comment, drop.statements()) == ("sys:ct-cap", [x.COUNTER, x.DROP])
+
+
+def test_a_cap_that_does_not_log_only_counts() -> None:
+    rs = compiled(doc(limits=[{"vms": "vm:vm1", "connections": 10, "log": False}]))
+    sid = vm_sid(parse_policy(doc()).vms[0].id)
+    assert [r.comment for r in rs.chain_rules()[(INET, f"{sid}_cap_drop")]] == ["sys:ct-cap"]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
-from hyperfence.ruleset.compile import CompileCache, compile_ruleset
+from hyperfence.ruleset.compile import INET, CompileCache, compile_ruleset, vm_sid
 from hyperfence.ruleset.ir import Ruleset
 from hyperfence.ruleset.plan import Plan, plan_changes
 from hyperfence.ruleset.readback import Actual
@@ -102,3 +102,25 @@ def test_a_rule_added_then_removed_across_versions_deletes_the_right_handle() ->
     actual: Actual | None = None
     for services in ([], ["tcp/80"], ["tcp/80", "udp/53"], ["tcp/80"]):
         prev, _, actual = _step(cache, prev, actual, [{**rule, "services": services}] if services else [])
+
+
+def test_a_cap_change_for_one_vm_touches_only_that_vms_count_rule() -> None:
+    rules = [{"id": "a", "from": "vm:vm1", "to": "vm:vm2", "services": ["tcp/80"]}]
+    cache = CompileCache()
+    steps = []
+    for caps in ([{"vms": "vm:vm1", "connections": 200}], [{"vms": "vm:vm1", "connections": 300}]):
+        policy = parse_policy(doc(rules=rules, limits=caps))
+        resolved = (resolve_update(steps[-1][0], policy) if steps else None) or resolve_policy(policy)
+        desired = compile_ruleset(resolved, cache)
+        assert desired == compile_ruleset(resolve_policy(policy))
+        steps.append((resolved, desired))
+    first, second = steps[0][1], steps[1][1]
+    sid = vm_sid(steps[0][0].vms[0].vm.id)
+    assert second.delta is not None and second.delta.base() is first
+    assert second.delta.chains == frozenset({(INET, f"{sid}_cap")}) and second.delta.sets == frozenset()
+    actual = Actual(first, {(r.table, r.chain, r.comment): i + 1 for i, r in enumerate(first.rules)})
+    plan = plan_changes(second, actual)
+    assert plan.summary == {"rules~": 1}
+    kernel = FakeKernel(actual.ruleset, actual.handles)
+    kernel.apply(plan.commands)
+    assert kernel.ruleset().chain_rules() == second.chain_rules()
