@@ -3,6 +3,8 @@
 * Reconcile loop: the policy is polled cheaply (store generation or file mtime, every `poll` seconds) and a
   change is converged incrementally; every `resync` seconds a full read of the kernel finds and repairs
   drift (a hand-run `nft flush ruleset`), which is recorded as an event.
+* Drift watch (`reconcile/drift.py`): the kernel's nftables events; a commit by anyone else that touches
+  hyperfence's tables asks for that full converge at once (repaired within milliseconds at a few VMs).
 * Control socket (`<state>/daemon.sock`, root only): `policy apply` asks the daemon to converge now and
   waits for the answer, so a one-rule change is applied by a process that already holds the kernel state.
 * Traffic log: NFLOG events from the rules -> JSON lines in `<state>/traffic.jsonl`.
@@ -27,13 +29,16 @@ from typing import Any
 
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.agents import AgentMonitor
+from hyperfence.reconcile.drift import DriftWatcher
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.inventory import InventoryWatcher
+from hyperfence.ruleset.compile import TABLES
 
 log = logging.getLogger("hyperfence.daemon")
 
 CONTROL_SOCKET = "daemon.sock"
 MAX_REQUEST = 64 * 1024
+MAX_CAUSES = 10  # reasons kept for one coalesced repair
 AGENT_OPS = ("agents", "agents-reload", "release")
 CHECKPOINT_IDLE = 2.0  # seconds without a change before the store's write-ahead log is checkpointed
 
@@ -76,6 +81,7 @@ class Daemon:
         traffic_log: bool = True,
         agents: AgentMonitor | None = None,
         inventory: InventoryWatcher | None = None,
+        watch_drift: bool = True,
     ) -> None:
         self.engine = engine
         self.agents = agents
@@ -83,8 +89,11 @@ class Daemon:
         self.poll = poll
         self.resync = resync
         self.traffic_log = traffic_log
+        self.watch_drift = watch_drift
         self.stop_event = threading.Event()
         self._wake = threading.Event()
+        self._repair_causes: list[str] = []  # why a full converge was asked for (see `repair_now`)
+        self._repair_lock = threading.Lock()
         self._server: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self.last_key: str | None = None
@@ -162,10 +171,23 @@ class Daemon:
 
     # --- the loop -------------------------------------------------------------------------------------
 
-    def _converge(self, *, full: bool) -> dict[str, Any]:
+    def repair_now(self, cause: str) -> None:
+        """Ask the loop for a full converge (read the kernel, repair drift) as soon as it can. Calls that come
+        while one runs are coalesced into one more. Safe from any thread."""
+        with self._repair_lock:
+            if len(self._repair_causes) < MAX_CAUSES:
+                self._repair_causes.append(cause)
+        self._wake.set()
+
+    def _take_repair_causes(self) -> list[str]:
+        with self._repair_lock:
+            causes, self._repair_causes = self._repair_causes, []
+        return causes
+
+    def _converge(self, *, full: bool, cause: str | None = None) -> dict[str, Any]:
         t0 = time.monotonic()
         try:
-            compiled, result = self.engine.converge(full=full)
+            compiled, result = self.engine.converge(full=full, cause=cause)
         except HyperfenceError as e:
             log.error("converge failed: %s", e)
             self.engine.store.add_event("converge-failed", {"error": str(e)[:2000]})
@@ -191,8 +213,16 @@ class Daemon:
 
     def run(self) -> None:
         self._start(self._serve, "control")
-        self._converge(full=True)
+        self._converge(full=True, cause="daemon start")
         self._tidy(full=True)
+        if self.watch_drift:
+            drift = DriftWatcher(
+                netns=self.engine.netns,
+                tables=[(t.family, t.name) for t in TABLES],
+                is_own=self.engine.owns_commit,
+                repair=self.repair_now,
+            )
+            self._start(lambda: drift.run(self.stop_event), "drift")
         if self.traffic_log:  # after the first compile: the policy names the NFLOG group
             self._start(self.read_traffic, "traffic")
         if self.inventory is not None:  # after the first compile: the policy names the managed bridges
@@ -207,14 +237,15 @@ class Daemon:
             self._wake.clear()
             if self.stop_event.is_set():
                 break
-            full = time.monotonic() >= next_resync
+            causes = self._take_repair_causes()
+            full = time.monotonic() >= next_resync or bool(causes)
             try:
                 changed = self.engine.policy_key() != self.last_key
             except HyperfenceError as e:
                 log.error("%s", e)
                 changed = False
             if full or changed:
-                reply = self._converge(full=full)
+                reply = self._converge(full=full, cause="; ".join(causes) or "periodic resync")
                 if full or reply.get("changed"):
                     self._tidy(full=full)
             if full:

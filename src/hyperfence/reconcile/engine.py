@@ -132,14 +132,27 @@ class Engine:
         )
         return self._compiled
 
-    def converge(self, *, full: bool = False) -> tuple[Compiled | None, ConvergeResult | None]:
+    def owns_commit(self, pid: int) -> bool:
+        """Was an nftables commit reported as "by process `pid`" made by this engine? (Its libnftables
+        context commits from one worker thread; see adapters/nft_monitor.py.) Safe from any thread."""
+        nft = self._nft
+        return nft is not None and pid == nft.thread_id
+
+    def converge(
+        self, *, full: bool = False, cause: str | None = None
+    ) -> tuple[Compiled | None, ConvergeResult | None]:
+        """Make the kernel hold the current policy. `cause` (why this converge runs, e.g. the foreign
+        nftables commit that triggered it) is recorded in the `drift-repaired` event when drift is found."""
         with self.lock:
             compiled = self.compiled()
             if compiled is None:
                 return None, None
             result = self.firewall.converge(compiled.ruleset, full=full)
             if result.drift:
-                self.store.add_event("drift-repaired", {"policy": compiled.key, "drift": result.drift[:50]})
+                found: dict[str, Any] = {"policy": compiled.key, "drift": result.drift[:50]}
+                if cause:
+                    found["cause"] = cause[:500]
+                self.store.add_event("drift-repaired", found)
                 # The filter's own heartbeat: a VM whose chains were missing or changed in the kernel.
                 self.store.add_events(
                     [
