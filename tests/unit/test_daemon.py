@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from pathlib import Path
 
@@ -54,3 +55,39 @@ def test_tidy_freezes_what_exists_and_a_full_tidy_collects_first(daemon: Daemon)
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_repair_requests_are_coalesced_into_one_full_converge_with_their_causes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = Daemon(
+        Engine(netns=None, state_dir=str(tmp_path)),
+        traffic_log=False,
+        watch_drift=False,
+        poll=60,
+        resync=3600,
+    )
+    calls: list[tuple[bool, str | None]] = []
+    done = threading.Event()
+
+    def converge(*, full: bool, cause: str | None = None) -> dict[str, object]:
+        calls.append((full, cause))
+        if len(calls) == 2:
+            done.set()
+        return {"ok": True}
+
+    monkeypatch.setattr(d, "_converge", converge)
+    monkeypatch.setattr(d.engine, "policy_key", lambda: None)
+    d.repair_now("generation 5 by process 7 (nft)")
+    d.repair_now("generation 6 by process 7 (nft)")
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        assert done.wait(10)
+    finally:
+        d.stop()
+        t.join(5)
+    assert calls == [
+        (True, "daemon start"),
+        (True, "generation 5 by process 7 (nft); generation 6 by process 7 (nft)"),
+    ]

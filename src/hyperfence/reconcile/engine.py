@@ -12,9 +12,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from hyperfence.adapters.conntrack import forget_flows
 from hyperfence.adapters.nft import Nft
 from hyperfence.adapters.store import Store
-from hyperfence.errors import NotFoundError
+from hyperfence.errors import HyperfenceError, NotFoundError
 from hyperfence.model.policy import Policy
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import load_document, parse_policy
@@ -142,7 +143,12 @@ class Engine:
         self, *, full: bool = False, cause: str | None = None
     ) -> tuple[Compiled | None, ConvergeResult | None]:
         """Make the kernel hold the current policy. `cause` (why this converge runs, e.g. the foreign
-        nftables commit that triggered it) is recorded in the `drift-repaired` event when drift is found."""
+        nftables commit that triggered it) is recorded in the `drift-repaired` event when drift is found.
+
+        After drift is repaired, the VMs' conntrack entries are deleted (`flows_cut` in the event): a flow
+        that was opened while the rules were missing would otherwise pass the repaired rules as established
+        for as long as it lives. Every flow's next packet is judged again, as a new flow, by the repaired
+        rules; allowed flows go on."""
         with self.lock:
             compiled = self.compiled()
             if compiled is None:
@@ -152,6 +158,12 @@ class Engine:
                 found: dict[str, Any] = {"policy": compiled.key, "drift": result.drift[:50]}
                 if cause:
                     found["cause"] = cause[:500]
+                try:
+                    found["flows_cut"] = forget_flows(
+                        self.netns, (ip for vm in compiled.policy.vms for ip in vm.ips)
+                    )
+                except HyperfenceError as e:
+                    found["flows_cut_error"] = str(e)[:500]
                 self.store.add_event("drift-repaired", found)
                 # The filter's own heartbeat: a VM whose chains were missing or changed in the kernel.
                 self.store.add_events(

@@ -1,0 +1,143 @@
+"""Forget conntrack entries of given addresses in one network namespace (ctnetlink, stdlib only).
+
+Why: hyperfence's bridge chains accept every packet that conntrack calls established (the `meta mark`
+shortcut). A connection opened while the rules were missing (a hand-run `nft flush ruleset`) is
+established by the time they are repaired and would keep passing for as long as it lives. Deleting the
+entries makes the next packet of every such flow a new flow again, judged by the repaired rules: an allowed
+flow goes on (its next packet in the allowed direction creates a new entry), a forbidden one stays cut.
+
+How: one dump of the IPv4 table, then one delete per matching entry, keyed by the entry's original tuple
+exactly as the dump returned it (and its zone). An entry that vanished meanwhile (ENOENT) is not an error.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+from collections.abc import Iterable
+
+from hyperfence.adapters.netns import NetnsThread, netns_path
+from hyperfence.errors import KernelError, NotFoundError, PermissionDeniedError
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_CTNETLINK = 1
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
+CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_ZONE = 1, 1, 18
+CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
+NLA_F_NESTED = 0x8000
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLMSG_HDR = struct.Struct("=IHHII")
+NLA_HDR = struct.Struct("=HH")
+_RECV = 1 << 20
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    length = NLA_HDR.size + len(value)
+    return NLA_HDR.pack(length, kind) + value + b"\0" * (-length % 4)
+
+
+def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while off + NLA_HDR.size <= end:
+        length, kind = NLA_HDR.unpack_from(data, off)
+        if length < NLA_HDR.size or off + length > end:
+            break
+        out.setdefault(kind & 0x3FFF, data[off + NLA_HDR.size : off + length])
+        off += (length + 3) & ~3
+    return out
+
+
+def _message(kind: int, flags: int, seq: int, attrs: bytes = b"") -> bytes:
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + attrs  # nfgenmsg
+    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | kind
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def matching_entries(data: bytes, addresses: frozenset[bytes]) -> tuple[list[bytes], bool, int]:
+    """Pure: from one dump buffer, the delete keys (original tuple + zone attributes) of the entries whose
+    original source or destination is in `addresses` (4-byte IPv4), whether the dump is done, and its errno."""
+    keys: list[bytes] = []
+    off = 0
+    while off + NLMSG_HDR.size <= len(data):
+        length, msg_type, _, _, _ = NLMSG_HDR.unpack_from(data, off)
+        if length < NLMSG_HDR.size or off + length > len(data):
+            break
+        if msg_type == NLMSG_DONE:
+            return keys, True, 0
+        if msg_type == NLMSG_ERROR:
+            return keys, True, -struct.unpack_from("=i", data, off + NLMSG_HDR.size)[0]
+        if msg_type == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
+            top = _attrs(data, off + NLMSG_HDR.size + 4, off + length)
+            orig = top.get(CTA_TUPLE_ORIG)
+            if orig is not None:
+                ip = _attrs(orig, 0, len(orig)).get(CTA_TUPLE_IP, b"")
+                ends = _attrs(ip, 0, len(ip))
+                if ends.get(CTA_IP_V4_SRC) in addresses or ends.get(CTA_IP_V4_DST) in addresses:
+                    key = _attr(CTA_TUPLE_ORIG | NLA_F_NESTED, orig)
+                    if CTA_ZONE in top:
+                        key += _attr(CTA_ZONE, top[CTA_ZONE])
+                    keys.append(key)
+        off += (length + 3) & ~3
+    return keys, False, 0
+
+
+def forget_flows(netns: str | None, addresses: Iterable[ipaddress.IPv4Address]) -> int:
+    """Delete every IPv4 conntrack entry of namespace `netns` whose original source or destination is one of
+    `addresses`; returns how many were deleted. Raises `NotFoundError` (no such namespace),
+    `PermissionDeniedError` (not root) or `KernelError`."""
+    wanted = frozenset(a.packed for a in addresses)
+    if not wanted:
+        return 0
+    sock = _open(netns)
+    try:
+        sock.settimeout(5.0)
+        sock.send(_message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1))
+        keys: list[bytes] = []
+        while True:
+            found, done, err = matching_entries(sock.recv(_RECV), wanted)
+            keys.extend(found)
+            if err:
+                raise KernelError(f"conntrack dump failed: {os.strerror(err)}")
+            if done:
+                break
+        deleted = 0
+        for seq, key in enumerate(keys, start=2):
+            sock.send(_message(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, key))
+            _, _, err = matching_entries(sock.recv(_RECV), wanted)
+            if err == 0:
+                deleted += 1
+            elif err != errno.ENOENT:  # ENOENT: it ended meanwhile
+                raise KernelError(f"conntrack refused to delete an entry: {os.strerror(err)}")
+        return deleted
+    except OSError as e:
+        raise KernelError(f"conntrack netlink in netns {netns!r}: {e.strerror or e}") from None
+    finally:
+        sock.close()
+
+
+def _open(netns: str | None) -> socket.socket:
+    def create() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock.bind((0, 0))
+        return sock
+
+    try:
+        if netns is None:
+            return create()
+        if not os.path.exists(netns_path(netns)):
+            raise NotFoundError(f"conntrack: netns {netns!r} does not exist (see `ip netns list`)")
+        worker = NetnsThread(netns, name="hyperfence-ct")
+        try:
+            return worker.call(create)
+        finally:
+            worker.close()
+    except PermissionError as e:
+        raise PermissionDeniedError(
+            f"conntrack: cannot open a netlink socket ({e.strerror}); run as root"
+        ) from None
+    except OSError as e:
+        raise KernelError(f"conntrack: cannot open a netlink socket: {e.strerror or e}") from None
