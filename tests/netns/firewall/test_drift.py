@@ -44,13 +44,19 @@ class DaemonProcess:
         self.hf += ["--state-dir", lab.state_dir]
         self.log_path = os.path.join(lab.state_dir, "daemon.log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([*self.hf, "daemon", "--resync", "60"], stderr=self._log)
-        deadline = time.monotonic() + 30
-        # Ready: its first converge is done and the watch is subscribed.
-        while WATCHING not in self.log():
-            assert self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, self.log()
-            time.sleep(0.05)
+        self.proc = subprocess.Popen(
+            [*self.hf, "daemon", "--resync", "60"], stdout=subprocess.DEVNULL, stderr=self._log
+        )
+        try:
+            deadline = time.monotonic() + 30
+            # Ready: its first converge is done and the watch is subscribed.
+            while WATCHING not in self.log():
+                assert self.proc.poll() is None, self.log()
+                assert time.monotonic() < deadline, self.log()
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
         time.sleep(0.3)  # the full check the watch asks for when it starts (finds nothing, writes nothing)
 
     def log(self) -> str:
