@@ -3,6 +3,8 @@
 * Reconcile loop: the policy is polled cheaply (store generation or file mtime, every `poll` seconds) and a
   change is converged incrementally; every `resync` seconds a full read of the kernel finds and repairs
   drift (a hand-run `nft flush ruleset`), which is recorded as an event.
+* Drift watch (`reconcile/drift.py`): the kernel's nftables events; a commit by anyone else that touches
+  hyperfence's tables asks for that full converge at once (repaired within milliseconds at a few VMs).
 * Control socket (`<state>/daemon.sock`, root only): `policy apply` asks the daemon to converge now and
   waits for the answer, so a one-rule change is applied by a process that already holds the kernel state.
 * Traffic log: NFLOG events from the rules -> JSON lines in `<state>/traffic.jsonl`.
@@ -31,14 +33,17 @@ from hyperfence.adapters.state_dir import write_private
 from hyperfence.errors import HyperfenceError
 from hyperfence.model.text import printable
 from hyperfence.reconcile.agents import AgentMonitor
+from hyperfence.reconcile.drift import DriftWatcher
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.inventory import InventoryWatcher
 from hyperfence.reconcile.supervisor import Supervisor
+from hyperfence.ruleset.compile import TABLES
 
 log = logging.getLogger("hyperfence.daemon")
 
 CONTROL_SOCKET = "daemon.sock"
 MAX_REQUEST = 64 * 1024
+MAX_CAUSES = 10  # reasons kept for one coalesced repair
 AGENT_OPS = ("agents", "agents-reload", "release")
 CHECKPOINT_IDLE = 2.0  # seconds without a change before the store's write-ahead log is checkpointed
 
@@ -96,6 +101,7 @@ class Daemon:
         traffic_log: bool = True,
         agents: AgentMonitor | None = None,
         inventory: InventoryWatcher | None = None,
+        watch_drift: bool = True,
     ) -> None:
         self.engine = engine
         self.agents = agents
@@ -103,8 +109,11 @@ class Daemon:
         self.poll = poll
         self.resync = resync
         self.traffic_log = traffic_log
+        self.watch_drift = watch_drift
         self.stop_event = threading.Event()
         self._wake = threading.Event()
+        self._repair_causes: list[str] = []  # why a full converge was asked for (see `repair_now`)
+        self._repair_lock = threading.Lock()
         self._server: socket.socket | None = None
         self.supervisor = Supervisor(self.stop_event, on_failure=self._loop_failed)
         self.last_key: str | None = None
@@ -201,10 +210,23 @@ class Daemon:
 
     # --- the loop -------------------------------------------------------------------------------------
 
-    def _converge(self, *, full: bool) -> dict[str, Any]:
+    def repair_now(self, cause: str) -> None:
+        """Ask the loop for a full converge (read the kernel, repair drift) as soon as it can. Calls that come
+        while one runs are coalesced into one more. Safe from any thread."""
+        with self._repair_lock:
+            if len(self._repair_causes) < MAX_CAUSES:
+                self._repair_causes.append(cause)
+        self._wake.set()
+
+    def _take_repair_causes(self) -> list[str]:
+        with self._repair_lock:
+            causes, self._repair_causes = self._repair_causes, []
+        return causes
+
+    def _converge(self, *, full: bool, cause: str | None = None) -> dict[str, Any]:
         t0 = time.monotonic()
         try:
-            compiled, result = self.engine.converge(full=full)
+            compiled, result = self.engine.converge(full=full, cause=cause)
         except HyperfenceError as e:
             log.error("converge failed: %s", e)
             self.engine.store.add_event("converge-failed", {"error": str(e)[:2000]})
@@ -230,9 +252,17 @@ class Daemon:
 
     def run(self) -> None:
         self.supervisor.start("control", self._serve)
-        self._converge(full=True)
+        self._converge(full=True, cause="daemon start")
         self._tidy(full=True)
         self.supervisor.start("reconcile", self._reconcile)
+        if self.watch_drift:
+            drift = DriftWatcher(
+                netns=self.engine.netns,
+                tables=[(t.family, t.name) for t in TABLES],
+                is_own=self.engine.owns_commit,
+                repair=self.repair_now,
+            )
+            self.supervisor.start("drift", drift.run)
         if self.traffic_log:  # after the first compile: the policy names the NFLOG group
             self.supervisor.start("traffic", self.read_traffic)
         if self.inventory is not None:  # after the first compile: the policy names the managed bridges
@@ -250,14 +280,15 @@ class Daemon:
             self._wake.clear()
             if stop.is_set():
                 break
-            full = time.monotonic() >= next_resync
+            causes = self._take_repair_causes()
+            full = time.monotonic() >= next_resync or bool(causes)
             try:
                 changed = self.engine.policy_key() != self.last_key
             except HyperfenceError as e:
                 log.error("%s", e)
                 changed = False
             if full or changed:
-                reply = self._converge(full=full)
+                reply = self._converge(full=full, cause="; ".join(causes) or "periodic resync")
                 if full or reply.get("changed"):
                     self._tidy(full=full)
             if full:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 import time
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def test_a_failing_loop_is_restarted_reported_and_named_in_the_status(
         real_round(timeout)
 
     monkeypatch.setattr(monitor, "round", round_that_fails_twice)
-    d = Daemon(engine, traffic_log=False, agents=monitor)
+    d = Daemon(engine, traffic_log=False, agents=monitor, watch_drift=False)
     t = threading.Thread(target=d.run, daemon=True)
     t.start()
     try:
@@ -120,3 +121,39 @@ def test_log_lines_cannot_be_forged_from_a_message() -> None:
         "x", logging.WARNING, __file__, 1, "VM %s said %s", ("vm1", "hi\nERROR forged\x1b[2J"), None
     )
     assert fmt.format(record) == "WARNING VM vm1 said hi\\x0aERROR forged\\x1b[2J"
+
+
+def test_repair_requests_are_coalesced_into_one_full_converge_with_their_causes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = Daemon(
+        Engine(netns=None, state_dir=str(tmp_path)),
+        traffic_log=False,
+        watch_drift=False,
+        poll=60,
+        resync=3600,
+    )
+    calls: list[tuple[bool, str | None]] = []
+    done = threading.Event()
+
+    def converge(*, full: bool, cause: str | None = None) -> dict[str, object]:
+        calls.append((full, cause))
+        if len(calls) == 2:
+            done.set()
+        return {"ok": True}
+
+    monkeypatch.setattr(d, "_converge", converge)
+    monkeypatch.setattr(d.engine, "policy_key", lambda: None)
+    d.repair_now("generation 5 by process 7 (nft)")
+    d.repair_now("generation 6 by process 7 (nft)")
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        assert done.wait(10)
+    finally:
+        d.stop()
+        t.join(5)
+    assert calls == [
+        (True, "daemon start"),
+        (True, "generation 5 by process 7 (nft); generation 6 by process 7 (nft)"),
+    ]

@@ -1,32 +1,47 @@
-"""Read the host's connection tracking table (a ctnetlink dump) in one network namespace, stdlib only.
+"""Connection tracking in one network namespace, over ctnetlink (stdlib only, CAP_NET_ADMIN there).
 
-Only what `hyperfence vm list` needs: the original direction's IPv4 source and destination of every tracked
-connection, counted per address pair (a flood from one VM to one peer is one pair, however many entries).
-The dump is filtered by the kernel to IPv4 (`nfgenmsg.family = AF_INET`) and needs CAP_NET_ADMIN in the
-namespace. Why not pyroute2's conntrack dump: it decodes every attribute of every entry into Python objects,
-far slower on a full table (262,144 entries by default) than reading the three attributes we use.
+Two uses:
+
+* `read_address_pairs`: who is tracked, for `hyperfence vm list` - the original direction's IPv4 source and
+  destination of every entry, counted per address pair (a flood from one VM to one peer is one pair, however
+  many entries). Why not pyroute2's conntrack dump: it decodes every attribute of every entry into Python
+  objects, far slower on a full table (262,144 entries by default) than reading the three attributes used.
+* `forget_flows`: forget the entries of given addresses after drift. hyperfence's bridge chains accept every
+  packet that conntrack calls established (the `meta mark` shortcut). A connection opened while the rules
+  were missing (a hand-run `nft flush ruleset`) is established by the time they are repaired and would keep
+  passing for as long as it lives. Deleting the entries makes the next packet of every such flow a new flow
+  again, judged by the repaired rules: an allowed flow goes on (its next packet in the allowed direction
+  creates a new entry), a forbidden one stays cut. One dump of the IPv4 table, then one delete per matching
+  entry, keyed by the entry's original tuple exactly as the dump returned it (and its zone); an entry that
+  vanished meanwhile (ENOENT) is not an error.
+
+Dumps are filtered by the kernel to IPv4 (`nfgenmsg.family = AF_INET`).
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
+import os
 import socket
 import struct
 from collections import Counter
+from collections.abc import Iterable
 
-from hyperfence.adapters.netns import NetnsThread
-from hyperfence.errors import KernelError, PermissionDeniedError
+from hyperfence.adapters.netns import NetnsThread, netns_path
+from hyperfence.errors import KernelError, NotFoundError, PermissionDeniedError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_GET = 1
-NLM_F_REQUEST = 0x1
-NLM_F_DUMP = 0x300
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
+CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_ZONE = 1, 1, 18
+CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
+NLA_F_NESTED = 0x8000
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 1, 1, 2
-_NLMSG = struct.Struct("=IHHII")
-_NLA = struct.Struct("=HH")
-RECV_BYTES = 1 << 18
+NLMSG_HDR = struct.Struct("=IHHII")
+NLA_HDR = struct.Struct("=HH")
+_RECV = 1 << 20
 TIMEOUT_S = 10.0
 # More entries than any conntrack table holds (nf_conntrack_max is at most a few million): a dump that
 # goes beyond is not ending, and is stopped rather than read forever.
@@ -35,66 +50,158 @@ MAX_ENTRIES = 1 << 24
 AddressPairs = Counter[tuple[bytes, bytes]]
 
 
+def _attr(kind: int, value: bytes) -> bytes:
+    length = NLA_HDR.size + len(value)
+    return NLA_HDR.pack(length, kind) + value + b"\0" * (-length % 4)
+
+
+def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while off + NLA_HDR.size <= end:
+        length, kind = NLA_HDR.unpack_from(data, off)
+        if length < NLA_HDR.size or off + length > end:
+            break
+        out.setdefault(kind & 0x3FFF, data[off + NLA_HDR.size : off + length])
+        off += (length + 3) & ~3
+    return out
+
+
+def _message(kind: int, flags: int, seq: int, attrs: bytes = b"") -> bytes:
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + attrs  # nfgenmsg
+    msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | kind
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), msg_type, flags, seq, 0) + body
+
+
+def matching_entries(data: bytes, addresses: frozenset[bytes]) -> tuple[list[bytes], bool, int]:
+    """Pure: from one dump buffer, the delete keys (original tuple + zone attributes) of the entries whose
+    original source or destination is in `addresses` (4-byte IPv4), whether the dump is done, and its errno."""
+    keys: list[bytes] = []
+    off = 0
+    while off + NLMSG_HDR.size <= len(data):
+        length, msg_type, _, _, _ = NLMSG_HDR.unpack_from(data, off)
+        if length < NLMSG_HDR.size or off + length > len(data):
+            break
+        if msg_type == NLMSG_DONE:
+            return keys, True, 0
+        if msg_type == NLMSG_ERROR:
+            return keys, True, -struct.unpack_from("=i", data, off + NLMSG_HDR.size)[0]
+        if msg_type == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
+            top = _attrs(data, off + NLMSG_HDR.size + 4, off + length)
+            orig = top.get(CTA_TUPLE_ORIG)
+            if orig is not None:
+                ip = _attrs(orig, 0, len(orig)).get(CTA_TUPLE_IP, b"")
+                ends = _attrs(ip, 0, len(ip))
+                if ends.get(CTA_IP_V4_SRC) in addresses or ends.get(CTA_IP_V4_DST) in addresses:
+                    key = _attr(CTA_TUPLE_ORIG | NLA_F_NESTED, orig)
+                    if CTA_ZONE in top:
+                        key += _attr(CTA_ZONE, top[CTA_ZONE])
+                    keys.append(key)
+        off += (length + 3) & ~3
+    return keys, False, 0
+
+
+def forget_flows(netns: str | None, addresses: Iterable[ipaddress.IPv4Address]) -> int:
+    """Delete every IPv4 conntrack entry of namespace `netns` whose original source or destination is one of
+    `addresses`; returns how many were deleted. Raises `NotFoundError` (no such namespace),
+    `PermissionDeniedError` (not root) or `KernelError`."""
+    wanted = frozenset(a.packed for a in addresses)
+    if not wanted:
+        return 0
+    sock = _open(netns)
+    try:
+        sock.settimeout(5.0)
+        sock.send(_message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1))
+        keys: list[bytes] = []
+        while True:
+            found, done, err = matching_entries(sock.recv(_RECV), wanted)
+            keys.extend(found)
+            if err:
+                raise KernelError(f"conntrack dump failed: {os.strerror(err)}")
+            if done:
+                break
+        deleted = 0
+        for seq, key in enumerate(keys, start=2):
+            sock.send(_message(IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, seq, key))
+            _, _, err = matching_entries(sock.recv(_RECV), wanted)
+            if err == 0:
+                deleted += 1
+            elif err != errno.ENOENT:  # ENOENT: it ended meanwhile
+                raise KernelError(f"conntrack refused to delete an entry: {os.strerror(err)}")
+        return deleted
+    except OSError as e:
+        raise KernelError(f"conntrack netlink in netns {netns!r}: {e.strerror or e}") from None
+    finally:
+        sock.close()
+
+
+def _open(netns: str | None) -> socket.socket:
+    def create() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock.bind((0, 0))
+        return sock
+
+    try:
+        if netns is None:
+            return create()
+        if not os.path.exists(netns_path(netns)):
+            raise NotFoundError(f"conntrack: netns {netns!r} does not exist (see `ip netns list`)")
+        worker = NetnsThread(netns, name="hyperfence-ct")
+        try:
+            return worker.call(create)
+        finally:
+            worker.close()
+    except PermissionError as e:
+        raise PermissionDeniedError(
+            f"conntrack: cannot open a netlink socket ({e.strerror}); run as root"
+        ) from None
+    except OSError as e:
+        raise KernelError(f"conntrack: cannot open a netlink socket: {e.strerror or e}") from None
+
+
 def read_address_pairs(netns: str | None) -> AddressPairs:
     """(original source, original destination) of every tracked IPv4 connection in `netns` (None: ours),
     as 4-byte addresses, counted. Raises `PermissionDeniedError` without CAP_NET_ADMIN, `KernelError` if
     the dump fails."""
-    worker = NetnsThread(netns, name="hyperfence-conntrack")
+    sock = _open(netns)
+    pairs: AddressPairs = Counter()
+    seen = 0
     try:
-        return worker.call(_dump)
-    finally:
-        worker.close()
-
-
-def _dump() -> AddressPairs:
-    try:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    except OSError as e:
-        raise KernelError(f"conntrack: cannot open a netfilter netlink socket: {e.strerror}") from None
-    with sock:
         sock.settimeout(TIMEOUT_S)
-        header = _NLMSG.pack(
-            _NLMSG.size + 4,
-            (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            1,
-            0,
-        )
-        pairs: AddressPairs = Counter()
-        seen = 0
-        try:
-            sock.sendto(header + struct.pack("=BBH", socket.AF_INET, 0, 0), (0, 0))
-            while True:
-                done, n = parse_dump_chunk(sock.recv(RECV_BYTES), pairs)
-                seen += n
-                if done:
-                    return pairs
-                if seen > MAX_ENTRIES:
-                    raise KernelError(f"conntrack: the dump did not end after {MAX_ENTRIES} entries")
-        except PermissionError:
-            raise PermissionDeniedError(
-                "conntrack: reading the connection tracking table needs CAP_NET_ADMIN (run as root)"
-            ) from None
-        except TimeoutError:
-            raise KernelError(f"conntrack: the dump gave no answer for {TIMEOUT_S:g} s") from None
-        except OSError as e:
-            raise KernelError(f"conntrack: dump failed: {e.strerror}") from None
+        sock.send(_message(IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1))
+        while True:
+            done, n = parse_dump_chunk(sock.recv(_RECV), pairs)
+            seen += n
+            if done:
+                return pairs
+            if seen > MAX_ENTRIES:
+                raise KernelError(f"conntrack: the dump did not end after {MAX_ENTRIES} entries")
+    except PermissionError:
+        raise PermissionDeniedError(
+            "conntrack: reading the connection tracking table needs CAP_NET_ADMIN (run as root)"
+        ) from None
+    except TimeoutError:
+        raise KernelError(f"conntrack: the dump gave no answer for {TIMEOUT_S:g} s") from None
+    except OSError as e:
+        raise KernelError(f"conntrack: dump failed: {e.strerror or e}") from None
+    finally:
+        sock.close()
 
 
 def parse_dump_chunk(data: bytes, pairs: AddressPairs) -> tuple[bool, int]:
-    """Add the address pairs of one datagram of a ctnetlink dump to `pairs`: (is the dump done, how many
-    messages it held). A netlink error message raises (EPERM as `PermissionError`, like the socket calls)."""
+    """Pure: add the address pairs of one datagram of a ctnetlink dump to `pairs`: (is the dump done, how
+    many messages it held). A netlink error message raises (EPERM as `PermissionError`, like the socket
+    calls); a malformed message raises `KernelError`."""
     off = n = 0
-    while off + _NLMSG.size <= len(data):
-        length, kind, _, _, _ = _NLMSG.unpack_from(data, off)
-        if length < _NLMSG.size or off + length > len(data):
+    while off + NLMSG_HDR.size <= len(data):
+        length, kind, _, _, _ = NLMSG_HDR.unpack_from(data, off)
+        if length < NLMSG_HDR.size or off + length > len(data):
             raise KernelError(f"conntrack: malformed netlink message (length {length})")
         if kind == NLMSG_DONE:
             return True, n
         if kind == NLMSG_ERROR:
-            if length < _NLMSG.size + 4:
+            if length < NLMSG_HDR.size + 4:
                 raise KernelError(f"conntrack: malformed netlink error message (length {length})")
-            (code,) = struct.unpack_from("=i", data, off + _NLMSG.size)
+            (code,) = struct.unpack_from("=i", data, off + NLMSG_HDR.size)
             if code == -errno.EPERM:
                 raise PermissionError(errno.EPERM, "EPERM")
             if code:
@@ -102,7 +209,7 @@ def parse_dump_chunk(data: bytes, pairs: AddressPairs) -> tuple[bool, int]:
                     f"conntrack: the kernel refused the dump: {errno.errorcode.get(-code, code)}"
                 )
             return True, n
-        pair = _orig_addresses(data, off + _NLMSG.size + 4, off + length)
+        pair = _orig_addresses(data, off + NLMSG_HDR.size + 4, off + length)
         if pair is not None:
             pairs[pair] += 1
         n += 1
@@ -110,26 +217,15 @@ def parse_dump_chunk(data: bytes, pairs: AddressPairs) -> tuple[bool, int]:
     return False, n
 
 
-def _attr(data: bytes, off: int, end: int, kind: int) -> tuple[int, int] | None:
-    """(start, end) of the payload of the first attribute of type `kind` in data[off:end]."""
-    while off + _NLA.size <= end:
-        length, typ = _NLA.unpack_from(data, off)
-        if length < _NLA.size:
-            return None
-        if typ & 0x3FFF == kind:
-            return off + _NLA.size, min(off + length, end)
-        off += (length + 3) & ~3
-    return None
-
-
 def _orig_addresses(data: bytes, off: int, end: int) -> tuple[bytes, bytes] | None:
-    tuple_orig = _attr(data, off, end, CTA_TUPLE_ORIG)
-    if tuple_orig is None:
+    orig = _attrs(data, off, end).get(CTA_TUPLE_ORIG)
+    if orig is None:
         return None
-    ip = _attr(data, *tuple_orig, CTA_TUPLE_IP)
+    ip = _attrs(orig, 0, len(orig)).get(CTA_TUPLE_IP)
     if ip is None:
         return None
-    src, dst = _attr(data, *ip, CTA_IP_V4_SRC), _attr(data, *ip, CTA_IP_V4_DST)
-    if src is None or dst is None or src[1] - src[0] != 4 or dst[1] - dst[0] != 4:
+    ends = _attrs(ip, 0, len(ip))
+    src, dst = ends.get(CTA_IP_V4_SRC), ends.get(CTA_IP_V4_DST)
+    if src is None or dst is None or len(src) != 4 or len(dst) != 4:
         return None
-    return data[src[0] : src[1]], data[dst[0] : dst[1]]
+    return src, dst

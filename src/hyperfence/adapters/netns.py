@@ -12,6 +12,7 @@ import concurrent.futures
 import ctypes
 import ctypes.util
 import os
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -68,6 +69,9 @@ class NetnsThread:
         except BaseException:
             self._pool.shutdown(wait=True)
             raise
+        # The kernel's id of the worker thread: what nftables reports as the committing "process" of a
+        # transaction sent from this thread (see adapters/nft_monitor.py).
+        self.native_id: int = self.call(threading.get_native_id)
 
     def _enter(self) -> None:
         if self.netns is not None:

@@ -72,6 +72,11 @@ class Nft:
         self._sock = self._thread.call(nft_rules.open_socket)
         self._seq = 0
 
+    @property
+    def thread_id(self) -> int:
+        """The id of the thread that commits this context's batches (nftables' "by process N")."""
+        return self._thread.native_id
+
     def _new_ctx(self) -> int:
         ctx = self._lib.nft_ctx_new(NFT_CTX_DEFAULT)
         if not ctx:

@@ -12,9 +12,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from hyperfence.adapters.conntrack import forget_flows
 from hyperfence.adapters.nft import Nft
 from hyperfence.adapters.store import Store
-from hyperfence.errors import NotFoundError
+from hyperfence.errors import HyperfenceError, NotFoundError
 from hyperfence.model.policy import Policy
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
 from hyperfence.policy.inventory import merge_discovered
@@ -143,14 +144,38 @@ class Engine:
         )
         return self._compiled
 
-    def converge(self, *, full: bool = False) -> tuple[Compiled | None, ConvergeResult | None]:
+    def owns_commit(self, pid: int) -> bool:
+        """Was an nftables commit reported as "by process `pid`" made by this engine? (Its libnftables
+        context commits from one worker thread; see adapters/nft_monitor.py.) Safe from any thread."""
+        nft = self._nft
+        return nft is not None and pid == nft.thread_id
+
+    def converge(
+        self, *, full: bool = False, cause: str | None = None
+    ) -> tuple[Compiled | None, ConvergeResult | None]:
+        """Make the kernel hold the current policy. `cause` (why this converge runs, e.g. the foreign
+        nftables commit that triggered it) is recorded in the `drift-repaired` event when drift is found.
+
+        After drift is repaired, the VMs' conntrack entries are deleted (`flows_cut` in the event): a flow
+        that was opened while the rules were missing would otherwise pass the repaired rules as established
+        for as long as it lives. Every flow's next packet is judged again, as a new flow, by the repaired
+        rules; allowed flows go on."""
         with self.lock:
             compiled = self.compiled()
             if compiled is None:
                 return None, None
             result = self.firewall.converge(compiled.ruleset, full=full)
             if result.drift:
-                self.store.add_event("drift-repaired", {"policy": compiled.key, "drift": result.drift[:50]})
+                found: dict[str, Any] = {"policy": compiled.key, "drift": result.drift[:50]}
+                if cause:
+                    found["cause"] = cause[:500]
+                try:
+                    found["flows_cut"] = forget_flows(
+                        self.netns, (ip for vm in compiled.policy.vms for ip in vm.ips)
+                    )
+                except HyperfenceError as e:
+                    found["flows_cut_error"] = str(e)[:500]
+                self.store.add_event("drift-repaired", found)
                 # The filter's own heartbeat: a VM whose chains were missing or changed in the kernel.
                 self.store.add_events(
                     [
