@@ -28,10 +28,9 @@ import struct
 from collections import Counter
 from collections.abc import Iterable
 
-from hyperfence.adapters.netns import NetnsThread, netns_path
-from hyperfence.errors import KernelError, NotFoundError, PermissionDeniedError
+from hyperfence.adapters.netns import netfilter_socket
+from hyperfence.errors import KernelError, PermissionDeniedError
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_ZONE = 1, 1, 18
@@ -135,27 +134,7 @@ def forget_flows(netns: str | None, addresses: Iterable[ipaddress.IPv4Address]) 
 
 
 def _open(netns: str | None) -> socket.socket:
-    def create() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        sock.bind((0, 0))
-        return sock
-
-    try:
-        if netns is None:
-            return create()
-        if not os.path.exists(netns_path(netns)):
-            raise NotFoundError(f"conntrack: netns {netns!r} does not exist (see `ip netns list`)")
-        worker = NetnsThread(netns, name="hyperfence-ct")
-        try:
-            return worker.call(create)
-        finally:
-            worker.close()
-    except PermissionError as e:
-        raise PermissionDeniedError(
-            f"conntrack: cannot open a netlink socket ({e.strerror}); run as root"
-        ) from None
-    except OSError as e:
-        raise KernelError(f"conntrack: cannot open a netlink socket: {e.strerror or e}") from None
+    return netfilter_socket(netns, what="conntrack")
 
 
 def read_address_pairs(netns: str | None) -> AddressPairs:

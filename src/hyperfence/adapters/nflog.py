@@ -28,7 +28,7 @@ import time
 from types import TracebackType
 from typing import Self
 
-from hyperfence.adapters.netns import NetnsThread, netns_path
+from hyperfence.adapters.netns import netfilter_socket
 from hyperfence.adapters.nflog_parse import (
     NFNL_SUBSYS_ULOG,
     NFULNL_MSG_CONFIG,
@@ -43,15 +43,12 @@ from hyperfence.errors import (
     BugError,
     InvalidInputError,
     KernelError,
-    NotFoundError,
     PermissionDeniedError,
     Problem,
 )
 
 __all__ = ["NflogPacket", "NflogReader", "parse_nflog", "parse_nflog_batch"]
 
-NETLINK_NETFILTER = 12
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 
@@ -168,40 +165,7 @@ class NflogReader:
 
     @staticmethod
     def _open_socket(netns: str | None, rcvbuf: int) -> socket.socket:
-        def create() -> socket.socket:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            try:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # capped by rmem_max
-                sock.bind((0, 0))
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-
-        try:
-            if netns is None:
-                return create()
-            if not os.path.exists(netns_path(netns)):
-                # Checked here because a NetnsThread whose namespace is missing fails with BrokenThreadPool.
-                raise NotFoundError(f"NFLOG: netns {netns!r} does not exist (see `ip netns list`)")
-            # The socket belongs to the namespace it is created in, whichever thread uses it later.
-            worker = NetnsThread(netns, name="hyperfence-nflog")
-            try:
-                return worker.call(create)
-            finally:
-                worker.close()
-        except PermissionError as exc:
-            raise PermissionDeniedError(
-                f"NFLOG: cannot open a netfilter netlink socket ({exc.strerror}); run as root"
-            ) from None
-        except OSError as exc:
-            raise KernelError(
-                f"NFLOG: cannot open a netfilter netlink socket: {exc.strerror or exc}"
-            ) from None
+        return netfilter_socket(netns, what="NFLOG", rcvbuf=rcvbuf, blocking=False)
 
     def _request(self, attrs: bytes, what: str, timeout: float) -> None:
         """Send one config request and wait for its ACK; packets that arrive meanwhile are kept."""

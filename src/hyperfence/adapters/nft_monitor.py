@@ -29,7 +29,6 @@ Kernel behaviour this relies on (kernel 6.x, checked by tests/netns/adapters/tes
 from __future__ import annotations
 
 import errno
-import os
 import select
 import socket
 import struct
@@ -38,12 +37,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from hyperfence.adapters.netns import NetnsThread, netns_path
-from hyperfence.errors import BugError, KernelError, NotFoundError, PermissionDeniedError
+from hyperfence.adapters.netns import netfilter_socket
+from hyperfence.errors import BugError, KernelError
 
-NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
 NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 1, 2, 3
@@ -177,36 +174,9 @@ class NftMonitor:
         self._sock: socket.socket | None = self._open(netns, rcvbuf)
 
     def _open(self, netns: str | None, rcvbuf: int) -> socket.socket:
-        def create() -> socket.socket:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            try:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # capped by rmem_max
-                sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
-                sock.setblocking(False)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-
-        try:
-            if netns is None:
-                return create()
-            if not os.path.exists(netns_path(netns)):
-                raise NotFoundError(f"{self._where}: the namespace does not exist (see `ip netns list`)")
-            worker = NetnsThread(netns, name="hyperfence-nftmon")  # the socket stays in this namespace
-            try:
-                return worker.call(create)
-            finally:
-                worker.close()
-        except PermissionError as exc:
-            raise PermissionDeniedError(
-                f"{self._where}: cannot join the netlink group ({exc.strerror}); run as root"
-            ) from None
-        except OSError as exc:
-            raise KernelError(f"{self._where}: cannot open a netlink socket: {exc.strerror or exc}") from None
+        return netfilter_socket(
+            netns, what=self._where, groups=1 << (NFNLGRP_NFTABLES - 1), rcvbuf=rcvbuf, blocking=False
+        )
 
     def read(self, timeout: float) -> Batch:
         """What was committed since the last call; waits up to `timeout` seconds for something to arrive."""
