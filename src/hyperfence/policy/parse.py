@@ -43,7 +43,7 @@ from hyperfence.model.policy import (
 from hyperfence.policy import syntax
 from hyperfence.policy.collector import ALL, Collector, Strict, key_path, one_or_list, shown
 from hyperfence.policy.document import load_document
-from hyperfence.policy.sections import parse_heartbeats, parse_limits
+from hyperfence.policy.sections import parse_heartbeats, parse_limits, parsed_selectors
 
 T = TypeVar("T")
 
@@ -506,13 +506,8 @@ def _rule_side(
     strict_names: bool,
 ) -> tuple[Selector, ...]:
     """The selectors of a rule's `from` or `to` (one or a list), each problem located."""
-    if value == []:
-        c.add(path, "empty (expected at least one selector)")
     sels: list[Selector] = []
-    for where, text in one_or_list(value, path):
-        sel = c.value(syntax.parse_selector, text, where)
-        if sel is None:
-            continue
+    for where, _, sel in parsed_selectors(c, value, path):
         if (
             isinstance(sel, VmSelector)
             and sel.name not in vm_names

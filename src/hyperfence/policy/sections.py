@@ -54,16 +54,22 @@ def _section_id(c: Collector, text: str, p: str, *, section: str, ids: dict[str,
     return item_id
 
 
+def parsed_selectors(c: Collector, value: Any, path: str) -> Iterator[tuple[str, Any, Selector]]:
+    """Each selector of `value` (one or a list) that parses, with its path and text; an empty list and every
+    selector that does not parse are reported."""
+    if value == []:
+        c.add(path, "empty (expected at least one selector)")
+    for where, text in one_or_list(value, path):
+        sel = c.value(syntax.parse_selector, text, where)
+        if sel is not None:
+            yield where, text, sel
+
+
 def _vm_selectors(c: Collector, value: Any, path: str, vm_names: set[str] | None) -> list[Selector]:
     """Selectors of VMs only: vm:NAME (declared, unless `vm_names` is None: VMs come from an inventory),
     label:KEY=VALUE, vms."""
-    if value == []:
-        c.add(path, "empty (expected at least one selector)")
     sels: list[Selector] = []
-    for where, text in one_or_list(value, path):
-        sel = c.value(syntax.parse_selector, text, where)
-        if sel is None:
-            continue
+    for where, text, sel in parsed_selectors(c, value, path):
         if not isinstance(sel, VmSelector | LabelSelector | AllVmsSelector):
             c.add(where, f"{text!r} selects addresses, not VMs (expected vm:NAME, label:KEY=VALUE or vms)")
         elif isinstance(sel, VmSelector) and vm_names is not None and sel.name not in vm_names:

@@ -14,7 +14,6 @@ import os
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,8 +24,8 @@ from typer.testing import CliRunner
 from hyperfence.cli.main import app
 from hyperfence.lab import topology
 from hyperfence.lab.session import LabSession
-from hyperfence.reconcile.traffic import TRAFFIC_FILE, run_traffic_log
-from tests.netns.firewall.test_firewall import counter
+from hyperfence.reconcile.traffic import TRAFFIC_FILE
+from tests.netns.firewall.test_firewall import counter, traffic_log
 
 pytestmark = pytest.mark.kernel
 
@@ -178,20 +177,12 @@ def vm_list(lab: LabSession) -> dict[str, dict[str, Any]]:
 def test_a_flooding_vm_holds_at_most_its_cap_and_its_neighbour_keeps_working(lab: LabSession) -> None:
     apply(lab, {"vm1": CAP})
     lab.serve("outside", tcp=[80], udp=[5001])
-    assert lab.engine is not None
-    stop = threading.Event()
-    reader = threading.Thread(target=run_traffic_log, args=(lab.engine, stop), daemon=True)
-    reader.start()
-    try:
-        time.sleep(0.5)
+    with traffic_log(lab):
         neighbour = Client(lab, "vm3", udp=5001, tcp=80)
         own = Client(lab, "vm1", udp=5001)  # the flooding VM's own established flow
         samples = flood_and_sample(lab, "vm1", "outside", 5000, first_port=20000, sample=("-s", "vm1"))
         nb, mine = neighbour.result(), own.result()
         time.sleep(1.5)
-    finally:
-        stop.set()
-        reader.join(timeout=5)
     dropped = counter(lab, "_cap_drop", "sys:ct-cap")
     print(
         f"vm1 entries during/after the flood: {samples}; dropped {dropped}; vm3 {nb}; vm1's own flow {mine}"
@@ -229,17 +220,9 @@ def test_without_a_cap_in_reach_the_same_flood_creates_many_more_entries(lab: La
 
 def test_a_flood_from_outside_at_a_vm_is_capped_on_that_vm(lab: LabSession) -> None:
     apply(lab, {"vm2": CAP})
-    assert lab.engine is not None
-    stop = threading.Event()
-    reader = threading.Thread(target=run_traffic_log, args=(lab.engine, stop), daemon=True)
-    reader.start()
-    try:
-        time.sleep(0.5)
+    with traffic_log(lab):
         samples = flood_and_sample(lab, "outside", "vm2", 5002, first_port=20000, sample=("-d", "vm2"))
         time.sleep(1.5)
-    finally:
-        stop.set()
-        reader.join(timeout=5)
     print(f"vm2 entries during/after the flood from outside: {samples}")
     assert len(samples) >= 10 and max(samples) <= CAP and samples[-1] >= CAP - 5
     assert counter(lab, "_cap_drop", "sys:ct-cap") >= SENT - CAP

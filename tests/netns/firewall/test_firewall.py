@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -9,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -23,6 +25,24 @@ from hyperfence.ruleset.compile import TABLES, vm_sid
 from hyperfence.ruleset.readback import rule_counters
 
 pytestmark = pytest.mark.kernel
+
+
+@contextlib.contextmanager
+def traffic_log(lab: LabSession) -> Iterator[str]:
+    """The daemon's traffic log running for `lab` (NFLOG -> traffic.jsonl) while the block runs; its path."""
+    from hyperfence.reconcile.traffic import TRAFFIC_FILE, run_traffic_log
+
+    assert lab.engine is not None
+    stop = threading.Event()
+    reader = threading.Thread(target=run_traffic_log, args=(lab.engine, stop), daemon=True)
+    reader.start()
+    try:
+        time.sleep(0.5)  # the reader has bound its NFLOG group
+        yield os.path.join(lab.state_dir, TRAFFIC_FILE)
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+
 
 PING_1_2 = {"id": "ping", "from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp"}
 UDP_2_1 = {"id": "udp5000", "from": "vm:vm2", "to": "vm:vm1", "protocol": "udp", "ports": [5000]}
@@ -563,18 +583,8 @@ def test_policy_check_with_mistakes_touches_nothing(lab: LabSession, tmp_path: o
 
 
 def test_traffic_log_names_vm_rule_and_verdict_and_is_rate_limited(lab: LabSession) -> None:
-    import json
-    import threading
-
-    from hyperfence.reconcile.traffic import TRAFFIC_FILE, run_traffic_log
-
     lab.apply([{**PING_1_2, "log": True}])
-    assert lab.engine is not None
-    stop = threading.Event()
-    reader = threading.Thread(target=run_traffic_log, args=(lab.engine, stop), daemon=True)
-    reader.start()
-    try:
-        time.sleep(0.5)
+    with traffic_log(lab) as path:
         assert lab.ping("vm1", "vm2")[0] == 2
         # a deny flood from vm3: 1,000 UDP datagrams in well under a second
         vm3 = lab.plan.vms[2]
@@ -586,10 +596,7 @@ def test_traffic_log_names_vm_rule_and_verdict_and_is_rate_limited(lab: LabSessi
             f"verbose=0)",
         )
         time.sleep(1.5)
-    finally:
-        stop.set()
-        reader.join(timeout=5)
-    with open(os.path.join(lab.state_dir, TRAFFIC_FILE), encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         events = [json.loads(line) for line in f]
     allowed = [e for e in events if e["rule"] == "ping" and e["verdict"] == "allow"]
     assert {(e["vm"], e["direction"]) for e in allowed} == {("vm1", "out"), ("vm2", "in")}
