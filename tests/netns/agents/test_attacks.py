@@ -36,6 +36,8 @@ pytestmark = pytest.mark.kernel
 HOSTILE = str(Path(__file__).with_name("hostile.py"))
 PORT = 7474
 INTERVAL, MISSES = 1.0, 3
+CAP = 100  # vm3's share of connection tracking
+FLOOD_RULE = {"id": "flood", "from": "vm:vm3", "to": "outside", "protocol": "udp", "ports": [5000]}
 
 
 @dataclass
@@ -98,9 +100,10 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Arena]:
     state = str(tmp_path_factory.mktemp("attacks") / "state")
     with LabSession(name, 3, state_dir=state) as lab:
         assert lab.engine is not None
-        doc = lab.document([])
+        doc = lab.document([FLOOD_RULE])
         doc["settings"] = {"agent_endpoint": f"{lab.ip('host')}:{PORT}"}
         doc["heartbeats"] = [{"vms": "vms", "interval": INTERVAL, "misses": MISSES, "release": "auto"}]
+        doc["limits"] = [{"vms": "vm:vm3", "connections": CAP}]
         lab.engine.store_policy(doc, source="attacks")
         lab.engine.converge()
         agents = LabAgents(lab.engine, lab.plan, interval=INTERVAL)
@@ -113,7 +116,7 @@ def arena(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Arena]:
             ca = config["channel"]["ca"]
         hf = [sys.executable, "-m", "hyperfence", "--netns", lab.plan.host_netns, "--state-dir", state]
         log = open(os.path.join(state, "daemon.log"), "ab")  # noqa: SIM115 - the daemon's stderr
-        daemon = subprocess.Popen([*hf, "daemon"], stderr=log)
+        daemon = subprocess.Popen([*hf, "daemon"], stderr=log, umask=0)  # the worst umask
         log.close()
         a = Arena(lab, agents, daemon, ca)
         try:
@@ -252,3 +255,62 @@ def test_a_guest_named_process_is_printed_as_text(arena: Arena) -> None:
     for cmd in (("vm", "list"), ("status",)):
         r = arena.hf(*cmd)
         assert r.returncode == 0 and "\x1b" not in r.stdout, (cmd, r.stdout, r.stderr)
+
+
+def test_it_cannot_read_the_keys_of_the_others(arena: Arena) -> None:
+    """The daemon ran with umask 000: still, nothing in its state directory is readable by anyone but root
+    (the store with every agent key, its write-ahead log, the TLS keys, the agents' configs, the logs)."""
+    loose = []
+    for root, dirs, files in os.walk(arena.state):
+        for name in [*dirs, *files]:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            if st.st_mode & 0o077:
+                loose.append(f"{path} {oct(st.st_mode & 0o777)}")
+    assert (os.stat(arena.state).st_mode & 0o777) == 0o700
+    assert not loose, loose
+    names = set(os.listdir(arena.state))
+    assert {"hyperfence.db", "hyperfence.db-wal", "daemon.pid", "traffic.jsonl"} <= names, names
+
+
+def test_it_cannot_take_the_hosts_connection_tracking(arena: Arena) -> None:
+    """vm3 floods 1,500 new 5-tuples to an allowed destination: it holds at most its cap of tracked
+    connections; the target and monitoring are unharmed."""
+    from tests.netns.firewall.test_conntrack_cap import FLOOD
+
+    argv = [PYTHON, "-c", FLOOD, arena.lab.ip("outside"), "5000", "1500", "20000"]
+    flood = topology.popen_in_vm(arena.lab.plan, "vm3", argv)
+    peak = 0
+    try:
+        while flood.poll() is None:
+            # UDP only: the earlier attacks' closed TCP connections linger in TIME_WAIT, which the cap (like
+            # the kernel's connlimit) does not count (docs/policy.md)
+            r = arena.lab.run("host", ["conntrack", "-L", "-s", arena.lab.ip("vm3"), "-p", "udp"])
+            peak = max(peak, len(r.stdout.splitlines()))
+            time.sleep(0.1)
+    finally:
+        topology.stop_process(flood)
+    shown = arena.hf("vm", "list", "--json")
+    assert shown.returncode == 0, shown.stderr
+    row = next(json.loads(line) for line in shown.stdout.splitlines() if json.loads(line)["name"] == "vm3")
+    assert CAP - 5 <= peak <= CAP and row["connections"]["cap"] == CAP, (peak, row)
+    assert row["connections"]["cap_drops"] >= 1500 - CAP - 50, row
+    assert_still_guarded(arena, {}, reasons=())
+
+
+def test_a_hand_flush_on_the_host_opens_no_hole_and_monitoring_survives_it(arena: Arena) -> None:
+    """Not a guest's doing, but the one hole the host side had: `nft flush ruleset` in the bridges'
+    namespace under a 100/s ping the policy denies; the repair is an event; isolation still works after."""
+    before = len(arena.lab.engine.store.events(kind="drift-repaired"))  # type: ignore[union-attr]
+    argv = ["ping", "-n", "-q", "-i", "0.01", "-c", "200", "-W", "1", arena.lab.ip("vm2")]
+    ping = topology.popen_in_vm(arena.lab.plan, "vm3", argv, stdout=subprocess.PIPE)
+    try:
+        time.sleep(0.5)
+        assert arena.lab.run("host", ["nft", "flush", "ruleset"]).returncode == 0
+        out = ping.communicate(timeout=30)[0].decode()
+    finally:
+        topology.stop_process(ping)
+    received = int(out.split(" received")[0].rsplit(" ", 1)[-1])
+    assert "200 packets transmitted" in out and received <= 50, out
+    assert wait(lambda: len(arena.lab.engine.store.events(kind="drift-repaired")) > before, 5)  # type: ignore[union-attr]
+    assert_still_guarded(arena, {}, reasons=())
