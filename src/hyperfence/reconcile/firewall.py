@@ -2,7 +2,8 @@
 
 `Firewall.converge` is level-triggered: it never assumes what an event changed, it compares desired state
 with what the kernel holds. With `full=True` it lists every hyperfence table (the periodic resync that
-finds drift, such as a hand-run `nft flush ruleset`); otherwise it plans against the state it verified
+finds drift, such as a hand-run `nft flush ruleset`: when the bridge's dropping base chains are gone, a small
+batch shuts every VM port first, `ruleset/closed.py`); otherwise it plans against the state it verified
 after its previous apply and re-reads only what it touched, which keeps a one-rule change in the
 milliseconds at 1,000 VMs. If an incremental batch is refused (someone changed the kernel meanwhile), it
 falls back to a full read and a fresh plan.
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from hyperfence.errors import DriftError, KernelError
+from hyperfence.ruleset.closed import fail_closed
 from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, Ruleset, TableId
 from hyperfence.ruleset.plan import Plan, plan_changes
 from hyperfence.ruleset.readback import Actual, RuleKey, parse_listing
@@ -108,6 +110,10 @@ class Firewall:
             # No hyperfence table at all on our first look is a first install, not drift.
             if not (first_look and not self.actual.ruleset.tables):
                 drift = describe_drift(desired, self.actual.ruleset)
+            closing = fail_closed(desired, self.actual.ruleset)
+            if closing is not None:  # shut the VM ports now; the full batch below takes long at scale
+                self.nft.apply(closing.batch())
+                self.actual = self.read()
         plan = plan_changes(desired, self.actual)
         if plan.empty:
             return ConvergeResult(changed=False, drift=drift, seconds=time.monotonic() - t0)

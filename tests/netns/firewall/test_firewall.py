@@ -642,3 +642,25 @@ def test_the_longest_ids_are_kept_whole_by_the_kernel(lab: LabSession) -> None:
     assert lab.ping("vm1", "vm2")[0] == 2
     # the pings are one flow: its first packet passes the rule, the second the established shortcut
     assert counter(lab, "_in", f"rule:{longest}#10") == 1
+
+
+def test_the_fail_closed_batch_shuts_every_vm_port_until_the_ruleset_is_back(lab: LabSession) -> None:
+    """After a flush the repair first commits only the bridge's dropping base chains (ruleset/closed.py):
+    with just that batch in the kernel, nothing passes between VMs, allowed or not; the full converge after
+    it brings the policy back (the allowed ping works, the other does not)."""
+    from hyperfence.ruleset.closed import fail_closed
+    from hyperfence.ruleset.ir import Ruleset
+
+    lab.apply([PING_1_2])
+    assert lab.engine is not None and lab.engine.current is not None
+    assert lab.ping("vm1", "vm2")[0] == 2 and lab.ping("vm3", "vm2")[0] == 0
+    assert lab.run("host", ["nft", "flush", "ruleset"]).returncode == 0
+    assert lab.ping("vm3", "vm2")[0] == 2  # the hole a flush opens (the control)
+    closing = fail_closed(lab.engine.current.ruleset, Ruleset((), (), (), ()))
+    assert closing is not None
+    lab.engine.nft.apply(closing.batch())
+    assert lab.ping("vm1", "vm2")[0] == 0 and lab.ping("vm3", "vm2")[0] == 0
+    _, result = lab.engine.converge(full=True)
+    assert result is not None and result.drift
+    assert lab.ping("vm1", "vm2")[0] == 2 and lab.ping("vm3", "vm2")[0] == 0
+    assert lab.run("host", ["nft", "list", "ruleset"]).stdout.count(b"sys:closed") == 0
