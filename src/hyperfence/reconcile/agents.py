@@ -118,7 +118,9 @@ class AgentMonitor:
         self.channel_stats = {
             "claimed": self.hub.claimed,
             "refused": dict(self.hub.refused),
-            "endpoint": None if self._endpoint is None else f"{self._endpoint[0]}:{self._endpoint[1]}",
+            "endpoint": f"{self._endpoint[0]}:{self._endpoint[1]}"
+            if self._endpoint and self._endpoint_open
+            else None,
         }
         now = self.clock()
         with self.lock:
