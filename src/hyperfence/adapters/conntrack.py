@@ -28,18 +28,17 @@ import struct
 from collections import Counter
 from collections.abc import Iterable
 
-from hyperfence.adapters.netns import netfilter_socket
+from hyperfence.adapters.netlink import NLA_F_NESTED, NLMSG_HDR, netfilter_socket
+from hyperfence.adapters.netlink import attr as _attr
+from hyperfence.adapters.netlink import attrs as _attrs
 from hyperfence.errors import KernelError, PermissionDeniedError
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_ZONE = 1, 1, 18
 CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
-NLA_F_NESTED = 0x8000
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLMSG_HDR = struct.Struct("=IHHII")
-NLA_HDR = struct.Struct("=HH")
 _RECV = 1 << 20
 TIMEOUT_S = 10.0
 # More entries than any conntrack table holds (nf_conntrack_max is at most a few million): a dump that
@@ -47,22 +46,6 @@ TIMEOUT_S = 10.0
 MAX_ENTRIES = 1 << 24
 
 AddressPairs = Counter[tuple[bytes, bytes]]
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    length = NLA_HDR.size + len(value)
-    return NLA_HDR.pack(length, kind) + value + b"\0" * (-length % 4)
-
-
-def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while off + NLA_HDR.size <= end:
-        length, kind = NLA_HDR.unpack_from(data, off)
-        if length < NLA_HDR.size or off + length > end:
-            break
-        out.setdefault(kind & 0x3FFF, data[off + NLA_HDR.size : off + length])
-        off += (length + 3) & ~3
-    return out
 
 
 def _message(kind: int, flags: int, seq: int, attrs: bytes = b"") -> bytes:

@@ -12,17 +12,14 @@ import concurrent.futures
 import ctypes
 import ctypes.util
 import os
-import socket
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from hyperfence.errors import InvalidInputError, KernelError, NotFoundError, PermissionDeniedError
+from hyperfence.errors import InvalidInputError, NotFoundError
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/run/netns"
-NETLINK_NETFILTER = 12
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 T = TypeVar("T")
 
@@ -86,45 +83,3 @@ class NetnsThread:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-
-
-def netfilter_socket(
-    netns: str | None, *, what: str, groups: int = 0, rcvbuf: int | None = None, blocking: bool = True
-) -> socket.socket:
-    """A NETLINK_NETFILTER socket of namespace `netns` (None: ours), bound to the multicast `groups` (a
-    bitmask), with a receive buffer of `rcvbuf` bytes (forced past rmem_max where allowed). The socket belongs
-    to the namespace it was created in, whichever thread uses it later. Errors are translated, naming
-    `what`: `NotFoundError` (no such namespace), `PermissionDeniedError` (not root), `KernelError`."""
-
-    def create() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            if rcvbuf is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # capped by rmem_max
-            sock.bind((0, groups))
-            sock.setblocking(blocking)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    try:
-        if netns is None:
-            return create()
-        if not os.path.exists(netns_path(netns)):
-            # Checked here: a NetnsThread whose namespace is missing fails with BrokenThreadPool.
-            raise NotFoundError(f"{what}: netns {netns!r} does not exist (see `ip netns list`)")
-        worker = NetnsThread(netns, name="hyperfence-netlink")
-        try:
-            return worker.call(create)
-        finally:
-            worker.close()
-    except PermissionError as e:
-        raise PermissionDeniedError(
-            f"{what}: cannot open a netfilter netlink socket ({e.strerror}); run as root"
-        ) from None
-    except OSError as e:
-        raise KernelError(f"{what}: cannot open a netfilter netlink socket: {e.strerror or e}") from None

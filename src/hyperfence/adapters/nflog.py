@@ -28,7 +28,7 @@ import time
 from types import TracebackType
 from typing import Self
 
-from hyperfence.adapters.netns import netfilter_socket
+from hyperfence.adapters.netlink import netfilter_socket
 from hyperfence.adapters.nflog_parse import (
     NFNL_SUBSYS_ULOG,
     NFULNL_MSG_CONFIG,

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from hyperfence.adapters.netns import netfilter_socket
+from hyperfence.adapters.netlink import NLA_HDR, NLMSG_HDR, netfilter_socket
+from hyperfence.adapters.netlink import attrs as _attrs
 from hyperfence.errors import BugError, KernelError
 
 NFNLGRP_NFTABLES = 7
@@ -47,8 +48,6 @@ NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 1, 2, 3
 TABLE_ATTR = 1  # attribute 1 names the table in every nftables object message
 FAMILIES = {"inet": 1, "ip": 2, "arp": 3, "netdev": 5, "bridge": 7, "ip6": 10}
 
-NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid
-NLA_HDR = struct.Struct("=HH")  # len, type
 NFGENMSG = 4  # family u8, version u8, res_id be16
 
 _RECV_BUFSIZE = 1 << 20  # one datagram: the kernel packs notifications up to a page or so each
@@ -72,17 +71,6 @@ class Generation:
 class Batch:
     generations: tuple[Generation, ...] = ()
     lost: bool = False  # the kernel dropped events (receive buffer overrun): anything may have changed
-
-
-def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while off + NLA_HDR.size <= end:
-        length, kind = NLA_HDR.unpack_from(data, off)
-        if length < NLA_HDR.size or off + length > end:
-            break
-        out.setdefault(kind & 0x3FFF, data[off + NLA_HDR.size : off + length])
-        off += (length + 3) & ~3
-    return out
 
 
 def _table(data: bytes, off: int, end: int) -> bytes | None:

@@ -14,6 +14,8 @@ import os
 import socket
 import struct
 
+from hyperfence.adapters.netlink import attr as _attr
+from hyperfence.adapters.netlink import attrs as _attrs
 from hyperfence.errors import KernelError
 
 NETLINK_NETFILTER = 12
@@ -26,27 +28,11 @@ NFTNL_UDATA_RULE_COMMENT = 0
 FAMILIES = {"ip": 2, "inet": 1, "bridge": 7, "netdev": 5, "arp": 3, "ip6": 10}
 
 
-def _attr(kind: int, value: bytes) -> bytes:
-    length = 4 + len(value)
-    return struct.pack("=HH", length, kind) + value + b"\0" * ((4 - length % 4) % 4)
-
-
 def dump_request(family: str, table: str, chain: str, seq: int) -> bytes:
     body = struct.pack("=BBH", FAMILIES[family], 0, 0)  # nfgenmsg: family, version, res_id
     body += _attr(NFTA_RULE_TABLE, table.encode() + b"\0") + _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
     msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
     return struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
-
-
-def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while off + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, off)
-        if length < 4 or off + length > end:
-            break
-        out[kind & 0x3FFF] = data[off + 4 : off + length]
-        off += (length + 3) & ~3
-    return out
 
 
 def comment_of(udata: bytes) -> str:

@@ -1,0 +1,78 @@
+"""Netlink, the way hyperfence's own readers of the kernel speak it (nftables events and rule ids, NFLOG,
+conntrack): message and attribute framing (pure), and a NETLINK_NETFILTER socket opened in a namespace."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+from hyperfence.adapters.netns import NetnsThread, netns_path
+from hyperfence.errors import KernelError, NotFoundError, PermissionDeniedError
+
+NETLINK_NETFILTER = 12
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid (host byte order)
+NLA_HDR = struct.Struct("=HH")  # len, type
+NLA_F_NESTED = 0x8000
+
+
+def attr(kind: int, value: bytes) -> bytes:
+    """One attribute, padded to 4 bytes."""
+    length = NLA_HDR.size + len(value)
+    return NLA_HDR.pack(length, kind) + value + b"\0" * (-length % 4)
+
+
+def attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
+    """The attributes in data[off:end] by type (flags masked off; the first of a type wins). Stops at the
+    first malformed one: never reads outside `end`, never raises."""
+    out: dict[int, bytes] = {}
+    while off + NLA_HDR.size <= end:
+        length, kind = NLA_HDR.unpack_from(data, off)
+        if length < NLA_HDR.size or off + length > end:
+            break
+        out.setdefault(kind & 0x3FFF, data[off + NLA_HDR.size : off + length])
+        off += (length + 3) & ~3
+    return out
+
+
+def netfilter_socket(
+    netns: str | None, *, what: str, groups: int = 0, rcvbuf: int | None = None, blocking: bool = True
+) -> socket.socket:
+    """A NETLINK_NETFILTER socket of namespace `netns` (None: ours), bound to the multicast `groups` (a
+    bitmask), with a receive buffer of `rcvbuf` bytes (forced past rmem_max where allowed). The socket belongs
+    to the namespace it was created in, whichever thread uses it later. Errors are translated, naming
+    `what`: `NotFoundError` (no such namespace), `PermissionDeniedError` (not root), `KernelError`."""
+
+    def create() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            if rcvbuf is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+                except PermissionError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # capped by rmem_max
+            sock.bind((0, groups))
+            sock.setblocking(blocking)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    try:
+        if netns is None:
+            return create()
+        if not os.path.exists(netns_path(netns)):
+            # Checked here: a NetnsThread whose namespace is missing fails with BrokenThreadPool.
+            raise NotFoundError(f"{what}: netns {netns!r} does not exist (see `ip netns list`)")
+        worker = NetnsThread(netns, name="hyperfence-netlink")
+        try:
+            return worker.call(create)
+        finally:
+            worker.close()
+    except PermissionError as e:
+        raise PermissionDeniedError(
+            f"{what}: cannot open a netfilter netlink socket ({e.strerror}); run as root"
+        ) from None
+    except OSError as e:
+        raise KernelError(f"{what}: cannot open a netfilter netlink socket: {e.strerror or e}") from None
