@@ -391,8 +391,11 @@ def _without(ranges: tuple[AddressRange, ...], addrs: tuple[IPv4Address, ...]) -
 
 
 def _only_named(services: tuple[Service, ...]) -> bool:
-    """Rules that name only ARP/DHCP services do not imply ARP for IP traffic."""
-    return bool(services) and all(isinstance(s, NamedService) for s in services)
+    """Rules that name only ARP/DHCP services do not imply ARP for IP traffic. `any` is IP traffic (all of
+    it): a rule with it (or without a protocol) implies ARP like a tcp/udp/icmp rule."""
+    return bool(services) and all(
+        isinstance(s, NamedService) and s.kind is not SpecialService.ANY for s in services
+    )
 
 
 def _subtract(a: tuple[AddressRange, ...], b: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:

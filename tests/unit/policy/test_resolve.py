@@ -69,6 +69,25 @@ def test_outside_peers_go_through_the_gateway_and_entries_follow_priority() -> N
     assert not any(x.first <= A("10.77.0.12") <= x.last for x in vm1.arp_peers)  # deny implies no ARP
 
 
+def test_an_allow_of_everything_implies_arp() -> None:
+    """No protocol and `services: [any]` are IP traffic: ARP with the peers, the gateway for routed ones."""
+    for rule in (
+        {"from": "vm:vm1", "to": "vm:vm2"},
+        {"from": "vm:vm1", "to": "vm:vm2", "services": ["any"]},
+        {"from": "vm:vm1", "to": ["vm:vm2", "outside"], "protocol": "any"},
+    ):
+        vm1, vm2 = resolve_policy(parse_policy(doc(rules=[rule]))).vms
+        assert r("10.77.0.12", "10.77.0.12") in vm1.arp_peers, rule
+        assert vm2.arp_peers == (r("10.77.0.11", "10.77.0.11"),), rule
+        assert vm1.arp_sources and vm2.arp_sources, rule
+    assert vm1.arp_gateway and not vm2.arp_gateway
+    # rules that name only ARP or DHCP services imply nothing
+    vm1, vm2 = resolve_policy(
+        parse_policy(doc(rules=[{"from": "vm:vm1", "to": "vm:vm2", "services": ["dhcp", "dhcp-server"]}]))
+    ).vms
+    assert vm1.arp_peers == vm2.arp_peers == () and not vm1.arp_sources
+
+
 def test_dhcp_rule_pairs_request_and_reply() -> None:
     res = resolve_policy(
         parse_policy(doc(rules=[{"id": "d", "from": "vms", "to": "host", "services": ["dhcp"]}]))
