@@ -109,8 +109,8 @@ class VmPolicy:
     gateway: IPv4Address | None
     egress: tuple[Entry, ...]
     ingress: tuple[Entry, ...]
-    arp_peers: tuple[AddressRange, ...]  # implied by allow rules: whom the VM may ARP with
-    # The same, as the compiler renders it: the peer selector lists of its allow rules (True: "any"), and
+    arp_peers: tuple[AddressRange, ...]  # implied by allow and reject rules: whom the VM may ARP with
+    # The same, as the compiler renders it: the peer selector lists of those rules (True: "any"), and
     # whether a routed peer makes the gateway an ARP peer. Rules share their address sets, so ARP costs no
     # per-VM copy of a peer list.
     arp_sources: tuple[tuple[tuple[Selector, ...], bool], ...]
@@ -266,17 +266,21 @@ def _vm_policy(
     policy: Policy,
 ) -> VmPolicy:
     allows = [e for e in (*egress, *ingress) if e.action is Action.ALLOW]
+    # IP rules that allow or reject imply ARP with their peers: a rejected sender must resolve the peer for
+    # its packet to leave and be answered (the receiver answers the ARP); deny implies nothing.
+    arp_rules = [
+        e
+        for e in (*egress, *ingress)
+        if e.action is not Action.DENY and not _only_named(e.services) and not e.paired
+    ]
     # VMs with the same peers share one computation (1,000 VMs x a 10k-address IP set otherwise)
-    key = (net.name, frozenset(e.peer_selectors for e in allows if not _only_named(e.services)))
+    key = (net.name, frozenset(e.peer_selectors for e in arp_rules))
     reachable = arp_cache.get(key)
     if reachable is None:
-        reachable = arp_cache[key] = _arp_reachable(
-            net.subnet, net.gateway, [e.peers for e in allows if not _only_named(e.services)]
-        )
+        reachable = arp_cache[key] = _arp_reachable(net.subnet, net.gateway, [e.peers for e in arp_rules])
     sources: dict[tuple[Selector, ...], bool] = {}
-    for e in allows:
-        if not _only_named(e.services) and not e.paired:
-            sources.setdefault(e.peer_selectors, e.peers == ANY)
+    for e in arp_rules:
+        sources.setdefault(e.peer_selectors, e.peers == ANY)
     return VmPolicy(
         vm=vm,
         subnet=net.subnet,

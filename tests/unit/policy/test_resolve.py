@@ -88,6 +88,19 @@ def test_an_allow_of_everything_implies_arp() -> None:
     assert vm1.arp_peers == vm2.arp_peers == () and not vm1.arp_sources
 
 
+def test_a_reject_implies_arp_on_both_ends_and_a_deny_nothing() -> None:
+    """The rejected sender must resolve its peer (and the peer answer) for the reset to come back."""
+    rules = [
+        {"id": "rej", "from": "vm:vm1", "to": ["vm:vm2", "outside"], "protocol": "tcp", "action": "reject"},
+        {"id": "no", "from": "vm:vm2", "to": "host", "protocol": "udp", "action": "deny"},
+    ]
+    vm1, vm2 = resolve_policy(parse_policy(doc(rules=rules))).vms
+    assert vm1.arp_peers == (r("10.77.0.1", "10.77.0.1"), r("10.77.0.12", "10.77.0.12"))
+    assert vm1.arp_gateway and len(vm1.arp_sources) == 1
+    assert vm2.arp_peers == (r("10.77.0.11", "10.77.0.11"),)  # not the host: deny implies nothing
+    assert not vm2.arp_gateway
+
+
 def test_dhcp_rule_pairs_request_and_reply() -> None:
     res = resolve_policy(
         parse_policy(doc(rules=[{"id": "d", "from": "vms", "to": "host", "services": ["dhcp"]}]))
