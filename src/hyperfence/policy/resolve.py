@@ -36,6 +36,9 @@ from hyperfence.model.policy import (
 )
 
 DHCP_SERVICES = (NamedService(SpecialService.DHCP), NamedService(SpecialService.DHCP_SERVER))
+# Services that are exchanges both ways: a rule with one also gets its other half in the opposite chain of
+# each VM it selects (DHCP: the server's replies; ARP: the peers' requests and replies, and the VM's answers).
+PAIRED_SERVICES = (*DHCP_SERVICES, NamedService(SpecialService.ARP))
 DEFAULT_CAP = Settings().default_cap
 MAX_ADDR = int(IPv4Address("255.255.255.255"))
 ANY: tuple[AddressRange, ...] = (AddressRange(IPv4Address(0), IPv4Address(MAX_ADDR)),)
@@ -95,7 +98,7 @@ class Entry:
     peer_selectors: tuple[Selector, ...]
     peers: tuple[AddressRange, ...]
     services: tuple[Service, ...]
-    paired: bool = False  # the other half of a DHCP exchange, added to the opposite chain
+    paired: bool = False  # the other half of a DHCP or ARP exchange, added to the opposite chain
 
     @property
     def action(self) -> Action:
@@ -229,15 +232,15 @@ def _rule_entries(
         return
     to_addrs = index.addresses(rule.to)
     from_addrs = index.addresses(rule.from_)
-    dhcp = tuple(s for s in rule.services if s in DHCP_SERVICES)
+    pair = tuple(s for s in rule.services if s in PAIRED_SERVICES)
     for vm in from_vms:
         egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, rule.services))
-        if dhcp:
-            ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, dhcp, paired=True))
+        if pair:
+            ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, pair, paired=True))
     for vm in to_vms:
         ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, rule.services))
-        if dhcp:
-            egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, dhcp, paired=True))
+        if pair:
+            egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, pair, paired=True))
 
 
 def _limits(

@@ -84,9 +84,9 @@ def _walk(
     vp: VmPolicy, entries: tuple[Entry, ...], peer: IPv4Address, flow: Flow, direction: Direction
 ) -> Step:
     for e in entries:
-        if e.paired:
+        if e.paired and flow.protocol != "arp":  # ARP is asked both ways: an `arp` rule's pair answers too
             continue
-        if not contains(e.peers, peer) and not (flow.protocol == "arp" and contains(vp.arp_peers, peer)):
+        if not contains(e.peers, peer):
             continue
         if any(_service_matches(s, flow, direction) for s in e.services):
             return Step(vp.vm.name, direction, e.action, e.rule.id)

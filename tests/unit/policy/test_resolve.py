@@ -111,6 +111,24 @@ def test_dhcp_rule_pairs_request_and_reply() -> None:
         assert vp.ingress[0].peers == (r("10.77.0.1", "10.77.0.1"),)
 
 
+def test_an_arp_rule_pairs_both_ways_on_each_vm() -> None:
+    """`arp` is an exchange both ways: each VM the rule selects gets it in its own chain and the other half
+    (the peers' requests and replies, its answers) in the opposite one; it implies no ARP for IP."""
+    res = resolve_policy(
+        parse_policy(
+            doc(rules=[{"id": "a", "from": "vm:vm1", "to": ["vm:vm2", "host"], "services": ["arp"]}])
+        )
+    )
+    vm1, vm2 = res.vms
+    assert [(e.rule.id, e.paired) for e in vm1.egress] == [("a", False)]
+    assert [(e.rule.id, e.paired) for e in vm1.ingress] == [("a", True)]
+    assert vm1.ingress[0].peers == (r("10.77.0.1", "10.77.0.1"), r("10.77.0.12", "10.77.0.12"))
+    assert [(e.rule.id, e.paired) for e in vm2.ingress] == [("a", False)]
+    assert [(e.rule.id, e.paired) for e in vm2.egress] == [("a", True)]
+    assert vm2.egress[0].peers == (r("10.77.0.11", "10.77.0.11"),)
+    assert vm1.arp_peers == vm2.arp_peers == () and not vm1.arp_sources
+
+
 rule_st = st.fixed_dictionaries(
     {
         "id": st.sampled_from(["a", "b", "c", "d"]),

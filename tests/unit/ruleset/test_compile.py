@@ -217,3 +217,24 @@ def test_a_cap_that_does_not_log_only_counts() -> None:
     rs = compiled(doc(limits=[{"vms": "vm:vm1", "connections": 10, "log": False}]))
     sid = vm_sid(parse_policy(doc()).vms[0].id)
     assert [r.comment for r in rs.chain_rules()[(INET, f"{sid}_cap_drop")]] == ["sys:ct-cap"]
+
+
+def test_an_arp_rule_is_rendered_both_ways_in_each_vms_chains() -> None:
+    """vm1 asks vm2 and answers it (`arp daddr ip` vm2 out), hears vm2's requests and replies (`arp saddr
+    ip` vm2, `arp daddr ip` its own address, in); vm2 the same with vm1."""
+    rs = compiled(doc(rules=[{"id": "a", "from": "vm:vm1", "to": "vm:vm2", "services": ["arp"]}]))
+    chains = rs.chain_rules()
+
+    def arp_rule(vm: str, side: str, comment: str) -> list[Any]:
+        (rule,) = [r for r in chains[(BRIDGE, f"{vm_sid(vm)}_{side}")] if r.comment == comment]
+        return rule.statements()
+
+    for vm, own, mine, pair in (("vm1", "10.77.0.11", "out", "in"), ("vm2", "10.77.0.12", "in", "out")):
+        for side, comment in ((mine, "rule:a#1"), (pair, "rule:a#1:pair")):
+            st = arp_rule(vm, side, comment)
+            fields = {s["match"]["left"]["payload"]["field"]: s["match"]["right"] for s in st if "match" in s}
+            if side == "out":
+                assert set(fields) == {"daddr ip"} and fields["daddr ip"].startswith("@s_")
+            else:
+                assert fields["saddr ip"].startswith("@s_") and fields["daddr ip"] == own
+            assert st[-1] == x.ACCEPT

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from typing import Any
+
+from hyperfence.policy.parse import parse_policy
+from hyperfence.policy.resolve import resolve_policy
+from hyperfence.policy.whatif import Answer, Flow, can
+from tests.unit.policy.test_parse import doc
+
+ARP = Flow("arp")
+HOST = "10.77.0.1"
+
+
+def ask(rules: list[dict[str, Any]], src: str, dst: str, flow: Flow = ARP) -> Answer:
+    return can(resolve_policy(parse_policy(doc(rules=rules))), src, dst, flow)
+
+
+# --- ARP: `can` answers by the rules the compiler renders ------------------------------------------
+
+
+def test_arp_is_implied_by_an_allow_of_everything_and_by_reject_not_by_deny() -> None:
+    for rule in (
+        {"from": "vm:vm1", "to": "vm:vm2"},
+        {"from": "vm:vm1", "to": "vm:vm2", "services": ["any"]},
+        {"from": "vm:vm1", "to": "vm:vm2", "protocol": "tcp", "action": "reject"},
+    ):
+        for src, dst in (("vm1", "vm2"), ("vm2", "vm1")):
+            answer = ask([rule], src, dst)
+            assert answer.allowed, (rule, src, answer)
+            assert [s.rule for s in answer.steps] == ["sys:arp", "sys:arp"]
+    denied = ask([{"from": "vm:vm1", "to": "vm:vm2", "protocol": "tcp", "action": "deny"}], "vm1", "vm2")
+    assert not denied.allowed and denied.reason == "vm1 egress: deny by sys:default-deny"
+    # routed peers: ARP with the gateway
+    assert ask([{"from": "vm:vm1", "to": "outside"}], "vm1", HOST).allowed
+
+
+def test_an_arp_rule_answers_both_ways() -> None:
+    rules = [
+        {"id": "a", "from": "vm:vm1", "to": "host", "services": ["arp"]},
+        {"id": "b", "from": "vm:vm1", "to": "vm:vm2", "services": ["arp"]},
+    ]
+    for src, dst, rule in (("vm1", HOST, "a"), (HOST, "vm1", "a"), ("vm1", "vm2", "b"), ("vm2", "vm1", "b")):
+        answer = ask(rules, src, dst)
+        assert answer.allowed, (src, dst, answer)
+        assert {s.rule for s in answer.steps} == {rule}
+    # not for IP, and not for VMs it does not name
+    assert not ask(rules, "vm1", HOST, Flow("icmp", icmp_type=8)).allowed
+    assert not ask(rules, HOST, "vm2").allowed
+
+
+def test_an_arp_rule_for_other_peers_does_not_decide() -> None:
+    """A deny of ARP with one peer leaves the implied ARP with another (the kernel matches the rule's
+    peers only)."""
+    rules = [
+        {"id": "no-arp", "from": "vm:vm1", "to": "10.77.0.50", "services": ["arp"], "action": "deny"},
+        {"id": "web", "from": "vm:vm1", "to": "vm:vm2", "services": ["tcp/80"]},
+    ]
+    assert ask(rules, "vm1", "vm2").allowed
+    answer = ask(rules, "vm1", "10.77.0.50")
+    assert not answer.allowed and answer.reason == "vm1 egress: deny by no-arp"
+    assert not ask(rules, "10.77.0.50", "vm1").allowed  # both ways
