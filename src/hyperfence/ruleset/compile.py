@@ -572,8 +572,11 @@ def _cap_chains(b: Builder, vp: VmPolicy, sid: str) -> None:
 
 def _flood_rules(b: Builder, sid: str, chain: str, direction: str, limits: tuple[FloodLimit, ...]) -> None:
     """First in a VM chain, which only sees packets of flows that are not established yet: beyond the
-    limit, drop (and log, within the usual log rate)."""
+    limit, drop (and log, within the usual log rate). Only IPv4 counts (new flows): ARP never spends the
+    limit's tokens (the `ip version` match comes first), so a flood cannot starve the neighbour resolution
+    of the VM's established flows."""
     s = b.settings
+    ipv4 = x.match(x.payload("ip", "version"), 4)
     for lim in limits:
         comment = f"sys:flood:{lim.id}"
         over = x.limit_over(lim.rate, lim.burst)
@@ -583,9 +586,9 @@ def _flood_rules(b: Builder, sid: str, chain: str, direction: str, limits: tuple
                 BRIDGE,
                 chain,
                 comment + ":log",
-                [over, x.limit(s.log_rate_per_second, s.log_burst), x.log(prefix, s.nflog_group)],
+                [ipv4, over, x.limit(s.log_rate_per_second, s.log_burst), x.log(prefix, s.nflog_group)],
             )
-        b.rule(BRIDGE, chain, comment, [over, x.COUNTER, x.DROP])
+        b.rule(BRIDGE, chain, comment, [ipv4, over, x.COUNTER, x.DROP])
 
 
 def _entry_rules(b: Builder, vp: VmPolicy, sid: str, chain: str, entry: Entry) -> None:

@@ -75,6 +75,13 @@ def ask(lab: LabSession, src: str, dst: str, flow: Flow) -> Answer:
     return can(compiled.resolved, name.get(src, src), name.get(dst, dst), flow)
 
 
+def assert_reads_back(lab: LabSession) -> None:
+    """The kernel holds exactly what was compiled: a full converge finds nothing to change."""
+    assert lab.engine is not None
+    _, again = lab.engine.converge(full=True)
+    assert again is not None and not again.changed and again.drift == []
+
+
 ARP = Flow("arp")
 PING = Flow("icmp", icmp_type=8)
 
@@ -148,6 +155,7 @@ def test_an_arp_rule_works_both_ways(lab: LabSession) -> None:
             {"id": "arp-vm", "from": "vm:vm2", "to": "vm:vm3", "services": ["arp"]},
         ]
     )
+    assert_reads_back(lab)
     # Each asks with an empty neighbour table (a VM learns the asker's MAC from a request it receives).
     for where, peer in (("host", "vm1"), ("vm1", "host"), ("vm2", "vm3"), ("vm3", "vm2")):
         flush_neighbours(lab, peer)
@@ -224,6 +232,7 @@ def test_a_flood_limit_does_not_starve_arp(lab: LabSession) -> None:
     doc["limits"] = [{"id": "f", "vms": "vm:vm2", "direction": "in", "new_flows": 10, "burst": 10}]
     lab.engine.store_policy(doc, source="test")
     lab.engine.converge()
+    assert_reads_back(lab)
     lab.serve("vm2", udp=[5000])
     # The flooder never needs ARP during the flood: whatever happens to ARP, its flood goes on.
     vm2 = lab.plan.vm("vm2")

@@ -94,9 +94,11 @@ def test_limits_come_first_in_the_vm_chain_and_log_within_the_log_rate() -> None
     assert [r.comment for r in rules[:2]] == ["sys:flood:web:log", "sys:flood:web"]
     log_rule, drop_rule = (json.loads(r.expr) for r in rules[:2])
     over = {"limit": {"burst": 14, "inv": True, "per": "second", "rate": 7}}
-    assert log_rule[0] == over and "limit" in log_rule[1] and "log" in log_rule[2]
-    assert log_rule[2]["log"]["prefix"].endswith(":in:flood:sys:flood:web")
-    assert drop_rule[0] == over and drop_rule[-1] == {"drop": None}
+    # only IPv4 (new flows) spends the limit's tokens: ARP never reaches the `limit`
+    ipv4 = {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "version"}}, "right": 4}}
+    assert log_rule[:2] == [ipv4, over] and "limit" in log_rule[2] and "log" in log_rule[3]
+    assert log_rule[3]["log"]["prefix"].endswith(":in:flood:sys:flood:web")
+    assert drop_rule[:2] == [ipv4, over] and drop_rule[-1] == {"drop": None}
     out = rs.chain_rules()[(BRIDGE, f"{vm_sid(rs_vm_id('vm1'))}_out")]
     assert not any(r.comment.startswith("sys:flood") for r in out)
 
