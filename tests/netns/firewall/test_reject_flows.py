@@ -84,6 +84,7 @@ def test_replies_to_a_flow_the_host_started_pass_a_reject(lab: LabSession) -> No
     assert lab.tcp("host", "vm2", 80) == "OK"
     assert lab.udp("host", "vm2", 5000) == "OK"
     assert lab.ping("host", "vm2")[0] == 2
+    assert lab.tcp("vm2", "host", 80, timeout=QUICK) == "REFUSED"  # the control: vm2's own flows are rejected
 
 
 # A client that keeps one TCP connection, one UDP flow and one ping flow (one ICMP id) open to a peer and,
@@ -181,7 +182,7 @@ class Client:
 def test_a_new_deny_or_reject_never_cuts_established_flows(lab: LabSession, action: str) -> None:
     """vm1 has a TCP connection, a UDP flow and a ping flow open to vm2 while an allow rule lets them; the
     allow becomes a deny or a reject. Conntrack keeps what is established, whichever: the open flows go on,
-    only new ones meet the new rule."""
+    only new ones meet the new rule, until the operator deletes the flows from conntrack."""
     server = topology.popen_in_vm(
         lab.plan, "vm2", [sys.executable, "-c", ECHO, str(TCP_PORT), str(UDP_PORT)], stdout=subprocess.PIPE
     )
@@ -195,6 +196,12 @@ def test_a_new_deny_or_reject_never_cuts_established_flows(lab: LabSession, acti
         lab.apply([*ARP, {**rule, "action": action}])
         assert client.round() == "tcp=OK udp=OK icmp=OK"
         assert client.round() == "tcp=OK udp=OK icmp=OK"
+        # An operator who wants them cut deletes them from conntrack: their next packets are new flows and
+        # meet the rule (a TCP segment that is not a SYN is dropped, not reset, by either).
+        flushed = lab.run("host", ["conntrack", "-D", "-s", lab.ip("vm1"), "-d", lab.ip("vm2")])
+        assert flushed.returncode == 0, flushed.stderr
+        cut = "udp=ConnectionRefusedError icmp=ICMP3/13" if action == "reject" else "udp=TIMEOUT icmp=TIMEOUT"
+        assert client.round() == f"tcp=TIMEOUT {cut}"
     finally:
         if client is not None:
             client.close()
