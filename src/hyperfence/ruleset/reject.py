@@ -69,6 +69,7 @@ chain (set names are unique per compile, whatever their table, hence the prefix)
 TO_CHAIN = "reject_to"
 PRE_CHAIN, FORWARD_CHAIN, OUTPUT_CHAIN = "reject_pre", "reject_fwd", "reject_out"
 TCP, UDP = 6, 17
+ANY_SERVICE = NamedService(SpecialService.ANY)
 
 CT_NEW = x.match(
     {"ct": {"key": "state"}}, 8, op="in"
@@ -132,8 +133,12 @@ def _reject_entries(
             continue
         peer = _peer_match(b, entry)
         for service in entry.services:
-            if isinstance(service, NamedService) and service.kind is not SpecialService.ANY:
-                continue  # ARP and DHCP are never rejected
+            # ARP is not IP: never here. DHCP is never rejected (the parser refuses it), but an allowed or
+            # denied DHCP exchange must not fall through to a later reject.
+            if service == NamedService(SpecialService.ARP) or (
+                entry.action is Action.REJECT and isinstance(service, NamedService) and service != ANY_SERVICE
+            ):
+                continue
             n = entry.rule.services.index(service) + 1
             matches = service_matches(service, entry.direction, peer, None, vp)
             comment = f"rule:{entry.rule.id}#{n}"
@@ -175,10 +180,17 @@ def _sender_chains(b: Builder, resolved: Resolved, senders: list[VmPolicy], *, r
         b.chain(INET, TO_CHAIN)
         b.rule(INET, TO_CHAIN, "sys:dispatch", [_dispatch(RECEIVER_MAP, "daddr")])
         on_allow = x.goto(TO_CHAIN)
+    endpoint = resolved.policy.settings.agent_endpoint
     chains: dict[str, VmPolicy] = {}
     for vp in senders:
         chain = f"{vm_sid(vp.vm.id)}_rej_out"
         b.chain(INET, chain)
+        if endpoint is not None:  # the agent's channel to the host passes whatever the policy says
+            agent = [
+                x.match(x.payload("ip", "daddr"), str(endpoint[0])),
+                x.match(x.payload("tcp", "dport"), endpoint[1]),
+            ]
+            b.rule(INET, chain, "sys:agent", [*agent, x.RETURN])
         _reject_entries(b, vp=vp, chain=chain, entries=vp.egress, on_allow=on_allow)
         chains[chain] = vp
     _address_map(b, SENDER_MAP, chains)
@@ -202,13 +214,13 @@ def _other_senders(b: Builder, resolved: Resolved) -> None:
     b.rule(INET, OUTPUT_CHAIN, "sys:dispatch", [CT_NEW, _dispatch(RECEIVER_MAP, "daddr")])
 
 
-def _arp_with_gateway(b: Builder, resolved: Resolved, senders: list[VmPolicy]) -> None:
+def _arp_with_gateway(b: Builder, vms: list[VmPolicy], senders: list[VmPolicy]) -> None:
     """`reject_arp` (bridge): port . gateway . address of every VM the host may answer with an ICMP error (it
     sends a reject that answers with ICMP, or its address is a peer of such a reject in another VM's
     ingress), so that the host can resolve its MAC and the answer reaches it."""
     icmp_in = merge_ranges(
         r
-        for vp in resolved.vms
+        for vp in vms
         for e in vp.ingress
         if e.action is Action.REJECT and any(is_answered_by_icmp(s) for s in e.services)
         for r in e.peers
@@ -229,7 +241,10 @@ def _arp_with_gateway(b: Builder, resolved: Resolved, senders: list[VmPolicy]) -
 
 def reject_chains(b: Builder, resolved: Resolved) -> None:
     """Everything reject rules need; nothing at all (no chain, no hook) when no rule rejects."""
-    by_sid = sorted(resolved.vms, key=lambda v: vm_sid(v.vm.id))
+    # A quarantined VM is neither answered nor answered for: quarantine drops all its traffic, silently.
+    by_sid = sorted(
+        (vp for vp in resolved.vms if vp.vm.id not in resolved.quarantine), key=lambda v: vm_sid(v.vm.id)
+    )
     receivers = [vp for vp in by_sid if vp.rejects_in]
     # With an ingress reject anywhere, any VM may send what it answers; else only VMs with egress rejects.
     # VMs of a network without a gateway are not: the host has no address there to answer from.
@@ -238,6 +253,6 @@ def reject_chains(b: Builder, resolved: Resolved) -> None:
         _receiver_chains(b, receivers)
     if senders:
         _sender_chains(b, resolved, senders, receivers=bool(receivers))
-        _arp_with_gateway(b, resolved, senders)
+        _arp_with_gateway(b, by_sid, senders)
     if receivers:
         _other_senders(b, resolved)

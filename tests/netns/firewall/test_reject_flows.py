@@ -217,8 +217,21 @@ def test_a_reject_of_any_protocol_answers_each_the_way_its_sender_understands(la
     """`protocol: any`: a TCP SYN gets a reset (REFUSED, not the "host unreachable" of an ICMP error), a UDP
     datagram ICMP port unreachable, a ping ICMP administratively prohibited ("Packet filtered")."""
     lab.serve("vm2", tcp=[22], udp=[53])
-    lab.apply([*ARP, {"id": "rej", "from": "vm:vm1", "to": "vm:vm2", "action": "reject"}])
+    rules = [
+        {"id": "rej", "from": "vm:vm1", "to": "vm:vm2", "action": "reject"},
+        {
+            "id": "rej-out",
+            "from": "vm:vm1",
+            "to": "outside",
+            "services": ["tcp/22", "udp/53"],
+            "action": "reject",
+        },
+    ]
+    lab.apply([*ARP, *rules])
     assert lab.tcp("vm1", "vm2", 22, timeout=QUICK) == "REFUSED"
     assert lab.udp("vm1", "vm2", 53, timeout=QUICK) == "REFUSED"
     received, text = lab.ping("vm1", "vm2", count=1)
     assert received == 0 and "Packet filtered" in text, text
+    # routed: the same answers to what vm1 sends to the outside (through the gateway)
+    assert lab.tcp("vm1", "outside", 22, timeout=QUICK) == "REFUSED"
+    assert lab.udp("vm1", "outside", 53, timeout=QUICK) == "REFUSED"

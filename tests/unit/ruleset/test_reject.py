@@ -3,6 +3,7 @@ the host at output), answering new flows only; and the ARP the host needs to del
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -283,3 +284,44 @@ def test_the_bridge_base_chains_let_that_arp_through_before_the_vm_chains() -> N
 )
 def test_which_rejects_answer_with_icmp(service: Any, icmp: bool) -> None:
     assert is_answered_by_icmp(service) is icmp
+
+
+REJECT_HOST = [
+    {"id": "lease", "from": "vm:vm1", "to": "host", "services": ["dhcp"]},
+    {"id": "no-host", "from": "vm:vm1", "to": "host", "action": "reject"},
+    {"id": "no-vm1", "from": "vm:vm2", "to": "vm:vm1", "services": ["udp/53"], "action": "reject"},
+]
+
+
+def test_what_the_bridge_lets_through_whatever_follows_is_never_answered() -> None:
+    """The agent's channel (first, as in the bridge chain) and an allowed DHCP exchange return before a
+    later reject of everything could answer them."""
+    rs = compiled(doc(rules=REJECT_HOST, settings={"agent_endpoint": "10.77.0.1:8443"}))
+    rules = rules_of(rs, INET, f"{vm_sid('vm1')}_rej_out")
+    assert [r.comment for r in rules][:3] == ["sys:agent", "rule:lease#1", "rule:no-host#1:tcp"]
+    agent, lease = rules[0].statements(), rules[1].statements()
+    assert agent == [
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                "right": "10.77.0.1",
+            }
+        },
+        {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8443}},
+        RETURN,
+    ]
+    assert lease[-1] == {"goto": {"target": TO_CHAIN}}  # an allow: on to the receiver (none here)
+    assert {
+        "match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 67}
+    } in lease
+
+
+def test_a_quarantined_vm_is_neither_answered_nor_answered_for() -> None:
+    r = resolve_policy(parse_policy(doc(rules=REJECT_HOST)))
+    vm1 = next(vp.vm.id for vp in r.vms if vp.vm.name == "vm1")
+    rs = compile_ruleset(dataclasses.replace(r, quarantine=frozenset({vm1})))
+    assert goto_map(rs, SENDER_MAP) == {"10.77.0.12": f"{vm_sid('vm2')}_rej_out"}
+    assert RECEIVER_MAP not in {s.name for s in rs.sets}  # vm1 was the only receiver
+    # vm2's own egress reject (UDP to vm1) still answers vm2; vm1 gets no ARP with its gateway for it
+    assert rs.set_by_key()[(BRIDGE, REJECT_ARP_SET)].elements == frozenset({VM2_ARP})
