@@ -2,7 +2,9 @@
 
 Walks exactly the entries the compiler renders (`resolve_policy`), in the same order, so the answer names
 the rule that the kernel would apply: the sender's egress chain first, then the receiver's ingress chain.
-Replies to an allowed flow always pass (stateful), so only the first packet of a flow is asked about.
+Replies to an allowed flow always pass (stateful), so only the first packet of a flow is asked about; a
+reject, like the kernel's, answers only that first packet (`_answer` says how), and a rule change never cuts
+a flow that is already established.
 """
 
 from __future__ import annotations
@@ -95,6 +97,18 @@ def _walk(
     return Step(vp.vm.name, direction, Action.DENY, "sys:default-deny")
 
 
+def _answer(flow: Flow, sender: VmPolicy | None) -> str:
+    """What the sender of a rejected first packet gets (ruleset/reject.py)."""
+    if sender is not None and sender.gateway is None:
+        return "no answer: the host has no address on the sender's network"
+    protocol = {"6": "tcp", "17": "udp"}.get(flow.protocol, flow.protocol)
+    if protocol == "tcp":
+        return "the sender gets a TCP reset"
+    if protocol == "udp":
+        return "the sender gets ICMP port unreachable"
+    return "the sender gets ICMP administratively prohibited"
+
+
 def find_vm(resolved: Resolved, name_or_ip: str) -> tuple[VmPolicy | None, IPv4Address]:
     """A VM by name or by one of its addresses; else (None, the address)."""
     for vp in resolved.vms:
@@ -123,7 +137,10 @@ def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
         step = _walk(vp, vp.egress if direction is Direction.OUT else vp.ingress, peer, flow, direction)
         steps.append(step)
         if step.verdict is not Action.ALLOW:
-            return Answer(False, tuple(steps), f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}")
+            reason = f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}"
+            if step.verdict is Action.REJECT:
+                reason += f" ({_answer(flow, src_vm)})"
+            return Answer(False, tuple(steps), reason)
     return Answer(
         True,
         tuple(steps),

@@ -28,8 +28,11 @@ from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, TableId, canonical
 BRIDGE = TableId("bridge", "hyperfence")
 INET = TableId("inet", "hyperfence")
 NETDEV = TableId("netdev", "hyperfence")
+# The netdev table holds nothing now (reject moved after conntrack, ruleset/reject.py); it stays one of ours
+# so that a converge removes the netdev reject chains earlier versions left on VM ports.
 TABLES = (BRIDGE, INET, NETDEV)
-REJECT_DST_MAP = "reject_dst"
+REJECT_ARP_SET = "reject_arp"  # bridge: port . gateway . address of VMs the host may answer with ICMP
+REJECT_ARP_TYPE = "ifname . ipv4_addr . ipv4_addr"
 
 GUARD_MAP, OUT_MAP, IN_MAP = "guard_ports", "out_ports", "in_ports"
 CAP_MAP = "cap_vms"  # inet: VM address -> jump <vm>_cap (the VM's connection cap)

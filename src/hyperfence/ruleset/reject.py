@@ -1,163 +1,258 @@
 """Reject rules (`action: reject`). Pure.
 
-The bridge family cannot reject on this kernel, so a reject is answered where the sender's packet first
-meets a hook that can:
+A reject answers the first packet of a new flow it matches, and nothing else: never a reply, never a packet
+of a flow that was established before the rule came (deny and reject treat open connections alike: the
+bridge's established shortcut passes them, and no reject chain ever looks at them). So every reject chain
+runs *after* conntrack, in `inet hyperfence`, and answers only `ct state new`. The bridge family cannot
+reject on this kernel, and a netdev chain on the sender's port (what earlier versions used) runs before
+conntrack, so it cannot tell a reply or an open flow from a new one.
 
-* **A VM on this host sends** (`netdev hyperfence`): a netdev ingress chain on the *sender's* port sees every
-  frame the VM sends before the bridge does, and `reject` there answers the sender. It repeats the sender's
-  egress rules in order (allow/deny only pass the frame on to the bridge, which decides as usual), and after
-  an allow asks the receiver's ingress rules the same question through a map from destination address to
-  that VM's reject chain (`reject_dst`).
-* **Anyone else sends** (`inet hyperfence`, only while some VM has an ingress reject): a routed sender
-  (`outside`) passes the `forward` hook, the host's own packets the `output` hook. Two base chains dispatch
-  by destination VM address (`ireject_dst`) to per-receiver chains that repeat the receiver's ingress rules.
-  With br_netfilter, bridged IPv4 passes the inet `forward` hook too, with the bridge as input interface:
-  those packets (between VMs, and from VMs to the outside) are the netdev chains' business, so the forward
-  chain lets them go with one compare before anything else. Packets of established connections pass (the
-  conntrack mark bit, as in the bridge chains), so a reject added later never cuts a flow the bridge keeps
-  passing. Packets for the host's own addresses are not VM traffic and find no entry in the map.
+* **A VM on this host sends** (`reject_pre`, prerouting, priority 0: after conntrack (-200) and the
+  established mark (-150); br_netfilter runs it for bridged IPv4 before the bridge's +10 chains decide).
+  A new flow from a managed bridge is dispatched by source address (`ireject_src`; the bridge guard at -300
+  has already checked that address against the port and MAC) to `<vm>_rej_out`, which repeats the sender's
+  egress rules in order; after an allow it asks the receiver's ingress rules the same question
+  (`reject_to` -> `ireject_dst` -> `<vm>_rej_in`).
+* **Anyone else sends** (only while some VM has an ingress reject): a routed sender (`outside`) passes the
+  `forward` hook (`reject_fwd`), the host's own packets the `output` hook (`reject_out`), both dispatched by
+  destination address to the receiver's `<vm>_rej_in`. Bridged IPv4 also passes `forward` (with the bridge
+  as input interface); those packets were `reject_pre`'s business, so the forward chain lets them go with
+  one compare before anything else. Packets for the host's own addresses find no entry in the map.
 
-Both answer like this: TCP reset for a new TCP connection (SYN without ACK), ICMP port unreachable for UDP,
-ICMP administratively prohibited otherwise. Rules that are not rejects never change a verdict here: allow and
-deny only `return`, so the bridge chains stay the only place that allows.
+Answers: a TCP reset for a new TCP connection (a SYN without ACK; a reject of `any` protocol or of
+protocol 6 too), ICMP port unreachable for UDP, ICMP administratively prohibited for everything else.
+
+* The kernel sends the reset for a bridged packet straight out of the sender's bridge port (the br_netfilter
+  branch of `nf_send_reset`), from the destination's address and MAC: no routing, no ARP.
+* ICMP errors come from the host's IP stack: from the host's address on the network (the gateway), routed
+  to the sender, and rate-limited like every ICMP error the host sends (`net.ipv4.icmp_ratelimit`). Conntrack
+  relates them to the rejected packet, so the sender's ingress chain passes them as established; the host
+  must resolve the sender's MAC, so a VM that may get one and its gateway may ARP each other (`reject_arp`,
+  looked up by the bridge's base chains). A network without a gateway has no host address to answer from:
+  its VMs are never dispatched to `reject_pre`, and their rejected packets are dropped like a deny.
+
+Rules that are not rejects never change a verdict here: allow and deny only `return` (or go on to the
+receiver's rules), so the bridge chains stay the only place that allows.
 """
 
 from __future__ import annotations
 
-import hashlib
-
-from hyperfence.model.policy import L4, Action, Direction, NamedService, PortService, Service, SpecialService
-from hyperfence.policy.resolve import ANY, Entry, Resolved, VmPolicy
+from hyperfence.model.policy import (
+    L4,
+    Action,
+    AddressRange,
+    Direction,
+    NamedService,
+    PortService,
+    ProtocolService,
+    Service,
+    SpecialService,
+)
+from hyperfence.policy.resolve import ANY, Entry, Resolved, VmPolicy, intersect, merge_ranges
 from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.build import (
+    BRIDGE,
     INET,
-    NETDEV,
-    REJECT_DST_MAP,
+    REJECT_ARP_SET,
+    REJECT_ARP_TYPE,
     Builder,
     dump,
-    own_ips,
     selector_set_name,
     service_matches,
     vm_sid,
 )
-from hyperfence.ruleset.ir import JSON, NftSet, TableId
+from hyperfence.ruleset.ir import JSON, NftSet
 
-INET_REJECT_MAP = "ireject_dst"
-"""The inet table's map from a receiver VM's address to its reject chain (set names are unique per compile,
-whatever their table, hence the prefix)."""
-FORWARD_CHAIN, OUTPUT_CHAIN = "reject_fwd", "reject_out"
-_SET_PREFIX = {NETDEV: "n", INET: "i"}
+SENDER_MAP, RECEIVER_MAP = "ireject_src", "ireject_dst"
+"""The inet table's maps from a VM's address to its sender (`<vm>_rej_out`) or receiver (`<vm>_rej_in`)
+chain (set names are unique per compile, whatever their table, hence the prefix)."""
+TO_CHAIN = "reject_to"
+PRE_CHAIN, FORWARD_CHAIN, OUTPUT_CHAIN = "reject_pre", "reject_fwd", "reject_out"
+TCP, UDP = 6, 17
+ANY_SERVICE = NamedService(SpecialService.ANY)
+
+CT_NEW = x.match(
+    {"ct": {"key": "state"}}, 8, op="in"
+)  # the first packet(s) of a flow conntrack does not know
+SYN_ONLY = x.match({"&": [x.payload("tcp", "flags"), [2, 16]]}, 2)  # SYN without ACK: a new connection
+RESET: JSON = {"reject": {"type": "tcp reset"}}
+PORT_UNREACHABLE: JSON = {"reject": {"type": "icmp", "expr": 3}}
+PROHIBITED: JSON = {"reject": {"type": "icmp", "expr": 13}}
 
 
-def _reject_verdict(service: Service) -> list[JSON]:
+def _protocol(number: int) -> JSON:
+    return x.match(x.payload("ip", "protocol"), number)
+
+
+def _answers(service: Service) -> list[tuple[str, list[JSON], list[JSON]]]:
+    """How a reject of `service` answers: (comment suffix, extra matches, verdict statements), in order. A TCP
+    packet that is not a SYN is never answered (`:rest` returns; the bridge drops it as for a deny)."""
+    tcp = [("", [SYN_ONLY], [x.COUNTER, RESET]), (":rest", [], [x.RETURN])]
     match service:
-        case PortService(L4.TCP, _):
-            syn_only = x.match(
-                {"&": [x.payload("tcp", "flags"), [2, 16]]}, 2
-            )  # SYN without ACK: a new connection
-            return [syn_only, x.COUNTER, {"reject": {"type": "tcp reset"}}]
-        case PortService(L4.UDP, _):
-            return [x.COUNTER, {"reject": {"type": "icmp", "expr": 3}}]  # port unreachable
-    return [x.COUNTER, {"reject": {"type": "icmp", "expr": 13}}]  # administratively prohibited
+        case PortService(L4.TCP, _) | ProtocolService(6):
+            return tcp
+        case PortService(L4.UDP, _) | ProtocolService(17):
+            return [("", [], [x.COUNTER, PORT_UNREACHABLE])]
+        case NamedService(SpecialService.ANY):
+            return [
+                (":tcp", [_protocol(TCP), SYN_ONLY], [x.COUNTER, RESET]),
+                (":rest", [_protocol(TCP)], [x.RETURN]),
+                (":udp", [_protocol(UDP)], [x.COUNTER, PORT_UNREACHABLE]),
+                ("", [], [x.COUNTER, PROHIBITED]),
+            ]
+    return [("", [], [x.COUNTER, PROHIBITED])]
 
 
-def _peer_match(b: Builder, table: TableId, entry: Entry) -> JSON | None:
-    """`ip daddr|saddr @<set>` for the entry's peers (the set in `table`), None when they are any."""
+def is_answered_by_icmp(service: Service) -> bool:
+    """Whether a reject of `service` can answer with an ICMP error: all but TCP alone (and ARP and DHCP,
+    which are never rejected)."""
+    match service:
+        case PortService(L4.TCP, _) | ProtocolService(6):
+            return False
+        case NamedService(kind):
+            return kind is SpecialService.ANY
+    return True
+
+
+def _peer_match(b: Builder, entry: Entry) -> JSON | None:
+    """`ip daddr|saddr @<set>` for the entry's peers (the set in the inet table), None when they are any."""
     if entry.peers == ANY:
         return None
-    name = _SET_PREFIX[table] + selector_set_name(entry.peer_selectors)
-    b.address_set(name, entry.peers, table)
+    name = "i" + selector_set_name(entry.peer_selectors)
+    b.address_set(name, entry.peers, INET)
     field = "daddr" if entry.direction is Direction.OUT else "saddr"
     return x.match(x.payload("ip", field), f"@{name}")
 
 
 def _reject_entries(
-    b: Builder, table: TableId, *, vp: VmPolicy, chain: str, entries: tuple[Entry, ...], on_allow: JSON
+    b: Builder, *, vp: VmPolicy, chain: str, entries: tuple[Entry, ...], on_allow: JSON
 ) -> None:
-    """Repeat `entries` in order in `chain`: rejects reject, allows do `on_allow`, denies return."""
+    """Repeat `entries` in order in `chain`: rejects answer, allows do `on_allow`, denies return."""
     for entry in entries:
         if entry.paired:
             continue
-        peer = _peer_match(b, table, entry)
+        peer = _peer_match(b, entry)
         for service in entry.services:
-            if isinstance(service, NamedService) and service.kind is not SpecialService.ANY:
-                continue  # ARP and DHCP are never rejected
+            # ARP is not IP: never here. DHCP is never rejected (the parser refuses it), but an allowed or
+            # denied DHCP exchange must not fall through to a later reject.
+            if service == NamedService(SpecialService.ARP) or (
+                entry.action is Action.REJECT and isinstance(service, NamedService) and service != ANY_SERVICE
+            ):
+                continue
             n = entry.rule.services.index(service) + 1
             matches = service_matches(service, entry.direction, peer, None, vp)
             comment = f"rule:{entry.rule.id}#{n}"
             if entry.action is Action.REJECT:
-                b.rule(table, chain, comment, [*matches, *_reject_verdict(service)])
-                b.rule(table, chain, comment + ":rest", [*matches, x.RETURN])
+                for suffix, extra, verdict in _answers(service):
+                    b.rule(INET, chain, comment + suffix, [*extra, *matches, *verdict])
             elif entry.action is Action.ALLOW:
-                b.rule(table, chain, comment, [*matches, on_allow])
+                b.rule(INET, chain, comment, [*matches, on_allow])
             else:
-                b.rule(table, chain, comment, [*matches, x.RETURN])
+                b.rule(INET, chain, comment, [*matches, x.RETURN])
 
 
-def _receiver_chains(b: Builder, table: TableId, *, map_name: str, receivers: list[VmPolicy]) -> None:
-    """Per receiver VM, `<sid>_rej_in` repeating its ingress entries; `map_name`: its addresses -> goto."""
-    elems: list[str] = []
+def _address_map(b: Builder, name: str, chains: dict[str, VmPolicy]) -> None:
+    """`name`: every address of each VM -> goto its chain."""
+    elems = frozenset(dump([str(ip), x.goto(chain)]) for chain, vp in chains.items() for ip in vp.vm.ips)
+    b.sets[name] = NftSet(INET, name, "ipv4_addr", (), "verdict", elems)
+
+
+def _dispatch(map_name: str, field: str) -> JSON:
+    return {"vmap": {"key": x.payload("ip", field), "data": f"@{map_name}"}}
+
+
+def _receiver_chains(b: Builder, receivers: list[VmPolicy]) -> None:
+    """Per receiver VM, `<sid>_rej_in` repeating its ingress entries; `ireject_dst` maps its addresses."""
+    chains: dict[str, VmPolicy] = {}
     for vp in receivers:
         chain = f"{vm_sid(vp.vm.id)}_rej_in"
-        b.chain(table, chain)
-        _reject_entries(b, table, vp=vp, chain=chain, entries=vp.ingress, on_allow=x.RETURN)
-        elems.extend(dump([str(ip), {"goto": {"target": chain}}]) for ip in vp.vm.ips)
-    b.sets[map_name] = NftSet(table, map_name, "ipv4_addr", (), "verdict", frozenset(elems))
+        b.chain(INET, chain)
+        _reject_entries(b, vp=vp, chain=chain, entries=vp.ingress, on_allow=x.RETURN)
+        chains[chain] = vp
+    _address_map(b, RECEIVER_MAP, chains)
 
 
-def _dispatch(map_name: str) -> JSON:
-    return {"vmap": {"key": x.payload("ip", "daddr"), "data": f"@{map_name}"}}
-
-
-def _netdev_chains(b: Builder, resolved: Resolved, receivers: list[VmPolicy]) -> None:
-    """VM senders: an ingress chain on each sender's port (every VM's, when some VM rejects at ingress)."""
-    senders = list(resolved.vms) if receivers else [vp for vp in resolved.vms if vp.rejects_out]
-    if not senders:
-        return
+def _sender_chains(b: Builder, resolved: Resolved, senders: list[VmPolicy], *, receivers: bool) -> None:
+    """VM senders, after conntrack: `reject_pre` -> `ireject_src` -> `<sid>_rej_out`."""
+    bridges = sorted({n.bridge for n in resolved.policy.networks if n.gateway is not None})
     on_allow: JSON = x.RETURN
     if receivers:
-        b.chain(NETDEV, REJECT_DST_MAP)
-        b.rule(NETDEV, REJECT_DST_MAP, "sys:dispatch", [_dispatch(REJECT_DST_MAP)])
-        on_allow = {"goto": {"target": REJECT_DST_MAP}}
-        _receiver_chains(b, NETDEV, map_name=REJECT_DST_MAP, receivers=receivers)
-    for vp in sorted(senders, key=lambda v: vm_sid(v.vm.id)):
-        sid = vm_sid(vp.vm.id)
-        port_tag = hashlib.sha256(vp.vm.port.encode()).hexdigest()[:6]
-        base, out = f"{sid}_rej_{port_tag}", f"{sid}_rej_out"
-        b.chain(NETDEV, base, hook="ingress", priority=-500, policy="accept", device=vp.vm.port)
-        b.chain(NETDEV, out)
-        # Only frames that pass anti-spoofing are answered: never send a reset to a forged source.
-        b.rule(
-            NETDEV,
-            base,
-            "sys:identity",
-            [
-                x.match(x.payload("ether", "saddr"), vp.vm.mac),
-                x.match(x.payload("ip", "saddr"), own_ips(vp)),
-                {"goto": {"target": out}},
-            ],
-        )
-        _reject_entries(b, NETDEV, vp=vp, chain=out, entries=vp.egress, on_allow=on_allow)
+        b.chain(INET, TO_CHAIN)
+        b.rule(INET, TO_CHAIN, "sys:dispatch", [_dispatch(RECEIVER_MAP, "daddr")])
+        on_allow = x.goto(TO_CHAIN)
+    endpoint = resolved.policy.settings.agent_endpoint
+    chains: dict[str, VmPolicy] = {}
+    for vp in senders:
+        chain = f"{vm_sid(vp.vm.id)}_rej_out"
+        b.chain(INET, chain)
+        if endpoint is not None:  # the agent's channel to the host passes whatever the policy says
+            agent = [
+                x.match(x.payload("ip", "daddr"), str(endpoint[0])),
+                x.match(x.payload("tcp", "dport"), endpoint[1]),
+            ]
+            b.rule(INET, chain, "sys:agent", [*agent, x.RETURN])
+        _reject_entries(b, vp=vp, chain=chain, entries=vp.egress, on_allow=on_allow)
+        chains[chain] = vp
+    _address_map(b, SENDER_MAP, chains)
+    b.chain(INET, PRE_CHAIN, hook="prerouting", priority=0, policy="accept")
+    b.rule(
+        INET,
+        PRE_CHAIN,
+        "sys:dispatch",
+        [CT_NEW, x.match(x.meta("iifname"), x.anon_set(bridges)), _dispatch(SENDER_MAP, "saddr")],
+    )
 
 
-def _inet_chains(b: Builder, resolved: Resolved, receivers: list[VmPolicy]) -> None:
+def _other_senders(b: Builder, resolved: Resolved) -> None:
     """Senders that are not VMs: routed ones at `forward`, the host's own packets at `output`."""
     bridges = sorted({n.bridge for n in resolved.policy.networks})
-    established = [x.mark_is_set(resolved.policy.settings.conntrack_mark), x.RETURN]
     b.chain(INET, FORWARD_CHAIN, hook="forward", priority=0, policy="accept")
-    # Bridged IPv4 (br_netfilter) and what VMs route out: answered by the netdev chains. One compare.
+    # Bridged IPv4 (br_netfilter) and what VMs route out: `reject_pre`'s business. One compare.
     b.rule(INET, FORWARD_CHAIN, "sys:bridged", [x.match(x.meta("iifname"), x.anon_set(bridges)), x.RETURN])
-    b.rule(INET, FORWARD_CHAIN, "sys:est", established)
-    b.rule(INET, FORWARD_CHAIN, "sys:dispatch", [_dispatch(INET_REJECT_MAP)])
+    b.rule(INET, FORWARD_CHAIN, "sys:dispatch", [CT_NEW, _dispatch(RECEIVER_MAP, "daddr")])
     b.chain(INET, OUTPUT_CHAIN, hook="output", priority=0, policy="accept")
-    b.rule(INET, OUTPUT_CHAIN, "sys:est", established)
-    b.rule(INET, OUTPUT_CHAIN, "sys:dispatch", [_dispatch(INET_REJECT_MAP)])
-    _receiver_chains(b, INET, map_name=INET_REJECT_MAP, receivers=receivers)
+    b.rule(INET, OUTPUT_CHAIN, "sys:dispatch", [CT_NEW, _dispatch(RECEIVER_MAP, "daddr")])
+
+
+def _arp_with_gateway(b: Builder, vms: list[VmPolicy], senders: list[VmPolicy]) -> None:
+    """`reject_arp` (bridge): port . gateway . address of every VM the host may answer with an ICMP error (it
+    sends a reject that answers with ICMP, or its address is a peer of such a reject in another VM's
+    ingress), so that the host can resolve its MAC and the answer reaches it."""
+    icmp_in = merge_ranges(
+        r
+        for vp in vms
+        for e in vp.ingress
+        if e.action is Action.REJECT and any(is_answered_by_icmp(s) for s in e.services)
+        for r in e.peers
+    )
+    addresses = merge_ranges(AddressRange.single(ip) for vp in senders for ip in vp.vm.ips)
+    peers = {int(a) for r in intersect(icmp_in, addresses) for a in range(int(r.first), int(r.last) + 1)}
+    elems: set[str] = set()
+    for vp in senders:
+        gateway = vp.gateway
+        icmp_out = any(
+            e.action is Action.REJECT and any(is_answered_by_icmp(s) for s in e.services) for e in vp.egress
+        )
+        if gateway is None or not (icmp_out or any(int(ip) in peers for ip in vp.vm.ips)):
+            continue
+        elems.update(dump({"concat": [vp.vm.port, str(gateway), str(ip)]}) for ip in vp.vm.ips)
+    b.sets[REJECT_ARP_SET] = NftSet(BRIDGE, REJECT_ARP_SET, REJECT_ARP_TYPE, (), None, frozenset(elems))
 
 
 def reject_chains(b: Builder, resolved: Resolved) -> None:
     """Everything reject rules need; nothing at all (no chain, no hook) when no rule rejects."""
-    receivers = sorted((vp for vp in resolved.vms if vp.rejects_in), key=lambda v: vm_sid(v.vm.id))
-    _netdev_chains(b, resolved, receivers)
+    # A quarantined VM is neither answered nor answered for: quarantine drops all its traffic, silently.
+    by_sid = sorted(
+        (vp for vp in resolved.vms if vp.vm.id not in resolved.quarantine), key=lambda v: vm_sid(v.vm.id)
+    )
+    receivers = [vp for vp in by_sid if vp.rejects_in]
+    # With an ingress reject anywhere, any VM may send what it answers; else only VMs with egress rejects.
+    # VMs of a network without a gateway are not: the host has no address there to answer from.
+    senders = [vp for vp in by_sid if vp.gateway is not None and (receivers or vp.rejects_out)]
     if receivers:
-        _inet_chains(b, resolved, receivers)
+        _receiver_chains(b, receivers)
+    if senders:
+        _sender_chains(b, resolved, senders, receivers=bool(receivers))
+        _arp_with_gateway(b, by_sid, senders)
+    if receivers:
+        _other_senders(b, resolved)

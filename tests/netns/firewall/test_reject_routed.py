@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from hyperfence.lab.session import LabSession
-from hyperfence.ruleset.build import INET, NETDEV
+from hyperfence.ruleset.build import INET
 from hyperfence.ruleset.ir import TableId
 from hyperfence.ruleset.readback import rule_counters
 
@@ -106,12 +106,12 @@ def test_reject_answers_routed_senders_and_the_host(lab: LabSession) -> None:
     assert lab.tcp("host", "vm3", 22, timeout=1.0) == "TIMEOUT"
     assert host_udp_errors(lab, lab.ip("vm3"), 53) == ["OK", "TimeoutError"]
 
-    # VM to VM: answered on the sender's port, before the bridge. (Whether bridged packets skip the inet
-    # chains, the forward chain's `sys:bridged` shortcut, is not checked: those chains repeat the same rules,
-    # so no packet here is answered differently without it; a zero inet counter held with it removed.)
+    # VM to VM: answered at prerouting, after conntrack, before the bridge decides. (Whether bridged packets
+    # skip the forward chain, its `sys:bridged` shortcut, is not checked: that chain repeats the receiver's
+    # rules, so no packet here is answered differently without it.)
     assert lab.tcp("vm1", "vm2", 22, timeout=QUICK) == "REFUSED"
     assert lab.tcp("vm1", "vm2", 80) == "OK"
-    assert counter(lab, NETDEV, "_rej_out", "rule:rej-vm1#1") >= 1  # vm1's own egress rule
+    assert counter(lab, INET, "_rej_out", "rule:rej-vm1#1") >= 1  # vm1's own egress rule
 
     # Exact readback: a full read of every table finds nothing to change.
     assert lab.engine is not None
@@ -145,11 +145,6 @@ def test_replies_to_a_flow_the_vm_started_pass_a_reject(lab: LabSession) -> None
     assert lab.udp("outside", "vm2", 53, timeout=QUICK) == "REFUSED"  # the control: a new flow is answered
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: the netdev reject chain on a sender VM's port has no established-flow check, so a "
-    "VM-to-VM reject rule also answers the replies of a flow the receiver started",
-)
 def test_replies_to_a_flow_the_vm_started_with_another_vm_pass_a_reject(lab: LabSession) -> None:
     """The same between two VMs: vm2 talks from its UDP port 53 to vm1; vm1's replies match vm1's reject
     rule to vm2:53, but they belong to vm2's own flow."""
