@@ -41,8 +41,9 @@ LOG_PREFIX = "hf"
 # digits of n, `rule:<id>#<n>:pair:log` 47 plus those (see tests/unit/ruleset/test_build.py).
 LOG_PREFIX_MAX = 127
 COMMENT_MAX = 128
-# No `ether type` matches: nft 1.0.6 lists them byte-swapped in numeric mode (0x0806 as 1544), which would
-# break the exact readback. `ip version 4` and `arp hlen 6` select the same frames and list as written.
+# No symbolic `ether type` matches: nft 1.0.6 lists them byte-swapped in numeric mode (0x0806 as 1544), which
+# would break the exact readback. `ip version 4` and `arp hlen 6` select the same frames and list as written;
+# where only the ethertype tells (a VLAN tag), `expr.ETHER_TYPE` is the raw form that reads back exactly.
 
 
 @functools.lru_cache(maxsize=65536)

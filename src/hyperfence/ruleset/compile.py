@@ -384,6 +384,9 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
     b.sets["dhcp_clients"] = NftSet(BRIDGE, "dhcp_clients", "ifname . ether_addr", (), None, frozenset(dhcp))
     port_mac = [x.meta("iifname"), x.payload("ether", "saddr")]
     b.chain(BRIDGE, "guard", hook="prerouting", priority=-300, policy="drop")
+    # A VM port is an access port: a tagged frame is the VM's `<vm>_guard` business (logged, dropped) before
+    # the identity checks, which would judge it by the IPv4 header inside the tag. Uplinks (trunks) pass it.
+    b.rule(BRIDGE, "guard", "sys:vlan-dispatch", [x.vlan_tagged(), x.vmap("iifname", GUARD_MAP)])
     b.rule(
         BRIDGE,
         "guard",
@@ -425,6 +428,14 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
     b.rule(BRIDGE, "egress", "sys:dispatch", [x.vmap("iifname", OUT_MAP)])
     b.logged_drop(BRIDGE, "egress", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
     b.chain(BRIDGE, "ingress", hook="postrouting", priority=10, policy="drop")
+    if uplinks:  # a tagged frame from a trunk never reaches a VM (VMs' own tagged frames died at the guard)
+        b.logged_drop(
+            BRIDGE,
+            "ingress",
+            "sys:vlan",
+            log_prefix("-", "in", "deny", "sys:vlan"),
+            [x.vlan_tagged(), x.match(x.meta("oifname"), x.anon_set(list(uplinks)), op="!=")],
+        )
     b.rule(BRIDGE, "ingress", "sys:est", [x.mark_is_set(mark), x.ACCEPT])
     b.rule(BRIDGE, "ingress", "sys:dispatch", [x.vmap("oifname", IN_MAP)])
     b.logged_drop(BRIDGE, "ingress", "sys:unknown-port", log_prefix("-", "in", "deny", "sys:unknown-port"))
@@ -495,7 +506,9 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
         b.chain(BRIDGE, name)
 
     # Anti-spoofing happens in the guard base chain, one set lookup per frame (`ident_ip`, `ident_arp`,
-    # `dhcp_clients`); a frame that fails it is dispatched here to be logged and dropped.
+    # `dhcp_clients`); a frame that fails it, or carries a VLAN tag, is dispatched here to be logged and
+    # dropped.
+    b.logged_drop(BRIDGE, guard, "sys:vlan", log_prefix(sid, "out", "deny", "sys:vlan"), [x.vlan_tagged()])
     b.logged_drop(BRIDGE, guard, "sys:spoof", log_prefix(sid, "out", "spoof", "sys:spoof"))
 
     endpoint = b.settings.agent_endpoint
