@@ -136,8 +136,8 @@ class ProtocolService:
 class SpecialService(enum.StrEnum):
     ANY = "any"  # every IPv4 packet
     ARP = "arp"  # ARP between the VM and the peers
-    DHCP = "dhcp"  # the VM may get a lease from the peers (DHCP client side)
-    DHCP_SERVER = "dhcp-server"  # the VM may answer as a DHCP server to the peers
+    DHCP = "dhcp"  # `from` gets leases from `to` (`from` VMs are clients, `to` VMs servers)
+    DHCP_SERVER = "dhcp-server"  # `from` serves `to` (the same exchange, written from the server side)
 
 
 @dataclass(frozen=True)

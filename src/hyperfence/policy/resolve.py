@@ -36,6 +36,10 @@ from hyperfence.model.policy import (
 )
 
 DHCP_SERVICES = (NamedService(SpecialService.DHCP), NamedService(SpecialService.DHCP_SERVER))
+# DHCP's addresses that are nobody's: a client without an address yet sends from 0.0.0.0, and requests (and
+# replies to a client without an address) go to the limited broadcast address.
+DHCP_NO_ADDRESS = AddressSelector(AddressRange.single(IPv4Address(0)), str(IPv4Address(0)))
+DHCP_BROADCAST = AddressSelector(AddressRange.single(IPv4Address("255.255.255.255")), "255.255.255.255")
 DEFAULT_CAP = Settings().default_cap
 MAX_ADDR = int(IPv4Address("255.255.255.255"))
 ANY: tuple[AddressRange, ...] = (AddressRange(IPv4Address(0), IPv4Address(MAX_ADDR)),)
@@ -230,14 +234,58 @@ def _rule_entries(
     to_addrs = index.addresses(rule.to)
     from_addrs = index.addresses(rule.from_)
     dhcp = tuple(s for s in rule.services if s in DHCP_SERVICES)
+    others = tuple(s for s in rule.services if s not in DHCP_SERVICES) if dhcp else rule.services
     for vm in from_vms:
-        egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, rule.services))
-        if dhcp:
-            ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, dhcp, paired=True))
+        if others:
+            egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, others))
+        for svc in dhcp:
+            egress[vm.id].append(_dhcp_entry(rule, svc, Direction.OUT, rule.to, to_addrs))
+            ingress[vm.id].append(_dhcp_entry(rule, svc, Direction.IN, rule.to, to_addrs, paired=True))
     for vm in to_vms:
-        ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, rule.services))
-        if dhcp:
-            egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, dhcp, paired=True))
+        if others:
+            ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, others))
+        for svc in dhcp:
+            ingress[vm.id].append(_dhcp_entry(rule, svc, Direction.IN, rule.from_, from_addrs))
+            egress[vm.id].append(_dhcp_entry(rule, svc, Direction.OUT, rule.from_, from_addrs, paired=True))
+
+
+def is_dhcp_client(service: Service, direction: Direction, *, paired: bool) -> bool:
+    """Is the VM a DHCP client in an entry of `service` (`dhcp` or `dhcp-server`)? A rule's `from` side sends
+    first: with `dhcp` the `from` VMs are clients of the `to` side (and `to` VMs its servers), with
+    `dhcp-server` the `from` VMs serve the `to` side. A VM is on the `from` side in its unpaired egress entry
+    and its paired ingress entry."""
+    from_side = (direction is Direction.OUT) != paired
+    return (service == DHCP_SERVICES[0]) == from_side
+
+
+def dhcp_ports(service: Service, direction: Direction, *, paired: bool) -> tuple[int, int]:
+    """(source port, destination port) of the UDP packets a DHCP entry passes: a client sends 68 -> 67 and
+    receives 67 -> 68, a server the reverse."""
+    sends = direction is Direction.OUT
+    return (68, 67) if is_dhcp_client(service, direction, paired=paired) == sends else (67, 68)
+
+
+def _dhcp_entry(
+    rule: Rule,
+    service: Service,
+    direction: Direction,
+    selectors: tuple[Selector, ...],
+    addrs: tuple[AddressRange, ...],
+    *,
+    paired: bool = False,
+) -> Entry:
+    """One half of a DHCP exchange with the rule's peers, and only with them: a VM sends to the peers or to
+    the broadcast address, and takes from the peers (a server also from 0.0.0.0: a client without an
+    address yet, which only a VM with a `dhcp` rule may send from, with its own MAC)."""
+    extra = None
+    if direction is Direction.OUT:
+        extra = DHCP_BROADCAST
+    elif not is_dhcp_client(service, direction, paired=paired):
+        extra = DHCP_NO_ADDRESS
+    if extra is not None and addrs != ANY:
+        selectors = (*selectors, extra)
+        addrs = merge_ranges((*addrs, extra.range))
+    return Entry(rule, direction, selectors, addrs, (service,), paired=paired)
 
 
 def _limits(
@@ -286,8 +334,8 @@ def _vm_policy(
         arp_peers=_without(reachable, vm.ips),
         arp_sources=tuple(sources.items()),
         arp_gateway=net.gateway is not None and contains(reachable, net.gateway),
-        dhcp_client=any(NamedService(SpecialService.DHCP) in e.services for e in allows),
-        dhcp_server=any(NamedService(SpecialService.DHCP_SERVER) in e.services for e in allows),
+        dhcp_client=any(_dhcp_role(e, client=True) for e in allows),
+        dhcp_server=any(_dhcp_role(e, client=False) for e in allows),
         rejects_out=any(e.action is Action.REJECT for e in egress),
         rejects_in=any(e.action is Action.REJECT for e in ingress),
         limits_out=_limits(index, policy.limits, vm, Direction.OUT),
@@ -388,6 +436,15 @@ def _without(ranges: tuple[AddressRange, ...], addrs: tuple[IPv4Address, ...]) -
     if not any(r.first <= a <= r.last for r in ranges for a in addrs):
         return ranges
     return _subtract(ranges, merge_ranges(AddressRange.single(a) for a in addrs))
+
+
+def _dhcp_role(entry: Entry, *, client: bool) -> bool:
+    """Does `entry` make its VM a DHCP client (or, `client=False`, a server)?"""
+    return any(
+        is_dhcp_client(s, entry.direction, paired=entry.paired) == client
+        for s in entry.services
+        if s in DHCP_SERVICES
+    )
 
 
 def _only_named(services: tuple[Service, ...]) -> bool:

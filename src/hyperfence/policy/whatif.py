@@ -20,7 +20,7 @@ from hyperfence.model.policy import (
     Service,
     SpecialService,
 )
-from hyperfence.policy.resolve import Entry, Resolved, VmPolicy, contains
+from hyperfence.policy.resolve import Entry, Resolved, VmPolicy, contains, dhcp_ports
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
 
@@ -55,7 +55,7 @@ class Answer:
         return self.steps[-1] if self.steps else None
 
 
-def _service_matches(svc: Service, flow: Flow, direction: Direction) -> bool:
+def _service_matches(svc: Service, flow: Flow, direction: Direction, *, paired: bool = False) -> bool:
     match svc:
         case PortService(proto, ports):
             if flow.protocol != proto.value:
@@ -73,10 +73,10 @@ def _service_matches(svc: Service, flow: Flow, direction: Direction) -> bool:
             return flow.protocol != "arp"
         case NamedService(SpecialService.ARP):
             return flow.protocol == "arp"
-        case NamedService(SpecialService.DHCP):
-            return flow.protocol == "udp" and flow.port == (67 if direction is Direction.OUT else 68)
-        case NamedService(SpecialService.DHCP_SERVER):
-            return flow.protocol == "udp" and flow.port == (68 if direction is Direction.OUT else 67)
+        case NamedService(SpecialService.DHCP | SpecialService.DHCP_SERVER):
+            # The destination port of the VM's role; `can` has no source port (the kernel also matches the
+            # client's 68 or the server's 67).
+            return flow.protocol == "udp" and flow.port == dhcp_ports(svc, direction, paired=paired)[1]
     return False
 
 
@@ -84,11 +84,9 @@ def _walk(
     vp: VmPolicy, entries: tuple[Entry, ...], peer: IPv4Address, flow: Flow, direction: Direction
 ) -> Step:
     for e in entries:
-        if e.paired:
-            continue
         if not contains(e.peers, peer) and not (flow.protocol == "arp" and contains(vp.arp_peers, peer)):
             continue
-        if any(_service_matches(s, flow, direction) for s in e.services):
+        if any(_service_matches(s, flow, direction, paired=e.paired) for s in e.services):
             return Step(vp.vm.name, direction, e.action, e.rule.id)
     if flow.protocol == "arp" and contains(vp.arp_peers, peer):
         return Step(vp.vm.name, direction, Action.ALLOW, "sys:arp")

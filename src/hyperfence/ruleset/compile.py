@@ -611,7 +611,7 @@ def _entry_rules(b: Builder, vp: VmPolicy, sid: str, chain: str, entry: Entry) -
     verdict = x.ACCEPT if rule.action is Action.ALLOW else x.DROP
     for service in entry.services:
         n = rule.services.index(service) + 1
-        matches = service_matches(service, entry.direction, peer, arp_peer, vp)
+        matches = service_matches(service, entry.direction, peer, arp_peer, vp, paired=entry.paired)
         comment = f"rule:{rule.id}#{n}" + (":pair" if entry.paired else "")
         if rule.log:
             s = b.settings

@@ -5,10 +5,28 @@ from ipaddress import IPv4Address as A
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperfence.model.policy import AddressRange, Direction
+from hyperfence.model.policy import (
+    L4,
+    AddressRange,
+    Direction,
+    NamedService,
+    PortRange,
+    PortService,
+    SpecialService,
+)
 from hyperfence.policy.parse import parse_policy
-from hyperfence.policy.resolve import ANY, complement, merge_ranges, resolve_policy, resolve_update
+from hyperfence.policy.resolve import (
+    ANY,
+    complement,
+    dhcp_ports,
+    merge_ranges,
+    resolve_policy,
+    resolve_update,
+)
 from tests.unit.policy.test_parse import doc
+
+
+DHCP = NamedService(SpecialService.DHCP)
 
 
 def r(a: str, b: str) -> AddressRange:
@@ -77,6 +95,49 @@ def test_dhcp_rule_pairs_request_and_reply() -> None:
         assert vp.dhcp_client and not vp.dhcp_server
         assert [e.paired for e in vp.ingress] == [True]
         assert vp.ingress[0].peers == (r("10.77.0.1", "10.77.0.1"),)
+
+
+BROADCAST, NO_ADDRESS = r("255.255.255.255", "255.255.255.255"), r("0.0.0.0", "0.0.0.0")
+
+
+def test_a_dhcp_client_talks_with_the_servers_its_rule_names_only() -> None:
+    res = resolve_policy(
+        parse_policy(doc(rules=[{"id": "d", "from": "vms", "to": "host", "services": ["dhcp", "udp/53"]}]))
+    )
+    host = r("10.77.0.1", "10.77.0.1")
+    for vp in res.vms:
+        dns, request = vp.egress
+        assert dns.services == (PortService(L4.UDP, (PortRange(53, 53),)),) and dns.peers == (host,)
+        assert request.peers == (host, BROADCAST)  # a request goes to the server or to everyone on the link
+        assert dhcp_ports(DHCP, Direction.OUT, paired=False) == (68, 67)
+        (reply,) = vp.ingress
+        assert reply.paired and reply.peers == (host,)  # a reply from anyone else is dropped
+        assert dhcp_ports(DHCP, Direction.IN, paired=True) == (67, 68)
+
+
+def test_the_rules_from_side_sends_first_a_vm_named_as_dhcp_server_serves() -> None:
+    """`{from: vm2, to: vm1, dhcp}` and `{from: vm1, to: vm2, dhcp-server}` say the same: vm1 serves vm2."""
+    for rule in (
+        {"id": "d", "from": "vm:vm2", "to": "vm:vm1", "services": ["dhcp"]},
+        {"id": "d", "from": "vm:vm1", "to": "vm:vm2", "services": ["dhcp-server"]},
+    ):
+        vm1, vm2 = resolve_policy(parse_policy(doc(rules=[rule]))).vms
+        assert (vm1.dhcp_client, vm1.dhcp_server, vm2.dhcp_client, vm2.dhcp_server) == (
+            False,
+            True,
+            True,
+            False,
+        )
+        one, two = r("10.77.0.11", "10.77.0.11"), r("10.77.0.12", "10.77.0.12")
+        (offers,) = vm1.egress
+        assert offers.peers == (two, BROADCAST)
+        (requests,) = vm1.ingress
+        assert requests.peers == (NO_ADDRESS, two)  # a client without an address sends from 0.0.0.0
+        svc = offers.services[0]
+        assert dhcp_ports(svc, offers.direction, paired=offers.paired) == (67, 68)
+        assert dhcp_ports(svc, requests.direction, paired=requests.paired) == (68, 67)
+        assert [e.peers for e in vm2.egress] == [(one, BROADCAST)]
+        assert [e.peers for e in vm2.ingress] == [(one,)]
 
 
 rule_st = st.fixed_dictionaries(
