@@ -25,7 +25,6 @@ from hyperfence.policy.resolve import (
 )
 from tests.unit.policy.test_parse import doc
 
-
 DHCP = NamedService(SpecialService.DHCP)
 
 
