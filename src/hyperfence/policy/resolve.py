@@ -43,6 +43,12 @@ DHCP_BROADCAST = AddressSelector(AddressRange.single(IPv4Address("255.255.255.25
 DEFAULT_CAP = Settings().default_cap
 MAX_ADDR = int(IPv4Address("255.255.255.255"))
 ANY: tuple[AddressRange, ...] = (AddressRange(IPv4Address(0), IPv4Address(MAX_ADDR)),)
+# Destinations that never leave through the host's routing, so never `outside`: "this network", loopback,
+# multicast and the limited broadcast (the host itself and everyone on the link receive those).
+NOT_ROUTED = tuple(
+    AddressRange.of_network(IPv4Network(n))
+    for n in ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32")
+)
 
 
 def merge_ranges(ranges: Iterable[AddressRange]) -> tuple[AddressRange, ...]:
@@ -344,11 +350,25 @@ def _vm_policy(
     )
 
 
-def resolve_policy(policy: Policy) -> Resolved:
-    """For every VM: its egress and ingress entries in evaluation order, and what ARP/DHCP it may do."""
-    managed = merge_ranges(AddressRange.of_network(n.subnet) for n in policy.networks)
-    outside = complement(managed)
-    host = merge_ranges(AddressRange.single(n.gateway) for n in policy.networks if n.gateway is not None)
+def host_ranges(policy: Policy, host_addresses: Iterable[AddressRange] = ()) -> tuple[AddressRange, ...]:
+    """`host`: every address of the hypervisor itself. The networks' gateways and `settings.host_addresses`
+    come from the policy; the rest (e.g. its uplink's address) only the kernel knows: `host_addresses`, which
+    the caller reads from the bridges' namespace (`adapters/host_addresses.py`)."""
+    gateways = (AddressRange.single(n.gateway) for n in policy.networks if n.gateway is not None)
+    return merge_ranges((*gateways, *policy.settings.host_addresses, *host_addresses))
+
+
+def outside_ranges(policy: Policy, host: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:
+    """`outside`: the addresses that are neither on a managed network nor the host's, nor `NOT_ROUTED`."""
+    managed = (AddressRange.of_network(n.subnet) for n in policy.networks)
+    return complement(merge_ranges((*managed, *host, *NOT_ROUTED)))
+
+
+def resolve_policy(policy: Policy, *, host_addresses: Iterable[AddressRange] = ()) -> Resolved:
+    """For every VM: its egress and ingress entries in evaluation order, and what ARP/DHCP it may do.
+    `host_addresses`: the host's own addresses as the kernel has them (see `host_ranges`)."""
+    host = host_ranges(policy, host_addresses)
+    outside = outside_ranges(policy, host)
     nets = {n.name: n for n in policy.networks}
     egress: dict[str, list[Entry]] = {vm.id: [] for vm in policy.vms}
     ingress: dict[str, list[Entry]] = {vm.id: [] for vm in policy.vms}
@@ -366,14 +386,18 @@ def resolve_policy(policy: Policy) -> Resolved:
 MAX_INCREMENTAL_RULES = 32
 
 
-def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
-    """`resolve_policy(policy)`, computed from `prev` when only a few rules changed: the VMs those rules
-    select (before or after the change) are resolved again, every other VM keeps its `VmPolicy` object.
-    None when the change is not of that kind (networks, VMs, IP sets, settings or limits changed; many rules
-    changed): the caller resolves from scratch. The result equals `resolve_policy(policy)`."""
+def resolve_update(
+    prev: Resolved, policy: Policy, *, host_addresses: Iterable[AddressRange] = ()
+) -> Resolved | None:
+    """`resolve_policy(policy, host_addresses=...)`, computed from `prev` when only a few rules changed: the
+    VMs those rules select (before or after the change) are resolved again, every other VM keeps its
+    `VmPolicy` object. None when the change is not of that kind (networks, VMs, IP sets, settings, limits or
+    the host's addresses changed; many rules changed): the caller resolves from scratch. The result equals
+    `resolve_policy(policy, host_addresses=...)`."""
     old = prev.policy
     if (
-        old.networks != policy.networks
+        host_ranges(policy, host_addresses) != prev.host
+        or old.networks != policy.networks
         or old.vms != policy.vms
         or old.ipsets != policy.ipsets
         or old.settings != policy.settings

@@ -3,6 +3,9 @@
 Walks exactly the entries the compiler renders (`resolve_policy`), in the same order, so the answer names
 the rule that the kernel would apply: the sender's egress chain first, then the receiver's ingress chain.
 Replies to an allowed flow always pass (stateful), so only the first packet of a flow is asked about.
+An address that is no declared VM's but can only sit on a bridge port no declared VM holds is denied as
+the kernel denies it (`sys:unknown-port`), and the answer says whose an address is when that decides it
+(the host's, never routed, maybe behind an uplink).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from hyperfence.model.policy import (
     Direction,
     IcmpService,
     NamedService,
+    Network,
     PortService,
     ProtocolService,
     Service,
@@ -105,28 +109,72 @@ def find_vm(resolved: Resolved, name_or_ip: str) -> tuple[VmPolicy | None, IPv4A
     return None, addr
 
 
+def unknown_port_network(resolved: Resolved, addr: IPv4Address) -> Network | None:
+    """The network `addr` can only be on behind a bridge port that no declared VM holds (a removed VM's, a
+    tap that appeared before its VM): on a managed subnet, neither a declared VM's address nor the host's,
+    and the network has no uplinks it could be behind. Such a port gets nothing (`sys:unknown-port`)."""
+    if contains(resolved.host, addr) or any(addr in vp.vm.ips for vp in resolved.vms):
+        return None
+    return next((n for n in resolved.policy.networks if addr in n.subnet and not n.uplinks), None)
+
+
+def _address_note(resolved: Resolved, addr: IPv4Address) -> str | None:
+    """Why an address that is no VM's is covered or not by `host` / `outside`, when that is not obvious."""
+    if any(addr in vp.vm.ips for vp in resolved.vms):
+        return None
+    if contains(resolved.host, addr):
+        return f"{addr} is the host's (`host` covers it, `outside` does not)"
+    net = next((n for n in resolved.policy.networks if addr in n.subnet), None)
+    if net is not None and net.uplinks:
+        return (
+            f"{addr} is no declared VM's: on network {net.name} it may be behind an uplink "
+            f"({', '.join(net.uplinks)}); on a bridge port no declared VM holds it would get nothing "
+            "(sys:unknown-port)"
+        )
+    if net is None and not contains(resolved.outside, addr):
+        return f"{addr} is never routed (this network, loopback, multicast, broadcast): it is not `outside`"
+    return None
+
+
+def _unknown_port(addr: IPv4Address, net: Network) -> str:
+    return (
+        f"{addr} is on network {net.name} ({net.subnet}) but is neither a declared VM's address nor the "
+        f"host's, and {net.name} has no uplinks: it can only be on a bridge port that no declared VM holds, "
+        "and such a port gets nothing"
+    )
+
+
 def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
     """Raises ValueError when src/dst is neither a VM nor an IPv4 address."""
     src_vm, src_ip = find_vm(resolved, src)
     dst_vm, dst_ip = find_vm(resolved, dst)
-    if src_vm is None and dst_vm is None:
-        return Answer(True, (), f"neither {src} nor {dst} is a protected VM: hyperfence does not filter it")
+    notes = [n for n in (_address_note(resolved, src_ip), _address_note(resolved, dst_ip)) if n]
+    note = "".join(f"; {n}" for n in notes)
     steps: list[Step] = []
-    for vp, side, peer, direction in (
-        (src_vm, "egress", dst_ip, Direction.OUT),
-        (dst_vm, "ingress", src_ip, Direction.IN),
+    for vp, side, peer, direction, addr in (
+        (src_vm, "egress", dst_ip, Direction.OUT, src_ip),
+        (dst_vm, "ingress", src_ip, Direction.IN, dst_ip),
     ):
         if vp is None:
+            net = unknown_port_network(resolved, addr)
+            if net is not None:  # the sender's port drops what it sends, the receiver's what it is sent
+                steps.append(Step(str(addr), direction, Action.DENY, "sys:unknown-port"))
+                return Answer(False, tuple(steps), f"{_unknown_port(addr, net)}: deny by sys:unknown-port")
             continue
         step = _walk(vp, vp.egress if direction is Direction.OUT else vp.ingress, peer, flow, direction)
         steps.append(step)
         if step.verdict is not Action.ALLOW:
-            return Answer(False, tuple(steps), f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}")
+            return Answer(
+                False, tuple(steps), f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}{note}"
+            )
+    if not steps:
+        return Answer(True, (), f"neither {src} nor {dst} is a protected VM: hyperfence does not filter it")
     return Answer(
         True,
         tuple(steps),
         "allowed by "
         + " and ".join(
             f"{s.rule} ({s.vm} {'egress' if s.direction is Direction.OUT else 'ingress'})" for s in steps
-        ),
+        )
+        + note,
     )

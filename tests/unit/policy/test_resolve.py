@@ -203,3 +203,40 @@ def test_incremental_resolve_and_cached_compile_equal_a_fresh_compile(
         assert cached == fresh
         assert cached.chain_rules() == fresh.chain_rules()
         prev = resolved
+
+
+UPLINK, LOOPBACK = r("10.78.0.1", "10.78.0.1"), r("127.0.0.0", "127.255.255.255")
+
+
+def test_host_is_every_address_of_the_host_and_outside_none_of_them() -> None:
+    policy = parse_policy(
+        doc(
+            settings={"host_addresses": ["192.0.2.7"]},
+            rules=[
+                {"id": "h", "from": "vm:vm1", "to": "host", "services": ["tcp/22"]},
+                {"id": "o", "from": "vm:vm1", "to": "outside", "services": ["tcp/22"]},
+            ],
+        )
+    )
+    res = resolve_policy(policy, host_addresses=(UPLINK, LOOPBACK))
+    gateway, extra = r("10.77.0.1", "10.77.0.1"), r("192.0.2.7", "192.0.2.7")
+    assert res.host == (gateway, UPLINK, LOOPBACK, extra)  # the gateway, the kernel's, the setting's
+    host, outside = res.vms[0].egress
+    assert host.peers == res.host
+    for addr in ("10.78.0.1", "192.0.2.7", "127.0.0.1", "10.77.0.1", "10.77.0.12"):
+        assert not any(x.first <= A(addr) <= x.last for x in outside.peers), addr
+    for addr in ("10.78.0.2", "8.8.8.8", "10.78.0.0", "10.77.4.0"):
+        assert any(x.first <= A(addr) <= x.last for x in outside.peers), addr
+    # never routed, so never outside: "this network", multicast and the limited broadcast
+    for addr in ("0.0.0.1", "224.0.0.251", "239.1.1.1", "255.255.255.255"):
+        assert not any(x.first <= A(addr) <= x.last for x in outside.peers), addr
+    # without the kernel's addresses (a pure check), `host` is the gateways and the setting's
+    assert resolve_policy(policy).host == (gateway, extra)
+
+
+def test_a_change_of_the_hosts_addresses_is_a_full_resolve() -> None:
+    policy = parse_policy(doc(rules=[{"id": "o", "from": "vm:vm1", "to": "outside", "services": ["any"]}]))
+    before = resolve_policy(policy, host_addresses=(UPLINK,))
+    assert resolve_update(before, policy, host_addresses=(UPLINK, LOOPBACK)) is None
+    same = resolve_update(before, policy, host_addresses=(UPLINK,))
+    assert same is not None and same.vms == before.vms
