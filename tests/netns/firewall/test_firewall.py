@@ -574,7 +574,7 @@ def test_broadcast_multicast_ipv6_and_other_ethertypes_are_dropped(lab: LabSessi
 def test_vlan_tagged_frames_are_dropped(lab: LabSession) -> None:
     """A VM's port is an access port: a tagged frame is dropped even when the datagram inside it would be
     allowed untagged (it could reach a VLAN of the receiver that the policy knows nothing about). The drop
-    is the sender's, counted in its guard chain as `sys:vlan`."""
+    is counted in `vlan_out` as `sys:vlan`."""
     _, vm2, vm3 = lab.plan.vms
     inner = f"IP(src='{vm3.ip}', dst='{vm2.ip}')/UDP(dport=7000)"
     to_vm2 = f"Ether(src='{vm3.mac}', dst='{vm2.mac}')"
@@ -582,7 +582,7 @@ def test_vlan_tagged_frames_are_dropped(lab: LabSession) -> None:
     bare, policed = _frames_from_vm3_to_vm2(lab, frames)
     assert bare == dict.fromkeys([*frames, "allowed"], 3), bare  # the control: each kind can arrive
     assert policed == {"allowed": 3}, policed
-    assert counter(lab, "_guard", "sys:vlan") == 6
+    assert counter(lab, "vlan_out", "sys:vlan") == 6
 
 
 def test_an_uplink_is_a_trunk_but_its_tagged_frames_never_reach_a_vm(lab: LabSession) -> None:
@@ -613,7 +613,8 @@ def test_an_uplink_is_a_trunk_but_its_tagged_frames_never_reach_a_vm(lab: LabSes
             "allowed": f"{to_vm2}/{inner}",
         }
         assert _frames_seen(lab, "vm2", [(f"netns:{ns}", frames)]) == {"allowed": 3}
-        assert counter(lab, "ingress", "sys:vlan") >= 6
+        assert counter(lab, "vlan_in", "sys:vlan") == 6
+        assert counter(lab, "vlan_out", "sys:vlan") == 0  # the uplink is a trunk: its tagged frames pass
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 

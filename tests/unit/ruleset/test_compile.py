@@ -51,7 +51,7 @@ def test_every_rule_has_a_unique_id_per_chain_and_a_counter() -> None:
             # log rules, dispatch and the per-packet anti-spoofing accepts (the hot path) carry no counter
             if r.comment.endswith(":log") or r.comment in (
                 "sys:dispatch",
-                "sys:vlan-dispatch",  # a tagged frame to its VM's guard chain, which counts the drop
+                "sys:vlan-tagged",  # a tagged frame to vlan_out / vlan_in, which count the drop
                 "sys:ct-cap-out",  # dispatch to the VM's connection cap
                 "sys:ct-cap-in",
                 "sys:ct-count",  # the cap's decision is counted in sys:ct-cap
@@ -74,30 +74,38 @@ def test_protected_vm_with_no_rules_ends_in_default_deny_both_ways() -> None:
         last = rules[(BRIDGE, chain)][-1]
         assert last.comment == "sys:default-deny" and {"drop": None} in last.statements()
     guard = [r.comment for r in rules[(BRIDGE, f"{sid}_guard")]]
-    # identity is checked by one lookup in the base chain; a tagged frame is sent here first
-    assert guard == ["sys:vlan:log", "sys:vlan", "sys:spoof:log", "sys:spoof"]
+    assert guard == ["sys:spoof:log", "sys:spoof"]  # identity is checked by one lookup in the base chain
     dhcp = next(s for s in rs.sets if s.name == "dhcp_clients")
     assert dhcp.elements == frozenset()  # no DHCP discover without a rule
 
 
-def test_a_tagged_frame_goes_to_its_vms_guard_first_and_never_to_a_vm_from_an_uplink() -> None:
+def test_a_tagged_frame_is_dropped_first_from_a_vm_and_never_reaches_one_from_an_uplink() -> None:
     tagged = x.vlan_tagged()
     rules = compiled(doc()).chain_rules()
     first = rules[(BRIDGE, "guard")][0]
-    assert (
-        first.comment == "sys:vlan-dispatch"
-    )  # before the identity accepts, which would judge the IP inside
-    assert first.statements() == [tagged, x.vmap("iifname", "guard_ports")]
-    assert tagged in rules[(BRIDGE, f"{vm_sid('vm1')}_guard")][1].statements()
+    # before the identity accepts, which would judge the IP inside the tag
+    assert first.comment == "sys:vlan-tagged"
+    assert first.statements() == [tagged, x.goto("vlan_out")]
+    assert [r.comment for r in rules[(BRIDGE, "vlan_out")]] == ["sys:vlan:log", "sys:vlan"]
     assert not any(tagged in r.statements() for r in rules[(BRIDGE, "ingress")])  # no uplink: no cost
+    assert (BRIDGE, "vlan_in") not in rules
     trunk = doc()
     trunk["networks"] = [{**trunk["networks"][0], "uplinks": ["eno1", "eno2"]}]
-    ingress = compile_ruleset(resolve_policy(parse_policy(trunk))).chain_rules()[(BRIDGE, "ingress")]
-    assert [r.comment for r in ingress[:3]] == ["sys:vlan:log", "sys:vlan", "sys:est"]
-    assert ingress[1].statements()[:2] == [
+    rules = compile_ruleset(resolve_policy(parse_policy(trunk))).chain_rules()
+    uplinks = {"set": ["eno1", "eno2"]}
+    assert rules[(BRIDGE, "guard")][0].statements() == [
         tagged,
-        x.match(x.meta("oifname"), {"set": ["eno1", "eno2"]}, op="!="),  # trunk to trunk passes
+        x.match(x.meta("iifname"), uplinks, op="!="),  # a trunk may send tagged frames
+        x.goto("vlan_out"),
     ]
+    ingress = rules[(BRIDGE, "ingress")]
+    assert [r.comment for r in ingress[:2]] == ["sys:vlan-tagged", "sys:est"]
+    assert ingress[0].statements() == [
+        tagged,
+        x.match(x.meta("oifname"), uplinks, op="!="),  # trunk to trunk passes
+        x.goto("vlan_in"),
+    ]
+    assert [r.comment for r in rules[(BRIDGE, "vlan_in")]] == ["sys:vlan:log", "sys:vlan"]
 
 
 def test_addresses_live_in_sets_not_rules() -> None:

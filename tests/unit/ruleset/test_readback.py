@@ -12,7 +12,7 @@ def _listed_rule(expr: list[object]) -> dict[str, object]:
             "table": "hyperfence",
             "chain": "guard",
             "handle": 4,
-            "comment": "sys:vlan-dispatch",
+            "comment": "sys:vlan-tagged",
             "expr": expr,
         }
     }
