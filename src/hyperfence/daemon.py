@@ -5,6 +5,8 @@
   drift (a hand-run `nft flush ruleset`), which is recorded as an event.
 * Drift watch (`reconcile/drift.py`): the kernel's nftables events; a commit by anyone else that touches
   hyperfence's tables asks for that full converge at once (repaired within milliseconds at a few VMs).
+* Address watch (`reconcile/host_addresses.py`): the host's own addresses are an input like the policy
+  (`host` covers them, `outside` leaves them out); an address event reads them again and converges.
 * Control socket (`<state>/daemon.sock`, root only): `policy apply` asks the daemon to converge now and
   waits for the answer, so a one-rule change is applied by a process that already holds the kernel state.
 * Traffic log: NFLOG events from the rules -> JSON lines in `<state>/traffic.jsonl`.
@@ -35,6 +37,7 @@ from hyperfence.model.text import printable
 from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.drift import DriftWatcher
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.host_addresses import HostAddressWatcher
 from hyperfence.reconcile.inventory import InventoryWatcher
 from hyperfence.reconcile.supervisor import Supervisor
 from hyperfence.ruleset.compile import TABLES
@@ -102,6 +105,7 @@ class Daemon:
         agents: AgentMonitor | None = None,
         inventory: InventoryWatcher | None = None,
         watch_drift: bool = True,
+        watch_addresses: bool = True,
     ) -> None:
         self.engine = engine
         self.agents = agents
@@ -110,6 +114,7 @@ class Daemon:
         self.resync = resync
         self.traffic_log = traffic_log
         self.watch_drift = watch_drift
+        self.watch_addresses = watch_addresses
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self._repair_causes: list[str] = []  # why a full converge was asked for (see `repair_now`)
@@ -263,6 +268,8 @@ class Daemon:
                 repair=self.repair_now,
             )
             self.supervisor.start("drift", drift.run)
+        if self.watch_addresses:  # the host's addresses: what `host` covers and `outside` leaves out
+            self.supervisor.start("addresses", HostAddressWatcher(self.engine).run)
         if self.traffic_log:  # after the first compile: the policy names the NFLOG group
             self.supervisor.start("traffic", self.read_traffic)
         if self.inventory is not None:  # after the first compile: the policy names the managed bridges

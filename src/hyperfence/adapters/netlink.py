@@ -37,15 +37,22 @@ def attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
 
 
 def netfilter_socket(
-    netns: str | None, *, what: str, groups: int = 0, rcvbuf: int | None = None, blocking: bool = True
+    netns: str | None,
+    *,
+    what: str,
+    groups: int = 0,
+    rcvbuf: int | None = None,
+    blocking: bool = True,
+    protocol: int = NETLINK_NETFILTER,
 ) -> socket.socket:
-    """A NETLINK_NETFILTER socket of namespace `netns` (None: ours), bound to the multicast `groups` (a
-    bitmask), with a receive buffer of `rcvbuf` bytes (forced past rmem_max where allowed). The socket belongs
-    to the namespace it was created in, whichever thread uses it later. Errors are translated, naming
-    `what`: `NotFoundError` (no such namespace), `PermissionDeniedError` (not root), `KernelError`."""
+    """A NETLINK_NETFILTER socket (or one of another netlink `protocol`, e.g. NETLINK_ROUTE) of namespace
+    `netns` (None: ours), bound to the multicast `groups` (a bitmask), with a receive buffer of `rcvbuf` bytes
+    (forced past rmem_max where allowed). The socket belongs to the namespace it was created in, whichever
+    thread uses it later. Errors are translated, naming `what`: `NotFoundError` (no such namespace),
+    `PermissionDeniedError` (not root), `KernelError`."""
 
     def create() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
         try:
             if rcvbuf is not None:
                 try:
@@ -72,7 +79,7 @@ def netfilter_socket(
             worker.close()
     except PermissionError as e:
         raise PermissionDeniedError(
-            f"{what}: cannot open a netfilter netlink socket ({e.strerror}); run as root"
+            f"{what}: cannot open a netlink socket ({e.strerror}); run as root"
         ) from None
     except OSError as e:
-        raise KernelError(f"{what}: cannot open a netfilter netlink socket: {e.strerror or e}") from None
+        raise KernelError(f"{what}: cannot open a netlink socket: {e.strerror or e}") from None

@@ -124,7 +124,8 @@ def policy_apply(
     engine = c.engine()
     if dry_run:
         policy = parse_policy(document, source=file)
-        plan = plan_changes(compile_ruleset(resolve_policy(policy)), engine.firewall.read())
+        resolved = resolve_policy(policy, host_addresses=engine.known_host_addresses())
+        plan = plan_changes(compile_ruleset(resolved), engine.firewall.read())
         out.print(f"would send {len(plan.commands)} commands: {plan.summary or 'nothing to change'}")
         return
     generation, policy = engine.store_policy(document, source=os.path.abspath(file))

@@ -157,10 +157,12 @@ class LabSession:
         return r.returncode == 0
 
     def serve(self, where: str, *, tcp: Sequence[int] = (), udp: Sequence[int] = ()) -> None:
-        """Start TCP/UDP responders ("OK") in `where`; stopped on close."""
+        """Start TCP/UDP responders ("OK") in `where` (a VM, outside or host); stopped on close."""
         argv = [*PROBE, "serve", ",".join(map(str, tcp)), ",".join(map(str, udp))]
         if where == "outside":
             p = topology.popen_in_outside(self.plan, argv, stdout=subprocess.PIPE)
+        elif where == "host":
+            p = topology.popen_in_host(self.plan, argv, stdout=subprocess.PIPE)
         else:
             p = topology.popen_in_vm(self.plan, where, argv, stdout=subprocess.PIPE)
         line = p.stdout.readline() if p.stdout is not None else b""

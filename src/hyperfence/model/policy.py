@@ -83,8 +83,8 @@ class IpSetSelector:
 
 class SpecialPeer(enum.StrEnum):
     ANY = "any"  # every IPv4 address
-    HOST = "host"  # the hypervisor's own addresses on the managed networks (the gateways)
-    OUTSIDE = "outside"  # everything that is not on a managed network: reached through the host's routing
+    HOST = "host"  # every address of the hypervisor itself: the gateways, its other addresses (the uplink's)
+    OUTSIDE = "outside"  # unicast addresses neither on a managed network nor the host's: beyond its routing
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,8 @@ class ProtocolService:
 class SpecialService(enum.StrEnum):
     ANY = "any"  # every IPv4 packet
     ARP = "arp"  # ARP between the VM and the peers
-    DHCP = "dhcp"  # the VM may get a lease from the peers (DHCP client side)
-    DHCP_SERVER = "dhcp-server"  # the VM may answer as a DHCP server to the peers
+    DHCP = "dhcp"  # `from` gets leases from `to` (`from` VMs are clients, `to` VMs servers)
+    DHCP_SERVER = "dhcp-server"  # `from` serves `to` (the same exchange, written from the server side)
 
 
 @dataclass(frozen=True)
@@ -282,6 +282,9 @@ class Settings:
     # the table, while a busy server VM (thousands of concurrent clients and its own upstream connections)
     # stays far below it. See docs/policy.md.
     connections_per_vm: int = 16_384
+    # Addresses the host answers on that are not its own local addresses (e.g. an address DNATed to it):
+    # part of `host`, as the addresses the daemon reads from the kernel (see docs/policy.md).
+    host_addresses: tuple[AddressRange, ...] = ()
 
     @property
     def default_cap(self) -> ConnectionCap:

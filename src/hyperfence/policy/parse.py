@@ -61,6 +61,7 @@ class SettingsDoc(Strict):
     agent_endpoint: StrictStr | None = None
     inventory: Literal["none", "libvirt"] = "none"
     connections_per_vm: Annotated[StrictInt, Field(ge=1, le=MAX_CONNECTIONS)] = Settings().connections_per_vm
+    host_addresses: list[Any] = []  # addresses, CIDRs or ranges: checked by syntax.parse_address_range
 
 
 class NetworkDoc(Strict):
@@ -177,6 +178,11 @@ def _settings(c: Collector, data: Any) -> Settings:
     endpoint = None
     if doc.agent_endpoint is not None:
         endpoint = c.value(_endpoint, doc.agent_endpoint, "settings.agent_endpoint")
+    host_addresses = tuple(
+        r
+        for j, text in enumerate(doc.host_addresses)
+        if (r := c.value(syntax.parse_address_range, text, f"settings.host_addresses[{j}]")) is not None
+    )
     return Settings(
         log_denied=doc.log_denied,
         log_rate_per_second=doc.log_rate,
@@ -186,6 +192,7 @@ def _settings(c: Collector, data: Any) -> Settings:
         agent_endpoint=endpoint,
         inventory=doc.inventory,
         connections_per_vm=doc.connections_per_vm,
+        host_addresses=host_addresses,
     )
 
 

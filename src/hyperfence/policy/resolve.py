@@ -36,12 +36,22 @@ from hyperfence.model.policy import (
 )
 
 DHCP_SERVICES = (NamedService(SpecialService.DHCP), NamedService(SpecialService.DHCP_SERVER))
-# Services that are exchanges both ways: a rule with one also gets its other half in the opposite chain of
-# each VM it selects (DHCP: the server's replies; ARP: the peers' requests and replies, and the VM's answers).
-PAIRED_SERVICES = (*DHCP_SERVICES, NamedService(SpecialService.ARP))
+# DHCP's addresses that are nobody's: a client without an address yet sends from 0.0.0.0, and requests (and
+# replies to a client without an address) go to the limited broadcast address.
+DHCP_NO_ADDRESS = AddressSelector(AddressRange.single(IPv4Address(0)), str(IPv4Address(0)))
+DHCP_BROADCAST = AddressSelector(AddressRange.single(IPv4Address("255.255.255.255")), "255.255.255.255")
+# ARP is an exchange both ways: a rule with it also gets its other half in the opposite chain of each VM it
+# selects (the peers' requests and replies, and the VM's answers).
+ARP_SERVICE = NamedService(SpecialService.ARP)
 DEFAULT_CAP = Settings().default_cap
 MAX_ADDR = int(IPv4Address("255.255.255.255"))
 ANY: tuple[AddressRange, ...] = (AddressRange(IPv4Address(0), IPv4Address(MAX_ADDR)),)
+# Destinations that never leave through the host's routing, so never `outside`: "this network", loopback,
+# multicast and the limited broadcast (the host itself and everyone on the link receive those).
+NOT_ROUTED = tuple(
+    AddressRange.of_network(IPv4Network(n))
+    for n in ("0.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32")
+)
 
 
 def merge_ranges(ranges: Iterable[AddressRange]) -> tuple[AddressRange, ...]:
@@ -232,15 +242,64 @@ def _rule_entries(
         return
     to_addrs = index.addresses(rule.to)
     from_addrs = index.addresses(rule.from_)
-    pair = tuple(s for s in rule.services if s in PAIRED_SERVICES)
+    dhcp = tuple(s for s in rule.services if s in DHCP_SERVICES)
+    others = tuple(s for s in rule.services if s not in DHCP_SERVICES) if dhcp else rule.services
+    arp = (ARP_SERVICE,) if ARP_SERVICE in others else ()
     for vm in from_vms:
-        egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, rule.services))
-        if pair:
-            ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, pair, paired=True))
+        if others:
+            egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, others))
+            if arp:
+                ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, arp, paired=True))
+        for svc in dhcp:
+            egress[vm.id].append(_dhcp_entry(rule, svc, Direction.OUT, rule.to, to_addrs))
+            ingress[vm.id].append(_dhcp_entry(rule, svc, Direction.IN, rule.to, to_addrs, paired=True))
     for vm in to_vms:
-        ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, rule.services))
-        if pair:
-            egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, pair, paired=True))
+        if others:
+            ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, others))
+            if arp:
+                egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, arp, paired=True))
+        for svc in dhcp:
+            ingress[vm.id].append(_dhcp_entry(rule, svc, Direction.IN, rule.from_, from_addrs))
+            egress[vm.id].append(_dhcp_entry(rule, svc, Direction.OUT, rule.from_, from_addrs, paired=True))
+
+
+def is_dhcp_client(service: Service, direction: Direction, *, paired: bool) -> bool:
+    """Is the VM a DHCP client in an entry of `service` (`dhcp` or `dhcp-server`)? A rule's `from` side sends
+    first: with `dhcp` the `from` VMs are clients of the `to` side (and `to` VMs its servers), with
+    `dhcp-server` the `from` VMs serve the `to` side. A VM is on the `from` side in its unpaired egress entry
+    and its paired ingress entry."""
+    from_side = (direction is Direction.OUT) != paired
+    return (service == DHCP_SERVICES[0]) == from_side
+
+
+def dhcp_ports(service: Service, direction: Direction, *, paired: bool) -> tuple[int, int]:
+    """(source port, destination port) of the UDP packets a DHCP entry passes: a client sends 68 -> 67 and
+    receives 67 -> 68, a server the reverse."""
+    sends = direction is Direction.OUT
+    return (68, 67) if is_dhcp_client(service, direction, paired=paired) == sends else (67, 68)
+
+
+def _dhcp_entry(
+    rule: Rule,
+    service: Service,
+    direction: Direction,
+    selectors: tuple[Selector, ...],
+    addrs: tuple[AddressRange, ...],
+    *,
+    paired: bool = False,
+) -> Entry:
+    """One half of a DHCP exchange with the rule's peers, and only with them: a VM sends to the peers or to
+    the broadcast address, and takes from the peers (a server also from 0.0.0.0: a client without an
+    address yet, which only a VM with a `dhcp` rule may send from, with its own MAC)."""
+    extra = None
+    if direction is Direction.OUT:
+        extra = DHCP_BROADCAST
+    elif not is_dhcp_client(service, direction, paired=paired):
+        extra = DHCP_NO_ADDRESS
+    if extra is not None and addrs != ANY:
+        selectors = (*selectors, extra)
+        addrs = merge_ranges((*addrs, extra.range))
+    return Entry(rule, direction, selectors, addrs, (service,), paired=paired)
 
 
 def _limits(
@@ -293,8 +352,8 @@ def _vm_policy(
         arp_peers=_without(reachable, vm.ips),
         arp_sources=tuple(sources.items()),
         arp_gateway=net.gateway is not None and contains(reachable, net.gateway),
-        dhcp_client=any(NamedService(SpecialService.DHCP) in e.services for e in allows),
-        dhcp_server=any(NamedService(SpecialService.DHCP_SERVER) in e.services for e in allows),
+        dhcp_client=any(_dhcp_role(e, client=True) for e in allows),
+        dhcp_server=any(_dhcp_role(e, client=False) for e in allows),
         rejects_out=any(e.action is Action.REJECT for e in egress),
         rejects_in=any(e.action is Action.REJECT for e in ingress),
         limits_out=_limits(index, policy.limits, vm, Direction.OUT),
@@ -303,11 +362,25 @@ def _vm_policy(
     )
 
 
-def resolve_policy(policy: Policy) -> Resolved:
-    """For every VM: its egress and ingress entries in evaluation order, and what ARP/DHCP it may do."""
-    managed = merge_ranges(AddressRange.of_network(n.subnet) for n in policy.networks)
-    outside = complement(managed)
-    host = merge_ranges(AddressRange.single(n.gateway) for n in policy.networks if n.gateway is not None)
+def host_ranges(policy: Policy, host_addresses: Iterable[AddressRange] = ()) -> tuple[AddressRange, ...]:
+    """`host`: every address of the hypervisor itself. The networks' gateways and `settings.host_addresses`
+    come from the policy; the rest (e.g. its uplink's address) only the kernel knows: `host_addresses`, which
+    the caller reads from the bridges' namespace (`adapters/host_addresses.py`)."""
+    gateways = (AddressRange.single(n.gateway) for n in policy.networks if n.gateway is not None)
+    return merge_ranges((*gateways, *policy.settings.host_addresses, *host_addresses))
+
+
+def outside_ranges(policy: Policy, host: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:
+    """`outside`: the addresses that are neither on a managed network nor the host's, nor `NOT_ROUTED`."""
+    managed = (AddressRange.of_network(n.subnet) for n in policy.networks)
+    return complement(merge_ranges((*managed, *host, *NOT_ROUTED)))
+
+
+def resolve_policy(policy: Policy, *, host_addresses: Iterable[AddressRange] = ()) -> Resolved:
+    """For every VM: its egress and ingress entries in evaluation order, and what ARP/DHCP it may do.
+    `host_addresses`: the host's own addresses as the kernel has them (see `host_ranges`)."""
+    host = host_ranges(policy, host_addresses)
+    outside = outside_ranges(policy, host)
     nets = {n.name: n for n in policy.networks}
     egress: dict[str, list[Entry]] = {vm.id: [] for vm in policy.vms}
     ingress: dict[str, list[Entry]] = {vm.id: [] for vm in policy.vms}
@@ -325,14 +398,18 @@ def resolve_policy(policy: Policy) -> Resolved:
 MAX_INCREMENTAL_RULES = 32
 
 
-def resolve_update(prev: Resolved, policy: Policy) -> Resolved | None:
-    """`resolve_policy(policy)`, computed from `prev` when only a few rules changed: the VMs those rules
-    select (before or after the change) are resolved again, every other VM keeps its `VmPolicy` object.
-    None when the change is not of that kind (networks, VMs, IP sets, settings or limits changed; many rules
-    changed): the caller resolves from scratch. The result equals `resolve_policy(policy)`."""
+def resolve_update(
+    prev: Resolved, policy: Policy, *, host_addresses: Iterable[AddressRange] = ()
+) -> Resolved | None:
+    """`resolve_policy(policy, host_addresses=...)`, computed from `prev` when only a few rules changed: the
+    VMs those rules select (before or after the change) are resolved again, every other VM keeps its
+    `VmPolicy` object. None when the change is not of that kind (networks, VMs, IP sets, settings, limits or
+    the host's addresses changed; many rules changed): the caller resolves from scratch. The result equals
+    `resolve_policy(policy, host_addresses=...)`."""
     old = prev.policy
     if (
-        old.networks != policy.networks
+        host_ranges(policy, host_addresses) != prev.host
+        or old.networks != policy.networks
         or old.vms != policy.vms
         or old.ipsets != policy.ipsets
         or old.settings != policy.settings
@@ -395,6 +472,15 @@ def _without(ranges: tuple[AddressRange, ...], addrs: tuple[IPv4Address, ...]) -
     if not any(r.first <= a <= r.last for r in ranges for a in addrs):
         return ranges
     return _subtract(ranges, merge_ranges(AddressRange.single(a) for a in addrs))
+
+
+def _dhcp_role(entry: Entry, *, client: bool) -> bool:
+    """Does `entry` make its VM a DHCP client (or, `client=False`, a server)?"""
+    return any(
+        is_dhcp_client(s, entry.direction, paired=entry.paired) == client
+        for s in entry.services
+        if s in DHCP_SERVICES
+    )
 
 
 def _only_named(services: tuple[Service, ...]) -> bool:

@@ -5,6 +5,9 @@ the rule that the kernel would apply: the sender's egress chain first, then the 
 Replies to an allowed flow always pass (stateful), so only the first packet of a flow is asked about; a
 reject, like the kernel's, answers only that first packet (`_answer` says how), and a rule change never cuts
 a flow that is already established.
+An address that is no declared VM's but can only sit on a bridge port no declared VM holds is denied as
+the kernel denies it (`sys:unknown-port`), and the answer says whose an address is when that decides it
+(the host's, never routed, maybe behind an uplink).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from hyperfence.model.policy import (
     Direction,
     IcmpService,
     NamedService,
+    Network,
     PortService,
     ProtocolService,
     Service,
     SpecialService,
 )
-from hyperfence.policy.resolve import Entry, Resolved, VmPolicy, contains
+from hyperfence.policy.resolve import Entry, Resolved, VmPolicy, contains, dhcp_ports
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
 
@@ -57,7 +61,7 @@ class Answer:
         return self.steps[-1] if self.steps else None
 
 
-def _service_matches(svc: Service, flow: Flow, direction: Direction) -> bool:
+def _service_matches(svc: Service, flow: Flow, direction: Direction, *, paired: bool = False) -> bool:
     match svc:
         case PortService(proto, ports):
             if flow.protocol != proto.value:
@@ -75,10 +79,10 @@ def _service_matches(svc: Service, flow: Flow, direction: Direction) -> bool:
             return flow.protocol != "arp"
         case NamedService(SpecialService.ARP):
             return flow.protocol == "arp"
-        case NamedService(SpecialService.DHCP):
-            return flow.protocol == "udp" and flow.port == (67 if direction is Direction.OUT else 68)
-        case NamedService(SpecialService.DHCP_SERVER):
-            return flow.protocol == "udp" and flow.port == (68 if direction is Direction.OUT else 67)
+        case NamedService(SpecialService.DHCP | SpecialService.DHCP_SERVER):
+            # The destination port of the VM's role; `can` has no source port (the kernel also matches the
+            # client's 68 or the server's 67).
+            return flow.protocol == "udp" and flow.port == dhcp_ports(svc, direction, paired=paired)[1]
     return False
 
 
@@ -86,11 +90,9 @@ def _walk(
     vp: VmPolicy, entries: tuple[Entry, ...], peer: IPv4Address, flow: Flow, direction: Direction
 ) -> Step:
     for e in entries:
-        if e.paired and flow.protocol != "arp":  # ARP is asked both ways: an `arp` rule's pair answers too
+        if not contains(e.peers, peer):  # (paired entries too: ARP and DHCP are asked both ways)
             continue
-        if not contains(e.peers, peer):
-            continue
-        if any(_service_matches(s, flow, direction) for s in e.services):
+        if any(_service_matches(s, flow, direction, paired=e.paired) for s in e.services):
             return Step(vp.vm.name, direction, e.action, e.rule.id)
     if flow.protocol == "arp" and contains(vp.arp_peers, peer):
         return Step(vp.vm.name, direction, Action.ALLOW, "sys:arp")
@@ -121,18 +123,57 @@ def find_vm(resolved: Resolved, name_or_ip: str) -> tuple[VmPolicy | None, IPv4A
     return None, addr
 
 
+def unknown_port_network(resolved: Resolved, addr: IPv4Address) -> Network | None:
+    """The network `addr` can only be on behind a bridge port that no declared VM holds (a removed VM's, a
+    tap that appeared before its VM): on a managed subnet, neither a declared VM's address nor the host's,
+    and the network has no uplinks it could be behind. Such a port gets nothing (`sys:unknown-port`)."""
+    if contains(resolved.host, addr) or any(addr in vp.vm.ips for vp in resolved.vms):
+        return None
+    return next((n for n in resolved.policy.networks if addr in n.subnet and not n.uplinks), None)
+
+
+def _address_note(resolved: Resolved, addr: IPv4Address) -> str | None:
+    """Why an address that is no VM's is covered or not by `host` / `outside`, when that is not obvious."""
+    if any(addr in vp.vm.ips for vp in resolved.vms):
+        return None
+    if contains(resolved.host, addr):
+        return f"{addr} is the host's (`host` covers it, `outside` does not)"
+    net = next((n for n in resolved.policy.networks if addr in n.subnet), None)
+    if net is not None and net.uplinks:
+        return (
+            f"{addr} is no declared VM's: on network {net.name} it may be behind an uplink "
+            f"({', '.join(net.uplinks)}); on a bridge port no declared VM holds it would get nothing "
+            "(sys:unknown-port)"
+        )
+    if net is None and not contains(resolved.outside, addr):
+        return f"{addr} is never routed (this network, loopback, multicast, broadcast): it is not `outside`"
+    return None
+
+
+def _unknown_port(addr: IPv4Address, net: Network) -> str:
+    return (
+        f"{addr} is on network {net.name} ({net.subnet}) but is neither a declared VM's address nor the "
+        f"host's, and {net.name} has no uplinks: it can only be on a bridge port that no declared VM holds, "
+        "and such a port gets nothing"
+    )
+
+
 def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
     """Raises ValueError when src/dst is neither a VM nor an IPv4 address."""
     src_vm, src_ip = find_vm(resolved, src)
     dst_vm, dst_ip = find_vm(resolved, dst)
-    if src_vm is None and dst_vm is None:
-        return Answer(True, (), f"neither {src} nor {dst} is a protected VM: hyperfence does not filter it")
+    notes = [n for n in (_address_note(resolved, src_ip), _address_note(resolved, dst_ip)) if n]
+    note = "".join(f"; {n}" for n in notes)
     steps: list[Step] = []
-    for vp, side, peer, direction in (
-        (src_vm, "egress", dst_ip, Direction.OUT),
-        (dst_vm, "ingress", src_ip, Direction.IN),
+    for vp, side, peer, direction, addr in (
+        (src_vm, "egress", dst_ip, Direction.OUT, src_ip),
+        (dst_vm, "ingress", src_ip, Direction.IN, dst_ip),
     ):
         if vp is None:
+            net = unknown_port_network(resolved, addr)
+            if net is not None:  # the sender's port drops what it sends, the receiver's what it is sent
+                steps.append(Step(str(addr), direction, Action.DENY, "sys:unknown-port"))
+                return Answer(False, tuple(steps), f"{_unknown_port(addr, net)}: deny by sys:unknown-port")
             continue
         step = _walk(vp, vp.egress if direction is Direction.OUT else vp.ingress, peer, flow, direction)
         steps.append(step)
@@ -140,12 +181,15 @@ def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
             reason = f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}"
             if step.verdict is Action.REJECT:
                 reason += f" ({_answer(flow, src_vm)})"
-            return Answer(False, tuple(steps), reason)
+            return Answer(False, tuple(steps), reason + note)
+    if not steps:
+        return Answer(True, (), f"neither {src} nor {dst} is a protected VM: hyperfence does not filter it")
     return Answer(
         True,
         tuple(steps),
         "allowed by "
         + " and ".join(
             f"{s.rule} ({s.vm} {'egress' if s.direction is Direction.OUT else 'ingress'})" for s in steps
-        ),
+        )
+        + note,
     )

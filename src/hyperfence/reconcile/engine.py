@@ -7,23 +7,30 @@ follow exactly the same path: policy -> resolve -> compile -> converge (plan, on
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from hyperfence.adapters.conntrack import forget_flows
+from hyperfence.adapters.host_addresses import read_host_addresses
 from hyperfence.adapters.nft import Nft
 from hyperfence.adapters.store import Store
 from hyperfence.errors import HyperfenceError, NotFoundError
-from hyperfence.model.policy import Policy
+from hyperfence.model.policy import AddressRange, Policy
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
+from hyperfence.policy.syntax import format_range
 from hyperfence.reconcile.firewall import ConvergeResult, Firewall
 from hyperfence.ruleset.compile import BRIDGE, TABLES, CompileCache, compile_ruleset, vm_sid
 from hyperfence.ruleset.ir import Ruleset
+
+log = logging.getLogger("hyperfence.engine")
+AddressReader = Callable[[str | None], tuple[AddressRange, ...]]
 
 
 def read_policy_file(path: str) -> Any:
@@ -44,10 +51,18 @@ class Compiled:
     resolved: Resolved
     ruleset: Ruleset
     discovered: tuple[dict[str, Any], ...] = ()  # the discovered VMs this was compiled with
+    host_addresses: tuple[AddressRange, ...] = ()  # and the host's addresses
 
 
 class Engine:
-    def __init__(self, *, netns: str | None, state_dir: str, policy_file: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        netns: str | None,
+        state_dir: str,
+        policy_file: str | None = None,
+        read_addresses: AddressReader = read_host_addresses,
+    ) -> None:
         self.netns = netns
         self.state_dir = state_dir
         self.policy_file = policy_file
@@ -62,6 +77,10 @@ class Engine:
         # VMs discovered from the hypervisor, as `vms` items (see `set_discovered`).
         self.discovered: tuple[dict[str, Any], ...] = ()
         self.skipped: list[str] = []  # discovered VMs left out, and why
+        # The host's own addresses in the bridges' namespace, an input next to the policy like the discovered
+        # VMs (see `refresh_host_addresses`); None until first read.
+        self.host_addresses: tuple[AddressRange, ...] | None = None
+        self._read_addresses = read_addresses
 
     def set_discovered(self, vms: tuple[dict[str, Any], ...]) -> bool:
         """Replace the discovered VMs; True when they changed (converge to apply)."""
@@ -70,6 +89,27 @@ class Engine:
             if changed:
                 self.discovered = vms
             return changed
+
+    def refresh_host_addresses(self) -> bool:
+        """Read the host's addresses from the bridges' namespace (what `host` covers and `outside` leaves
+        out); True when they changed (converge to apply). A change after the first read is recorded as a
+        `host-addresses` event. Raises `KernelError` / `NotFoundError` when they cannot be read."""
+        addrs = self._read_addresses(self.netns)
+        with self.lock:
+            before, self.host_addresses = self.host_addresses, addrs
+        if before is None or before == addrs:
+            return before is None
+        added = [format_range(r) for r in addrs if r not in before]
+        removed = [format_range(r) for r in before if r not in addrs]
+        log.info("the host's addresses changed: added %s, removed %s", added or "none", removed or "none")
+        self.store.add_event("host-addresses", {"added": added, "removed": removed})
+        return True
+
+    def known_host_addresses(self) -> tuple[AddressRange, ...]:
+        """The host's addresses, read from the kernel the first time."""
+        if self.host_addresses is None:
+            self.refresh_host_addresses()
+        return self.host_addresses or ()
 
     def set_quarantine(self, vms: frozenset[str]) -> bool:
         """Replace the set of quarantined VM ids; True when it changed (converge to apply it)."""
@@ -125,8 +165,14 @@ class Engine:
         key = self.policy_key()
         if key is None:
             return None
+        host = self.known_host_addresses()
         previous = self._compiled
-        if previous is not None and previous.key == key and previous.discovered is self.discovered:
+        if (
+            previous is not None
+            and previous.key == key
+            and previous.discovered is self.discovered
+            and previous.host_addresses == host
+        ):
             if previous.resolved.quarantine == self.quarantine:
                 return previous
             policy, resolved = previous.policy, previous.resolved
@@ -136,11 +182,18 @@ class Engine:
                 document, self.skipped = merge_discovered(document, self.discovered)
             policy = parse_policy(document, source=source)
             resolved = (
-                resolve_update(previous.resolved, policy) if previous is not None else None
-            ) or resolve_policy(policy)
+                resolve_update(previous.resolved, policy, host_addresses=host)
+                if previous is not None
+                else None
+            ) or resolve_policy(policy, host_addresses=host)
         resolved = dataclasses.replace(resolved, quarantine=self.quarantine)
         self._compiled = Compiled(
-            key, policy, resolved, compile_ruleset(resolved, self._cache), discovered=self.discovered
+            key,
+            policy,
+            resolved,
+            compile_ruleset(resolved, self._cache),
+            discovered=self.discovered,
+            host_addresses=host,
         )
         return self._compiled
 
@@ -161,6 +214,13 @@ class Engine:
         for as long as it lives. Every flow's next packet is judged again, as a new flow, by the repaired
         rules; allowed flows go on."""
         with self.lock:
+            if full:  # the periodic resync and drift repair read the host's addresses again too
+                try:
+                    self.refresh_host_addresses()
+                except HyperfenceError as e:
+                    if self.host_addresses is None:
+                        raise
+                    log.warning("keeping the host's last known addresses: %s", e)
             compiled = self.compiled()
             if compiled is None:
                 return None, None

@@ -20,7 +20,7 @@ from hyperfence.model.policy import (
     Settings,
     SpecialService,
 )
-from hyperfence.policy.resolve import VmPolicy
+from hyperfence.policy.resolve import VmPolicy, dhcp_ports
 from hyperfence.policy.syntax import format_selector
 from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, TableId, canonical
@@ -44,8 +44,9 @@ LOG_PREFIX = "hf"
 # digits of n, `rule:<id>#<n>:pair:log` 47 plus those (see tests/unit/ruleset/test_build.py).
 LOG_PREFIX_MAX = 127
 COMMENT_MAX = 128
-# No `ether type` matches: nft 1.0.6 lists them byte-swapped in numeric mode (0x0806 as 1544), which would
-# break the exact readback. `ip version 4` and `arp hlen 6` select the same frames and list as written.
+# No symbolic `ether type` matches: nft 1.0.6 lists them byte-swapped in numeric mode (0x0806 as 1544), which
+# would break the exact readback. `ip version 4` and `arp hlen 6` select the same frames and list as written;
+# where only the ethertype tells (a VLAN tag), `expr.ETHER_TYPE` is the raw form that reads back exactly.
 
 
 @functools.lru_cache(maxsize=65536)
@@ -157,7 +158,13 @@ def own_ips(vp: VmPolicy) -> JSON:
 
 
 def service_matches(
-    service: Service, direction: Direction, peer: JSON | None, arp_peer: JSON | None, vp: VmPolicy
+    service: Service,
+    direction: Direction,
+    peer: JSON | None,
+    arp_peer: JSON | None,
+    vp: VmPolicy,
+    *,
+    paired: bool = False,
 ) -> list[JSON]:
     out = direction is Direction.OUT
     # The cheap exact compares (protocol, port) come before the address-set lookup (a tree walk in an
@@ -188,11 +195,13 @@ def service_matches(
                 )
             own = x.match(x.payload("arp", "daddr ip"), own_ips(vp))
             return [x.match(x.payload("arp", "saddr ip"), arp_peer), own] if arp_peer is not None else [own]
-        case NamedService(SpecialService.DHCP):
-            if out:  # requests go to the broadcast address, so the server is checked on the reply
-                return [x.match(x.payload("udp", "sport"), 68), x.match(x.payload("udp", "dport"), 67)]
-            return [x.match(x.payload("udp", "sport"), 67), x.match(x.payload("udp", "dport"), 68), *peer_m]
-        case NamedService(SpecialService.DHCP_SERVER):
-            sport, dport = (67, 68) if out else (68, 67)
-            return [x.match(x.payload("udp", "sport"), sport), x.match(x.payload("udp", "dport"), dport)]
+        case NamedService(SpecialService.DHCP | SpecialService.DHCP_SERVER):
+            # The client's or the server's half, with the peers (which `resolve` widened by the broadcast
+            # address for what the VM sends, and by 0.0.0.0 for requests a server takes).
+            sport, dport = dhcp_ports(service, direction, paired=paired)
+            return [
+                x.match(x.payload("udp", "sport"), sport),
+                x.match(x.payload("udp", "dport"), dport),
+                *peer_m,
+            ]
     raise AssertionError(f"unhandled service {service!r}")

@@ -12,6 +12,21 @@ DROP: JSON = {"drop": None}
 RETURN: JSON = {"return": None}
 
 
+# The ethertype field as a raw link-layer payload (bytes 12-13 of the Ethernet header). Written raw because
+# nft 1.0.6 sends and lists its `ether type` symbols byte-swapped in numeric mode (0x8100 as 129); the raw
+# form puts the right bytes in the kernel, and nft lists it back as `ether type` with the right numbers,
+# which readback maps back to this form (`readback.LISTED_ETHER_TYPE`). In the bridge family the kernel
+# rebuilds a VLAN tag that the NIC or the stack has already moved out of the frame, so this reads 0x8100
+# or 0x88a8 for a tagged frame, whatever `meta protocol` says.
+ETHER_TYPE: JSON = {"payload": {"base": "ll", "offset": 96, "len": 16}}
+VLAN_TPIDS = (0x8100, 0x88A8)  # 802.1Q, 802.1ad (QinQ's outer tag)
+
+
+def vlan_tagged() -> JSON:
+    """Matches a frame that carries an 802.1Q or 802.1ad tag."""
+    return match(ETHER_TYPE, {"set": list(VLAN_TPIDS)})
+
+
 def payload(protocol: str, field: str) -> JSON:
     return {"payload": {"protocol": protocol, "field": field}}
 

@@ -8,9 +8,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from hyperfence.ruleset.expr import ETHER_TYPE
 from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, Ruleset, TableId, canonical
 
 RuleKey = tuple[TableId, str, str]  # table, chain, comment
+# How nft lists the raw ethertype payload the compiler writes (see `expr.ETHER_TYPE`): hyperfence never
+# writes the symbolic field, so every listed one is its raw form.
+LISTED_ETHER_TYPE = canonical({"payload": {"protocol": "ether", "field": "type"}})
+RAW_ETHER_TYPE = canonical(ETHER_TYPE)
+
+
+def _rule_expr(expr: JSON) -> str:
+    text = canonical(expr)
+    return text.replace(LISTED_ETHER_TYPE, RAW_ETHER_TYPE) if LISTED_ETHER_TYPE in text else text
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ def parse_listing(objects: Iterable[JSON]) -> Actual:
             r = obj["rule"]
             table = TableId(r["family"], r["table"])
             comment = r.get("comment") or f"?handle={r['handle']}"
-            rules.append(Rule(table, r["chain"], comment, canonical(r["expr"])))
+            rules.append(Rule(table, r["chain"], comment, _rule_expr(r["expr"])))
             handles[(table, r["chain"], comment)] = int(r["handle"])
     return Actual(Ruleset(tuple(tables), tuple(chains), tuple(sets), tuple(rules)), handles)
 

@@ -20,6 +20,7 @@ from hyperfence.daemon import request as daemon_request
 from hyperfence.errors import KernelError
 from hyperfence.lab import topology
 from hyperfence.lab.experiment import run_experiment
+from hyperfence.lab.plan import LabVm
 from hyperfence.lab.session import LabSession
 from hyperfence.ruleset.compile import TABLES, vm_sid
 from hyperfence.ruleset.readback import rule_counters
@@ -227,7 +228,14 @@ def _frames_seen(
 
 
 def _scapy(lab: LabSession, vm: str, script: str) -> None:
-    r = lab.run(vm, [sys.executable, "-c", "from scapy.all import *\n" + script], timeout=60)
+    """Run a scapy `script` in lab VM `vm`, or in namespace NS for `netns:NS`."""
+    argv = [sys.executable, "-c", "from scapy.all import *\n" + script]
+    if vm.startswith("netns:"):
+        r = subprocess.run(
+            ["ip", "netns", "exec", vm[6:], *argv], capture_output=True, timeout=60, check=False
+        )
+    else:
+        r = lab.run(vm, argv, timeout=60)
     assert r.returncode == 0, r.stderr.decode()
 
 
@@ -271,6 +279,28 @@ def test_a_vm_cannot_act_as_dhcp_server(lab: LabSession) -> None:
     )
     assert counter(lab, "_out", "sys:no-dhcp-server") >= 3
     assert lab.dhcp("vm1")  # the real server still works
+
+
+def test_a_vm_dhcp_server_answers_only_the_clients_its_rule_names(lab: LabSession) -> None:
+    """`{from: vm3, to: vm1, services: [dhcp-server]}`: vm3 serves vm1 (vm1 takes its offers), and
+    nobody else: an offer to vm2 is dropped at vm3's port although vm2 would take UDP 68 from vm3."""
+    vm1, vm2, vm3 = lab.plan.vms
+    lab.apply(
+        [
+            {"id": "srv", "from": "vm:vm3", "to": "vm:vm1", "services": ["dhcp-server"]},
+            {"id": "vm2-takes-68", "from": str(vm3.ip), "to": "vm:vm2", "services": ["udp/68"]},
+            UDP_3_2,
+        ]
+    )
+    offer = "UDP(sport=67, dport=68)/BOOTP(op=2)"
+
+    def unicast(dst: LabVm, l4: str) -> str:
+        return f"Ether(src='{vm3.mac}', dst='{dst.mac}')/IP(src='{vm3.ip}', dst='{dst.ip}')/{l4}"
+
+    allowed = unicast(vm2, "UDP(dport=7000)")
+    seen = _frames_seen(lab, "vm2", [("vm3", {"offer": unicast(vm2, offer), "allowed": allowed})])
+    assert seen == {"allowed": 3}, seen
+    assert _frames_seen(lab, "vm1", [("vm3", {"offer": unicast(vm1, offer)})]) == {"offer": 3}
 
 
 def test_reloads_under_traffic_lose_no_packets(lab: LabSession) -> None:
@@ -541,14 +571,10 @@ def test_broadcast_multicast_ipv6_and_other_ethertypes_are_dropped(lab: LabSessi
     assert policed == {"allowed": 3}, policed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (tagged-frame bypass): a frame with one 802.1Q or 802.1ad tag is judged on the IPv4 "
-    "header inside the tag and reaches the receiver still tagged; VM ports should drop tagged frames",
-)
 def test_vlan_tagged_frames_are_dropped(lab: LabSession) -> None:
     """A VM's port is an access port: a tagged frame is dropped even when the datagram inside it would be
-    allowed untagged (it could reach a VLAN of the receiver that the policy knows nothing about)."""
+    allowed untagged (it could reach a VLAN of the receiver that the policy knows nothing about). The drop
+    is counted in `vlan_out` as `sys:vlan`."""
     _, vm2, vm3 = lab.plan.vms
     inner = f"IP(src='{vm3.ip}', dst='{vm2.ip}')/UDP(dport=7000)"
     to_vm2 = f"Ether(src='{vm3.mac}', dst='{vm2.mac}')"
@@ -556,6 +582,41 @@ def test_vlan_tagged_frames_are_dropped(lab: LabSession) -> None:
     bare, policed = _frames_from_vm3_to_vm2(lab, frames)
     assert bare == dict.fromkeys([*frames, "allowed"], 3), bare  # the control: each kind can arrive
     assert policed == {"allowed": 3}, policed
+    assert counter(lab, "vlan_out", "sys:vlan") == 6
+
+
+def test_an_uplink_is_a_trunk_but_its_tagged_frames_never_reach_a_vm(lab: LabSession) -> None:
+    """A bridge port declared as an uplink may carry tagged frames (it leads to a physical network), but a
+    tagged frame from it is dropped at a VM's port, even when the datagram inside would be allowed."""
+    _, vm2, _ = lab.plan.vms
+    ns, port, far = f"hf-{lab.plan.name}-vm8", "vp8", "10.77.0.200"
+    host = ["ip", "-n", lab.plan.host_netns]
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+        subprocess.run(
+            [*host, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns], check=True
+        )
+        subprocess.run([*host, "link", "set", port, "master", "br0", "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", "eth0", "up"], check=True)
+        assert lab.engine is not None
+        document = lab.document([{"id": "far", "from": far, "to": "vm:vm2", "services": ["udp/7000"]}])
+        document["networks"][0]["uplinks"] = [port]
+        lab.engine.store_policy(document, source="test")
+        lab.engine.converge()
+        _, again = lab.engine.converge(full=True)
+        assert again is not None and not again.changed and again.drift == []  # `ether type` reads back
+        inner = f"IP(src='{far}', dst='{vm2.ip}')/UDP(dport=7000)"
+        to_vm2 = f"Ether(src='02:77:00:00:00:c8', dst='{vm2.mac}')"
+        frames = {
+            "802.1q": f"{to_vm2}/Dot1Q(vlan=5)/{inner}",
+            "802.1ad": f"{to_vm2}/Dot1AD(vlan=5)/{inner}",
+            "allowed": f"{to_vm2}/{inner}",
+        }
+        assert _frames_seen(lab, "vm2", [(f"netns:{ns}", frames)]) == {"allowed": 3}
+        assert counter(lab, "vlan_in", "sys:vlan") == 6
+        assert counter(lab, "vlan_out", "sys:vlan") == 0  # the uplink is a trunk: its tagged frames pass
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
 
 
 def test_policy_check_with_mistakes_touches_nothing(lab: LabSession, tmp_path: object) -> None:

@@ -414,3 +414,12 @@ def test_a_huge_value_is_quoted_short() -> None:
         doc(rules=[{"from": "vm:vm1", "to": "any", "protocol": "tcp", "ports": [list(range(10**5))]}])
     )
     assert got.startswith("rules[0].ports[0]: [0, 1, 2, 3,") and len(got) < 200
+
+
+def test_settings_host_addresses_are_addresses_each_checked() -> None:
+    p = parse_policy(doc(settings={"host_addresses": ["192.0.2.7", "198.51.100.0/30"]}))
+    assert [str(r.first) for r in p.settings.host_addresses] == ["192.0.2.7", "198.51.100.0"]
+    assert problems(doc(settings={"host_addresses": ["192.0.2.7", "nope", 5]})) == [
+        "settings.host_addresses[1]: 'nope' is not an IPv4 address (expected a.b.c.d)",
+        "settings.host_addresses[2]: 5 is not an address, CIDR or range (expected e.g. 10.0.0.0/24)",
+    ]

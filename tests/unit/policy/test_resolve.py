@@ -5,10 +5,27 @@ from ipaddress import IPv4Address as A
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperfence.model.policy import AddressRange, Direction
+from hyperfence.model.policy import (
+    L4,
+    AddressRange,
+    Direction,
+    NamedService,
+    PortRange,
+    PortService,
+    SpecialService,
+)
 from hyperfence.policy.parse import parse_policy
-from hyperfence.policy.resolve import ANY, complement, merge_ranges, resolve_policy, resolve_update
+from hyperfence.policy.resolve import (
+    ANY,
+    complement,
+    dhcp_ports,
+    merge_ranges,
+    resolve_policy,
+    resolve_update,
+)
 from tests.unit.policy.test_parse import doc
+
+DHCP = NamedService(SpecialService.DHCP)
 
 
 def r(a: str, b: str) -> AddressRange:
@@ -129,6 +146,49 @@ def test_an_arp_rule_pairs_both_ways_on_each_vm() -> None:
     assert vm1.arp_peers == vm2.arp_peers == () and not vm1.arp_sources
 
 
+BROADCAST, NO_ADDRESS = r("255.255.255.255", "255.255.255.255"), r("0.0.0.0", "0.0.0.0")
+
+
+def test_a_dhcp_client_talks_with_the_servers_its_rule_names_only() -> None:
+    res = resolve_policy(
+        parse_policy(doc(rules=[{"id": "d", "from": "vms", "to": "host", "services": ["dhcp", "udp/53"]}]))
+    )
+    host = r("10.77.0.1", "10.77.0.1")
+    for vp in res.vms:
+        dns, request = vp.egress
+        assert dns.services == (PortService(L4.UDP, (PortRange(53, 53),)),) and dns.peers == (host,)
+        assert request.peers == (host, BROADCAST)  # a request goes to the server or to everyone on the link
+        assert dhcp_ports(DHCP, Direction.OUT, paired=False) == (68, 67)
+        (reply,) = vp.ingress
+        assert reply.paired and reply.peers == (host,)  # a reply from anyone else is dropped
+        assert dhcp_ports(DHCP, Direction.IN, paired=True) == (67, 68)
+
+
+def test_the_rules_from_side_sends_first_a_vm_named_as_dhcp_server_serves() -> None:
+    """`{from: vm2, to: vm1, dhcp}` and `{from: vm1, to: vm2, dhcp-server}` say the same: vm1 serves vm2."""
+    for rule in (
+        {"id": "d", "from": "vm:vm2", "to": "vm:vm1", "services": ["dhcp"]},
+        {"id": "d", "from": "vm:vm1", "to": "vm:vm2", "services": ["dhcp-server"]},
+    ):
+        vm1, vm2 = resolve_policy(parse_policy(doc(rules=[rule]))).vms
+        assert (vm1.dhcp_client, vm1.dhcp_server, vm2.dhcp_client, vm2.dhcp_server) == (
+            False,
+            True,
+            True,
+            False,
+        )
+        one, two = r("10.77.0.11", "10.77.0.11"), r("10.77.0.12", "10.77.0.12")
+        (offers,) = vm1.egress
+        assert offers.peers == (two, BROADCAST)
+        (requests,) = vm1.ingress
+        assert requests.peers == (NO_ADDRESS, two)  # a client without an address sends from 0.0.0.0
+        svc = offers.services[0]
+        assert dhcp_ports(svc, offers.direction, paired=offers.paired) == (67, 68)
+        assert dhcp_ports(svc, requests.direction, paired=requests.paired) == (68, 67)
+        assert [e.peers for e in vm2.egress] == [(one, BROADCAST)]
+        assert [e.peers for e in vm2.ingress] == [(one,)]
+
+
 rule_st = st.fixed_dictionaries(
     {
         "id": st.sampled_from(["a", "b", "c", "d"]),
@@ -193,3 +253,40 @@ def test_incremental_resolve_and_cached_compile_equal_a_fresh_compile(
         assert cached == fresh
         assert cached.chain_rules() == fresh.chain_rules()
         prev = resolved
+
+
+UPLINK, LOOPBACK = r("10.78.0.1", "10.78.0.1"), r("127.0.0.0", "127.255.255.255")
+
+
+def test_host_is_every_address_of_the_host_and_outside_none_of_them() -> None:
+    policy = parse_policy(
+        doc(
+            settings={"host_addresses": ["192.0.2.7"]},
+            rules=[
+                {"id": "h", "from": "vm:vm1", "to": "host", "services": ["tcp/22"]},
+                {"id": "o", "from": "vm:vm1", "to": "outside", "services": ["tcp/22"]},
+            ],
+        )
+    )
+    res = resolve_policy(policy, host_addresses=(UPLINK, LOOPBACK))
+    gateway, extra = r("10.77.0.1", "10.77.0.1"), r("192.0.2.7", "192.0.2.7")
+    assert res.host == (gateway, UPLINK, LOOPBACK, extra)  # the gateway, the kernel's, the setting's
+    host, outside = res.vms[0].egress
+    assert host.peers == res.host
+    for addr in ("10.78.0.1", "192.0.2.7", "127.0.0.1", "10.77.0.1", "10.77.0.12"):
+        assert not any(x.first <= A(addr) <= x.last for x in outside.peers), addr
+    for addr in ("10.78.0.2", "8.8.8.8", "10.78.0.0", "10.77.4.0"):
+        assert any(x.first <= A(addr) <= x.last for x in outside.peers), addr
+    # never routed, so never outside: "this network", multicast and the limited broadcast
+    for addr in ("0.0.0.1", "224.0.0.251", "239.1.1.1", "255.255.255.255"):
+        assert not any(x.first <= A(addr) <= x.last for x in outside.peers), addr
+    # without the kernel's addresses (a pure check), `host` is the gateways and the setting's
+    assert resolve_policy(policy).host == (gateway, extra)
+
+
+def test_a_change_of_the_hosts_addresses_is_a_full_resolve() -> None:
+    policy = parse_policy(doc(rules=[{"id": "o", "from": "vm:vm1", "to": "outside", "services": ["any"]}]))
+    before = resolve_policy(policy, host_addresses=(UPLINK,))
+    assert resolve_update(before, policy, host_addresses=(UPLINK, LOOPBACK)) is None
+    same = resolve_update(before, policy, host_addresses=(UPLINK,))
+    assert same is not None and same.vms == before.vms

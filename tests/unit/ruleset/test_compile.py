@@ -51,6 +51,7 @@ def test_every_rule_has_a_unique_id_per_chain_and_a_counter() -> None:
             # log rules, dispatch and the per-packet anti-spoofing accepts (the hot path) carry no counter
             if r.comment.endswith(":log") or r.comment in (
                 "sys:dispatch",
+                "sys:vlan-tagged",  # a tagged frame to vlan_out / vlan_in, which count the drop
                 "sys:ct-cap-out",  # dispatch to the VM's connection cap
                 "sys:ct-cap-in",
                 "sys:ct-count",  # the cap's decision is counted in sys:ct-cap
@@ -76,6 +77,35 @@ def test_protected_vm_with_no_rules_ends_in_default_deny_both_ways() -> None:
     assert guard == ["sys:spoof:log", "sys:spoof"]  # identity is checked by one lookup in the base chain
     dhcp = next(s for s in rs.sets if s.name == "dhcp_clients")
     assert dhcp.elements == frozenset()  # no DHCP discover without a rule
+
+
+def test_a_tagged_frame_is_dropped_first_from_a_vm_and_never_reaches_one_from_an_uplink() -> None:
+    tagged = x.vlan_tagged()
+    rules = compiled(doc()).chain_rules()
+    first = rules[(BRIDGE, "guard")][0]
+    # before the identity accepts, which would judge the IP inside the tag
+    assert first.comment == "sys:vlan-tagged"
+    assert first.statements() == [tagged, x.goto("vlan_out")]
+    assert [r.comment for r in rules[(BRIDGE, "vlan_out")]] == ["sys:vlan:log", "sys:vlan"]
+    assert not any(tagged in r.statements() for r in rules[(BRIDGE, "ingress")])  # no uplink: no cost
+    assert (BRIDGE, "vlan_in") not in rules
+    trunk = doc()
+    trunk["networks"] = [{**trunk["networks"][0], "uplinks": ["eno1", "eno2"]}]
+    rules = compile_ruleset(resolve_policy(parse_policy(trunk))).chain_rules()
+    uplinks = {"set": ["eno1", "eno2"]}
+    assert rules[(BRIDGE, "guard")][0].statements() == [
+        tagged,
+        x.match(x.meta("iifname"), uplinks, op="!="),  # a trunk may send tagged frames
+        x.goto("vlan_out"),
+    ]
+    ingress = rules[(BRIDGE, "ingress")]
+    assert [r.comment for r in ingress[:2]] == ["sys:vlan-tagged", "sys:est"]
+    assert ingress[0].statements() == [
+        tagged,
+        x.match(x.meta("oifname"), uplinks, op="!="),  # trunk to trunk passes
+        x.goto("vlan_in"),
+    ]
+    assert [r.comment for r in rules[(BRIDGE, "vlan_in")]] == ["sys:vlan:log", "sys:vlan"]
 
 
 def test_addresses_live_in_sets_not_rules() -> None:

@@ -1,0 +1,92 @@
+"""The host's own IPv4 addresses in the bridges' namespace: what the `host` selector covers beyond the
+policy's gateways (and what `outside` leaves out).
+
+They are read from the namespace's local routing table (table 255, `ip route show table local`), which is
+exactly what the kernel takes as its own: its `local` routes are every address of every interface (the
+uplink's, the bridges', loopback) and any prefix routed `local` (an "AnyIP" block), its `broadcast` routes
+the broadcast addresses of the host's networks, which the host receives too. One netlink dump, ~1 ms.
+
+`AddressWatch` tells when they may have changed: a NETLINK_ROUTE socket subscribed to IPv4 address and
+route events. It does not parse them: any event means "read again" (level-triggered).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+from ipaddress import IPv4Network
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from hyperfence.adapters.netlink import netfilter_socket
+from hyperfence.adapters.netns import NetnsThread, netns_path
+from hyperfence.errors import KernelError, NotFoundError
+from hyperfence.model.policy import AddressRange
+
+RT_TABLE_LOCAL = 255
+RTN_LOCAL, RTN_BROADCAST = 2, 3
+NETLINK_ROUTE = 0
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x10, 0x40
+MAX_DRAIN = 1 << 20  # bytes read per wait at most: a burst of events is one "changed"
+
+
+def _read_local_table() -> tuple[AddressRange, ...]:
+    with IPRoute() as ipr:
+        routes = ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_LOCAL)
+    out = {
+        AddressRange.of_network(IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}"))
+        for r in routes
+        if r["type"] in (RTN_LOCAL, RTN_BROADCAST) and r.get_attr("RTA_DST") is not None
+    }
+    return tuple(sorted(out))
+
+
+def read_host_addresses(netns: str | None) -> tuple[AddressRange, ...]:
+    """The host's addresses (and broadcast addresses) in namespace `netns` (None: ours), sorted. Raises
+    `NotFoundError` (no such namespace) or `KernelError`."""
+    if netns is not None and not os.path.exists(netns_path(netns)):
+        raise NotFoundError(f"host addresses: netns {netns!r} does not exist (see `ip netns list`)")
+    try:
+        worker = NetnsThread(netns, name="hyperfence-addrs")
+        try:
+            return worker.call(_read_local_table)
+        finally:
+            worker.close()
+    except (NetlinkError, OSError, ValueError) as e:
+        where = f"netns {netns}" if netns else "this namespace"
+        raise KernelError(f"cannot read the host's addresses in {where}: {e}") from None
+
+
+class AddressWatch:
+    """IPv4 address and route events of namespace `netns` (None: ours)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.sock = netfilter_socket(
+            netns,
+            what="host address events",
+            groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE,
+            blocking=False,
+            protocol=NETLINK_ROUTE,
+        )
+
+    def wait(self, timeout: float) -> bool:
+        """True when events came (all that are queued are read), False after `timeout` seconds without.
+        A receive buffer overrun counts as an event: what was lost may have been a change."""
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return False
+        read = 0
+        while read < MAX_DRAIN:
+            try:
+                read += len(self.sock.recv(65536))
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise KernelError(f"host address events: {e.strerror or e}") from None
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
