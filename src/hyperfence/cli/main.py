@@ -253,7 +253,9 @@ def ruleset_stats(
 # --- what-if ----------------------------------------------------------------------------------------
 
 
-def parse_flow(port: str | None, protocol: str | None, icmp_type: str | None) -> Flow:
+def parse_flow(
+    port: str | None, protocol: str | None, icmp_type: str | None, icmp_code: int | None = None
+) -> Flow:
     from hyperfence.policy import syntax  # noqa: PLC0415
 
     if port:
@@ -269,7 +271,8 @@ def parse_flow(port: str | None, protocol: str | None, icmp_type: str | None) ->
             typ = syntax.parse_icmp_type(icmp_type or "echo-request")
         except ValueError as e:
             raise errors.InvalidInputError(f"--icmp-type: {e}") from None
-        return Flow("icmp", icmp_type=typ)
+        # A flow's first ICMP packet is a query (echo, timestamp, ...): code 0, which is what ping sends.
+        return Flow("icmp", icmp_type=typ, icmp_code=0 if icmp_code is None else icmp_code)
     if proto == "arp" or proto.isdigit():
         return Flow(proto)
     raise errors.InvalidInputError(
@@ -285,6 +288,7 @@ def can_cmd(
     port: Annotated[str | None, typer.Option(help="PORT/PROTO, e.g. 443/tcp")] = None,
     protocol: Annotated[str | None, typer.Option(help="icmp (default), arp or an IP protocol number")] = None,
     icmp_type: Annotated[str | None, typer.Option(help="ICMP type (default echo-request)")] = None,
+    icmp_code: Annotated[int | None, typer.Option(min=0, max=255, help="ICMP code (default 0)")] = None,
     policy: Annotated[str | None, typer.Option(help="Ask this policy file instead of the store.")] = None,
 ) -> None:
     """Would the compiled policy let SRC open this flow to DST? Names the deciding rule. Exit 1 if not."""
@@ -292,7 +296,7 @@ def can_cmd(
     compiled = c.engine(policy).compiled()
     if compiled is None:
         raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
-    flow = parse_flow(port, protocol, icmp_type)
+    flow = parse_flow(port, protocol, icmp_type, icmp_code)
     try:
         answer = can(compiled.resolved, src, dst, flow)
     except ValueError:

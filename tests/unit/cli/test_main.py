@@ -162,3 +162,20 @@ def test_policy_show_names_a_generation_that_is_not_there(tmp_path: Path) -> Non
     )
     r = run("policy", "show", "--generation", "1", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("# generation 1 from test\n")
+
+
+def test_can_asks_about_an_icmp_query_with_code_0_as_ping_sends_it(tmp_path: Path) -> None:
+    """A rule for `icmp/8/0` allows what ping sends; `can` asks with code 0 unless told otherwise (found by
+    the differential test: `can` asked with no code and answered denied)."""
+    (tmp_path / "p.yaml").write_text(
+        "networks: [{name: lab, bridge: br0, subnet: 10.77.0.0/22}]\n"
+        "vms:\n"
+        "  - {name: a, port: vp1, mac: '52:54:00:00:00:01', ips: [10.77.0.11]}\n"
+        "  - {name: b, port: vp2, mac: '52:54:00:00:00:02', ips: [10.77.0.12]}\n"
+        "rules:\n"
+        "  - {id: echo, from: vm:a, to: vm:b, services: [icmp/8/0]}\n"
+    )
+    ok = run("can", "a", "b", "--policy", "p.yaml", cwd=tmp_path)
+    assert ok.returncode == 0 and "allowed by echo" in ok.stdout, ok.stdout + ok.stderr
+    other = run("can", "a", "b", "--icmp-code", "1", "--policy", "p.yaml", cwd=tmp_path)
+    assert other.returncode == 1 and "denied" in other.stdout, other.stdout + other.stderr
