@@ -24,6 +24,8 @@ from typing import Any
 
 from hyperfence.lab.session import LabSession
 from tests.netns.firewall.differential import (
+    PROBE_TIMEOUT,
+    RETRY_TIMEOUT,
     Agents,
     Triple,
     Version,
@@ -31,7 +33,7 @@ from tests.netns.firewall.differential import (
     run_version,
 )
 
-TIMEOUT, RETRY = 0.3, 2.0
+TIMEOUT, RETRY = PROBE_TIMEOUT, RETRY_TIMEOUT
 
 
 def _smaller(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:

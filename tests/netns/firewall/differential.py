@@ -70,6 +70,13 @@ LIMIT_RATES = (500, 1000, 5000)
 # exchange is one new flow per VM and direction (replies are established; ARP is not a flow): it must pass.
 TIGHT_LIMIT, TIGHT_RATE, TIGHT_QUIET = "tight", 4, 0.4
 
+# How long a probe waits for its answer. An exchange the firewall lets through completes in about a
+# millisecond; a silent one costs the whole wait, so it is short. A silent answer that disagrees with `can` is
+# asked once more with RETRY_TIMEOUT (a busy machine is not a firewall bug), which stays below the 1 s after
+# which TCP resends a SYN and the kernel an ARP request: a dropped first packet must not pass for allowed
+# because the protocol's own retry got through later.
+PROBE_TIMEOUT, RETRY_TIMEOUT = 0.3, 0.9
+
 
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")

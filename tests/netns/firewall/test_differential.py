@@ -21,8 +21,10 @@ What the two sides mean (precisely; differential.py has the table of services):
   `hyperfence can --protocol icmp` builds it). ARP: the reply to our request arrives (ARP has no conntrack,
   so the reply must be allowed too: `can` walks only the request, and "allowed" means both pass). DHCP: a
   DHCPDISCOVER from 0.0.0.0 to the broadcast address gets an offer from the host's dnsmasq; `can` is asked
-  `VM HOST --port 67/udp`, the only DHCP question its command line can put. dhcp-unicast: a datagram from
-  port 68 to port 67 of another VM or the outside (a lease renewal looks like that), asked as `--port 67/udp`.
+  `VM HOST --port 67/udp`, the only DHCP question its command line can put, and its allow counts only when
+  the deciding rule names `dhcp` (docs/policy.md promises a lease for `dhcp`; a rule for UDP port 67 allows a
+  unicast datagram, which the other triples test). dhcp-unicast: a datagram from port 68 to port 67 of
+  another VM or the outside (a lease renewal looks like that), asked as `--port 67/udp`.
 * `can`'s deny is silence: nothing comes back within the probe timeout. Its reject is the answer
   docs/policy.md promises: a TCP reset (ECONNREFUSED), ICMP port unreachable for UDP (ECONNREFUSED on the
   connected socket), ICMP administratively prohibited (type 3 code 13) for ICMP; a sender on the host itself
@@ -31,16 +33,25 @@ What the two sides mean (precisely; differential.py has the table of services):
   ICMP error where a reset is promised, or silence where an answer is, disagrees.
 * Where the kernel cannot be observed unambiguously: an answer that is neither the exchange nor silence
   counts as a rejection only if it is the promised one; a silent answer (timeout) that disagrees is probed
-  once more with a longer timeout before it counts, so a busy machine does not fail the test, but a completed
-  exchange or an answer is final. Flood limits in the policies are far above what the probes send (`can`
-  ignores rates), so they must never change an answer. Rejecting or denying *established* flows, and the
-  policy-independent drops (VLAN tags, spoofing), are out of reach of `can`'s question and tested elsewhere.
+  once more with a longer timeout (below TCP's and ARP's 1 s retransmission, see `PROBE_TIMEOUT`) before it
+  counts, so a busy machine does not fail the test, but a completed exchange or an answer is final.
+* Flood limits: `can` ignores rates. Most limits in the policies are far above what the probes send, so
+  they must never change an answer. In the full space a policy may also hold a tight limit (burst 1) on one
+  VM; the runner lets its bucket refill before every probe to or from that VM, and a single exchange is one
+  new flow per VM and direction (its replies are established, ARP is not a flow), so it must still pass.
+* Out of reach of `can`'s question, and tested elsewhere: rejecting or denying *established* flows (each
+  version starts with an empty conntrack table), and drops that no policy changes (VLAN tags, spoofing).
+  A bug that `can` and the kernel share (both wrong the same way) is not a disagreement either.
+
+A recorded disagreement (HYPERFENCE_DIFF_REPORT) is replayed and shrunk to a small policy with
+`python -m tests.netns.firewall.diff_replay FILE --shrink`.
 
 Knobs (environment): HYPERFENCE_DIFF_EXAMPLES (policies, default 10), HYPERFENCE_DIFF_TRIPLES (triples per
 policy, default 20), HYPERFENCE_DIFF_SEED (default 11), HYPERFENCE_DIFF_SAFE=1 (leave out what the issue-11
 bugs break, see `Space`), HYPERFENCE_DIFF_KEEP_GOING=1 (collect the disagreements of every policy, fail at
 the end), HYPERFENCE_DIFF_REPORT=FILE (append them as JSON lines), HYPERFENCE_DIFF_SHRINK=1 (let hypothesis
-shrink a failing policy: slow, each attempt is real traffic), HYPERFENCE_DIFF_TIMEOUT (probe timeout, 0.3 s).
+shrink a failing policy: slow, each attempt is real traffic), HYPERFENCE_DIFF_TIMEOUT (probe timeout, 0.3 s; see
+`PROBE_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -57,6 +68,9 @@ from hyperfence.lab.session import LabSession
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from tests.netns.firewall.differential import (
+    PROBE_TIMEOUT,
+    RETRY_TIMEOUT,
+    TIGHT_QUIET,
     Agents,
     Example,
     Outcome,
@@ -74,10 +88,10 @@ EXAMPLES = env_int("HYPERFENCE_DIFF_EXAMPLES", 10)
 TRIPLES = env_int("HYPERFENCE_DIFF_TRIPLES", 20)
 SEED = env_int("HYPERFENCE_DIFF_SEED", 11)
 SAFE = env_flag("HYPERFENCE_DIFF_SAFE")
-TIMEOUT = float(os.environ.get("HYPERFENCE_DIFF_TIMEOUT") or 0.3)
-RETRY_TIMEOUT = 2.0
-# Room for a run where every probe times out twice, beyond pytest's default 300 s for long runs.
-RUN_TIMEOUT = max(300, int(EXAMPLES * (20 + TRIPLES * (TIMEOUT + 0.1) * 1.5)))
+TIMEOUT = float(os.environ.get("HYPERFENCE_DIFF_TIMEOUT") or PROBE_TIMEOUT)
+# Room for a run where every probe times out, is retried and waits for a tight limit (long runs go beyond
+# pytest's default 300 s).
+RUN_TIMEOUT = max(300, int(EXAMPLES * (20 + TRIPLES * (2 * TIMEOUT + RETRY_TIMEOUT + TIGHT_QUIET))))
 
 
 @pytest.fixture
