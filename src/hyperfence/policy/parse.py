@@ -454,10 +454,14 @@ def _rule_services(c: Collector, doc: RuleDoc, p: str) -> tuple[Service, ...]:
             return ()
         if not doc.services:
             c.add(f"{p}.services", "empty (expected at least one service, or `any`)")
+        # The same service named twice (`icmp/echo-request` and `icmp/8`) is one service: kept once, so that
+        # every nft rule of the rule has its own id (`rule:<id>#<n>`).
         return tuple(
-            s
-            for j, t in enumerate(doc.services)
-            if (s := c.value(syntax.parse_service, t, f"{p}.services[{j}]")) is not None
+            dict.fromkeys(
+                s
+                for j, t in enumerate(doc.services)
+                if (s := c.value(syntax.parse_service, t, f"{p}.services[{j}]")) is not None
+            )
         )
     ports: tuple[PortRange, ...] = ()
     if doc.ports is not None:

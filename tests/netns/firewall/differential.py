@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 from hypothesis import strategies as st
 
+from hyperfence.adapters.host_addresses import read_host_addresses
 from hyperfence.cli.main import parse_flow
 from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan
@@ -711,7 +712,9 @@ def apply(
         lab.engine.converge(full=True)
     done = lab.run("host", ["conntrack", "-F"])
     assert done.returncode == 0, done.stderr
-    return resolve_policy(parse_policy(doc, source="differential")), failure
+    # As a fresh `hyperfence can` process does: the policy, and the host's addresses read from the kernel.
+    host = read_host_addresses(lab.plan.host_netns)
+    return resolve_policy(parse_policy(doc, source="differential"), host_addresses=host), failure
 
 
 def _indent(text: str) -> str:

@@ -423,3 +423,27 @@ def test_settings_host_addresses_are_addresses_each_checked() -> None:
         "settings.host_addresses[1]: 'nope' is not an IPv4 address (expected a.b.c.d)",
         "settings.host_addresses[2]: 5 is not an address, CIDR or range (expected e.g. 10.0.0.0/24)",
     ]
+
+
+def test_a_service_named_twice_is_one_service_and_its_nft_rules_keep_distinct_ids() -> None:
+    """Found by the differential test: `[icmp/echo-request, icmp/8]` made two nft rules with the same id,
+    and the next policy without it could not be applied (the planner deleted by a handle the id shared)."""
+    from hyperfence.policy.resolve import resolve_policy
+    from hyperfence.ruleset.compile import compile_ruleset
+
+    policy = parse_policy(
+        doc(
+            rules=[
+                {
+                    "id": "r",
+                    "from": "vm:vm1",
+                    "to": "vm:vm2",
+                    "services": ["icmp/echo-request", "icmp/8", "tcp/80", "tcp/80"],
+                }
+            ]
+        )
+    )
+    assert len(policy.rules[0].services) == 2
+    for rules in compile_ruleset(resolve_policy(policy)).chain_rules().values():
+        comments = [r.comment for r in rules]
+        assert len(comments) == len(set(comments)), comments
