@@ -43,6 +43,8 @@ DHCP_BROADCAST = AddressSelector(AddressRange.single(IPv4Address("255.255.255.25
 # ARP is an exchange both ways: a rule with it also gets its other half in the opposite chain of each VM it
 # selects (the peers' requests and replies, and the VM's answers).
 ARP_SERVICE = NamedService(SpecialService.ARP)
+_DHCP_EXTRAS = (DHCP_NO_ADDRESS, DHCP_BROADCAST)
+_NOBODY = (DHCP_NO_ADDRESS.range, DHCP_BROADCAST.range)  # no ARP with these, ever
 DEFAULT_CAP = Settings().default_cap
 MAX_ADDR = int(IPv4Address("255.255.255.255"))
 ANY: tuple[AddressRange, ...] = (AddressRange(IPv4Address(0), IPv4Address(MAX_ADDR)),)
@@ -329,11 +331,13 @@ def _vm_policy(
 ) -> VmPolicy:
     allows = [e for e in (*egress, *ingress) if e.action is Action.ALLOW]
     # IP rules that allow or reject imply ARP with their peers: a rejected sender must resolve the peer for
-    # its packet to leave and be answered (the receiver answers the ARP); deny implies nothing.
+    # its packet to leave and be answered (the receiver answers the ARP); deny implies nothing. DHCP is IP
+    # too: a lease is renewed by unicast to the server, so `dhcp`/`dhcp-server` imply ARP with the rule's
+    # peers (not with the broadcast or the unspecified address of its exchange).
     arp_rules = [
         e
         for e in (*egress, *ingress)
-        if e.action is not Action.DENY and not _only_named(e.services) and not e.paired
+        if e.action is not Action.DENY and not _only_arp(e.services) and not e.paired
     ]
     # VMs with the same peers share one computation (1,000 VMs x a 10k-address IP set otherwise)
     key = (net.name, frozenset(e.peer_selectors for e in arp_rules))
@@ -342,7 +346,8 @@ def _vm_policy(
         reachable = arp_cache[key] = _arp_reachable(net.subnet, net.gateway, [e.peers for e in arp_rules])
     sources: dict[tuple[Selector, ...], bool] = {}
     for e in arp_rules:
-        sources.setdefault(e.peer_selectors, e.peers == ANY)
+        selectors = tuple(sel for sel in e.peer_selectors if sel not in _DHCP_EXTRAS)
+        sources.setdefault(selectors, e.peers == ANY)
     return VmPolicy(
         vm=vm,
         subnet=net.subnet,
@@ -460,7 +465,7 @@ def _arp_reachable(
 ) -> tuple[AddressRange, ...]:
     """Whom a VM may ARP with: its allowed peers on its own subnet, and the gateway for routed peers."""
     subnet = (AddressRange.of_network(subnet_net),)
-    wanted = merge_ranges(r for peers in peer_lists for r in peers)
+    wanted = _subtract(merge_ranges(r for peers in peer_lists for r in peers), _NOBODY)
     arp = list(intersect(wanted, subnet))
     if gateway is not None and intersect(wanted, complement(subnet)):
         arp.append(AddressRange.single(gateway))  # routed peers are reached through the gateway
@@ -483,12 +488,10 @@ def _dhcp_role(entry: Entry, *, client: bool) -> bool:
     )
 
 
-def _only_named(services: tuple[Service, ...]) -> bool:
-    """Rules that name only ARP/DHCP services do not imply ARP for IP traffic. `any` is IP traffic (all of
-    it): a rule with it (or without a protocol) implies ARP like a tcp/udp/icmp rule."""
-    return bool(services) and all(
-        isinstance(s, NamedService) and s.kind is not SpecialService.ANY for s in services
-    )
+def _only_arp(services: tuple[Service, ...]) -> bool:
+    """A rule that names only `arp` implies nothing more (it is the ARP rule itself). Every other service is
+    IP traffic: `any` (or no protocol), tcp/udp/icmp, protocol numbers, and DHCP."""
+    return bool(services) and all(s == ARP_SERVICE for s in services)
 
 
 def _subtract(a: tuple[AddressRange, ...], b: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:

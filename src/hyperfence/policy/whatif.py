@@ -99,6 +99,50 @@ def _walk(
     return Step(vp.vm.name, direction, Action.DENY, "sys:default-deny")
 
 
+ARP = Flow("arp")
+
+
+def _neighbour_step(
+    resolved: Resolved,
+    src_vm: VmPolicy | None,
+    src_ip: IPv4Address,
+    dst_vm: VmPolicy | None,
+    dst_ip: IPv4Address,
+) -> Step | None:
+    """The first packet of an IP flow also needs its sender to resolve the next hop: an ARP request and its
+    reply, each through the rules of the VMs on that link (implied ARP, or an explicit `arp` rule that may
+    deny it). The first of those four legs that does not pass, or None. The receiver learns the sender from
+    the request itself, so the flow's replies need no more ARP. Broadcast and multicast need none."""
+    if dst_ip.is_multicast or dst_ip == IPv4Address("255.255.255.255") or dst_ip.is_unspecified:
+        return None
+    # (the VM that asks or None, the address that asks, the VM that answers or None, the address asked for)
+    pairs: list[tuple[VmPolicy | None, IPv4Address, VmPolicy | None, IPv4Address]] = []
+    if src_vm is not None:
+        # The sender resolves the receiver on its own subnet, else its gateway.
+        hop = dst_ip if dst_ip in src_vm.subnet else src_vm.gateway
+        if hop is not None:
+            pairs.append((src_vm, src_ip, find_vm(resolved, str(hop))[0], hop))
+    if dst_vm is not None and not (src_vm is not None and dst_ip in src_vm.subnet):
+        # Someone else resolves the receiver: a sender on its link itself, else the receiver's gateway.
+        asker = src_ip if src_ip in dst_vm.subnet else dst_vm.gateway
+        if asker is not None:
+            pairs.append((None, asker, dst_vm, dst_ip))
+    for asking_vm, asking_ip, answering_vm, answering_ip in pairs:
+        legs = (
+            (asking_vm, Direction.OUT, answering_ip),  # the request leaves the asker
+            (answering_vm, Direction.IN, asking_ip),  # and reaches the one it asks
+            (answering_vm, Direction.OUT, asking_ip),  # the reply leaves it
+            (asking_vm, Direction.IN, answering_ip),  # and reaches the asker
+        )
+        for vp, direction, peer in legs:
+            if vp is None:
+                continue
+            step = _walk(vp, vp.egress if direction is Direction.OUT else vp.ingress, peer, ARP, direction)
+            if step.verdict is not Action.ALLOW:
+                return step
+    return None
+
+
 def _answer(flow: Flow, sender: VmPolicy | None) -> str:
     """What the sender of a rejected first packet gets (ruleset/reject.py)."""
     if sender is not None and sender.gateway is None:
@@ -184,6 +228,16 @@ def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
             return Answer(False, tuple(steps), reason + note)
     if not steps:
         return Answer(True, (), f"neither {src} nor {dst} is a protected VM: hyperfence does not filter it")
+    if flow.protocol != "arp":
+        arp = _neighbour_step(resolved, src_vm, src_ip, dst_vm, dst_ip)
+        if arp is not None:
+            side = "egress" if arp.direction is Direction.OUT else "ingress"
+            return Answer(
+                False,
+                (*steps, arp),
+                f"{arp.vm} {side}: ARP {arp.verdict.value} by {arp.rule}: the sender cannot resolve its next "
+                f"hop, so the allowed packet never leaves{note}",
+            )
     return Answer(
         True,
         tuple(steps),

@@ -98,11 +98,23 @@ def test_an_allow_of_everything_implies_arp() -> None:
         assert vm2.arp_peers == (r("10.77.0.11", "10.77.0.11"),), rule
         assert vm1.arp_sources and vm2.arp_sources, rule
     assert vm1.arp_gateway and not vm2.arp_gateway
-    # rules that name only ARP or DHCP services imply nothing
+    # a rule that names only `arp` implies nothing more
     vm1, vm2 = resolve_policy(
-        parse_policy(doc(rules=[{"from": "vm:vm1", "to": "vm:vm2", "services": ["dhcp", "dhcp-server"]}]))
+        parse_policy(doc(rules=[{"from": "vm:vm1", "to": "vm:vm2", "services": ["arp"]}]))
     ).vms
     assert vm1.arp_peers == vm2.arp_peers == () and not vm1.arp_sources
+    # DHCP is IP: a lease is renewed by unicast, so the client and its server resolve each other (and no
+    # ARP with the broadcast or 0.0.0.0 addresses of the exchange, nor with the gateway because of them)
+    vm1, vm2 = resolve_policy(
+        parse_policy(doc(rules=[{"from": "vm:vm1", "to": "vm:vm2", "services": ["dhcp"]}]))
+    ).vms
+    assert vm1.arp_peers == (r("10.77.0.12", "10.77.0.12"),) and vm2.arp_peers == (
+        r("10.77.0.11", "10.77.0.11"),
+    )
+    assert not vm1.arp_gateway and not vm2.arp_gateway
+    assert all(
+        "255.255.255.255" not in str(sels) and "0.0.0.0" not in str(sels) for sels, _ in vm1.arp_sources
+    )
 
 
 def test_a_reject_implies_arp_on_both_ends_and_a_deny_nothing() -> None:

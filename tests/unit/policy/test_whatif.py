@@ -59,3 +59,28 @@ def test_an_arp_rule_for_other_peers_does_not_decide() -> None:
     answer = ask(rules, "vm1", "10.77.0.50")
     assert not answer.allowed and answer.reason == "vm1 egress: deny by no-arp"
     assert not ask(rules, "10.77.0.50", "vm1").allowed  # both ways
+
+
+def test_an_ip_flow_needs_its_sender_to_resolve_the_next_hop() -> None:
+    """Found by the differential test: an explicit ARP deny on the receiver breaks an allowed ping; `can`
+    now walks the ARP exchange the first packet needs (request and reply, both VMs' rules)."""
+    ping = {"id": "ping", "from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp"}
+    quiet = {
+        "id": "quiet",
+        "from": "vm:vm2",
+        "to": "any",
+        "services": ["arp"],
+        "action": "deny",
+        "priority": 10,
+    }
+    icmp = Flow("icmp", icmp_type=8, icmp_code=0)
+    assert ask([ping], "vm1", "vm2", icmp).allowed
+    answer = ask([ping, quiet], "vm1", "vm2", icmp)
+    assert not answer.allowed
+    # (`arp` works both ways: its deny already stops the request on its way into vm2)
+    assert answer.reason.startswith("vm2 ingress: ARP deny by quiet: the sender cannot resolve its next hop")
+    # to a routed peer the next hop is the gateway: an ARP deny towards it breaks the flow too
+    out = {"id": "out", "from": "vm:vm1", "to": "outside", "protocol": "icmp"}
+    gw = {"id": "gw", "from": "vm:vm1", "to": "host", "services": ["arp"], "action": "deny"}
+    assert ask([out], "vm1", "10.78.0.2", icmp).allowed
+    assert "ARP deny by gw" in ask([out, gw], "vm1", "10.78.0.2", icmp).reason
