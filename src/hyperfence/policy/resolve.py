@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
 from hyperfence.model.policy import (
+    L4,
     Action,
     AddressRange,
     AddressSelector,
@@ -24,6 +25,8 @@ from hyperfence.model.policy import (
     NamedService,
     Network,
     Policy,
+    PortService,
+    ProtocolService,
     Rule,
     Selector,
     Service,
@@ -496,3 +499,40 @@ def _only_arp(services: tuple[Service, ...]) -> bool:
 
 def _subtract(a: tuple[AddressRange, ...], b: tuple[AddressRange, ...]) -> tuple[AddressRange, ...]:
     return intersect(a, complement(b))
+
+
+def is_answered_by_icmp(service: Service) -> bool:
+    """Whether a reject of `service` can answer with an ICMP error: all but TCP alone (and ARP and DHCP,
+    which are never rejected)."""
+    match service:
+        case PortService(L4.TCP, _) | ProtocolService(6):
+            return False
+        case NamedService(kind):
+            return kind is SpecialService.ANY
+    return True
+
+
+def reject_arp_vms(resolved: Resolved) -> frozenset[str]:
+    """The VMs the host may have to answer with an ICMP error for a reject (ruleset/reject.py): it sends what
+    one of its egress rejects answers by ICMP, or its address is a peer of such a reject in another VM's
+    ingress. The host must resolve their MAC for the answer to reach them, so they and their gateway may
+    ARP each other (`sys:reject-arp`, in the bridge's base chains: before any rule of the VM's own). Not a
+    quarantined VM (neither answered nor answered for), nor one on a network without a gateway."""
+    live = [vp for vp in resolved.vms if vp.vm.id not in resolved.quarantine]
+    receivers = any(vp.rejects_in for vp in live)
+    senders = [vp for vp in live if vp.gateway is not None and (receivers or vp.rejects_out)]
+    icmp_in = merge_ranges(
+        r
+        for vp in live
+        for e in vp.ingress
+        if e.action is Action.REJECT and any(is_answered_by_icmp(s) for s in e.services)
+        for r in e.peers
+    )
+    out: set[str] = set()
+    for vp in senders:
+        icmp_out = any(
+            e.action is Action.REJECT and any(is_answered_by_icmp(s) for s in e.services) for e in vp.egress
+        )
+        if icmp_out or any(contains(icmp_in, ip) for ip in vp.vm.ips):
+            out.add(vp.vm.id)
+    return frozenset(out)

@@ -26,7 +26,7 @@ from hyperfence.model.policy import (
     Service,
     SpecialService,
 )
-from hyperfence.policy.resolve import Entry, Resolved, VmPolicy, contains, dhcp_ports
+from hyperfence.policy.resolve import Entry, Resolved, VmPolicy, contains, dhcp_ports, reject_arp_vms
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
 
@@ -87,8 +87,17 @@ def _service_matches(svc: Service, flow: Flow, direction: Direction, *, paired: 
 
 
 def _walk(
-    vp: VmPolicy, entries: tuple[Entry, ...], peer: IPv4Address, flow: Flow, direction: Direction
+    vp: VmPolicy,
+    entries: tuple[Entry, ...],
+    peer: IPv4Address,
+    flow: Flow,
+    direction: Direction,
+    *,
+    reject_arp: frozenset[str] = frozenset(),
 ) -> Step:
+    if flow.protocol == "arp" and peer == vp.gateway and vp.vm.id in reject_arp:
+        # in the bridge's base chains, before the VM's own rules: the host must reach it with ICMP answers
+        return Step(vp.vm.name, direction, Action.ALLOW, "sys:reject-arp")
     for e in entries:
         if not contains(e.peers, peer):  # (paired entries too: ARP and DHCP are asked both ways)
             continue
@@ -115,6 +124,7 @@ def _neighbour_step(
     the request itself, so the flow's replies need no more ARP. Broadcast and multicast need none."""
     if dst_ip.is_multicast or dst_ip == IPv4Address("255.255.255.255") or dst_ip.is_unspecified:
         return None
+    answered = reject_arp_vms(resolved)
     # (the VM that asks or None, the address that asks, the VM that answers or None, the address asked for)
     pairs: list[tuple[VmPolicy | None, IPv4Address, VmPolicy | None, IPv4Address]] = []
     if src_vm is not None:
@@ -137,7 +147,8 @@ def _neighbour_step(
         for vp, direction, peer in legs:
             if vp is None:
                 continue
-            step = _walk(vp, vp.egress if direction is Direction.OUT else vp.ingress, peer, ARP, direction)
+            entries = vp.egress if direction is Direction.OUT else vp.ingress
+            step = _walk(vp, entries, peer, ARP, direction, reject_arp=answered)
             if step.verdict is not Action.ALLOW:
                 return step
     return None
@@ -219,7 +230,9 @@ def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
                 steps.append(Step(str(addr), direction, Action.DENY, "sys:unknown-port"))
                 return Answer(False, tuple(steps), f"{_unknown_port(addr, net)}: deny by sys:unknown-port")
             continue
-        step = _walk(vp, vp.egress if direction is Direction.OUT else vp.ingress, peer, flow, direction)
+        entries = vp.egress if direction is Direction.OUT else vp.ingress
+        answered = reject_arp_vms(resolved) if flow.protocol == "arp" else frozenset[str]()
+        step = _walk(vp, entries, peer, flow, direction, reject_arp=answered)
         steps.append(step)
         if step.verdict is not Action.ALLOW:
             reason = f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}"

@@ -40,7 +40,6 @@ from __future__ import annotations
 from hyperfence.model.policy import (
     L4,
     Action,
-    AddressRange,
     Direction,
     NamedService,
     PortService,
@@ -48,7 +47,7 @@ from hyperfence.model.policy import (
     Service,
     SpecialService,
 )
-from hyperfence.policy.resolve import ANY, Entry, Resolved, VmPolicy, intersect, merge_ranges
+from hyperfence.policy.resolve import ANY, Entry, Resolved, VmPolicy, reject_arp_vms
 from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.build import (
     BRIDGE,
@@ -101,17 +100,6 @@ def _answers(service: Service) -> list[tuple[str, list[JSON], list[JSON]]]:
                 ("", [], [x.COUNTER, PROHIBITED]),
             ]
     return [("", [], [x.COUNTER, PROHIBITED])]
-
-
-def is_answered_by_icmp(service: Service) -> bool:
-    """Whether a reject of `service` can answer with an ICMP error: all but TCP alone (and ARP and DHCP,
-    which are never rejected)."""
-    match service:
-        case PortService(L4.TCP, _) | ProtocolService(6):
-            return False
-        case NamedService(kind):
-            return kind is SpecialService.ANY
-    return True
 
 
 def _peer_match(b: Builder, entry: Entry) -> JSON | None:
@@ -214,28 +202,14 @@ def _other_senders(b: Builder, resolved: Resolved) -> None:
     b.rule(INET, OUTPUT_CHAIN, "sys:dispatch", [CT_NEW, _dispatch(RECEIVER_MAP, "daddr")])
 
 
-def _arp_with_gateway(b: Builder, vms: list[VmPolicy], senders: list[VmPolicy]) -> None:
-    """`reject_arp` (bridge): port . gateway . address of every VM the host may answer with an ICMP error (it
-    sends a reject that answers with ICMP, or its address is a peer of such a reject in another VM's
-    ingress), so that the host can resolve its MAC and the answer reaches it."""
-    icmp_in = merge_ranges(
-        r
-        for vp in vms
-        for e in vp.ingress
-        if e.action is Action.REJECT and any(is_answered_by_icmp(s) for s in e.services)
-        for r in e.peers
-    )
-    addresses = merge_ranges(AddressRange.single(ip) for vp in senders for ip in vp.vm.ips)
-    peers = {int(a) for r in intersect(icmp_in, addresses) for a in range(int(r.first), int(r.last) + 1)}
+def _arp_with_gateway(b: Builder, resolved: Resolved) -> None:
+    """`reject_arp` (bridge): port . gateway . address of every VM the host may answer with an ICMP error
+    (`reject_arp_vms`), so that the host can resolve its MAC and the answer reaches it."""
     elems: set[str] = set()
-    for vp in senders:
-        gateway = vp.gateway
-        icmp_out = any(
-            e.action is Action.REJECT and any(is_answered_by_icmp(s) for s in e.services) for e in vp.egress
-        )
-        if gateway is None or not (icmp_out or any(int(ip) in peers for ip in vp.vm.ips)):
-            continue
-        elems.update(dump({"concat": [vp.vm.port, str(gateway), str(ip)]}) for ip in vp.vm.ips)
+    answered = reject_arp_vms(resolved)
+    for vp in resolved.vms:
+        if vp.gateway is not None and vp.vm.id in answered:
+            elems.update(dump({"concat": [vp.vm.port, str(vp.gateway), str(ip)]}) for ip in vp.vm.ips)
     b.sets[REJECT_ARP_SET] = NftSet(BRIDGE, REJECT_ARP_SET, REJECT_ARP_TYPE, (), None, frozenset(elems))
 
 
@@ -253,6 +227,6 @@ def reject_chains(b: Builder, resolved: Resolved) -> None:
         _receiver_chains(b, receivers)
     if senders:
         _sender_chains(b, resolved, senders, receivers=bool(receivers))
-        _arp_with_gateway(b, by_sid, senders)
+        _arp_with_gateway(b, resolved)
     if receivers:
         _other_senders(b, resolved)

@@ -84,3 +84,14 @@ def test_an_ip_flow_needs_its_sender_to_resolve_the_next_hop() -> None:
     gw = {"id": "gw", "from": "vm:vm1", "to": "host", "services": ["arp"], "action": "deny"}
     assert ask([out], "vm1", "10.78.0.2", icmp).allowed
     assert "ARP deny by gw" in ask([out, gw], "vm1", "10.78.0.2", icmp).reason
+
+
+def test_the_host_may_resolve_a_vm_it_answers_for_a_reject() -> None:
+    """Found by the differential test: a VM with a UDP reject (answered by ICMP from the host) and its
+    gateway may ARP each other (`sys:reject-arp`, before the VM's own rules); `can` knows it too."""
+    rej = {"id": "rej", "from": "vm:vm1", "to": "vm:vm2", "services": ["udp"], "action": "reject"}
+    assert not ask([], HOST, "vm1").allowed
+    answer = ask([rej], HOST, "vm1")
+    assert answer.allowed and [s.rule for s in answer.steps] == ["sys:reject-arp"]
+    tcp_only = {**rej, "services": ["tcp/80"]}  # a reset needs no ICMP from the host: no ARP with it
+    assert not ask([tcp_only], HOST, "vm1").allowed

@@ -18,7 +18,7 @@ from hyperfence.model.policy import (
     SpecialService,
 )
 from hyperfence.policy.parse import parse_policy
-from hyperfence.policy.resolve import resolve_policy
+from hyperfence.policy.resolve import is_answered_by_icmp, resolve_policy
 from hyperfence.ruleset.build import BRIDGE, INET, NETDEV, REJECT_ARP_SET
 from hyperfence.ruleset.compile import compile_ruleset, vm_sid
 from hyperfence.ruleset.ir import JSON, Rule, Ruleset, TableId
@@ -29,7 +29,6 @@ from hyperfence.ruleset.reject import (
     RECEIVER_MAP,
     SENDER_MAP,
     TO_CHAIN,
-    is_answered_by_icmp,
 )
 from tests.unit.policy.test_parse import doc
 
