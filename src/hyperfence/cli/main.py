@@ -273,10 +273,10 @@ def parse_flow(
             raise errors.InvalidInputError(f"--icmp-type: {e}") from None
         # A flow's first ICMP packet is a query (echo, timestamp, ...): code 0, which is what ping sends.
         return Flow("icmp", icmp_type=typ, icmp_code=0 if icmp_code is None else icmp_code)
-    if proto == "arp" or proto.isdigit():
+    if proto in ("arp", "dhcp") or proto.isdigit():
         return Flow(proto)
     raise errors.InvalidInputError(
-        f"--protocol: {proto!r} is not a protocol (expected icmp, arp or a number; use --port for tcp/udp)"
+        f"--protocol: {proto!r} is not a protocol (expected icmp, arp, dhcp or a number; use --port for tcp/udp)"
     )
 
 
@@ -286,7 +286,12 @@ def can_cmd(
     src: str,
     dst: str,
     port: Annotated[str | None, typer.Option(help="PORT/PROTO, e.g. 443/tcp")] = None,
-    protocol: Annotated[str | None, typer.Option(help="icmp (default), arp or an IP protocol number")] = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="icmp (default), arp, dhcp (may SRC get a lease from DST?) or an IP protocol number"
+        ),
+    ] = None,
     icmp_type: Annotated[str | None, typer.Option(help="ICMP type (default echo-request)")] = None,
     icmp_code: Annotated[int | None, typer.Option(min=0, max=255, help="ICMP code (default 0)")] = None,
     policy: Annotated[str | None, typer.Option(help="Ask this policy file instead of the store.")] = None,

@@ -121,6 +121,22 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class ArpSource:
+    """The peers of some ARP-implying rules, as the compiler renders them: one shared address set named by
+    `selectors` and holding `peers` (ANY: the VM's whole subnet). A DHCP rule's broadcast and unspecified
+    addresses are left out of both (`trimmed`): that set is not the rule's own, and also never holds those
+    two addresses."""
+
+    selectors: tuple[Selector, ...]
+    peers: tuple[AddressRange, ...]
+    trimmed: bool = False
+
+    @property
+    def is_any(self) -> bool:
+        return self.peers == ANY
+
+
+@dataclass(frozen=True)
 class VmPolicy:
     vm: Vm
     subnet: IPv4Network
@@ -131,7 +147,7 @@ class VmPolicy:
     # The same, as the compiler renders it: the peer selector lists of those rules (True: "any"), and
     # whether a routed peer makes the gateway an ARP peer. Rules share their address sets, so ARP costs no
     # per-VM copy of a peer list.
-    arp_sources: tuple[tuple[tuple[Selector, ...], bool], ...]
+    arp_sources: tuple[ArpSource, ...]
     arp_gateway: bool
     dhcp_client: bool  # some allow rule lets it get a DHCP lease
     dhcp_server: bool  # some allow rule lets it answer DHCP
@@ -347,10 +363,13 @@ def _vm_policy(
     reachable = arp_cache.get(key)
     if reachable is None:
         reachable = arp_cache[key] = _arp_reachable(net.subnet, net.gateway, [e.peers for e in arp_rules])
-    sources: dict[tuple[Selector, ...], bool] = {}
+    sources: dict[tuple[Selector, ...], ArpSource] = {}
     for e in arp_rules:
         selectors = tuple(sel for sel in e.peer_selectors if sel not in _DHCP_EXTRAS)
-        sources.setdefault(selectors, e.peers == ANY)
+        if selectors == e.peer_selectors:
+            sources.setdefault(selectors, ArpSource(selectors, e.peers))
+        elif selectors and (peers := _subtract(e.peers, _NOBODY)):
+            sources.setdefault(selectors, ArpSource(selectors, peers, trimmed=True))
     return VmPolicy(
         vm=vm,
         subnet=net.subnet,
@@ -358,7 +377,7 @@ def _vm_policy(
         egress=tuple(egress),
         ingress=tuple(ingress),
         arp_peers=_without(reachable, vm.ips),
-        arp_sources=tuple(sources.items()),
+        arp_sources=tuple(sources.values()),
         arp_gateway=net.gateway is not None and contains(reachable, net.gateway),
         dhcp_client=any(_dhcp_role(e, client=True) for e in allows),
         dhcp_server=any(_dhcp_role(e, client=False) for e in allows),

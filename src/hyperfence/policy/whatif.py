@@ -33,7 +33,7 @@ PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
 
 @dataclass(frozen=True)
 class Flow:
-    protocol: str  # tcp, udp, icmp, arp, or a number as text
+    protocol: str  # tcp, udp, icmp, arp, dhcp (a lease: see `_lease`), or a number as text
     port: int | None = None  # destination port (tcp/udp)
     icmp_type: int | None = None
     icmp_code: int | None = None
@@ -213,10 +213,76 @@ def _unknown_port(addr: IPv4Address, net: Network) -> str:
     )
 
 
+BROADCAST, UNSPECIFIED = IPv4Address("255.255.255.255"), IPv4Address(0)
+
+
+def _lease(
+    resolved: Resolved,
+    client: VmPolicy | None,
+    client_ip: IPv4Address,
+    server: VmPolicy | None,
+    server_ip: IPv4Address,
+) -> Answer:
+    """`can CLIENT SERVER --protocol dhcp`: may CLIENT get a lease from SERVER? The exchange's four legs: the
+    client's request from 0.0.0.0 to the broadcast address (which only a VM with a client role may send:
+    anti-spoofing), taken by the server from 0.0.0.0, and the server's answer to the client's address (which
+    only a VM with a server role may send), taken by the client. The answer is no conntrack reply (the
+    request went to the broadcast address), so every leg is asked."""
+    if client is None and server is None:
+        return Answer(
+            True, (), f"neither {client_ip} nor {server_ip} is a protected VM: hyperfence does not filter it"
+        )
+    for vp, addr, direction in ((client, client_ip, Direction.OUT), (server, server_ip, Direction.IN)):
+        net = unknown_port_network(resolved, addr) if vp is None else None
+        if net is not None:
+            step = Step(str(addr), direction, Action.DENY, "sys:unknown-port")
+            return Answer(False, (step,), f"{_unknown_port(addr, net)}: deny by sys:unknown-port")
+    if client is not None and not client.dhcp_client:
+        step = Step(client.vm.name, Direction.OUT, Action.DENY, "sys:spoof")
+        return Answer(
+            False,
+            (step,),
+            f"{client.vm.name} egress: deny by sys:spoof (no dhcp rule makes it a "
+            "client, so it may not send from 0.0.0.0)",
+        )
+    legs = (
+        (client, Direction.OUT, BROADCAST, 67),  # DHCPDISCOVER / REQUEST, from 0.0.0.0
+        (server, Direction.IN, UNSPECIFIED, 67),
+        (server, Direction.OUT, client_ip, 68),  # OFFER / ACK
+        (client, Direction.IN, server_ip, 68),
+    )
+    steps: list[Step] = []
+    for vp, direction, peer, port in legs:
+        if vp is None:
+            continue
+        if vp is server and direction is Direction.OUT and not vp.dhcp_server:
+            steps.append(Step(vp.vm.name, direction, Action.DENY, "sys:no-dhcp-server"))
+            return Answer(
+                False,
+                tuple(steps),
+                f"{vp.vm.name} egress: deny by sys:no-dhcp-server (no dhcp-server rule lets it answer)",
+            )
+        entries = vp.egress if direction is Direction.OUT else vp.ingress
+        step = _walk(vp, entries, peer, Flow("udp", port), direction)
+        steps.append(step)
+        if step.verdict is not Action.ALLOW:
+            side = "egress" if direction is Direction.OUT else "ingress"
+            return Answer(False, tuple(steps), f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}")
+    return Answer(True, tuple(steps), _allowed_by(steps))
+
+
+def _allowed_by(steps: list[Step]) -> str:
+    return "allowed by " + " and ".join(
+        f"{s.rule} ({s.vm} {'egress' if s.direction is Direction.OUT else 'ingress'})" for s in steps
+    )
+
+
 def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
     """Raises ValueError when src/dst is neither a VM nor an IPv4 address."""
     src_vm, src_ip = find_vm(resolved, src)
     dst_vm, dst_ip = find_vm(resolved, dst)
+    if flow.protocol == "dhcp":
+        return _lease(resolved, src_vm, src_ip, dst_vm, dst_ip)
     notes = [n for n in (_address_note(resolved, src_ip), _address_note(resolved, dst_ip)) if n]
     note = "".join(f"; {n}" for n in notes)
     steps: list[Step] = []
@@ -251,12 +317,4 @@ def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
                 f"{arp.vm} {side}: ARP {arp.verdict.value} by {arp.rule}: the sender cannot resolve its next "
                 f"hop, so the allowed packet never leaves{note}",
             )
-    return Answer(
-        True,
-        tuple(steps),
-        "allowed by "
-        + " and ".join(
-            f"{s.rule} ({s.vm} {'egress' if s.direction is Direction.OUT else 'ingress'})" for s in steps
-        )
-        + note,
-    )
+    return Answer(True, tuple(steps), _allowed_by(steps) + note)

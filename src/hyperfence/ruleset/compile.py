@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from hyperfence.model.policy import Action, Direction, FloodLimit, Network, Settings
-from hyperfence.policy.resolve import ANY, Entry, Resolved, VmPolicy
+from hyperfence.policy.resolve import ANY, ArpSource, Entry, Resolved, VmPolicy
 from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.build import (
     BRIDGE,
@@ -119,7 +119,7 @@ def _vm_key(vp: VmPolicy, settings: Settings) -> _Key:
             vp.gateway,
             entries(vp.egress),
             entries(vp.ingress),
-            vp.arp_sources,
+            tuple((a.selectors, a.is_any, a.trimmed) for a in vp.arp_sources),
             vp.arp_gateway,
             vp.dhcp_client,
             vp.dhcp_server,
@@ -265,13 +265,19 @@ def _base_key(resolved: Resolved, settings: Settings) -> object:
 def _vm_sets(b: Builder, vp: VmPolicy) -> list[NftSet]:
     """A VM's address sets (shared by name: always built from the current contents)."""
     out = []
-    for entry in (*vp.egress, *vp.ingress):
-        if entry.peers != ANY:
-            name = selector_set_name(entry.peer_selectors)
+    wanted = [(selector_set_name(e.peer_selectors), e.peers) for e in (*vp.egress, *vp.ingress)]
+    wanted += [(_arp_set_name(a), a.peers) for a in vp.arp_sources]
+    for name, peers in wanted:
+        if peers != ANY:
             if name not in b.sets:
-                b.address_set(name, entry.peers)
+                b.address_set(name, peers)
             out.append(b.sets[name])
     return out
+
+
+def _arp_set_name(source: ArpSource) -> str:
+    """A source's address set: the rule's own, or a set of its own when DHCP's addresses were trimmed."""
+    return ("a" if source.trimmed else "") + selector_set_name(source.selectors)
 
 
 def _fragment(vp: VmPolicy, settings: Settings, cache: CompileCache | None) -> _VmFragment:
@@ -552,8 +558,8 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
     # ARP with the peers of the allow rules (their shared address sets) and, for routed peers, the gateway.
     subnet: JSON = {"prefix": {"addr": str(vp.subnet.network_address), "len": vp.subnet.prefixlen}}
     arp_peers: list[tuple[str, JSON]] = [
-        (f"sys:arp#{k}", subnet if is_any else f"@{selector_set_name(sels)}")
-        for k, (sels, is_any) in enumerate(vp.arp_sources, start=1)
+        (f"sys:arp#{k}", subnet if a.is_any else f"@{_arp_set_name(a)}")
+        for k, a in enumerate(vp.arp_sources, start=1)
     ]
     if vp.arp_gateway and vp.gateway is not None:
         arp_peers.append(("sys:arp-gw", str(vp.gateway)))

@@ -42,7 +42,7 @@ from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan
 from hyperfence.lab.policy import lab_policy
 from hyperfence.lab.session import LabSession
-from hyperfence.model.policy import Action, NamedService, SpecialService
+from hyperfence.model.policy import Action
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy
 from hyperfence.policy.syntax import parse_service
@@ -502,7 +502,9 @@ def flow_of(service: str) -> tuple[Flow, str]:
     if service.startswith(("tcp/", "udp/")):
         proto, port = service.split("/")
         return parse_flow(f"{port}/{proto}", None, None), f"--port {port}/{proto}"
-    if service in ("dhcp", "dhcp-unicast"):
+    if service == "dhcp":
+        return parse_flow(None, "dhcp", None), "--protocol dhcp"
+    if service == "dhcp-unicast":
         return parse_flow(f"{DHCP_PORT}/udp", None, None), f"--port {DHCP_PORT}/udp"
     if service == "icmp":
         return parse_flow(None, "icmp", "echo-request"), "--protocol icmp --icmp-type echo-request"
@@ -522,10 +524,8 @@ def expected(resolved: Resolved, plan: LabPlan, t: Triple) -> Expected:
     UDP and ICMP. ARP and a DHCPDISCOVER (from 0.0.0.0) cannot be answered, so their reject is silence (the
     parser refuses reject rules for the `arp` and `dhcp` services; an IP rule can still decide them).
 
-    DHCP: `can VM HOST --port 67/udp` is the closest question `can` takes, but it is also what an IP rule
-    for UDP port 67 allows (a unicast datagram from the VM's own address, which the dhcp-unicast and udp
-    triples test). A lease is promised only by a `dhcp` rule (docs/policy.md "Special services"), so an
-    allow decided by a rule that does not name `dhcp` expects no lease."""
+    DHCP: `can VM HOST --protocol dhcp` asks whether the VM gets a lease from the host's server (its request
+    to the broadcast address and the server's answer, each through the rules)."""
     declared = {vp.vm.name for vp in resolved.vms}
 
     def name(who: str) -> str:
@@ -535,11 +535,6 @@ def expected(resolved: Resolved, plan: LabPlan, t: Triple) -> Expected:
     src, dst = name(t.src), name(t.dst)
     answer = can(resolved, src, dst, flow)
     command = f"hyperfence can {src} {dst} {options}"
-    if answer.allowed and t.service == "dhcp" and answer.steps:
-        rule = next((r for r in resolved.policy.rules if r.id == answer.steps[0].rule), None)
-        if rule is None or NamedService(SpecialService.DHCP) not in rule.services:
-            why = f"{answer.reason}, but only a `dhcp` rule lets a VM get a lease (docs/policy.md)"
-            return Expected("deny", frozenset({"timeout"}), command, why)
     if answer.allowed:
         return Expected("allow", frozenset({"ok"}), command, answer.reason)
     step = answer.deciding

@@ -125,7 +125,8 @@ def test_the_daemon_learns_a_new_host_address_at_once(lab: LabSession) -> None:
     try:
         lab.run("host", ["ip", "addr", "add", f"{extra}/32", "dev", "lo"]).check_returncode()
         _wait_for("vm2 reaches the new host address", lambda: lab.tcp("vm2", extra, 22) == "OK")
-        assert lab.tcp("vm1", extra, 22) in UNANSWERED
+        outcome = lab.tcp("vm1", extra, 22)
+        assert outcome in UNANSWERED, outcome
         assert not can(lab, "vm1", extra, "--port", "22/tcp")[0]
         lab.run("host", ["ip", "addr", "del", f"{extra}/32", "dev", "lo"]).check_returncode()
         _wait_for("the address leaves `host`", lambda: not can(lab, "vm2", extra, "--port", "22/tcp")[0])

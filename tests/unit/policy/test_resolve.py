@@ -112,9 +112,7 @@ def test_an_allow_of_everything_implies_arp() -> None:
         r("10.77.0.11", "10.77.0.11"),
     )
     assert not vm1.arp_gateway and not vm2.arp_gateway
-    assert all(
-        "255.255.255.255" not in str(sels) and "0.0.0.0" not in str(sels) for sels, _ in vm1.arp_sources
-    )
+    assert all("255.255.255.255" not in str(a) and "0.0.0.0" not in str(a) for a in vm1.arp_sources)
 
 
 def test_a_reject_implies_arp_on_both_ends_and_a_deny_nothing() -> None:

@@ -95,3 +95,33 @@ def test_the_host_may_resolve_a_vm_it_answers_for_a_reject() -> None:
     assert answer.allowed and [s.rule for s in answer.steps] == ["sys:reject-arp"]
     tcp_only = {**rej, "services": ["tcp/80"]}  # a reset needs no ICMP from the host: no ARP with it
     assert not ask([tcp_only], HOST, "vm1").allowed
+
+
+def test_a_lease_is_asked_as_the_whole_exchange() -> None:
+    """`can VM SERVER --protocol dhcp`: the request from 0.0.0.0 to the broadcast address and the server's
+    answer, each through the rules (found by the differential test: a reject from the host ordered before
+    the dhcp rule drops the offer, which `can` did not see when asked about port 67 alone)."""
+    dhcp = Flow("dhcp")
+    lease = {"id": "lease", "from": "vms", "to": "host", "services": ["dhcp"], "priority": 1000}
+    assert ask([lease], "vm1", HOST, dhcp).allowed
+    no_host = {"id": "no-host", "from": HOST, "to": "vm:vm1", "action": "reject", "priority": 500}
+    answer = ask([lease, no_host], "vm1", HOST, dhcp)
+    assert not answer.allowed and answer.reason == "vm1 ingress: reject by no-host"
+    # a VM that no dhcp rule makes a client may not send from 0.0.0.0 at all, whatever udp rule it has
+    udp = {"id": "udp", "from": "vm:vm1", "to": "any", "services": ["udp"]}
+    assert ask([udp], "vm1", HOST, dhcp).reason.startswith("vm1 egress: deny by sys:spoof")
+
+
+def test_a_lease_from_a_vm_needs_its_server_role_and_a_known_port() -> None:
+    dhcp = Flow("dhcp")
+    serve = {"id": "serve", "from": "vm:vm2", "to": "vm:vm1", "services": ["dhcp-server"]}
+    answer = ask([serve], "vm1", "vm2", dhcp)
+    assert answer.allowed and [s.rule for s in answer.steps] == ["serve"] * 4
+    # plain udp does not make vm2 a server: the host drops what it sends from port 67 to port 68
+    udp = {"id": "udp", "from": "vm:vm2", "to": "vm:vm1", "services": ["udp"]}
+    take = {"id": "take", "from": "vm:vm1", "to": "any", "services": ["dhcp"]}
+    answer = ask([udp, take, {**udp, "id": "in", "from": "any", "to": "vm:vm2"}], "vm1", "vm2", dhcp)
+    assert not answer.allowed and answer.steps[-1].rule == "sys:no-dhcp-server", answer
+    # a client on a bridge port no declared VM holds gets nothing
+    answer = ask([serve], "10.77.0.99", "vm2", dhcp)
+    assert not answer.allowed and answer.steps[-1].rule == "sys:unknown-port"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from hyperfence.ruleset.ir import Chain, NftSet, Rule, Ruleset, TableId, canonical
@@ -76,7 +77,12 @@ class FakeKernel:
     _add_map = _add_set
 
     def _delete_set(self, o: dict[str, Any]) -> None:
-        del self.sets[(self._t(o), o["name"])]
+        key = (self._t(o), o["name"])
+        # Like the kernel (EBUSY): a set that a rule still looks up cannot be deleted.
+        assert not any(
+            f'"@{key[1]}"' in r.expr for (t, _), rules in self.rules.items() if t == key[0] for _, r in rules
+        ), f"deleting set {key[1]} while a rule still refers to it"
+        del self.sets[key]
 
     _delete_map = _delete_set
 
@@ -95,7 +101,11 @@ class FakeKernel:
         self.sets[key] = NftSet(s.table, s.name, s.key_type, s.flags, s.map_type, s.elements - gone)
 
     def _rule(self, o: dict[str, Any]) -> Rule:
-        return Rule(self._t(o), o["chain"], o["comment"], canonical(o["expr"]))
+        rule = Rule(self._t(o), o["chain"], o["comment"], canonical(o["expr"]))
+        # Like the kernel (ENOENT, the whole batch refused): a rule may only look up a set that exists.
+        for name in re.findall(r'"@([^"]+)"', rule.expr):
+            assert (rule.table, name) in self.sets, f"rule {rule.comment} refers to missing set {name}"
+        return rule
 
     def _index(self, o: dict[str, Any]) -> int:
         rules = self.rules[(self._t(o), o["chain"])]

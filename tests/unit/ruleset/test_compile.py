@@ -3,9 +3,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from hyperfence.errors import InvalidInputError
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.ruleset import expr as x
@@ -145,33 +146,51 @@ def test_plan_against_its_own_state_is_empty_and_one_change_is_small() -> None:
 rule_strategy = st.fixed_dictionaries(
     {
         "from": st.sampled_from(
-            ["vm:vm1", "vm:vm2", "vms", "any", "outside", "10.1.0.0/16", "label:role=web"]
+            ["vm:vm1", "vm:vm2", "vms", "any", "outside", "host", "10.1.0.0/16", "label:role=web"]
         ),
         "to": st.sampled_from(["vm:vm1", "vm:vm2", "vms", "any", "host", "10.77.0.0/24"]),
         "services": st.lists(
             st.sampled_from(
-                ["tcp/80", "udp/53", "icmp", "icmp/8", "arp", "any", "proto/47", "tcp/1000-2000"]
+                [
+                    "tcp/80",
+                    "udp/53",
+                    "icmp",
+                    "icmp/8",
+                    "arp",
+                    "any",
+                    "proto/47",
+                    "tcp/1000-2000",
+                    "dhcp",
+                    "dhcp-server",
+                ]
             ),
             min_size=1,
             max_size=3,
             unique=True,
         ),
-        "action": st.sampled_from(["allow", "deny"]),
+        "action": st.sampled_from(["allow", "deny", "reject"]),
         "priority": st.integers(0, 3),
     }
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     before=st.lists(rule_strategy, max_size=5), after=st.lists(rule_strategy, max_size=5), seed=st.integers()
 )
 def test_plan_reaches_desired_from_any_previous_state(
     before: list[dict[str, Any]], after: list[dict[str, Any]], seed: int
 ) -> None:
-    """Apply the plan to a simulated kernel: it must end exactly at the desired ruleset."""
-    old = compiled(doc(rules=[{"id": f"a{i}", **r} for i, r in enumerate(before)]))
-    new = compiled(doc(rules=[{"id": f"b{i}" if seed % 2 else f"a{i}", **r} for i, r in enumerate(after)]))
+    """Apply the plan to a simulated kernel: it must end exactly at the desired ruleset (and, like the
+    kernel, it refuses a rule that looks up a missing set and the deletion of a set still looked up)."""
+    try:
+        old = compiled(doc(rules=[{"id": f"a{i}", **r} for i, r in enumerate(before)]))
+        new = compiled(
+            doc(rules=[{"id": f"b{i}" if seed % 2 else f"a{i}", **r} for i, r in enumerate(after)])
+        )
+    except InvalidInputError:  # e.g. a reject of arp or dhcp
+        assume(False)
+        raise
     handles = {(r.table, r.chain, r.comment): i + 1 for i, r in enumerate(old.rules)}
     plan = plan_changes(new, Actual(old, handles))
     kernel = FakeKernel(old, handles)
