@@ -117,11 +117,15 @@ def _neighbour_step(
     src_ip: IPv4Address,
     dst_vm: VmPolicy | None,
     dst_ip: IPv4Address,
+    *,
+    sender_only: bool = False,
 ) -> Step | None:
     """The first packet of an IP flow also needs its sender to resolve the next hop: an ARP request and its
     reply, each through the rules of the VMs on that link (implied ARP, or an explicit `arp` rule that may
     deny it). The first of those four legs that does not pass, or None. The receiver learns the sender from
-    the request itself, so the flow's replies need no more ARP. Broadcast and multicast need none."""
+    the request itself, so the flow's replies need no more ARP. Broadcast and multicast need none.
+    `sender_only`: only a VM sender's own next hop (a rejected packet is answered by the host before it is
+    routed or bridged on, so nobody else needs to resolve its receiver)."""
     if dst_ip.is_multicast or dst_ip == IPv4Address("255.255.255.255") or dst_ip.is_unspecified:
         return None
     answered = reject_arp_vms(resolved)
@@ -132,7 +136,7 @@ def _neighbour_step(
         hop = dst_ip if dst_ip in src_vm.subnet else src_vm.gateway
         if hop is not None:
             pairs.append((src_vm, src_ip, find_vm(resolved, str(hop))[0], hop))
-    if dst_vm is not None and not (src_vm is not None and dst_ip in src_vm.subnet):
+    if dst_vm is not None and not sender_only and not (src_vm is not None and dst_ip in src_vm.subnet):
         # Someone else resolves the receiver: a sender on its link itself, else the receiver's gateway.
         asker = src_ip if src_ip in dst_vm.subnet else dst_vm.gateway
         if asker is not None:
@@ -152,6 +156,14 @@ def _neighbour_step(
             if step.verdict is not Action.ALLOW:
                 return step
     return None
+
+
+def _unresolved(arp: Step, tail: str) -> str:
+    side = "egress" if arp.direction is Direction.OUT else "ingress"
+    return (
+        f"{arp.vm} {side}: ARP {arp.verdict.value} by {arp.rule}: the sender cannot resolve its next hop, so "
+        f"the packet never leaves{tail}"
+    )
 
 
 def _answer(flow: Flow, sender: VmPolicy | None) -> str:
@@ -302,7 +314,12 @@ def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
         steps.append(step)
         if step.verdict is not Action.ALLOW:
             reason = f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}"
-            if step.verdict is Action.REJECT:
+            if step.verdict is Action.REJECT and flow.protocol != "arp":
+                arp = _neighbour_step(resolved, src_vm, src_ip, dst_vm, dst_ip, sender_only=True)
+                if arp is not None:  # the packet never leaves the sender, so nothing can answer it
+                    return Answer(
+                        False, (*steps[:-1], arp), _unresolved(arp, f"; {reason} never sees it{note}")
+                    )
                 reason += f" ({_answer(flow, src_vm)})"
             return Answer(False, tuple(steps), reason + note)
     if not steps:
@@ -310,11 +327,5 @@ def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
     if flow.protocol != "arp":
         arp = _neighbour_step(resolved, src_vm, src_ip, dst_vm, dst_ip)
         if arp is not None:
-            side = "egress" if arp.direction is Direction.OUT else "ingress"
-            return Answer(
-                False,
-                (*steps, arp),
-                f"{arp.vm} {side}: ARP {arp.verdict.value} by {arp.rule}: the sender cannot resolve its next "
-                f"hop, so the allowed packet never leaves{note}",
-            )
+            return Answer(False, (*steps, arp), _unresolved(arp, f" (allowed by the rules){note}"))
     return Answer(True, tuple(steps), _allowed_by(steps) + note)

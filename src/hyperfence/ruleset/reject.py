@@ -115,10 +115,10 @@ def _peer_match(b: Builder, entry: Entry) -> JSON | None:
 def _reject_entries(
     b: Builder, *, vp: VmPolicy, chain: str, entries: tuple[Entry, ...], on_allow: JSON
 ) -> None:
-    """Repeat `entries` in order in `chain`: rejects answer, allows do `on_allow`, denies return."""
+    """Repeat `entries` in order in `chain`: rejects answer, allows do `on_allow`, denies return. Paired
+    entries too: a DHCP server's answer is a new flow (no conntrack reply of a request to the broadcast
+    address), so the rule's other half must let it pass before a later reject."""
     for entry in entries:
-        if entry.paired:
-            continue
         peer = _peer_match(b, entry)
         for service in entry.services:
             # ARP is not IP: never here. DHCP is never rejected (the parser refuses it), but an allowed or
@@ -128,8 +128,8 @@ def _reject_entries(
             ):
                 continue
             n = entry.rule.services.index(service) + 1
-            matches = service_matches(service, entry.direction, peer, None, vp)
-            comment = f"rule:{entry.rule.id}#{n}"
+            matches = service_matches(service, entry.direction, peer, None, vp, paired=entry.paired)
+            comment = f"rule:{entry.rule.id}#{n}" + (":pair" if entry.paired else "")
             if entry.action is Action.REJECT:
                 for suffix, extra, verdict in _answers(service):
                     b.rule(INET, chain, comment + suffix, [*extra, *matches, *verdict])

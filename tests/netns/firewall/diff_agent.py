@@ -2,10 +2,13 @@
 
 Run as a script (standard library only) inside a namespace::
 
-    python diff_agent.py IFACE TCP_PORTS UDP_PORTS
+    python diff_agent.py IFACE TCP_PORTS UDP_PORTS [dhcp-server]
 
-It answers "OK" on every TCP connection to TCP_PORTS and every UDP datagram to UDP_PORTS (comma-separated),
-prints ``ready``, then reads one JSON command a line on stdin and writes one JSON answer a line on stdout, so
+It answers "OK" on every TCP connection to TCP_PORTS and every UDP datagram to UDP_PORTS (comma-separated);
+with ``dhcp-server`` it also answers a DHCPDISCOVER that names its address as the server (option 54) with an
+offer of the requested address (option 50), sent from its address and port 67 to that address and port 68,
+as a DHCP server on a VM does (on a packet socket: the lab's VMs have no server of their own). It prints
+``ready``, then reads one JSON command a line on stdin and writes one JSON answer a line on stdout, so
 that a probe costs a pipe round trip instead of a process start:
 
 * ``{"op": "flush"}``: forget every neighbour (ARP) entry of the namespace (``ip neigh flush all``), so that
@@ -17,8 +20,9 @@ that a probe costs a pipe round trip instead of a process start:
   ICMP error quoting it.
 * ``{"op": "arp", "dst": A, "timeout": T}``: one ARP request (broadcast, from IFACE's own MAC and address)
   on a packet socket; a reply from `dst` to us.
-* ``{"op": "dhcp", "timeout": T}``: a DHCPDISCOVER from 0.0.0.0 to 255.255.255.255 (as a DHCP client without
-  a lease sends it); a DHCPOFFER with its transaction id.
+* ``{"op": "dhcp", "server": A, "timeout": T}``: a DHCPDISCOVER from 0.0.0.0 to 255.255.255.255 (as a DHCP
+  client without a lease sends it), asking server A for IFACE's own address; a DHCPOFFER from A with its
+  transaction id.
 
 Every probe answers ``{"result": R, "ms": M}`` where R is one word:
 
@@ -208,15 +212,85 @@ def probe_arp(iface: str, dst: str, timeout: float) -> str:
     return "timeout"
 
 
-def probe_dhcp(iface: str, timeout: float) -> str:
-    mac = _iface_mac(iface)
-    xid = random.randrange(1, 0xFFFFFFFF)
-    bootp = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 0, xid, 0, 0, *(b"\0" * 4,) * 4, mac, b"", b"")
-    bootp += DHCP_COOKIE + bytes([53, 1, 1, 255])
-    udp = struct.pack("!HHHH", 68, 67, 8 + len(bootp), 0) + bootp
-    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, b"\0" * 4, b"\xff" * 4)
+def _udp_frame(
+    macs: tuple[bytes, bytes], addrs: tuple[bytes, bytes], ports: tuple[int, int], data: bytes
+) -> bytes:
+    """An Ethernet frame with an IPv4 UDP datagram: (source, destination) MACs, addresses and ports."""
+    udp = struct.pack("!HHHH", *ports, 8 + len(data), 0) + data
+    ip_header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, *addrs)
     ip_header = ip_header[:10] + struct.pack("!H", _checksum(ip_header)) + ip_header[12:]
-    frame = b"\xff" * 6 + mac + struct.pack("!H", ETH_P_IP) + ip_header + udp
+    return macs[1] + macs[0] + struct.pack("!H", ETH_P_IP) + ip_header + udp
+
+
+def _bootp(op: int, xid: int, yiaddr: bytes, mac: bytes, options: bytes) -> bytes:
+    head = struct.pack(
+        "!BBBBIHH4s4s4s4s16s64s128s",
+        op,
+        1,
+        6,
+        0,
+        xid,
+        0,
+        0,
+        b"\0" * 4,
+        yiaddr,
+        b"\0" * 4,
+        b"\0" * 4,
+        mac,
+        b"",
+        b"",
+    )
+    return head + DHCP_COOKIE + options + b"\xff"
+
+
+def _dhcp_options(msg: bytes) -> dict[int, bytes]:
+    """The options of a BOOTP message (after the 236-byte header and the magic cookie)."""
+    out: dict[int, bytes] = {}
+    i = 240
+    while i < len(msg) and msg[i] != 255:
+        if msg[i] == 0:
+            i += 1
+            continue
+        if i + 1 >= len(msg):
+            break
+        code, size = msg[i], msg[i + 1]
+        out[code] = msg[i + 2 : i + 2 + size]
+        i += 2 + size
+    return out
+
+
+def serve_dhcp(iface: str) -> None:
+    """Offer the requested address to every DHCPDISCOVER that names this namespace's address as its server."""
+    mac, own = _iface_mac(iface), _iface_ipv4(iface)
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP)) as s:
+        s.bind((iface, ETH_P_IP))
+        while True:
+            data, addr = s.recvfrom(4096)
+            if addr[2] == socket.PACKET_OUTGOING or len(data) < 14 + 20 + 8 + 240:
+                continue
+            ip = data[14:]
+            ihl = (ip[0] & 0x0F) * 4
+            if ip[9] != 17 or struct.unpack("!H", ip[ihl + 2 : ihl + 4])[0] != 67:
+                continue
+            msg = ip[ihl + 8 :]
+            if msg[0] != 1 or msg[236:240] != DHCP_COOKIE:
+                continue
+            options = _dhcp_options(msg)
+            if options.get(53) != b"\x01" or options.get(54) != own or len(options.get(50, b"")) != 4:
+                continue
+            xid, chaddr, wanted = struct.unpack("!I", msg[4:8])[0], msg[28:34], options[50]
+            offer = _bootp(2, xid, wanted, chaddr, bytes([53, 1, 2, 54, 4]) + own)
+            with contextlib.suppress(OSError):
+                s.send(_udp_frame((mac, chaddr), (own, wanted), (67, 68), offer))
+
+
+def probe_dhcp(iface: str, server: str, timeout: float) -> str:
+    mac, own, server_ip = _iface_mac(iface), _iface_ipv4(iface), socket.inet_aton(server)
+    xid = random.randrange(1, 0xFFFFFFFF)
+    # DISCOVER, the address it had (50) and the server it asks (54): the lab's VM servers answer only that
+    options = bytes([53, 1, 1, 50, 4]) + own + bytes([54, 4]) + server_ip
+    discover = _bootp(1, xid, b"\0" * 4, mac, options)
+    frame = _udp_frame((mac, b"\xff" * 6), (b"\0" * 4, b"\xff" * 4), (68, 67), discover)
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_IP)) as s:
         s.bind((iface, ETH_P_IP))
@@ -232,7 +306,12 @@ def probe_dhcp(iface: str, timeout: float) -> str:
             if ip[9] != 17 or struct.unpack("!H", ip[ihl + 2 : ihl + 4])[0] != 68:
                 continue
             msg = ip[ihl + 8 :]
-            if len(msg) >= 8 and msg[0] == 2 and struct.unpack("!I", msg[4:8])[0] == xid:
+            if (
+                ip[12:16] == server_ip
+                and len(msg) >= 8
+                and msg[0] == 2
+                and struct.unpack("!I", msg[4:8])[0] == xid
+            ):
                 return "ok"
     return "timeout"
 
@@ -255,7 +334,7 @@ def handle(iface: str, cmd: dict[str, object]) -> dict[str, object]:
     elif op == "arp":
         result = probe_arp(iface, dst, timeout)
     elif op == "dhcp":
-        result = probe_dhcp(iface, timeout)
+        result = probe_dhcp(iface, dst, timeout)
     else:
         result = f"err:unknown op {op!r}"
     return {"result": result, "ms": round(1000 * (time.monotonic() - t0), 1)}
@@ -263,6 +342,8 @@ def handle(iface: str, cmd: dict[str, object]) -> dict[str, object]:
 
 def main(argv: list[str]) -> int:
     iface, tcp, udp = argv[0], argv[1], argv[2]
+    if argv[3:] == ["dhcp-server"]:
+        threading.Thread(target=serve_dhcp, args=(iface,), daemon=True).start()
     # Bound before "ready": a probe to a port that is not listening yet would be refused.
     for s in [_tcp_server(int(p)) for p in tcp.split(",") if p]:
         threading.Thread(target=_serve_tcp, args=(s,), daemon=True).start()

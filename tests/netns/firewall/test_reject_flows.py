@@ -87,6 +87,24 @@ def test_replies_to_a_flow_the_host_started_pass_a_reject(lab: LabSession) -> No
     assert lab.tcp("vm2", "host", 80, timeout=QUICK) == "REFUSED"  # the control: vm2's own flows are rejected
 
 
+def test_a_later_reject_never_eats_the_answer_of_an_allowed_dhcp_exchange(lab: LabSession) -> None:
+    """The server's offer is no conntrack reply of the client's request (that went to the broadcast
+    address): it is a new flow, which the reject chains must pass by the `dhcp` rule's other half, ordered
+    before the reject (found by the differential test: the offer met the reject, the lease never came)."""
+    lab.serve("host", tcp=[80])
+    lab.apply(
+        [
+            {"id": "lease", "from": "vms", "to": "host", "services": ["dhcp"]},
+            {"id": "rej", "from": "host", "to": "vm:vm1", "action": "reject"},
+            {"id": "rej-out", "from": "vm:vm1", "to": "host", "action": "reject"},
+        ]
+    )
+    assert lab.dhcp("vm1")
+    assert can_open(lab, "vm1", "10.77.0.1", Flow("dhcp"))[0]
+    # the control: the rejects do answer what they match
+    assert lab.tcp("vm1", "host", 80, timeout=QUICK) == "REFUSED"
+
+
 # A client that keeps one TCP connection, one UDP flow and one ping flow (one ICMP id) open to a peer and,
 # for every line on stdin, sends one round on each and prints what came back.
 CLIENT = r"""

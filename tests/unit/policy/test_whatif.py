@@ -125,3 +125,25 @@ def test_a_lease_from_a_vm_needs_its_server_role_and_a_known_port() -> None:
     # a client on a bridge port no declared VM holds gets nothing
     answer = ask([serve], "10.77.0.99", "vm2", dhcp)
     assert not answer.allowed and answer.steps[-1].rule == "sys:unknown-port"
+
+
+def test_a_reject_that_names_a_vm_only_by_address_is_silence() -> None:
+    """A rejected packet must leave its sender to be answered: vm1 first resolves vm2, which answers ARP
+    only for its own rules' peers. A reject naming vm2 as `vm:vm2` gives vm2 that ARP; one naming it only
+    by an address range gives vm2 no rule at all, so vm1's request goes unanswered and nothing comes back
+    (found by the differential test)."""
+    tcp = Flow("tcp", 443)
+    by_name = {"id": "rej", "from": "vm:vm1", "to": "vm:vm2", "action": "reject"}
+    answer = ask([by_name], "vm1", "vm2", tcp)
+    assert not answer.allowed and answer.deciding is not None and answer.deciding.verdict.value == "reject"
+    by_range = {**by_name, "to": "10.77.0.0/28"}
+    answer = ask([by_range], "vm1", "vm2", tcp)
+    step = answer.deciding
+    assert step is not None and (step.vm, step.verdict.value, step.rule) == (
+        "vm2",
+        "deny",
+        "sys:default-deny",
+    )
+    assert "reject by rej never sees it" in answer.reason, answer.reason
+    # to the host (its gateway address answers ARP for the VMs its rejects answer): a reset
+    assert ask([{**by_name, "to": "host"}], "vm1", HOST, tcp).deciding.verdict.value == "reject"  # type: ignore[union-attr]

@@ -324,3 +324,25 @@ def test_a_quarantined_vm_is_neither_answered_nor_answered_for() -> None:
     assert RECEIVER_MAP not in {s.name for s in rs.sets}  # vm1 was the only receiver
     # vm2's own egress reject (UDP to vm1) still answers vm2; vm1 gets no ARP with its gateway for it
     assert rs.set_by_key()[(BRIDGE, REJECT_ARP_SET)].elements == frozenset({VM2_ARP})
+
+
+def test_both_halves_of_a_dhcp_exchange_pass_a_later_reject() -> None:
+    """A DHCP server's answer is a new flow (the request went to the broadcast address): the other half of
+    a `dhcp` rule (a client taking the answer, a server sending it) returns before a later reject. A VM on
+    both sides of one rule holds both halves in one chain, each under its own comment."""
+    rs = compiled(
+        doc(
+            rules=[
+                {"id": "lease", "from": "vms", "to": "vms", "services": ["dhcp"]},
+                {"id": "rej", "from": "vms", "to": "vms", "action": "reject"},
+            ]
+        )
+    )
+    for chain in (f"{vm_sid('vm1')}_rej_out", f"{vm_sid('vm1')}_rej_in"):
+        rules = rules_of(rs, INET, chain)
+        comments = [r.comment for r in rules]
+        assert sorted(comments[:2]) == ["rule:lease#1", "rule:lease#1:pair"], comments  # before the reject
+        assert len(comments) == len(set(comments))
+        sport, dport, *_, verdict = rules[comments.index("rule:lease#1:pair")].statements()
+        assert (sport["match"]["right"], dport["match"]["right"]) == (67, 68)  # a server's answer
+        assert verdict in (RETURN, {"goto": {"target": TO_CHAIN}})
