@@ -570,6 +570,11 @@ class Agents:
         self.tight: frozenset[str] = frozenset()  # VMs under the tight flood limit
         self._last_probe: dict[str, float] = {}  # when each VM's last probe ended
         plan = lab.plan
+        # The host's ICMP errors (the answers to rejected UDP, ICMP and other protocols) are rate-limited per
+        # destination by the kernel: a burst of 6, then one a second (docs/policy.md "Reject"). A policy that
+        # rejects much of what one VM sends exhausts that within a few triples, and the next answer is
+        # silence; `can` does not count rates, so the lab's host namespace (only it) sends them unlimited.
+        lab.run("host", ["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"]).check_returncode()
         tcp = ",".join(map(str, TCP_PORTS))
         udp = ",".join(map(str, UDP_PORTS))
         try:

@@ -39,6 +39,9 @@ What the two sides mean (precisely; differential.py has the table of services):
   they must never change an answer. In the full space a policy may also hold a tight limit (burst 1) on one
   VM; the runner lets its bucket refill before every probe to or from that VM, and a single exchange is one
   new flow per VM and direction (its replies are established, ARP is not a flow), so it must still pass.
+  The kernel's own rate limit on the host's ICMP errors (a burst of 6 a destination, then one a second) is
+  lifted in the lab's host namespace for the same reason: a policy that rejects most of what one VM sends
+  would otherwise turn its answers into silence after a few triples.
 * Out of reach of `can`'s question, and tested elsewhere: rejecting or denying *established* flows (each
   version starts with an empty conntrack table), and drops that no policy changes (VLAN tags, spoofing).
   A bug that `can` and the kernel share (both wrong the same way) is not a disagreement either.
