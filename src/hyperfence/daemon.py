@@ -9,6 +9,9 @@
   (`host` covers them, `outside` leaves them out); an address event reads them again and converges.
 * Control socket (`<state>/daemon.sock`, root only): `policy apply` asks the daemon to converge now and
   waits for the answer, so a one-rule change is applied by a process that already holds the kernel state.
+* Kernel preconditions (`reconcile/preconditions.py`): br_netfilter and `bridge-nf-call-iptables=1` in the
+  bridges' namespace, put in place at start (or the daemon refuses to start) and restored within 0.1 s when
+  something turns them off; `status` says what the kernel offers and whether the stateful path holds.
 * Traffic log: NFLOG events from the rules -> JSON lines in `<state>/traffic.jsonl`.
 * Every long-running loop (control socket, reconcile, traffic log, inventory, agents) runs under a
   `Supervisor`: a loop that fails is logged, recorded as a `loop-failed` event and restarted with backoff;
@@ -39,6 +42,7 @@ from hyperfence.reconcile.drift import DriftWatcher
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.host_addresses import HostAddressWatcher
 from hyperfence.reconcile.inventory import InventoryWatcher
+from hyperfence.reconcile.preconditions import Preconditions
 from hyperfence.reconcile.supervisor import Supervisor
 from hyperfence.ruleset.compile import TABLES
 
@@ -106,8 +110,10 @@ class Daemon:
         inventory: InventoryWatcher | None = None,
         watch_drift: bool = True,
         watch_addresses: bool = True,
+        preconditions: Preconditions | None = None,
     ) -> None:
         self.engine = engine
+        self.preconditions = preconditions
         self.agents = agents
         self.inventory = inventory
         self.poll = poll
@@ -199,12 +205,15 @@ class Daemon:
             return {"ok": False, "error": str(e)}
 
     def health(self) -> dict[str, Any]:
-        """What `hyperfence status` shows: the policy applied, each loop's state, the agent channels."""
+        """What `hyperfence status` shows: the policy applied, each loop's state, the agent channels, what
+        the kernel offers and whether the stateful path holds."""
         down = self.supervisor.down()
+        kernel = self.preconditions.status() if self.preconditions is not None else None
         return {
             "pid": os.getpid(),
             "policy": self.last_key,
-            "healthy": not down,
+            "healthy": not down and not (kernel and kernel["problems"]),
+            "kernel": kernel,
             "down": down,
             "loops": self.supervisor.status(),
             "agent_channels": dict(self.agents.channel_stats) if self.agents is not None else None,
@@ -260,6 +269,8 @@ class Daemon:
         self._converge(full=True, cause="daemon start")
         self._tidy(full=True)
         self.supervisor.start("reconcile", self._reconcile)
+        if self.preconditions is not None:
+            self.supervisor.start("kernel", self.preconditions.run)
         if self.watch_drift:
             drift = DriftWatcher(
                 netns=self.engine.netns,
@@ -355,10 +366,18 @@ def run_daemon(
     # collection lands in the middle of an apply every few changes (+60 ms). Collect less often.
     gc.set_threshold(200_000, 50, 100)
     engine = Engine(netns=netns, state_dir=state_dir, policy_file=policy_file)
+    preconditions = Preconditions(engine)
+    try:
+        preconditions.ensure()  # before anything is applied: refuse to start on a kernel that cannot work
+    except BaseException:
+        engine.close()
+        raise
     inventory = InventoryWatcher(engine, libvirt) if libvirt else None
     # Created before the first converge: isolation recorded in the store is back in the overlay at once.
     monitor = AgentMonitor(engine, pause=inventory.pause if inventory else None)
-    daemon = Daemon(engine, poll=poll, resync=resync, agents=monitor, inventory=inventory)
+    daemon = Daemon(
+        engine, poll=poll, resync=resync, agents=monitor, inventory=inventory, preconditions=preconditions
+    )
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     write_private(os.path.join(state_dir, "daemon.pid"), str(os.getpid()))

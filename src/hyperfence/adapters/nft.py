@@ -13,13 +13,16 @@ from __future__ import annotations
 import builtins
 import ctypes
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 
 from hyperfence.adapters import nft_rules
 from hyperfence.adapters.netns import NetnsThread
 from hyperfence.errors import KernelError, NotFoundError
+
+T = TypeVar("T")
 
 # From <nftables/libnftables.h>
 NFT_CTX_DEFAULT = 0
@@ -58,6 +61,7 @@ def _load() -> ctypes.CDLL:
     lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
     lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+    lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
     return lib
 
 
@@ -106,6 +110,30 @@ class Nft:
                 f"nftables refused the batch ({len(batch['nftables'])} commands); nothing was "
                 f"changed:\n{_trim(err)}"
             )
+
+    def check(self, batch: dict[str, Any]) -> str | None:
+        """Send `batch` to the kernel as a dry run (`nft --check`): the kernel validates every command and
+        the transaction is aborted, so nothing changes and no event is sent. None when the kernel would take
+        it, else nft's error text (e.g. an expression this kernel does not have)."""
+        lib = self._lib
+
+        def call() -> tuple[int, str]:
+            ctx = self._ctx
+            lib.nft_ctx_set_dry_run(ctx, True)
+            try:
+                rc = lib.nft_run_cmd_from_buffer(ctx, orjson.dumps(batch))
+                lib.nft_ctx_get_output_buffer(ctx)  # (drained: the next call starts empty)
+                return rc, (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+            finally:
+                lib.nft_ctx_set_dry_run(ctx, False)
+
+        rc, err = self._thread.call(call)
+        return None if rc == 0 else _trim(err, 500)
+
+    def in_netns(self, fn: Callable[[], T]) -> T:
+        """Run `fn` in this context's namespace (e.g. read a per-namespace sysctl), in order with its
+        batches."""
+        return self._thread.call(fn)
 
     def list(self, what: dict[str, Any]) -> list[Any]:
         """Run one `list` command (e.g. {"table": {"family": "bridge", "name": "hyperfence"}}); returns the

@@ -17,9 +17,11 @@ from hyperfence import errors
 from hyperfence.cli import render
 from hyperfence.cli.output import err, out, plain, plain_lines, styled
 from hyperfence.cli.vm import agent_app, vm_app
+from hyperfence.model.kernel import describe
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.policy.whatif import Flow, can
+from hyperfence.reconcile import preconditions
 from hyperfence.reconcile.engine import Engine, read_policy_file
 from hyperfence.reconcile.firewall import describe_drift
 from hyperfence.ruleset.compile import TABLES, compile_ruleset
@@ -179,11 +181,16 @@ def ruleset_show(
     actual: Annotated[bool, typer.Option("--actual", help="What the kernel holds (default).")] = False,
     policy: Annotated[str | None, typer.Option(help="Compile this file instead of the store.")] = None,
 ) -> None:
-    """Show hyperfence's nftables state (desired or actual) in nft syntax."""
+    """Show hyperfence's nftables state (desired or actual) in nft syntax, after comment lines saying what
+    the kernel offers and whether the stateful path holds."""
     c: Ctx = ctx.obj
     engine = c.engine(policy)
     if desired and actual:
         raise errors.InvalidInputError("--desired and --actual: choose one")
+    caps, broken = preconditions.check(engine)
+    out.print(f"# {describe(caps)}", highlight=False)
+    for p in broken:
+        out.print(f"# BROKEN: {p}", highlight=False)
     if desired:
         compiled = engine.compiled()
         if compiled is None:
@@ -207,12 +214,14 @@ def ruleset_diff(
     actual = engine.firewall.read()
     problems = describe_drift(compiled.ruleset, actual.ruleset)
     plan = plan_changes(compiled.ruleset, actual)
-    if not problems and plan.empty:
+    _, broken = preconditions.check(engine)  # the rules can be right and still not work
+    if not problems and plan.empty and not broken:
         out.print("in sync: the kernel holds exactly the desired ruleset")
         return
-    for p in problems:
+    for p in [*broken, *problems]:
         out.print(f"- {plain(p)}")
-    out.print(f"a reconcile would send {len(plan.commands)} commands: {plan.summary}")
+    if not plan.empty:
+        out.print(f"a reconcile would send {len(plan.commands)} commands: {plan.summary}")
     raise typer.Exit(1)
 
 
@@ -385,6 +394,12 @@ def status_cmd(
                 + (f"; TLS endpoint {channels['endpoint']}" if channels.get("endpoint") else "")
             )
         )
+        kernel = reply.get("kernel") or {}
+        if kernel:
+            repairs = f"; restored {kernel.get('repairs')} time(s)" if kernel.get("repairs") else ""
+            out.print(plain(f"{kernel.get('summary')}; stateful path {kernel.get('stateful')}{repairs}"))
+            for p in kernel.get("problems") or []:
+                out.print(styled(plain(f"- {p}"), "red"))
     if not reply.get("healthy", False):
         raise typer.Exit(1)
 

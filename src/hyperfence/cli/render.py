@@ -18,7 +18,10 @@ def _value(v: JSON) -> str:
         if "prefix" in v:
             return f"{v['prefix']['addr']}/{v['prefix']['len']}"
         if "payload" in v:
-            return f"{v['payload']['protocol']} {v['payload']['field']}"
+            p = v["payload"]
+            if "protocol" in p:
+                return f"{p['protocol']} {p['field']}"
+            return f"@{p['base']},{p['offset']},{p['len']}"  # a raw payload (e.g. the ethertype)
         if "meta" in v:
             return f"meta {v['meta']['key']}"
         if "ct" in v:
@@ -30,8 +33,9 @@ def _value(v: JSON) -> str:
             return " . ".join(_value(x) for x in v["concat"])
         if "jump" in v:
             return f"jump {v['jump']['target']}"
-        if len(v) == 1:
+        if len(v) == 1 and next(iter(v.values())) is None:
             return str(next(iter(v)))
+        return json.dumps(v, sort_keys=True)  # a form this renderer does not know: shown, never a crash
     if isinstance(v, list):
         return "{ " + ", ".join(_value(x) for x in v) + " }"
     if isinstance(v, int) and v > 0xFFFF:

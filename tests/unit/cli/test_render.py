@@ -32,3 +32,27 @@ def test_the_cap_rules_read_as_nft_writes_them() -> None:
     assert statement_text(x.ct_count_over(200)) == "ct count over 200"
     assert statement_text(x.ct_unconfirmed()) == "ct status ! 8"
     assert statement_text(x.goto("v1_cap_drop")) == "goto v1_cap_drop"
+
+
+def test_every_rule_the_compiler_writes_renders_as_text() -> None:
+    """`ruleset show` on a policy that uses every feature (uplinks and their VLAN guard, rejects, limits,
+    caps, ARP, DHCP, logging): no statement the compiler writes may crash the renderer (a raw ethertype
+    payload did: `ruleset show` ended in a KeyError traceback)."""
+    from hyperfence.cli.render import ruleset_text
+    from hyperfence.policy.parse import parse_policy
+    from hyperfence.policy.resolve import resolve_policy
+    from hyperfence.ruleset.compile import compile_ruleset
+    from tests.unit.policy.test_parse import doc
+
+    data = doc(
+        rules=[
+            {"id": "web", "from": "any", "to": "vm:vm1", "services": ["tcp/80", "icmp/8/0"], "log": True},
+            {"id": "rej", "from": "vm:vm1", "to": "outside", "action": "reject"},
+            {"id": "lease", "from": "vms", "to": "host", "services": ["dhcp", "arp"]},
+        ],
+    )
+    data["networks"][0]["uplinks"] = ["eth9"]
+    data["limits"] = [{"id": "l", "vms": "vms", "direction": "in", "new_flows": 100, "burst": 200}]
+    text = ruleset_text(compile_ruleset(resolve_policy(parse_policy(data))))
+    assert "@ll,96,16" in text  # the ethertype of a VLAN tag, as nft writes a raw payload
+    assert 'comment "rule:rej#1:tcp"' in text

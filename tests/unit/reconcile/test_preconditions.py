@@ -1,0 +1,100 @@
+"""The kernel preconditions' logic with a simulated kernel (the real one: tests/netns/firewall/
+test_preconditions.py; br_netfilter cannot be unloaded there, it is built in)."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from hyperfence.errors import KernelError
+from hyperfence.model.kernel import Capabilities, describe, problems
+from hyperfence.reconcile.preconditions import Preconditions
+
+
+class Kernel:
+    def __init__(self, *, module: bool, sysctl: bool, loadable: bool = True, writable: bool = True) -> None:
+        self.module, self.sysctl, self.loadable, self.writable = module, sysctl, loadable, writable
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.store = SimpleNamespace(add_event=lambda kind, data: self.events.append((kind, data)))
+
+    def read(self, _: object) -> bool | None:
+        return self.sysctl if self.module else None
+
+    def fix(self, _: object) -> None:
+        if self.writable:
+            self.sysctl = True
+
+    def load(self) -> str | None:
+        if not self.loadable:
+            return "modprobe: FATAL: Module br_netfilter not found"
+        self.module = True
+        return None
+
+    def probe(self, nft: object) -> Capabilities:
+        return Capabilities(False, False, self.module, self.read(nft))
+
+    def preconditions(self) -> Preconditions:
+        engine = SimpleNamespace(nft=object(), store=self.store, netns="hf-x-host")
+        return Preconditions(
+            engine,  # type: ignore[arg-type]
+            interval=0.001,
+            reprobe=0.05,
+            probe=self.probe,
+            read=self.read,
+            fix=self.fix,
+            load=self.load,
+        )
+
+
+def test_a_missing_module_is_loaded_and_an_unloadable_one_stops_the_start() -> None:
+    k = Kernel(module=False, sysctl=False)
+    caps = k.preconditions().ensure()
+    assert caps.br_netfilter and caps.call_iptables
+    assert [kind for kind, _ in k.events] == ["precondition-repaired", "precondition-repaired"]
+    k = Kernel(module=False, sysctl=False, loadable=False)
+    with pytest.raises(KernelError) as e:
+        k.preconditions().ensure()
+    assert "modprobe br_netfilter" in str(e.value) and "Module br_netfilter not found" in str(e.value)
+
+
+def test_a_sysctl_that_cannot_be_restored_is_reported_once_and_turns_the_status_red() -> None:
+    k = Kernel(module=True, sysctl=True)
+    p = k.preconditions()
+    p.ensure()
+    assert p.status()["stateful"] == "ok" and p.status()["problems"] == []
+    k.sysctl, k.writable = False, False
+    stop = threading.Event()
+    t = threading.Thread(target=p.run, args=(stop,))
+    t.start()
+    try:
+        for _ in range(2000):
+            if p.status()["stateful"] == "broken":
+                break
+            threading.Event().wait(0.001)
+        status = p.status()
+        assert status["stateful"] == "broken" and "reads back as 0" in status["problems"][0], status
+        threading.Event().wait(0.1)  # many more rounds: still one event for this episode
+        assert [kind for kind, _ in k.events] == ["precondition-broken"]
+        k.writable = True  # someone fixed what blocked the write: repaired, green again
+        for _ in range(2000):
+            if p.status()["stateful"] == "ok":
+                break
+            threading.Event().wait(0.001)
+        assert p.status()["stateful"] == "ok" and p.status()["repairs"] == 1
+    finally:
+        stop.set()
+        t.join()
+
+
+def test_the_problem_text_says_what_to_do() -> None:
+    off = Capabilities(True, True, True, False)
+    assert off.bridge_native
+    (text,) = problems(off, "ns1")
+    assert "namespace ns1" in text and "sysctl -w net.bridge.bridge-nf-call-iptables=1" in text
+    (text,) = problems(Capabilities(False, False, False, None), None)
+    assert "modprobe br_netfilter" in text and "/etc/modules-load.d/" in text
+    assert problems(Capabilities(False, False, True, True), None) == []
+    assert "bridge conntrack no" in describe(Capabilities(False, False, True, True))
