@@ -266,22 +266,21 @@ def _rule_entries(
     dhcp = tuple(s for s in rule.services if s in DHCP_SERVICES)
     others = tuple(s for s in rule.services if s not in DHCP_SERVICES) if dhcp else rule.services
     arp = (ARP_SERVICE,) if ARP_SERVICE in others else ()
-    for vm in from_vms:
-        if others:
-            egress[vm.id].append(Entry(rule, Direction.OUT, rule.to, to_addrs, others))
-            if arp:
-                ingress[vm.id].append(Entry(rule, Direction.IN, rule.to, to_addrs, arp, paired=True))
-        for svc in dhcp:
-            egress[vm.id].append(_dhcp_entry(rule, svc, Direction.OUT, rule.to, to_addrs))
-            ingress[vm.id].append(_dhcp_entry(rule, svc, Direction.IN, rule.to, to_addrs, paired=True))
-    for vm in to_vms:
-        if others:
-            ingress[vm.id].append(Entry(rule, Direction.IN, rule.from_, from_addrs, others))
-            if arp:
-                egress[vm.id].append(Entry(rule, Direction.OUT, rule.from_, from_addrs, arp, paired=True))
-        for svc in dhcp:
-            ingress[vm.id].append(_dhcp_entry(rule, svc, Direction.IN, rule.from_, from_addrs))
-            egress[vm.id].append(_dhcp_entry(rule, svc, Direction.OUT, rule.from_, from_addrs, paired=True))
+    # The `from` VMs get the rule in their egress (the other side's addresses as peers), the `to` VMs in
+    # their ingress; ARP and DHCP also get their other half in the opposite chain (`paired`).
+    sides = (
+        (from_vms, Direction.OUT, Direction.IN, egress, ingress, rule.to, to_addrs),
+        (to_vms, Direction.IN, Direction.OUT, ingress, egress, rule.from_, from_addrs),
+    )
+    for vms, direction, other, own, opposite, selectors, peers in sides:
+        for vm in vms:
+            if others:
+                own[vm.id].append(Entry(rule, direction, selectors, peers, others))
+                if arp:
+                    opposite[vm.id].append(Entry(rule, other, selectors, peers, arp, paired=True))
+            for svc in dhcp:
+                own[vm.id].append(_dhcp_entry(rule, svc, direction, selectors, peers))
+                opposite[vm.id].append(_dhcp_entry(rule, svc, other, selectors, peers, paired=True))
 
 
 def is_dhcp_client(service: Service, direction: Direction, *, paired: bool) -> bool:

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from hyperfence.daemon import request as daemon_request
 from hyperfence.errors import KernelError
 from hyperfence.lab import topology
 from hyperfence.lab.experiment import run_experiment
@@ -24,6 +23,7 @@ from hyperfence.lab.plan import LabVm
 from hyperfence.lab.session import LabSession
 from hyperfence.ruleset.compile import TABLES, vm_sid
 from hyperfence.ruleset.readback import rule_counters
+from tests.netns.firewall.daemon_process import start_daemon
 
 pytestmark = pytest.mark.kernel
 
@@ -330,26 +330,6 @@ def test_reloads_under_traffic_lose_no_packets(lab: LabSession) -> None:
     assert "1500 packets transmitted, 1500 received" in text, text
 
 
-def _start_daemon(lab: LabSession) -> tuple[subprocess.Popen[bytes], str]:
-    """A `hyperfence daemon` on the lab, once its first converge has ended: its control socket answers
-    `status` with the policy it converged to (None until then). Returns the process and that policy key."""
-    hf = [sys.executable, "-m", "hyperfence", "--netns", lab.plan.host_netns, "--state-dir", lab.state_dir]
-    p = subprocess.Popen([*hf, "daemon", "--resync", "3600"], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            assert p.poll() is None, f"the daemon exited with status {p.returncode}"
-            reply = daemon_request(lab.state_dir, {"op": "status"}, timeout=5)
-            if reply is not None and reply.get("policy"):
-                return p, str(reply["policy"])
-            assert time.monotonic() < deadline, f"no first converge within 30 s: {reply}"
-            time.sleep(0.05)
-    except BaseException:
-        p.kill()
-        p.wait()
-        raise
-
-
 def _monitor_mark(lab: LabSession, path: str, tag: str, *, wait: float = 10) -> str:
     """What `nft monitor` (printing to `path`) printed before a marker: a scratch table `tag` added and
     deleted in the lab's host namespace now. The kernel reports changes in order, so once the marker is in
@@ -376,7 +356,7 @@ def _changes_since(monitor_text: str, tag: str) -> list[str]:
 def test_daemon_kill_9_changes_nothing_and_restart_writes_nothing(lab: LabSession) -> None:
     lab.apply([PING_1_2])
     monitor_path = os.path.join(lab.state_dir, "monitor.txt")
-    daemon, key = _start_daemon(lab)
+    daemon, key = start_daemon(lab)
     with open(monitor_path, "wb") as out:
         monitor = topology.popen_in_host(lab.plan, ["nft", "monitor"], stdout=out)
     try:
@@ -393,7 +373,7 @@ def test_daemon_kill_9_changes_nothing_and_restart_writes_nothing(lab: LabSessio
         daemon.wait()
         assert lab.ping("vm1", "vm2")[0] == 2
         assert lab.ping("vm3", "vm2")[0] == 0
-        daemon, restarted_key = _start_daemon(lab)
+        daemon, restarted_key = start_daemon(lab)
         assert restarted_key == key
         written = _changes_since(_monitor_mark(lab, monitor_path, "hfafter"), "hfbefore")
         assert written == [], written  # the restart wrote nothing to the kernel

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from hyperfence.daemon import request as daemon_request
 from hyperfence.lab.session import LabSession
+from tests.netns.firewall.daemon_process import start_daemon
 
 pytestmark = pytest.mark.kernel
 
@@ -84,24 +84,6 @@ def test_outside_does_not_cover_the_hosts_uplink_address_and_host_does(lab: LabS
     assert can(lab, "vm1", outside, "--port", "22/tcp")[0]
 
 
-def _start_daemon(lab: LabSession) -> subprocess.Popen[bytes]:
-    """A `hyperfence daemon` on the lab (periodic resync: an hour), once its first converge has ended."""
-    p = subprocess.Popen([*hf(lab), "daemon", "--resync", "3600"], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            assert p.poll() is None, f"the daemon exited with status {p.returncode}"
-            reply = daemon_request(lab.state_dir, {"op": "status"}, timeout=5)
-            if reply is not None and reply.get("policy"):
-                return p
-            assert time.monotonic() < deadline, f"no first converge within 30 s: {reply}"
-            time.sleep(0.05)
-    except BaseException:
-        p.kill()
-        p.wait()
-        raise
-
-
 def _wait_for(what: str, check: Any, *, seconds: float = 20) -> None:
     deadline = time.monotonic() + seconds
     while not check():
@@ -121,7 +103,7 @@ def test_the_daemon_learns_a_new_host_address_at_once(lab: LabSession) -> None:
             {"id": "host-ssh", "from": "vm:vm2", "to": "host", "services": ["tcp/22"]},
         ]
     )
-    daemon = _start_daemon(lab)
+    daemon, _ = start_daemon(lab)
     try:
         lab.run("host", ["ip", "addr", "add", f"{extra}/32", "dev", "lo"]).check_returncode()
         _wait_for("vm2 reaches the new host address", lambda: lab.tcp("vm2", extra, 22) == "OK")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from hyperfence.cli.render import statement_text, stats_rows
 from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.compile import BRIDGE, INET
@@ -44,13 +46,15 @@ def test_every_rule_the_compiler_writes_renders_as_text() -> None:
     from hyperfence.ruleset.compile import compile_ruleset
     from tests.unit.policy.test_parse import doc
 
-    data = doc(
-        rules=[
-            {"id": "web", "from": "any", "to": "vm:vm1", "services": ["tcp/80", "icmp/8/0"], "log": True},
-            {"id": "rej", "from": "vm:vm1", "to": "outside", "action": "reject"},
-            {"id": "lease", "from": "vms", "to": "host", "services": ["dhcp", "arp"]},
-        ],
-    )
+    data = copy.deepcopy(
+        doc(
+            rules=[
+                {"id": "web", "from": "any", "to": "vm:vm1", "services": ["tcp/80", "icmp/8/0"], "log": True},
+                {"id": "rej", "from": "vm:vm1", "to": "outside", "action": "reject"},
+                {"id": "lease", "from": "vms", "to": "host", "services": ["dhcp", "arp"]},
+            ],
+        )
+    )  # (doc's networks are shared between tests: changed here only in a copy)
     data["networks"][0]["uplinks"] = ["eth9"]
     data["limits"] = [{"id": "l", "vms": "vms", "direction": "in", "new_flows": 100, "burst": 200}]
     text = ruleset_text(compile_ruleset(resolve_policy(parse_policy(data))))
