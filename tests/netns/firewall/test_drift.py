@@ -206,6 +206,8 @@ def test_a_deleted_rule_chain_content_or_set_element_is_repaired_promptly(
     took_elem = wait_for(lambda: len(set_elements(lab, "map", "in_ports")) == len(ports), timeout=1.0)
     print(f"repaired in: rule {took_rule:.3f} s, chain {took_chain:.3f} s, element {took_elem:.3f} s")
 
+    # The event is written after the repaired batch is in the kernel: wait for the last one to land.
+    wait_for(lambda: len(drift_events(lab)) >= 3, timeout=2.0)
     events = drift_events(lab)
     drift = [line for e in events for line in e["drift"]]
     assert f"chain {chain}: 1 rule(s) missing, 0 unexpected" in drift, drift
