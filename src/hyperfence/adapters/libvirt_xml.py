@@ -110,6 +110,9 @@ class DomainInfo:
     # The VM's addresses, from the same metadata element (`<ip>10.77.0.11</ip>`): what anti-spoofing lets it
     # send from. libvirt does not know a bridged guest's addresses; without them its tap gets nothing.
     ips: tuple[str, ...] = ()
+    # libvirt's id of the running domain (``<domain id='N'>``): a new one at every start, None while it is
+    # off. A changed id means the domain started again since it was last read (a reset keeps the id).
+    domain_id: int | None = None
 
     @property
     def is_active(self) -> bool:
@@ -122,8 +125,10 @@ class DomainEvent:
     """Something may have changed in the inventory: re-read it (level-triggered).
 
     `kind` is one of defined, undefined, started, stopped, paused, resumed, migrated, shutdown, crashed,
-    nic-added, nic-removed, device-added, device-removed, and ``resync`` (uuid and name empty): the
-    connection to libvirtd was (re)made and events may have been missed, so re-read everything.
+    nic-added, nic-removed, device-added, device-removed, ``reset`` (the guest was reset or rebooted: it
+    keeps running, its agent starts again), ``metadata-changed`` (labels or addresses may have changed;
+    detail: what changed, `metadata_detail`), and ``resync`` (uuid and name empty): the connection to
+    libvirtd was (re)made and events may have been missed, so re-read everything.
     """
 
     uuid: str
@@ -160,6 +165,14 @@ def lifecycle_kind(event: int, detail: int) -> tuple[str, str]:
     return kind, details.get(detail, f"detail-{detail}")
 
 
+def metadata_detail(kind: int, uri: str | None) -> str:
+    """What a metadata-change event (virDomainMetadataType `kind`, namespace `uri`) says changed: ``title``,
+    ``description``, ``element <uri>``; ``hyperfence`` for our own element."""
+    if kind == 2:
+        return "hyperfence" if uri == XMLNS else f"element {uri or '?'}"
+    return {0: "description", 1: "title"}.get(kind, f"metadata-{kind}")
+
+
 def device_kind(alias: str, *, added: bool) -> str:
     """nic-added/-removed for a NIC's device alias (libvirt names NICs ``net<N>``), else device-*."""
     what = "nic" if alias.startswith("net") and alias[3:].isdigit() else "device"
@@ -189,7 +202,8 @@ def parse_domain_xml(xml: str, *, state: str = "unknown") -> DomainInfo:
         problems.append(Problem("domain.uuid", "missing"))
     if problems:
         raise InvalidInputError("not a libvirt domain", problems)
-    active = root.get("id") not in {None, "-1"}
+    dom_id = root.get("id")
+    active = dom_id not in {None, "-1"}
     return DomainInfo(
         uuid=uuid,
         name=name,
@@ -198,6 +212,7 @@ def parse_domain_xml(xml: str, *, state: str = "unknown") -> DomainInfo:
         agent_socket=_agent_socket(root),
         labels=_labels(root),
         ips=_ips(root),
+        domain_id=int(dom_id) if active and dom_id is not None and dom_id.isdigit() else None,
     )
 
 

@@ -22,6 +22,7 @@ from hyperfence.cli.output import err, out, plain
 from hyperfence.daemon import request
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.model.policy import Policy, Vm
+from hyperfence.policy.syntax import LABEL_RE, parse_ipv4
 from hyperfence.reconcile.agents import channels_dir, enroll
 from hyperfence.reconcile.conntrack import read_vm_connections
 from hyperfence.reconcile.engine import Engine
@@ -310,12 +311,13 @@ def vm_events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
 ) -> None:
-    """The VM's events: agent hello/bye, security events, isolation and release, filter repairs."""
+    """The VM's events: agent hello/bye, security events, isolation and release, filter repairs, and from
+    libvirt: actions, an address lost from its metadata, NICs left unprotected."""
     engine = _engine(ctx)
-    target, _ = _vm(engine, vm)
+    vm_id = _events_vm(engine, vm)
     last = 0
     while True:
-        for ev in engine.store.events(vm=target.id, after=last, limit=limit):
+        for ev in engine.store.events(vm=vm_id, after=last, limit=limit):
             last = ev["id"]
             when = datetime.fromtimestamp(ev.pop("time"), UTC).isoformat(timespec="seconds")
             kind = ev.pop("kind")
@@ -328,6 +330,21 @@ def vm_events(
         time.sleep(0.5)
 
 
+def _events_vm(engine: Engine, name: str) -> str:
+    """The id of VM `name` for its events: a VM of the policy, else one the store has events of (by id, or
+    by the libvirt domain name they were recorded with): a discovered VM is in the daemon's policy only
+    while it runs with an address, and its events matter most when it is not."""
+    try:
+        return _vm(engine, name)[0].id
+    except errors.NotFoundError as e:
+        found = engine.store.vm_with_events(name)
+        if found is None:
+            raise errors.NotFoundError(
+                f"{e}; and no events are recorded for a VM or domain {name!r}"
+            ) from None
+        return found
+
+
 @vm_app.command("release")
 def vm_release(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM name (or id).")]) -> None:
     """Take the VM out of isolation now (its silence is counted again from now)."""
@@ -337,6 +354,77 @@ def vm_release(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM na
     if reply is None:
         raise errors.TemporaryError("no daemon is running: start `hyperfence daemon`, then release")
     out.print(plain(f"{target.name}: " + ("released" if reply.get("released") else "was not isolated")))
+
+
+@vm_app.command("label")
+def vm_label(
+    domain: Annotated[str, typer.Argument(help="The libvirt domain (name or UUID).")],
+    changes: Annotated[
+        list[str] | None,
+        typer.Argument(help="KEY=VALUE labels to set (others are kept).", show_default=False),
+    ] = None,
+    remove: Annotated[list[str] | None, typer.Option("--remove", help="A label KEY to remove.")] = None,
+    ips: Annotated[
+        list[str] | None, typer.Option("--ip", help="The VM's address (repeat; replaces all of them).")
+    ] = None,
+    libvirt: Annotated[str, typer.Option(help="libvirt URI.")] = "qemu:///system",
+) -> None:
+    """Show or change a libvirt domain's hyperfence labels and addresses (its metadata), keeping the rest.
+
+    Labels not named are kept, and so are the addresses unless --ip is given (`virsh metadata --set`
+    replaces the whole element: labels without the <ip> take the VM out of the firewall). Written to the
+    persistent definition and, if the domain runs, to the running domain; a running daemon sees it at once.
+    """
+    from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only this command needs it
+
+    problems: list[errors.Problem] = []
+    wanted: dict[str, str] = {}
+    for i, item in enumerate(changes or []):
+        key, eq, value = item.partition("=")
+        if not eq or not LABEL_RE.fullmatch(key) or not LABEL_RE.fullmatch(value):
+            problems.append(
+                errors.Problem(
+                    f"labels[{i}]",
+                    f"{item!r} is not a label (expected KEY=VALUE of letters, digits, '_', '.', '/', '-')",
+                )
+            )
+        else:
+            wanted[key] = value
+    for key in remove or []:
+        if not LABEL_RE.fullmatch(key):
+            problems.append(errors.Problem("--remove", f"{key!r} is not a label key"))
+    for addr in ips or []:
+        try:
+            parse_ipv4(addr)
+        except ValueError as e:
+            problems.append(errors.Problem("--ip", str(e)))
+    if problems:
+        raise errors.InvalidInputError(f"vm label {domain}", problems)
+    inventory = LibvirtInventory(libvirt)
+    try:
+        info = next((d for d in inventory.domains() if domain in (d.name, d.uuid)), None)
+        if info is None:
+            raise errors.NotFoundError(f"libvirt {libvirt} has no domain {domain!r} (see `virsh list --all`)")
+        if wanted or remove or ips is not None:
+            labels = {k: v for k, v in info.labels.items() if k not in (remove or [])} | wanted
+            info = inventory.set_labels(info.uuid, labels, ips=ips)
+    finally:
+        inventory.close()
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "none"
+    where = (
+        ""
+        if not (wanted or remove or ips is not None)
+        else (
+            " (set in the definition and the running domain)"
+            if info.is_active
+            else " (set in the definition)"
+        )
+    )
+    out.print(plain(f"{info.name}: labels {shown}; addresses {', '.join(info.ips) or 'none'}{where}"))
+    if not info.ips:
+        err.print(
+            plain(f"warning: {info.name} has no address: hyperfence gives its tap nothing (--ip ADDRESS)")
+        )
 
 
 @agent_app.command("build")

@@ -18,6 +18,7 @@ from hyperfence.adapters.libvirt_xml import (
     device_kind,
     labels_xml,
     lifecycle_kind,
+    metadata_detail,
     parse_domain_xml,
     state_name,
     with_fw_cfg_file,
@@ -87,6 +88,7 @@ def test_running_domain() -> None:
         ),
         agent_socket="/run/hf/web1.sock",
         labels={"tier": "web", "env": "prod"},
+        domain_id=7,
     )
     assert info.is_active
 
@@ -94,7 +96,7 @@ def test_running_domain() -> None:
 def test_a_shut_off_domain_has_no_taps_even_with_a_configured_target() -> None:
     info = parse_domain_xml(RUNNING.replace(" id='7'", ""), state="shutoff")
     assert [nic.tap for nic in info.interfaces] == [None, None, None]
-    assert not info.is_active
+    assert not info.is_active and info.domain_id is None
 
 
 def test_missing_pieces() -> None:
@@ -122,6 +124,16 @@ def test_missing_pieces() -> None:
 def test_not_a_domain(xml: str, found: str) -> None:
     with pytest.raises(InvalidInputError, match=found):
         parse_domain_xml(xml)
+
+
+def test_metadata_change_details() -> None:
+    assert metadata_detail(2, "https://hyperfence.dev/xmlns/1") == "hyperfence"
+    assert metadata_detail(2, "http://example.org/x") == "element http://example.org/x"
+    assert (metadata_detail(0, None), metadata_detail(1, None), metadata_detail(9, None)) == (
+        "description",
+        "title",
+        "metadata-9",
+    )
 
 
 def test_lifecycle_names() -> None:

@@ -7,7 +7,14 @@ import dataclasses
 from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy
-from hyperfence.reconcile.inventory import unprotected_nics, vm_docs
+from hyperfence.policy.resolve import resolve_policy
+from hyperfence.reconcile.inventory import (
+    guarded,
+    lost_addresses,
+    started_domains,
+    unprotected_nics,
+    vm_docs,
+)
 from tests.unit.policy.test_parse import doc
 
 BRIDGES = {"br0": "lab"}
@@ -40,13 +47,17 @@ def test_running_domains_on_managed_bridges_become_vms() -> None:
             "port": "vnet1",
             "mac": "52:54:00:00:00:02",
             "ips": ["10.77.0.21"],
-            "labels": {"tier": "web"},
+            "labels": {"tier": "web", "lab": "x", "vm": "vm1"},  # every label: none is reserved
         },
     )
     merged, skipped = merge_discovered(doc(vms=[]), docs)
     assert skipped == []
     (vm,) = parse_policy(merged).vms
-    assert (vm.id, vm.port, vm.labels) == ("uuid-web1", "vnet1", (("tier", "web"),))
+    assert (vm.id, vm.port, vm.labels) == (
+        "uuid-web1",
+        "vnet1",
+        (("lab", "x"), ("tier", "web"), ("vm", "vm1")),
+    )
 
 
 def test_a_domain_without_addresses_is_left_out_with_a_reason() -> None:
@@ -69,3 +80,36 @@ def test_nics_after_the_first_on_a_managed_bridge_are_reported_unprotected() -> 
     assert [d["port"] for d in vm_docs([two, off], BRIDGES)] == ["vnet1"]
     extra = unprotected_nics([two, off, dom("single")], BRIDGES)
     assert [(d.name, n.tap) for d, n in extra] == [("multi", "vnet3")]
+
+
+def test_label_vm_selects_a_discovered_domain() -> None:
+    """`lab` and `vm` are labels like any other: `label:vm=vm1` selects the domain labelled so."""
+    document = doc(vms=[])
+    document["rules"] = [{"id": "r", "from": "host", "to": "label:vm=vm1", "protocol": "icmp"}]
+    merged, _ = merge_discovered(document, vm_docs([dom("web1")], BRIDGES))
+    policy = parse_policy(merged)
+    assert policy.vms[0].label("vm") == "vm1"
+    (vm,) = resolve_policy(policy).vms
+    assert [e.rule.id for e in vm.ingress] == ["r"]
+
+
+def test_a_start_is_a_new_libvirt_id_and_a_reset_is_not() -> None:
+    web = dataclasses.replace(dom("web1"), domain_id=3)
+    off = dataclasses.replace(dom("db1", "shutoff"), domain_id=None)
+    before = {web.uuid: 3, off.uuid: None}
+    assert started_domains(before, [web, off]) == []  # same id: still the same run (or reset)
+    again = dataclasses.replace(web, domain_id=9)  # destroyed and started between two reads
+    up = dataclasses.replace(off, state="running", domain_id=10)
+    new = dataclasses.replace(dom("new1"), uuid="uuid-new1", domain_id=11)  # defined and started
+    assert [d.name for d in started_domains(before, [again, up, new])] == ["web1", "db1", "new1"]
+
+
+def test_a_running_vm_whose_metadata_loses_its_addresses_is_reported() -> None:
+    web, db = dom("web1"), dataclasses.replace(dom("db1"), uuid="uuid-db1", ips=("10.77.0.22",))
+    before = guarded([web, db, dom("off", "shutoff")], BRIDGES)
+    assert sorted(before) == ["uuid-db1", "uuid-web1"]
+    bare = dataclasses.replace(web, ips=())
+    stopped = dataclasses.replace(db, state="shutoff", ips=())  # stopped: nothing to report
+    lost = lost_addresses(before, [bare, stopped], BRIDGES)
+    assert [(d.name, was) for d, was in lost] == [("web1", ("10.77.0.21",))]
+    assert lost_addresses(guarded([bare], BRIDGES), [bare], BRIDGES) == []  # reported once, when lost
