@@ -35,6 +35,8 @@ from hyperfence.adapters.libvirt_xml import (
     DomainEvent,
     DomainInfo,
     VmAction,
+    dac_baselabel,
+    dac_label,
     device_kind,
     labels_xml,
     lifecycle_kind,
@@ -246,6 +248,22 @@ class LibvirtInventory:
         xml = self._call(f"read the definition of {uuid}", lambda _c: dom.XMLDesc(flags))
         changed = with_fw_cfg_file(xml, name, path)
         self._call(f"redefine domain {uuid}", lambda conn: conn.defineXML(changed))
+
+    def qemu_label(self, uuid: str) -> tuple[str | None, str]:
+        """Whom libvirt runs the domain's QEMU as: (DAC label ``USER:GROUP`` or ``+UID:+GID``, where it comes
+        from). The label of the running domain, else a static one in its definition, else libvirt's default
+        for the domain's type (qemu.conf ``user``/``group``, as libvirt reports it in its capabilities); None
+        when libvirt names none (no DAC driver: QEMU runs as libvirtd). See `adapters/qemu_files.py`."""
+        dom = self._lookup(uuid)
+        active = self._call(f"read state of {uuid}", lambda _c: dom.isActive())
+        flags = 0 if active else libvirt.VIR_DOMAIN_XML_INACTIVE
+        label, virt_type = dac_label(self._call(f"read domain {uuid}", lambda _c: dom.XMLDesc(flags)))
+        if label is not None:
+            return label, "the domain's DAC seclabel"
+        base = dac_baselabel(self._call("read capabilities", lambda conn: conn.getCapabilities()), virt_type)
+        if base is not None:
+            return base, f"libvirt's QEMU user for {virt_type} domains, qemu.conf"
+        return None, "libvirt names no DAC label: QEMU runs as libvirtd"
 
     def attach_device(self, uuid: str, xml: str) -> None:
         """Hot-plug the device `xml` (e.g. an ``<interface>``) into the running domain (live only)."""

@@ -285,6 +285,39 @@ def labels_xml(labels: Mapping[str, str], *, namespaced: bool = True, ips: tuple
     return ET.tostring(root, encoding="unicode")
 
 
+def dac_label(xml: str) -> tuple[str | None, str]:
+    """(the DAC label QEMU runs with, the domain's type) from a domain's XML: the ``<label>`` of its
+    ``<seclabel model='dac'>`` (a running domain shows the one libvirt gave it, ``+64055:+64055``; a definition
+    only a static one), None when it names none. The type (``kvm``, ``qemu``) picks libvirt's default for it
+    (`dac_baselabel`). `InvalidInputError` for text that is not XML."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own XML
+    except ET.ParseError as e:
+        raise InvalidInputError("domain XML", [Problem("xml", f"not XML: {e}")]) from e
+    for seclabel in root.iterfind("seclabel"):
+        label = (seclabel.findtext("label") or "").strip()
+        if seclabel.get("model") == "dac" and seclabel.get("type") != "none" and label:
+            return label, root.get("type") or "kvm"
+    return None, root.get("type") or "kvm"
+
+
+def dac_baselabel(capabilities: str, virt_type: str) -> str | None:
+    """The DAC label libvirt runs QEMU domains of `virt_type` with by default (qemu.conf's ``user`` and
+    ``group``), from its capabilities XML (``<secmodel><model>dac</model><baselabel type='kvm'>+64055:+64055``);
+    None when it names none (the DAC driver is off: QEMU runs as libvirtd's own user)."""
+    try:
+        root = ET.fromstring(capabilities)  # noqa: S314 - libvirt's own XML
+    except ET.ParseError as e:
+        raise InvalidInputError("capabilities XML", [Problem("xml", f"not XML: {e}")]) from e
+    for model in root.iterfind("host/secmodel"):
+        if (model.findtext("model") or "").strip() != "dac":
+            continue
+        for base in model.iterfind("baselabel"):
+            if base.get("type") == virt_type and (base.text or "").strip():
+                return (base.text or "").strip()
+    return None
+
+
 def with_fw_cfg_file(xml: str, name: str, path: str) -> str:
     """The domain `xml` with the firmware-config entry `name` read from file `path` (``<sysinfo type='fwcfg'>``),
     replacing an entry of that name; everything else is kept. Pure; `InvalidInputError` for XML that is not a

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import shutil
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
 from hyperfence import errors
 from hyperfence.agent.config import load_config
 from hyperfence.cli.main import app
-from hyperfence.cli.vm import _blocking_dir, _fw_cfg_path
+from hyperfence.cli.vm import fw_cfg_dir
 from hyperfence.reconcile.conntrack import VmConnections
 from hyperfence.reconcile.engine import Engine
 from tests.unit.policy.test_parse import doc
@@ -93,7 +89,6 @@ def test_list_without_a_daemon_reads_the_store(tmp_path: Path) -> None:
 def test_what_a_guest_chose_is_printed_as_text_never_as_markup_or_control(tmp_path: Path) -> None:
     """A guest names a process `[/x]` (rich markup that would raise), sends terminal escapes in its event
     type and agent version: `vm events` and `vm list` print them escaped, exit 0, and show no traceback."""
-    import os
     import subprocess
     import sys
     import time
@@ -139,34 +134,9 @@ def test_what_a_guest_chose_is_printed_as_text_never_as_markup_or_control(tmp_pa
 # --- --fw-cfg: where QEMU can read the config ---------------------------------------------------------
 
 
-def test_fw_cfg_config_goes_beside_the_channel_socket_which_must_exist(tmp_path: Path) -> None:
-    channels = tmp_path / "channels"
-    channels.mkdir()
-    assert _fw_cfg_path(str(channels / "web1.agent.sock"), "web1") == channels / "web1.agent.json"
-    with pytest.raises(errors.NotFoundError) as e:
-        _fw_cfg_path(str(tmp_path / "missing" / "web1.agent.sock"), "web1")
-    assert "install -d -o libvirt-qemu" in str(e.value) and "--out" in str(e.value)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="changing a directory's owner needs root")
-def test_the_directory_qemus_user_cannot_enter_is_named() -> None:
-    nobody = pwd.getpwnam("nobody")
-    base = Path(tempfile.mkdtemp(prefix="pm-fwcfg-", dir="/tmp"))  # /tmp: everyone may enter it
-    try:
-        inner = base / "qemu"
-        inner.mkdir()
-        config = inner / "web1.agent.json"
-        base.chmod(0o755)
-        inner.chmod(0o750)
-        assert _blocking_dir(config, nobody) == inner  # root's 0750: nobody is not in its group
-        os.chown(inner, nobody.pw_uid, 0)
-        inner.chmod(0o700)
-        assert _blocking_dir(config, nobody) is None  # its own directory
-        base.chmod(0o700)  # a 0700 state directory in the way
-        assert _blocking_dir(config, nobody) == base
-        assert _blocking_dir(config, pwd.getpwuid(0)) is None  # QEMU as root enters everything
-    finally:
-        shutil.rmtree(base)
+def test_fw_cfg_configs_have_a_directory_of_their_own_beside_the_state_directory(tmp_path: Path) -> None:
+    assert fw_cfg_dir("/var/lib/hyperfence") == Path("/var/lib/hyperfence-fw-cfg")
+    assert fw_cfg_dir(str(tmp_path / "state") + "/") == tmp_path / "state-fw-cfg"
 
 
 def test_list_shows_every_vm_of_the_policy_with_its_connections(tmp_path: Path, monkeypatch: Any) -> None:
