@@ -15,6 +15,8 @@ from hyperfence.adapters.libvirt_xml import (
     XMLNS,
     DomainInfo,
     DomainNic,
+    dac_baselabel,
+    dac_label,
     device_kind,
     labels_xml,
     lifecycle_kind,
@@ -124,6 +126,35 @@ def test_missing_pieces() -> None:
 def test_not_a_domain(xml: str, found: str) -> None:
     with pytest.raises(InvalidInputError, match=found):
         parse_domain_xml(xml)
+
+
+def test_whom_qemu_runs_as() -> None:
+    running = RUNNING.replace(
+        "<devices>",
+        "<seclabel type='dynamic' model='dac' relabel='yes'><label>+64055:+109</label>"
+        "<imagelabel>+64055:+109</imagelabel></seclabel><devices>",
+    )
+    assert dac_label(running) == ("+64055:+109", "qemu")
+    static = RUNNING.replace(
+        "<devices>", "<seclabel type='static' model='dac'><label>qemu:qemu</label></seclabel><devices>"
+    )
+    assert dac_label(static.replace("type='qemu'", "type='kvm'")) == ("qemu:qemu", "kvm")
+    assert dac_label(RUNNING) == (None, "qemu")
+    selinux_only = RUNNING.replace(
+        "<devices>", "<seclabel type='dynamic' model='selinux'><label>x</label></seclabel><devices>"
+    )
+    assert dac_label(selinux_only) == (None, "qemu")
+    caps = """<capabilities><host>
+      <secmodel><model>none</model><doi>0</doi></secmodel>
+      <secmodel><model>dac</model><doi>0</doi>
+        <baselabel type='kvm'>+64055:+64055</baselabel><baselabel type='qemu'>+0:+0</baselabel></secmodel>
+    </host></capabilities>"""
+    assert dac_baselabel(caps, "kvm") == "+64055:+64055"
+    assert dac_baselabel(caps, "qemu") == "+0:+0"
+    assert dac_baselabel(caps, "xen") is None
+    assert dac_baselabel("<capabilities><host/></capabilities>", "kvm") is None
+    with pytest.raises(InvalidInputError):
+        dac_baselabel("<capabilities>", "kvm")
 
 
 def test_metadata_change_details() -> None:

@@ -166,3 +166,48 @@ def test_list_shows_every_vm_of_the_policy_with_its_connections(tmp_path: Path, 
     assert r.exit_code == 0, r.output
     assert "300 / 300" in r.stdout and "1234" in r.stdout and "? / 16384" in r.stdout
     assert "[bold]no[/bold]" in r.stderr  # printed as text, never as markup
+
+
+def test_events_of_a_vm_out_of_the_policy_are_found_by_its_domain_name(tmp_path: Path) -> None:
+    """A libvirt VM that lost its address is not in the policy any more: its events are still shown, by the
+    domain name the inventory recorded them with, or by its id."""
+    store_policy(tmp_path)
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine.store.add_event("address-lost", {"domain": "web1", "was": ["10.77.0.21"]}, vm="uuid-web1")
+    engine.store.add_event("isolated", {"reason": "silent"}, vm="uuid-web1")
+    engine.close()
+    for name in ("web1", "uuid-web1"):
+        r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "events", name])
+        assert r.exit_code == 0, (r.output, r.exception)
+        assert "address-lost" in r.output and "10.77.0.21" in r.output and "isolated" in r.output
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "events", "ghost"])
+    assert isinstance(r.exception, errors.NotFoundError)
+    assert "not in the policy" in str(r.exception) and "no events are recorded" in str(r.exception)
+
+
+def test_vm_label_refuses_bad_input_before_touching_libvirt(tmp_path: Path) -> None:
+    nowhere = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    argv = [
+        "vm",
+        "label",
+        "web1",
+        "tier=web",
+        "bad label=x",
+        "novalue",
+        "--remove",
+        "a b",
+        "--ip",
+        "10.0.0.300",
+    ]
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), *argv, "--libvirt", nowhere])
+    assert isinstance(r.exception, errors.InvalidInputError), r.output
+    text = str(r.exception)
+    for found in (
+        "labels[1]: 'bad label=x'",
+        "labels[2]: 'novalue'",
+        "--remove: 'a b'",
+        "--ip: '10.0.0.300'",
+    ):
+        assert found in text
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "label", "web1", "--libvirt", nowhere])
+    assert isinstance(r.exception, errors.TemporaryError)  # valid input: now libvirt is asked
