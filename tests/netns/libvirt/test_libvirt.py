@@ -128,7 +128,10 @@ def test_the_inventory_gives_a_started_domain_its_rules_and_nothing_before(
     doc = lab_policy(env.plan)
     doc["vms"] = []  # nothing typed by hand: the VMs come from libvirt
     doc["settings"] = {"inventory": "libvirt"}
-    doc["rules"] = [{"id": "web-ping", "from": "label:tier=web", "to": "host", "protocol": "icmp"}]
+    doc["rules"] = [
+        {"id": "web-ping", "from": "label:tier=web", "to": "host", "protocol": "icmp"},
+        {"id": "by-vm", "from": "host", "to": "label:vm=vm1", "protocol": "icmp"},  # the lab's label: kept
+    ]
     engine = Engine(netns=env.plan.host_netns, state_dir=str(tmp_path))
     try:
         engine.store_policy(doc, source="test")
@@ -147,10 +150,12 @@ def test_the_inventory_gives_a_started_domain_its_rules_and_nothing_before(
         compiled = engine.current
         assert compiled is not None
         (vm,) = compiled.policy.vms
-        assert (vm.id, vm.name, vm.port, vm.labels) == (env.vm1.uuid, env.vm1.name, tap, (("tier", "web"),))
+        labels = (("lab", env.plan.name), ("tier", "web"), ("vm", "vm1"))
+        assert (vm.id, vm.name, vm.port, vm.labels) == (env.vm1.uuid, env.vm1.name, tap, labels)
         assert [str(a) for a in vm.ips] == [str(env.plan.vm("vm1").ip)]
         rules = compiled.ruleset.chain_rules()
-        assert any(r.comment == "rule:web-ping#1" for k, rs in rules.items() for r in rs)
+        for rule in ("rule:web-ping#1", "rule:by-vm#1"):
+            assert any(r.comment == rule for k, rs in rules.items() for r in rs), rule
         watcher.inventory.close()
     finally:
         engine.close()
@@ -263,10 +268,14 @@ def test_actions_act_and_events_arrive(env: Env) -> None:
 
 def test_labels_are_domain_metadata(env: Env) -> None:
     uuid = env.vm1.uuid
-    env.inventory.set_labels(uuid, {"lab": env.plan.name, "vm": "vm1", "tier": "db"})
-    assert env.inventory.domain(uuid).labels["tier"] == "db"
+    ip = str(env.plan.vm("vm1").ip)
+    while not env.events.empty():
+        env.events.get()
+    got = env.inventory.set_labels(uuid, {"lab": env.plan.name, "vm": "vm1", "tier": "db"})
+    assert got.labels["tier"] == "db" and got.ips == (ip,)  # the addresses are kept
+    assert env.wait_event("metadata-changed", uuid).detail == "hyperfence"  # the daemon re-reads at once
     out = virsh("metadata", uuid, "https://hyperfence.dev/xmlns/1")
-    assert 'key="tier"' in out and ">db<" in out
+    assert 'key="tier"' in out and ">db<" in out and f"<ip>{ip}</ip>" in out
     # as docs/libvirt.md tells an operator to do it
     labels = f'<labels><label key="lab">{env.plan.name}</label><label key="vm">vm1</label><label key="tier">web</label></labels>'
     virsh(
@@ -281,6 +290,9 @@ def test_labels_are_domain_metadata(env: Env) -> None:
         labels,
     )
     assert env.inventory.domain(uuid).labels == {"lab": env.plan.name, "vm": "vm1", "tier": "web"}
+    assert env.inventory.domain(uuid).ips == ()  # --set replaced the whole element: the <ip> is gone
+    env.inventory.set_labels(uuid, {"lab": env.plan.name, "vm": "vm1", "tier": "web"}, ips=[ip])
+    assert env.inventory.domain(uuid).ips == (ip,)
 
 
 def test_define_and_undefine_events(env: Env) -> None:
