@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.reconcile.inventory import (
+    InventoryWatcher,
     guarded,
     lost_addresses,
     started_domains,
@@ -113,3 +115,67 @@ def test_a_running_vm_whose_metadata_loses_its_addresses_is_reported() -> None:
     lost = lost_addresses(before, [bare, stopped], BRIDGES)
     assert [(d.name, was) for d, was in lost] == [("web1", ("10.77.0.21",))]
     assert lost_addresses(guarded([bare], BRIDGES), [bare], BRIDGES) == []  # reported once, when lost
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object], str | None]] = []
+
+    def add_event(self, kind: str, data: dict[str, object], *, vm: str | None = None) -> None:
+        self.events.append((kind, data, vm))
+
+
+class FakeEngine:
+    """What the watcher uses of the engine; records the order of what it is told."""
+
+    def __init__(self, told: list[str]) -> None:
+        self.told = told
+        self.store = FakeStore()
+        self.skipped: list[str] = []
+        network = SimpleNamespace(bridge="br0", name="lab")
+        self.current = SimpleNamespace(policy=SimpleNamespace(networks=[network]))
+        self.discovered: tuple[dict[str, object], ...] = ()
+
+    def set_discovered(self, docs: tuple[dict[str, object], ...]) -> bool:
+        changed, self.discovered = docs != self.discovered, docs
+        if changed:
+            self.told.append("vms " + ",".join(str(d["name"]) for d in docs))
+        return changed
+
+    def converge(self) -> None:
+        self.told.append("converge")
+
+
+class FakeInventory:
+    def __init__(self) -> None:
+        self.now: list[DomainInfo] = []
+
+    def domains(self) -> list[DomainInfo]:
+        return list(self.now)
+
+
+def test_the_watcher_tells_a_start_before_the_vm_joins_the_policy_and_reports_a_lost_address() -> None:
+    told: list[str] = []
+    engine = FakeEngine(told)
+    watcher = InventoryWatcher(engine, "test:///nowhere")  # type: ignore[arg-type]
+    inventory = FakeInventory()
+    watcher.inventory = inventory  # type: ignore[assignment]
+    watcher.on_boot = lambda uuid: told.append(f"boot {uuid}")
+    web = dataclasses.replace(dom("web1"), domain_id=3)
+    off = dataclasses.replace(dom("db1", "shutoff", tap=None), uuid="uuid-db1")
+    inventory.now = [web, off]
+    assert watcher.refresh()
+    assert told == ["vms web1", "converge"]  # the first read tells no start: the daemon's startup grace
+    db = dataclasses.replace(off, state="running", interfaces=web.interfaces, domain_id=4)
+    inventory.now = [web, db]
+    told.clear()
+    assert watcher.refresh()
+    assert told == ["boot uuid-db1", "vms db1,web1", "converge"]  # before: no round sees it unbooted
+    told.clear()
+    watcher.refresh()
+    assert told == []  # same ids: no start, nothing changed
+    inventory.now = [dataclasses.replace(web, ips=()), db]
+    watcher.refresh()
+    ((kind, data, vm),) = engine.store.events
+    assert (kind, vm, data["domain"], data["was"]) == ("address-lost", "uuid-web1", "web1", ["10.77.0.21"])
+    assert "out of the firewall" in str(data["message"]) and "vm label" in str(data["message"])
