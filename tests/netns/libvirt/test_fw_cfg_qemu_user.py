@@ -23,6 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hyperfence.adapters.libvirt import LibvirtInventory
+from hyperfence.adapters.libvirt_xml import DomainInfo
 from hyperfence.adapters.qemu_files import DIR_MODE, qemu_user
 from hyperfence.cli.main import app
 from hyperfence.errors import InvalidInputError
@@ -56,8 +57,9 @@ def base() -> Iterator[Path]:
 
 
 @pytest.fixture
-def inventory(base: Path) -> Iterator[LibvirtInventory]:
-    """A lab libvirtd with libvirt's own QEMU user (not the lab's root), and a connection to it."""
+def domain(base: Path) -> Iterator[tuple[LibvirtInventory, DomainInfo]]:
+    """A lab libvirtd with libvirt's own QEMU user (not the lab's root), a connection to it, and a disk-less
+    domain (shut off) whose channel socket is in a root-only directory."""
     if running_libvirtd() is not None:
         pytest.skip("a libvirtd this test did not start is running (one per machine): not touching it")
     plan = plan_lab(f"lv{secrets.token_hex(2)}", 1)
@@ -70,14 +72,14 @@ def inventory(base: Path) -> Iterator[LibvirtInventory]:
         channels.mkdir(mode=0o700)  # root's only
         spec = lab_domain_spec(plan, "vm1", memory_mib=64)
         spec = dataclasses.replace(spec, channel_path=str(channels / "vm1.agent.sock"))
-        define_lab_domain(inv, spec, start=False)
+        info = define_lab_domain(inv, spec, start=False)
         engine = Engine(netns=None, state_dir=str(base / "state"))  # 0700, as every state directory
         doc = lab_policy(plan)
         doc["vms"] = []
         doc["settings"] = {"inventory": "libvirt"}
         engine.store_policy(doc, source="test")
         engine.close()
-        yield inv
+        yield inv, info
     finally:
         try:
             for info in lab_domains(inv, plan):
@@ -104,9 +106,9 @@ def fw_cfg_files(inv: LibvirtInventory, uuid: str) -> list[str | None]:
 
 
 def test_qemu_running_as_its_own_user_reads_the_config_and_nobody_else_does(
-    inventory: LibvirtInventory, base: Path
+    domain: tuple[LibvirtInventory, DomainInfo], base: Path
 ) -> None:
-    (info,) = [d for d in inventory.domains() if d.name.endswith("-vm1")]
+    inventory, info = domain
     qemu = qemu_user(*inventory.qemu_label(info.uuid))
     if qemu.uid == 0:
         pytest.skip("this host's libvirt runs QEMU as root (qemu.conf user)")
