@@ -211,7 +211,7 @@ def test_enroll_with_fw_cfg_puts_the_config_in_the_domains_definition(
         st = path.stat()
         assert (st.st_mode & 0o777, st.st_uid) == (0o600, 0)
         said = " ".join(r.output.split())  # rich wraps
-        assert "readable by QEMU's user root (libvirt's QEMU user for qemu domains, qemu.conf) only" in said
+        assert "readable by QEMU's user root (the domain's DAC seclabel) only" in said  # it runs: its label
         assert "firmware config opt/org.hyperfence/agent" in said
         defined = ET.fromstring(virsh("dumpxml", "--inactive", info.uuid))  # noqa: S314 - libvirt's
         entries = defined.findall("sysinfo[@type='fwcfg']/entry")
