@@ -357,54 +357,61 @@ def vm_label(
     """
     from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only this command needs it
 
+    wanted = _label_changes(domain, changes or [], remove or [], ips or [])
+    addresses = list(ips) if ips else None  # None: keep them
+    inventory = LibvirtInventory(libvirt)
+    try:
+        info = next((d for d in inventory.domains() if domain in (d.name, d.uuid)), None)
+        if info is None:
+            raise errors.NotFoundError(f"libvirt {libvirt} has no domain {domain!r} (see `virsh list --all`)")
+        changed = bool(wanted or remove or addresses)
+        if changed:
+            labels = {k: v for k, v in info.labels.items() if k not in (remove or [])} | wanted
+            info = inventory.set_labels(info.uuid, labels, ips=addresses)
+    finally:
+        inventory.close()
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "none"
+    where = ""
+    if changed:
+        where = (
+            " (set in the definition and the running domain)"
+            if info.is_active
+            else " (set in the definition)"
+        )
+    out.print(plain(f"{info.name}: labels {shown}; addresses {', '.join(info.ips) or 'none'}{where}"))
+    if not info.ips:
+        err.print(
+            plain(f"warning: {info.name} has no address: hyperfence gives its tap nothing (--ip ADDRESS)")
+        )
+
+
+def _label_changes(domain: str, changes: list[str], remove: list[str], ips: list[str]) -> dict[str, str]:
+    """The labels to set from KEY=VALUE arguments; `InvalidInputError` listing every bad argument (labels,
+    keys to remove, addresses) before libvirt is asked anything."""
     problems: list[errors.Problem] = []
     wanted: dict[str, str] = {}
-    for i, item in enumerate(changes or []):
+    for i, item in enumerate(changes):
         key, eq, value = item.partition("=")
-        if not eq or not LABEL_RE.fullmatch(key) or not LABEL_RE.fullmatch(value):
+        if eq and LABEL_RE.fullmatch(key) and LABEL_RE.fullmatch(value):
+            wanted[key] = value
+        else:
             problems.append(
                 errors.Problem(
                     f"labels[{i}]",
                     f"{item!r} is not a label (expected KEY=VALUE of letters, digits, '_', '.', '/', '-')",
                 )
             )
-        else:
-            wanted[key] = value
-    for key in remove or []:
-        if not LABEL_RE.fullmatch(key):
-            problems.append(errors.Problem("--remove", f"{key!r} is not a label key"))
-    for addr in ips or []:
+    problems += [
+        errors.Problem("--remove", f"{k!r} is not a label key") for k in remove if not LABEL_RE.fullmatch(k)
+    ]
+    for addr in ips:
         try:
             parse_ipv4(addr)
         except ValueError as e:
             problems.append(errors.Problem("--ip", str(e)))
     if problems:
         raise errors.InvalidInputError(f"vm label {domain}", problems)
-    inventory = LibvirtInventory(libvirt)
-    try:
-        info = next((d for d in inventory.domains() if domain in (d.name, d.uuid)), None)
-        if info is None:
-            raise errors.NotFoundError(f"libvirt {libvirt} has no domain {domain!r} (see `virsh list --all`)")
-        if wanted or remove or ips is not None:
-            labels = {k: v for k, v in info.labels.items() if k not in (remove or [])} | wanted
-            info = inventory.set_labels(info.uuid, labels, ips=ips)
-    finally:
-        inventory.close()
-    shown = ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "none"
-    where = (
-        ""
-        if not (wanted or remove or ips is not None)
-        else (
-            " (set in the definition and the running domain)"
-            if info.is_active
-            else " (set in the definition)"
-        )
-    )
-    out.print(plain(f"{info.name}: labels {shown}; addresses {', '.join(info.ips) or 'none'}{where}"))
-    if not info.ips:
-        err.print(
-            plain(f"warning: {info.name} has no address: hyperfence gives its tap nothing (--ip ADDRESS)")
-        )
+    return wanted
 
 
 @agent_app.command("build")

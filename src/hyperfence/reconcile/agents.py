@@ -334,7 +334,9 @@ class AgentMonitor:
         now = self.clock()
         with self.lock:
             self.tracker.vm_started(vm, now)
-        log.info("VM %s started: its agent has the heartbeat policy's boot grace", self._name(vm))
+            enrolled = vm in self.tracker.records
+        if enrolled:
+            log.info("VM %s started: its agent has the heartbeat policy's boot grace", self._name(vm))
 
     def reload(self) -> None:
         """Enrolments changed in the store: new keys and channels (live state of others is kept)."""

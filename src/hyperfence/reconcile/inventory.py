@@ -112,9 +112,8 @@ class InventoryWatcher:
         self.domains: list[DomainInfo] = []
         self._reported: set[tuple[str, str]] = set()  # (uuid, mac) of unprotected NICs already reported
         self.on_boot: Callable[[str], None] | None = None  # told each VM id that started or was reset
-        self._ids: dict[str, int | None] | None = (
-            None  # libvirt id per UUID at the last read (None: none yet)
-        )
+        # libvirt's id of each domain at the last read (None before the first read)
+        self._ids: dict[str, int | None] | None = None
         self._guarded: dict[str, DomainInfo] = {}  # running domains on managed bridges at the last read
 
     def run(self, stop: threading.Event) -> None:
