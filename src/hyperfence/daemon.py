@@ -375,6 +375,8 @@ def run_daemon(
     inventory = InventoryWatcher(engine, libvirt) if libvirt else None
     # Created before the first converge: isolation recorded in the store is back in the overlay at once.
     monitor = AgentMonitor(engine, pause=inventory.pause if inventory else None)
+    if inventory is not None:  # a VM that starts or is reset gets its boot grace, not a silence
+        inventory.on_boot = monitor.vm_started
     daemon = Daemon(
         engine, poll=poll, resync=resync, agents=monitor, inventory=inventory, preconditions=preconditions
     )

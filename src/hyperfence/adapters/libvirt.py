@@ -9,8 +9,8 @@ leave this module; callers get `DomainInfo`, `DomainEvent`, `VmAction` from `lib
   plus `define`/`start`/`undefine`/`set_labels` for whoever manages domains (the lab). Each action is
   reported to `on_action` as a `VmAction`. A connection that died (libvirtd restarted) is reopened once per
   call; if libvirtd is still away, `TemporaryError`.
-* `LibvirtEvents(uri, on_event)` watches lifecycle and device events on a thread of its own and hands them
-  on as `DomainEvent`s. It notices a lost libvirtd within ~15 s (keepalive 5 s × 3) or at once when the
+* `LibvirtEvents(uri, on_event)` watches lifecycle, device, reset (reboot) and metadata-change events on a
+  thread of its own and hands them on as `DomainEvent`s. It notices a lost libvirtd within ~15 s (keepalive 5 s × 3) or at once when the
   socket closes, reconnects with exponential backoff, and after every (re)connection emits ``resync``:
   events may have been missed, so the caller re-reads the inventory (level-triggered).
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import libvirt  # type: ignore[import-untyped]
@@ -35,9 +35,12 @@ from hyperfence.adapters.libvirt_xml import (
     DomainEvent,
     DomainInfo,
     VmAction,
+    dac_baselabel,
+    dac_label,
     device_kind,
     labels_xml,
     lifecycle_kind,
+    metadata_detail,
     parse_domain_xml,
     state_name,
     with_fw_cfg_file,
@@ -212,22 +215,30 @@ class LibvirtInventory:
         self._call(f"undefine domain {uuid}", lambda _c: dom.undefine())
         return True
 
-    def set_labels(self, uuid: str, labels: Mapping[str, str]) -> None:
-        """Replace the domain's hyperfence labels (persistent config, and the live domain if active).
+    def set_labels(
+        self, uuid: str, labels: Mapping[str, str], *, ips: Sequence[str] | None = None
+    ) -> DomainInfo:
+        """Replace the domain's hyperfence labels and keep its addresses (`ips` None), or replace those too;
+        in the persistent definition, and in the running domain if it runs (a shut-off domain has no live
+        side: libvirt refuses ``--live`` for it). The domain as read afterwards.
 
-        Empty `labels` removes the metadata element.
+        The element holds both (`labels_xml`), and libvirt replaces it whole: writing labels without the
+        ``<ip>`` children would take the VM out of the firewall. Nothing left removes the element.
         """
         dom = self._lookup(uuid)
+        current = self._info(dom)
+        keep = tuple(current.ips if ips is None else ips)
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
-        if self._call(f"read state of {uuid}", lambda _c: dom.isActive()):
+        if current.is_active:
             flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
-        text = labels_xml(labels, namespaced=False) if labels else None
+        text = labels_xml(labels, namespaced=False, ips=keep) if labels or keep else None
         self._call(
             f"set labels of {uuid}",
             lambda _c: dom.setMetadata(
                 libvirt.VIR_DOMAIN_METADATA_ELEMENT, text, XMLNS_PREFIX if text else None, XMLNS, flags
             ),
         )
+        return self._info(dom)
 
     def set_fw_cfg_file(self, uuid: str, name: str, path: str) -> None:
         """Add (or replace) firmware-config entry `name`, read from `path`, in the domain's persistent
@@ -237,6 +248,22 @@ class LibvirtInventory:
         xml = self._call(f"read the definition of {uuid}", lambda _c: dom.XMLDesc(flags))
         changed = with_fw_cfg_file(xml, name, path)
         self._call(f"redefine domain {uuid}", lambda conn: conn.defineXML(changed))
+
+    def qemu_label(self, uuid: str) -> tuple[str | None, str]:
+        """Whom libvirt runs the domain's QEMU as: (DAC label ``USER:GROUP`` or ``+UID:+GID``, where it comes
+        from). The label of the running domain, else a static one in its definition, else libvirt's default
+        for the domain's type (qemu.conf ``user``/``group``, as libvirt reports it in its capabilities); None
+        when libvirt names none (no DAC driver: QEMU runs as libvirtd). See `adapters/qemu_files.py`."""
+        dom = self._lookup(uuid)
+        active = self._call(f"read state of {uuid}", lambda _c: dom.isActive())
+        flags = 0 if active else libvirt.VIR_DOMAIN_XML_INACTIVE
+        label, virt_type = dac_label(self._call(f"read domain {uuid}", lambda _c: dom.XMLDesc(flags)))
+        if label is not None:
+            return label, "the domain's DAC seclabel"
+        base = dac_baselabel(self._call("read capabilities", lambda conn: conn.getCapabilities()), virt_type)
+        if base is not None:
+            return base, f"libvirt's QEMU user for {virt_type} domains, qemu.conf"
+        return None, "libvirt names no DAC label: QEMU runs as libvirtd"
 
     def attach_device(self, uuid: str, xml: str) -> None:
         """Hot-plug the device `xml` (e.g. an ``<interface>``) into the running domain (live only)."""
@@ -441,6 +468,14 @@ class LibvirtEvents:
                     None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_device_removed, None
                 )
             )
+            ids.append(
+                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, None)
+            )
+            ids.append(
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._on_metadata, None
+                )
+            )
         except libvirt.libvirtError:
             self._disconnect(conn, ids)
             raise
@@ -470,6 +505,14 @@ class LibvirtEvents:
 
     def _on_device_removed(self, _conn: Any, dom: Any, alias: str, _opaque: object) -> None:
         self._emit(DomainEvent(dom.UUIDString().lower(), dom.name(), device_kind(alias, added=False), alias))
+
+    def _on_reboot(self, _conn: Any, dom: Any, _opaque: object) -> None:
+        self._emit(DomainEvent(dom.UUIDString().lower(), dom.name(), "reset", "reboot"))
+
+    def _on_metadata(self, _conn: Any, dom: Any, kind: int, uri: str | None, _opaque: object) -> None:
+        self._emit(
+            DomainEvent(dom.UUIDString().lower(), dom.name(), "metadata-changed", metadata_detail(kind, uri))
+        )
 
     def _emit(self, event: DomainEvent) -> None:
         if self.on_event is None:

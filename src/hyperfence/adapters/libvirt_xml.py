@@ -110,6 +110,9 @@ class DomainInfo:
     # The VM's addresses, from the same metadata element (`<ip>10.77.0.11</ip>`): what anti-spoofing lets it
     # send from. libvirt does not know a bridged guest's addresses; without them its tap gets nothing.
     ips: tuple[str, ...] = ()
+    # libvirt's id of the running domain (``<domain id='N'>``): a new one at every start, None while it is
+    # off. A changed id means the domain started again since it was last read (a reset keeps the id).
+    domain_id: int | None = None
 
     @property
     def is_active(self) -> bool:
@@ -122,8 +125,10 @@ class DomainEvent:
     """Something may have changed in the inventory: re-read it (level-triggered).
 
     `kind` is one of defined, undefined, started, stopped, paused, resumed, migrated, shutdown, crashed,
-    nic-added, nic-removed, device-added, device-removed, and ``resync`` (uuid and name empty): the
-    connection to libvirtd was (re)made and events may have been missed, so re-read everything.
+    nic-added, nic-removed, device-added, device-removed, ``reset`` (the guest was reset or rebooted: it
+    keeps running, its agent starts again), ``metadata-changed`` (labels or addresses may have changed;
+    detail: what changed, `metadata_detail`), and ``resync`` (uuid and name empty): the connection to
+    libvirtd was (re)made and events may have been missed, so re-read everything.
     """
 
     uuid: str
@@ -160,6 +165,14 @@ def lifecycle_kind(event: int, detail: int) -> tuple[str, str]:
     return kind, details.get(detail, f"detail-{detail}")
 
 
+def metadata_detail(kind: int, uri: str | None) -> str:
+    """What a metadata-change event (virDomainMetadataType `kind`, namespace `uri`) says changed: ``title``,
+    ``description``, ``element <uri>``; ``hyperfence`` for our own element."""
+    if kind == 2:
+        return "hyperfence" if uri == XMLNS else f"element {uri or '?'}"
+    return {0: "description", 1: "title"}.get(kind, f"metadata-{kind}")
+
+
 def device_kind(alias: str, *, added: bool) -> str:
     """nic-added/-removed for a NIC's device alias (libvirt names NICs ``net<N>``), else device-*."""
     what = "nic" if alias.startswith("net") and alias[3:].isdigit() else "device"
@@ -189,7 +202,8 @@ def parse_domain_xml(xml: str, *, state: str = "unknown") -> DomainInfo:
         problems.append(Problem("domain.uuid", "missing"))
     if problems:
         raise InvalidInputError("not a libvirt domain", problems)
-    active = root.get("id") not in {None, "-1"}
+    dom_id = root.get("id")
+    active = dom_id not in {None, "-1"}
     return DomainInfo(
         uuid=uuid,
         name=name,
@@ -198,6 +212,7 @@ def parse_domain_xml(xml: str, *, state: str = "unknown") -> DomainInfo:
         agent_socket=_agent_socket(root),
         labels=_labels(root),
         ips=_ips(root),
+        domain_id=int(dom_id) if active and dom_id is not None and dom_id.isdigit() else None,
     )
 
 
@@ -268,6 +283,39 @@ def labels_xml(labels: Mapping[str, str], *, namespaced: bool = True, ips: tuple
     for addr in ips:
         ET.SubElement(root, f"{ns}ip").text = addr
     return ET.tostring(root, encoding="unicode")
+
+
+def dac_label(xml: str) -> tuple[str | None, str]:
+    """(the DAC label QEMU runs with, the domain's type) from a domain's XML: the ``<label>`` of its
+    ``<seclabel model='dac'>`` (a running domain shows the one libvirt gave it, ``+64055:+64055``; a definition
+    only a static one), None when it names none. The type (``kvm``, ``qemu``) picks libvirt's default for it
+    (`dac_baselabel`). `InvalidInputError` for text that is not XML."""
+    try:
+        root = ET.fromstring(xml)  # noqa: S314 - libvirt's own XML
+    except ET.ParseError as e:
+        raise InvalidInputError("domain XML", [Problem("xml", f"not XML: {e}")]) from e
+    for seclabel in root.iterfind("seclabel"):
+        label = (seclabel.findtext("label") or "").strip()
+        if seclabel.get("model") == "dac" and seclabel.get("type") != "none" and label:
+            return label, root.get("type") or "kvm"
+    return None, root.get("type") or "kvm"
+
+
+def dac_baselabel(capabilities: str, virt_type: str) -> str | None:
+    """The DAC label libvirt runs QEMU domains of `virt_type` with by default (qemu.conf's ``user`` and
+    ``group``), from its capabilities XML (``<secmodel><model>dac</model><baselabel type='kvm'>+64055:+64055``);
+    None when it names none (the DAC driver is off: QEMU runs as libvirtd's own user)."""
+    try:
+        root = ET.fromstring(capabilities)  # noqa: S314 - libvirt's own XML
+    except ET.ParseError as e:
+        raise InvalidInputError("capabilities XML", [Problem("xml", f"not XML: {e}")]) from e
+    for model in root.iterfind("host/secmodel"):
+        if (model.findtext("model") or "").strip() != "dac":
+            continue
+        for base in model.iterfind("baselabel"):
+            if base.get("type") == virt_type and (base.text or "").strip():
+                return (base.text or "").strip()
+    return None
 
 
 def with_fw_cfg_file(xml: str, name: str, path: str) -> str:

@@ -151,6 +151,17 @@ class Store:
             {"id": r[0], "time": r[1], "kind": r[2], "vm": r[3], **json.loads(r[4])} for r in reversed(rows)
         ]
 
+    def vm_with_events(self, name: str) -> str | None:
+        """The VM id `name` is, among VMs with events: an id itself, or the libvirt domain name the
+        inventory's events were recorded with (field ``domain``; the latest such event wins). For VMs that
+        are not in the policy now (a domain that lost its address, a shut-off one)."""
+        row = self._row(
+            "SELECT vm FROM events WHERE vm IS NOT NULL AND (vm = ? OR json_extract(data, '$.domain') = ?) "
+            "ORDER BY id DESC LIMIT 1",
+            (name, name),
+        )
+        return None if row is None else str(row[0])
+
     # --- agents ---------------------------------------------------------------------------------------
 
     def enroll_agent(self, rec: AgentRecord) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import stat
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,12 +14,14 @@ from rich.table import Table
 from rich.text import Text
 
 from hyperfence import errors
-from hyperfence.adapters.libvirt_xml import AGENT_FW_CFG, QEMU_USER
+from hyperfence.adapters.libvirt_xml import AGENT_FW_CFG
+from hyperfence.adapters.qemu_files import QemuUser, check_reachable, qemu_user, write_for_qemu
 from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
 from hyperfence.cli.output import err, out, plain
 from hyperfence.daemon import request
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.model.policy import Policy, Vm
+from hyperfence.policy.syntax import LABEL_RE, parse_ipv4
 from hyperfence.reconcile.agents import channels_dir, enroll
 from hyperfence.reconcile.conntrack import read_vm_connections
 from hyperfence.reconcile.engine import Engine
@@ -98,7 +98,7 @@ def vm_enroll(
         typer.Option(
             "--out",
             help="Where to write the agent's config (default: STATE/agents/VM.json; with --fw-cfg: "
-            "VM.agent.json beside the domain's channel socket, where QEMU can read it).",
+            "STATE-fw-cfg/VM.agent.json, readable by QEMU's user only).",
         ),
     ] = None,
     libvirt: Annotated[
@@ -127,22 +127,26 @@ def vm_enroll(
         target, policy = _vm(engine, vm)
     if out_file:
         path = Path(out_file)
-    elif fw_cfg and host_path:
-        path = _fw_cfg_path(host_path, target.name)
+    elif fw_cfg:
+        path = fw_cfg_dir(engine.state_dir) / f"{target.name}.agent.json"
     else:
         path = Path(channels_dir(engine.state_dir)) / f"{target.name}.json"
+    qemu = None
+    if fw_cfg and libvirt:  # before anything changes: the domain could not start if QEMU cannot read it
+        qemu = _qemu_user(libvirt, target.id)
+        check_reachable(path, qemu)
     hb = heartbeat_for(policy, target)
     _, config = enroll(
         engine, target, "virtio" if libvirt else channel, interval=hb.interval, host_path=host_path
     )
-    make_dirs(path.parent, mode=DIR_MODE)
-    qemu = _qemu_user() if fw_cfg else None
-    write_private(
-        path, json.dumps(config, indent=1) + "\n", owner=(qemu.pw_uid, qemu.pw_gid) if qemu else None
-    )
+    text = json.dumps(config, indent=1) + "\n"
     handover = ""
-    if fw_cfg and libvirt:
+    if qemu is not None and libvirt:
+        write_for_qemu(path, text, qemu)
         handover = _hand_over_by_fw_cfg(libvirt, target.id, path, qemu)
+    else:
+        make_dirs(path.parent, mode=DIR_MODE)
+        write_private(path, text)
     reloaded = _ask(engine, {"op": "agents-reload"}) is not None
     out.print(
         plain(
@@ -153,28 +157,28 @@ def vm_enroll(
     )
 
 
-def _fw_cfg_path(channel_socket: str, name: str) -> Path:
-    """Where `--fw-cfg` puts the config by default: beside the domain's channel socket. QEMU must reach that
-    directory anyway (it creates the socket there), and the state directory is 0700 root: QEMU running as
-    its own user could not open a file in it."""
-    directory = Path(channel_socket).parent
-    if not directory.is_dir():
-        raise errors.NotFoundError(
-            f"the directory of the domain's agent channel socket, {directory}, does not exist: create it "
-            f"writable by the QEMU user (install -d -o {QEMU_USER} -m 0750 {directory}), or pass --out FILE"
-        )
-    return directory / f"{name}.agent.json"
+def fw_cfg_dir(state_dir: str) -> Path:
+    """Where `--fw-cfg` puts agent configs by default: ``<state dir>-fw-cfg`` (``/var/lib/hyperfence-fw-cfg``),
+    a directory of its own beside the state directory. Not inside it: the state directory is 0700 root, and
+    QEMU, running as its own user, could not reach a file there. `write_for_qemu` creates it so that only
+    QEMU's group may pass (adapters/qemu_files.py)."""
+    state = Path(os.path.abspath(state_dir))
+    return state.with_name(f"{state.name}-fw-cfg")
 
 
-def _qemu_user() -> pwd.struct_passwd | None:
+def _qemu_user(uri: str, uuid: str) -> QemuUser:
+    """Whom libvirt runs the domain's QEMU as (its DAC label, or libvirt's default for it)."""
+    from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only with --libvirt
+
+    inventory = LibvirtInventory(uri)
     try:
-        return pwd.getpwnam(QEMU_USER)
-    except KeyError:
-        return None
+        return qemu_user(*inventory.qemu_label(uuid))
+    finally:
+        inventory.close()
 
 
-def _hand_over_by_fw_cfg(uri: str, uuid: str, path: Path, qemu: pwd.struct_passwd | None) -> str:
-    """Name the config in the domain (QEMU opens it: its owner is QEMU's user if that exists, still 0600)."""
+def _hand_over_by_fw_cfg(uri: str, uuid: str, path: Path, qemu: QemuUser) -> str:
+    """Name the config in the domain (QEMU opens it as `qemu`, who owns it)."""
     from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only with --libvirt
 
     inventory = LibvirtInventory(uri)
@@ -182,34 +186,11 @@ def _hand_over_by_fw_cfg(uri: str, uuid: str, path: Path, qemu: pwd.struct_passw
         inventory.set_fw_cfg_file(uuid, AGENT_FW_CFG, str(path.resolve()))
     finally:
         inventory.close()
-    blocked = _blocking_dir(path, qemu) if qemu is not None else None
-    warning = (
-        f"; warning: {QEMU_USER} cannot enter {blocked}, so the domain will not start unless QEMU runs as "
-        "root: write the config where QEMU can reach it (--out)"
-        if blocked is not None
-        else ""
-    )
     return (
-        f"; the domain hands it over as firmware config {AGENT_FW_CFG} from its next boot (in the guest: "
-        f"modprobe qemu_fw_cfg; agent --config /sys/firmware/qemu_fw_cfg/by_name/{AGENT_FW_CFG}/raw)"
-        + warning
+        f"; readable by QEMU's user {qemu.name} ({qemu.source}) only; the domain hands it over as firmware "
+        f"config {AGENT_FW_CFG} from its next boot (in the guest: modprobe qemu_fw_cfg; agent --config "
+        f"/sys/firmware/qemu_fw_cfg/by_name/{AGENT_FW_CFG}/raw)"
     )
-
-
-def _blocking_dir(path: Path, user: pwd.struct_passwd) -> Path | None:
-    """The first directory on the way to `path` that `user` may not enter (no x bit for it), if any."""
-    groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
-    for d in reversed(path.resolve().parents):
-        st = d.stat()
-        if st.st_uid == user.pw_uid:
-            bit = stat.S_IXUSR
-        elif st.st_gid in groups:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if user.pw_uid != 0 and not st.st_mode & bit:
-            return d
-    return None
 
 
 def _ago(t: float | None) -> str:
@@ -310,12 +291,13 @@ def vm_events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
 ) -> None:
-    """The VM's events: agent hello/bye, security events, isolation and release, filter repairs."""
+    """The VM's events: agent hello/bye, security events, isolation and release, filter repairs, and from
+    libvirt: actions, an address lost from its metadata, NICs left unprotected."""
     engine = _engine(ctx)
-    target, _ = _vm(engine, vm)
+    vm_id = _events_vm(engine, vm)
     last = 0
     while True:
-        for ev in engine.store.events(vm=target.id, after=last, limit=limit):
+        for ev in engine.store.events(vm=vm_id, after=last, limit=limit):
             last = ev["id"]
             when = datetime.fromtimestamp(ev.pop("time"), UTC).isoformat(timespec="seconds")
             kind = ev.pop("kind")
@@ -328,6 +310,21 @@ def vm_events(
         time.sleep(0.5)
 
 
+def _events_vm(engine: Engine, name: str) -> str:
+    """The id of VM `name` for its events: a VM of the policy, else one the store has events of (by id, or
+    by the libvirt domain name they were recorded with): a discovered VM is in the daemon's policy only
+    while it runs with an address, and its events matter most when it is not."""
+    try:
+        return _vm(engine, name)[0].id
+    except errors.NotFoundError as e:
+        found = engine.store.vm_with_events(name)
+        if found is None:
+            raise errors.NotFoundError(
+                f"{e}; and no events are recorded for a VM or domain {name!r}"
+            ) from None
+        return found
+
+
 @vm_app.command("release")
 def vm_release(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM name (or id).")]) -> None:
     """Take the VM out of isolation now (its silence is counted again from now)."""
@@ -337,6 +334,84 @@ def vm_release(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM na
     if reply is None:
         raise errors.TemporaryError("no daemon is running: start `hyperfence daemon`, then release")
     out.print(plain(f"{target.name}: " + ("released" if reply.get("released") else "was not isolated")))
+
+
+@vm_app.command("label")
+def vm_label(
+    domain: Annotated[str, typer.Argument(help="The libvirt domain (name or UUID).")],
+    changes: Annotated[
+        list[str] | None,
+        typer.Argument(help="KEY=VALUE labels to set (others are kept).", show_default=False),
+    ] = None,
+    remove: Annotated[list[str] | None, typer.Option("--remove", help="A label KEY to remove.")] = None,
+    ips: Annotated[
+        list[str] | None, typer.Option("--ip", help="The VM's address (repeat; replaces all of them).")
+    ] = None,
+    libvirt: Annotated[str, typer.Option(help="libvirt URI.")] = "qemu:///system",
+) -> None:
+    """Show or change a libvirt domain's hyperfence labels and addresses (its metadata), keeping the rest.
+
+    Labels not named are kept, and so are the addresses unless --ip is given (`virsh metadata --set`
+    replaces the whole element: labels without the <ip> take the VM out of the firewall). Written to the
+    persistent definition and, if the domain runs, to the running domain; a running daemon sees it at once.
+    """
+    from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only this command needs it
+
+    wanted = _label_changes(domain, changes or [], remove or [], ips or [])
+    addresses = list(ips) if ips else None  # None: keep them
+    inventory = LibvirtInventory(libvirt)
+    try:
+        info = next((d for d in inventory.domains() if domain in (d.name, d.uuid)), None)
+        if info is None:
+            raise errors.NotFoundError(f"libvirt {libvirt} has no domain {domain!r} (see `virsh list --all`)")
+        changed = bool(wanted or remove or addresses)
+        if changed:
+            labels = {k: v for k, v in info.labels.items() if k not in (remove or [])} | wanted
+            info = inventory.set_labels(info.uuid, labels, ips=addresses)
+    finally:
+        inventory.close()
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "none"
+    where = ""
+    if changed:
+        where = (
+            " (set in the definition and the running domain)"
+            if info.is_active
+            else " (set in the definition)"
+        )
+    out.print(plain(f"{info.name}: labels {shown}; addresses {', '.join(info.ips) or 'none'}{where}"))
+    if not info.ips:
+        err.print(
+            plain(f"warning: {info.name} has no address: hyperfence gives its tap nothing (--ip ADDRESS)")
+        )
+
+
+def _label_changes(domain: str, changes: list[str], remove: list[str], ips: list[str]) -> dict[str, str]:
+    """The labels to set from KEY=VALUE arguments; `InvalidInputError` listing every bad argument (labels,
+    keys to remove, addresses) before libvirt is asked anything."""
+    problems: list[errors.Problem] = []
+    wanted: dict[str, str] = {}
+    for i, item in enumerate(changes):
+        key, eq, value = item.partition("=")
+        if eq and LABEL_RE.fullmatch(key) and LABEL_RE.fullmatch(value):
+            wanted[key] = value
+        else:
+            problems.append(
+                errors.Problem(
+                    f"labels[{i}]",
+                    f"{item!r} is not a label (expected KEY=VALUE of letters, digits, '_', '.', '/', '-')",
+                )
+            )
+    problems += [
+        errors.Problem("--remove", f"{k!r} is not a label key") for k in remove if not LABEL_RE.fullmatch(k)
+    ]
+    for addr in ips:
+        try:
+            parse_ipv4(addr)
+        except ValueError as e:
+            problems.append(errors.Problem("--ip", str(e)))
+    if problems:
+        raise errors.InvalidInputError(f"vm label {domain}", problems)
+    return wanted
 
 
 @agent_app.command("build")

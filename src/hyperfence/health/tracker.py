@@ -119,6 +119,9 @@ class Tracker:
         self.rate = rate
         self.burst = burst
         self.unsaved: set[str] = set()  # VMs whose last_seq advanced since `take_unsaved`
+        # When each VM last started or was reset, as the hypervisor reported it (see `vm_started`). In memory
+        # only: a restarted daemon has its startup grace instead.
+        self.booted: dict[str, float] = {}
 
     # --- input ------------------------------------------------------------------------------------
 
@@ -202,21 +205,41 @@ class Tracker:
         self.records[rec.vm] = rec
         self.live[rec.vm] = Live(tokens=self.burst, tokens_at=now)
 
-    def quiet_for(self, vm: str, now: float) -> float:
-        """Seconds of silence that count: since the last message, a manual release, or the end of the
-        startup grace, whichever is latest."""
+    def vm_started(self, vm: str, now: float) -> None:
+        """VM `vm` started, or was reset, at `now`: it was not silent while it was off. Until its agent's
+        first message after `now`, its silence is counted from the end of its heartbeat policy's
+        `boot_grace`. Also for VMs without an agent (yet): an enrolment may follow."""
+        self.booted[vm] = now
+        live = self.live.get(vm)
+        if live is not None:
+            live.good = 0
+            live.alerted = False
+
+    def is_booting(self, vm: str) -> bool:
+        """Has `vm` started (or been reset) since its agent's last message?"""
+        booted = self.booted.get(vm)
+        last_seen = self.records[vm].last_seen
+        return booted is not None and (last_seen is None or last_seen < booted)
+
+    def quiet_for(self, vm: str, hb: Heartbeat, now: float) -> float:
+        """Seconds of silence that count: since the last message, a manual release, the end of the startup
+        grace, or, while the VM has not spoken since it last started, the end of its boot grace; whichever
+        is latest."""
         rec = self.records[vm]
-        since = max(
-            x for x in (rec.last_seen, rec.released_at, self.started + self.startup_grace) if x is not None
-        )
-        return max(0.0, now - since)
+        since = [rec.last_seen, rec.released_at, self.started + self.startup_grace]
+        if self.is_booting(vm):
+            since.append(self.booted[vm] + hb.boot_grace)
+        return max(0.0, now - max(x for x in since if x is not None))
 
     def status(self, vm: str, hb: Heartbeat, now: float) -> str:
-        """ok | late (a beat is overdue) | silent (`misses` beats missed) | never (not seen yet, in grace)."""
+        """ok | late (a beat is overdue) | silent (`misses` beats missed) | booting (started or reset, its
+        agent not heard since, not silent yet) | never (not seen yet, in grace)."""
         rec = self.records[vm]
-        quiet = self.quiet_for(vm, now)
+        quiet = self.quiet_for(vm, hb, now)
         if quiet > hb.silent_after:
             return "silent"
+        if self.is_booting(vm):
+            return "booting"
         if rec.last_seen is None:
             return "never"
         return "late" if now - rec.last_seen > hb.interval * 1.5 else "ok"
@@ -230,8 +253,12 @@ class Tracker:
                 continue
             rec, live, status = self.records[vm], self.live[vm], self.status(vm, hb, now)
             if status == "silent":
-                quiet = self.quiet_for(vm, now)
-                seen = "never seen" if rec.last_seen is None else f"silent for {math.floor(quiet)} s"
+                quiet = self.quiet_for(vm, hb, now)
+                if self.is_booting(vm):
+                    up = math.floor(now - self.booted[vm])
+                    seen = f"not heard since the VM started {up} s ago (boot grace {hb.boot_grace:g} s)"
+                else:
+                    seen = "never seen" if rec.last_seen is None else f"silent for {math.floor(quiet)} s"
                 why = f"agent {seen} (policy {hb.id}: {hb.misses} x {hb.interval:g} s)"
                 if hb.action is SilenceAction.ALERT:
                     if not live.alerted:

@@ -13,7 +13,7 @@ start, pause, resume, destroy it and see its tap). It has:
 * the serial console written to ``<lab run dir>/qemu/vm<N>.console.log``;
 * kernel command line ``console=ttyS0 panic=-1 quiet hf.ip=<ip>/<prefix> hf.gw=<gateway>``;
 * the agent's JSON config (its key included) as the firmware-config file ``opt/org.hyperfence/agent``, from
-  ``<lab run dir>/qemu/vm<N>.agent.json`` (0600, written by `write_agent_config`): QEMU's command line names
+  ``<lab run dir>/qemu/vm<N>.agent.json`` (0600, owned by QEMU's user, written by `write_agent_config`): QEMU's command line names
   the path only, so ``ps`` does not show the key, and in the guest only root can read it;
 * labels ``lab=<lab>`` and ``vm=vm<N>`` in hyperfence metadata: `undefine_lab_domains` removes only domains
   that carry both *and* have the lab's name pattern, so nothing it did not create is touched.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from hyperfence.adapters.libvirt import LibvirtInventory
 from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, AGENT_FW_CFG, QEMU_USER, DomainInfo, labels_xml
-from hyperfence.adapters.state_dir import write_private
+from hyperfence.adapters.qemu_files import QemuUser, write_for_qemu
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError, Problem
 from hyperfence.lab import guest_init, topology
 from hyperfence.lab.plan import LabPlan
@@ -240,10 +240,12 @@ def prepare_qemu_dir(plan: LabPlan) -> Path:
     return qdir
 
 
-def write_agent_config(path: str | Path, config: str) -> None:
-    """Write an agent's JSON config where its domain's fw_cfg entry points: 0600 whatever the umask, replaced
-    atomically (never through a link: the directory is QEMU's user's)."""
-    write_private(path, config)
+def write_agent_config(path: str | Path, config: str, qemu: QemuUser) -> None:
+    """Write an agent's JSON config where its domain's fw_cfg entry points, for QEMU running as `qemu` (from
+    libvirt: `LibvirtInventory.qemu_label`) to read: owned by that user, 0600 whatever the umask, replaced
+    atomically (never through a link: the directory is QEMU's user's). `InvalidInputError` when a directory
+    on the way would stop that user (`adapters/qemu_files.py`)."""
+    write_for_qemu(Path(path), config, qemu)
 
 
 def define_lab_domain(inventory: LibvirtInventory, spec: DomainSpec, *, start: bool = True) -> DomainInfo:

@@ -12,6 +12,7 @@ from typing import Any
 
 from hyperfence.adapters.libvirt import LibvirtInventory
 from hyperfence.adapters.libvirt_xml import DomainInfo
+from hyperfence.adapters.qemu_files import qemu_user
 from hyperfence.lab.domains import (
     agent_config_file,
     define_lab_domain,
@@ -63,7 +64,8 @@ def define_lab_guest(
         ips=(lab_vm.ip,),
     )
     _, config = enroll(engine, record, "virtio", interval=interval, host_path=spec.channel_path)
-    write_agent_config(agent_config_file(plan, vm), json.dumps(config, separators=(",", ":")))
+    qemu = qemu_user(*inventory.qemu_label(info.uuid))  # whom this libvirtd runs QEMU as: it reads the file
+    write_agent_config(agent_config_file(plan, vm), json.dumps(config, separators=(",", ":")), qemu)
     if start:
         inventory.start(info.uuid)
         info = inventory.domain(info.uuid)

@@ -216,10 +216,17 @@ class Release(enum.Enum):
     MANUAL = "manual"  # only `hyperfence vm release VM`
 
 
+DEFAULT_BOOT_GRACE = 60.0
+"""Seconds a VM that just started (or was reset) has for its agent's first message before its silence counts:
+a stock Debian guest with the agent as a service beats within ~10-30 s, the lab's TCG guest in ~17 s."""
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     """What the host expects from the agents of the selected VMs, and what it does when one goes silent:
-    no valid message for `misses` x `interval` seconds."""
+    no valid message for `misses` x `interval` seconds. A VM that starts (or is reset) has not been silent
+    while it was off: until its agent's first message its silence counts from `boot_grace` seconds after the
+    start, so it is silent `boot_grace` + `misses` x `interval` after it when no agent ever speaks."""
 
     id: str
     vms: tuple[Selector, ...]
@@ -227,6 +234,7 @@ class Heartbeat:
     misses: int = 3
     action: SilenceAction = SilenceAction.ISOLATE
     release: Release = Release.AUTO
+    boot_grace: float = DEFAULT_BOOT_GRACE
 
     @property
     def silent_after(self) -> float:

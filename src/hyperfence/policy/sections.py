@@ -9,6 +9,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from pydantic import Field, StrictBool, StrictInt, StrictStr
 
 from hyperfence.model.policy import (
+    DEFAULT_BOOT_GRACE,
     MAX_CONNECTIONS,
     AllVmsSelector,
     ConnectionCap,
@@ -134,13 +135,20 @@ class HeartbeatDoc(SectionDoc):
     misses: Annotated[StrictInt, Field(ge=1, le=1000)] = 3
     action: Literal["alert", "isolate", "pause"] = "isolate"
     release: Literal["auto", "manual"] = "auto"
+    boot_grace: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = DEFAULT_BOOT_GRACE
 
 
 def parse_heartbeats(c: Collector, items: list[Any], vm_names: set[str] | None) -> list[Heartbeat]:
     """The `heartbeats` section. A VM selected by several entries takes the first (see `heartbeat_for`)."""
     return [
         Heartbeat(
-            hb_id, sels, float(doc.interval), doc.misses, SilenceAction(doc.action), Release(doc.release)
+            hb_id,
+            sels,
+            float(doc.interval),
+            doc.misses,
+            SilenceAction(doc.action),
+            Release(doc.release),
+            boot_grace=float(doc.boot_grace),
         )
         for _, doc, hb_id, sels in _entries(c, items, HeartbeatDoc, "heartbeats", vm_names)
     ]

@@ -327,6 +327,17 @@ class AgentMonitor:
         self._apply_quarantine()
         return {"released": was is not None}
 
+    def vm_started(self, vm: str) -> None:
+        """The hypervisor started or reset VM `vm` just now (the inventory says so, from any thread): its
+        silence counts from the end of its boot grace until its agent speaks (`Tracker.vm_started`). Called
+        before the VM joins the policy, so no round sees it running without it."""
+        now = self.clock()
+        with self.lock:
+            self.tracker.vm_started(vm, now)
+            enrolled = vm in self.tracker.records
+        if enrolled:
+            log.info("VM %s started: its agent has the heartbeat policy's boot grace", self._name(vm))
+
     def reload(self) -> None:
         """Enrolments changed in the store: new keys and channels (live state of others is kept)."""
         stored = self.engine.store.agents()

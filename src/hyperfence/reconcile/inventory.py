@@ -1,11 +1,17 @@
 """VMs from libvirt: domains on managed bridges become policy VMs, kept in step by lifecycle events.
 
-Level-triggered: any event (started, stopped, defined, undefined, NIC added or removed, a reconnect's
-`resync`) and a periodic timer make the watcher read every domain again and hand the engine the VMs it found
-(`Engine.set_discovered`); the engine converges only when they changed. While libvirt cannot be read, the
-last known VMs stay (the kernel keeps their rules). A tap that appears before its VM's rules are in the
-kernel is an unknown port on the bridge, and unknown ports get nothing: starting a VM is fail-closed,
-whether or not the daemon is running.
+Level-triggered: any event (started, stopped, defined, undefined, NIC added or removed, reset, metadata
+changed, a reconnect's `resync`) and a periodic timer make the watcher read every domain again and hand the
+engine the VMs it found (`Engine.set_discovered`); the engine converges only when they changed. While libvirt
+cannot be read, the last known VMs stay (the kernel keeps their rules). A tap that appears before its VM's
+rules are in the kernel is an unknown port on the bridge, and unknown ports get nothing: starting a VM is
+fail-closed, whether or not the daemon is running.
+
+Starts and resets are told to `on_boot` (the agent monitor: a VM that was off was not silent, its heartbeat
+clock starts with it). A start is seen level-triggered, as a running domain whose libvirt id changed since
+the last read (every start gets a new id), before the VM joins the policy; a reset keeps the id, so it
+comes from libvirt's reboot event. A running VM whose metadata loses its addresses drops out of the firewall
+(its tap gets nothing): that is reported loudly, a warning and an `address-lost` event on the VM.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
@@ -36,7 +42,6 @@ def vm_docs(domains: Iterable[DomainInfo], bridges: Mapping[str, str]) -> tuple[
         nic = next((n for n in d.interfaces if n.tap and n.bridge in bridges), None)
         if nic is None or nic.bridge is None or nic.tap is None:
             continue
-        labels = {k: v for k, v in d.labels.items() if k not in ("lab", "vm")}
         out.append(
             {
                 "name": d.name,
@@ -45,7 +50,7 @@ def vm_docs(domains: Iterable[DomainInfo], bridges: Mapping[str, str]) -> tuple[
                 "port": nic.tap,
                 "mac": nic.mac,
                 "ips": list(d.ips),
-                "labels": labels,
+                "labels": dict(d.labels),  # every label, none reserved (the lab's `lab` and `vm` too)
             }
         )
     return tuple(sorted(out, key=lambda v: str(v["id"])))
@@ -65,6 +70,32 @@ def unprotected_nics(
     return tuple(out)
 
 
+def started_domains(before: Mapping[str, int | None], domains: Iterable[DomainInfo]) -> list[DomainInfo]:
+    """The running domains that started since the read that gave `before` (UUID -> libvirt id): their id
+    is new (every start gets one), or they were not there at all."""
+    return [d for d in domains if d.domain_id is not None and before.get(d.uuid) != d.domain_id]
+
+
+def guarded(domains: Iterable[DomainInfo], bridges: Mapping[str, str]) -> dict[str, DomainInfo]:
+    """The running domains with an interface on a managed bridge (the ones that are, or want to be, VMs)."""
+    return {
+        d.uuid: d for d in domains if d.is_active and any(n.tap and n.bridge in bridges for n in d.interfaces)
+    }
+
+
+def lost_addresses(
+    before: Mapping[str, DomainInfo], domains: Iterable[DomainInfo], bridges: Mapping[str, str]
+) -> list[tuple[DomainInfo, tuple[str, ...]]]:
+    """The running domains on a managed bridge that had addresses in their metadata at the last read
+    (`before`, from `guarded`) and have none now, with the addresses they had."""
+    out = []
+    for uuid, d in guarded(domains, bridges).items():
+        was = before.get(uuid)
+        if was is not None and was.ips and not d.ips:
+            out.append((d, was.ips))
+    return out
+
+
 def managed_bridges(engine: Engine) -> dict[str, str]:
     compiled = engine.current
     if compiled is None:
@@ -80,6 +111,10 @@ class InventoryWatcher:
         self.events: queue.Queue[DomainEvent] = queue.Queue()
         self.domains: list[DomainInfo] = []
         self._reported: set[tuple[str, str]] = set()  # (uuid, mac) of unprotected NICs already reported
+        self.on_boot: Callable[[str], None] | None = None  # told each VM id that started or was reset
+        # libvirt's id of each domain at the last read (None before the first read)
+        self._ids: dict[str, int | None] | None = None
+        self._guarded: dict[str, DomainInfo] = {}  # running domains on managed bridges at the last read
 
     def run(self, stop: threading.Event) -> None:
         watcher = LibvirtEvents(self.uri, on_event=self.events.put)
@@ -87,26 +122,45 @@ class InventoryWatcher:
         try:
             self.refresh()
             while not stop.is_set():
+                burst: list[DomainEvent] = []
                 try:
                     ev = self.events.get(timeout=RESYNC_EVERY)
                     log.info("libvirt: %s %s (%s)", ev.kind, ev.name, ev.detail)
+                    burst.append(ev)
                 except queue.Empty:
                     pass
                 while not self.events.empty():  # a burst of events is one re-read
-                    self.events.get_nowait()
+                    burst.append(self.events.get_nowait())
+                for ev in burst:
+                    if ev.kind == "reset":  # no level to read it from: the guest keeps running, same id
+                        self._boot(ev.uuid, ev.name, "reset")
                 self.refresh()
         finally:
             watcher.close()
             self.inventory.close()
 
+    def _boot(self, uuid: str, name: str, how: str) -> None:
+        log.info("libvirt: %s %s: its heartbeat clock starts now", name, how)
+        if self.on_boot is not None:
+            self.on_boot(uuid)
+
     def refresh(self) -> bool:
-        """Read every domain and converge if the VMs changed; False when libvirt could not be read."""
+        """Read every domain and converge if the VMs changed; False when libvirt could not be read.
+
+        Domains that started since the last read are told to `on_boot` first, before they join the
+        policy (the first read tells nothing: what ran before the daemon started has its startup grace)."""
         try:
             self.domains = self.inventory.domains()
         except HyperfenceError as e:
             log.warning("libvirt %s cannot be read (keeping the last known VMs): %s", self.uri, e)
             return False
+        if self._ids is not None:
+            for d in started_domains(self._ids, self.domains):
+                self._boot(d.uuid, d.name, "started")
+        self._ids = {d.uuid: d.domain_id for d in self.domains}
         bridges = managed_bridges(self.engine)
+        self._report_lost_addresses(lost_addresses(self._guarded, self.domains, bridges))
+        self._guarded = guarded(self.domains, bridges)
         docs = vm_docs(self.domains, bridges)
         if self.engine.set_discovered(docs):
             try:
@@ -117,6 +171,22 @@ class InventoryWatcher:
                 log.warning("%s", why)
         self._report_unprotected(unprotected_nics(self.domains, bridges))
         return True
+
+    def _report_lost_addresses(self, lost: list[tuple[DomainInfo, tuple[str, ...]]]) -> None:
+        """A warning and an `address-lost` event per running VM whose metadata no longer has an address."""
+        for d, was in lost:
+            message = (
+                f"{d.name}: its hyperfence metadata lists no address any more (had {', '.join(was)}): it is out "
+                "of the firewall and its tap gets nothing until an <ip> is back; change labels with "
+                "`hyperfence vm label`, which keeps the addresses (docs/libvirt.md)"
+            )
+            log.warning("%s", message)
+            try:
+                self.engine.store.add_event(
+                    "address-lost", {"domain": d.name, "was": list(was), "message": message}, vm=d.uuid
+                )
+            except HyperfenceError as e:
+                log.warning("event not recorded: %s", e)
 
     def _report_unprotected(self, nics: tuple[tuple[DomainInfo, DomainNic], ...]) -> None:
         """One `nic-unprotected` event (and warning) per extra NIC, when it appears."""
@@ -135,7 +205,13 @@ class InventoryWatcher:
             try:
                 self.engine.store.add_event(
                     "nic-unprotected",
-                    {"mac": nic.mac, "tap": nic.tap, "bridge": nic.bridge, "message": message},
+                    {
+                        "domain": d.name,
+                        "mac": nic.mac,
+                        "tap": nic.tap,
+                        "bridge": nic.bridge,
+                        "message": message,
+                    },
                     vm=d.uuid,
                 )
             except HyperfenceError as e:

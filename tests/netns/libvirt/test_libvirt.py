@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import pwd
 import queue
 import secrets
 import shutil
@@ -128,7 +127,10 @@ def test_the_inventory_gives_a_started_domain_its_rules_and_nothing_before(
     doc = lab_policy(env.plan)
     doc["vms"] = []  # nothing typed by hand: the VMs come from libvirt
     doc["settings"] = {"inventory": "libvirt"}
-    doc["rules"] = [{"id": "web-ping", "from": "label:tier=web", "to": "host", "protocol": "icmp"}]
+    doc["rules"] = [
+        {"id": "web-ping", "from": "label:tier=web", "to": "host", "protocol": "icmp"},
+        {"id": "by-vm", "from": "host", "to": "label:vm=vm1", "protocol": "icmp"},  # the lab's label: kept
+    ]
     engine = Engine(netns=env.plan.host_netns, state_dir=str(tmp_path))
     try:
         engine.store_policy(doc, source="test")
@@ -147,10 +149,12 @@ def test_the_inventory_gives_a_started_domain_its_rules_and_nothing_before(
         compiled = engine.current
         assert compiled is not None
         (vm,) = compiled.policy.vms
-        assert (vm.id, vm.name, vm.port, vm.labels) == (env.vm1.uuid, env.vm1.name, tap, (("tier", "web"),))
+        labels = (("lab", env.plan.name), ("tier", "web"), ("vm", "vm1"))
+        assert (vm.id, vm.name, vm.port, vm.labels) == (env.vm1.uuid, env.vm1.name, tap, labels)
         assert [str(a) for a in vm.ips] == [str(env.plan.vm("vm1").ip)]
         rules = compiled.ruleset.chain_rules()
-        assert any(r.comment == "rule:web-ping#1" for k, rs in rules.items() for r in rs)
+        for rule in ("rule:web-ping#1", "rule:by-vm#1"):
+            assert any(r.comment == rule for k, rs in rules.items() for r in rs), rule
         watcher.inventory.close()
     finally:
         engine.close()
@@ -192,6 +196,8 @@ def test_enroll_takes_a_domains_uuid_and_channel_socket(env: Env, tmp_path: path
 def test_enroll_with_fw_cfg_puts_the_config_in_the_domains_definition(
     env: Env, tmp_path: pathlib.Path
 ) -> None:
+    """The lab's libvirtd runs QEMU as root: the config is root's (what libvirt reports, not a guess). QEMU
+    running as its own user: tests/netns/libvirt/test_fw_cfg_qemu_user.py."""
     store_inventory_policy(env.plan, tmp_path)
     info = define_lab_domain(
         env.inventory, lab_domain_spec(env.plan, "vm2", memory_mib=64, labels={"t": "x"})
@@ -200,13 +206,13 @@ def test_enroll_with_fw_cfg_puts_the_config_in_the_domains_definition(
         argv = ["--state-dir", str(tmp_path), "vm", "enroll", info.name, "--libvirt", URI, "--fw-cfg"]
         r = CliRunner().invoke(app, argv)
         assert r.exit_code == 0, (r.output, r.exception)
-        # beside the domain's channel socket, where QEMU's user can reach it (the state directory is 0700)
-        assert info.agent_socket is not None
-        path = pathlib.Path(info.agent_socket).parent / f"{info.name}.agent.json"
+        # in a directory of its own beside the 0700 state directory, readable by QEMU's user only
+        path = tmp_path.with_name(f"{tmp_path.name}-fw-cfg") / f"{info.name}.agent.json"
         st = path.stat()
-        assert (st.st_mode & 0o777, st.st_uid) == (0o600, pwd.getpwnam("libvirt-qemu").pw_uid)
-        assert "cannot enter" not in r.output
-        assert "firmware config opt/org.hyperfence/agent" in " ".join(r.output.split())  # rich wraps
+        assert (st.st_mode & 0o777, st.st_uid) == (0o600, 0)
+        said = " ".join(r.output.split())  # rich wraps
+        assert "readable by QEMU's user root (the domain's DAC seclabel) only" in said  # it runs: its label
+        assert "firmware config opt/org.hyperfence/agent" in said
         defined = ET.fromstring(virsh("dumpxml", "--inactive", info.uuid))  # noqa: S314 - libvirt's
         entries = defined.findall("sysinfo[@type='fwcfg']/entry")
         assert [(e.get("name"), e.get("file")) for e in entries] == [("opt/org.hyperfence/agent", str(path))]
@@ -217,10 +223,9 @@ def test_enroll_with_fw_cfg_puts_the_config_in_the_domains_definition(
         assert len(defined.findall("sysinfo[@type='fwcfg']/entry")) == 1
         env.inventory.destroy(info.uuid)
         assert env.inventory.start(info.uuid) is True  # QEMU reads the file when it starts
-        inside = tmp_path / "agents" / "x.json"  # --out in the 0700 state directory: QEMU's user is told
+        inside = tmp_path / "agents" / "x.json"  # --out in the 0700 state directory: QEMU as root enters it
         r = CliRunner().invoke(app, [*argv, "--out", str(inside)])
         assert r.exit_code == 0, (r.output, r.exception)
-        assert "warning: libvirt-qemu cannot enter /tmp" in " ".join(r.output.split())  # pytest's 0700 dirs
         r = CliRunner().invoke(app, ["--state-dir", str(tmp_path), "vm", "enroll", info.name, "--fw-cfg"])
         assert isinstance(r.exception, InvalidInputError) and "--libvirt" in str(r.exception)
     finally:
@@ -263,10 +268,14 @@ def test_actions_act_and_events_arrive(env: Env) -> None:
 
 def test_labels_are_domain_metadata(env: Env) -> None:
     uuid = env.vm1.uuid
-    env.inventory.set_labels(uuid, {"lab": env.plan.name, "vm": "vm1", "tier": "db"})
-    assert env.inventory.domain(uuid).labels["tier"] == "db"
+    ip = str(env.plan.vm("vm1").ip)
+    while not env.events.empty():
+        env.events.get()
+    got = env.inventory.set_labels(uuid, {"lab": env.plan.name, "vm": "vm1", "tier": "db"})
+    assert got.labels["tier"] == "db" and got.ips == (ip,)  # the addresses are kept
+    assert env.wait_event("metadata-changed", uuid).detail == "hyperfence"  # the daemon re-reads at once
     out = virsh("metadata", uuid, "https://hyperfence.dev/xmlns/1")
-    assert 'key="tier"' in out and ">db<" in out
+    assert 'key="tier"' in out and ">db<" in out and f"<ip>{ip}</ip>" in out
     # as docs/libvirt.md tells an operator to do it
     labels = f'<labels><label key="lab">{env.plan.name}</label><label key="vm">vm1</label><label key="tier">web</label></labels>'
     virsh(
@@ -281,6 +290,9 @@ def test_labels_are_domain_metadata(env: Env) -> None:
         labels,
     )
     assert env.inventory.domain(uuid).labels == {"lab": env.plan.name, "vm": "vm1", "tier": "web"}
+    assert env.inventory.domain(uuid).ips == ()  # --set replaced the whole element: the <ip> is gone
+    env.inventory.set_labels(uuid, {"lab": env.plan.name, "vm": "vm1", "tier": "web"}, ips=[ip])
+    assert env.inventory.domain(uuid).ips == (ip,)
 
 
 def test_define_and_undefine_events(env: Env) -> None:

@@ -15,9 +15,12 @@ from hyperfence.adapters.libvirt_xml import (
     XMLNS,
     DomainInfo,
     DomainNic,
+    dac_baselabel,
+    dac_label,
     device_kind,
     labels_xml,
     lifecycle_kind,
+    metadata_detail,
     parse_domain_xml,
     state_name,
     with_fw_cfg_file,
@@ -87,6 +90,7 @@ def test_running_domain() -> None:
         ),
         agent_socket="/run/hf/web1.sock",
         labels={"tier": "web", "env": "prod"},
+        domain_id=7,
     )
     assert info.is_active
 
@@ -94,7 +98,7 @@ def test_running_domain() -> None:
 def test_a_shut_off_domain_has_no_taps_even_with_a_configured_target() -> None:
     info = parse_domain_xml(RUNNING.replace(" id='7'", ""), state="shutoff")
     assert [nic.tap for nic in info.interfaces] == [None, None, None]
-    assert not info.is_active
+    assert not info.is_active and info.domain_id is None
 
 
 def test_missing_pieces() -> None:
@@ -122,6 +126,45 @@ def test_missing_pieces() -> None:
 def test_not_a_domain(xml: str, found: str) -> None:
     with pytest.raises(InvalidInputError, match=found):
         parse_domain_xml(xml)
+
+
+def test_whom_qemu_runs_as() -> None:
+    running = RUNNING.replace(
+        "<devices>",
+        "<seclabel type='dynamic' model='dac' relabel='yes'><label>+64055:+109</label>"
+        "<imagelabel>+64055:+109</imagelabel></seclabel><devices>",
+    )
+    assert dac_label(running) == ("+64055:+109", "qemu")
+    static = RUNNING.replace(
+        "<devices>", "<seclabel type='static' model='dac'><label>qemu:qemu</label></seclabel><devices>"
+    )
+    assert dac_label(static.replace("type='qemu'", "type='kvm'")) == ("qemu:qemu", "kvm")
+    assert dac_label(RUNNING) == (None, "qemu")
+    selinux_only = RUNNING.replace(
+        "<devices>", "<seclabel type='dynamic' model='selinux'><label>x</label></seclabel><devices>"
+    )
+    assert dac_label(selinux_only) == (None, "qemu")
+    caps = """<capabilities><host>
+      <secmodel><model>none</model><doi>0</doi></secmodel>
+      <secmodel><model>dac</model><doi>0</doi>
+        <baselabel type='kvm'>+64055:+64055</baselabel><baselabel type='qemu'>+0:+0</baselabel></secmodel>
+    </host></capabilities>"""
+    assert dac_baselabel(caps, "kvm") == "+64055:+64055"
+    assert dac_baselabel(caps, "qemu") == "+0:+0"
+    assert dac_baselabel(caps, "xen") is None
+    assert dac_baselabel("<capabilities><host/></capabilities>", "kvm") is None
+    with pytest.raises(InvalidInputError):
+        dac_baselabel("<capabilities>", "kvm")
+
+
+def test_metadata_change_details() -> None:
+    assert metadata_detail(2, "https://hyperfence.dev/xmlns/1") == "hyperfence"
+    assert metadata_detail(2, "http://example.org/x") == "element http://example.org/x"
+    assert (metadata_detail(0, None), metadata_detail(1, None), metadata_detail(9, None)) == (
+        "description",
+        "title",
+        "metadata-9",
+    )
 
 
 def test_lifecycle_names() -> None:

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import shutil
 import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
 from hyperfence import errors
 from hyperfence.agent.config import load_config
 from hyperfence.cli.main import app
-from hyperfence.cli.vm import _blocking_dir, _fw_cfg_path
+from hyperfence.cli.vm import fw_cfg_dir
 from hyperfence.reconcile.conntrack import VmConnections
 from hyperfence.reconcile.engine import Engine
 from tests.unit.policy.test_parse import doc
@@ -93,7 +89,6 @@ def test_list_without_a_daemon_reads_the_store(tmp_path: Path) -> None:
 def test_what_a_guest_chose_is_printed_as_text_never_as_markup_or_control(tmp_path: Path) -> None:
     """A guest names a process `[/x]` (rich markup that would raise), sends terminal escapes in its event
     type and agent version: `vm events` and `vm list` print them escaped, exit 0, and show no traceback."""
-    import os
     import subprocess
     import sys
     import time
@@ -139,34 +134,9 @@ def test_what_a_guest_chose_is_printed_as_text_never_as_markup_or_control(tmp_pa
 # --- --fw-cfg: where QEMU can read the config ---------------------------------------------------------
 
 
-def test_fw_cfg_config_goes_beside_the_channel_socket_which_must_exist(tmp_path: Path) -> None:
-    channels = tmp_path / "channels"
-    channels.mkdir()
-    assert _fw_cfg_path(str(channels / "web1.agent.sock"), "web1") == channels / "web1.agent.json"
-    with pytest.raises(errors.NotFoundError) as e:
-        _fw_cfg_path(str(tmp_path / "missing" / "web1.agent.sock"), "web1")
-    assert "install -d -o libvirt-qemu" in str(e.value) and "--out" in str(e.value)
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="changing a directory's owner needs root")
-def test_the_directory_qemus_user_cannot_enter_is_named() -> None:
-    nobody = pwd.getpwnam("nobody")
-    base = Path(tempfile.mkdtemp(prefix="pm-fwcfg-", dir="/tmp"))  # /tmp: everyone may enter it
-    try:
-        inner = base / "qemu"
-        inner.mkdir()
-        config = inner / "web1.agent.json"
-        base.chmod(0o755)
-        inner.chmod(0o750)
-        assert _blocking_dir(config, nobody) == inner  # root's 0750: nobody is not in its group
-        os.chown(inner, nobody.pw_uid, 0)
-        inner.chmod(0o700)
-        assert _blocking_dir(config, nobody) is None  # its own directory
-        base.chmod(0o700)  # a 0700 state directory in the way
-        assert _blocking_dir(config, nobody) == base
-        assert _blocking_dir(config, pwd.getpwuid(0)) is None  # QEMU as root enters everything
-    finally:
-        shutil.rmtree(base)
+def test_fw_cfg_configs_have_a_directory_of_their_own_beside_the_state_directory(tmp_path: Path) -> None:
+    assert fw_cfg_dir("/var/lib/hyperfence") == Path("/var/lib/hyperfence-fw-cfg")
+    assert fw_cfg_dir(str(tmp_path / "state") + "/") == tmp_path / "state-fw-cfg"
 
 
 def test_list_shows_every_vm_of_the_policy_with_its_connections(tmp_path: Path, monkeypatch: Any) -> None:
@@ -196,3 +166,48 @@ def test_list_shows_every_vm_of_the_policy_with_its_connections(tmp_path: Path, 
     assert r.exit_code == 0, r.output
     assert "300 / 300" in r.stdout and "1234" in r.stdout and "? / 16384" in r.stdout
     assert "[bold]no[/bold]" in r.stderr  # printed as text, never as markup
+
+
+def test_events_of_a_vm_out_of_the_policy_are_found_by_its_domain_name(tmp_path: Path) -> None:
+    """A libvirt VM that lost its address is not in the policy any more: its events are still shown, by the
+    domain name the inventory recorded them with, or by its id."""
+    store_policy(tmp_path)
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine.store.add_event("address-lost", {"domain": "web1", "was": ["10.77.0.21"]}, vm="uuid-web1")
+    engine.store.add_event("isolated", {"reason": "silent"}, vm="uuid-web1")
+    engine.close()
+    for name in ("web1", "uuid-web1"):
+        r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "events", name])
+        assert r.exit_code == 0, (r.output, r.exception)
+        assert "address-lost" in r.output and "10.77.0.21" in r.output and "isolated" in r.output
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "events", "ghost"])
+    assert isinstance(r.exception, errors.NotFoundError)
+    assert "not in the policy" in str(r.exception) and "no events are recorded" in str(r.exception)
+
+
+def test_vm_label_refuses_bad_input_before_touching_libvirt(tmp_path: Path) -> None:
+    nowhere = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    argv = [
+        "vm",
+        "label",
+        "web1",
+        "tier=web",
+        "bad label=x",
+        "novalue",
+        "--remove",
+        "a b",
+        "--ip",
+        "10.0.0.300",
+    ]
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), *argv, "--libvirt", nowhere])
+    assert isinstance(r.exception, errors.InvalidInputError), r.output
+    text = str(r.exception)
+    for found in (
+        "labels[1]: 'bad label=x'",
+        "labels[2]: 'novalue'",
+        "--remove: 'a b'",
+        "--ip: '10.0.0.300'",
+    ):
+        assert found in text
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "label", "web1", "--libvirt", nowhere])
+    assert isinstance(r.exception, errors.TemporaryError)  # valid input: now libvirt is asked

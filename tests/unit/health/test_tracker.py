@@ -93,6 +93,58 @@ def test_never_seen_is_given_the_startup_grace() -> None:
     assert [d.action for d in t.decide({"a": HB}, T0 + 13.5)] == ["isolate"]
 
 
+def test_a_vm_that_was_off_was_not_silent_its_clock_starts_at_its_start() -> None:
+    """Seen long ago, then shut off for an hour, then started: not silent at once (the hour off is no
+    silence); it has its boot grace, then `misses` intervals; the first beat ends the grace."""
+    t, a = tracker(), Agent("a")
+    hb = Heartbeat("p", (), action=SilenceAction.PAUSE, release=Release.MANUAL, boot_grace=20.0)
+    assert t.ingest("a", a.frame(T0), T0).ok
+    start = T0 + 3600
+    t.vm_started("a", start)
+    assert t.status("a", hb, start + 0.2) == "booting"
+    assert t.decide({"a": hb}, start + 0.2) == []
+    assert t.decide({"a": hb}, start + 20 + 3) == []  # boot grace + misses x interval: not yet
+    assert t.ingest("a", a.frame(start + 17), start + 17).ok  # the agent's first beat after boot
+    assert t.status("a", hb, start + 17.5) == "ok"
+    assert t.decide({"a": hb}, start + 19) == []
+    # from the first beat on, the usual clock: silent 3 intervals after the last beat, grace or not
+    (d,) = t.decide({"a": hb}, start + 17 + 3.5)
+    assert d.action == "pause" and "silent for 3 s" in d.reason
+
+
+def test_a_vm_whose_agent_never_speaks_after_a_start_is_silent_after_grace_plus_misses() -> None:
+    t = tracker()
+    hb = Heartbeat("i", (), boot_grace=10.0)
+    t.vm_started("a", T0 + 100)
+    assert t.decide({"a": hb}, T0 + 112.9) == []
+    assert t.status("a", hb, T0 + 112.9) == "booting"
+    (d,) = t.decide({"a": hb}, T0 + 113.5)
+    assert d.action == "isolate" and "not heard since the VM started 13 s ago (boot grace 10 s)" in d.reason
+    # a reset of a beating VM: the same grace again
+    t2, a = tracker(), Agent("a")
+    beat_until(t2, a, T0, T0 + 50)
+    t2.vm_started("a", T0 + 50)  # reset: the agent restarts with the guest
+    assert t2.decide({"a": hb}, T0 + 62) == []
+    assert [d.action for d in t2.decide({"a": hb}, T0 + 63.5)] == ["isolate"]
+
+
+def test_boot_grace_zero_counts_silence_from_the_start() -> None:
+    t = tracker()
+    hb = Heartbeat("z", (), boot_grace=0.0)
+    t.vm_started("a", T0 + 100)
+    assert t.decide({"a": hb}, T0 + 102.9) == []
+    assert [d.action for d in t.decide({"a": hb}, T0 + 103.1)] == ["isolate"]
+
+
+def test_alert_is_raised_again_after_a_restart() -> None:
+    t = tracker()
+    hb = Heartbeat("al", (), action=SilenceAction.ALERT, boot_grace=5.0)
+    assert [d.action for d in t.decide({"a": hb}, T0 + 4)] == ["alert"]
+    t.vm_started("a", T0 + 10)
+    assert t.decide({"a": hb}, T0 + 17) == []
+    assert [d.action for d in t.decide({"a": hb}, T0 + 18.5)] == ["alert"]
+
+
 def test_forged_replayed_and_garbage_are_counted_per_vm_and_change_nothing() -> None:
     t, a = tracker(), Agent("a")
     good = a.frame(T0)

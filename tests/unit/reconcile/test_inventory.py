@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy
-from hyperfence.reconcile.inventory import unprotected_nics, vm_docs
+from hyperfence.policy.resolve import resolve_policy
+from hyperfence.reconcile.inventory import (
+    InventoryWatcher,
+    guarded,
+    lost_addresses,
+    started_domains,
+    unprotected_nics,
+    vm_docs,
+)
 from tests.unit.policy.test_parse import doc
 
 BRIDGES = {"br0": "lab"}
@@ -40,13 +49,17 @@ def test_running_domains_on_managed_bridges_become_vms() -> None:
             "port": "vnet1",
             "mac": "52:54:00:00:00:02",
             "ips": ["10.77.0.21"],
-            "labels": {"tier": "web"},
+            "labels": {"tier": "web", "lab": "x", "vm": "vm1"},  # every label: none is reserved
         },
     )
     merged, skipped = merge_discovered(doc(vms=[]), docs)
     assert skipped == []
     (vm,) = parse_policy(merged).vms
-    assert (vm.id, vm.port, vm.labels) == ("uuid-web1", "vnet1", (("tier", "web"),))
+    assert (vm.id, vm.port, vm.labels) == (
+        "uuid-web1",
+        "vnet1",
+        (("lab", "x"), ("tier", "web"), ("vm", "vm1")),
+    )
 
 
 def test_a_domain_without_addresses_is_left_out_with_a_reason() -> None:
@@ -69,3 +82,100 @@ def test_nics_after_the_first_on_a_managed_bridge_are_reported_unprotected() -> 
     assert [d["port"] for d in vm_docs([two, off], BRIDGES)] == ["vnet1"]
     extra = unprotected_nics([two, off, dom("single")], BRIDGES)
     assert [(d.name, n.tap) for d, n in extra] == [("multi", "vnet3")]
+
+
+def test_label_vm_selects_a_discovered_domain() -> None:
+    """`lab` and `vm` are labels like any other: `label:vm=vm1` selects the domain labelled so."""
+    document = doc(vms=[])
+    document["rules"] = [{"id": "r", "from": "host", "to": "label:vm=vm1", "protocol": "icmp"}]
+    merged, _ = merge_discovered(document, vm_docs([dom("web1")], BRIDGES))
+    policy = parse_policy(merged)
+    assert policy.vms[0].label("vm") == "vm1"
+    (vm,) = resolve_policy(policy).vms
+    assert [e.rule.id for e in vm.ingress] == ["r"]
+
+
+def test_a_start_is_a_new_libvirt_id_and_a_reset_is_not() -> None:
+    web = dataclasses.replace(dom("web1"), domain_id=3)
+    off = dataclasses.replace(dom("db1", "shutoff"), domain_id=None)
+    before = {web.uuid: 3, off.uuid: None}
+    assert started_domains(before, [web, off]) == []  # same id: still the same run (or reset)
+    again = dataclasses.replace(web, domain_id=9)  # destroyed and started between two reads
+    up = dataclasses.replace(off, state="running", domain_id=10)
+    new = dataclasses.replace(dom("new1"), uuid="uuid-new1", domain_id=11)  # defined and started
+    assert [d.name for d in started_domains(before, [again, up, new])] == ["web1", "db1", "new1"]
+
+
+def test_a_running_vm_whose_metadata_loses_its_addresses_is_reported() -> None:
+    web, db = dom("web1"), dataclasses.replace(dom("db1"), uuid="uuid-db1", ips=("10.77.0.22",))
+    before = guarded([web, db, dom("off", "shutoff")], BRIDGES)
+    assert sorted(before) == ["uuid-db1", "uuid-web1"]
+    bare = dataclasses.replace(web, ips=())
+    stopped = dataclasses.replace(db, state="shutoff", ips=())  # stopped: nothing to report
+    lost = lost_addresses(before, [bare, stopped], BRIDGES)
+    assert [(d.name, was) for d, was in lost] == [("web1", ("10.77.0.21",))]
+    assert lost_addresses(guarded([bare], BRIDGES), [bare], BRIDGES) == []  # reported once, when lost
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object], str | None]] = []
+
+    def add_event(self, kind: str, data: dict[str, object], *, vm: str | None = None) -> None:
+        self.events.append((kind, data, vm))
+
+
+class FakeEngine:
+    """What the watcher uses of the engine; records the order of what it is told."""
+
+    def __init__(self, told: list[str]) -> None:
+        self.told = told
+        self.store = FakeStore()
+        self.skipped: list[str] = []
+        network = SimpleNamespace(bridge="br0", name="lab")
+        self.current = SimpleNamespace(policy=SimpleNamespace(networks=[network]))
+        self.discovered: tuple[dict[str, object], ...] = ()
+
+    def set_discovered(self, docs: tuple[dict[str, object], ...]) -> bool:
+        changed, self.discovered = docs != self.discovered, docs
+        if changed:
+            self.told.append("vms " + ",".join(str(d["name"]) for d in docs))
+        return changed
+
+    def converge(self) -> None:
+        self.told.append("converge")
+
+
+class FakeInventory:
+    def __init__(self) -> None:
+        self.now: list[DomainInfo] = []
+
+    def domains(self) -> list[DomainInfo]:
+        return list(self.now)
+
+
+def test_the_watcher_tells_a_start_before_the_vm_joins_the_policy_and_reports_a_lost_address() -> None:
+    told: list[str] = []
+    engine = FakeEngine(told)
+    watcher = InventoryWatcher(engine, "test:///nowhere")  # type: ignore[arg-type]
+    inventory = FakeInventory()
+    watcher.inventory = inventory  # type: ignore[assignment]
+    watcher.on_boot = lambda uuid: told.append(f"boot {uuid}")
+    web = dataclasses.replace(dom("web1"), domain_id=3)
+    off = dataclasses.replace(dom("db1", "shutoff", tap=None), uuid="uuid-db1")
+    inventory.now = [web, off]
+    assert watcher.refresh()
+    assert told == ["vms web1", "converge"]  # the first read tells no start: the daemon's startup grace
+    db = dataclasses.replace(off, state="running", interfaces=web.interfaces, domain_id=4)
+    inventory.now = [web, db]
+    told.clear()
+    assert watcher.refresh()
+    assert told == ["boot uuid-db1", "vms db1,web1", "converge"]  # before: no round sees it unbooted
+    told.clear()
+    watcher.refresh()
+    assert told == []  # same ids: no start, nothing changed
+    inventory.now = [dataclasses.replace(web, ips=()), db]
+    watcher.refresh()
+    ((kind, data, vm),) = engine.store.events
+    assert (kind, vm, data["domain"], data["was"]) == ("address-lost", "uuid-web1", "web1", ["10.77.0.21"])
+    assert "out of the firewall" in str(data["message"]) and "vm label" in str(data["message"])
