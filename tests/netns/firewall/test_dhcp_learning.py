@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -127,12 +128,22 @@ def test_a_vm_without_declared_addresses_uses_the_one_its_lease_gives_and_no_oth
     lab.run("vm1", ["ip", "addr", "flush", "dev", "eth0"])
 
     lab.serve("vm2", tcp=[8080])
-    with dhcp_client(lab, tmp_path):
+    with dhcp_client(lab, tmp_path) as client:
         wait_for("the lease is learned", lambda: learned(lab) == {IPv4Address(vm1)})
         wait_for("udhcpc configured it", lambda: vm1 in addresses(lab, "vm1"))
         events = lab.engine.store.events(vm=f"{lab.plan.name}-vm1")
         assert [e["kind"] for e in events] == ["lease-learned"], events
         assert events[0]["ip"] == vm1 and events[0]["server"] == str(lab.plan.gateway)
+        # A renewal: unicast to the server, whose answer belongs to a known flow (the established shortcut
+        # would accept it unseen): learned too, the lease runs from now
+        first = lab.engine.leases[0]
+        client.send_signal(signal.SIGUSR1)
+        wait_for(
+            "the renewal is learned",
+            lambda: lab.engine is not None and lab.engine.leases[0].learned > first.learned,
+        )
+        renewal = lab.engine.store.events(vm=f"{lab.plan.name}-vm1")[-1]
+        assert renewal["kind"] == "lease-learned" and renewal["renewed"] is True
         # what the policy allows, from the learned address: both ways, by `vm:vm1` on either side
         assert lab.tcp("vm1", "vm2", 8080) == "OK"
         assert ping_from(lab, vm1, "vm2") == 2
