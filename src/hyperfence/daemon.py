@@ -13,6 +13,8 @@
   bridges' namespace, put in place at start (or the daemon refuses to start) and restored within 0.1 s when
   something turns them off; `status` says what the kernel offers and whether the stateful path holds.
 * Traffic log: NFLOG events from the rules -> JSON lines in `<state>/traffic.jsonl`.
+* Lease learner (`reconcile/leases.py`): VMs without declared addresses learn them from the DHCP leases their
+  rules let them take; learned addresses are an input like the policy, stored, released when they end.
 * Every long-running loop (control socket, reconcile, traffic log, inventory, agents) runs under a
   `Supervisor`: a loop that fails is logged, recorded as a `loop-failed` event and restarted with backoff;
   the `status` op (`hyperfence status`) says which loops run and which are down.
@@ -111,8 +113,10 @@ class Daemon:
         watch_drift: bool = True,
         watch_addresses: bool = True,
         preconditions: Preconditions | None = None,
+        learn_leases: bool = True,
     ) -> None:
         self.engine = engine
+        self.learn_leases = learn_leases
         self.preconditions = preconditions
         self.agents = agents
         self.inventory = inventory
@@ -283,6 +287,10 @@ class Daemon:
             self.supervisor.start("addresses", HostAddressWatcher(self.engine).run)
         if self.traffic_log:  # after the first compile: the policy names the NFLOG group
             self.supervisor.start("traffic", self.read_traffic)
+        if self.learn_leases:  # after the first compile: the policy names the learn group
+            from hyperfence.reconcile.leases import LeaseLearner  # noqa: PLC0415 - optional at import
+
+            self.supervisor.start("leases", LeaseLearner(self.engine).run)
         if self.inventory is not None:  # after the first compile: the policy names the managed bridges
             self.supervisor.start("inventory", self.inventory.run)
         if self.agents is not None:

@@ -79,7 +79,14 @@ def test_a_failing_loop_is_restarted_reported_and_named_in_the_status(
         real_round(timeout)
 
     monkeypatch.setattr(monitor, "round", round_that_fails_twice)
-    d = Daemon(engine, traffic_log=False, agents=monitor, watch_drift=False, watch_addresses=False)
+    d = Daemon(
+        engine,
+        traffic_log=False,
+        agents=monitor,
+        watch_drift=False,
+        watch_addresses=False,
+        learn_leases=False,
+    )
     t = threading.Thread(target=d.run, daemon=True)
     t.start()
     try:
@@ -130,6 +137,7 @@ def test_repair_requests_are_coalesced_into_one_full_converge_with_their_causes(
         Engine(netns=None, state_dir=str(tmp_path)),
         traffic_log=False,
         watch_drift=False,
+        learn_leases=False,
         poll=60,
         resync=3600,
     )

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # --- netlink / nfnetlink constants (linux/netlink.h, linux/netfilter/nfnetlink*.h) -------------------------
 
@@ -164,6 +164,8 @@ class NflogPacket:
     arp_sender_mac: str | None = None
     arp_target_ip: str | None = None
     arp_target_mac: str | None = None
+    # The copied bytes themselves (from the network header on), for readers that decode more (DHCP learning).
+    payload: bytes = field(default=b"", repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +370,7 @@ def _parse_packet_message(data: bytes, off: int, end: int) -> NflogPacket:
         arp_sender_mac=d.arp_sender_mac,
         arp_target_ip=d.arp_target_ip,
         arp_target_mac=d.arp_target_mac,
+        payload=b"" if payload is None else payload,
     )
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ import orjson
 from hyperfence.adapters.state_dir import open_private, secure_state_dir
 from hyperfence.errors import TemporaryError
 from hyperfence.health.tracker import AgentRecord
+from hyperfence.model.lease import Lease, LeaseSource
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS policy (
@@ -48,6 +50,16 @@ CREATE TABLE IF NOT EXISTS agents (
     isolated TEXT,
     isolated_since REAL,
     released_at REAL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    vm TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    mac TEXT NOT NULL,
+    expires REAL NOT NULL,
+    learned REAL NOT NULL,
+    server TEXT,
+    source TEXT NOT NULL,
+    PRIMARY KEY (vm, ip)
 );
 CREATE TABLE IF NOT EXISTS agent_samples (
     vm TEXT NOT NULL,
@@ -161,6 +173,44 @@ class Store:
             (name, name),
         )
         return None if row is None else str(row[0])
+
+    # --- learned addresses ----------------------------------------------------------------------------
+
+    def leases(self) -> tuple[Lease, ...]:
+        """Every DHCP lease that taught a VM an address (expired ones too, until the learner drops them)."""
+        rows = self._rows("SELECT vm, mac, ip, expires, learned, server, source FROM leases ORDER BY vm, ip")
+        return tuple(
+            Lease(
+                vm=r[0],
+                mac=r[1],
+                ip=IPv4Address(r[2]),
+                expires=float(r[3]),
+                learned=float(r[4]),
+                server=None if r[5] is None else IPv4Address(r[5]),
+                source=LeaseSource(r[6]),
+            )
+            for r in rows
+        )
+
+    def save_leases(self, leases: tuple[Lease, ...]) -> None:
+        """Replace the stored leases with `leases`, in one transaction (a VM holds a few: this is small)."""
+        with self._transaction():
+            self._db.execute("DELETE FROM leases")
+            self._db.executemany(
+                "INSERT INTO leases(vm, ip, mac, expires, learned, server, source) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        le.vm,
+                        str(le.ip),
+                        le.mac,
+                        le.expires,
+                        le.learned,
+                        None if le.server is None else str(le.server),
+                        le.source.value,
+                    )
+                    for le in leases
+                ],
+            )
 
     # --- agents ---------------------------------------------------------------------------------------
 

@@ -312,6 +312,13 @@ def can_cmd(
         raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
     flow = parse_flow(port, protocol, icmp_type, icmp_code)
     try:
+        for name in (src, dst):  # a VM that learns its addresses has none before its first lease
+            vm = next((v for v in compiled.policy.vms if name in (v.name, v.id)), None)
+            if vm is not None and not vm.ips:
+                raise errors.NotFoundError(
+                    f"VM {vm.name} has no address yet: it learns its addresses from DHCP "
+                    "(`hyperfence vm list` shows them once it has a lease)"
+                )
         answer = can(compiled.resolved, src, dst, flow)
     except ValueError:
         raise errors.InvalidInputError(

@@ -221,10 +221,39 @@ def _with_connections(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
                 }
             )
     figures, problems = read_vm_connections(compiled.resolved, netns=engine.netns)
+    learners = {vm.id for vm in compiled.policy.vms if vm.learns}
     for row in rows:
         fig = figures.get(row["vm"])
         row["connections"] = None if fig is None else fig.as_dict()
+        if row["vm"] in learners:  # its addresses come from DHCP leases: which, and until when
+            row["learned"] = [
+                {
+                    "ip": str(le.ip),
+                    "expires": le.expires,
+                    "server": None if le.server is None else str(le.server),
+                }
+                for le in engine.leases
+                if le.vm == row["vm"]
+            ]
     return problems
+
+
+def _learned_cell(row: dict[str, Any]) -> Text:
+    """A learning VM's addresses and when each lease ends (plain text); `-` for a VM that declares them."""
+    leases = row.get("learned")
+    if leases is None:
+        return Text("-")
+    if not leases:
+        return Text("none yet")
+    now = time.time()
+    return Text(
+        ", ".join(
+            f"{le['ip']} until "
+            f"{datetime.fromtimestamp(le['expires'], UTC).isoformat(timespec='seconds')}"
+            f" ({max(0.0, le['expires'] - now) / 60:.0f} min)"
+            for le in leases
+        )
+    )
 
 
 def _connections_cells(conn: dict[str, Any] | None) -> tuple[Text, Text]:
@@ -242,8 +271,9 @@ def _connections_cells(conn: dict[str, Any] | None) -> tuple[Text, Text]:
 def vm_list(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False
 ) -> None:
-    """Each VM: agent status (ok / late / silent / never / no agent), last seen, isolation, refusals, and
-    its connection tracking: tracked connections / cap, and new connections its cap dropped."""
+    """Each VM: agent status (ok / late / silent / never / no agent), last seen, isolation, refusals, its
+    connection tracking: tracked connections / cap, and new connections its cap dropped, and for a VM that
+    learns its addresses from DHCP, each learned address and when its lease ends."""
     engine = _engine(ctx)
     reply = _ask(engine, {"op": "agents"})
     if reply is not None:
@@ -269,7 +299,17 @@ def vm_list(
         for row in rows:
             typer.echo(json.dumps(row, sort_keys=True))
         return
-    table = Table("vm", "agent", "last seen", "isolation", "refused", "version", "conns / cap", "cap drops")
+    table = Table(
+        "vm",
+        "agent",
+        "last seen",
+        "isolation",
+        "refused",
+        "version",
+        "conns / cap",
+        "cap drops",
+        "learned addresses",
+    )
     for row in rows:
         refused = {k: v for k, v in row.get("counts", {}).items() if k != "accepted" and v}
         table.add_row(
@@ -280,6 +320,7 @@ def vm_list(
             plain(", ".join(f"{k} {v}" for k, v in sorted(refused.items())) or "-"),
             plain(row.get("agent") or "-"),
             *_connections_cells(row.get("connections")),
+            _learned_cell(row),
         )
     out.print(table)
 
@@ -291,8 +332,9 @@ def vm_events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 50,
 ) -> None:
-    """The VM's events: agent hello/bye, security events, isolation and release, filter repairs, and from
-    libvirt: actions, an address lost from its metadata, NICs left unprotected."""
+    """The VM's events: agent hello/bye, security events, isolation and release, filter repairs, the
+    addresses it learned from DHCP (lease-learned with the lease's end, lease-released, lease-expired,
+    lease-ignored), and from libvirt: actions, an address lost from its metadata, NICs left unprotected."""
     engine = _engine(ctx)
     vm_id = _events_vm(engine, vm)
     last = 0

@@ -258,7 +258,11 @@ class Network:
 
 @dataclass(frozen=True)
 class Vm:
-    """A VM's identity as the firewall needs it. `id` is stable (a libvirt UUID); `name` is for people."""
+    """A VM's identity as the firewall needs it. `id` is stable (a libvirt UUID); `name` is for people.
+
+    `learns`: the policy declares no address for it (`ips` omitted): its addresses are learned from the
+    DHCP leases it takes from the servers its `dhcp` rules allow (see `policy/leases.py`), and `ips` holds
+    the learned ones that are valid now (none before its first lease: it can only ask for one)."""
 
     id: str
     name: str
@@ -267,6 +271,7 @@ class Vm:
     mac: str  # lower case, colon separated
     ips: tuple[IPv4Address, ...]
     labels: tuple[tuple[str, str], ...] = ()
+    learns: bool = False
 
     def label(self, key: str) -> str | None:
         return dict(self.labels).get(key)
@@ -278,6 +283,9 @@ class Settings:
     log_rate_per_second: int = 10  # per VM and direction (and per logged rule)
     log_burst: int = 20
     nflog_group: int = 7
+    # Where the DHCP answers (and releases) of VMs that learn their addresses are logged for the daemon's
+    # lease learner: a group of its own, read with copies large enough for a whole DHCP message.
+    learn_group: int = 8
     conntrack_mark: int = 0x00200000  # one bit of the packet mark, reserved for hyperfence
     # Where agents reach the host over TCP+TLS (address, port), or None: every VM may open that flow (also
     # while isolated), so a guest whose channel is the network can still report.

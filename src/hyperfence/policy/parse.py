@@ -57,6 +57,7 @@ class SettingsDoc(Strict):
     log_rate: Annotated[StrictInt, Field(ge=1, le=10000)] = 10
     log_burst: Annotated[StrictInt, Field(ge=1, le=100000)] = 20
     nflog_group: Annotated[StrictInt, Field(ge=1, le=65535)] = 7
+    learn_group: Annotated[StrictInt, Field(ge=1, le=65535)] = 8
     conntrack_mark: Annotated[StrictInt, Field(ge=1, le=0x80000000)] = 0x00200000
     agent_endpoint: StrictStr | None = None
     inventory: Literal["none", "libvirt"] = "none"
@@ -81,11 +82,12 @@ class VmDoc(Strict):
     network: StrictStr | None = None
     port: StrictStr | None = None  # required
     mac: StrictStr | None = None  # required
-    ips: Annotated[list[StrictStr], Field(min_length=1)] | None = None  # required
+    # Omitted: the VM's addresses are learned from its DHCP leases (`Vm.learns`).
+    ips: Annotated[list[StrictStr], Field(min_length=1)] | None = None
     labels: dict[StrictStr, StrictStr] = {}
 
 
-VM_REQUIRED = ("name", "port", "mac", "ips")
+VM_REQUIRED = ("name", "port", "mac")
 
 
 class RuleDoc(Strict):
@@ -171,6 +173,11 @@ def _settings(c: Collector, data: Any) -> Settings:
     doc, bad = got
     if "inventory" in bad:
         c.mark_reported("vm")  # VMs may come from an inventory: which names exist is unknown
+    if doc.learn_group == doc.nflog_group:
+        c.add(
+            "settings.learn_group",
+            f"{doc.learn_group} is also nflog_group (expected a group of its own for DHCP learning)",
+        )
     if doc.conntrack_mark & (doc.conntrack_mark - 1):
         c.add(
             "settings.conntrack_mark", f"{doc.conntrack_mark:#x} is not a single bit (expected e.g. 0x200000)"
@@ -188,6 +195,7 @@ def _settings(c: Collector, data: Any) -> Settings:
         log_rate_per_second=doc.log_rate,
         log_burst=doc.log_burst,
         nflog_group=doc.nflog_group,
+        learn_group=doc.learn_group,
         conntrack_mark=doc.conntrack_mark,
         agent_endpoint=endpoint,
         inventory=doc.inventory,
@@ -387,8 +395,7 @@ def _vms(c: Collector, items: list[Any], networks: list[Network], *, declared: i
             or vm_id is None
             or port is None
             or mac is None
-            or doc.ips is None
-            or len(ips) != len(doc.ips)
+            or len(ips) != len(doc.ips or ())
         ):
             # Its problems are reported here: a rule naming it is not told it is "not declared".
             if doc.name is not None:
@@ -402,7 +409,16 @@ def _vms(c: Collector, items: list[Any], networks: list[Network], *, declared: i
         for j, a in enumerate(ips):
             claim("ip", a, f"{p}.ips[{j}]", who)
         out.append(
-            Vm(id=vm_id, name=name, network=net.name, port=port, mac=mac, ips=ips, labels=tuple(labels))
+            Vm(
+                id=vm_id,
+                name=name,
+                network=net.name,
+                port=port,
+                mac=mac,
+                ips=ips,
+                labels=tuple(labels),
+                learns=doc.ips is None,
+            )
         )
     return out
 

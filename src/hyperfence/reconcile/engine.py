@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +20,11 @@ from hyperfence.adapters.host_addresses import read_host_addresses
 from hyperfence.adapters.nft import Nft
 from hyperfence.adapters.store import Store
 from hyperfence.errors import HyperfenceError, NotFoundError
+from hyperfence.model.lease import Lease
 from hyperfence.model.policy import AddressRange, Policy
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
 from hyperfence.policy.inventory import merge_discovered
+from hyperfence.policy.leases import apply_leases, expire
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
 from hyperfence.policy.syntax import format_range
@@ -52,6 +55,7 @@ class Compiled:
     ruleset: Ruleset
     discovered: tuple[dict[str, Any], ...] = ()  # the discovered VMs this was compiled with
     host_addresses: tuple[AddressRange, ...] = ()  # and the host's addresses
+    leases: tuple[Lease, ...] = ()  # and the learned addresses (`policy` has them in its VMs' `ips`)
 
 
 class Engine:
@@ -62,6 +66,7 @@ class Engine:
         state_dir: str,
         policy_file: str | None = None,
         read_addresses: AddressReader = read_host_addresses,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.netns = netns
         self.state_dir = state_dir
@@ -81,6 +86,11 @@ class Engine:
         # VMs (see `refresh_host_addresses`); None until first read.
         self.host_addresses: tuple[AddressRange, ...] | None = None
         self._read_addresses = read_addresses
+        self.clock = clock
+        # Addresses learned from DHCP leases (see `set_leases`): from the store, less those that ended while
+        # nobody watched (a one-shot command applies no expired lease; the daemon's learner records them).
+        self.leases: tuple[Lease, ...] = expire(self.store.leases(), clock())[0]
+        self.ignored_leases: tuple[tuple[Lease, str], ...] = ()  # leases the policy left out, and why
 
     def set_discovered(self, vms: tuple[dict[str, Any], ...]) -> bool:
         """Replace the discovered VMs; True when they changed (converge to apply)."""
@@ -88,6 +98,14 @@ class Engine:
             changed = vms != self.discovered
             if changed:
                 self.discovered = vms
+            return changed
+
+    def set_leases(self, leases: tuple[Lease, ...]) -> bool:
+        """Replace the learned addresses; True when they changed (converge to apply). The caller stores them."""
+        with self.lock:
+            changed = leases != self.leases
+            if changed:
+                self.leases = leases
             return changed
 
     def refresh_host_addresses(self) -> bool:
@@ -172,6 +190,7 @@ class Engine:
             and previous.key == key
             and previous.discovered is self.discovered
             and previous.host_addresses == host
+            and previous.leases is self.leases
         ):
             if previous.resolved.quarantine == self.quarantine:
                 return previous
@@ -180,7 +199,7 @@ class Engine:
             document, source = self._load_document()
             if self.discovered and isinstance(document, dict):
                 document, self.skipped = merge_discovered(document, self.discovered)
-            policy = parse_policy(document, source=source)
+            policy = self._with_leases(parse_policy(document, source=source))
             resolved = (
                 resolve_update(previous.resolved, policy, host_addresses=host)
                 if previous is not None
@@ -194,8 +213,24 @@ class Engine:
             compile_ruleset(resolved, self._cache),
             discovered=self.discovered,
             host_addresses=host,
+            leases=self.leases,
         )
         return self._compiled
+
+    def _with_leases(self, policy: Policy) -> Policy:
+        """`policy` with the learned addresses in place; a lease newly left out is logged and recorded as a
+        `lease-ignored` event of its VM (e.g. a VM now declares its address)."""
+        policy, ignored = apply_leases(policy, self.leases)
+        before = {lease for lease, _ in self.ignored_leases}
+        fresh = [(lease, why) for lease, why in ignored if lease not in before]
+        self.ignored_leases = ignored
+        for lease, why in fresh:
+            log.warning("learned address %s of VM %s left out: %s", lease.ip, lease.vm, why)
+        if fresh:
+            self.store.add_events(
+                [("lease-ignored", lease.vm, {"ip": str(lease.ip), "reason": why}) for lease, why in fresh]
+            )
+        return policy
 
     def owns_commit(self, pid: int) -> bool:
         """Was an nftables commit reported as "by process `pid`" made by this engine? (Its libnftables

@@ -49,7 +49,8 @@ def vm_docs(domains: Iterable[DomainInfo], bridges: Mapping[str, str]) -> tuple[
                 "network": bridges[nic.bridge],
                 "port": nic.tap,
                 "mac": nic.mac,
-                "ips": list(d.ips),
+                # No address known: the VM learns its addresses from its DHCP leases (`Vm.learns`).
+                **({"ips": list(d.ips)} if d.ips else {}),
                 "labels": dict(d.labels),  # every label, none reserved (the lab's `lab` and `vm` too)
             }
         )

@@ -30,7 +30,16 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from hyperfence.model.policy import Action, Direction, FloodLimit, Network, Settings
-from hyperfence.policy.resolve import ANY, ArpSource, Entry, Resolved, VmPolicy
+from hyperfence.policy.resolve import (
+    ANY,
+    ARP_SERVICE,
+    DHCP_SERVICES,
+    ArpSource,
+    Entry,
+    Resolved,
+    VmPolicy,
+    is_dhcp_client,
+)
 from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.build import (
     BRIDGE,
@@ -429,6 +438,9 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
     b.logged_drop(BRIDGE, "guard", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
     b.chain(BRIDGE, "egress", hook="prerouting", priority=10, policy="drop")
     _quarantine(b, resolved)
+    learners = [vp for vp in resolved.vms if is_learning(vp)]
+    if learners:
+        _learn_dispatch(b, learners, mark)
     # The established shortcut runs for nearly every packet: no counter here (the bench measured ~2-3 % of
     # small-packet rate for the counters on this path); per-rule counters are on the decisions.
     b.rule(BRIDGE, "egress", "sys:est", [x.mark_is_set(mark), x.ACCEPT])
@@ -438,11 +450,99 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
     b.chain(BRIDGE, "ingress", hook="postrouting", priority=10, policy="drop")
     if uplinks:  # a tagged frame from a trunk never reaches a VM (VMs' own tagged frames died at the guard)
         _vlan_drop(b, "ingress", "in", uplinks)
+    if learners:
+        b.rule(
+            BRIDGE,
+            "ingress",
+            "sys:dhcp-learn",
+            [
+                x.mark_is_set(mark),
+                *_dhcp_udp(sport=67, dport=68),
+                x.vmap("oifname", LEARN_IN_MAP),
+            ],
+        )
     b.rule(BRIDGE, "ingress", "sys:est", [x.mark_is_set(mark), x.ACCEPT])
     b.rule(BRIDGE, "ingress", "sys:reject-arp", _reject_arp(outbound=False))
     b.rule(BRIDGE, "ingress", "sys:dispatch", [x.vmap("oifname", IN_MAP)])
     b.logged_drop(BRIDGE, "ingress", "sys:unknown-port", log_prefix("-", "in", "deny", "sys:unknown-port"))
     _cap_dispatch(b, resolved.policy.networks, resolved.vms)
+
+
+LEARN_IN_MAP, LEARN_OUT_MAP = "learn_in", "learn_out"
+
+
+def is_learning(vp: VmPolicy) -> bool:
+    """Does the VM learn its addresses from DHCP (no `ips` in the policy) and may it ask for a lease?"""
+    return vp.vm.learns and vp.dhcp_client
+
+
+def _dhcp_udp(*, sport: int, dport: int) -> list[JSON]:
+    return [x.match(x.payload("udp", "sport"), sport), x.match(x.payload("udp", "dport"), dport)]
+
+
+def _learn_dispatch(b: Builder, learners: list[VmPolicy], mark: int) -> None:
+    """Where the DHCP messages of VMs that learn their addresses are logged for the lease learner
+    (`settings.learn_group`), before the established shortcut would accept them unseen. What such a VM
+    sends to a server's port goes to `<vm>_lrn_out` (a release: the VM gives an address up, which only
+    takes a right away, so every one counts). What a server sends it as part of a known flow (a renewal's
+    answer: conntrack saw the request) goes to `<vm>_lrn_in`, which logs it only from the servers the VM's
+    `dhcp` rules name; the first packet of a new flow is logged in `<vm>_in` itself, right before the rule
+    that accepts it (`_entry_rules`), so an answer that the VM's rules do not accept teaches nothing."""
+    b.verdict_map(LEARN_OUT_MAP, {vp.vm.port: x.jump(f"{vm_sid(vp.vm.id)}_lrn_out") for vp in learners})
+    b.verdict_map(LEARN_IN_MAP, {vp.vm.port: x.jump(f"{vm_sid(vp.vm.id)}_lrn_in") for vp in learners})
+    b.rule(
+        BRIDGE,
+        "egress",
+        "sys:dhcp-learn",
+        [*_dhcp_udp(sport=68, dport=67), x.vmap("iifname", LEARN_OUT_MAP)],
+    )
+
+
+def _learn_chains(b: Builder, vp: VmPolicy, sid: str) -> None:
+    """The VM's `_lrn_out` (all it sends to a server's port) and `_lrn_in` (a known flow's answers from the
+    servers of its `dhcp` rules) chains: log to the learn group, within the log rate; they decide nothing."""
+    s = b.settings
+    out, inn = f"{sid}_lrn_out", f"{sid}_lrn_in"
+    b.chain(BRIDGE, out)
+    b.chain(BRIDGE, inn)
+    rate = x.limit(s.log_rate_per_second, s.log_burst)
+    b.rule(
+        BRIDGE,
+        out,
+        "sys:dhcp-learn",
+        [rate, x.log(log_prefix(sid, "out", "learn", "sys:dhcp-learn"), s.learn_group)],
+    )
+    for entry in vp.ingress:
+        for _, comment, matches in _learn_matches(vp, entry):
+            b.rule(
+                BRIDGE,
+                inn,
+                comment,
+                [
+                    *matches,
+                    rate,
+                    x.log(log_prefix(sid, "in", "learn", comment.removesuffix(":learn")), s.learn_group),
+                ],
+            )
+
+
+def _learn_matches(vp: VmPolicy, entry: Entry) -> list[tuple[object, str, list[JSON]]]:
+    """For an ingress entry that accepts a DHCP server's answers into a learning VM: (service, the learn
+    rule's comment, its matches) per DHCP service of the entry; nothing for any other entry."""
+    if not is_learning(vp) or entry.direction is not Direction.IN or entry.action is not Action.ALLOW:
+        return []
+    out: list[tuple[object, str, list[JSON]]] = []
+    for service in entry.services:
+        if service in DHCP_SERVICES and is_dhcp_client(service, entry.direction, paired=entry.paired):
+            n = entry.rule.services.index(service) + 1
+            comment = f"rule:{entry.rule.id}#{n}" + (":pair" if entry.paired else "") + ":learn"
+            peer = (
+                []
+                if entry.peers == ANY
+                else [x.match(x.payload("ip", "saddr"), f"@{selector_set_name(entry.peer_selectors)}")]
+            )
+            out.append((service, comment, [*_dhcp_udp(sport=67, dport=68), *peer]))
+    return out
 
 
 def _reject_arp(*, outbound: bool) -> list[JSON]:
@@ -555,6 +655,8 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
     for chain, entries in ((out, vp.egress), (inn, vp.ingress)):
         for entry in entries:
             _entry_rules(b, vp, sid, chain, entry)
+    if is_learning(vp):
+        _learn_chains(b, vp, sid)
     # ARP with the peers of the allow rules (their shared address sets) and, for routed peers, the gateway.
     subnet: JSON = {"prefix": {"addr": str(vp.subnet.network_address), "len": vp.subnet.prefixlen}}
     arp_peers: list[tuple[str, JSON]] = [
@@ -567,6 +669,8 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
         arp_peers.append(("sys:arp-agent", str(endpoint[0])))
     for comment, peer in arp_peers:
         b.rule(BRIDGE, out, comment, [x.match(x.payload("arp", "daddr ip"), peer), x.COUNTER, x.ACCEPT])
+        if not vp.vm.ips:  # no address (yet): nobody can ARP for it
+            continue
         b.rule(
             BRIDGE,
             inn,
@@ -591,7 +695,7 @@ def _cap_chains(b: Builder, vp: VmPolicy, sid: str) -> None:
     b.chain(INET, cap)
     b.chain(INET, drop)
     b.rule(INET, cap, "sys:ct-count", [x.ct_count_over(vp.connection_cap.connections), x.goto(drop)])
-    if vp.connection_cap.log:
+    if vp.connection_cap.log and vp.vm.ips:
         s = b.settings
         for direction, field in (("out", "saddr"), ("in", "daddr")):
             b.rule(
@@ -636,8 +740,26 @@ def _entry_rules(b: Builder, vp: VmPolicy, sid: str, chain: str, entry: Entry) -
         peer = x.match(x.payload("ip", peer_field), f"@{selector_set_name(entry.peer_selectors)}")
     arp_peer = None if peer is None else peer["match"]["right"]
     verdict = x.ACCEPT if rule.action is Action.ALLOW else x.DROP
+    learn = {service: (comment, matches) for service, comment, matches in _learn_matches(vp, entry)}
     for service in entry.services:
+        if service == ARP_SERVICE and entry.direction is Direction.IN and not vp.vm.ips:
+            continue  # ARP for the VM's own address, and it has none (yet)
         n = rule.services.index(service) + 1
+        if service in learn:  # a learning VM: the server's answer is logged for the lease learner first
+            learn_comment, learn_matches = learn[service]
+            s = b.settings
+            b.rule(
+                BRIDGE,
+                chain,
+                learn_comment,
+                [
+                    *learn_matches,
+                    x.limit(s.log_rate_per_second, s.log_burst),
+                    x.log(
+                        log_prefix(sid, "in", "learn", learn_comment.removesuffix(":learn")), s.learn_group
+                    ),
+                ],
+            )
         matches = service_matches(service, entry.direction, peer, arp_peer, vp, paired=entry.paired)
         comment = f"rule:{rule.id}#{n}" + (":pair" if entry.paired else "")
         if rule.log:

@@ -179,3 +179,16 @@ def test_can_asks_about_an_icmp_query_with_code_0_as_ping_sends_it(tmp_path: Pat
     assert ok.returncode == 0 and "allowed by echo" in ok.stdout, ok.stdout + ok.stderr
     other = run("can", "a", "b", "--icmp-code", "1", "--policy", "p.yaml", cwd=tmp_path)
     assert other.returncode == 1 and "denied" in other.stdout, other.stdout + other.stderr
+
+
+def test_can_says_a_learning_vm_has_no_address_yet(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(
+        "networks: [{name: lab, bridge: br0, subnet: 10.77.0.0/22}]\n"
+        "vms:\n"
+        "  - {name: a, port: vp1, mac: '52:54:00:00:00:01'}\n"
+        "  - {name: b, port: vp2, mac: '52:54:00:00:00:02', ips: [10.77.0.12]}\n"
+    )
+    r = run("can", "b", "a", "--policy", "p.yaml", cwd=tmp_path)
+    assert r.returncode == 3 and "VM a has no address yet" in r.stderr and "Traceback" not in r.stderr, (
+        r.stderr
+    )

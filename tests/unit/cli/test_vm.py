@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -211,3 +212,35 @@ def test_vm_label_refuses_bad_input_before_touching_libvirt(tmp_path: Path) -> N
         assert found in text
     r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "label", "web1", "--libvirt", nowhere])
     assert isinstance(r.exception, errors.TemporaryError)  # valid input: now libvirt is asked
+
+
+def test_list_and_events_show_learned_addresses_and_their_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+    from ipaddress import IPv4Address
+
+    from hyperfence.model.lease import Lease
+    from tests.unit.policy.test_parse import BASE
+
+    learner = {"name": "vm3", "port": "vp3", "mac": "02:77:00:00:00:0d"}
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine.store_policy(doc(vms=[*BASE["vms"], learner]), source="test")
+    ends = time.time() + 1800
+    engine.store.save_leases((Lease("vm3", learner["mac"], IPv4Address("10.77.0.13"), ends, ends - 3600),))
+    engine.store.add_event(
+        "lease-learned", {"ip": "10.77.0.13", "expires": "2030-01-01T00:00:00+00:00"}, vm="vm3"
+    )
+    engine.close()
+    monkeypatch.setattr("hyperfence.cli.vm.read_vm_connections", lambda resolved, *, netns: ({}, []))
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = {row["name"]: row for row in map(json.loads, r.stdout.splitlines())}
+    assert rows["vm3"]["learned"] == [{"ip": "10.77.0.13", "expires": ends, "server": None}]
+    assert "learned" not in rows["vm1"]  # it declares its addresses
+    monkeypatch.setattr("hyperfence.cli.vm.out", Console(width=300, markup=False))
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "list"])
+    assert r.exit_code == 0, r.output
+    assert "10.77.0.13 until" in r.stdout and "(30 min)" in r.stdout
+    r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "events", "vm3"])
+    assert r.exit_code == 0 and "lease-learned" in r.output and "10.77.0.13" in r.output

@@ -447,3 +447,19 @@ def test_a_service_named_twice_is_one_service_and_its_nft_rules_keep_distinct_id
     for rules in compile_ruleset(resolve_policy(policy)).chain_rules().values():
         comments = [r.comment for r in rules]
         assert len(comments) == len(set(comments)), comments
+
+
+def test_a_vm_without_ips_learns_its_addresses_and_an_empty_list_is_still_refused() -> None:
+    learner = {"name": "vm3", "port": "vp3", "mac": "02:77:00:00:00:0d"}
+    p = parse_policy(doc(vms=[*BASE["vms"], learner]))
+    vm3 = p.vm_by_name("vm3")
+    assert vm3 is not None and vm3.learns and vm3.ips == ()
+    assert not any(v.learns for v in p.vms if v.name != "vm3")
+    got = problems(doc(vms=[*BASE["vms"], {**learner, "ips": []}]))
+    assert any(g.startswith("vms[2].ips") for g in got), got
+
+
+def test_the_learn_group_must_differ_from_the_log_group() -> None:
+    assert parse_policy(doc(settings={"learn_group": 9})).settings.learn_group == 9
+    got = problems(doc(settings={"nflog_group": 5, "learn_group": 5}))
+    assert any("settings.learn_group: 5 is also nflog_group" in g for g in got), got

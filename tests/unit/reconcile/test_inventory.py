@@ -62,11 +62,15 @@ def test_running_domains_on_managed_bridges_become_vms() -> None:
     )
 
 
-def test_a_domain_without_addresses_is_left_out_with_a_reason() -> None:
+def test_a_domain_without_addresses_learns_them_from_dhcp() -> None:
     d = dom("web1")
     bare = DomainInfo(d.uuid, d.name, d.state, d.interfaces, None, d.labels, ips=())
-    merged, skipped = merge_discovered(doc(vms=[]), vm_docs([bare], BRIDGES))
-    assert merged["vms"] == [] and "ips" in skipped[0]
+    (item,) = vm_docs([bare], BRIDGES)
+    assert "ips" not in item
+    merged, skipped = merge_discovered(doc(vms=[]), (item,))
+    assert skipped == []
+    (vm,) = parse_policy(merged).vms
+    assert vm.learns and vm.ips == ()
 
 
 def test_nics_after_the_first_on_a_managed_bridge_are_reported_unprotected() -> None:

@@ -287,3 +287,56 @@ def test_an_arp_rule_is_rendered_both_ways_in_each_vms_chains() -> None:
             else:
                 assert fields["saddr ip"].startswith("@s_") and fields["daddr ip"] == own
             assert st[-1] == x.ACCEPT
+
+
+LEARNER = {"name": "vm3", "id": "vm3", "port": "vp3", "mac": "02:77:00:00:00:0d"}
+DHCP_FROM_HOST = {"id": "lease", "from": "vm:vm3", "to": "host", "services": ["dhcp"]}
+
+
+def _learning_doc(*rules: dict[str, Any], ips: list[str] | None = None) -> dict[str, Any]:
+    data = doc(rules=list(rules))
+    data["vms"] = [*data["vms"], {**LEARNER, **({"ips": ips} if ips else {})}]
+    return data
+
+
+def test_a_learning_vm_without_an_address_may_only_ask_for_a_lease() -> None:
+    rs = compiled(
+        _learning_doc(DHCP_FROM_HOST, {"id": "ping", "from": "vm:vm3", "to": "vm:vm1", "protocol": "icmp"})
+    )
+    sets = {s.name: s for s in rs.sets}
+    assert not any("vp3" in e for e in sets["ident_ip"].elements | sets["ident_arp"].elements)
+    assert any("vp3" in e for e in sets["dhcp_clients"].elements)
+    sid = vm_sid("vm3")
+    rules = rs.chain_rules()
+    # no rule that needs its own address (ARP to it, the cap's log line)
+    assert not any('"daddr ip"' in r.expr and "arp" in r.expr for r in rules[(BRIDGE, f"{sid}_in")])
+    # the server's answer is logged to the learn group right before the rule that accepts it
+    comments = [r.comment for r in rules[(BRIDGE, f"{sid}_in")]]
+    at = comments.index("rule:lease#1:pair")
+    assert comments[at - 1] == "rule:lease#1:pair:learn"
+    learn = rules[(BRIDGE, f"{sid}_in")][at - 1]
+    assert {"log": {"group": 8, "prefix": f"hf:{sid}:in:learn:rule:lease#1:pair"}} in learn.statements()
+    # established answers (renewals) and what it sends to a server's port: dispatched before the shortcut
+    assert [r.comment for r in rules[(BRIDGE, "ingress")]].index("sys:dhcp-learn") < [
+        r.comment for r in rules[(BRIDGE, "ingress")]
+    ].index("sys:est")
+    assert [r.comment for r in rules[(BRIDGE, "egress")]].index("sys:dhcp-learn") < [
+        r.comment for r in rules[(BRIDGE, "egress")]
+    ].index("sys:est")
+    assert [r.comment for r in rules[(BRIDGE, f"{sid}_lrn_in")]] == ["rule:lease#1:pair:learn"]
+    assert [r.comment for r in rules[(BRIDGE, f"{sid}_lrn_out")]] == ["sys:dhcp-learn"]
+
+
+def test_learning_rules_exist_only_for_learning_vms_with_a_dhcp_rule() -> None:
+    for data in (_learning_doc(DHCP_FROM_HOST, ips=["10.77.0.13"]), _learning_doc()):
+        rs = compiled(data)
+        assert not any("learn" in r.comment for r in rs.rules)
+        assert not any(s.name.startswith("learn_") for s in rs.sets)
+
+
+def test_a_denied_server_teaches_nothing() -> None:
+    """A deny before the accept: the learn log sits right before the accept, after the deny."""
+    deny = {"id": "nohost", "from": "host", "to": "vm:vm3", "action": "deny", "priority": 10}
+    rs = compiled(_learning_doc(DHCP_FROM_HOST, deny))
+    comments = [r.comment for r in rs.chain_rules()[(BRIDGE, f"{vm_sid('vm3')}_in")]]
+    assert comments.index("rule:nohost#1") < comments.index("rule:lease#1:pair:learn")

@@ -1,0 +1,212 @@
+"""Learn the addresses of VMs that take them from DHCP (`Vm.learns`), and release them.
+
+`LeaseLearner.run(stop)` reads the NFLOG group `settings.learn_group` in the bridges' namespace. The kernel
+logs there only (`ruleset/compile.py`): the DHCP answers a learning VM's ingress rules accept from a server
+its `dhcp` rules name (the first packet of a flow right before the rule that accepts it, a renewal's answer
+before the established shortcut), and what such a VM sends to a server's port. Each frame is decoded with
+bounds (`adapters/bootp.py`) and judged (`policy/leases.py`): a DHCPACK for the VM's MAC teaches its address
+until the lease ends; a DHCPRELEASE from the VM or a DHCPNAK to it gives addresses back. Every change is
+stored (leases survive a daemon restart until they end), recorded as an event of the VM (`lease-learned`,
+`lease-released`, `lease-expired`, `lease-ignored`), handed to the engine as an input next to the policy
+(`Engine.set_leases`) and converged. An address that goes away also loses its connections (conntrack).
+
+Level-triggered where it can be: every round also drops leases that ended (`GRACE_SECONDS` after their end)
+and leases of VMs that left the policy or now declare their addresses, whatever frames came.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from hyperfence.adapters.bootp import MalformedDhcpError, parse_dhcp
+from hyperfence.adapters.conntrack import forget_flows
+from hyperfence.adapters.nflog import NflogReader
+from hyperfence.adapters.nflog_parse import NflogPacket
+from hyperfence.errors import HyperfenceError
+from hyperfence.model.lease import Lease
+from hyperfence.model.policy import Policy, Settings, Vm
+from hyperfence.policy.leases import (
+    Ignored,
+    Learned,
+    Released,
+    expire,
+    lease_problem,
+    next_expiry,
+    read_message,
+    with_lease,
+    without,
+)
+from hyperfence.reconcile.engine import Engine
+from hyperfence.ruleset.compile import LOG_PREFIX, vm_sid
+
+log = logging.getLogger("hyperfence.leases")
+
+LEARN_COPY = 1500  # bytes copied of each logged frame: a whole DHCP message (the options are at its end)
+READ_TIMEOUT = 0.5  # the longest wait for frames before the round looks at expiry and `stop`
+
+Event = tuple[str, str | None, dict[str, Any]]
+
+
+class Reader(Protocol):
+    group: int
+
+    def read(self, timeout: float | None) -> list[NflogPacket]: ...
+    def close(self) -> None: ...
+
+
+def when(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+class LeaseLearner:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        open_reader: Callable[[int], Reader] | None = None,
+        cut_flows: Callable[[Iterable[Any]], int] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.clock = engine.clock
+        self.open_reader: Callable[[int], Reader] = open_reader or (
+            lambda group: NflogReader(group, netns=engine.netns, copy_range=LEARN_COPY)
+        )
+        self.cut_flows: Callable[[Iterable[Any]], int] = cut_flows or (
+            lambda ips: forget_flows(engine.netns, ips)
+        )
+        self.malformed = 0  # frames that were not one well-formed DHCP message
+        self._present: dict[str, str] | None = None  # learning VM id -> its MAC, as the last round saw them
+
+    def run(self, stop: threading.Event) -> None:
+        reader = self.open_reader(self._group())
+        try:
+            self.tick()
+            while not stop.is_set():
+                if reader.group != self._group():  # the policy moved the learn group
+                    reader.close()
+                    reader = self.open_reader(self._group())
+                self.handle(reader.read(self._timeout()))
+                self.tick()
+        finally:
+            reader.close()
+
+    def _group(self) -> int:
+        compiled = self.engine.current
+        return compiled.policy.settings.learn_group if compiled is not None else Settings().learn_group
+
+    def _timeout(self) -> float:
+        due = next_expiry(self.engine.leases)
+        return READ_TIMEOUT if due is None else max(0.0, min(READ_TIMEOUT, due - self.clock()))
+
+    # --- frames ---------------------------------------------------------------------------------------
+
+    def handle(self, packets: list[NflogPacket]) -> bool:
+        """Learn from (or release by) the logged frames; True when the learned addresses changed."""
+        compiled = self.engine.current
+        if not packets or compiled is None:
+            return False
+        policy = compiled.policy
+        learners = {vm_sid(vm.id): vm for vm in policy.vms if vm.learns}
+        leases = self.engine.leases
+        events: list[Event] = []
+        released: list[Lease] = []
+        now = self.clock()
+        for pkt in packets:
+            parts = pkt.prefix.split(":", 4)
+            if len(parts) != 5 or parts[0] != LOG_PREFIX or parts[3] != "learn":
+                continue
+            vm = learners.get(parts[1])
+            if vm is None:  # a frame logged under a policy that had this VM learn; it no longer does
+                continue
+            try:
+                msg = parse_dhcp(pkt.payload)
+            except MalformedDhcpError as e:
+                self.malformed += 1
+                log.warning("VM %s: a DHCP frame that cannot be read: %s", vm.name, e)
+                continue
+            outcome = read_message(vm, msg, inbound=parts[2] == "in", now=now)
+            match outcome:
+                case Learned(lease):
+                    leases = self._learned(policy, vm, leases, lease, events)
+                case Released(vm_id, ip, reason):
+                    gone = [le for le in leases if le.vm == vm_id and (ip is None or le.ip == ip)]
+                    leases = without(leases, vm_id, ip)
+                    released.extend(gone)
+                    events.extend(
+                        ("lease-released", vm_id, {"ip": str(le.ip), "reason": reason}) for le in gone
+                    )
+                case Ignored(reason):
+                    log.debug("VM %s: %s", vm.name, reason)
+        return self._commit(leases, events, released)
+
+    def _learned(
+        self, policy: Policy, vm: Vm, leases: tuple[Lease, ...], lease: Lease, events: list[Event]
+    ) -> tuple[Lease, ...]:
+        problem = lease_problem(policy, lease)
+        if problem is not None:
+            log.warning("VM %s: DHCPACK for %s ignored: %s", vm.name, lease.ip, problem)
+            events.append(("lease-ignored", vm.id, {"ip": str(lease.ip), "reason": problem}))
+            return leases
+        renewed = any(le.vm == lease.vm and le.ip == lease.ip for le in leases)
+        events.append(
+            (
+                "lease-learned",
+                vm.id,
+                {
+                    "ip": str(lease.ip),
+                    "expires": when(lease.expires),
+                    "seconds": round(lease.expires - lease.learned),
+                    "server": None if lease.server is None else str(lease.server),
+                    "renewed": renewed,
+                },
+            )
+        )
+        return with_lease(leases, lease)
+
+    # --- time and the VMs -----------------------------------------------------------------------------
+
+    def tick(self) -> bool:
+        """Drop the leases that ended and those of VMs that left (or now declare their addresses); True when
+        the learned addresses changed."""
+        leases, ended = expire(self.engine.leases, self.clock())
+        events: list[Event] = [
+            ("lease-expired", le.vm, {"ip": str(le.ip), "ended": when(le.expires)}) for le in ended
+        ]
+        released = list(ended)
+        compiled = self.engine.current
+        if compiled is not None:
+            present = {vm.id: vm.mac for vm in compiled.policy.vms if vm.learns}
+            if self._present is not None:
+                for le in leases:
+                    if le.vm in self._present and present.get(le.vm) != le.mac:
+                        reason = "the VM was removed" if le.vm not in present else "the VM changed"
+                        events.append(("lease-released", le.vm, {"ip": str(le.ip), "reason": reason}))
+                        released.append(le)
+                leases = tuple(le for le in leases if le not in released)
+            self._present = present
+        return self._commit(leases, events, released)
+
+    def _commit(self, leases: tuple[Lease, ...], events: list[Event], released: list[Lease]) -> bool:
+        """Store, record and converge; then cut the connections of the addresses that went away."""
+        if events:
+            self.engine.store.add_events(events)
+            for kind, vm, data in events:
+                log.info("%s %s: %s", kind, vm, data)
+        if not self.engine.set_leases(leases):
+            return False
+        self.engine.store.save_leases(leases)
+        try:
+            self.engine.converge()
+        except HyperfenceError as e:
+            log.error("converge after a lease change failed: %s", e)
+        gone = {le.ip for le in released} - {le.ip for le in leases}
+        if gone:
+            try:
+                self.cut_flows(gone)
+            except HyperfenceError as e:
+                log.warning("connections of released addresses not cut: %s", e)
+        return True
