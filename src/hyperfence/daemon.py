@@ -187,7 +187,12 @@ class Daemon:
             return {"ok": False, "error": "this daemon runs without the agent monitor"}
         try:
             if op == "agents":
-                return {"ok": True, "agents": self.agents.snapshot()}
+                rows = self.agents.snapshot()
+                if self.inventory is not None:
+                    self.inventory.annotate(rows)
+                for row in rows:
+                    row.setdefault("state", None)  # not a libvirt VM, or no libvirt inventory
+                return {"ok": True, "agents": rows}
             if op == "agents-reload":
                 self.agents.reload()
                 return {"ok": True}

@@ -10,9 +10,8 @@ from typing import Annotated
 
 import typer
 import yaml
-from rich.table import Table
 
-from hyperfence.cli.output import out
+from hyperfence.cli.output import out, table
 from hyperfence.errors import NotFoundError
 from hyperfence.lab import agents as lab_agents
 from hyperfence.lab import domains as lab_domains
@@ -96,15 +95,15 @@ def status(name: NameOpt = "lab") -> None:
         f"{'pid ' + str(st.dnsmasq_pid) if st.dnsmasq_alive else 'not running'}, "
         f"NAT {'present' if st.nat_present else 'missing'}, {st.created_vms}/{st.planned_vms} VMs"
     )
-    table = Table("vm", "netns", "port present", "port up")
+    grid = table("vm", "netns", "port present", "port up")
     for v in st.vms:
-        table.add_row(
+        grid.add_row(
             v.name,
             "yes" if v.netns_exists else "no",
             "yes" if v.port_present else "no",
             "yes" if v.port_up else "no",
         )
-    out.print(table)
+    out.print(grid)
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

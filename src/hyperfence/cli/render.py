@@ -18,7 +18,10 @@ def _value(v: JSON) -> str:
         if "prefix" in v:
             return f"{v['prefix']['addr']}/{v['prefix']['len']}"
         if "payload" in v:
-            return f"{v['payload']['protocol']} {v['payload']['field']}"
+            p = v["payload"]
+            if "base" in p:  # a raw payload (the ethertype as bytes 12-13 of the frame), as nft writes it
+                return f"@{p['base']},{p['offset']},{p['len']}"
+            return f"{p['protocol']} {p['field']}"
         if "meta" in v:
             return f"meta {v['meta']['key']}"
         if "ct" in v:

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from hyperfence import errors
 from hyperfence.adapters.libvirt_xml import AGENT_FW_CFG, QEMU_USER
 from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
-from hyperfence.cli.output import err, out, plain
+from hyperfence.cli.output import err, out, plain, table
 from hyperfence.daemon import request
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.model.policy import Policy, Vm
@@ -231,6 +230,7 @@ def _with_connections(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
                 {
                     "vm": vm.id,
                     "name": vm.name,
+                    "state": None,
                     "status": "no agent",
                     "last_seen": None,
                     "seq": None,
@@ -261,17 +261,21 @@ def _connections_cells(conn: dict[str, Any] | None) -> tuple[Text, Text]:
 def vm_list(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False
 ) -> None:
-    """Each VM: agent status (ok / late / silent / never / no agent), last seen, isolation, refusals, and
-    its connection tracking: tracked connections / cap, and new connections its cap dropped."""
+    """Every VM of the policy and every enrolled VM, shut-off ones too: its full id, its state in libvirt
+    (running, paused, shutoff; `-` when libvirt does not manage it or no daemon runs), agent status (ok /
+    late / silent / never / no agent / vm not running), last seen, isolation, refusals, and its connection
+    tracking: tracked connections / cap, and new connections its cap dropped."""
     engine = _engine(ctx)
     reply = _ask(engine, {"op": "agents"})
     if reply is not None:
         rows: list[dict[str, Any]] = reply["agents"]
     else:  # no daemon: what the store remembers
+        names = _policy_names(engine)
         rows = [
             {
                 "vm": r.vm,
-                "name": r.vm,
+                "name": names.get(r.vm, r.vm),
+                "state": None,
                 "status": "daemon not running",
                 "last_seen": r.last_seen,
                 "seq": r.last_seq,
@@ -288,11 +292,24 @@ def vm_list(
         for row in rows:
             typer.echo(json.dumps(row, sort_keys=True))
         return
-    table = Table("vm", "agent", "last seen", "isolation", "refused", "version", "conns / cap", "cap drops")
+    grid = table(
+        "vm",
+        "id",
+        "state",
+        "agent",
+        "last seen",
+        "isolation",
+        "refused",
+        "version",
+        "conns / cap",
+        "cap drops",
+    )
     for row in rows:
         refused = {k: v for k, v in row.get("counts", {}).items() if k != "accepted" and v}
-        table.add_row(
+        grid.add_row(
             plain(row["name"]),
+            plain(row["vm"]),
+            plain(row.get("state") or "-"),
             plain(row["status"]),
             _ago(row["last_seen"]),
             plain("isolated: " + row["isolated"]) if row["isolated"] else "-",
@@ -300,7 +317,41 @@ def vm_list(
             plain(row.get("agent") or "-"),
             *_connections_cells(row.get("connections")),
         )
-    out.print(table)
+    out.print(grid)
+
+
+def _policy_names(engine: Engine) -> dict[str, str]:
+    """VM id -> name, for the VMs of the stored policy."""
+    compiled = engine.compiled()
+    return {} if compiled is None else {vm.id: vm.name for vm in compiled.policy.vms}
+
+
+def _target(engine: Engine, name: str) -> tuple[str, str]:
+    """(id, name) of VM `name` (a name or an id): a VM of the policy, or an enrolled VM. VMs from libvirt
+    are in the policy only while they run, so a shut-off one is found among the enrolled VMs, by its id or
+    by the name the running daemon knows it by."""
+    compiled = engine.compiled()
+    for vm in compiled.policy.vms if compiled is not None else ():
+        if name in (vm.name, vm.id):
+            return vm.id, vm.name
+    if name in engine.store.agents():
+        return name, name
+    try:
+        reply = request(engine.state_dir, {"op": "agents"}, timeout=5)
+    except (OSError, ValueError):  # a daemon that does not answer: the names it knows are not needed
+        reply = None
+    rows = reply.get("agents", []) if reply is not None and reply.get("ok") else []
+    for row in rows:
+        if name in (row.get("vm"), row.get("name")):
+            return str(row["vm"]), str(row["name"])
+    known = sorted(vm.name for vm in compiled.policy.vms) if compiled is not None else []
+    known += sorted(str(row.get("name")) for row in rows if row.get("name") not in known)
+    if compiled is None and not known:
+        raise errors.NotFoundError("no policy yet: run `hyperfence policy apply FILE` first")
+    raise errors.NotFoundError(
+        f"VM {name!r} is neither in the policy nor enrolled (expected one of: {', '.join(known[:10]) or 'none'}"
+        "; an enrolled VM's id works too, see `hyperfence vm list`)"
+    )
 
 
 @vm_app.command("events")
@@ -312,10 +363,10 @@ def vm_events(
 ) -> None:
     """The VM's events: agent hello/bye, security events, isolation and release, filter repairs."""
     engine = _engine(ctx)
-    target, _ = _vm(engine, vm)
+    vm_id, _ = _target(engine, vm)
     last = 0
     while True:
-        for ev in engine.store.events(vm=target.id, after=last, limit=limit):
+        for ev in engine.store.events(vm=vm_id, after=last, limit=limit):
             last = ev["id"]
             when = datetime.fromtimestamp(ev.pop("time"), UTC).isoformat(timespec="seconds")
             kind = ev.pop("kind")
@@ -332,11 +383,11 @@ def vm_events(
 def vm_release(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM name (or id).")]) -> None:
     """Take the VM out of isolation now (its silence is counted again from now)."""
     engine = _engine(ctx)
-    target, _ = _vm(engine, vm)
-    reply = _ask(engine, {"op": "release", "vm": target.id})
+    vm_id, name = _target(engine, vm)
+    reply = _ask(engine, {"op": "release", "vm": vm_id})
     if reply is None:
         raise errors.TemporaryError("no daemon is running: start `hyperfence daemon`, then release")
-    out.print(plain(f"{target.name}: " + ("released" if reply.get("released") else "was not isolated")))
+    out.print(plain(f"{name}: " + ("released" if reply.get("released") else "was not isolated")))
 
 
 @agent_app.command("build")

@@ -118,6 +118,22 @@ class InventoryWatcher:
         self._report_unprotected(unprotected_nics(self.domains, bridges))
         return True
 
+    def annotate(self, rows: list[dict[str, Any]]) -> None:
+        """Add libvirt's view to the agent monitor's rows (`AgentMonitor.snapshot`), in place: the domain's
+        `state` (running, paused, shutoff, ...; None for a VM libvirt does not know), its name where the
+        policy has none (a shut-off domain is not in the policy), and `vm not running` as the status of an
+        enrolled VM whose domain is not running (rather than `not in policy`)."""
+        domains = {d.uuid: d for d in self.domains}
+        for row in rows:
+            d = domains.get(row["vm"])
+            row["state"] = None if d is None else d.state
+            if d is None:
+                continue
+            if row.get("name") == row["vm"]:
+                row["name"] = d.name
+            if not d.is_active and row.get("status") == "not in policy":
+                row["status"] = "vm not running"
+
     def _report_unprotected(self, nics: tuple[tuple[DomainInfo, DomainNic], ...]) -> None:
         """One `nic-unprotected` event (and warning) per extra NIC, when it appears."""
         keys = set()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from hyperfence.cli.render import statement_text, stats_rows
+from hyperfence.cli.render import ruleset_text, statement_text, stats_rows
+from hyperfence.policy.parse import parse_policy
+from hyperfence.policy.resolve import resolve_policy
 from hyperfence.ruleset import expr as x
-from hyperfence.ruleset.compile import BRIDGE, INET
+from hyperfence.ruleset.compile import BRIDGE, INET, compile_ruleset
+from tests.unit.policy.test_parse import doc
 
 
 def test_stats_sum_policy_rules_and_show_the_connection_caps_drops() -> None:
@@ -32,3 +35,16 @@ def test_the_cap_rules_read_as_nft_writes_them() -> None:
     assert statement_text(x.ct_count_over(200)) == "ct count over 200"
     assert statement_text(x.ct_unconfirmed()) == "ct status ! 8"
     assert statement_text(x.goto("v1_cap_drop")) == "goto v1_cap_drop"
+
+
+def test_a_raw_payload_reads_as_nft_writes_it() -> None:
+    """The guard's VLAN check matches the ethertype as raw bytes 12-13 of the frame (`@ll,96,16`)."""
+    assert statement_text(x.vlan_tagged()) == "@ll,96,16 { 33024, 34984 }"
+
+
+def test_every_statement_of_a_compiled_policy_renders() -> None:
+    """`ruleset show --desired` of a policy that uses every part of the compiler: no statement is left
+    unrendered (a raw payload once ended `ruleset show` in a KeyError)."""
+    policy = parse_policy(doc(rules=[{"from": "vm:vm1", "to": "vm:vm2", "protocol": "tcp", "ports": [22]}]))
+    text = ruleset_text(compile_ruleset(resolve_policy(policy)))
+    assert "@ll,96,16 { 33024, 34984 } goto vlan_out" in text and "tcp dport 22 " in text

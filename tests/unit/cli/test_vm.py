@@ -19,6 +19,7 @@ from hyperfence import errors
 from hyperfence.agent.config import load_config
 from hyperfence.cli.main import app
 from hyperfence.cli.vm import _blocking_dir, _fw_cfg_path
+from hyperfence.health.tracker import AgentRecord
 from hyperfence.reconcile.conntrack import VmConnections
 from hyperfence.reconcile.engine import Engine
 from tests.unit.policy.test_parse import doc
@@ -196,3 +197,31 @@ def test_list_shows_every_vm_of_the_policy_with_its_connections(tmp_path: Path, 
     assert r.exit_code == 0, r.output
     assert "300 / 300" in r.stdout and "1234" in r.stdout and "? / 16384" in r.stdout
     assert "[bold]no[/bold]" in r.stderr  # printed as text, never as markup
+
+
+def test_list_on_a_narrow_terminal_folds_ids_and_never_cuts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an 80-column terminal the ten columns do not fit: a VM's UUID is folded onto more lines of its
+    cell, every character of it still there (cut, it would end in `…` and no longer name the VM)."""
+    from hyperfence.cli.output import table
+
+    store_policy(tmp_path)
+    uuid = "13f98949-f4a7-4def-8935-e872a363f62c"
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine.store.enroll_agent(AgentRecord(vm=uuid, key=b"k" * 32))
+    engine.close()
+    monkeypatch.setattr("hyperfence.cli.vm.read_vm_connections", lambda *_a, **_k: ({}, []))
+    terminal = Console(width=80, force_terminal=True, color_system=None, markup=False, soft_wrap=True)
+    monkeypatch.setattr("hyperfence.cli.vm.out", terminal)
+    with terminal.capture() as captured:
+        r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "list"])
+    assert r.exit_code == 0, r.output
+    text = captured.get()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    # the id column (the second) of the first row's lines, read top to bottom, is the whole UUID
+    body = [line for line in text.splitlines() if line.startswith("│")]
+    # a row's first line is the one with its state ("-"); the lines up to the next row's are its own
+    first_row = body[: next(i for i, line in enumerate(body[1:], 1) if line.split("│")[3].strip())]
+    assert "".join(line.split("│")[2].strip() for line in first_row) == uuid
+    assert table("a").columns[0].overflow == "fold"

@@ -1,13 +1,16 @@
-"""Domains -> policy VMs (pure)."""
+"""Domains -> policy VMs (pure), and libvirt's view added to `vm list`'s rows."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy
-from hyperfence.reconcile.inventory import unprotected_nics, vm_docs
+from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.inventory import InventoryWatcher, unprotected_nics, vm_docs
 from tests.unit.policy.test_parse import doc
 
 BRIDGES = {"br0": "lab"}
@@ -69,3 +72,23 @@ def test_nics_after_the_first_on_a_managed_bridge_are_reported_unprotected() -> 
     assert [d["port"] for d in vm_docs([two, off], BRIDGES)] == ["vnet1"]
     extra = unprotected_nics([two, off, dom("single")], BRIDGES)
     assert [(d.name, n.tap) for d, n in extra] == [("multi", "vnet3")]
+
+
+def test_annotate_names_and_states_enrolled_domains(tmp_path: Path) -> None:
+    """`vm list` through the daemon: a shut-off domain's row gets its name and state from libvirt (it is not
+    in the policy, so the agent monitor knows it only by id), a running one its state, others none."""
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    watcher = InventoryWatcher(engine)  # never connects: only its last read domains are used
+    watcher.domains = [dom("web1"), dom("off", "shutoff")]
+    rows: list[dict[str, Any]] = [
+        {"vm": "uuid-web1", "name": "web1", "status": "ok"},
+        {"vm": "uuid-off", "name": "uuid-off", "status": "not in policy"},
+        {"vm": "uuid-gone", "name": "uuid-gone", "status": "not in policy"},
+    ]
+    watcher.annotate(rows)
+    assert rows == [
+        {"vm": "uuid-web1", "name": "web1", "status": "ok", "state": "running"},
+        {"vm": "uuid-off", "name": "off", "status": "vm not running", "state": "shutoff"},
+        {"vm": "uuid-gone", "name": "uuid-gone", "status": "not in policy", "state": None},
+    ]
+    engine.close()
