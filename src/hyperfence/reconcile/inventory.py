@@ -20,10 +20,12 @@ from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
 from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, DomainNic, VmAction
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.supervisor import on_stop
 
 log = logging.getLogger("hyperfence.inventory")
 
 RESYNC_EVERY = 30.0
+_WAKE = DomainEvent("", "", "wake", "")  # put into the queue when the daemon stops
 
 
 def vm_docs(domains: Iterable[DomainInfo], bridges: Mapping[str, str]) -> tuple[dict[str, Any], ...]:
@@ -83,19 +85,26 @@ class InventoryWatcher:
 
     def run(self, stop: threading.Event) -> None:
         watcher = LibvirtEvents(self.uri, on_event=self.events.put)
+        forget = on_stop(stop, lambda: self.events.put(_WAKE))  # ends the wait below at once
         watcher.start()
         try:
             self.refresh()
             while not stop.is_set():
+                burst: list[DomainEvent] = []
                 try:
-                    ev = self.events.get(timeout=RESYNC_EVERY)
-                    log.info("libvirt: %s %s (%s)", ev.kind, ev.name, ev.detail)
+                    burst.append(self.events.get(timeout=RESYNC_EVERY))
+                    while not self.events.empty():  # a burst of events is one re-read
+                        burst.append(self.events.get_nowait())
                 except queue.Empty:
                     pass
-                while not self.events.empty():  # a burst of events is one re-read
-                    self.events.get_nowait()
+                if stop.is_set():
+                    break
+                for ev in burst:
+                    if ev is not _WAKE:
+                        log.info("libvirt: %s %s (%s)", ev.kind, ev.name, ev.detail)
                 self.refresh()
         finally:
+            forget()
             watcher.close()
             self.inventory.close()
 
