@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +37,7 @@ from hyperfence.lab.image import build_image
 from hyperfence.lab.libvirtd import ensure_libvirtd, running_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
 from hyperfence.lab.qemu import define_lab_guest, down_qemu, qemu_policy, up_qemu
+from hyperfence.lab.session import lab_state_dir
 from hyperfence.lab.topology import create_lab, destroy_lab, run_in_host
 from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.engine import Engine
@@ -368,3 +371,85 @@ def test_nic_hotplug_follows_the_guest_and_an_extra_nic_gets_nothing(lab: tuple[
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def virsh(*args: str) -> str:
+    done = subprocess.run(
+        ["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip()
+
+
+def hyperfence_lab(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "hyperfence", "lab", *args, "--name", name]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+
+
+def enrolled_key(lab: str, uuid: str) -> str:
+    """The agent key the lab's store holds for domain `uuid`."""
+    engine = Engine(netns=None, state_dir=str(lab_state_dir(lab)))
+    try:
+        return engine.store.agents()[uuid].key.hex()
+    finally:
+        engine.close()
+
+
+def test_the_lab_commands_on_a_qemu_lab_up_twice_status_and_down() -> None:
+    """What an operator types, as the real commands, on one lab of one guest (booted twice in all): `lab up
+    --qemu` again keeps the running guest (same domain, same run, same agent key) where it used to stop on
+    "domain already exists"; `lab status` counts and lists the guests (it said 0/2 VMs); a shut-off guest is
+    started again by `lab up`, with its own UUID and a new key that the store and the guest's config share;
+    `lab down` removes the domain, the libvirtd it started, and the lab's state (agent keys included)."""
+    if running_libvirtd() is not None:
+        pytest.skip("a libvirtd this test did not start is running (one per machine): not touching it")
+    name = f"op{secrets.token_hex(2)}"
+    domain = f"hf-{name}-vm1"
+    plan = plan_lab(name, 1)
+    config = qemu_dir(plan) / "vm1.agent.json"
+    state = lab_state_dir(name)
+
+    def lab(*args: str) -> subprocess.CompletedProcess[str]:
+        return hyperfence_lab(name, *args)
+
+    def stored_key(uuid: str) -> str:
+        return enrolled_key(name, uuid)
+
+    try:
+        up = lab("up", "--qemu", "--vms", "1")
+        assert up.returncode == 0, up.stderr
+        assert f"1 guests running: started {domain}" in up.stdout
+        uuid, run = virsh("domuuid", domain), virsh("domid", domain)
+        key = json.loads(config.read_text())["key"]
+        assert stored_key(uuid) == key
+
+        again = lab("up", "--qemu", "--vms", "1")
+        assert again.returncode == 0, again.stderr
+        assert f"1 guests running: already up {domain}" in again.stdout
+        assert (virsh("domuuid", domain), virsh("domid", domain)) == (uuid, run)  # not restarted
+        assert json.loads(config.read_text())["key"] == key == stored_key(uuid)  # not enrolled again
+
+        status = lab("status")
+        assert status.returncode == 0, status.stderr
+        assert "1/1 QEMU guests running" in status.stdout
+        (row,) = [line.split("│")[1:6] for line in status.stdout.splitlines() if domain in line]
+        assert [c.strip() for c in row] == ["vm1", domain, "running", "yes", "yes"], status.stdout
+
+        virsh("destroy", domain)
+        status = lab("status")
+        assert "0/1 QEMU guests running" in status.stdout and " shutoff " in status.stdout
+
+        restarted = lab("up", "--qemu", "--vms", "1")
+        assert restarted.returncode == 0, restarted.stderr
+        assert f"1 guests running: started {domain}" in restarted.stdout
+        assert virsh("domuuid", domain) == uuid and virsh("domstate", domain) == "running"
+        new_key = json.loads(config.read_text())["key"]
+        assert new_key != key and stored_key(uuid) == new_key  # what the guest boots with is enrolled
+
+        down = lab("down")
+        assert down.returncode == 0, down.stderr
+        assert f"(its state {state} removed)" in down.stdout
+        assert not state.exists() and not qemu_dir(plan).exists()
+        assert running_libvirtd() is None  # the libvirtd `lab up` started is gone, with the domain
+    finally:
+        lab("down")
+        shutil.rmtree(state, ignore_errors=True)
