@@ -1,7 +1,7 @@
 """What the CLI prints into a pipe (a script, `| grep`, a file) is never wrapped, cut or squeezed: each command
 runs as the real process, its stdout a pipe and COLUMNS=80 (what rich would otherwise fit everything into).
 No kernel and no daemon: the commands that read only the store and files, and `status` against a stand-in for
-the daemon's control socket (the kernel's `ruleset show` and `ruleset diff`: tests/netns/firewall/test_cli.py).
+the daemon's control socket (the kernel's `ruleset show` and `ruleset diff`: tests/netns/firewall/test_cli_piped.py).
 """
 
 from __future__ import annotations
