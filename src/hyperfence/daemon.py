@@ -13,6 +13,9 @@
 * Every long-running loop (control socket, reconcile, traffic log, inventory, agents) runs under a
   `Supervisor`: a loop that fails is logged, recorded as a `loop-failed` event and restarted with backoff;
   the `status` op (`hyperfence status`) says which loops run and which are down.
+* Stop (SIGTERM, SIGINT): `stop_event` is a `StopSignal`, and every loop wakes on it rather than finishing
+  a sleep or a poll (`reconcile/supervisor.py`), so the process exits within tens of milliseconds (measured
+  ~20 ms, `tests/netns/daemon/test_stop.py`); a loop that hangs is given up after JOIN_TIMEOUT and logged.
 
 The kernel rules do not depend on this process: a crash or `kill -9` leaves them exactly as they were (fail
 closed), and a restart that finds the kernel already right writes nothing.
