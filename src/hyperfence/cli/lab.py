@@ -56,7 +56,7 @@ def up(
             started = [d.name for d, kept in guests if not kept]
             kept = [d.name for d, kept in guests if kept]
             out.print(
-                f"{len(guests)} guests running: "
+                f"{len(guests)} guest{'' if len(guests) == 1 else 's'} running: "
                 + "; ".join(
                     part
                     for part in (

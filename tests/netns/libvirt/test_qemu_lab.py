@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from hyperfence.cli.lab import app as lab_app
 from hyperfence.cli.main import app
+from hyperfence.lab import topology
 from hyperfence.lab.domains import (
     define_lab_domain,
     interface_xml,
@@ -394,6 +395,32 @@ def enrolled_key(lab: str, uuid: str) -> str:
         engine.close()
 
 
+def vm_list_through_a_daemon(lab: str, uuid: str) -> list[str]:
+    """`vm list`'s cells for domain `uuid`, from a daemon with the libvirt inventory (started and stopped
+    here); `vm events` finds the VM by its domain's name too, though it is not in the policy."""
+    hf = [sys.executable, "-m", "hyperfence", "--lab", lab]
+    policy = topology.state_dir(lab) / "policy.yaml"
+    assert subprocess.run([*hf, "policy", "apply", str(policy)], check=False).returncode == 0
+    daemon = subprocess.Popen([*hf, "daemon", "--libvirt", "qemu:///system"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert daemon.poll() is None
+            done = subprocess.run([*hf, "vm", "list"], capture_output=True, text=True, check=False)
+            rows = [line.split("│")[1:-1] for line in done.stdout.splitlines() if uuid in line]
+            cells = [c.strip() for c in rows[0]] if len(rows) == 1 else []
+            if cells and cells[2] != "-":  # the daemon has read libvirt
+                break
+            assert time.monotonic() < deadline, done.stdout + done.stderr
+            time.sleep(0.3)
+        events = subprocess.run([*hf, "vm", "events", cells[0]], capture_output=True, text=True, check=False)
+        assert events.returncode == 0, events.stderr
+        return cells
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
 def test_the_lab_commands_on_a_qemu_lab_up_twice_status_and_down() -> None:
     """What an operator types, as the real commands, on one lab of one guest (booted twice in all): `lab up
     --qemu` again keeps the running guest (same domain, same run, same agent key) where it used to stop on
@@ -417,14 +444,14 @@ def test_the_lab_commands_on_a_qemu_lab_up_twice_status_and_down() -> None:
     try:
         up = lab("up", "--qemu", "--vms", "1")
         assert up.returncode == 0, up.stderr
-        assert f"1 guests running: started {domain}" in up.stdout
+        assert f"1 guest running: started {domain}" in up.stdout
         uuid, run = virsh("domuuid", domain), virsh("domid", domain)
         key = json.loads(config.read_text())["key"]
         assert stored_key(uuid) == key
 
         again = lab("up", "--qemu", "--vms", "1")
         assert again.returncode == 0, again.stderr
-        assert f"1 guests running: already up {domain}" in again.stdout
+        assert f"1 guest running: already up {domain}" in again.stdout
         assert (virsh("domuuid", domain), virsh("domid", domain)) == (uuid, run)  # not restarted
         assert json.loads(config.read_text())["key"] == key == stored_key(uuid)  # not enrolled again
 
@@ -437,10 +464,12 @@ def test_the_lab_commands_on_a_qemu_lab_up_twice_status_and_down() -> None:
         virsh("destroy", domain)
         status = lab("status")
         assert "0/1 QEMU guests running" in status.stdout and " shutoff " in status.stdout
+        listed = vm_list_through_a_daemon(name, uuid)  # the shut-off guest is listed, by its name
+        assert listed[:4] == [domain, uuid, "shutoff", "vm not running"], listed
 
         restarted = lab("up", "--qemu", "--vms", "1")
         assert restarted.returncode == 0, restarted.stderr
-        assert f"1 guests running: started {domain}" in restarted.stdout
+        assert f"1 guest running: started {domain}" in restarted.stdout
         assert virsh("domuuid", domain) == uuid and virsh("domstate", domain) == "running"
         new_key = json.loads(config.read_text())["key"]
         assert new_key != key and stored_key(uuid) == new_key  # what the guest boots with is enrolled
