@@ -117,6 +117,7 @@ class Hub:
         self._per_source: Counter[str] = Counter()
         self._buckets: dict[str, _Bucket] = {}
         self._logged: dict[str, float] = {}
+        self._wake: int | None = None  # a stop signal's descriptor in the selector (see `poll`)
 
     # --- the TLS endpoint ---------------------------------------------------------------------------
 
@@ -216,11 +217,20 @@ class Hub:
 
     # --- traffic --------------------------------------------------------------------------------------
 
-    def poll(self, timeout: float) -> None:
+    def poll(self, timeout: float, *, wake: int | None = None) -> None:
         """One round: accept, read what is ready (one chunk per channel), reconnect virtio channels, close
-        connections that waited too long for their claim."""
+        connections that waited too long for their claim. The wait ends early when file descriptor `wake`
+        (a stop signal) is readable."""
+        if wake != self._wake:
+            if self._wake is not None:
+                self.sel.unregister(self._wake)
+            if wake is not None:
+                self.sel.register(wake, selectors.EVENT_READ, ("wake", ""))
+            self._wake = wake
         for key, _ in self.sel.select(timeout):
             role, vm = key.data
+            if role == "wake":
+                continue
             try:
                 self._ready(role, vm, key)
             except Exception:  # a bug or an OS surprise: that connection goes, the receiver does not

@@ -72,10 +72,12 @@ class AddressWatch:
             protocol=NETLINK_ROUTE,
         )
 
-    def wait(self, timeout: float) -> bool:
-        """True when events came (all that are queued are read), False after `timeout` seconds without.
-        A receive buffer overrun counts as an event: what was lost may have been a change."""
-        if not select.select([self.sock], [], [], timeout)[0]:
+    def wait(self, timeout: float, *, wake: int | None = None) -> bool:
+        """True when events came (all that are queued are read), False after `timeout` seconds without, or
+        as soon as file descriptor `wake` is readable (a stop signal). A receive buffer overrun counts as an
+        event: what was lost may have been a change."""
+        fds = [self.sock.fileno()] if wake is None else [self.sock.fileno(), wake]
+        if self.sock.fileno() not in select.select(fds, [], [], timeout)[0]:
             return False
         read = 0
         while read < MAX_DRAIN:

@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 import libvirt  # type: ignore[import-untyped]
 
 from hyperfence.adapters.libvirt_xml import (
+    RESUMED,
+    RUNNING,
     XMLNS,
     XMLNS_PREFIX,
     DomainEvent,
@@ -129,6 +131,15 @@ def _open(uri: str) -> Any:
             f"lab) or pass another URI",
             retry_after=2.0,
         ) from exc
+
+
+def _running_reason(dom: Any) -> int | None:
+    """Why the domain's CPUs run (virDomainRunningReason), or None if it does not run or cannot be read."""
+    try:
+        state, reason = dom.state()
+    except libvirt.libvirtError:
+        return None
+    return int(reason) if state == RUNNING else None
 
 
 def _is_alive(conn: Any) -> bool:
@@ -497,7 +508,12 @@ class LibvirtEvents:
         self._lost.set()
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: object) -> None:
-        kind, what = lifecycle_kind(event, detail)
+        reason = _running_reason(dom) if event == RESUMED else None
+        named = lifecycle_kind(event, detail, running_reason=reason)
+        if named is None:  # the RESUMED of a domain that boots: its STARTED follows
+            log.debug("libvirt %s: %s resumed as part of its start", self.uri, dom.name())
+            return
+        kind, what = named
         self._emit(DomainEvent(dom.UUIDString().lower(), dom.name(), kind, what))
 
     def _on_device_added(self, _conn: Any, dom: Any, alias: str, _opaque: object) -> None:

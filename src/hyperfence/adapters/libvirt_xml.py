@@ -84,6 +84,10 @@ _LIFECYCLE: dict[int, tuple[str, dict[int, str]]] = {
     8: ("crashed", {0: "panicked", 1: "crashloaded"}),
 }
 _MIGRATED = {(2, 1), (5, 3)}  # started because migrated in, stopped because migrated out
+RESUMED = 4  # virDomainEventType VIR_DOMAIN_EVENT_RESUMED
+RUNNING = 1  # virDomainState VIR_DOMAIN_RUNNING
+RUNNING_BOOTED = 1  # virDomainRunningReason: the CPUs run because the domain was started
+RUNNING_UNPAUSED = 5  # ... because a paused domain was resumed (virsh resume)
 
 ET.register_namespace(XMLNS_PREFIX, XMLNS)  # serialize our elements as hf:..., as libvirt shows them
 
@@ -124,11 +128,11 @@ class DomainInfo:
 class DomainEvent:
     """Something may have changed in the inventory: re-read it (level-triggered).
 
-    `kind` is one of defined, undefined, started, stopped, paused, resumed, migrated, shutdown, crashed,
-    nic-added, nic-removed, device-added, device-removed, ``reset`` (the guest was reset or rebooted: it
-    keeps running, its agent starts again), ``metadata-changed`` (labels or addresses may have changed;
-    detail: what changed, `metadata_detail`), and ``resync`` (uuid and name empty): the connection to
-    libvirtd was (re)made and events may have been missed, so re-read everything.
+    `kind` is one of defined, undefined, started, stopped, paused, unpaused, resumed, migrated, shutdown,
+    crashed, nic-added, nic-removed, device-added, device-removed, ``reset`` (the guest was reset or
+    rebooted: it keeps running, its agent starts again), ``metadata-changed`` (labels or addresses may have
+    changed; detail: what changed, `metadata_detail`), and ``resync`` (uuid and name empty): the connection
+    to libvirtd was (re)made and events may have been missed, so re-read everything.
     """
 
     uuid: str
@@ -153,8 +157,19 @@ def state_name(state: int) -> str:
     return DOMAIN_STATES.get(state, f"state-{state}")
 
 
-def lifecycle_kind(event: int, detail: int) -> tuple[str, str]:
-    """(kind, detail) of a libvirt lifecycle event (virDomainEventType, its detail number).
+def lifecycle_kind(event: int, detail: int, *, running_reason: int | None = None) -> tuple[str, str] | None:
+    """(kind, detail) of a libvirt lifecycle event (virDomainEventType, its detail number), or None for an
+    event that is only part of another one.
+
+    libvirt reports every time a domain's CPUs start running as RESUMED, detail ``unpaused``: when someone
+    resumes a paused domain, but also when a domain boots (QEMU starts paused, libvirt lets it run and sends
+    RESUMED just before STARTED ``booted``), when a migration or a restore completes. The event alone cannot
+    tell; the domain's running reason right after it can (`running_reason`, virDomainRunningReason, from
+    ``virDomainGetState``; None when it could not be read or the domain no longer runs):
+
+    * booted: the start's own RESUMED -> None; the STARTED that follows is the start;
+    * unpaused: a paused domain was resumed -> ``unpaused``;
+    * anything else, or unknown -> ``resumed`` with libvirt's detail (``migrated``, ``from-snapshot``, ...).
 
     Migration shows as ``migrated`` (detail ``in`` on the target, ``out`` on the source); unknown numbers
     from a newer libvirt keep their number (``event-12``, ``detail-9``).
@@ -162,7 +177,12 @@ def lifecycle_kind(event: int, detail: int) -> tuple[str, str]:
     if (event, detail) in _MIGRATED:
         return "migrated", "in" if event == 2 else "out"
     kind, details = _LIFECYCLE.get(event, (f"event-{event}", {}))
-    return kind, details.get(detail, f"detail-{detail}")
+    name = details.get(detail, f"detail-{detail}")
+    if event == RESUMED and running_reason == RUNNING_BOOTED:
+        return None
+    if event == RESUMED and running_reason == RUNNING_UNPAUSED:
+        return "unpaused", name
+    return kind, name
 
 
 def metadata_detail(kind: int, uri: str | None) -> str:

@@ -179,7 +179,7 @@ class NflogReader:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._wait_readable(remaining):
+            if remaining <= 0 or not self._wait_readable(remaining, None):
                 raise KernelError(f"{self._where}: no answer from nfnetlink_log to the {what} request")
             for batch in self._recv_available():
                 self._pending.extend(batch.packets)
@@ -207,10 +207,14 @@ class NflogReader:
             raise BugError(f"{self._where}: the reader is closed")
         return self._sock
 
-    def _wait_readable(self, timeout: float | None) -> bool:
+    def _wait_readable(self, timeout: float | None, wake: int | None) -> bool:
+        sock = self._live_socket()
         poller = select.poll()
-        poller.register(self._live_socket(), select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+        poller.register(sock, select.POLLIN)
+        if wake is not None:
+            poller.register(wake, select.POLLIN)
+        ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+        return any(fd == sock.fileno() for fd, _ in ready)
 
     def _recv_available(self) -> list[NflogBatch]:
         """Decode every datagram already queued (up to a bound); counts overruns and malformed messages."""
@@ -231,11 +235,11 @@ class NflogReader:
             batches.append(batch)
         return batches
 
-    def read(self, timeout: float | None) -> list[NflogPacket]:
+    def read(self, timeout: float | None, *, wake: int | None = None) -> list[NflogPacket]:
         """The packets logged since the last call, oldest first; waits up to `timeout` seconds for the first.
 
         `timeout=None` waits until at least one packet arrives, `0` only takes what is queued. Returns `[]`
-        when the time runs out. Raises `BugError` after `close()`, `KernelError` if the socket fails in a way
+        when the time runs out, or at once when file descriptor `wake` is readable (a stop signal). Raises `BugError` after `close()`, `KernelError` if the socket fails in a way
         other than an overrun (overruns are counted in `dropped_overruns`, not raised).
         """
         self._live_socket()
@@ -249,7 +253,7 @@ class NflogReader:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return packets
-            if not self._wait_readable(remaining):
+            if not self._wait_readable(remaining, wake):
                 return packets
 
     def fileno(self) -> int:

@@ -166,12 +166,16 @@ class NftMonitor:
             netns, what=self._where, groups=1 << (NFNLGRP_NFTABLES - 1), rcvbuf=rcvbuf, blocking=False
         )
 
-    def read(self, timeout: float) -> Batch:
-        """What was committed since the last call; waits up to `timeout` seconds for something to arrive."""
+    def read(self, timeout: float, *, wake: int | None = None) -> Batch:
+        """What was committed since the last call; waits up to `timeout` seconds for something to arrive,
+        or until file descriptor `wake` is readable (a stop signal: then it returns at once)."""
         sock = self._live()
         poller = select.poll()
         poller.register(sock, select.POLLIN)
-        if not poller.poll(max(0, int(timeout * 1000 + 0.999))):
+        if wake is not None:
+            poller.register(wake, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(max(0, int(timeout * 1000 + 0.999)))}
+        if sock.fileno() not in ready:
             return Batch()
         generations: list[Generation] = []
         lost = False

@@ -10,9 +10,8 @@ from typing import Annotated
 
 import typer
 import yaml
-from rich.table import Table
 
-from hyperfence.cli.output import out
+from hyperfence.cli.output import out, table
 from hyperfence.errors import NotFoundError
 from hyperfence.lab import agents as lab_agents
 from hyperfence.lab import domains as lab_domains
@@ -22,7 +21,7 @@ from hyperfence.lab import topology
 from hyperfence.lab.guest_shell import run_in_guest
 from hyperfence.lab.plan import plan_lab
 from hyperfence.lab.policy import lab_policy
-from hyperfence.lab.session import STATE_ROOT
+from hyperfence.lab.session import claim_state_dir, lab_state_dir, remove_state_dir
 from hyperfence.reconcile.engine import Engine
 
 app = typer.Typer(no_args_is_help=True, help="A lab of VMs as network namespaces (for the demo and tests).")
@@ -42,18 +41,31 @@ def up(
         ),
     ] = False,
 ) -> None:
-    """Create (or repair) the lab. Idempotent. Writes a starting policy (no rules) beside its state, and
+    """Create (or repair) the lab. Idempotent: what exists and works is kept (a QEMU guest that runs with
+    its agent enrolled is not restarted). Writes a starting policy (no rules) beside its state, and
     starts an enrolled agent in every VM (they report once `hyperfence --lab NAME daemon` runs)."""
     plan = plan_lab(name, vms)
     topology.create_lab(plan, only=0 if qemu else None)
-    engine = Engine(netns=plan.host_netns, state_dir=os.path.join(STATE_ROOT, name))
+    engine = Engine(netns=plan.host_netns, state_dir=str(claim_state_dir(name)))
     try:
         if qemu:
             out.print(
                 "lab libvirtd runs QEMU as root (a lab-only choice: see docs/libvirt.md); building the guest"
             )
-            domains = lab_qemu.up_qemu(plan, engine)
-            out.print(f"{len(domains)} guests started: {', '.join(d.name for d in domains)}")
+            guests = lab_qemu.ensure_guests(plan, engine)
+            started = [d.name for d, kept in guests if not kept]
+            kept = [d.name for d, kept in guests if kept]
+            out.print(
+                f"{len(guests)} guest{'' if len(guests) == 1 else 's'} running: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"started {', '.join(started)}" if started else "",
+                        f"already up {', '.join(kept)}" if kept else "",
+                    )
+                    if part
+                )
+            )
         elif agents:
             pids = lab_agents.start_detached(engine, plan)
             out.print(f"agents running in {len(pids)} VMs (pids {', '.join(str(p) for p in pids.values())})")
@@ -75,36 +87,71 @@ def up(
 
 @app.command("down")
 def down(name: NameOpt = "lab") -> None:
-    """Remove every namespace and process of the lab. Idempotent."""
+    """Remove what `lab up` made: the lab's namespaces, processes and guests, and its state directory (store,
+    agent keys, traffic log) if `lab up` created it. Idempotent. A daemon running for the lab is not the
+    lab's: it is left running, and then its state directory is kept too."""
+    from hyperfence.daemon import request  # noqa: PLC0415 - only down asks for a daemon
+
     plan = topology.read_lab(name)
     if plan is not None:
         lab_agents.stop_detached(plan)
         lab_qemu.down_qemu(plan)
     topology.destroy_lab(name)
-    out.print(f"lab {name!r} is down")
+    state = lab_state_dir(name)
+    try:
+        daemon = request(str(state), {"op": "status"}, timeout=2)
+    except (OSError, ValueError):  # a control socket that does not answer: no daemon serves it
+        daemon = None
+    if daemon is not None:
+        out.print(
+            f"lab {name!r} is down; a daemon (pid {daemon.get('pid')}) still runs for it, so its state "
+            f"{state} is kept: stop the daemon, then run `hyperfence lab down --name {name}` again"
+        )
+    elif remove_state_dir(name):
+        out.print(f"lab {name!r} is down (its state {state} removed)")
+    elif state.exists():
+        out.print(f"lab {name!r} is down; {state} was not made by `lab up` and is left as it is")
+    else:
+        out.print(f"lab {name!r} is down")
 
 
 @app.command("status")
 def status(name: NameOpt = "lab") -> None:
-    """What exists of the lab."""
+    """What exists of the lab: its namespaces, dnsmasq, NAT, and each VM (namespace, or QEMU guest and its
+    state in libvirt) with its port on the bridge."""
     st = topology.lab_status(name)
     if not st.recorded and not st.host_netns_exists:
         raise NotFoundError(f"lab {name!r} does not exist (run `hyperfence lab up --name {name}`)")
+    plan = topology.read_lab(name)
+    guests = lab_qemu.guest_status(plan) if plan is not None and lab_qemu.is_qemu_lab(plan) else None
+    vms = (
+        f"{sum(g.is_active for g in guests)}/{st.planned_vms} QEMU guests running"
+        if guests is not None
+        else f"{st.created_vms}/{st.planned_vms} VMs"
+    )
     out.print(
         f"lab {name}: host netns {'up' if st.host_netns_exists else 'MISSING'}, outside "
         f"{'up' if st.outside_netns_exists else 'MISSING'}, dnsmasq "
         f"{'pid ' + str(st.dnsmasq_pid) if st.dnsmasq_alive else 'not running'}, "
-        f"NAT {'present' if st.nat_present else 'missing'}, {st.created_vms}/{st.planned_vms} VMs"
+        f"NAT {'present' if st.nat_present else 'missing'}, {vms}"
     )
-    table = Table("vm", "netns", "port present", "port up")
+    if guests is not None:
+        grid = table("vm", "domain", "state", "port present", "port up")
+        for g in guests:
+            grid.add_row(
+                g.vm, g.domain, g.state, "yes" if g.port_present else "no", "yes" if g.port_up else "no"
+            )
+        out.print(grid)
+        return
+    grid = table("vm", "netns", "port present", "port up")
     for v in st.vms:
-        table.add_row(
+        grid.add_row(
             v.name,
             "yes" if v.netns_exists else "no",
             "yes" if v.port_present else "no",
             "yes" if v.port_up else "no",
         )
-    out.print(table)
+    out.print(grid)
 
 
 @app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -11,11 +11,10 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.table import Table
 
 from hyperfence import errors
 from hyperfence.cli import render
-from hyperfence.cli.output import err, out, plain, plain_lines, styled
+from hyperfence.cli.output import err, out, plain, plain_lines, styled, table
 from hyperfence.cli.vm import agent_app, vm_app
 from hyperfence.model.kernel import describe
 from hyperfence.policy.parse import parse_policy
@@ -247,16 +246,16 @@ def ruleset_stats(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table("rule", *(["vm"] if by_vm else []), "direction", "packets", "bytes")
+    grid = table("rule", *(["vm"] if by_vm else []), "direction", "packets", "bytes")
     for r in rows:
-        table.add_row(
+        grid.add_row(
             plain(r["rule"]),
             *([plain(r["vm"])] if by_vm else []),
             r["direction"],
             str(r["packets"]),
             str(r["bytes"]),
         )
-    out.print(table)
+    out.print(grid)
 
 
 # --- what-if ----------------------------------------------------------------------------------------
@@ -388,11 +387,11 @@ def status_cmd(
         typer.echo(json.dumps(reply, sort_keys=True))
     else:
         out.print(f"daemon pid {reply.get('pid')}, policy {plain(reply.get('policy'))}")
-        table = Table("loop", "state", "failures", "last error")
+        grid = table("loop", "state", "failures", "last error")
         for name, loop in sorted((reply.get("loops") or {}).items()):
             state = styled(str(loop.get("state")), "red" if loop.get("state") == "down" else "green")
-            table.add_row(plain(name), state, str(loop.get("failures")), plain(loop.get("last_error") or "-"))
-        out.print(table)
+            grid.add_row(plain(name), state, str(loop.get("failures")), plain(loop.get("last_error") or "-"))
+        out.print(grid)
         channels = reply.get("agent_channels") or {}
         refused = ", ".join(f"{k} {v}" for k, v in sorted((channels.get("refused") or {}).items())) or "none"
         out.print(

@@ -19,9 +19,9 @@ def _value(v: JSON) -> str:
             return f"{v['prefix']['addr']}/{v['prefix']['len']}"
         if "payload" in v:
             p = v["payload"]
-            if "protocol" in p:
-                return f"{p['protocol']} {p['field']}"
-            return f"@{p['base']},{p['offset']},{p['len']}"  # a raw payload (e.g. the ethertype)
+            if "base" in p:  # a raw payload (the ethertype as bytes 12-13 of the frame), as nft writes it
+                return f"@{p['base']},{p['offset']},{p['len']}"
+            return f"{p['protocol']} {p['field']}"
         if "meta" in v:
             return f"meta {v['meta']['key']}"
         if "ct" in v:

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 from rich.text import Text
 
 from hyperfence import errors
 from hyperfence.adapters.libvirt_xml import AGENT_FW_CFG
 from hyperfence.adapters.qemu_files import QemuUser, check_reachable, qemu_user, write_for_qemu
 from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
-from hyperfence.cli.output import err, out, plain
+from hyperfence.cli.output import err, out, plain, table
 from hyperfence.daemon import request
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.model.policy import Policy, Vm
@@ -212,6 +211,7 @@ def _with_connections(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
                 {
                     "vm": vm.id,
                     "name": vm.name,
+                    "state": None,
                     "status": "no agent",
                     "last_seen": None,
                     "seq": None,
@@ -271,7 +271,9 @@ def _connections_cells(conn: dict[str, Any] | None) -> tuple[Text, Text]:
 def vm_list(
     ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False
 ) -> None:
-    """Each VM: agent status (ok / late / silent / never / no agent), last seen, isolation, refusals, its
+    """Every VM of the policy and every enrolled VM, shut-off ones too: its full id, its state in libvirt
+    (running, paused, shutoff; `-` when libvirt does not manage it or no daemon runs), agent status (ok /
+    late / silent / booting / never / no agent / vm not running), last seen, isolation, refusals, its
     connection tracking: tracked connections / cap, and new connections its cap dropped, and for a VM that
     learns its addresses from DHCP, each learned address and when its lease ends."""
     engine = _engine(ctx)
@@ -279,10 +281,12 @@ def vm_list(
     if reply is not None:
         rows: list[dict[str, Any]] = reply["agents"]
     else:  # no daemon: what the store remembers
+        names = _policy_names(engine)
         rows = [
             {
                 "vm": r.vm,
-                "name": r.vm,
+                "name": names.get(r.vm, r.vm),
+                "state": None,
                 "status": "daemon not running",
                 "last_seen": r.last_seen,
                 "seq": r.last_seq,
@@ -299,8 +303,10 @@ def vm_list(
         for row in rows:
             typer.echo(json.dumps(row, sort_keys=True))
         return
-    table = Table(
+    grid = table(
         "vm",
+        "id",
+        "state",
         "agent",
         "last seen",
         "isolation",
@@ -312,8 +318,10 @@ def vm_list(
     )
     for row in rows:
         refused = {k: v for k, v in row.get("counts", {}).items() if k != "accepted" and v}
-        table.add_row(
+        grid.add_row(
             plain(row["name"]),
+            plain(row["vm"]),
+            plain(row.get("state") or "-"),
             plain(row["status"]),
             _ago(row["last_seen"]),
             plain("isolated: " + row["isolated"]) if row["isolated"] else "-",
@@ -322,7 +330,41 @@ def vm_list(
             *_connections_cells(row.get("connections")),
             _learned_cell(row),
         )
-    out.print(table)
+    out.print(grid)
+
+
+def _policy_names(engine: Engine) -> dict[str, str]:
+    """VM id -> name, for the VMs of the stored policy."""
+    compiled = engine.compiled()
+    return {} if compiled is None else {vm.id: vm.name for vm in compiled.policy.vms}
+
+
+def _target(engine: Engine, name: str) -> tuple[str, str]:
+    """(id, name) of VM `name` (a name or an id): a VM of the policy, or an enrolled VM. VMs from libvirt
+    are in the policy only while they run, so a shut-off one is found among the enrolled VMs, by its id or
+    by the name the running daemon knows it by."""
+    compiled = engine.compiled()
+    for vm in compiled.policy.vms if compiled is not None else ():
+        if name in (vm.name, vm.id):
+            return vm.id, vm.name
+    if name in engine.store.agents():
+        return name, name
+    try:
+        reply = request(engine.state_dir, {"op": "agents"}, timeout=5)
+    except (OSError, ValueError):  # a daemon that does not answer: the names it knows are not needed
+        reply = None
+    rows = reply.get("agents", []) if reply is not None and reply.get("ok") else []
+    for row in rows:
+        if name in (row.get("vm"), row.get("name")):
+            return str(row["vm"]), str(row["name"])
+    known = sorted(vm.name for vm in compiled.policy.vms) if compiled is not None else []
+    known += sorted(str(row.get("name")) for row in rows if row.get("name") not in known)
+    if compiled is None and not known:
+        raise errors.NotFoundError("no policy yet: run `hyperfence policy apply FILE` first")
+    raise errors.NotFoundError(
+        f"VM {name!r} is neither in the policy nor enrolled (expected one of: {', '.join(known[:10]) or 'none'}"
+        "; an enrolled VM's id works too, see `hyperfence vm list`)"
+    )
 
 
 @vm_app.command("events")
@@ -336,7 +378,13 @@ def vm_events(
     addresses it learned from DHCP (lease-learned with the lease's end, lease-released, lease-expired,
     lease-ignored), and from libvirt: actions, an address lost from its metadata, NICs left unprotected."""
     engine = _engine(ctx)
-    vm_id = _events_vm(engine, vm)
+    try:
+        vm_id, _ = _target(engine, vm)
+    except errors.NotFoundError as e:  # a libvirt VM out of the policy: by the domain name of its events
+        found = engine.store.vm_with_events(vm)
+        if found is None:
+            raise errors.NotFoundError(f"{e}; and no events are recorded for a VM or domain {vm!r}") from None
+        vm_id = found
     last = 0
     while True:
         for ev in engine.store.events(vm=vm_id, after=last, limit=limit):
@@ -352,30 +400,15 @@ def vm_events(
         time.sleep(0.5)
 
 
-def _events_vm(engine: Engine, name: str) -> str:
-    """The id of VM `name` for its events: a VM of the policy, else one the store has events of (by id, or
-    by the libvirt domain name they were recorded with): a discovered VM is in the daemon's policy only
-    while it runs with an address, and its events matter most when it is not."""
-    try:
-        return _vm(engine, name)[0].id
-    except errors.NotFoundError as e:
-        found = engine.store.vm_with_events(name)
-        if found is None:
-            raise errors.NotFoundError(
-                f"{e}; and no events are recorded for a VM or domain {name!r}"
-            ) from None
-        return found
-
-
 @vm_app.command("release")
 def vm_release(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM name (or id).")]) -> None:
     """Take the VM out of isolation now (its silence is counted again from now)."""
     engine = _engine(ctx)
-    target, _ = _vm(engine, vm)
-    reply = _ask(engine, {"op": "release", "vm": target.id})
+    vm_id, name = _target(engine, vm)
+    reply = _ask(engine, {"op": "release", "vm": vm_id})
     if reply is None:
         raise errors.TemporaryError("no daemon is running: start `hyperfence daemon`, then release")
-    out.print(plain(f"{target.name}: " + ("released" if reply.get("released") else "was not isolated")))
+    out.print(plain(f"{name}: " + ("released" if reply.get("released") else "was not isolated")))
 
 
 @vm_app.command("label")

@@ -9,21 +9,50 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
 from hyperfence.errors import BugError
 from hyperfence.lab import topology
-from hyperfence.lab.plan import LabPlan, plan_lab
+from hyperfence.lab.plan import LabPlan, plan_lab, validate_lab_name
 from hyperfence.lab.policy import lab_policy
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.firewall import ConvergeResult
 
 STATE_ROOT = "/var/lib/hyperfence/labs"
 PROBE = [sys.executable, "-m", "hyperfence.lab.probe"]
+OWNED_MARK = ".made-by-lab-up"  # in a lab's state directory that `lab up` created (`lab down` removes it)
+
+
+def lab_state_dir(name: str) -> Path:
+    """Where hyperfence keeps lab `name`'s state (store, agent keys, traffic log): what `--lab NAME` uses."""
+    return Path(STATE_ROOT) / validate_lab_name(name)
+
+
+def claim_state_dir(name: str) -> Path:
+    """Lab `name`'s state directory, created (0700) if it is missing; a directory created here is marked
+    as the lab's own, so that `remove_state_dir` removes it and nothing it did not make."""
+    path = lab_state_dir(name)
+    if not path.exists():
+        make_dirs(path, mode=DIR_MODE)
+        write_private(path / OWNED_MARK, f"state of lab {name}, made by `hyperfence lab up`\n")
+    return path
+
+
+def remove_state_dir(name: str) -> bool:
+    """Remove lab `name`'s state directory if `claim_state_dir` made it (its mark is in it); False when
+    there is none or it is not the lab's (made by something else: a daemon or an older hyperfence)."""
+    path = lab_state_dir(name)
+    if not (path / OWNED_MARK).is_file() or path.is_symlink():
+        return False
+    shutil.rmtree(path)
+    return True
 
 
 class LabSession:

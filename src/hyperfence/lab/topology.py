@@ -84,6 +84,7 @@ STOP_TIMEOUT = 3.0
 _EEXIST = 17
 _PR_SET_CHILD_SUBREAPER = 36
 _IFF_UP = 0x1
+_IFF_LOWER_UP = 0x10000
 _HOST_SYSCTLS = (
     ("net/ipv4/ip_forward", "1"),
     # br_netfilter: bridged IPv4 also passes the inet hooks (the firewall's conntrack needs it), IPv6 does not.
@@ -105,7 +106,7 @@ _PROCESSES: dict[str, list[subprocess.Popen[bytes]]] = {}
 class VmStatus:
     """What the kernel holds for one created VM.
 
-    `port_up` means the port is administratively up *and* has carrier (operstate UP), i.e. the VM's own end
+    `port_up` means the port is administratively up *and* has carrier (LOWER_UP), i.e. the VM's own end
     is up too; `port_bridged` that it is a port of the lab's bridge.
     """
 
@@ -320,6 +321,17 @@ def lab_status(name: str) -> LabStatus:
         nat_present=nat,
         vms=vms,
     )
+
+
+def read_ports(plan: LabPlan) -> dict[str, tuple[bool, bool]]:
+    """The plan's VM ports that exist in the host namespace, namespace VMs' veths and QEMU guests' taps
+    alike: port name -> (up with carrier, a port of the lab's bridge). Empty without the host namespace."""
+    if not (NETNS_DIR / plan.host_netns).exists():
+        return {}
+    links = _in_netns(plan.host_netns, _read_links)
+    return {
+        vm.port: (links[vm.port][0], links[vm.port][1] == plan.bridge) for vm in plan.vms if vm.port in links
+    }
 
 
 def run_in_vm(
@@ -625,16 +637,16 @@ def _configure_vm(plan: LabPlan, vm: LabVm) -> None:
 
 
 def _read_links() -> dict[str, tuple[bool, str | None]]:
-    """Every link of the calling thread's namespace: name -> (admin up and operstate UP, master's name)."""
+    """Every link of the calling thread's namespace: name -> (admin up and carrier, master's name).
+
+    Carrier is the LOWER_UP flag, not operstate UP: a QEMU guest's tap with QEMU attached has carrier but
+    reports operstate UNKNOWN (a veth has both, or neither while its peer is down)."""
     with IPRoute() as ipr:
         links = list(ipr.get_links())
     names = {link["index"]: str(link.get("ifname")) for link in links}
+    up = _IFF_UP | _IFF_LOWER_UP
     return {
-        str(link.get("ifname")): (
-            bool(link["flags"] & _IFF_UP) and link.get("operstate") == "UP",
-            names.get(link.get("master")),
-        )
-        for link in links
+        str(link.get("ifname")): (link["flags"] & up == up, names.get(link.get("master"))) for link in links
     }
 
 

@@ -38,6 +38,7 @@ from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.health.tracker import AgentRecord, Decision, Ingested, Tracker
 from hyperfence.model.policy import Heartbeat, Policy, Vm
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.supervisor import wake_fd
 from hyperfence.ruleset.compile import vm_sid
 
 log = logging.getLogger("hyperfence.agents")
@@ -89,6 +90,7 @@ class AgentMonitor:
         self._last_save = clock()
         self._minute_samples: dict[str, dict[str, float]] = {}
         self._hb_cache: tuple[Policy, frozenset[str], dict[str, Heartbeat], dict[str, str]] | None = None
+        self._wake: int | None = None  # the stop signal's descriptor while `run` runs (ends a round's wait)
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -99,6 +101,7 @@ class AgentMonitor:
         """Until `stop`; may be called again after it raised (a supervisor restarting it): each run opens
         the channels afresh."""
         self._endpoint, self._endpoint_open = None, False
+        self._wake = wake_fd(stop)
         self.hub.sync(self._specs())
         try:
             while not stop.is_set():
@@ -108,12 +111,14 @@ class AgentMonitor:
             self.hub.close()
             self.hub = self._new_hub()
 
-    def round(self, timeout: float = ROUND) -> None:
+    def round(self, timeout: float | None = None) -> None:
+        """One round; its wait for the channels lasts `timeout` seconds (default ROUND) or until `run`'s
+        stop signal is set."""
         if self._resync_channels.is_set():
             self._resync_channels.clear()
             self.hub.sync(self._specs())
         self._follow_endpoint()
-        self.hub.poll(timeout)
+        self.hub.poll(ROUND if timeout is None else timeout, wake=self._wake)
         self._save_seqs()
         self.channel_stats = {
             "claimed": self.hub.claimed,

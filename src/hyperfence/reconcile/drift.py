@@ -30,16 +30,17 @@ from typing import Protocol
 
 from hyperfence.adapters.nft_monitor import Batch, NftMonitor
 from hyperfence.errors import HyperfenceError
+from hyperfence.reconcile.supervisor import wake_fd
 
 log = logging.getLogger("hyperfence.drift")
 
 BACKOFF_MIN = 0.5  # seconds before reopening a failed watch; doubled after each failure in a row
 BACKOFF_MAX = 30.0
-READ_TIMEOUT = 0.5  # how often the loop looks at `stop` while nothing happens
+READ_TIMEOUT = 0.5  # how often the loop looks at a plain `stop` Event while nothing happens
 
 
 class Monitor(Protocol):
-    def read(self, timeout: float) -> Batch: ...
+    def read(self, timeout: float, *, wake: int | None = None) -> Batch: ...
     def close(self) -> None: ...
 
 
@@ -91,8 +92,9 @@ class DriftWatcher:
         self._delay = min(self._delay * 2, self.backoff[1])
 
     def _watch(self, monitor: Monitor, stop: threading.Event) -> None:
+        wake = wake_fd(stop)
         while not stop.is_set():
-            batch = monitor.read(READ_TIMEOUT)
+            batch = monitor.read(READ_TIMEOUT, wake=wake)
             if batch.generations or batch.lost:
                 self._delay = self.backoff[0]  # the watch works: the next failure starts from the minimum
             if batch.lost:

@@ -20,14 +20,15 @@ from typing import Protocol
 from hyperfence.adapters.host_addresses import AddressWatch
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.supervisor import wake_fd
 
 log = logging.getLogger("hyperfence.addresses")
 
-READ_TIMEOUT = 0.5  # how often the loop looks at `stop` while nothing happens
+READ_TIMEOUT = 0.5  # how often the loop looks at a plain `stop` Event while nothing happens
 
 
 class Watch(Protocol):
-    def wait(self, timeout: float) -> bool: ...
+    def wait(self, timeout: float, *, wake: int | None = None) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -40,8 +41,9 @@ class HostAddressWatcher:
         watch = self.open_watch()
         try:
             self.refresh()
+            wake = wake_fd(stop)
             while not stop.is_set():
-                if watch.wait(READ_TIMEOUT):
+                if watch.wait(READ_TIMEOUT, wake=wake):
                     self.refresh()
         finally:
             watch.close()

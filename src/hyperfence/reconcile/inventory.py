@@ -26,10 +26,12 @@ from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
 from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, DomainNic, VmAction
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.supervisor import on_stop
 
 log = logging.getLogger("hyperfence.inventory")
 
 RESYNC_EVERY = 30.0
+_WAKE = DomainEvent("", "", "wake", "")  # put into the queue when the daemon stops
 
 
 def vm_docs(domains: Iterable[DomainInfo], bridges: Mapping[str, str]) -> tuple[dict[str, Any], ...]:
@@ -119,24 +121,28 @@ class InventoryWatcher:
 
     def run(self, stop: threading.Event) -> None:
         watcher = LibvirtEvents(self.uri, on_event=self.events.put)
+        forget = on_stop(stop, lambda: self.events.put(_WAKE))  # ends the wait below at once
         watcher.start()
         try:
             self.refresh()
             while not stop.is_set():
                 burst: list[DomainEvent] = []
                 try:
-                    ev = self.events.get(timeout=RESYNC_EVERY)
-                    log.info("libvirt: %s %s (%s)", ev.kind, ev.name, ev.detail)
-                    burst.append(ev)
+                    burst.append(self.events.get(timeout=RESYNC_EVERY))
+                    while not self.events.empty():  # a burst of events is one re-read
+                        burst.append(self.events.get_nowait())
                 except queue.Empty:
                     pass
-                while not self.events.empty():  # a burst of events is one re-read
-                    burst.append(self.events.get_nowait())
+                if stop.is_set():
+                    break
+                burst = [ev for ev in burst if ev is not _WAKE]
                 for ev in burst:
+                    log.info("libvirt: %s %s (%s)", ev.kind, ev.name, ev.detail)
                     if ev.kind == "reset":  # no level to read it from: the guest keeps running, same id
                         self._boot(ev.uuid, ev.name, "reset")
                 self.refresh()
         finally:
+            forget()
             watcher.close()
             self.inventory.close()
 
@@ -188,6 +194,22 @@ class InventoryWatcher:
                 )
             except HyperfenceError as e:
                 log.warning("event not recorded: %s", e)
+
+    def annotate(self, rows: list[dict[str, Any]]) -> None:
+        """Add libvirt's view to the agent monitor's rows (`AgentMonitor.snapshot`), in place: the domain's
+        `state` (running, paused, shutoff, ...; None for a VM libvirt does not know), its name where the
+        policy has none (a shut-off domain is not in the policy), and `vm not running` as the status of an
+        enrolled VM whose domain is not running (rather than `not in policy`)."""
+        domains = {d.uuid: d for d in self.domains}
+        for row in rows:
+            d = domains.get(row["vm"])
+            row["state"] = None if d is None else d.state
+            if d is None:
+                continue
+            if row.get("name") == row["vm"]:
+                row["name"] = d.name
+            if not d.is_active and row.get("status") == "not in policy":
+                row["status"] = "vm not running"
 
     def _report_unprotected(self, nics: tuple[tuple[DomainInfo, DomainNic], ...]) -> None:
         """One `nic-unprotected` event (and warning) per extra NIC, when it appears."""

@@ -19,12 +19,14 @@ from hyperfence.adapters.nflog import NflogReader
 from hyperfence.adapters.nflog_parse import NflogPacket
 from hyperfence.adapters.state_dir import open_private
 from hyperfence.errors import HyperfenceError
+from hyperfence.reconcile.supervisor import wake_fd
 from hyperfence.ruleset.compile import LOG_PREFIX, vm_sid
 
 log = logging.getLogger("hyperfence.traffic")
 
 TRAFFIC_FILE = "traffic.jsonl"
 MAX_BYTES = 20 * 1024 * 1024
+READ_TIMEOUT = 0.5  # how often the loop looks at a plain `stop` Event while nothing is logged
 PROTOCOLS = {1: "icmp", 6: "tcp", 17: "udp", 47: "gre", 58: "ipv6-icmp"}
 ETHERTYPES = {0x0800: "ipv4", 0x0806: "arp", 0x86DD: "ipv6"}
 
@@ -99,9 +101,10 @@ def run_traffic_log(engine: _EngineLike, stop: threading.Event, *, group: int | 
     names = _vm_names(compiled)
     out = _open_log(path)
     try:
+        wake = wake_fd(stop)
         with reader:
             while not stop.is_set():
-                packets = reader.read(0.5)
+                packets = reader.read(READ_TIMEOUT, wake=wake)
                 if not packets:
                     continue
                 if engine.current is not compiled:

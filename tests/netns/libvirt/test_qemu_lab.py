@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ from typer.testing import CliRunner
 
 from hyperfence.cli.lab import app as lab_app
 from hyperfence.cli.main import app
+from hyperfence.lab import topology
 from hyperfence.lab.domains import (
     define_lab_domain,
     interface_xml,
@@ -35,6 +38,7 @@ from hyperfence.lab.image import build_image
 from hyperfence.lab.libvirtd import ensure_libvirtd, running_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
 from hyperfence.lab.qemu import define_lab_guest, down_qemu, qemu_policy, up_qemu
+from hyperfence.lab.session import lab_state_dir
 from hyperfence.lab.topology import create_lab, destroy_lab, run_in_host
 from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.engine import Engine
@@ -368,3 +372,113 @@ def test_nic_hotplug_follows_the_guest_and_an_extra_nic_gets_nothing(lab: tuple[
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def virsh(*args: str) -> str:
+    done = subprocess.run(
+        ["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip()
+
+
+def hyperfence_lab(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "hyperfence", "lab", *args, "--name", name]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+
+
+def enrolled_key(lab: str, uuid: str) -> str:
+    """The agent key the lab's store holds for domain `uuid`."""
+    engine = Engine(netns=None, state_dir=str(lab_state_dir(lab)))
+    try:
+        return engine.store.agents()[uuid].key.hex()
+    finally:
+        engine.close()
+
+
+def vm_list_through_a_daemon(lab: str, uuid: str) -> list[str]:
+    """`vm list`'s cells for domain `uuid`, from a daemon with the libvirt inventory (started and stopped
+    here); `vm events` finds the VM by its domain's name too, though it is not in the policy."""
+    hf = [sys.executable, "-m", "hyperfence", "--lab", lab]
+    policy = topology.state_dir(lab) / "policy.yaml"
+    assert subprocess.run([*hf, "policy", "apply", str(policy)], check=False).returncode == 0
+    daemon = subprocess.Popen([*hf, "daemon", "--libvirt", "qemu:///system"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert daemon.poll() is None
+            done = subprocess.run([*hf, "vm", "list"], capture_output=True, text=True, check=False)
+            rows = [line.split("│")[1:-1] for line in done.stdout.splitlines() if uuid in line]
+            cells = [c.strip() for c in rows[0]] if len(rows) == 1 else []
+            if cells and cells[2] != "-":  # the daemon has read libvirt
+                break
+            assert time.monotonic() < deadline, done.stdout + done.stderr
+            time.sleep(0.3)
+        events = subprocess.run([*hf, "vm", "events", cells[0]], capture_output=True, text=True, check=False)
+        assert events.returncode == 0, events.stderr
+        return cells
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+
+
+def test_the_lab_commands_on_a_qemu_lab_up_twice_status_and_down() -> None:
+    """What an operator types, as the real commands, on one lab of one guest (booted twice in all): `lab up
+    --qemu` again keeps the running guest (same domain, same run, same agent key) where it used to stop on
+    "domain already exists"; `lab status` counts and lists the guests (it said 0/2 VMs); a shut-off guest is
+    started again by `lab up`, with its own UUID and a new key that the store and the guest's config share;
+    `lab down` removes the domain, the libvirtd it started, and the lab's state (agent keys included)."""
+    if running_libvirtd() is not None:
+        pytest.skip("a libvirtd this test did not start is running (one per machine): not touching it")
+    name = f"op{secrets.token_hex(2)}"
+    domain = f"hf-{name}-vm1"
+    plan = plan_lab(name, 1)
+    config = qemu_dir(plan) / "vm1.agent.json"
+    state = lab_state_dir(name)
+
+    def lab(*args: str) -> subprocess.CompletedProcess[str]:
+        return hyperfence_lab(name, *args)
+
+    def stored_key(uuid: str) -> str:
+        return enrolled_key(name, uuid)
+
+    try:
+        up = lab("up", "--qemu", "--vms", "1")
+        assert up.returncode == 0, up.stderr
+        assert f"1 guest running: started {domain}" in up.stdout
+        uuid, run = virsh("domuuid", domain), virsh("domid", domain)
+        key = json.loads(config.read_text())["key"]
+        assert stored_key(uuid) == key
+
+        again = lab("up", "--qemu", "--vms", "1")
+        assert again.returncode == 0, again.stderr
+        assert f"1 guest running: already up {domain}" in again.stdout
+        assert (virsh("domuuid", domain), virsh("domid", domain)) == (uuid, run)  # not restarted
+        assert json.loads(config.read_text())["key"] == key == stored_key(uuid)  # not enrolled again
+
+        status = lab("status")
+        assert status.returncode == 0, status.stderr
+        assert "1/1 QEMU guests running" in status.stdout
+        (row,) = [line.split("│")[1:6] for line in status.stdout.splitlines() if domain in line]
+        assert [c.strip() for c in row] == ["vm1", domain, "running", "yes", "yes"], status.stdout
+
+        virsh("destroy", domain)
+        status = lab("status")
+        assert "0/1 QEMU guests running" in status.stdout and " shutoff " in status.stdout
+        listed = vm_list_through_a_daemon(name, uuid)  # the shut-off guest is listed, by its name
+        assert listed[:4] == [domain, uuid, "shutoff", "vm not running"], listed
+
+        restarted = lab("up", "--qemu", "--vms", "1")
+        assert restarted.returncode == 0, restarted.stderr
+        assert f"1 guest running: started {domain}" in restarted.stdout
+        assert virsh("domuuid", domain) == uuid and virsh("domstate", domain) == "running"
+        new_key = json.loads(config.read_text())["key"]
+        assert new_key != key and stored_key(uuid) == new_key  # what the guest boots with is enrolled
+
+        down = lab("down")
+        assert down.returncode == 0, down.stderr
+        assert f"(its state {state} removed)" in down.stdout
+        assert not state.exists() and not qemu_dir(plan).exists()
+        assert running_libvirtd() is None  # the libvirtd `lab up` started is gone, with the domain
+    finally:
+        lab("down")
+        shutil.rmtree(state, ignore_errors=True)

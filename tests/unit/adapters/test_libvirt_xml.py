@@ -172,7 +172,7 @@ def test_lifecycle_names() -> None:
     assert lifecycle_kind(1, 0) == ("undefined", "removed")
     assert lifecycle_kind(2, 0) == ("started", "booted")
     assert lifecycle_kind(3, 0) == ("paused", "paused")
-    assert lifecycle_kind(4, 0) == ("resumed", "unpaused")
+    assert lifecycle_kind(4, 0) == ("resumed", "unpaused")  # the running reason unknown: libvirt's words
     assert lifecycle_kind(5, 1) == ("stopped", "destroyed")
     assert lifecycle_kind(2, 1) == ("migrated", "in")
     assert lifecycle_kind(5, 3) == ("migrated", "out")
@@ -181,6 +181,21 @@ def test_lifecycle_names() -> None:
     assert lifecycle_kind(5, 99) == ("stopped", "detail-99")
     assert state_name(1) == "running" and state_name(3) == "paused" and state_name(5) == "shutoff"
     assert state_name(99) == "state-99"
+
+
+def test_started_resumed_and_unpaused_are_told_apart_by_the_running_reason() -> None:
+    """What libvirt 9 sends (seen with `virsh event --all --loop` and the domain's state read in the
+    callback): `virsh start` = RESUMED unpaused (reason booted) + STARTED booted; `virsh resume` = RESUMED
+    unpaused (reason unpaused); `virsh restore` = STARTED restored + RESUMED from-snapshot (reason restored)."""
+    booted, unpaused, migrated, restored = 1, 5, 2, 3
+    start = [lifecycle_kind(4, 0, running_reason=booted), lifecycle_kind(2, 0)]
+    assert [e for e in start if e is not None] == [("started", "booted")]  # a start is one event
+    assert lifecycle_kind(4, 0, running_reason=unpaused) == ("unpaused", "unpaused")
+    assert lifecycle_kind(4, 1, running_reason=migrated) == ("resumed", "migrated")
+    restore = [lifecycle_kind(2, 2), lifecycle_kind(4, 2, running_reason=restored)]
+    assert restore == [("started", "restored"), ("resumed", "from-snapshot")]
+    assert lifecycle_kind(2, 0, running_reason=booted) == ("started", "booted")  # only RESUMED depends on it
+    assert lifecycle_kind(3, 0, running_reason=unpaused) == ("paused", "paused")
 
 
 def test_device_events() -> None:

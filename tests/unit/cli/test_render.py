@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 
-from hyperfence.cli.render import statement_text, stats_rows
+from hyperfence.cli.render import ruleset_text, statement_text, stats_rows
+from hyperfence.policy.parse import parse_policy
+from hyperfence.policy.resolve import resolve_policy
 from hyperfence.ruleset import expr as x
-from hyperfence.ruleset.compile import BRIDGE, INET
+from hyperfence.ruleset.compile import BRIDGE, INET, compile_ruleset
+from tests.unit.policy.test_parse import doc
 
 
 def test_stats_sum_policy_rules_and_show_the_connection_caps_drops() -> None:
@@ -40,12 +43,6 @@ def test_every_rule_the_compiler_writes_renders_as_text() -> None:
     """`ruleset show` on a policy that uses every feature (uplinks and their VLAN guard, rejects, limits,
     caps, ARP, DHCP, logging): no statement the compiler writes may crash the renderer (a raw ethertype
     payload did: `ruleset show` ended in a KeyError traceback)."""
-    from hyperfence.cli.render import ruleset_text
-    from hyperfence.policy.parse import parse_policy
-    from hyperfence.policy.resolve import resolve_policy
-    from hyperfence.ruleset.compile import compile_ruleset
-    from tests.unit.policy.test_parse import doc
-
     data = copy.deepcopy(
         doc(
             rules=[
@@ -60,3 +57,16 @@ def test_every_rule_the_compiler_writes_renders_as_text() -> None:
     text = ruleset_text(compile_ruleset(resolve_policy(parse_policy(data))))
     assert "@ll,96,16" in text  # the ethertype of a VLAN tag, as nft writes a raw payload
     assert 'comment "rule:rej#1:tcp"' in text
+
+
+def test_a_raw_payload_reads_as_nft_writes_it() -> None:
+    """The guard's VLAN check matches the ethertype as raw bytes 12-13 of the frame (`@ll,96,16`)."""
+    assert statement_text(x.vlan_tagged()) == "@ll,96,16 { 33024, 34984 }"
+
+
+def test_every_statement_of_a_compiled_policy_renders() -> None:
+    """`ruleset show --desired` of a policy that uses every part of the compiler: no statement is left
+    unrendered (a raw payload once ended `ruleset show` in a KeyError)."""
+    policy = parse_policy(doc(rules=[{"from": "vm:vm1", "to": "vm:vm2", "protocol": "tcp", "ports": [22]}]))
+    text = ruleset_text(compile_ruleset(resolve_policy(policy)))
+    assert "@ll,96,16 { 33024, 34984 } goto vlan_out" in text and "tcp dport 22 " in text

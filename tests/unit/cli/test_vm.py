@@ -16,6 +16,7 @@ from hyperfence import errors
 from hyperfence.agent.config import load_config
 from hyperfence.cli.main import app
 from hyperfence.cli.vm import fw_cfg_dir
+from hyperfence.health.tracker import AgentRecord
 from hyperfence.reconcile.conntrack import VmConnections
 from hyperfence.reconcile.engine import Engine
 from tests.unit.policy.test_parse import doc
@@ -183,7 +184,8 @@ def test_events_of_a_vm_out_of_the_policy_are_found_by_its_domain_name(tmp_path:
         assert "address-lost" in r.output and "10.77.0.21" in r.output and "isolated" in r.output
     r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "events", "ghost"])
     assert isinstance(r.exception, errors.NotFoundError)
-    assert "not in the policy" in str(r.exception) and "no events are recorded" in str(r.exception)
+    assert "neither in the policy nor enrolled" in str(r.exception)
+    assert "no events are recorded" in str(r.exception)
 
 
 def test_vm_label_refuses_bad_input_before_touching_libvirt(tmp_path: Path) -> None:
@@ -244,3 +246,31 @@ def test_list_and_events_show_learned_addresses_and_their_end(
     assert "10.77.0.13 until" in r.stdout and "(30 min)" in r.stdout
     r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "events", "vm3"])
     assert r.exit_code == 0 and "lease-learned" in r.output and "10.77.0.13" in r.output
+
+
+def test_list_on_a_narrow_terminal_folds_ids_and_never_cuts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an 80-column terminal the ten columns do not fit: a VM's UUID is folded onto more lines of its
+    cell, every character of it still there (cut, it would end in `…` and no longer name the VM)."""
+    from hyperfence.cli.output import table
+
+    store_policy(tmp_path)
+    uuid = "13f98949-f4a7-4def-8935-e872a363f62c"
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine.store.enroll_agent(AgentRecord(vm=uuid, key=b"k" * 32))
+    engine.close()
+    monkeypatch.setattr("hyperfence.cli.vm.read_vm_connections", lambda *_a, **_k: ({}, []))
+    terminal = Console(width=80, force_terminal=True, color_system=None, markup=False, soft_wrap=True)
+    monkeypatch.setattr("hyperfence.cli.vm.out", terminal)
+    with terminal.capture() as captured:
+        r = runner.invoke(app, ["--state-dir", str(tmp_path), "vm", "list"])
+    assert r.exit_code == 0, r.output
+    text = captured.get()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    # the id column (the second) of the first row's lines, read top to bottom, is the whole UUID
+    body = [line for line in text.splitlines() if line.startswith("│")]
+    # a row's first line is the one with its state ("-"); the lines up to the next row's are its own
+    first_row = body[: next(i for i, line in enumerate(body[1:], 1) if line.split("│")[3].strip())]
+    assert "".join(line.split("│")[2].strip() for line in first_row) == uuid
+    assert table("a").columns[0].overflow == "fold"

@@ -22,7 +22,7 @@ class FakeMonitor:
         self.script, self.stop, self.last = script, stop, last
         self.closed = False
 
-    def read(self, timeout: float) -> Batch:
+    def read(self, timeout: float, *, wake: int | None = None) -> Batch:
         if self.script:
             return self.script.pop(0)
         if not self.last:

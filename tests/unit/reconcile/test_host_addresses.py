@@ -88,7 +88,7 @@ class FakeWatch:
     def __init__(self, events: int, stop: threading.Event) -> None:
         self.events, self.stop, self.closed = events, stop, False
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float, *, wake: int | None = None) -> bool:
         if self.events:
             self.events -= 1
             return True

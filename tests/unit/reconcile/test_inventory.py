@@ -1,14 +1,17 @@
-"""Domains -> policy VMs (pure)."""
+"""Domains -> policy VMs (pure), and libvirt's view added to `vm list`'s rows."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
+from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.inventory import (
     InventoryWatcher,
     guarded,
@@ -183,3 +186,23 @@ def test_the_watcher_tells_a_start_before_the_vm_joins_the_policy_and_reports_a_
     ((kind, data, vm),) = engine.store.events
     assert (kind, vm, data["domain"], data["was"]) == ("address-lost", "uuid-web1", "web1", ["10.77.0.21"])
     assert "out of the firewall" in str(data["message"]) and "vm label" in str(data["message"])
+
+
+def test_annotate_names_and_states_enrolled_domains(tmp_path: Path) -> None:
+    """`vm list` through the daemon: a shut-off domain's row gets its name and state from libvirt (it is not
+    in the policy, so the agent monitor knows it only by id), a running one its state, others none."""
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    watcher = InventoryWatcher(engine)  # never connects: only its last read domains are used
+    watcher.domains = [dom("web1"), dom("off", "shutoff")]
+    rows: list[dict[str, Any]] = [
+        {"vm": "uuid-web1", "name": "web1", "status": "ok"},
+        {"vm": "uuid-off", "name": "uuid-off", "status": "not in policy"},
+        {"vm": "uuid-gone", "name": "uuid-gone", "status": "not in policy"},
+    ]
+    watcher.annotate(rows)
+    assert rows == [
+        {"vm": "uuid-web1", "name": "web1", "status": "ok", "state": "running"},
+        {"vm": "uuid-off", "name": "off", "status": "vm not running", "state": "shutoff"},
+        {"vm": "uuid-gone", "name": "uuid-gone", "status": "not in policy", "state": None},
+    ]
+    engine.close()

@@ -96,3 +96,32 @@ def test_a_failing_report_does_not_stop_the_restarts(stop: threading.Event) -> N
     s = sup.Supervisor(stop, on_failure=report)
     s.start("broken", broken)
     wait_for(lambda: runs[0] >= 3)
+
+
+def test_a_stop_signal_is_an_event_a_pipe_and_callbacks() -> None:
+    """What a loop blocked on its sockets selects on (`wake_fd`), and what wakes a queue (`on_stop`)."""
+    import select
+
+    signal = sup.StopSignal()
+    calls: list[str] = []
+    try:
+        sup.on_stop(signal, lambda: calls.append("a"))
+        forget = sup.on_stop(signal, lambda: calls.append("forgotten"))
+        forget()
+        fd = sup.wake_fd(signal)
+        assert fd is not None and select.select([fd], [], [], 0)[0] == []
+        signal.set()
+        signal.set()  # once set, setting again changes nothing
+        assert signal.is_set() and signal.wait(0)
+        assert select.select([fd], [], [], 0)[0] == [fd]  # readable, and stays so
+        assert select.select([fd], [], [], 0)[0] == [fd]
+        assert calls == ["a"]
+        sup.on_stop(signal, lambda: calls.append("late"))  # given after the set: runs at once
+        assert calls == ["a", "late"]
+    finally:
+        signal.close()
+    plain = threading.Event()  # a plain Event (tests): no descriptor, no callbacks, nothing breaks
+    assert sup.wake_fd(plain) is None
+    sup.on_stop(plain, lambda: calls.append("never"))()
+    plain.set()
+    assert calls == ["a", "late"]
