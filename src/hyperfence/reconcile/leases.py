@@ -41,6 +41,7 @@ from hyperfence.policy.leases import (
     without,
 )
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.supervisor import wake_fd
 from hyperfence.ruleset.compile import LOG_PREFIX, vm_sid
 
 log = logging.getLogger("hyperfence.leases")
@@ -54,7 +55,7 @@ Event = tuple[str, str | None, dict[str, Any]]
 class Reader(Protocol):
     group: int
 
-    def read(self, timeout: float | None) -> list[NflogPacket]: ...
+    def read(self, timeout: float | None, *, wake: int | None = None) -> list[NflogPacket]: ...
     def close(self) -> None: ...
 
 
@@ -83,13 +84,14 @@ class LeaseLearner:
 
     def run(self, stop: threading.Event) -> None:
         reader = self.open_reader(self._group())
+        wake = wake_fd(stop)  # the daemon's stop ends a read at once
         try:
             self.tick()
             while not stop.is_set():
                 if reader.group != self._group():  # the policy moved the learn group
                     reader.close()
                     reader = self.open_reader(self._group())
-                self.handle(reader.read(self._timeout()))
+                self.handle(reader.read(self._timeout(), wake=wake))
                 self.tick()
         finally:
             reader.close()

@@ -22,12 +22,15 @@ from hyperfence.lab.agents import lab_vms
 from hyperfence.lab.session import LabSession
 from hyperfence.reconcile.agents import AgentMonitor, enroll
 from hyperfence.reconcile.inventory import InventoryWatcher
+from hyperfence.reconcile.preconditions import Preconditions
 
 pytestmark = pytest.mark.kernel
 
 BOUND = 2.0  # seconds; measured ~0.05 s (the loops used to take 2-4 s: a 30 s queue wait cut by a 2 s join)
 # A libvirtd nobody runs: the inventory loop runs all the same (it retries and waits for events), and the
 # test does not depend on, or read, a libvirtd another test may have started on this machine.
+# Every loop a daemon with the libvirt inventory runs (the process test waits until all of them run).
+LOOPS = {"control", "reconcile", "kernel", "drift", "addresses", "traffic", "leases", "inventory", "agents"}
 NO_LIBVIRTD = "qemu:///system?socket=/nonexistent/hyperfence-test/libvirt-sock"
 
 
@@ -50,7 +53,7 @@ def start_daemon(lab: LabSession, log: Path) -> subprocess.Popen[bytes]:
         assert daemon.poll() is None, log.read_text()
         reply = request(lab.state_dir, {"op": "status"}, timeout=5)
         loops = (reply or {}).get("loops") or {}
-        if len(loops) == 7 and all(loop["state"] == "running" for loop in loops.values()):
+        if set(loops) == LOOPS and all(loop["state"] == "running" for loop in loops.values()):
             return daemon
         assert time.monotonic() < deadline, (reply, log.read_text())
         time.sleep(0.1)
@@ -91,15 +94,25 @@ def test_every_loop_wakes_on_the_stop_signal_not_on_its_timeout(
         ("hyperfence.reconcile.host_addresses", "READ_TIMEOUT"),
         ("hyperfence.reconcile.traffic", "READ_TIMEOUT"),
         ("hyperfence.reconcile.agents", "ROUND"),
+        ("hyperfence.reconcile.leases", "READ_TIMEOUT"),
     ]:
         monkeypatch.setattr(f"{where}.{name}", 30.0)
     assert lab.engine is not None
     inventory = InventoryWatcher(lab.engine, NO_LIBVIRTD)  # waits up to RESYNC_EVERY (30 s) for an event
-    daemon = Daemon(lab.engine, poll=30.0, resync=30.0, agents=AgentMonitor(lab.engine), inventory=inventory)
+    daemon = Daemon(
+        lab.engine,
+        poll=30.0,
+        resync=30.0,
+        agents=AgentMonitor(lab.engine),
+        inventory=inventory,
+        preconditions=Preconditions(lab.engine, interval=30.0),
+    )
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while len(daemon.supervisor.loops) < 7 or daemon.supervisor.running() != sorted(daemon.supervisor.loops):
+    while set(daemon.supervisor.loops) != LOOPS or daemon.supervisor.running() != sorted(
+        daemon.supervisor.loops
+    ):
         assert time.monotonic() < deadline, daemon.supervisor.status()
         time.sleep(0.05)
     time.sleep(0.5)  # every loop is inside its 30 s wait now

@@ -46,7 +46,7 @@ def test_ruleset_show_and_diff_are_never_wrapped(lab: LabSession) -> None:
     shown = hyperfence(lab, "ruleset", "show")
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    assert all(re.match(r"(table |  (set|map|chain) |    |  \}$|\}$)", line) for line in lines), lines
+    assert all(re.match(r"(# |table |  (set|map|chain) |    |  \}$|\}$)", line) for line in lines), lines
     (elements,) = [line for line in lines if f"{ADDRESSES[0]}," in line]
     assert sorted(re.findall(r"10\.1\.\d+\.\d+", elements)) == sorted(ADDRESSES)  # the whole set, one line
 
