@@ -33,7 +33,9 @@ def main() -> None:
                 report["probe_before"] = kernel_probe.probe(engine.nft).as_dict()
                 report["loaded_after_probe"] = loaded()
                 report["ensure"] = Preconditions(engine).ensure().as_dict()
-                report["events"] = [e.get("data", e) for e in engine.store.events(kind="precondition-repaired")]
+                report["events"] = [
+                    e.get("data", e) for e in engine.store.events(kind="precondition-repaired")
+                ]
                 report["loaded_after_ensure"] = loaded()
             finally:
                 engine.close()
