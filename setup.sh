@@ -10,7 +10,7 @@ here=$(pwd)
 
 APT_PACKAGES=(nftables libnftables1 iproute2 conntrack iputils-ping tcpdump iperf3 hping3 nmap
               dnsmasq-base ethtool procps python3 python3-venv python3-dev gcc
-              libvirt-daemon-system qemu-system-x86 libvirt-dev pkg-config cpio busybox-static)
+              libvirt-daemon-system qemu-system-x86 libvirt-dev pkg-config cpio busybox-static kmod)
 
 install_apt() {
   local missing=()

@@ -5,6 +5,11 @@ Bridge-family conntrack and reject are asked of the kernel itself: a dry-run bat
 `ct state` rule, and one with a `reject` rule, in a bridge table that is never created (the kernel validates
 the transaction and aborts it: nothing changes, no nftables event). On a kernel that has them as modules the
 kernel loads them on that request. br_netfilter shows as `/proc/sys/net/bridge/` in the namespace.
+
+The reject probe's chain hooks **prerouting**: `nft_reject_bridge` takes reject only in prerouting and input
+chains (Debian's 6.1 kernel answers "Operation not supported" for forward, output and postrouting, seen in
+the host-root guest, docs/hostroot.md), so a probe on the forward hook said "no bridge reject" on a kernel
+that has it. A bridge-native reject must sit where the sender's frame enters (prerouting).
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ SYSCTL_PATH = "/proc/sys/" + CALL_IPTABLES.replace(".", "/")
 PROBE_TABLE = "hyperfence_probe"  # never created: only ever in dry-run batches
 
 
-def _dry_run(stmt: dict[str, Any]) -> dict[str, Any]:
+def _dry_run(stmt: dict[str, Any], *, hook: str = "forward") -> dict[str, Any]:
     table = {"family": "bridge", "name": PROBE_TABLE}
     chain = {"family": "bridge", "table": PROBE_TABLE, "name": "probe"}
-    hooked = {**chain, "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}
+    hooked = {**chain, "type": "filter", "hook": hook, "prio": 0, "policy": "accept"}
     return {
         "nftables": [
             {"add": {"table": table}},
@@ -85,7 +90,7 @@ def probe(nft: Nft) -> Capabilities:
     call = read_call_iptables(nft)
     return Capabilities(
         bridge_conntrack=nft.check(_dry_run(CT_ESTABLISHED)) is None,
-        bridge_reject=nft.check(_dry_run(REJECT)) is None,
+        bridge_reject=nft.check(_dry_run(REJECT, hook="prerouting")) is None,
         br_netfilter=call is not None,
         call_iptables=call,
     )

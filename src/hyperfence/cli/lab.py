@@ -12,12 +12,12 @@ import typer
 import yaml
 
 from hyperfence.cli.output import out, table
-from hyperfence.errors import NotFoundError
+from hyperfence.errors import InvalidInputError, NotFoundError, Problem
 from hyperfence.lab import agents as lab_agents
 from hyperfence.lab import domains as lab_domains
+from hyperfence.lab import hostroot_guest, topology
 from hyperfence.lab import image as lab_image
 from hyperfence.lab import qemu as lab_qemu
-from hyperfence.lab import topology
 from hyperfence.lab.guest_shell import run_in_guest
 from hyperfence.lab.plan import plan_lab
 from hyperfence.lab.policy import lab_policy
@@ -212,3 +212,65 @@ def image(
         f"({img.initrd_unpacked_bytes / 1e6:.1f} MB unpacked, {img.stdlib_modules} stdlib files)"
     )
     out.print("boot it by hand: see docs/guests.md (the agent's config comes as QEMU firmware config)")
+
+
+@app.command("guest-run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def guest_run(
+    ctx: typer.Context,
+    cwd: Annotated[
+        Path | None, typer.Option(help="Where the command runs in the guest (default: here).")
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="K=V added to the command's environment (repeat).")
+    ] = None,
+    memory: Annotated[int, typer.Option(help="The guest's memory in MiB.", min=256)] = 2048,
+    smp: Annotated[int, typer.Option(help="The guest's CPUs.", min=1, max=16)] = 2,
+    timeout: Annotated[float, typer.Option(help="Kill the guest after this many seconds.", min=1)] = 1800,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-dir", help="Keep the run's files here ($HF_GUEST_OUT in the guest, console.log)."
+        ),
+    ] = None,
+    images: Annotated[
+        Path, typer.Option("--images", help="Where `lab image` keeps its files; the boot files go under it.")
+    ] = lab_image.DEFAULT_OUT,
+) -> None:
+    """Run a command of this host on Debian's stock kernel: a QEMU (TCG) guest booted from the kernel `lab
+    image` uses, with its modules, whose root is this host's filesystem (read-only, writes in RAM); e.g.
+    hyperfence lab guest-run -- .venv/bin/python -m pytest -q tests/netns/firewall (docs/hostroot.md).
+    Exits with the command's status; 124 when it timed out, 125 when the guest never ran it."""
+    argv = list(ctx.args)
+    if not argv:
+        raise typer.BadParameter("give the command after --, e.g. -- uname -r")
+    extra: dict[str, str] = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInputError("invalid --env", [Problem("--env", f"{item!r} (expected KEY=VALUE)")])
+        extra[key] = value
+    boot = hostroot_guest.prepare_boot(images)
+    how = "reused" if boot.reused else f"made in {boot.build_seconds:.1f} s"
+    typer.echo(f"hostroot guest: {boot.kernel_package} (boot files {how})", err=True)
+    run = hostroot_guest.run_in_hostroot(
+        argv,
+        cwd=str((cwd or Path.cwd()).absolute()),
+        boot=boot,
+        env=extra,
+        memory_mib=memory,
+        smp=smp,
+        timeout=timeout,
+        stream=sys.stdout,
+        run_dir=run_dir,
+    )
+    boot_time = "-" if run.boot_seconds is None else f"{run.boot_seconds:.1f} s"
+    typer.echo(
+        f"hostroot guest: status {run.status}, boot {boot_time}, whole run {run.seconds:.1f} s", err=True
+    )
+    if run.timed_out:
+        typer.echo(f"hostroot guest: killed after {timeout:g} s", err=True)
+        raise typer.Exit(124)
+    if run.status is None:
+        typer.echo(f"hostroot guest: the command never ended; the console said:\n{run.console}", err=True)
+        raise typer.Exit(125)
+    raise typer.Exit(run.status)

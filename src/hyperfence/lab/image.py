@@ -84,7 +84,7 @@ def build_image(out_dir: Path = DEFAULT_OUT, *, force: bool = False) -> GuestIma
     # never start out readable by others (a 0755 one is repaired at the next start, with a warning).
     make_dirs(out_dir.parent, mode=DIR_MODE)
     make_dirs(out_dir, mode=0o755)
-    with _locked(out_dir / ".lock"):
+    with locked(out_dir / ".lock"):
         cache = out_dir / "cache"
         zipapp = build_zipapp(cache / "hyperfence-agent.pyz")
         pkg = find_kernel_package()
@@ -344,7 +344,7 @@ def _write_initrd(stage: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

@@ -53,6 +53,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from hyperfence.adapters import kernel_probe
 from hyperfence.adapters.netns import NetnsThread
 from hyperfence.errors import (
     ConflictError,
@@ -210,6 +211,7 @@ def create_lab(plan: LabPlan, *, only: int | None = None) -> None:
     _write_record(_Record(plan, wanted, old_pid, old_argv))
 
     vms = plan.vms[:wanted]
+    _ensure_br_netfilter()
     _ensure_netns([plan.host_netns, plan.outside_netns, *(vm.netns for vm in vms)])
     _in_netns(plan.host_netns, lambda: _configure_host(plan, vms))
     _in_netns(plan.outside_netns, lambda: _configure_outside(plan))
@@ -522,6 +524,20 @@ def _in_netns(netns: str, fn: Callable[[], T]) -> T:
         raise KernelError(f"netns {netns}: {exc}") from exc
     finally:
         thread.close()
+
+
+def _ensure_br_netfilter() -> None:
+    """Load br_netfilter when the kernel has it as a module that nothing loaded yet (a stock Debian kernel:
+    the host-root guest, docs/hostroot.md), as the daemon does at start; the lab's host namespace needs its
+    sysctls. KernelError with what to do when it cannot be loaded."""
+    if os.path.isdir("/proc/sys/net/bridge"):
+        return
+    why = kernel_probe.load_br_netfilter()
+    if not os.path.isdir("/proc/sys/net/bridge"):
+        raise KernelError(
+            f"the lab needs br_netfilter and it is not there (modprobe br_netfilter: {why or 'loaded'}, but "
+            "/proc/sys/net/bridge is still missing): use a kernel with CONFIG_BRIDGE_NETFILTER"
+        )
 
 
 def _write_sysctl(key: str, value: str) -> None:

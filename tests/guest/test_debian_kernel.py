@@ -1,0 +1,113 @@
+"""hyperfence on a stock Debian 12 kernel: the host-root guest (`lab/hostroot.py`, docs/hostroot.md) boots
+`linux-image-6.1.0-N-amd64` under QEMU TCG with its modules and this host's userland, and runs hyperfence's
+own kernel tests there, with their lab (namespaces, bridge, dnsmasq) nested in the guest.
+
+What differs from this machine's kernel (which has no modules, no bridge conntrack and no bridge reject):
+nothing loads br_netfilter at boot (the daemon and the lab load it), and the kernel loads
+`nf_conntrack_bridge` and `nft_reject_bridge` when the probe asks for them.
+
+The boot files are made once under /var/lib/hyperfence/images/hostroot (or $HF_IMAGE_DIR/hostroot).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from hyperfence.lab.hostroot_guest import HostrootBoot, HostrootRun, prepare_boot, run_in_hostroot
+from hyperfence.lab.image import DEFAULT_OUT
+
+pytestmark = [
+    pytest.mark.kernel,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the guest's boot files and QEMU need root"),
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86 is not installed"),
+]
+
+REPO = str(Path(__file__).resolve().parents[2])
+FW = "tests/netns/firewall/"
+# The firewall's acceptance on Debian's kernel, ~2.5 min under TCG: the papers' experiment; stateful TCP,
+# UDP and ICMP replies (through a reject, and established flows that outlive a new deny or reject); the
+# stateful path broken and repaired (bridge-nf-call-iptables); a reject answering its sender (TCP reset,
+# ICMP port unreachable, switched and routed); anti-spoofing (IP, MAC, ARP).
+SUBSET = (
+    FW + "test_firewall.py::test_the_papers_experiment",
+    FW + "test_firewall.py::test_spoofed_source_ip_mac_and_arp_are_dropped",
+    FW + "test_firewall.py::test_reject_answers_the_sender_at_once",
+    FW
+    + "test_reject_flows.py::test_a_reject_in_the_receivers_egress_never_answers_its_replies_to_allowed_flows",
+    FW + "test_reject_flows.py::test_a_new_deny_or_reject_never_cuts_established_flows",
+    FW + "test_reject_routed.py::test_reject_answers_routed_senders_and_the_host",
+    FW + "test_preconditions.py",
+)
+SUBSET_TESTS = 10  # the parametrized test counts twice, test_preconditions.py holds three
+SUBSET_TIMEOUT = 840.0
+
+
+@pytest.fixture(scope="module")
+def boot() -> HostrootBoot:
+    return prepare_boot(Path(os.environ.get("HF_IMAGE_DIR", str(DEFAULT_OUT))))
+
+
+def explain(run: HostrootRun) -> str:
+    return (
+        f"status {run.status}, timed out {run.timed_out}, {run.seconds} s\n--- output\n{run.output[-4000:]}"
+        f"\n--- console\n{run.console}"
+    )
+
+
+def test_the_probe_finds_bridge_conntrack_and_reject_and_the_daemon_loads_br_netfilter(
+    boot: HostrootBoot,
+) -> None:
+    run = run_in_hostroot(
+        [sys.executable, "-m", "tests.guest.kernel_report"], cwd=REPO, boot=boot, timeout=300
+    )
+    assert run.status == 0, explain(run)
+    report = json.loads(run.output.strip().splitlines()[-1])
+    assert report["release"] == boot.release
+    # a stock kernel: nothing loaded these at boot
+    assert not any(report["loaded_at_boot"].values()), report["loaded_at_boot"]
+    before = report["probe_before"]
+    assert before["bridge_conntrack"] is True, before
+    assert before["bridge_reject"] is True, before
+    assert before["br_netfilter"] is False and before["bridge_nf_call_iptables"] is None, before
+    # the probe's dry runs made the kernel load the modules it asked for (modprobe from the module tree)
+    after_probe = report["loaded_after_probe"]
+    assert after_probe["nf_conntrack_bridge"] and after_probe["nft_reject_bridge"], after_probe
+    assert not after_probe["br_netfilter"], after_probe
+    # the daemon's start-up loads br_netfilter and turns the sysctl on
+    ensure = report["ensure"]
+    assert ensure["br_netfilter"] is True and ensure["bridge_nf_call_iptables"] is True, ensure
+    assert ensure["bridge_conntrack"] is True and ensure["bridge_reject"] is True, ensure
+    assert report["loaded_after_ensure"]["br_netfilter"], report
+    assert [(e["what"], e["was"]) for e in report["events"]] == [("br_netfilter", "not loaded")], report
+
+
+@pytest.mark.timeout(SUBSET_TIMEOUT + 60)
+def test_the_firewall_acceptance_subset_passes_on_the_debian_kernel(
+    boot: HostrootBoot, tmp_path: Path
+) -> None:
+    pytest_argv = shlex.join([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"])
+    script = (
+        f'uname -r > "$HF_GUEST_OUT/release"; exec {pytest_argv} --junitxml="$HF_GUEST_OUT/junit.xml" "$@"'
+    )
+    run = run_in_hostroot(
+        ["sh", "-c", script, "guest-pytest", *SUBSET],
+        cwd=REPO,
+        boot=boot,
+        timeout=SUBSET_TIMEOUT,
+        run_dir=tmp_path,
+    )
+    print(f"guest boot {run.boot_seconds} s, whole run {run.seconds} s")
+    assert run.status == 0, explain(run)
+    assert (tmp_path / "release").read_text().strip() == boot.release
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")  # noqa: S314 - written by our pytest
+    assert suite is not None, explain(run)
+    counts = {k: int(suite.get(k, "-1")) for k in ("tests", "failures", "errors", "skipped")}
+    assert counts == {"tests": SUBSET_TESTS, "failures": 0, "errors": 0, "skipped": 0}, explain(run)
