@@ -79,7 +79,14 @@ def test_a_failing_loop_is_restarted_reported_and_named_in_the_status(
         real_round(timeout)
 
     monkeypatch.setattr(monitor, "round", round_that_fails_twice)
-    d = Daemon(engine, traffic_log=False, agents=monitor, watch_drift=False, watch_addresses=False)
+    d = Daemon(
+        engine,
+        traffic_log=False,
+        agents=monitor,
+        watch_drift=False,
+        watch_addresses=False,
+        watch_ports=False,
+    )
     t = threading.Thread(target=d.run, daemon=True)
     t.start()
     try:
