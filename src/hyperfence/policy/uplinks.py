@@ -66,7 +66,7 @@ class UndeclaredDevice:
             parse_ifname(self.port)
         except ValueError:
             return (
-                f"networks[{self.index}].uplinks cannot name {printable(self.port)!r}: rename the device "
+                f'networks[{self.index}].uplinks cannot name "{printable(self.port)}": rename the device '
                 "(ip link set DEV name NEW) or take it off the bridge"
             )
         return f'networks[{self.index}].uplinks: add "{self.port}"'
