@@ -16,7 +16,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from hyperfence.lab.session import PROBE, LabSession
 
 pytestmark = pytest.mark.kernel
 
+HF = [sys.executable, "-m", "hyperfence"]
 FAR_IP = "10.77.0.200"
 DEVICE = "vx0"
 ALLOWED, OTHER = 7000, 7001
@@ -56,6 +57,10 @@ class Far:
         return r.stdout.decode().split(" ")[0].strip() or "ERR " + r.stderr.decode()
 
 
+def vxlan(local: str, remote: str, dev: str) -> list[str]:
+    return ["type", "vxlan", "id", "42", "dstport", "4789", "local", local, "remote", remote, "dev", dev]
+
+
 @contextlib.contextmanager
 def far_host(lab: LabSession) -> Iterator[Far]:
     """A host on the physical network behind `vx0`, which is created but not yet on the bridge: a namespace
@@ -73,10 +78,8 @@ def far_host(lab: LabSession) -> Iterator[Far]:
             [*far, "addr", "add", "192.0.2.2/30", "dev", "ul1"],
             [*far, "link", "set", "ul1", "up"],
             [*far, "link", "set", "lo", "up"],
-            [*host, "link", "add", DEVICE, "type", "vxlan", "id", "42", "dstport", "4789"]
-            + ["local", "192.0.2.1", "remote", "192.0.2.2", "dev", "ul0"],
-            [*far, "link", "add", "vx1", "type", "vxlan", "id", "42", "dstport", "4789"]
-            + ["local", "192.0.2.2", "remote", "192.0.2.1", "dev", "ul1"],
+            [*host, "link", "add", DEVICE, *vxlan("192.0.2.1", "192.0.2.2", "ul0")],
+            [*far, "link", "add", "vx1", *vxlan("192.0.2.2", "192.0.2.1", "ul1")],
             [*far, "addr", "add", f"{FAR_IP}/{lab.plan.subnet.prefixlen}", "dev", "vx1"],
             [*far, "link", "set", "vx1", "up"],
             [*host, "link", "set", DEVICE, "up"],
@@ -96,7 +99,7 @@ def enslave(lab: LabSession) -> None:
 def hf(lab: LabSession, *args: str) -> subprocess.CompletedProcess[str]:
     """The real CLI on the lab: `python -m hyperfence --lab NAME ARGS`."""
     return subprocess.run(
-        [sys.executable, "-m", "hyperfence", "--lab", lab.plan.name, *args],
+        [*HF, "--lab", lab.plan.name, *args],
         capture_output=True,
         text=True,
         check=False,
@@ -141,7 +144,7 @@ def test_an_undeclared_network_device_refuses_the_policy_and_declared_it_passes_
         assert lab.engine is not None and lab.engine.store.latest_generation() == 1  # ... nor stored
         # Without the kernel to look at, `policy check` validates the file alone, as before.
         plain = subprocess.run(
-            [sys.executable, "-m", "hyperfence", "policy", "check", forgets],
+            [*HF, "policy", "check", forgets],
             capture_output=True,
             text=True,
             check=False,
@@ -167,9 +170,9 @@ def _status(lab: LabSession) -> subprocess.CompletedProcess[str]:
     return hf(lab, "status")
 
 
-def _wait(what: str, check: object, *, timeout: float = 10.0) -> None:
+def _wait(what: str, check: Callable[[], object], *, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
         time.sleep(0.1)
 
@@ -185,7 +188,7 @@ def test_a_device_joining_the_bridge_under_the_daemon_is_reported_and_gets_nothi
     with open(log_path, "wb") as log, far_host(lab) as far:
         # A resync far longer than the test: what the daemon notices, its link watch noticed.
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "hyperfence", "--lab", lab.plan.name, "daemon", "--resync", "600"],
+            [*HF, "--lab", lab.plan.name, "daemon", "--resync", "600"],
             stderr=log,
             start_new_session=True,  # stop_process ends its session
         )
@@ -238,8 +241,7 @@ def test_the_daemon_refuses_a_policy_that_would_cut_a_device_off_until_it_leaves
         before = ruleset(lab)
         assert b"hyperfence" not in before
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "hyperfence", "--lab", lab.plan.name, "daemon"]
-            + ["--policy", forgets, "--resync", "600"],
+            [*HF, "--lab", lab.plan.name, "daemon", "--policy", forgets, "--resync", "600"],
             stderr=log,
             start_new_session=True,
         )
