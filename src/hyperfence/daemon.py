@@ -206,7 +206,9 @@ class Daemon:
             return {"ok": False, "error": str(e)}
 
     def health(self) -> dict[str, Any]:
-        """What `hyperfence status` shows: the policy applied, each loop's state, the agent channels."""
+        """What `hyperfence status` shows: the policy applied, each loop's state, the agent channels, the
+        network devices cut off for not being declared as uplinks and a refused policy version. Healthy:
+        none of those is wrong."""
         down = self.supervisor.down()
         undeclared = [d.as_dict() for d in self.engine.undeclared]
         refused = self.engine.refused

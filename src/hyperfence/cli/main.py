@@ -137,11 +137,11 @@ def policy_apply(
 
     c: Ctx = ctx.obj
     document = read_policy_file(file)
-    check_devices(c.netns, parse_policy(document, source=file))  # before anything is stored
+    checked = parse_policy(document, source=file)
+    check_devices(c.netns, checked)  # before anything is stored
     engine = c.engine()
     if dry_run:
-        policy = parse_policy(document, source=file)
-        resolved = resolve_policy(policy, host_addresses=engine.known_host_addresses())
+        resolved = resolve_policy(checked, host_addresses=engine.known_host_addresses())
         plan = plan_changes(compile_ruleset(resolved), engine.firewall.read())
         out.print(f"would send {len(plan.commands)} commands: {plan.summary or 'nothing to change'}")
         return
