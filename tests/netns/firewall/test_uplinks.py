@@ -140,7 +140,11 @@ def test_an_undeclared_network_device_refuses_the_policy_and_declared_it_passes_
         assert far.udp(str(lab.plan.vm("vm2").ip), ALLOWED) != "OK"
         before = ruleset(lab)
         forgets = write_policy(lab, tmp_path / "forgets.json", uplinks=[])
-        for argv in (("policy", "check", forgets), ("policy", "apply", forgets)):
+        for argv in (
+            ("policy", "check", forgets),
+            ("policy", "apply", "--dry-run", forgets),
+            ("policy", "apply", forgets),
+        ):
             r = hf(lab, *argv)
             assert r.returncode == 4, (argv, r.returncode, r.stdout, r.stderr)
             assert r.stderr.startswith("error: the policy would cut the host off its network"), r.stderr
