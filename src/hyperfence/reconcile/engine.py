@@ -132,9 +132,13 @@ class Engine:
     def refresh_host_addresses(self) -> bool:
         """Read the host's addresses from the bridges' namespace (what `host` covers and `outside` leaves
         out); True when they changed (converge to apply). A change after the first read is recorded as a
-        `host-addresses` event. Raises `KernelError` / `NotFoundError` when they cannot be read."""
-        addrs = self._read_addresses(self.netns)
+        `host-addresses` event. Raises `KernelError` / `NotFoundError` when they cannot be read.
+
+        Read under the engine's lock, so reads and updates happen in the same order: otherwise the address
+        watch's read from before a change could land after a full converge's read from after it, and put
+        the old addresses back until the next event (seen as a flaky test_peers run)."""
         with self.lock:
+            addrs = self._read_addresses(self.netns)
             before, self.host_addresses = self.host_addresses, addrs
         if before is None or before == addrs:
             return before is None
