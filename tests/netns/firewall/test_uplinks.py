@@ -36,9 +36,8 @@ FAR_TO_VM2 = {"id": "far", "from": FAR_IP, "to": "vm:vm2", "services": [f"udp/{A
 
 
 @pytest.fixture
-def lab() -> Iterator[LabSession]:
-    # The lab's own state directory, so that `--lab NAME` alone names both its namespace and its state.
-    with LabSession("up" + secrets.token_hex(2), 3) as s:
+def lab(tmp_path: Path) -> Iterator[LabSession]:
+    with LabSession("up" + secrets.token_hex(2), 3, state_dir=str(tmp_path / "state")) as s:
         yield s
 
 
@@ -102,10 +101,15 @@ def enslave(lab: LabSession) -> None:
     )
 
 
+def hf_on(lab: LabSession) -> list[str]:
+    """`python -m hyperfence --lab NAME` with the test's state directory."""
+    return [*HF, "--lab", lab.plan.name, "--state-dir", lab.state_dir]
+
+
 def hf(lab: LabSession, *args: str) -> subprocess.CompletedProcess[str]:
-    """The real CLI on the lab: `python -m hyperfence --lab NAME ARGS`."""
+    """The real CLI on the lab."""
     return subprocess.run(
-        [*HF, "--lab", lab.plan.name, *args],
+        [*hf_on(lab), *args],
         capture_output=True,
         text=True,
         check=False,
@@ -199,7 +203,7 @@ def test_a_device_joining_the_bridge_under_the_daemon_is_reported_and_gets_nothi
     with open(log_path, "wb") as log, far_host(lab) as far:
         # A resync far longer than the test: what the daemon notices, its link watch noticed.
         daemon = subprocess.Popen(
-            [*HF, "--lab", lab.plan.name, "daemon", "--resync", "600"],
+            [*hf_on(lab), "daemon", "--resync", "600"],
             stderr=log,
             start_new_session=True,  # stop_process ends its session
         )
@@ -253,7 +257,7 @@ def test_the_daemon_refuses_a_policy_that_would_cut_a_device_off_until_it_leaves
         before = ruleset(lab)
         assert b"hyperfence" not in before
         daemon = subprocess.Popen(
-            [*HF, "--lab", lab.plan.name, "daemon", "--policy", forgets, "--resync", "600"],
+            [*hf_on(lab), "daemon", "--policy", forgets, "--resync", "600"],
             stderr=log,
             start_new_session=True,
         )
