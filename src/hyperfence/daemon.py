@@ -7,6 +7,9 @@
   hyperfence's tables asks for that full converge at once (repaired within milliseconds at a few VMs).
 * Address watch (`reconcile/host_addresses.py`): the host's own addresses are an input like the policy
   (`host` covers them, `outside` leaves them out); an address event reads them again and converges.
+* Bridge port watch (`reconcile/bridge_ports.py`): a network device (a NIC, a bond, a VLAN device) that
+  joins a managed bridge without being declared as an uplink gets nothing and is reported (an event, a
+  warning, `hyperfence status`); a new policy version that would cut such a device off is refused.
 * Control socket (`<state>/daemon.sock`, root only): `policy apply` asks the daemon to converge now and
   waits for the answer, so a one-rule change is applied by a process that already holds the kernel state.
 * Kernel preconditions (`reconcile/preconditions.py`): br_netfilter and `bridge-nf-call-iptables=1` in the
@@ -41,9 +44,10 @@ import time
 from typing import Any
 
 from hyperfence.adapters.state_dir import write_private
-from hyperfence.errors import HyperfenceError
+from hyperfence.errors import ConflictError, HyperfenceError
 from hyperfence.model.text import printable
 from hyperfence.reconcile.agents import AgentMonitor
+from hyperfence.reconcile.bridge_ports import BridgePortWatcher
 from hyperfence.reconcile.drift import DriftWatcher
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.host_addresses import HostAddressWatcher
@@ -120,6 +124,7 @@ class Daemon:
         watch_addresses: bool = True,
         preconditions: Preconditions | None = None,
         learn_leases: bool = True,
+        watch_ports: bool = True,
     ) -> None:
         self.engine = engine
         self.learn_leases = learn_leases
@@ -131,6 +136,8 @@ class Daemon:
         self.traffic_log = traffic_log
         self.watch_drift = watch_drift
         self.watch_addresses = watch_addresses
+        self.watch_ports = watch_ports
+        self._last_refusal: str | None = None  # a refusal is logged and recorded once, not at every retry
         self.stop_event = StopSignal()
         self._wake = threading.Event()
         self._repair_causes: list[str] = []  # why a full converge was asked for (see `repair_now`)
@@ -225,15 +232,23 @@ class Daemon:
 
     def health(self) -> dict[str, Any]:
         """What `hyperfence status` shows: the policy applied, each loop's state, the agent channels, what
-        the kernel offers and whether the stateful path holds."""
+        the kernel offers and whether the stateful path holds, the network devices cut off for not being
+        declared as uplinks and a refused policy version. Healthy: none of those is wrong."""
         down = self.supervisor.down()
         kernel = self.preconditions.status() if self.preconditions is not None else None
+        undeclared = [d.as_dict() for d in self.engine.undeclared]
+        refused = self.engine.refused
         return {
             "pid": os.getpid(),
             "policy": self.last_key,
-            "healthy": not down and not (kernel and kernel["problems"]),
+            "healthy": not down
+            and not (kernel and kernel["problems"])
+            and not undeclared
+            and refused is None,
             "kernel": kernel,
             "down": down,
+            "undeclared_devices": undeclared,
+            "refused": refused,
             "loops": self.supervisor.status(),
             "agent_channels": dict(self.agents.channel_stats) if self.agents is not None else None,
         }
@@ -261,9 +276,13 @@ class Daemon:
         try:
             compiled, result = self.engine.converge(full=full, cause=cause)
         except HyperfenceError as e:
-            log.error("converge failed: %s", e)
-            self.engine.store.add_event("converge-failed", {"error": str(e)[:2000]})
-            return {"ok": False, "error": str(e)}
+            refusal = str(e) if isinstance(e, ConflictError) else None
+            if refusal is None or refusal != self._last_refusal:
+                log.error("converge failed: %s", e)
+                self.engine.store.add_event("converge-failed", {"error": str(e)[:2000]})
+            self._last_refusal = refusal
+            return {"ok": False, "error": str(e), "conflict": refusal is not None}
+        self._last_refusal = None
         if compiled is None or result is None:
             return {"ok": True, "policy": None}
         self.last_key = compiled.key
@@ -300,6 +319,8 @@ class Daemon:
             self.supervisor.start("drift", drift.run)
         if self.watch_addresses:  # the host's addresses: what `host` covers and `outside` leaves out
             self.supervisor.start("addresses", HostAddressWatcher(self.engine).run)
+        if self.watch_ports:  # network devices that join a managed bridge undeclared
+            self.supervisor.start("ports", BridgePortWatcher(self.engine, on_change=self.repair_now).run)
         if self.traffic_log:  # after the first compile: the policy names the NFLOG group
             self.supervisor.start("traffic", self.read_traffic)
         if self.learn_leases:  # after the first compile: the policy names the learn group
@@ -324,7 +345,9 @@ class Daemon:
             causes = self._take_repair_causes()
             full = time.monotonic() >= next_resync or bool(causes)
             try:
-                changed = self.engine.policy_key() != self.last_key
+                key = self.engine.policy_key()
+                # A refused version is tried again by a full converge (resync, link change), not every poll.
+                changed = key not in (self.last_key, self.engine.refused_key)
             except HyperfenceError as e:
                 log.error("%s", e)
                 changed = False

@@ -86,6 +86,7 @@ def test_a_failing_loop_is_restarted_reported_and_named_in_the_status(
         watch_drift=False,
         watch_addresses=False,
         learn_leases=False,
+        watch_ports=False,
     )
     t = threading.Thread(target=d.run, daemon=True)
     t.start()

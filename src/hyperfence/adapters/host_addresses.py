@@ -12,25 +12,21 @@ route events. It does not parse them: any event means "read again" (level-trigge
 
 from __future__ import annotations
 
-import errno
 import os
-import select
 import socket
 from ipaddress import IPv4Network
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from hyperfence.adapters.netlink import netfilter_socket
+from hyperfence.adapters.netlink import GroupWatch
 from hyperfence.adapters.netns import NetnsThread, netns_path
 from hyperfence.errors import KernelError, NotFoundError
 from hyperfence.model.policy import AddressRange
 
 RT_TABLE_LOCAL = 255
 RTN_LOCAL, RTN_BROADCAST = 2, 3
-NETLINK_ROUTE = 0
 RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x10, 0x40
-MAX_DRAIN = 1 << 20  # bytes read per wait at most: a burst of events is one "changed"
 
 
 def _read_local_table() -> tuple[AddressRange, ...]:
@@ -60,35 +56,8 @@ def read_host_addresses(netns: str | None) -> tuple[AddressRange, ...]:
         raise KernelError(f"cannot read the host's addresses in {where}: {e}") from None
 
 
-class AddressWatch:
+class AddressWatch(GroupWatch):
     """IPv4 address and route events of namespace `netns` (None: ours)."""
 
     def __init__(self, netns: str | None) -> None:
-        self.sock = netfilter_socket(
-            netns,
-            what="host address events",
-            groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE,
-            blocking=False,
-            protocol=NETLINK_ROUTE,
-        )
-
-    def wait(self, timeout: float, *, wake: int | None = None) -> bool:
-        """True when events came (all that are queued are read), False after `timeout` seconds without, or
-        as soon as file descriptor `wake` is readable (a stop signal). A receive buffer overrun counts as an
-        event: what was lost may have been a change."""
-        fds = [self.sock.fileno()] if wake is None else [self.sock.fileno(), wake]
-        if self.sock.fileno() not in select.select(fds, [], [], timeout)[0]:
-            return False
-        read = 0
-        while read < MAX_DRAIN:
-            try:
-                read += len(self.sock.recv(65536))
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise KernelError(f"host address events: {e.strerror or e}") from None
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
+        super().__init__(netns, groups=RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE, what="host address events")

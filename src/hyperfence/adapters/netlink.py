@@ -3,18 +3,21 @@ conntrack): message and attribute framing (pure), and a NETLINK_NETFILTER socket
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import socket
 import struct
 
 from hyperfence.adapters.netns import NetnsThread, netns_path
 from hyperfence.errors import KernelError, NotFoundError, PermissionDeniedError
 
-NETLINK_NETFILTER = 12
+NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid (host byte order)
 NLA_HDR = struct.Struct("=HH")  # len, type
 NLA_F_NESTED = 0x8000
+MAX_DRAIN = 1 << 20  # bytes a GroupWatch reads per wait at most: a burst of events is one "changed"
 
 
 def attr(kind: int, value: bytes) -> bytes:
@@ -83,3 +86,33 @@ def netfilter_socket(
         ) from None
     except OSError as e:
         raise KernelError(f"{what}: cannot open a netlink socket: {e.strerror or e}") from None
+
+
+class GroupWatch:
+    """Events of netlink multicast `groups` (of `protocol`, NETLINK_ROUTE by default) in namespace `netns`
+    (None: ours), for a level-triggered reader: events are not parsed, any event means "read again"."""
+
+    def __init__(self, netns: str | None, *, groups: int, what: str, protocol: int = NETLINK_ROUTE) -> None:
+        self.what = what
+        self.sock = netfilter_socket(netns, what=what, groups=groups, blocking=False, protocol=protocol)
+
+    def wait(self, timeout: float, *, wake: int | None = None) -> bool:
+        """True when events came (all that are queued are read), False after `timeout` seconds without, or
+        as soon as file descriptor `wake` is readable (a stop signal). A receive buffer overrun counts as an
+        event: what was lost may have been a change."""
+        fds = [self.sock.fileno()] if wake is None else [self.sock.fileno(), wake]
+        if self.sock.fileno() not in select.select(fds, [], [], timeout)[0]:
+            return False
+        read = 0
+        while read < MAX_DRAIN:
+            try:
+                read += len(self.sock.recv(65536))
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise KernelError(f"{self.what}: {e.strerror or e}") from None
+        return True
+
+    def close(self) -> None:
+        self.sock.close()

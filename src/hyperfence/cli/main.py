@@ -21,7 +21,7 @@ from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.policy.whatif import Flow, can
 from hyperfence.reconcile import preconditions
-from hyperfence.reconcile.engine import Engine, read_policy_file
+from hyperfence.reconcile.engine import Engine, check_devices, read_policy_file
 from hyperfence.reconcile.firewall import describe_drift
 from hyperfence.ruleset.compile import TABLES, compile_ruleset
 from hyperfence.ruleset.plan import plan_changes
@@ -100,14 +100,29 @@ def _global(
 
 
 @policy_app.command("check")
-def policy_check(file: str) -> None:
+def policy_check(
+    ctx: typer.Context,
+    file: str,
+    kernel: Annotated[
+        bool,
+        typer.Option(
+            "--kernel",
+            help="Also check the bridges' ports in the kernel (implied by --netns and --lab): a network "
+            "device on a managed bridge must be declared as an uplink.",
+        ),
+    ] = False,
+) -> None:
     """Validate FILE; list every problem with its path and value. Changes nothing."""
+    c: Ctx = ctx.obj
     policy = parse_policy(read_policy_file(file), source=file)
     rs = compile_ruleset(resolve_policy(policy))
-    c = rs.counts()
+    if kernel or c.netns is not None:
+        check_devices(c.netns, policy)
+    counts = rs.counts()
     out.print(
         f"{plain(file)}: ok — {len(policy.vms)} VMs, {len(policy.rules)} rules, {len(policy.ipsets)} IP sets "
-        f"-> {c['chains']} chains, {c['rules']} nft rules, {c['sets']} sets"
+        f"-> {counts['chains']} chains, {counts['rules']} nft rules, {counts['sets']} sets"
+        + ("; no undeclared network device on its bridges" if kernel or c.netns is not None else "")
     )
 
 
@@ -117,15 +132,17 @@ def policy_apply(
     file: str,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
 ) -> None:
-    """Validate FILE, store it as a new generation and make the kernel hold it (atomically)."""
+    """Validate FILE, store it as a new generation and make the kernel hold it (atomically). Refused,
+    changing nothing, while a network device on one of its bridges is not declared as an uplink."""
     from hyperfence.daemon import request  # noqa: PLC0415 - keeps `hyperfence policy check` light
 
     c: Ctx = ctx.obj
     document = read_policy_file(file)
+    checked = parse_policy(document, source=file)
+    check_devices(c.netns, checked)  # before anything is stored
     engine = c.engine()
     if dry_run:
-        policy = parse_policy(document, source=file)
-        resolved = resolve_policy(policy, host_addresses=engine.known_host_addresses())
+        resolved = resolve_policy(checked, host_addresses=engine.known_host_addresses())
         plan = plan_changes(compile_ruleset(resolved), engine.firewall.read())
         out.print(f"would send {len(plan.commands)} commands: {plan.summary or 'nothing to change'}")
         return
@@ -133,9 +150,8 @@ def policy_apply(
     reply = request(c.state_dir, {"op": "reconcile"})
     if reply is not None:
         if not reply.get("ok"):
-            raise errors.KernelError(
-                f"the daemon could not apply generation {generation}: {reply.get('error')}"
-            )
+            cls = errors.ConflictError if reply.get("conflict") else errors.KernelError
+            raise cls(f"the daemon could not apply generation {generation}: {reply.get('error')}")
         out.print(
             f"generation {generation} applied by the daemon: {reply.get('summary') or 'no change'} "
             f"({reply.get('ms')} ms)"
@@ -373,8 +389,10 @@ def status_cmd(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="The daemon's answer as JSON.")] = False,
 ) -> None:
-    """The running daemon's health: the policy it applied, each loop (running or down, failures, last error)
-    and the agent channels (connections claimed, strangers refused). Exit 1 when a loop is down."""
+    """The running daemon's health: the policy it applied, each loop (running or down, failures, last error),
+    the agent channels (connections claimed, strangers refused), network devices on a managed bridge that
+    get nothing because they are not declared as uplinks, and a policy version refused for cutting one off.
+    Exit 1 when a loop is down, a network device is cut off or a policy version is refused."""
     from hyperfence.daemon import request  # noqa: PLC0415
 
     c: Ctx = ctx.obj
@@ -406,6 +424,16 @@ def status_cmd(
             out.print(plain(f"{kernel.get('summary')}; stateful path {kernel.get('stateful')}{repairs}"))
             for p in kernel.get("problems") or []:
                 out.print(styled(plain(f"- {p}"), "red"))
+        for d in reply.get("undeclared_devices") or []:
+            out.print(
+                styled("cut off:", "red"),
+                plain(
+                    f"{d.get('port')} on bridge {d.get('bridge')} ({d.get('kind')}) is not declared as an "
+                    f"uplink and gets nothing; to declare it: {d.get('declare')}"
+                ),
+            )
+        if reply.get("refused"):
+            out.print(styled("policy refused:", "red"), plain_lines(reply["refused"]))
     if not reply.get("healthy", False):
         raise typer.Exit(1)
 

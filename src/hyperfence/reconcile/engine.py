@@ -11,29 +11,58 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from hyperfence.adapters.bridge_ports import read_bridge_ports
 from hyperfence.adapters.conntrack import forget_flows
 from hyperfence.adapters.host_addresses import read_host_addresses
 from hyperfence.adapters.nft import Nft
 from hyperfence.adapters.store import Store
-from hyperfence.errors import HyperfenceError, NotFoundError
+from hyperfence.errors import ConflictError, HyperfenceError, NotFoundError
 from hyperfence.model.lease import Lease
 from hyperfence.model.policy import AddressRange, Policy
+from hyperfence.model.ports import BridgePort
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.leases import apply_leases, expire
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
 from hyperfence.policy.syntax import format_range
+from hyperfence.policy.uplinks import UndeclaredDevice, refusal, undeclared_devices
 from hyperfence.reconcile.firewall import ConvergeResult, Firewall
+from hyperfence.ruleset.closed import lets_through
 from hyperfence.ruleset.compile import BRIDGE, TABLES, CompileCache, compile_ruleset, vm_sid
 from hyperfence.ruleset.ir import Ruleset
 
 log = logging.getLogger("hyperfence.engine")
 AddressReader = Callable[[str | None], tuple[AddressRange, ...]]
+
+
+class PortReader(Protocol):
+    def __call__(
+        self, netns: str | None, bridges: Iterable[str], *, known: Collection[str] = ()
+    ) -> tuple[BridgePort, ...]: ...
+
+
+def find_undeclared(
+    netns: str | None, policy: Policy, read_ports: PortReader = read_bridge_ports
+) -> tuple[UndeclaredDevice, ...]:
+    """The network devices on the policy's bridges (in namespace `netns`) that it declares neither as
+    uplinks nor as VMs' ports (`policy/uplinks.py`). One netlink dump per bridge."""
+    known = {u for n in policy.networks for u in n.uplinks} | {v.port for v in policy.vms}
+    ports = read_ports(netns, [n.bridge for n in policy.networks], known=known)
+    return undeclared_devices(policy, ports)
+
+
+def check_devices(netns: str | None, policy: Policy, read_ports: PortReader = read_bridge_ports) -> None:
+    """Refuse a policy that leaves a network device on one of its bridges undeclared: `ConflictError`
+    naming each (bridge, port, kind) and how to declare it. What `policy apply` and `policy check` ask
+    before anything is stored or applied."""
+    found = find_undeclared(netns, policy, read_ports)
+    if found:
+        raise ConflictError(refusal(found))
 
 
 def read_policy_file(path: str) -> Any:
@@ -67,6 +96,7 @@ class Engine:
         policy_file: str | None = None,
         read_addresses: AddressReader = read_host_addresses,
         clock: Callable[[], float] = time.time,
+        read_ports: PortReader = read_bridge_ports,
     ) -> None:
         self.netns = netns
         self.state_dir = state_dir
@@ -91,6 +121,15 @@ class Engine:
         # nobody watched (a one-shot command applies no expired lease; the daemon's learner records them).
         self.leases: tuple[Lease, ...] = expire(self.store.leases(), clock())[0]
         self.ignored_leases: tuple[tuple[Lease, str], ...] = ()  # leases the policy left out, and why
+        self._read_ports = read_ports
+        # The compiled policy the kernel was last converged to (None: none yet by this engine), the network
+        # devices it leaves undeclared (as of the last read of the bridges' ports; each gets nothing), and,
+        # while a newer policy version is refused because applying it would cut devices off, its key and
+        # the error (see `converge`).
+        self.applied: Compiled | None = None
+        self.undeclared: tuple[UndeclaredDevice, ...] = ()
+        self.refused_key: str | None = None
+        self.refused: str | None = None
 
     def set_discovered(self, vms: tuple[dict[str, Any], ...]) -> bool:
         """Replace the discovered VMs; True when they changed (converge to apply)."""
@@ -111,9 +150,13 @@ class Engine:
     def refresh_host_addresses(self) -> bool:
         """Read the host's addresses from the bridges' namespace (what `host` covers and `outside` leaves
         out); True when they changed (converge to apply). A change after the first read is recorded as a
-        `host-addresses` event. Raises `KernelError` / `NotFoundError` when they cannot be read."""
-        addrs = self._read_addresses(self.netns)
+        `host-addresses` event. Raises `KernelError` / `NotFoundError` when they cannot be read.
+
+        Read under the engine's lock, so reads and updates happen in the same order: otherwise the address
+        watch's read from before a change could land after a full converge's read from after it, and put
+        the old addresses back until the next event (seen as a flaky test_peers run)."""
         with self.lock:
+            addrs = self._read_addresses(self.netns)
             before, self.host_addresses = self.host_addresses, addrs
         if before is None or before == addrs:
             return before is None
@@ -128,6 +171,49 @@ class Engine:
         if self.host_addresses is None:
             self.refresh_host_addresses()
         return self.host_addresses or ()
+
+    def refresh_devices(self) -> bool:
+        """Read the bridges' ports again for the applied policy (the link watch does, on any link event)
+        and report what changed (`note_undeclared`); True when the undeclared devices changed."""
+        with self.lock:  # one reader at a time: the watch and the converges report each change once
+            applied = self.applied
+            if applied is None:
+                return False
+            return self.note_undeclared(find_undeclared(self.netns, applied.policy, self._read_ports))
+
+    def note_undeclared(self, found: tuple[UndeclaredDevice, ...]) -> bool:
+        """Keep `found` as the network devices the applied policy leaves undeclared. Each new one is
+        reported loudly (an `undeclared-device` event and a warning: it gets nothing until declared), each
+        one gone (declared, or off the bridge) is recorded as `undeclared-device-gone`. True when they
+        changed."""
+        with self.lock:
+            before, self.undeclared = self.undeclared, found
+        new = [d for d in found if d not in before]
+        gone = [d for d in before if d not in found]
+        for d in new:
+            log.warning(
+                "network device %s on bridge %s (%s) is not declared as an uplink: it gets nothing until "
+                "declared (%s) or taken off the bridge",
+                d.port,
+                d.bridge,
+                d.what,
+                d.hint,
+            )
+        for d in gone:
+            log.info("network device %s on bridge %s is no longer undeclared", d.port, d.bridge)
+        rows: list[tuple[str, str | None, dict[str, Any]]] = [
+            *(("undeclared-device", None, d.as_dict()) for d in new),
+            *(("undeclared-device-gone", None, d.as_dict()) for d in gone),
+        ]
+        if rows:
+            self.store.add_events(rows)
+        return bool(new or gone)
+
+    def _would_cut_off(self, found: tuple[UndeclaredDevice, ...]) -> bool:
+        """Would converging cut one of `found` off, that is, does the kernel let it through now (no
+        hyperfence bridge table, or one that has it as an uplink)? Read only when something was found."""
+        actual = self.firewall.actual or self.firewall.read()
+        return any(lets_through(actual.ruleset, d.port) for d in found)
 
     def set_quarantine(self, vms: frozenset[str]) -> bool:
         """Replace the set of quarantined VM ids; True when it changed (converge to apply it)."""
@@ -244,6 +330,13 @@ class Engine:
         """Make the kernel hold the current policy. `cause` (why this converge runs, e.g. the foreign
         nftables commit that triggered it) is recorded in the `drift-repaired` event when drift is found.
 
+        Never cut the host off its network: before a policy version is applied for the first time (a new
+        generation, an edited policy file, the first converge of this engine), and at every full converge,
+        the managed bridges' ports are read. A network device on them that the version leaves undeclared
+        refuses it with a `ConflictError` (naming each device and how to declare it; nothing is changed) if
+        the kernel lets that device through now. A device the kernel already gives nothing (it joined a
+        bridge after the policy was applied) stays so, fail closed, and is reported (`note_undeclared`).
+
         After drift is repaired, the VMs' conntrack entries are deleted (`flows_cut` in the event): a flow
         that was opened while the rules were missing would otherwise pass the repaired rules as established
         for as long as it lives. Every flow's next packet is judged again, as a new flow, by the repaired
@@ -259,7 +352,22 @@ class Engine:
             compiled = self.compiled()
             if compiled is None:
                 return None, None
+            new = self.applied is None or compiled.key != self.applied.key
+            devices = None
+            if full or new:
+                try:
+                    devices = find_undeclared(self.netns, compiled.policy, self._read_ports)
+                except HyperfenceError as e:
+                    if new:  # unchecked, a new version is not applied
+                        raise
+                    log.warning("the bridges' ports were not read (the resync goes on): %s", e)
+                if devices and new and self._would_cut_off(devices):
+                    self.refused_key, self.refused = compiled.key, refusal(devices)
+                    raise ConflictError(self.refused)
             result = self.firewall.converge(compiled.ruleset, full=full)
+            self.applied, self.refused_key, self.refused = compiled, None, None
+            if devices is not None:
+                self.note_undeclared(devices)
             if result.drift:
                 found: dict[str, Any] = {"policy": compiled.key, "drift": result.drift[:50]}
                 if cause:

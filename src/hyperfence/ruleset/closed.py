@@ -31,7 +31,7 @@ def fail_closed(desired: Ruleset, actual: Ruleset) -> Plan | None:
     missing = [wanted[name] for name in BASE_CHAINS if name in wanted and name not in have]
     if not missing:
         return None
-    uplinks = _uplinks(desired)
+    uplinks = uplink_ports(desired)
     plan = Plan()
     plan.commands.append({"add": {"table": {"family": BRIDGE.family, "name": BRIDGE.name}}})
     for chain in missing:
@@ -46,13 +46,20 @@ def fail_closed(desired: Ruleset, actual: Ruleset) -> Plan | None:
     return plan
 
 
-def _uplinks(desired: Ruleset) -> list[str]:
+def uplink_ports(rs: Ruleset) -> list[str]:
     """The ports the guard map lets through without a VM chain (`accept`): the declared uplinks."""
     ports: list[str] = []
-    for s in desired.sets:
+    for s in rs.sets:
         if s.table == BRIDGE and s.name == GUARD_MAP:
             for element in s.elements:
                 port, verdict = json.loads(element)
                 if isinstance(verdict, dict) and "accept" in verdict:
                     ports.append(str(port))
     return ports
+
+
+def lets_through(actual: Ruleset, port: str) -> bool:
+    """Does a ruleset the kernel holds let bridge port `port` through: there is no hyperfence bridge table
+    (nothing filters the bridges), or the port is one of its uplinks. (Any other port, the kernel's
+    ruleset gives nothing: a VM's is filtered, an unknown one is dropped.)"""
+    return BRIDGE not in actual.tables or port in uplink_ports(actual)

@@ -30,7 +30,18 @@ BOUND = 2.0  # seconds; measured ~0.05 s (the loops used to take 2-4 s: a 30 s q
 # A libvirtd nobody runs: the inventory loop runs all the same (it retries and waits for events), and the
 # test does not depend on, or read, a libvirtd another test may have started on this machine.
 # Every loop a daemon with the libvirt inventory runs (the process test waits until all of them run).
-LOOPS = {"control", "reconcile", "kernel", "drift", "addresses", "traffic", "leases", "inventory", "agents"}
+LOOPS = {
+    "control",
+    "reconcile",
+    "kernel",
+    "drift",
+    "addresses",
+    "ports",
+    "traffic",
+    "leases",
+    "inventory",
+    "agents",
+}
 NO_LIBVIRTD = "qemu:///system?socket=/nonexistent/hyperfence-test/libvirt-sock"
 
 
@@ -95,6 +106,7 @@ def test_every_loop_wakes_on_the_stop_signal_not_on_its_timeout(
         ("hyperfence.reconcile.traffic", "READ_TIMEOUT"),
         ("hyperfence.reconcile.agents", "ROUND"),
         ("hyperfence.reconcile.leases", "READ_TIMEOUT"),
+        ("hyperfence.reconcile.bridge_ports", "READ_TIMEOUT"),
     ]:
         monkeypatch.setattr(f"{where}.{name}", 30.0)
     assert lab.engine is not None

@@ -113,3 +113,36 @@ def test_an_address_event_reads_again_and_converges_only_on_a_change(
     stop.clear()
     HostAddressWatcher(engine, open_watch=lambda: FakeWatch(1, stop)).run(stop)
     assert converges == [(UPLINK,), (UPLINK, EXTRA)]
+
+
+def test_a_read_from_before_a_change_never_lands_after_a_read_from_after_it(
+    engine: Engine, kernel: FakeKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch reads the old addresses and is slow to store them; meanwhile the address changes and a
+    full converge reads the new ones. The new ones must win (reads are taken under the engine's lock)."""
+    monkeypatch.setattr(Engine, "firewall", FakeFirewall())
+    engine.compiled()
+    first_read, go, second_read = threading.Event(), threading.Event(), threading.Event()
+    real_read = kernel.read
+
+    def read(netns: str | None) -> tuple[AddressRange, ...]:
+        value = real_read(netns)
+        if not first_read.is_set():
+            first_read.set()
+            go.wait(10)  # the watch, stalled after reading the old addresses
+        else:
+            second_read.set()
+        return value
+
+    monkeypatch.setattr(engine, "_read_addresses", read)
+    watch = threading.Thread(target=engine.refresh_host_addresses)
+    watch.start()
+    assert first_read.wait(10)
+    kernel.addresses = (UPLINK, EXTRA)
+    resync = threading.Thread(target=lambda: engine.converge(full=True))
+    resync.start()
+    second_read.wait(0.5)  # the resync reads only once the watch's update is stored (with the lock)
+    go.set()
+    watch.join(10)
+    resync.join(10)
+    assert engine.host_addresses == (UPLINK, EXTRA)

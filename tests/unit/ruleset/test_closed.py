@@ -63,3 +63,15 @@ def test_one_missing_base_chain_is_closed_alone() -> None:
     kernel.apply([{"delete": {"chain": {"family": "bridge", "table": "hyperfence", "name": "ingress"}}}])
     closing = fail_closed(want, kernel.ruleset())
     assert closing is not None and closing.touched_chains == {(BRIDGE, "ingress")}
+
+
+def test_what_a_ruleset_in_the_kernel_lets_through() -> None:
+    """No hyperfence bridge table: every port passes; with one, only its uplinks do (a VM's port is
+    filtered, any other port gets nothing)."""
+    from hyperfence.ruleset.closed import lets_through
+
+    assert lets_through(Ruleset((), (), (), ()), "eno1")
+    with_uplink = desired(uplinks=["eno1"])
+    assert lets_through(with_uplink, "eno1")
+    assert not lets_through(with_uplink, "eno2") and not lets_through(with_uplink, "vp1")
+    assert not lets_through(desired(), "eno1")
