@@ -15,11 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hyperfence.adapters import kernel_probe
 from hyperfence.adapters.conntrack import forget_flows
 from hyperfence.adapters.host_addresses import read_host_addresses
 from hyperfence.adapters.nft import Nft
 from hyperfence.adapters.store import Store
 from hyperfence.errors import HyperfenceError, NotFoundError
+from hyperfence.model.kernel import Capabilities, Flavour, choose
 from hyperfence.model.lease import Lease
 from hyperfence.model.policy import AddressRange, Policy
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
@@ -56,6 +58,7 @@ class Compiled:
     discovered: tuple[dict[str, Any], ...] = ()  # the discovered VMs this was compiled with
     host_addresses: tuple[AddressRange, ...] = ()  # and the host's addresses
     leases: tuple[Lease, ...] = ()  # and the learned addresses (`policy` has them in its VMs' `ips`)
+    flavour: Flavour = Flavour.BR_NETFILTER  # the data plane it was compiled for
 
 
 class Engine:
@@ -67,8 +70,17 @@ class Engine:
         policy_file: str | None = None,
         read_addresses: AddressReader = read_host_addresses,
         clock: Callable[[], float] = time.time,
+        flavour: Flavour | None = None,
+        probe: Callable[[Nft], Capabilities] = kernel_probe.probe,
     ) -> None:
+        """`flavour`: the data plane to build (model/kernel.py), None to pick it from what the kernel offers
+        (`probe`, at the first converge; the daemon's preconditions loop re-decides with `use_flavour`).
+        Until then `compiled()` builds br_netfilter's: commands that only read the compiled policy (`vm
+        list`) never touch the kernel."""
         self.netns = netns
+        self.forced_flavour = flavour
+        self._flavour = flavour
+        self._probe = probe
         self.state_dir = state_dir
         self.policy_file = policy_file
         self.store = Store(state_dir)
@@ -137,6 +149,29 @@ class Engine:
             return changed
 
     @property
+    def flavour(self) -> Flavour:
+        """The data plane this engine builds: forced, decided by `use_flavour`, or probed on first need."""
+        if self._flavour is None:
+            self._flavour = choose(self._probe(self.nft), None)
+            log.info("data plane %s (picked from what the kernel offers)", self._flavour.value)
+        return self._flavour
+
+    def _compile_flavour(self) -> Flavour:
+        return self._flavour or Flavour.BR_NETFILTER
+
+    def use_flavour(self, caps: Capabilities) -> bool:
+        """Decide the flavour from freshly probed capabilities (a forced flavour stays); True when it changed
+        (converge to apply: the switch is one atomic batch like every change)."""
+        wanted = choose(caps, self.forced_flavour)
+        with self.lock:
+            changed = self._flavour is not None and wanted is not self._flavour
+            self._flavour = wanted
+        if changed:
+            log.warning("data plane switches to %s", wanted.value)
+            self.store.add_event("flavour-changed", {"flavour": wanted.value})
+        return changed
+
+    @property
     def nft(self) -> Nft:
         if self._nft is None:
             self._nft = Nft(self.netns)
@@ -192,7 +227,10 @@ class Engine:
             and previous.host_addresses == host
             and previous.leases is self.leases
         ):
-            if previous.resolved.quarantine == self.quarantine:
+            if (
+                previous.resolved.quarantine == self.quarantine
+                and previous.flavour is self._compile_flavour()
+            ):
                 return previous
             policy, resolved = previous.policy, previous.resolved
         else:
@@ -210,10 +248,11 @@ class Engine:
             key,
             policy,
             resolved,
-            compile_ruleset(resolved, self._cache),
+            compile_ruleset(resolved, self._cache, flavour=self._compile_flavour()),
             discovered=self.discovered,
             host_addresses=host,
             leases=self.leases,
+            flavour=self._compile_flavour(),
         )
         return self._compiled
 
@@ -256,6 +295,7 @@ class Engine:
                     if self.host_addresses is None:
                         raise
                     log.warning("keeping the host's last known addresses: %s", e)
+            _ = self.flavour  # decided before compiling what the kernel will hold
             compiled = self.compiled()
             if compiled is None:
                 return None, None

@@ -10,8 +10,26 @@ from typing import Any
 import pytest
 
 from hyperfence.errors import KernelError
-from hyperfence.model.kernel import Capabilities, describe, problems
+from hyperfence.model.kernel import Capabilities, Flavour, choose, describe, problems
 from hyperfence.reconcile.preconditions import Preconditions
+
+
+class FakeEngine:
+    """What Preconditions uses of the engine: its namespace, store and flavour decision."""
+
+    def __init__(self, store: Any, forced: Flavour | None) -> None:
+        self.nft, self.store, self.netns = object(), store, "hf-x-host"
+        self.forced_flavour = forced
+        self.flavour = Flavour.BR_NETFILTER
+        self.switches: list[Flavour] = []
+
+    def use_flavour(self, caps: Capabilities) -> bool:
+        wanted = choose(caps, self.forced_flavour)
+        changed = wanted is not self.flavour
+        self.flavour = wanted
+        if changed:
+            self.switches.append(wanted)
+        return changed
 
 
 class Kernel:
@@ -19,6 +37,8 @@ class Kernel:
         self.module, self.sysctl, self.loadable, self.writable = module, sysctl, loadable, writable
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.store = SimpleNamespace(add_event=lambda kind, data: self.events.append((kind, data)))
+        self.forced: Flavour | None = None
+        self.bridge_native = False  # does the simulated kernel have bridge conntrack and reject?
 
     def read(self, _: object) -> bool | None:
         return self.sysctl if self.module else None
@@ -34,10 +54,10 @@ class Kernel:
         return None
 
     def probe(self, nft: object) -> Capabilities:
-        return Capabilities(False, False, self.module, self.read(nft))
+        return Capabilities(self.bridge_native, self.bridge_native, self.module, self.read(nft))
 
     def preconditions(self) -> Preconditions:
-        engine = SimpleNamespace(nft=object(), store=self.store, netns="hf-x-host")
+        engine = FakeEngine(self.store, self.forced)
         return Preconditions(
             engine,  # type: ignore[arg-type]
             interval=0.001,
