@@ -490,6 +490,8 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
             ],
         )
     b.rule(BRIDGE, "ingress", "sys:est", [established(b), x.ACCEPT])
+    if b.flavour is Flavour.BRIDGE_NATIVE:
+        _reject_answers(b, mark)
     b.rule(BRIDGE, "ingress", "sys:reject-arp", _reject_arp(outbound=False))
     b.rule(BRIDGE, "ingress", "sys:dispatch", [x.vmap("oifname", IN_MAP)])
     b.logged_drop(BRIDGE, "ingress", "sys:unknown-port", log_prefix("-", "in", "deny", "sys:unknown-port"))
@@ -618,6 +620,27 @@ def _cap_dispatch(b: Builder, networks: tuple[Network, ...], vms: tuple[VmPolicy
         [new, x.match(x.meta("iifname"), bridges), x.payload_vmap("ip", "saddr", CAP_MAP)],
     )
     b.rule(INET, "pre", "sys:ct-cap-in", [new, x.payload_vmap("ip", "daddr", CAP_MAP)])
+
+
+def _reject_answers(b: Builder, mark: int) -> None:
+    """bridge_native: a bridge `reject` answers (TCP reset, ICMP error) through the bridge's output and
+    postrouting hooks towards the sender's port, as a frame the host made with no conntrack entry; the
+    sender's `ingress` rules would drop it as a new flow. The `answers` chain (bridge output) marks such
+    frames (IPv4 without a conntrack entry: what the host routes to a VM always has one) with the mark bit
+    that br_netfilter's flavour uses for "established"; `ingress` accepts them. A VM cannot set the bit: the
+    mark is cleared when its frame crosses into the bridges' namespace, and its frames never pass output."""
+    b.chain(BRIDGE, "answers", hook="output", priority=0, policy="accept")
+    b.rule(
+        BRIDGE,
+        "answers",
+        "sys:reject-answer",
+        [
+            x.match({"ct": {"key": "state"}}, 1, op="in"),  # invalid: no conntrack entry
+            x.match(x.payload("ip", "version"), 4),
+            {"mangle": {"key": x.meta("mark"), "value": {"|": [x.meta("mark"), mark]}}},
+        ],
+    )
+    b.rule(BRIDGE, "ingress", "sys:reject-answer", [x.mark_is_set(mark), x.COUNTER, x.ACCEPT])
 
 
 def _bridge_cap_dispatch(b: Builder, vms: tuple[VmPolicy, ...]) -> None:
