@@ -10,6 +10,9 @@ Cases, all in one lab ("bdp": 1,000 VMs planned, only vm1..vm3 created; the kern
   a0) no nft table at all in the host namespace (the lab's NAT table removed, so no conntrack): reference only
   a)  bare bridge: the lab as `create_lab` makes it (its NAT table => conntrack runs), no firewall: BASELINE
   b)  hyperfence: 1,000 VMs, 10,000 addresses in an IP set, 1,000 per-VM rules, applied through the Engine
+  an) bare bridge with `bridge-nf-call-iptables=0` (br_netfilter's hooks return at once): BASELINE of bn
+  bn) hyperfence, bridge_native flavour (bridge conntrack and reject, no br_netfilter work), same policy as b;
+      only where the kernel offers it (Debian's stock kernel: run it in the host-root guest, docs/hostroot.md)
   c)  naive: the same policy as linear rules (one rule per address, linear per-port dispatch, no sets/maps),
       stateful with the same inet ct-mark trick; the benchmark flows are dispatched last and pass the 10,000
       address rules before reaching their own accept rules (as in a large iptables/nwfilter-style ruleset)
@@ -19,6 +22,8 @@ Traffic (vm1 -> vm2 unless said): TCP throughput (iperf3, 1 stream), 64-byte UDP
 never any reply, so every packet is NEW and walks the policy), ping RTT vm1 -> vm3 (median of 200 at 5 ms, and
 the mean of 2,000 back-to-back `ping -A`). Every repetition runs every case once (order rotated) so drift hits
 all cases alike; values are medians, and paired ratios (case / a within one repetition) are printed too.
+Each flavour is judged against its own bare bridge: b against a (the sysctl on, as br_netfilter needs), bn
+against an (the sysctl off, as bridge_native leaves it); `flavours:` lines print those paired ratios.
 """
 
 from __future__ import annotations
@@ -60,9 +65,11 @@ from common import (
     workdir,
 )
 
+from hyperfence.adapters import kernel_probe
 from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan, nat_ruleset, plan_lab
 from hyperfence.lab.policy import lab_policy
+from hyperfence.model.kernel import Flavour
 from hyperfence.reconcile.engine import Engine
 from hyperfence.ruleset.compile import TABLES
 
@@ -614,6 +621,63 @@ def goals(cases: list[Case], key: str, base_key: str) -> None:
 # ------------------------------------------------------------------------------------------------- main
 
 
+CALL_IPTABLES = "net.bridge.bridge-nf-call-iptables"
+
+
+def native_cases(plan: LabPlan, wd: Path) -> tuple[list[Case], Engine | None]:
+    """Cases an and bn where the kernel offers bridge_native ([] elsewhere), and bn's engine (to close)."""
+    probe_engine = Engine(netns=plan.host_netns, state_dir=str(wd / "probe"))
+    try:
+        native = kernel_probe.probe(probe_engine.nft).bridge_native
+    finally:
+        probe_engine.close()
+    if not native:
+        log("the kernel has no bridge conntrack + reject: no bridge_native cases (an, bn)")
+        return [], None
+    engine = Engine(netns=plan.host_netns, state_dir=str(wd / "state-native"), flavour=Flavour.BRIDGE_NATIVE)
+    engine.store.put_policy(hyperfence_document(plan), source="bench/dataplane.py")
+
+    def sysctl(value: int) -> None:
+        host(plan, ["sysctl", "-qw", f"{CALL_IPTABLES}={value}"])
+
+    def bn_load() -> float:
+        sysctl(0)
+        t = time.perf_counter()
+        _, result = engine.converge(full=True)
+        assert result is not None
+        assert result.changed
+        return time.perf_counter() - t
+
+    def bn_unload() -> None:
+        nft_delete_tables(plan, HF_TABLES)
+        sysctl(1)
+
+    cases = [
+        Case("an", "bare bridge, bridge-nf-call-iptables=0", lambda: sysctl(0), lambda: sysctl(1), False),
+        Case("bn", "hyperfence bridge_native, 1000 VMs, 10k addr", bn_load, bn_unload, True),
+    ]
+    return cases, engine
+
+
+def flavour_ratios(cases: list[Case]) -> list[str]:
+    """Each flavour against its own bare bridge, paired within each repetition."""
+    by = {c.key: c for c in cases}
+    lines = []
+    for key, base in (("b", "a"), ("bn", "an")):
+        if key in by and base in by:
+            c, b = by[key], by[base]
+            pr = [
+                fmt(median([x / y for x, y in zip(getattr(c, k), getattr(b, k), strict=True)]))
+                for k in ("tcp", "udp_est", "udp_new")
+            ]
+            flavour = "bridge_native" if key == "bn" else "br_netfilter"
+            lines.append(
+                f"flavours: {flavour:<13} ({key}/{base}) TCP {pr[0]:>5}  64-B UDP est {pr[1]:>5}  "
+                f"64-B UDP new {pr[2]:>5}"
+            )
+    return lines
+
+
 def build_cases(plan: LabPlan, engine: Engine, wd: Path) -> tuple[list[Case], Callable[[], float]]:
     """The cases a0, a, b, c; also returns the hyperfence loader (the variants need its listing)."""
     # The lab's NAT table goes away for case a0 only and is restored right after.
@@ -693,19 +757,22 @@ def main() -> int:
     wd = workdir("hf-bench-dp-")
     plan = plan_lab(LAB, N_VMS)
     engine: Engine | None = None
+    native_engine: Engine | None = None
     t_start = time.perf_counter()
     try:
         tool = build_udpflood(wd)
         log(f"creating lab {LAB}: {N_VMS} VMs planned, 3 created")
         fresh_lab(plan, only=3)
         start_iperf_server(plan, "vm2")
-        engine = Engine(netns=plan.host_netns, state_dir=str(wd / "state"))
+        engine = Engine(netns=plan.host_netns, state_dir=str(wd / "state"), flavour=Flavour.BR_NETFILTER)
         cases, hf_load = build_cases(plan, engine, wd)
+        extra_cases, native_engine = native_cases(plan, wd)
+        cases = [*cases[:2], *extra_cases, *cases[2:]]
         if args.variants:
             hf_load()
             listing = "".join(host(plan, ["nft", "list", "table", f, n]) for f, n in HF_TABLES)
             nft_delete_tables(plan, HF_TABLES)
-            cases = [c for c in cases if c.key in ("a", "b")] + variant_cases(plan, listing, Case)
+            cases = [c for c in cases if c.key in ("a", "b", "an", "bn")] + variant_cases(plan, listing, Case)
             if args.only:
                 cases = [c for c in cases if c.key in args.only.split(",")]
         run_cases(plan, tool, cases, st)
@@ -716,12 +783,19 @@ def main() -> int:
             f"traffic: vm1->vm2 TCP iperf3 -t {st.tcp_s:g}, 64-B UDP {st.udp_s:g} s (est/new), "
             f"ping vm1->vm3 x{st.pings} @5 ms; sender pinned to CPU0, receiver to CPU1"
         )
-        report(cases, "a", st, [f"\ntotal wall time {time.perf_counter() - t_start:.0f} s"])
+        report(
+            cases,
+            "a",
+            st,
+            ["", *flavour_ratios(cases), f"\ntotal wall time {time.perf_counter() - t_start:.0f} s"],
+        )
         goals(cases, "b", "a")
         return 0
     finally:
         if engine is not None:
             engine.close()
+        if native_engine is not None:
+            native_engine.close()
         topology.destroy_lab(LAB)
         shutil.rmtree(wd, ignore_errors=True)
 

@@ -45,6 +45,7 @@ from typing import Any
 
 from hyperfence.adapters.state_dir import write_private
 from hyperfence.errors import ConflictError, HyperfenceError
+from hyperfence.model.kernel import Flavour
 from hyperfence.model.text import printable
 from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.bridge_ports import BridgePortWatcher
@@ -409,11 +410,12 @@ def run_daemon(
     poll: float,
     resync: float,
     libvirt: str | None = None,
+    flavour: Flavour | None = None,
 ) -> None:
     # A policy of 1,000 VMs is a few hundred thousand small objects: with the default thresholds a full
     # collection lands in the middle of an apply every few changes (+60 ms). Collect less often.
     gc.set_threshold(200_000, 50, 100)
-    engine = Engine(netns=netns, state_dir=state_dir, policy_file=policy_file)
+    engine = Engine(netns=netns, state_dir=state_dir, policy_file=policy_file, flavour=flavour)
     preconditions = Preconditions(engine)
     try:
         preconditions.ensure()  # before anything is applied: refuse to start on a kernel that cannot work
@@ -428,6 +430,7 @@ def run_daemon(
     daemon = Daemon(
         engine, poll=poll, resync=resync, agents=monitor, inventory=inventory, preconditions=preconditions
     )
+    preconditions.on_change = daemon.repair_now  # a flavour switch is converged at once
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.stop())
     write_private(os.path.join(state_dir, "daemon.pid"), str(os.getpid()))

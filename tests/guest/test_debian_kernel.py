@@ -44,9 +44,20 @@ SUBSET = (
     + "test_reject_flows.py::test_a_reject_in_the_receivers_egress_never_answers_its_replies_to_allowed_flows",
     FW + "test_reject_flows.py::test_a_new_deny_or_reject_never_cuts_established_flows",
     FW + "test_reject_routed.py::test_reject_answers_routed_senders_and_the_host",
-    FW + "test_preconditions.py",
 )
-SUBSET_TESTS = 10  # the parametrized test counts twice, test_preconditions.py holds three
+# Per data plane flavour (model/kernel.py), chosen in the guest through HYPERFENCE_FLAVOUR (the lab, its
+# engine and every `hyperfence` process the tests start honour it): br_netfilter's own preconditions; for
+# bridge_native (no br_netfilter loaded at all: the lab loads none for it) the connection cap of a VM.
+FLAVOUR_TESTS = {
+    "br_netfilter": ((FW + "test_preconditions.py",), 10),  # the parametrized test counts twice, 3 here
+    "bridge_native": (
+        (
+            FW
+            + "test_conntrack_cap.py::test_a_flooding_vm_holds_at_most_its_cap_and_its_neighbour_keeps_working",
+        ),
+        8,
+    ),
+}
 SUBSET_TIMEOUT = 840.0
 
 
@@ -81,7 +92,12 @@ def test_the_probe_finds_bridge_conntrack_and_reject_and_the_daemon_loads_br_net
     after_probe = report["loaded_after_probe"]
     assert after_probe["nf_conntrack_bridge"] and after_probe["nft_reject_bridge"], after_probe
     assert not after_probe["br_netfilter"], after_probe
-    # the daemon's start-up loads br_netfilter and turns the sysctl on
+    # left to choose, the daemon builds bridge_native and needs (and loads) no br_netfilter
+    assert report["auto_flavour"] == "bridge_native", report
+    assert report["auto_status"]["stateful"] == "ok" and report["auto_status"]["flavour"] == "bridge_native"
+    assert report["auto_status"]["summary"].startswith("data plane bridge_native;"), report
+    assert not report["loaded_after_auto"]["br_netfilter"], report
+    # forced to br_netfilter, the daemon's start-up loads br_netfilter and turns the sysctl on
     ensure = report["ensure"]
     assert ensure["br_netfilter"] is True and ensure["bridge_nf_call_iptables"] is True, ensure
     assert ensure["bridge_conntrack"] is True and ensure["bridge_reject"] is True, ensure
@@ -90,17 +106,22 @@ def test_the_probe_finds_bridge_conntrack_and_reject_and_the_daemon_loads_br_net
 
 
 @pytest.mark.timeout(SUBSET_TIMEOUT + 60)
+@pytest.mark.parametrize("flavour", sorted(FLAVOUR_TESTS))
 def test_the_firewall_acceptance_subset_passes_on_the_debian_kernel(
-    boot: HostrootBoot, tmp_path: Path
+    boot: HostrootBoot, tmp_path: Path, flavour: str
 ) -> None:
+    extra, expected = FLAVOUR_TESTS[flavour]
     pytest_argv = shlex.join([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"])
+    status = shlex.join([sys.executable, "-m", "tests.guest.flavour_report"])
     script = (
-        f'uname -r > "$HF_GUEST_OUT/release"; exec {pytest_argv} --junitxml="$HF_GUEST_OUT/junit.xml" "$@"'
+        f'uname -r > "$HF_GUEST_OUT/release"; {pytest_argv} --junitxml="$HF_GUEST_OUT/junit.xml" "$@"; '
+        f'rc=$?; {status} > "$HF_GUEST_OUT/flavour.json"; exit $rc'
     )
     run = run_in_hostroot(
-        ["sh", "-c", script, "guest-pytest", *SUBSET],
+        ["sh", "-c", script, "guest-pytest", *SUBSET, *extra],
         cwd=REPO,
         boot=boot,
+        env={"HYPERFENCE_FLAVOUR": flavour},
         timeout=SUBSET_TIMEOUT,
         run_dir=tmp_path,
     )
@@ -110,4 +131,8 @@ def test_the_firewall_acceptance_subset_passes_on_the_debian_kernel(
     suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")  # noqa: S314 - written by our pytest
     assert suite is not None, explain(run)
     counts = {k: int(suite.get(k, "-1")) for k in ("tests", "failures", "errors", "skipped")}
-    assert counts == {"tests": SUBSET_TESTS, "failures": 0, "errors": 0, "skipped": 0}, explain(run)
+    assert counts == {"tests": expected, "failures": 0, "errors": 0, "skipped": 0}, explain(run)
+    # the lab's engine built the flavour asked for (and bridge_native ran with no br_netfilter at all)
+    seen = json.loads((tmp_path / "flavour.json").read_text())
+    assert seen["flavour"] == flavour, seen
+    assert seen["br_netfilter_loaded"] is (flavour == "br_netfilter"), seen

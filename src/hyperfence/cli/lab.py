@@ -22,6 +22,7 @@ from hyperfence.lab.guest_shell import run_in_guest
 from hyperfence.lab.plan import plan_lab
 from hyperfence.lab.policy import lab_policy
 from hyperfence.lab.session import claim_state_dir, lab_state_dir, remove_state_dir
+from hyperfence.model.kernel import FLAVOUR_ENV, parse_flavour
 from hyperfence.reconcile.engine import Engine
 
 app = typer.Typer(no_args_is_help=True, help="A lab of VMs as network namespaces (for the demo and tests).")
@@ -46,7 +47,11 @@ def up(
     starts an enrolled agent in every VM (they report once `hyperfence --lab NAME daemon` runs)."""
     plan = plan_lab(name, vms)
     topology.create_lab(plan, only=0 if qemu else None)
-    engine = Engine(netns=plan.host_netns, state_dir=str(claim_state_dir(name)))
+    engine = Engine(
+        netns=plan.host_netns,
+        state_dir=str(claim_state_dir(name)),
+        flavour=parse_flavour(os.environ.get(FLAVOUR_ENV), field=FLAVOUR_ENV),
+    )
     try:
         if qemu:
             out.print(

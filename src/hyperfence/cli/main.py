@@ -16,7 +16,7 @@ from hyperfence import errors
 from hyperfence.cli import render
 from hyperfence.cli.output import err, out, plain, plain_lines, styled, table
 from hyperfence.cli.vm import agent_app, vm_app
-from hyperfence.model.kernel import describe
+from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, describe, parse_flavour
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.policy.whatif import Flow, can
@@ -59,9 +59,12 @@ app.add_typer(agent_app, name="agent")
 class Ctx:
     netns: str | None
     state_dir: str
+    flavour: Flavour | None = None  # forced data plane; None: picked from what the kernel offers
 
     def engine(self, policy_file: str | None = None) -> Engine:
-        return Engine(netns=self.netns, state_dir=self.state_dir, policy_file=policy_file)
+        return Engine(
+            netns=self.netns, state_dir=self.state_dir, policy_file=policy_file, flavour=self.flavour
+        )
 
 
 def lab_target(lab: str) -> tuple[str, str]:
@@ -88,12 +91,22 @@ def _global(
             envvar="HYPERFENCE_LAB", help="Act on the lab of this name (sets --netns and --state-dir)."
         ),
     ] = None,
+    flavour: Annotated[
+        str | None,
+        typer.Option(
+            envvar=FLAVOUR_ENV,
+            help="Data plane: auto (default: bridge_native where the kernel has bridge conntrack and "
+            "reject, else br_netfilter), br_netfilter or bridge_native.",
+        ),
+    ] = None,
 ) -> None:
     if lab:
         lab_ns, lab_state = lab_target(lab)
         netns = netns or lab_ns
         state_dir = state_dir or lab_state
-    ctx.obj = Ctx(netns=netns, state_dir=state_dir or DEFAULT_STATE)
+    ctx.obj = Ctx(
+        netns=netns, state_dir=state_dir or DEFAULT_STATE, flavour=parse_flavour(flavour, field="--flavour")
+    )
 
 
 # --- policy -----------------------------------------------------------------------------------------
@@ -143,7 +156,7 @@ def policy_apply(
     engine = c.engine()
     if dry_run:
         resolved = resolve_policy(checked, host_addresses=engine.known_host_addresses())
-        plan = plan_changes(compile_ruleset(resolved), engine.firewall.read())
+        plan = plan_changes(compile_ruleset(resolved, flavour=engine.flavour), engine.firewall.read())
         out.print(f"would send {len(plan.commands)} commands: {plan.summary or 'nothing to change'}")
         return
     generation, policy = engine.store_policy(document, source=os.path.abspath(file))
@@ -203,7 +216,7 @@ def ruleset_show(
     if desired and actual:
         raise errors.InvalidInputError("--desired and --actual: choose one")
     caps, broken = preconditions.check(engine)
-    out.print(f"# {describe(caps)}", highlight=False)
+    out.print(f"# {describe(caps, engine.flavour)}", highlight=False)
     for p in broken:
         out.print(f"# BROKEN: {p}", highlight=False)
     if desired:
@@ -223,13 +236,13 @@ def ruleset_diff(
     """What differs between the desired ruleset and the kernel. Exit 1 when they differ."""
     c: Ctx = ctx.obj
     engine = c.engine(policy)
+    _, broken = preconditions.check(engine)  # the flavour; and the rules can be right and still not work
     compiled = engine.compiled()
     if compiled is None:
         raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
     actual = engine.firewall.read()
     problems = describe_drift(compiled.ruleset, actual.ruleset)
     plan = plan_changes(compiled.ruleset, actual)
-    _, broken = preconditions.check(engine)  # the rules can be right and still not work
     if not problems and plan.empty and not broken:
         out.print("in sync: the kernel holds exactly the desired ruleset")
         return
@@ -380,7 +393,13 @@ def daemon_cmd(
     check_seconds("--resync", resync, example=10)
     configure_logging()
     run_daemon(
-        netns=c.netns, state_dir=c.state_dir, policy_file=policy, poll=poll, resync=resync, libvirt=libvirt
+        netns=c.netns,
+        state_dir=c.state_dir,
+        policy_file=policy,
+        poll=poll,
+        resync=resync,
+        libvirt=libvirt,
+        flavour=c.flavour,
     )
 
 

@@ -22,6 +22,7 @@ from hyperfence.errors import BugError
 from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan, plan_lab, validate_lab_name
 from hyperfence.lab.policy import lab_policy
+from hyperfence.model.kernel import FLAVOUR_ENV, parse_flavour
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.firewall import ConvergeResult
 
@@ -75,7 +76,11 @@ class LabSession:
     def __enter__(self) -> LabSession:
         try:
             topology.create_lab(self.plan)
-            self.engine = Engine(netns=self.plan.host_netns, state_dir=self.state_dir)
+            self.engine = Engine(
+                netns=self.plan.host_netns,
+                state_dir=self.state_dir,
+                flavour=parse_flavour(os.environ.get(FLAVOUR_ENV), field=FLAVOUR_ENV),
+            )
         except BaseException:
             self.close()
             raise

@@ -76,6 +76,7 @@ from hyperfence.lab.plan import (
     plan_to_dict,
     validate_lab_name,
 )
+from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, parse_flavour
 
 STATE_ROOT = Path("/run/hyperfence/labs")
 NETNS_DIR = Path("/run/netns")
@@ -211,7 +212,8 @@ def create_lab(plan: LabPlan, *, only: int | None = None) -> None:
     _write_record(_Record(plan, wanted, old_pid, old_argv))
 
     vms = plan.vms[:wanted]
-    _ensure_br_netfilter()
+    if not _bridge_native_wanted():
+        _ensure_br_netfilter()
     _ensure_netns([plan.host_netns, plan.outside_netns, *(vm.netns for vm in vms)])
     _in_netns(plan.host_netns, lambda: _configure_host(plan, vms))
     _in_netns(plan.outside_netns, lambda: _configure_outside(plan))
@@ -526,6 +528,12 @@ def _in_netns(netns: str, fn: Callable[[], T]) -> T:
         thread.close()
 
 
+def _bridge_native_wanted() -> bool:
+    """The lab's data plane forced to bridge_native (`HYPERFENCE_FLAVOUR`): then nothing loads br_netfilter,
+    so the lab shows that the flavour needs none."""
+    return parse_flavour(os.environ.get(FLAVOUR_ENV), field=FLAVOUR_ENV) is Flavour.BRIDGE_NATIVE
+
+
 def _ensure_br_netfilter() -> None:
     """Load br_netfilter when the kernel has it as a module that nothing loaded yet (a stock Debian kernel:
     the host-root guest, docs/hostroot.md), as the daemon does at start; the lab's host namespace needs its
@@ -584,6 +592,8 @@ def _ensure_address(ipr: IPRoute, index: int, address: str, prefixlen: int) -> N
 def _configure_host(plan: LabPlan, vms: Sequence[LabVm]) -> None:
     """In the host namespace: sysctls, bridge + gateway address, uplink veth, one port per VM (veth)."""
     for key, value in _HOST_SYSCTLS:
+        if key.startswith("net/bridge/") and not os.path.isdir("/proc/sys/net/bridge"):
+            continue  # no br_netfilter (bridge_native needs none)
         _write_sysctl(key, value)
     with IPRoute() as ipr:
         links = _links(ipr)

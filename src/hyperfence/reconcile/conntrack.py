@@ -18,7 +18,7 @@ from hyperfence.adapters.nft import Nft
 from hyperfence.errors import HyperfenceError
 from hyperfence.model.policy import Vm
 from hyperfence.policy.resolve import Resolved
-from hyperfence.ruleset.compile import INET, vm_sid
+from hyperfence.ruleset.compile import BRIDGE, INET, vm_sid
 from hyperfence.ruleset.readback import RuleKey, rule_counters
 
 
@@ -47,10 +47,12 @@ def tracked_per_vm(pairs: Mapping[tuple[bytes, bytes], int], vms: Iterable[Vm]) 
 
 
 def cap_drops_per_vm(counters: Mapping[RuleKey, tuple[int, int]], vms: Iterable[Vm]) -> dict[str, int]:
-    """Packets dropped by each VM's cap rule (`sys:ct-cap` in its `<sid>_cap_drop` chain), by VM id."""
+    """Packets dropped by each VM's cap rule (`sys:ct-cap` in its `<sid>_cap_drop` chain: in the inet table
+    (br_netfilter) or the bridge table (bridge_native)), by VM id."""
     out = {}
     for vm in vms:
-        hit = counters.get((INET, f"{vm_sid(vm.id)}_cap_drop", "sys:ct-cap"))
+        chain = f"{vm_sid(vm.id)}_cap_drop"
+        hit = counters.get((INET, chain, "sys:ct-cap")) or counters.get((BRIDGE, chain, "sys:ct-cap"))
         if hit is not None:
             out[vm.id] = hit[0]
     return out
@@ -72,7 +74,10 @@ def read_vm_connections(
     try:
         nft = Nft(netns)
         try:
-            listing = nft.list({"table": {"family": INET.family, "name": INET.name}})
+            listing = [
+                *nft.list({"table": {"family": INET.family, "name": INET.name}}),
+                *nft.list({"table": {"family": BRIDGE.family, "name": BRIDGE.name}}),
+            ]
         finally:
             nft.close()
         drops = cap_drops_per_vm(rule_counters(listing), vms)

@@ -15,12 +15,14 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hyperfence.adapters import kernel_probe
 from hyperfence.adapters.bridge_ports import read_bridge_ports
 from hyperfence.adapters.conntrack import forget_flows
 from hyperfence.adapters.host_addresses import read_host_addresses
 from hyperfence.adapters.nft import Nft
 from hyperfence.adapters.store import Store
 from hyperfence.errors import ConflictError, HyperfenceError, NotFoundError
+from hyperfence.model.kernel import Capabilities, Flavour, choose
 from hyperfence.model.lease import Lease
 from hyperfence.model.policy import AddressRange, Policy
 from hyperfence.model.ports import BridgePort
@@ -85,6 +87,7 @@ class Compiled:
     discovered: tuple[dict[str, Any], ...] = ()  # the discovered VMs this was compiled with
     host_addresses: tuple[AddressRange, ...] = ()  # and the host's addresses
     leases: tuple[Lease, ...] = ()  # and the learned addresses (`policy` has them in its VMs' `ips`)
+    flavour: Flavour = Flavour.BR_NETFILTER  # the data plane it was compiled for
 
 
 class Engine:
@@ -97,8 +100,17 @@ class Engine:
         read_addresses: AddressReader = read_host_addresses,
         clock: Callable[[], float] = time.time,
         read_ports: PortReader = read_bridge_ports,
+        flavour: Flavour | None = None,
+        probe: Callable[[Nft], Capabilities] = kernel_probe.probe,
     ) -> None:
+        """`flavour`: the data plane to build (model/kernel.py), None to pick it from what the kernel offers
+        (`probe`, at the first converge; the daemon's preconditions loop re-decides with `use_flavour`).
+        Until then `compiled()` builds br_netfilter's: commands that only read the compiled policy (`vm
+        list`) never touch the kernel."""
         self.netns = netns
+        self.forced_flavour = flavour
+        self._flavour = flavour
+        self._probe = probe
         self.state_dir = state_dir
         self.policy_file = policy_file
         self.store = Store(state_dir)
@@ -223,6 +235,29 @@ class Engine:
             return changed
 
     @property
+    def flavour(self) -> Flavour:
+        """The data plane this engine builds: forced, decided by `use_flavour`, or probed on first need."""
+        if self._flavour is None:
+            self._flavour = choose(self._probe(self.nft), None)
+            log.info("data plane %s (picked from what the kernel offers)", self._flavour.value)
+        return self._flavour
+
+    def _compile_flavour(self) -> Flavour:
+        return self._flavour or Flavour.BR_NETFILTER
+
+    def use_flavour(self, caps: Capabilities) -> bool:
+        """Decide the flavour from freshly probed capabilities (a forced flavour stays); True when it changed
+        (converge to apply: the switch is one atomic batch like every change)."""
+        wanted = choose(caps, self.forced_flavour)
+        with self.lock:
+            changed = self._flavour is not None and wanted is not self._flavour
+            self._flavour = wanted
+        if changed:
+            log.warning("data plane switches to %s", wanted.value)
+            self.store.add_event("flavour-changed", {"flavour": wanted.value})
+        return changed
+
+    @property
     def nft(self) -> Nft:
         if self._nft is None:
             self._nft = Nft(self.netns)
@@ -278,7 +313,10 @@ class Engine:
             and previous.host_addresses == host
             and previous.leases is self.leases
         ):
-            if previous.resolved.quarantine == self.quarantine:
+            if (
+                previous.resolved.quarantine == self.quarantine
+                and previous.flavour is self._compile_flavour()
+            ):
                 return previous
             policy, resolved = previous.policy, previous.resolved
         else:
@@ -296,10 +334,11 @@ class Engine:
             key,
             policy,
             resolved,
-            compile_ruleset(resolved, self._cache),
+            compile_ruleset(resolved, self._cache, flavour=self._compile_flavour()),
             discovered=self.discovered,
             host_addresses=host,
             leases=self.leases,
+            flavour=self._compile_flavour(),
         )
         return self._compiled
 
@@ -349,6 +388,7 @@ class Engine:
                     if self.host_addresses is None:
                         raise
                     log.warning("keeping the host's last known addresses: %s", e)
+            _ = self.flavour  # decided before compiling what the kernel will hold
             compiled = self.compiled()
             if compiled is None:
                 return None, None

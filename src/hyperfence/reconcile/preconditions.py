@@ -1,5 +1,10 @@
-"""Keep the data plane's kernel preconditions in place (model/kernel.py says which and why), and say so
-loudly when they cannot be.
+"""Pick the data plane flavour and keep its kernel preconditions in place (model/kernel.py says which and
+why), and say so loudly when they cannot be.
+
+* The flavour: bridge_native wherever the kernel offers bridge conntrack and bridge reject, br_netfilter
+  elsewhere, unless the engine's setting forces one (`Engine.use_flavour`). bridge_native needs nothing
+  more: br_netfilter is neither loaded nor its sysctl watched. Every re-probe decides again; a change is
+  converged at once (`on_change`), as one atomic batch like every change.
 
 * At daemon start, `ensure()` probes the bridges' namespace. br_netfilter missing: `modprobe br_netfilter`;
   still missing, the daemon refuses to start with what to do (a firewall whose allowed connections all time
@@ -23,7 +28,7 @@ from typing import Any
 from hyperfence.adapters import kernel_probe
 from hyperfence.adapters.nft import Nft
 from hyperfence.errors import HyperfenceError, KernelError
-from hyperfence.model.kernel import CALL_IPTABLES, Capabilities, describe, problems
+from hyperfence.model.kernel import CALL_IPTABLES, Capabilities, Flavour, describe, problems
 from hyperfence.reconcile.engine import Engine
 
 log = logging.getLogger("hyperfence.kernel")
@@ -43,8 +48,10 @@ class Preconditions:
         read: Callable[[Nft], bool | None] = kernel_probe.read_call_iptables,
         fix: Callable[[Nft], None] = kernel_probe.set_call_iptables,
         load: Callable[[], str | None] = kernel_probe.load_br_netfilter,
+        on_change: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.on_change = on_change  # the daemon's `repair_now`: converge after a flavour switch
         self.interval = interval
         self.reprobe = reprobe
         self._probe, self._read, self._fix, self._load = probe, read, fix, load
@@ -59,6 +66,13 @@ class Preconditions:
     def ensure(self) -> Capabilities:
         """Probe and put the preconditions in place. KernelError (with what to do) when they cannot be."""
         caps = self._probe(self.engine.nft)
+        self.engine.use_flavour(caps)
+        if self.engine.flavour is Flavour.BRIDGE_NATIVE:
+            self._set(caps)
+            if self.broken:  # forced on a kernel without it: refuse to start, like a missing br_netfilter
+                raise KernelError(self.broken[0])
+            log.info("%s", describe(caps, Flavour.BRIDGE_NATIVE))
+            return caps
         if not caps.br_netfilter:
             why = self._load()
             caps = self._probe(self.engine.nft)
@@ -75,7 +89,7 @@ class Preconditions:
             self._repair_sysctl()
             caps = self._probe(self.engine.nft)
         self._set(caps)
-        log.info("%s", describe(caps))
+        log.info("%s", describe(caps, self.engine.flavour))
         return caps
 
     # --- while running -------------------------------------------------------------------------------
@@ -86,6 +100,8 @@ class Preconditions:
             if time.monotonic() >= next_probe:
                 next_probe = time.monotonic() + self.reprobe
                 self._set(self._probe(self.engine.nft))
+            if self.engine.flavour is Flavour.BRIDGE_NATIVE:  # no sysctl to watch
+                continue
             if self._read(self.engine.nft) is True:
                 if self.broken:
                     self._set(self._probe(self.engine.nft))
@@ -124,7 +140,9 @@ class Preconditions:
             self.engine.store.add_event("precondition-broken", {"error": error[:1000]})
 
     def _set(self, caps: Capabilities) -> None:
-        found = problems(caps, self.engine.netns)
+        if self.engine.use_flavour(caps) and self.on_change is not None:
+            self.on_change(f"data plane {self.engine.flavour.value}")
+        found = problems(caps, self.engine.netns, self.engine.flavour)
         if found and not self.broken:
             self._report_broken(found[0])
         with self._lock:
@@ -135,9 +153,11 @@ class Preconditions:
         """For the daemon's `status`: the capabilities, whether the stateful path holds, the repairs."""
         with self._lock:
             caps = self.caps
+            flavour = self.engine.flavour if caps is not None else None
             return {
                 **(caps.as_dict() if caps is not None else {}),
-                "summary": describe(caps) if caps is not None else None,
+                "flavour": flavour.value if flavour is not None else None,
+                "summary": describe(caps, flavour) if caps is not None and flavour is not None else None,
                 "stateful": "broken" if self.broken else ("ok" if caps is not None else "unknown"),
                 "problems": list(self.broken),
                 "repairs": self.repairs,
@@ -146,9 +166,11 @@ class Preconditions:
 
 
 def check(engine: Engine) -> tuple[Capabilities, list[str]]:
-    """For the CLI (`ruleset show`, `ruleset diff`): probe, change nothing."""
+    """For the CLI (`ruleset show`, `ruleset diff`): probe, decide the engine's flavour, change nothing in
+    the kernel."""
     try:
         caps = kernel_probe.probe(engine.nft)
     except HyperfenceError as e:
         raise KernelError(f"could not probe the kernel: {e}") from None
-    return caps, problems(caps, engine.netns)
+    engine.use_flavour(caps)
+    return caps, problems(caps, engine.netns, engine.flavour)

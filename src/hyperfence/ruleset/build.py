@@ -8,6 +8,7 @@ import hashlib
 import json
 
 from hyperfence.errors import BugError
+from hyperfence.model.kernel import Flavour
 from hyperfence.model.policy import (
     AddressRange,
     Direction,
@@ -35,7 +36,8 @@ REJECT_ARP_SET = "reject_arp"  # bridge: port . gateway . address of VMs the hos
 REJECT_ARP_TYPE = "ifname . ipv4_addr . ipv4_addr"
 
 GUARD_MAP, OUT_MAP, IN_MAP = "guard_ports", "out_ports", "in_ports"
-CAP_MAP = "cap_vms"  # inet: VM address -> jump <vm>_cap (the VM's connection cap)
+CAP_MAP = "cap_vms"  # VM address -> jump <vm>_cap (the VM's connection cap; inet, or bridge when native)
+CAP_PORTS = "cap_ports"  # bridge_native: VM port -> jump <vm>_cap (what the VM sends)
 LOG_PREFIX = "hf"
 # The kernel keeps a log prefix of at most 127 bytes (NF_LOG_PREFIXLEN, 128, less its NUL): nft 1.0.6 gets
 # ERANGE for 128 and crashes on much longer ones. nft's own parser reads comments of at most 128 characters,
@@ -68,6 +70,14 @@ def log_prefix(sid: str, direction: str, verdict: str, comment: str) -> str:
     return prefix
 
 
+def established(b: Builder) -> JSON:
+    """The packet belongs to a flow conntrack knows (established or related): in the bridge family itself
+    (bridge_native), or the mark bit the inet marker chains set (br_netfilter)."""
+    if b.flavour is Flavour.BRIDGE_NATIVE:
+        return x.match({"ct": {"key": "state"}}, [2, 4], op="in")
+    return x.mark_is_set(b.settings.conntrack_mark)
+
+
 def dump(obj: JSON) -> str:
     """`canonical()` for what the compiler builds: its counters are already zero, so no walk is needed."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
@@ -82,9 +92,12 @@ class BuildMemo:
 
 
 class Builder:
-    def __init__(self, settings: Settings, cache: BuildMemo | None = None) -> None:
+    def __init__(
+        self, settings: Settings, cache: BuildMemo | None = None, flavour: Flavour = Flavour.BR_NETFILTER
+    ) -> None:
         self.settings = settings
         self.cache = cache
+        self.flavour = flavour  # the data plane built (model/kernel.py)
         self.chains: list[Chain] = []
         self.sets: dict[str, NftSet] = {}
         self.rules: list[Rule] = []

@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from hyperfence.model.kernel import Flavour
 from hyperfence.model.policy import Action, Direction, FloodLimit, Network, Settings
 from hyperfence.policy.resolve import (
     ANY,
@@ -44,6 +45,7 @@ from hyperfence.ruleset import expr as x
 from hyperfence.ruleset.build import (
     BRIDGE,
     CAP_MAP,
+    CAP_PORTS,
     GUARD_MAP,
     IN_MAP,
     INET,
@@ -56,6 +58,7 @@ from hyperfence.ruleset.build import (
     Builder,
     BuildMemo,
     dump,
+    established,
     log_prefix,
     own_ips,
     selector_set_name,
@@ -65,7 +68,17 @@ from hyperfence.ruleset.build import (
 from hyperfence.ruleset.ir import JSON, Chain, Delta, NftSet, Rule, Ruleset, TableId
 from hyperfence.ruleset.reject import reject_chains
 
-__all__ = ["BRIDGE", "INET", "LOG_PREFIX", "NETDEV", "TABLES", "CompileCache", "compile_ruleset", "vm_sid"]
+__all__ = [
+    "BRIDGE",
+    "INET",
+    "LOG_PREFIX",
+    "NETDEV",
+    "TABLES",
+    "CompileCache",
+    "Flavour",
+    "compile_ruleset",
+    "vm_sid",
+]
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,13 @@ class CompileCache(BuildMemo):
         self.prev: Ruleset | None = None
         self.set_users: dict[str, int] = {}
         self.reject_vms = 0
+        self.flavour: Flavour | None = None  # what all of the above was built for
+
+    def for_flavour(self, flavour: Flavour) -> None:
+        """Forget everything when the flavour changes: nothing built for one data plane serves the other."""
+        if self.flavour is not flavour:
+            self.__init__()  # type: ignore[misc]
+            self.flavour = flavour
 
 
 class _Key:
@@ -140,13 +160,17 @@ def _vm_key(vp: VmPolicy, settings: Settings) -> _Key:
     )
 
 
-def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ruleset:
-    """The whole desired state. Same input, same output, byte for byte (with or without a cache)."""
+def compile_ruleset(
+    resolved: Resolved, cache: CompileCache | None = None, *, flavour: Flavour = Flavour.BR_NETFILTER
+) -> Ruleset:
+    """The whole desired state for the data plane `flavour` (model/kernel.py). Same input, same output, byte
+    for byte (with or without a cache)."""
     if cache is not None:
+        cache.for_flavour(flavour)
         changed = _compile_changed_vms(resolved, cache)
         if changed is not None:
             return changed
-    rs = _compile_all(resolved, cache)
+    rs = _compile_all(resolved, cache, flavour)
     if cache is not None:
         cache.prev = rs
         cache.set_users = {}
@@ -157,10 +181,11 @@ def compile_ruleset(resolved: Resolved, cache: CompileCache | None = None) -> Ru
     return rs
 
 
-def _compile_all(resolved: Resolved, cache: CompileCache | None) -> Ruleset:
+def _compile_all(resolved: Resolved, cache: CompileCache | None, flavour: Flavour) -> Ruleset:
     settings = resolved.policy.settings
-    b = Builder(settings, cache)
-    _conntrack_marker(b, settings.conntrack_mark)
+    b = Builder(settings, cache, flavour)
+    if flavour is Flavour.BR_NETFILTER:
+        _conntrack_marker(b, settings.conntrack_mark)
     _cached_base_chains(b, resolved, settings, cache)
     by_chain: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in b.chains}
     for r in b.rules:
@@ -208,11 +233,12 @@ def _compile_changed_vms(resolved: Resolved, cache: CompileCache) -> Ruleset | N
                 return None
     if not changed:
         return prev
-    b = Builder(settings, cache)
+    flavour = cache.flavour or Flavour.BR_NETFILTER
+    b = Builder(settings, cache, flavour)
     rebuilt: list[tuple[VmPolicy, _Key, _VmFragment, list[NftSet]]] = []
     for vp in changed:
         key = _vm_key(vp, settings)
-        frag = cache.vms.get(key) or _fragment(vp, settings, cache)
+        frag = cache.vms.get(key) or _fragment(vp, settings, cache, flavour)
         before = cache.vms[cache.last[vp.vm.id][2]]
         if [c.name for c in frag.chains] != [c.name for c in before.chains]:
             return None
@@ -289,8 +315,8 @@ def _arp_set_name(source: ArpSource) -> str:
     return ("a" if source.trimmed else "") + selector_set_name(source.selectors)
 
 
-def _fragment(vp: VmPolicy, settings: Settings, cache: CompileCache | None) -> _VmFragment:
-    one = Builder(settings, cache)
+def _fragment(vp: VmPolicy, settings: Settings, cache: CompileCache | None, flavour: Flavour) -> _VmFragment:
+    one = Builder(settings, cache, flavour)
     _vm_chains(one, vp)
     rules: dict[tuple[TableId, str], list[Rule]] = {(c.table, c.name): [] for c in one.chains}
     for r in one.rules:
@@ -338,7 +364,7 @@ def _vm_fragments(
             vm_sets = _vm_sets(b, vp)
         hit = cache.vms.get(key) if cache is not None else None
         if hit is None:
-            hit = _fragment(vp, settings, cache)
+            hit = _fragment(vp, settings, cache, b.flavour)
         used[key] = hit
         last[vp.vm.id] = (vp, settings, key, vm_sets)
         b.chains.extend(hit.chains)
@@ -443,7 +469,9 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
         _learn_dispatch(b, learners, mark)
     # The established shortcut runs for nearly every packet: no counter here (the bench measured ~2-3 % of
     # small-packet rate for the counters on this path); per-rule counters are on the decisions.
-    b.rule(BRIDGE, "egress", "sys:est", [x.mark_is_set(mark), x.ACCEPT])
+    b.rule(BRIDGE, "egress", "sys:est", [established(b), x.ACCEPT])
+    if b.flavour is Flavour.BRIDGE_NATIVE:
+        _bridge_cap_dispatch(b, resolved.vms)
     b.rule(BRIDGE, "egress", "sys:reject-arp", _reject_arp(outbound=True))
     b.rule(BRIDGE, "egress", "sys:dispatch", [x.vmap("iifname", OUT_MAP)])
     b.logged_drop(BRIDGE, "egress", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
@@ -456,16 +484,19 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
             "ingress",
             "sys:dhcp-learn",
             [
-                x.mark_is_set(mark),
+                established(b),
                 *_dhcp_udp(sport=67, dport=68),
                 x.vmap("oifname", LEARN_IN_MAP),
             ],
         )
-    b.rule(BRIDGE, "ingress", "sys:est", [x.mark_is_set(mark), x.ACCEPT])
+    b.rule(BRIDGE, "ingress", "sys:est", [established(b), x.ACCEPT])
+    if b.flavour is Flavour.BRIDGE_NATIVE:
+        _reject_answers(b, mark)
     b.rule(BRIDGE, "ingress", "sys:reject-arp", _reject_arp(outbound=False))
     b.rule(BRIDGE, "ingress", "sys:dispatch", [x.vmap("oifname", IN_MAP)])
     b.logged_drop(BRIDGE, "ingress", "sys:unknown-port", log_prefix("-", "in", "deny", "sys:unknown-port"))
-    _cap_dispatch(b, resolved.policy.networks, resolved.vms)
+    if b.flavour is Flavour.BR_NETFILTER:
+        _cap_dispatch(b, resolved.policy.networks, resolved.vms)
 
 
 LEARN_IN_MAP, LEARN_OUT_MAP = "learn_in", "learn_out"
@@ -591,6 +622,42 @@ def _cap_dispatch(b: Builder, networks: tuple[Network, ...], vms: tuple[VmPolicy
     b.rule(INET, "pre", "sys:ct-cap-in", [new, x.payload_vmap("ip", "daddr", CAP_MAP)])
 
 
+def _reject_answers(b: Builder, mark: int) -> None:
+    """bridge_native: a bridge `reject` answers (TCP reset, ICMP error) through the bridge's output and
+    postrouting hooks towards the sender's port, as a frame the host made with no conntrack entry; the
+    sender's `ingress` rules would drop it as a new flow. The `answers` chain (bridge output) marks such
+    frames (IPv4 without a conntrack entry: what the host routes to a VM always has one) with the mark bit
+    that br_netfilter's flavour uses for "established"; `ingress` accepts them. A VM cannot set the bit: the
+    mark is cleared when its frame crosses into the bridges' namespace, and its frames never pass output."""
+    b.chain(BRIDGE, "answers", hook="output", priority=0, policy="accept")
+    b.rule(
+        BRIDGE,
+        "answers",
+        "sys:reject-answer",
+        [
+            x.match({"ct": {"key": "state"}}, 1, op="in"),  # invalid: no conntrack entry
+            x.match(x.payload("ip", "version"), 4),
+            {"mangle": {"key": x.meta("mark"), "value": {"|": [x.meta("mark"), mark]}}},
+        ],
+    )
+    b.rule(BRIDGE, "ingress", "sys:reject-answer", [x.mark_is_set(mark), x.COUNTER, x.ACCEPT])
+
+
+def _bridge_cap_dispatch(b: Builder, vms: tuple[VmPolicy, ...]) -> None:
+    """bridge_native: the connection caps in the bridge's `egress` chain (prerouting +10: after bridge
+    conntrack at -200, before it confirms the connection at postrouting), right after the established
+    shortcut, so only a connection's first packet gets here. What a VM sends is known by its port
+    (`cap_ports`), what is sent to a VM by the destination address (`cap_vms`): a connection between two
+    VMs passes both caps. Routed connections towards a VM (from the host's IP stack) leave the bridge
+    already confirmed by inet conntrack and are not counted."""
+    b.verdict_map(CAP_PORTS, {vp.vm.port: x.jump(f"{vm_sid(vp.vm.id)}_cap") for vp in vms})
+    entries: dict[str, JSON] = {str(ip): x.jump(f"{vm_sid(vp.vm.id)}_cap") for vp in vms for ip in vp.vm.ips}
+    b.verdict_map(CAP_MAP, entries, key_type="ipv4_addr")
+    new = x.ct_unconfirmed()
+    b.rule(BRIDGE, "egress", "sys:ct-cap-out", [new, x.vmap("iifname", CAP_PORTS)])
+    b.rule(BRIDGE, "egress", "sys:ct-cap-in", [new, x.payload_vmap("ip", "daddr", CAP_MAP)])
+
+
 def _quarantine(b: Builder, resolved: Resolved) -> None:
     """Quarantined VMs (isolated by the agent monitor): their ports are dropped first in both base chains,
     before the established shortcut, so open connections stop too; only the agent's own flow to the host's
@@ -692,14 +759,15 @@ def _cap_chains(b: Builder, vp: VmPolicy, sid: str) -> None:
     were opened); beyond the cap, log within the log rate (direction: the VM sent it, or it was sent to
     the VM) and drop, counted in `sys:ct-cap`."""
     cap, drop = f"{sid}_cap", f"{sid}_cap_drop"
-    b.chain(INET, cap)
-    b.chain(INET, drop)
-    b.rule(INET, cap, "sys:ct-count", [x.ct_count_over(vp.connection_cap.connections), x.goto(drop)])
+    table = BRIDGE if b.flavour is Flavour.BRIDGE_NATIVE else INET
+    b.chain(table, cap)
+    b.chain(table, drop)
+    b.rule(table, cap, "sys:ct-count", [x.ct_count_over(vp.connection_cap.connections), x.goto(drop)])
     if vp.connection_cap.log and vp.vm.ips:
         s = b.settings
         for direction, field in (("out", "saddr"), ("in", "daddr")):
             b.rule(
-                INET,
+                table,
                 drop,
                 f"sys:ct-cap:{direction}:log",
                 [
@@ -708,7 +776,7 @@ def _cap_chains(b: Builder, vp: VmPolicy, sid: str) -> None:
                     x.log(log_prefix(sid, direction, "cap", "sys:ct-cap"), s.nflog_group),
                 ],
             )
-    b.rule(INET, drop, "sys:ct-cap", [x.COUNTER, x.DROP])
+    b.rule(table, drop, "sys:ct-cap", [x.COUNTER, x.DROP])
 
 
 def _flood_rules(b: Builder, sid: str, chain: str, direction: str, limits: tuple[FloodLimit, ...]) -> None:

@@ -31,12 +31,22 @@ protocol 6 too), ICMP port unreachable for UDP, ICMP administratively prohibited
   looked up by the bridge's base chains). A network without a gateway has no host address to answer from:
   its VMs are never dispatched to `reject_pre`, and their rejected packets are dropped like a deny.
 
+**bridge_native** (model/kernel.py: the kernel has bridge conntrack and `nft_reject_bridge`): the same chains,
+in `bridge hyperfence`. Debian's 6.1 kernel takes a bridge `reject` only in prerouting and input chains, so
+the decision is made where the sender's frame enters: `reject_pre` (bridge prerouting, priority 0: after the
+guard (-300) and bridge conntrack (-200), before `egress` (+10)) dispatches a new flow by its input port
+(`reject_src`) to `<vm>_rej_out`; after an allow, `reject_to` asks the receiver's `<vm>_rej_in` through
+`reject_dst`. The bridge answers the frame itself (addresses and MACs swapped, out of the sender's port):
+no gateway, no ARP, so VMs of a network without a gateway are answered too. Routed senders and the host
+reach a VM through the host's IP stack, not a bridge port: their answers stay in the inet chains above.
+
 Rules that are not rejects never change a verdict here: allow and deny only `return` (or go on to the
 receiver's rules), so the bridge chains stay the only place that allows.
 """
 
 from __future__ import annotations
 
+from hyperfence.model.kernel import Flavour
 from hyperfence.model.policy import (
     L4,
     Action,
@@ -60,9 +70,10 @@ from hyperfence.ruleset.build import (
     service_matches,
     vm_sid,
 )
-from hyperfence.ruleset.ir import JSON, NftSet
+from hyperfence.ruleset.ir import JSON, NftSet, TableId
 
 SENDER_MAP, RECEIVER_MAP = "ireject_src", "ireject_dst"
+BRIDGE_SENDER_MAP, BRIDGE_RECEIVER_MAP = "reject_src", "reject_dst"  # bridge_native: port / address -> chain
 """The inet table's maps from a VM's address to its sender (`<vm>_rej_out`) or receiver (`<vm>_rej_in`)
 chain (set names are unique per compile, whatever their table, hence the prefix)."""
 TO_CHAIN = "reject_to"
@@ -102,24 +113,27 @@ def _answers(service: Service) -> list[tuple[str, list[JSON], list[JSON]]]:
     return [("", [], [x.COUNTER, PROHIBITED])]
 
 
-def _peer_match(b: Builder, entry: Entry) -> JSON | None:
-    """`ip daddr|saddr @<set>` for the entry's peers (the set in the inet table), None when they are any."""
+def _peer_match(b: Builder, entry: Entry, table: TableId) -> JSON | None:
+    """`ip daddr|saddr @<set>` for the entry's peers (the set in `table`: the bridge's is the one its VM
+    chains use), None when they are any."""
     if entry.peers == ANY:
         return None
-    name = "i" + selector_set_name(entry.peer_selectors)
-    b.address_set(name, entry.peers, INET)
+    name = ("i" if table == INET else "") + selector_set_name(entry.peer_selectors)
+    b.address_set(name, entry.peers, table)
     field = "daddr" if entry.direction is Direction.OUT else "saddr"
     return x.match(x.payload("ip", field), f"@{name}")
 
 
 def _reject_entries(
-    b: Builder, *, vp: VmPolicy, chain: str, entries: tuple[Entry, ...], on_allow: JSON
+    b: Builder, *, vp: VmPolicy, table: TableId, chain: str, entries: tuple[Entry, ...], on_allow: JSON
 ) -> None:
     """Repeat `entries` in order in `chain`: rejects answer, allows do `on_allow`, denies return. Paired
     entries too: a DHCP server's answer is a new flow (no conntrack reply of a request to the broadcast
     address), so the rule's other half must let it pass before a later reject."""
     for entry in entries:
-        peer = _peer_match(b, entry)
+        peer = _peer_match(b, entry, table)
+        # bridge: `ip version 4` first gives nft the network protocol a reject's ICMP answer needs
+        ipv4 = [x.match(x.payload("ip", "version"), 4)] if table == BRIDGE else []
         for service in entry.services:
             # ARP is not IP: never here. DHCP is never rejected (the parser refuses it), but an allowed or
             # denied DHCP exchange must not fall through to a later reject.
@@ -132,32 +146,39 @@ def _reject_entries(
             comment = f"rule:{entry.rule.id}#{n}" + (":pair" if entry.paired else "")
             if entry.action is Action.REJECT:
                 for suffix, extra, verdict in _answers(service):
-                    b.rule(INET, chain, comment + suffix, [*extra, *matches, *verdict])
+                    b.rule(table, chain, comment + suffix, [*ipv4, *extra, *matches, *verdict])
             elif entry.action is Action.ALLOW:
-                b.rule(INET, chain, comment, [*matches, on_allow])
+                b.rule(table, chain, comment, [*matches, on_allow])
             else:
-                b.rule(INET, chain, comment, [*matches, x.RETURN])
+                b.rule(table, chain, comment, [*matches, x.RETURN])
 
 
-def _address_map(b: Builder, name: str, chains: dict[str, VmPolicy]) -> None:
+def _address_map(b: Builder, name: str, chains: dict[str, VmPolicy], table: TableId = INET) -> None:
     """`name`: every address of each VM -> goto its chain."""
     elems = frozenset(dump([str(ip), x.goto(chain)]) for chain, vp in chains.items() for ip in vp.vm.ips)
-    b.sets[name] = NftSet(INET, name, "ipv4_addr", (), "verdict", elems)
+    b.sets[name] = NftSet(table, name, "ipv4_addr", (), "verdict", elems)
+
+
+def _port_map(b: Builder, name: str, chains: dict[str, VmPolicy]) -> None:
+    """`name` (bridge): each VM's port -> goto its chain."""
+    elems = frozenset(dump([vp.vm.port, x.goto(chain)]) for chain, vp in chains.items())
+    b.sets[name] = NftSet(BRIDGE, name, "ifname", (), "verdict", elems)
 
 
 def _dispatch(map_name: str, field: str) -> JSON:
     return {"vmap": {"key": x.payload("ip", field), "data": f"@{map_name}"}}
 
 
-def _receiver_chains(b: Builder, receivers: list[VmPolicy]) -> None:
-    """Per receiver VM, `<sid>_rej_in` repeating its ingress entries; `ireject_dst` maps its addresses."""
+def _receiver_chains(b: Builder, receivers: list[VmPolicy], table: TableId = INET) -> None:
+    """Per receiver VM, `<sid>_rej_in` repeating its ingress entries; `ireject_dst` (`reject_dst` in the
+    bridge) maps its addresses."""
     chains: dict[str, VmPolicy] = {}
     for vp in receivers:
         chain = f"{vm_sid(vp.vm.id)}_rej_in"
-        b.chain(INET, chain)
-        _reject_entries(b, vp=vp, chain=chain, entries=vp.ingress, on_allow=x.RETURN)
+        b.chain(table, chain)
+        _reject_entries(b, vp=vp, table=table, chain=chain, entries=vp.ingress, on_allow=x.RETURN)
         chains[chain] = vp
-    _address_map(b, RECEIVER_MAP, chains)
+    _address_map(b, RECEIVER_MAP if table == INET else BRIDGE_RECEIVER_MAP, chains, table)
 
 
 def _sender_chains(b: Builder, resolved: Resolved, senders: list[VmPolicy], *, receivers: bool) -> None:
@@ -179,7 +200,7 @@ def _sender_chains(b: Builder, resolved: Resolved, senders: list[VmPolicy], *, r
                 x.match(x.payload("tcp", "dport"), endpoint[1]),
             ]
             b.rule(INET, chain, "sys:agent", [*agent, x.RETURN])
-        _reject_entries(b, vp=vp, chain=chain, entries=vp.egress, on_allow=on_allow)
+        _reject_entries(b, vp=vp, table=INET, chain=chain, entries=vp.egress, on_allow=on_allow)
         chains[chain] = vp
     _address_map(b, SENDER_MAP, chains)
     b.chain(INET, PRE_CHAIN, hook="prerouting", priority=0, policy="accept")
@@ -213,12 +234,56 @@ def _arp_with_gateway(b: Builder, resolved: Resolved) -> None:
     b.sets[REJECT_ARP_SET] = NftSet(BRIDGE, REJECT_ARP_SET, REJECT_ARP_TYPE, (), None, frozenset(elems))
 
 
+def _bridge_sender_chains(
+    b: Builder, resolved: Resolved, senders: list[VmPolicy], *, receivers: bool
+) -> None:
+    """bridge_native VM senders: `reject_pre` (bridge prerouting 0) -> `reject_src` (by port) ->
+    `<sid>_rej_out`; an allow goes on to `reject_to` -> `reject_dst` -> the receiver's `<sid>_rej_in`."""
+    on_allow: JSON = x.RETURN
+    if receivers:
+        b.chain(BRIDGE, TO_CHAIN)
+        b.rule(BRIDGE, TO_CHAIN, "sys:dispatch", [_dispatch(BRIDGE_RECEIVER_MAP, "daddr")])
+        on_allow = x.goto(TO_CHAIN)
+    endpoint = resolved.policy.settings.agent_endpoint
+    chains: dict[str, VmPolicy] = {}
+    for vp in senders:
+        chain = f"{vm_sid(vp.vm.id)}_rej_out"
+        b.chain(BRIDGE, chain)
+        if endpoint is not None:  # the agent's channel to the host passes whatever the policy says
+            agent = [
+                x.match(x.payload("ip", "daddr"), str(endpoint[0])),
+                x.match(x.payload("tcp", "dport"), endpoint[1]),
+            ]
+            b.rule(BRIDGE, chain, "sys:agent", [*agent, x.RETURN])
+        _reject_entries(b, vp=vp, table=BRIDGE, chain=chain, entries=vp.egress, on_allow=on_allow)
+        chains[chain] = vp
+    _port_map(b, BRIDGE_SENDER_MAP, chains)
+    b.chain(BRIDGE, PRE_CHAIN, hook="prerouting", priority=0, policy="accept")
+    b.rule(BRIDGE, PRE_CHAIN, "sys:dispatch", [CT_NEW, x.vmap("iifname", BRIDGE_SENDER_MAP)])
+
+
+def _bridge_reject_chains(b: Builder, resolved: Resolved, by_sid: list[VmPolicy]) -> None:
+    """bridge_native: any VM with a reject may send (no gateway needed: the bridge answers)."""
+    receivers = [vp for vp in by_sid if vp.rejects_in]
+    senders = [vp for vp in by_sid if receivers or vp.rejects_out]
+    if receivers:
+        _receiver_chains(b, receivers, BRIDGE)
+    if senders:
+        _bridge_sender_chains(b, resolved, senders, receivers=bool(receivers))
+    if receivers:  # routed senders and the host: through the IP stack, answered in inet as ever
+        _receiver_chains(b, receivers, INET)
+        _other_senders(b, resolved)
+
+
 def reject_chains(b: Builder, resolved: Resolved) -> None:
     """Everything reject rules need; nothing at all (no chain, no hook) when no rule rejects."""
     # A quarantined VM is neither answered nor answered for: quarantine drops all its traffic, silently.
     by_sid = sorted(
         (vp for vp in resolved.vms if vp.vm.id not in resolved.quarantine), key=lambda v: vm_sid(v.vm.id)
     )
+    if b.flavour is Flavour.BRIDGE_NATIVE:
+        _bridge_reject_chains(b, resolved, by_sid)
+        return
     receivers = [vp for vp in by_sid if vp.rejects_in]
     # With an ingress reject anywhere, any VM may send what it answers; else only VMs with egress rejects.
     # VMs of a network without a gateway are not: the host has no address there to answer from.
