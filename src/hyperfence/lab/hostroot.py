@@ -34,6 +34,7 @@ from hyperfence.errors import InvalidInputError, Problem
 
 ROOT_TAG = "hfroot"
 OUT_TAG = "hfout"
+WORK_TAG = "hfwork"  # the command's directory, shared on its own (it may be on /tmp, which the guest hides)
 GUEST_OUT = "/run/hf-out"  # where the run's host directory is mounted in the guest
 STAGE2 = "stage2.sh"
 OUTPUT = "output"  # the command's stdout and stderr
@@ -91,6 +92,10 @@ mkdir -p "$mods" && mount --bind @MODULES@/lib/modules/$(uname -r) "$mods" \
 hostname hf-hostroot
 ip link set lo up
 @EXPORTS@
+# The command's directory comes as a share of its own, read-only, at the same path: the root's share shows
+# only the host's root filesystem, and the guest's fresh /tmp and /run hide those of the host.
+mkdir -p @CWD@ && mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose @WORK_TAG@ @CWD@ \
+  || { echo "HFG: mounting @CWD@ FAILED (give QEMU -virtfs local,path=@CWD@,mount_tag=@WORK_TAG@)"; finish 125; }
 cd @CWD@ || { echo "HFG: cd @CWD@ FAILED"; finish 125; }
 up > "$out/@READY@"
 echo "HFG: ready uptime=$(up)"
@@ -193,19 +198,21 @@ def qemu_argv(
     initrd: str,
     run_dir: str,
     console: str,
+    work_dir: str = "/",
     memory_mib: int = 2048,
     smp: int = 2,
     qemu: str = "qemu-system-x86_64",
 ) -> list[str]:
     """QEMU's command line: TCG (no KVM here), `-cpu max` (numpy and other wheels need more than qemu64's
-    x86-64-v1), the host's `/` read-only and `run_dir` read-write over 9p, the serial console to the file
-    `console`, no reboot (the guest's poweroff ends QEMU)."""
+    x86-64-v1), the host's `/` and the command's `work_dir` read-only and `run_dir` read-write over 9p, the
+    serial console to the file `console`, no reboot (the guest's poweroff ends QEMU)."""
     return [
         qemu, "-accel", "tcg", "-cpu", "max", "-m", str(memory_mib), "-smp", str(smp),
         "-nodefaults", "-nographic", "-no-reboot", "-serial", f"file:{console}",
         "-kernel", kernel, "-initrd", initrd, "-append", CMDLINE,
         "-virtfs", f"local,path=/,mount_tag={ROOT_TAG},security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={run_dir},mount_tag={OUT_TAG},security_model=none",
+        "-virtfs", f"local,path={work_dir},mount_tag={WORK_TAG},security_model=none,readonly=on",
     ]  # fmt: skip
 
 
@@ -215,6 +222,7 @@ def _fill(template: str, **extra: str) -> str:
         "MOD_DIR": MOD_DIR,
         "ROOT_TAG": ROOT_TAG,
         "OUT_TAG": OUT_TAG,
+        "WORK_TAG": WORK_TAG,
         "GUEST_OUT": GUEST_OUT,
         "STAGE2": STAGE2,
         "OUTPUT": OUTPUT,

@@ -169,6 +169,7 @@ def run_in_hostroot(
             initrd=str(boot.initrd),
             run_dir=str(rdir),
             console=str(console),
+            work_dir=cwd,
             memory_mib=memory_mib,
             smp=smp,
             qemu=qemu,

@@ -81,10 +81,12 @@ def test_stage2_names_each_bad_value() -> None:
 
 def test_qemu_gets_tcg_the_root_read_only_and_the_run_dir_read_write() -> None:
     argv = hostroot.qemu_argv(
-        kernel="/k", initrd="/i", run_dir="/r", console="/r/c.log", memory_mib=1024, smp=1
+        kernel="/k", initrd="/i", run_dir="/r", console="/r/c.log", work_dir="/tmp/w", memory_mib=1024, smp=1
     )
     joined = " ".join(argv)
     assert "-accel tcg" in joined and "-m 1024" in joined and "-smp 1" in joined and "-no-reboot" in joined
     assert f"local,path=/,mount_tag={hostroot.ROOT_TAG},security_model=none,readonly=on" in joined
     assert f"local,path=/r,mount_tag={hostroot.OUT_TAG},security_model=none" in joined
+    # the command's directory has a share of its own (a clone under /tmp is hidden by the guest's /tmp)
+    assert f"local,path=/tmp/w,mount_tag={hostroot.WORK_TAG},security_model=none,readonly=on" in joined
     assert argv[argv.index("-serial") + 1] == "file:/r/c.log"
