@@ -60,14 +60,19 @@ def start_daemon(lab: LabSession, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as err:
         daemon = subprocess.Popen([*argv, "daemon", "--libvirt", NO_LIBVIRTD], stderr=err)
     deadline = time.monotonic() + 30
-    while True:
-        assert daemon.poll() is None, log.read_text()
-        reply = request(lab.state_dir, {"op": "status"}, timeout=5)
-        loops = (reply or {}).get("loops") or {}
-        if set(loops) == LOOPS and all(loop["state"] == "running" for loop in loops.values()):
-            return daemon
-        assert time.monotonic() < deadline, (reply, log.read_text())
-        time.sleep(0.1)
+    try:
+        while True:
+            assert daemon.poll() is None, log.read_text()
+            reply = request(lab.state_dir, {"op": "status"}, timeout=5)
+            loops = (reply or {}).get("loops") or {}
+            if set(loops) == LOOPS and all(loop["state"] == "running" for loop in loops.values()):
+                return daemon
+            assert time.monotonic() < deadline, (reply, log.read_text())
+            time.sleep(0.1)
+    except BaseException:  # never leave the daemon running
+        daemon.kill()
+        daemon.wait()
+        raise
 
 
 def test_sigterm_stops_the_daemon_within_the_bound(lab: LabSession, tmp_path: Path) -> None:
