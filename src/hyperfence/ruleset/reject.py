@@ -181,27 +181,39 @@ def _receiver_chains(b: Builder, receivers: list[VmPolicy], table: TableId = INE
     _address_map(b, RECEIVER_MAP if table == INET else BRIDGE_RECEIVER_MAP, chains, table)
 
 
-def _sender_chains(b: Builder, resolved: Resolved, senders: list[VmPolicy], *, receivers: bool) -> None:
-    """VM senders, after conntrack: `reject_pre` -> `ireject_src` -> `<sid>_rej_out`."""
-    bridges = sorted({n.bridge for n in resolved.policy.networks if n.gateway is not None})
+def _rej_out_chains(
+    b: Builder, resolved: Resolved, senders: list[VmPolicy], *, table: TableId, receiver_map: str | None
+) -> dict[str, VmPolicy]:
+    """Per sender VM, `<sid>_rej_out` in `table` repeating its egress entries (after the agent's channel,
+    which passes whatever the policy says); with `receiver_map`, an allow goes on to `reject_to`, which
+    dispatches to the receiver's `<sid>_rej_in` by destination address. Returns chain -> VM."""
     on_allow: JSON = x.RETURN
-    if receivers:
-        b.chain(INET, TO_CHAIN)
-        b.rule(INET, TO_CHAIN, "sys:dispatch", [_dispatch(RECEIVER_MAP, "daddr")])
+    if receiver_map is not None:
+        b.chain(table, TO_CHAIN)
+        b.rule(table, TO_CHAIN, "sys:dispatch", [_dispatch(receiver_map, "daddr")])
         on_allow = x.goto(TO_CHAIN)
     endpoint = resolved.policy.settings.agent_endpoint
     chains: dict[str, VmPolicy] = {}
     for vp in senders:
         chain = f"{vm_sid(vp.vm.id)}_rej_out"
-        b.chain(INET, chain)
-        if endpoint is not None:  # the agent's channel to the host passes whatever the policy says
+        b.chain(table, chain)
+        if endpoint is not None:
             agent = [
                 x.match(x.payload("ip", "daddr"), str(endpoint[0])),
                 x.match(x.payload("tcp", "dport"), endpoint[1]),
             ]
-            b.rule(INET, chain, "sys:agent", [*agent, x.RETURN])
-        _reject_entries(b, vp=vp, table=INET, chain=chain, entries=vp.egress, on_allow=on_allow)
+            b.rule(table, chain, "sys:agent", [*agent, x.RETURN])
+        _reject_entries(b, vp=vp, table=table, chain=chain, entries=vp.egress, on_allow=on_allow)
         chains[chain] = vp
+    return chains
+
+
+def _sender_chains(b: Builder, resolved: Resolved, senders: list[VmPolicy], *, receivers: bool) -> None:
+    """VM senders, after conntrack: `reject_pre` -> `ireject_src` -> `<sid>_rej_out`."""
+    bridges = sorted({n.bridge for n in resolved.policy.networks if n.gateway is not None})
+    chains = _rej_out_chains(
+        b, resolved, senders, table=INET, receiver_map=RECEIVER_MAP if receivers else None
+    )
     _address_map(b, SENDER_MAP, chains)
     b.chain(INET, PRE_CHAIN, hook="prerouting", priority=0, policy="accept")
     b.rule(
@@ -239,24 +251,8 @@ def _bridge_sender_chains(
 ) -> None:
     """bridge_native VM senders: `reject_pre` (bridge prerouting 0) -> `reject_src` (by port) ->
     `<sid>_rej_out`; an allow goes on to `reject_to` -> `reject_dst` -> the receiver's `<sid>_rej_in`."""
-    on_allow: JSON = x.RETURN
-    if receivers:
-        b.chain(BRIDGE, TO_CHAIN)
-        b.rule(BRIDGE, TO_CHAIN, "sys:dispatch", [_dispatch(BRIDGE_RECEIVER_MAP, "daddr")])
-        on_allow = x.goto(TO_CHAIN)
-    endpoint = resolved.policy.settings.agent_endpoint
-    chains: dict[str, VmPolicy] = {}
-    for vp in senders:
-        chain = f"{vm_sid(vp.vm.id)}_rej_out"
-        b.chain(BRIDGE, chain)
-        if endpoint is not None:  # the agent's channel to the host passes whatever the policy says
-            agent = [
-                x.match(x.payload("ip", "daddr"), str(endpoint[0])),
-                x.match(x.payload("tcp", "dport"), endpoint[1]),
-            ]
-            b.rule(BRIDGE, chain, "sys:agent", [*agent, x.RETURN])
-        _reject_entries(b, vp=vp, table=BRIDGE, chain=chain, entries=vp.egress, on_allow=on_allow)
-        chains[chain] = vp
+    receiver_map = BRIDGE_RECEIVER_MAP if receivers else None
+    chains = _rej_out_chains(b, resolved, senders, table=BRIDGE, receiver_map=receiver_map)
     _port_map(b, BRIDGE_SENDER_MAP, chains)
     b.chain(BRIDGE, PRE_CHAIN, hook="prerouting", priority=0, policy="accept")
     b.rule(BRIDGE, PRE_CHAIN, "sys:dispatch", [CT_NEW, x.vmap("iifname", BRIDGE_SENDER_MAP)])
