@@ -9,7 +9,9 @@
   (`host` covers them, `outside` leaves them out); an address event reads them again and converges.
 * Bridge port watch (`reconcile/bridge_ports.py`): a network device (a NIC, a bond, a VLAN device) that
   joins a managed bridge without being declared as an uplink gets nothing and is reported (an event, a
-  warning, `hyperfence status`); a new policy version that would cut such a device off is refused.
+  warning, `hyperfence status`); a policy version that would cut off a device the kernel lets through (at
+  a fresh boot, every device) is applied with that device passed as a provisional uplink, reported the same
+  way, until the policy declares it or it leaves the bridge.
 * Control socket (`<state>/daemon.sock`, root only): `policy apply` asks the daemon to converge now and
   waits for the answer, so a one-rule change is applied by a process that already holds the kernel state.
 * Kernel preconditions (`reconcile/preconditions.py`): br_netfilter and `bridge-nf-call-iptables=1` in the
@@ -238,6 +240,7 @@ class Daemon:
         down = self.supervisor.down()
         kernel = self.preconditions.status() if self.preconditions is not None else None
         undeclared = [d.as_dict() for d in self.engine.undeclared]
+        provisional = [d.as_dict() for d in self.engine.provisional]
         refused = self.engine.refused
         return {
             "pid": os.getpid(),
@@ -245,10 +248,12 @@ class Daemon:
             "healthy": not down
             and not (kernel and kernel["problems"])
             and not undeclared
+            and not provisional
             and refused is None,
             "kernel": kernel,
             "down": down,
             "undeclared_devices": undeclared,
+            "provisional_uplinks": provisional,
             "refused": refused,
             "loops": self.supervisor.status(),
             "agent_channels": dict(self.agents.channel_stats) if self.agents is not None else None,
@@ -415,7 +420,9 @@ def run_daemon(
     # A policy of 1,000 VMs is a few hundred thousand small objects: with the default thresholds a full
     # collection lands in the middle of an apply every few changes (+60 ms). Collect less often.
     gc.set_threshold(200_000, 50, 100)
-    engine = Engine(netns=netns, state_dir=state_dir, policy_file=policy_file, flavour=flavour)
+    engine = Engine(
+        netns=netns, state_dir=state_dir, policy_file=policy_file, flavour=flavour, provisional_uplinks=True
+    )
     preconditions = Preconditions(engine)
     try:
         preconditions.ensure()  # before anything is applied: refuse to start on a kernel that cannot work

@@ -410,8 +410,9 @@ def status_cmd(
 ) -> None:
     """The running daemon's health: the policy it applied, each loop (running or down, failures, last error),
     the agent channels (connections claimed, strangers refused), network devices on a managed bridge that
-    get nothing because they are not declared as uplinks, and a policy version refused for cutting one off.
-    Exit 1 when a loop is down, a network device is cut off or a policy version is refused."""
+    get nothing because they are not declared as uplinks, those passed as provisional uplinks because the
+    policy would cut them off, and a policy version refused for cutting one off. Exit 1 when a loop is down,
+    the stateful path is broken, or a network device is cut off, provisional or refused."""
     from hyperfence.daemon import request  # noqa: PLC0415
 
     c: Ctx = ctx.obj
@@ -449,6 +450,15 @@ def status_cmd(
                 plain(
                     f"{d.get('port')} on bridge {d.get('bridge')} ({d.get('kind')}) is not declared as an "
                     f"uplink and gets nothing; to declare it: {d.get('declare')}"
+                ),
+            )
+        for d in reply.get("provisional_uplinks") or []:
+            out.print(
+                styled("provisional uplink:", "yellow"),
+                plain(
+                    f"{d.get('port')} on bridge {d.get('bridge')} ({d.get('kind')}) is not declared as an "
+                    "uplink; the policy would cut it off, so it passes unfiltered until declared "
+                    f"({d.get('declare')}) or taken off the bridge"
                 ),
             )
         if reply.get("refused"):

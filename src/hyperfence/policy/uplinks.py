@@ -18,6 +18,7 @@ Pure: the ports come from `adapters/bridge_ports.py`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -111,3 +112,20 @@ def refusal(found: Iterable[UndeclaredDevice]) -> str:
         "Declare each as an uplink of its network (it then passes unfiltered, like the physical network "
         "behind it), or take it off the bridge (ip link set DEV nomaster) if it is meant to get nothing."
     )
+
+
+def with_uplinks(policy: Policy, devices: Iterable[UndeclaredDevice]) -> Policy:
+    """`policy` with each of `devices` added to the uplinks of its bridge's network: what the daemon
+    applies while those devices are provisional uplinks (see `Engine.converge`)."""
+    extra: dict[str, set[str]] = {}
+    for d in devices:
+        extra.setdefault(d.bridge, set()).add(d.port)
+    if not extra:
+        return policy
+    networks = tuple(
+        dataclasses.replace(n, uplinks=tuple(sorted(set(n.uplinks) | extra[n.bridge])))
+        if n.bridge in extra
+        else n
+        for n in policy.networks
+    )
+    return dataclasses.replace(policy, networks=networks)

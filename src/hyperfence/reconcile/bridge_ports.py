@@ -10,8 +10,10 @@ log and a line of `hyperfence status`. It stays without traffic until the operat
 triggered like the address watch (events are not parsed; a burst is one read); opening the watch reads once;
 the daemon's supervisor restarts it with backoff, and every full resync reads the ports too (the safety net).
 
-While a new policy version is refused (it would cut a device off), each link change asks for a full converge
-(`on_change`): taking the device off the bridge lifts the refusal at once.
+While a new policy version is refused (it would cut a device off; one-shot engines only), each link change
+asks for a full converge (`on_change`): taking the device off the bridge lifts the refusal at once. The
+daemon passes such a device as a provisional uplink instead (`Engine.converge`); when it leaves its bridge,
+a converge takes it out of the ruleset at once.
 """
 
 from __future__ import annotations
@@ -59,3 +61,5 @@ class BridgePortWatcher:
         self.engine.refresh_devices()
         if self.engine.refused_key is not None:
             self.on_change("the bridges' ports changed while a policy version is refused")
+        elif self.engine.provisional_stale:
+            self.on_change("a provisional uplink left its bridge")

@@ -32,7 +32,7 @@ from hyperfence.policy.leases import apply_leases, expire
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
 from hyperfence.policy.syntax import format_range
-from hyperfence.policy.uplinks import UndeclaredDevice, refusal, undeclared_devices
+from hyperfence.policy.uplinks import UndeclaredDevice, refusal, undeclared_devices, with_uplinks
 from hyperfence.reconcile.firewall import ConvergeResult, Firewall
 from hyperfence.ruleset.closed import lets_through
 from hyperfence.ruleset.compile import BRIDGE, TABLES, CompileCache, compile_ruleset, vm_sid
@@ -88,6 +88,8 @@ class Compiled:
     host_addresses: tuple[AddressRange, ...] = ()  # and the host's addresses
     leases: tuple[Lease, ...] = ()  # and the learned addresses (`policy` has them in its VMs' `ips`)
     flavour: Flavour = Flavour.BR_NETFILTER  # the data plane it was compiled for
+    # and the network devices passed as provisional uplinks (in `resolved`'s policy, not in `policy`)
+    provisional: tuple[UndeclaredDevice, ...] = ()
 
 
 class Engine:
@@ -102,11 +104,16 @@ class Engine:
         read_ports: PortReader = read_bridge_ports,
         flavour: Flavour | None = None,
         probe: Callable[[Nft], Capabilities] = kernel_probe.probe,
+        provisional_uplinks: bool = False,
     ) -> None:
         """`flavour`: the data plane to build (model/kernel.py), None to pick it from what the kernel offers
         (`probe`, at the first converge; the daemon's preconditions loop re-decides with `use_flavour`).
         Until then `compiled()` builds br_netfilter's: commands that only read the compiled policy (`vm
-        list`) never touch the kernel."""
+        list`) never touch the kernel.
+
+        `provisional_uplinks` (the daemon): a policy version that would cut a network device off is applied
+        with that device passed as a provisional uplink instead of being refused (see `converge`); a one-shot
+        command refuses it, so the operator who typed it sees why at once."""
         self.netns = netns
         self.forced_flavour = flavour
         self._flavour = flavour
@@ -142,6 +149,11 @@ class Engine:
         self.undeclared: tuple[UndeclaredDevice, ...] = ()
         self.refused_key: str | None = None
         self.refused: str | None = None
+        # Network devices the policy forgets that the kernel let through when a version came to be applied,
+        # passed as uplinks until the policy declares them or they leave their bridge (`provisional_uplinks`).
+        self.allow_provisional = provisional_uplinks
+        self.provisional: tuple[UndeclaredDevice, ...] = ()
+        self.provisional_stale = False  # one of them left its bridge or was declared: converge to apply
 
     def set_discovered(self, vms: tuple[dict[str, Any], ...]) -> bool:
         """Replace the discovered VMs; True when they changed (converge to apply)."""
@@ -186,12 +198,17 @@ class Engine:
 
     def refresh_devices(self) -> bool:
         """Read the bridges' ports again for the applied policy (the link watch does, on any link event)
-        and report what changed (`note_undeclared`); True when the undeclared devices changed."""
+        and report what changed (`note_undeclared`); True when the undeclared devices changed. A provisional
+        uplink that left its bridge sets `provisional_stale` (a converge takes it out of the ruleset)."""
         with self.lock:  # one reader at a time: the watch and the converges report each change once
             applied = self.applied
             if applied is None:
                 return False
-            return self.note_undeclared(find_undeclared(self.netns, applied.policy, self._read_ports))
+            found = find_undeclared(self.netns, applied.policy, self._read_ports)
+            passed = {(d.bridge, d.port) for d in self.provisional}
+            if passed - {(d.bridge, d.port) for d in found}:
+                self.provisional_stale = True
+            return self.note_undeclared(tuple(d for d in found if (d.bridge, d.port) not in passed))
 
     def note_undeclared(self, found: tuple[UndeclaredDevice, ...]) -> bool:
         """Keep `found` as the network devices the applied policy leaves undeclared. Each new one is
@@ -221,11 +238,58 @@ class Engine:
             self.store.add_events(rows)
         return bool(new or gone)
 
-    def _would_cut_off(self, found: tuple[UndeclaredDevice, ...]) -> bool:
-        """Would converging cut one of `found` off, that is, does the kernel let it through now (no
-        hyperfence bridge table, or one that has it as an uplink)? Read only when something was found."""
-        actual = self.firewall.actual or self.firewall.read()
-        return any(lets_through(actual.ruleset, d.port) for d in found)
+    def _settle_devices(
+        self, found: tuple[UndeclaredDevice, ...], key: str, *, new: bool
+    ) -> tuple[UndeclaredDevice, ...]:
+        """Decide what each network device the policy version `key` forgets gets; the ones that get nothing.
+
+        A provisional uplink stays one while it is still undeclared and on its bridge. When a version comes
+        to be applied (`new`), a forgotten device the kernel lets through now (no hyperfence table yet, or
+        one that has it as an uplink) would be cut off: a one-shot engine refuses the version
+        (`ConflictError`, nothing changed); the daemon's passes the device as a provisional uplink, so the
+        VMs are filtered and the host keeps its network. Any other forgotten device gets nothing (it joined
+        a bridge after the policy was applied: fail closed)."""
+        kept = {(d.bridge, d.port) for d in self.provisional}
+        keep = tuple(d for d in found if (d.bridge, d.port) in kept)
+        rest = tuple(d for d in found if (d.bridge, d.port) not in kept)
+        cut: tuple[UndeclaredDevice, ...] = ()
+        if new and rest:
+            actual = self.firewall.actual or self.firewall.read()
+            cut = tuple(d for d in rest if lets_through(actual.ruleset, d.port))
+        if cut and not self.allow_provisional:
+            self.refused_key, self.refused = key, refusal(found)
+            raise ConflictError(self.refused)
+        self._set_provisional(keep + cut)
+        return tuple(d for d in rest if d not in cut)
+
+    def _set_provisional(self, devices: tuple[UndeclaredDevice, ...]) -> None:
+        """Keep `devices` as the provisional uplinks; each new one is reported loudly (a `provisional-uplink`
+        event and a warning: it passes unfiltered until declared), each one gone as
+        `provisional-uplink-gone`."""
+        devices = tuple(sorted(devices, key=lambda d: (d.bridge, d.port)))
+        before = {(d.bridge, d.port) for d in self.provisional}
+        after = {(d.bridge, d.port) for d in devices}
+        added = [d for d in devices if (d.bridge, d.port) not in before]
+        gone = [d for d in self.provisional if (d.bridge, d.port) not in after]
+        self.provisional, self.provisional_stale = devices, False
+        for d in added:
+            log.warning(
+                "network device %s on bridge %s (%s) is not declared as an uplink; the policy would cut it "
+                "off, so it passes unfiltered as a provisional uplink until declared (%s) or taken off the "
+                "bridge",
+                d.port,
+                d.bridge,
+                d.what,
+                d.hint,
+            )
+        for d in gone:
+            log.info("network device %s on bridge %s is no longer a provisional uplink", d.port, d.bridge)
+        rows: list[tuple[str, str | None, dict[str, Any]]] = [
+            *(("provisional-uplink", None, d.as_dict()) for d in added),
+            *(("provisional-uplink-gone", None, d.as_dict()) for d in gone),
+        ]
+        if rows:
+            self.store.add_events(rows)
 
     def set_quarantine(self, vms: frozenset[str]) -> bool:
         """Replace the set of quarantined VM ids; True when it changed (converge to apply it)."""
@@ -312,6 +376,7 @@ class Engine:
             and previous.discovered is self.discovered
             and previous.host_addresses == host
             and previous.leases is self.leases
+            and previous.provisional == self.provisional
         ):
             if (
                 previous.resolved.quarantine == self.quarantine
@@ -324,11 +389,12 @@ class Engine:
             if self.discovered and isinstance(document, dict):
                 document, self.skipped = merge_discovered(document, self.discovered)
             policy = self._with_leases(parse_policy(document, source=source))
+            passed = with_uplinks(policy, self.provisional)
             resolved = (
-                resolve_update(previous.resolved, policy, host_addresses=host)
+                resolve_update(previous.resolved, passed, host_addresses=host)
                 if previous is not None
                 else None
-            ) or resolve_policy(policy, host_addresses=host)
+            ) or resolve_policy(passed, host_addresses=host)
         resolved = dataclasses.replace(resolved, quarantine=self.quarantine)
         self._compiled = Compiled(
             key,
@@ -339,6 +405,7 @@ class Engine:
             host_addresses=host,
             leases=self.leases,
             flavour=self._compile_flavour(),
+            provisional=self.provisional,
         )
         return self._compiled
 
@@ -371,10 +438,12 @@ class Engine:
 
         Never cut the host off its network: before a policy version is applied for the first time (a new
         generation, an edited policy file, the first converge of this engine), and at every full converge,
-        the managed bridges' ports are read. A network device on them that the version leaves undeclared
-        refuses it with a `ConflictError` (naming each device and how to declare it; nothing is changed) if
-        the kernel lets that device through now. A device the kernel already gives nothing (it joined a
-        bridge after the policy was applied) stays so, fail closed, and is reported (`note_undeclared`).
+        the managed bridges' ports are read. A network device on them that the version leaves undeclared,
+        and that the kernel lets through now, is never cut off: a one-shot engine refuses the version with a
+        `ConflictError` (naming each device and how to declare it; nothing is changed), the daemon's applies
+        it with the device as a provisional uplink (`_settle_devices`). A device the kernel already gives
+        nothing (it joined a bridge after the policy was applied) stays so, fail closed, and is reported
+        (`note_undeclared`).
 
         After drift is repaired, the VMs' conntrack entries are deleted (`flows_cut` in the event): a flow
         that was opened while the rules were missing would otherwise pass the repaired rules as established
@@ -401,9 +470,9 @@ class Engine:
                     if new:  # unchecked, a new version is not applied
                         raise
                     log.warning("the bridges' ports were not read (the resync goes on): %s", e)
-                if devices and new and self._would_cut_off(devices):
-                    self.refused_key, self.refused = compiled.key, refusal(devices)
-                    raise ConflictError(self.refused)
+                if devices is not None:
+                    devices = self._settle_devices(devices, compiled.key, new=new)
+                    compiled = self.compiled() or compiled  # with the provisional uplinks as they are now
             result = self.firewall.converge(compiled.ruleset, full=full)
             self.applied, self.refused_key, self.refused = compiled, None, None
             if devices is not None:

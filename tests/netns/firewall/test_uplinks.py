@@ -1,7 +1,8 @@
 """Never cut the host off its network, against the real kernel: a network device on the lab's bridge that
 the policy does not declare as an uplink refuses `policy apply` and `policy check` (the real CLI), changing
 nothing; declared, it passes traffic as an uplink does (docs/policy.md); and one that joins the bridge while
-the daemon runs is reported (event, daemon log, `hyperfence status`) and gets nothing until declared.
+the daemon runs is reported (event, daemon log, `hyperfence status`) and gets nothing until declared; a
+daemon whose policy would cut off a device the kernel lets through passes it as a provisional uplink.
 
 The stand-in for a physical NIC is a VXLAN device (this kernel builds neither `dummy` nor `bond` nor `vlan`):
 a real uplink kind, whose far end (a "far host" namespace, 10.77.0.200 on the lab's subnet) is reached over
@@ -244,35 +245,53 @@ def test_a_device_joining_the_bridge_under_the_daemon_is_reported_and_gets_nothi
             topology.stop_process(daemon)
 
 
-def test_the_daemon_refuses_a_policy_that_would_cut_a_device_off_until_it_leaves_the_bridge(
+def test_the_daemon_passes_a_device_its_policy_would_cut_off_as_a_provisional_uplink(
     lab: LabSession, tmp_path: Path
 ) -> None:
     """A daemon that finds no hyperfence ruleset (a fresh boot: the bridge passes everything, vx0 too) and a
-    policy file that forgets vx0 applies nothing: the kernel keeps passing vx0 and `status` says why. Once
-    vx0 leaves the bridge (a link event), the same policy is applied at once."""
+    policy file that forgets vx0: the VMs get their policy at once and vx0 keeps passing, as a provisional
+    uplink that `status` reports (exit 1) until vx0 is declared or leaves the bridge (a link event: it is
+    then taken out of the ruleset at once)."""
+    lab.serve("vm2", udp=[ALLOWED, OTHER])
     forgets = write_policy(lab, tmp_path / "forgets.json", uplinks=[])
     log_path = tmp_path / "daemon.log"
-    with open(log_path, "wb") as log, far_host(lab):
+    vm2 = str(lab.plan.vm("vm2").ip)
+    with open(log_path, "wb") as log, far_host(lab) as far:
         enslave(lab)
-        before = ruleset(lab)
-        assert b"hyperfence" not in before
+        assert b"hyperfence" not in ruleset(lab)
         daemon = subprocess.Popen(
             [*hf_on(lab), "daemon", "--policy", forgets, "--resync", "600"],
             stderr=log,
             start_new_session=True,
         )
         try:
-            _wait("the refusal in the status", lambda: "policy refused" in _status(lab).stdout)
+            _wait("the provisional uplink in the status", lambda: "provisional uplink" in _status(lab).stdout)
             status = _status(lab)
             assert status.returncode == 1
-            assert "policy refused: the policy would cut the host off its network" in status.stdout
-            assert REFUSAL in status.stdout, status.stdout
-            assert ruleset(lab) == before  # nothing applied: vx0 (and the host behind it) keeps its network
-            assert "ERROR hyperfence.daemon: converge failed: the policy would cut" in log_path.read_text()
+            assert (
+                f"provisional uplink: {DEVICE} on bridge br0 (a vxlan device) is not declared as an uplink; "
+                "the policy would cut it off, so it passes unfiltered until declared "
+                f'(networks[0].uplinks: add "{DEVICE}") or taken off the bridge'
+            ) in status.stdout, status.stdout
+            assert b"table bridge hyperfence" in ruleset(lab)  # the VMs are filtered ...
+            far.forget_neighbours()
+            assert far.udp(vm2, ALLOWED) == "OK"  # ... and the host's network behind vx0 still passes,
+            assert far.udp(vm2, OTHER) == "TIMEOUT"  # to what the VMs' rules allow
+            assert lab.engine is not None
+            (event,) = lab.engine.store.events(kind="provisional-uplink")
+            assert event["port"] == DEVICE and event["declare"] == f'networks[0].uplinks: add "{DEVICE}"'
+            assert f"WARNING hyperfence.engine: network device {DEVICE} on bridge br0" in log_path.read_text()
             subprocess.run(["ip", "-n", lab.plan.host_netns, "link", "set", DEVICE, "nomaster"], check=True)
-            _wait("the policy applied", lambda: _status(lab).returncode == 0)
-            assert b"table bridge hyperfence" in ruleset(lab)
-            text = log_path.read_text()
-            assert text.count("converge failed") == 1, text  # refused once, not at every retry
+            _wait("the provisional uplink gone", lambda: _status(lab).returncode == 0)
+            (gone,) = lab.engine.store.events(kind="provisional-uplink-gone")
+            assert gone["port"] == DEVICE
+            enslave(lab)  # back on the bridge now that the policy is applied: it gets nothing (fail closed)
+            _wait(
+                "an undeclared-device event",
+                lambda: lab.engine is not None and lab.engine.store.events(kind="undeclared-device"),
+            )
+            far.forget_neighbours()
+            assert far.udp(vm2, ALLOWED) == "TIMEOUT"
+            assert "converge failed" not in log_path.read_text()
         finally:
             topology.stop_process(daemon)

@@ -1,6 +1,7 @@
 """Network devices on the managed bridges as an input of the engine: a new policy version that would cut one
-off is refused, one that joins later is reported, and the watch that notices (no kernel: the port reader,
-the firewall and the link watch are fakes)."""
+off is refused (one-shot engines) or applied with it as a provisional uplink (the daemon's), one that joins
+later is reported, and the watch that notices (no kernel: the port reader, the firewall and the link watch
+are fakes)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from hyperfence.model.ports import BridgePort
 from hyperfence.reconcile.bridge_ports import BridgePortWatcher
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.firewall import ConvergeResult
+from hyperfence.ruleset.closed import uplink_ports
 from hyperfence.ruleset.ir import Ruleset
 from hyperfence.ruleset.readback import Actual
 from tests.unit.policy.test_parse import BASE, doc
@@ -172,3 +174,66 @@ def test_the_link_watch_reads_on_every_event_and_asks_for_a_converge_only_while_
 def test_no_policy_applied_means_nothing_to_report(engine: Engine, ports: FakePorts) -> None:
     ports.ports.append(ENO1)
     assert not engine.refresh_devices() and ports.reads == 0
+
+
+@pytest.fixture
+def daemon_engine(tmp_path: Path, ports: FakePorts, firewall: FakeFirewall) -> Iterator[Engine]:
+    e = Engine(
+        netns=None,
+        state_dir=str(tmp_path),
+        read_addresses=lambda _: (),
+        read_ports=ports,
+        provisional_uplinks=True,
+    )
+    yield e
+    e.close()
+
+
+def test_the_daemon_passes_a_device_the_policy_would_cut_off_as_a_provisional_uplink(
+    daemon_engine: Engine, ports: FakePorts, firewall: FakeFirewall, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh boot (no hyperfence table: eno1 passes) and a policy that forgets eno1: the VMs get their
+    policy and eno1 keeps passing, reported once; declared, it is an uplink like any other."""
+    engine = daemon_engine
+    ports.ports.append(ENO1)
+    engine.store_policy(policy(), source="t")
+    with caplog.at_level(logging.WARNING, logger="hyperfence.engine"):
+        engine.converge(full=True)
+    assert len(firewall.applied) == 1 and uplink_ports(firewall.applied[-1]) == ["eno1"]
+    assert [d.port for d in engine.provisional] == ["eno1"] and engine.undeclared == ()
+    assert engine.refused is None and events(engine, "provisional-uplink") == ["eno1"]
+    assert "network device eno1 on bridge br0" in caplog.text and "provisional uplink" in caplog.text
+    assert events(engine, "undeclared-device") == []
+    engine.converge(full=True)  # the resync keeps it, reporting nothing new
+    engine.store_policy(policy(rules=1), source="t")  # and so does a new version that still forgets it
+    engine.converge()
+    assert uplink_ports(firewall.applied[-1]) == ["eno1"] and events(engine, "provisional-uplink") == ["eno1"]
+    assert engine.applied is not None and engine.applied.policy.networks[0].uplinks == ()  # not the policy's
+    engine.store_policy(policy(uplinks=("eno1",)), source="t")
+    engine.converge()
+    assert engine.provisional == () and events(engine, "provisional-uplink-gone") == ["eno1"]
+    assert uplink_ports(firewall.applied[-1]) == ["eno1"]
+
+
+def test_a_provisional_uplink_that_leaves_its_bridge_is_taken_out_at_the_next_converge(
+    daemon_engine: Engine, ports: FakePorts, firewall: FakeFirewall
+) -> None:
+    engine = daemon_engine
+    ports.ports.append(ENO1)
+    engine.store_policy(policy(), source="t")
+    engine.converge()
+    asked: list[str] = []
+    stop = threading.Event()
+    BridgePortWatcher(engine, on_change=asked.append, open_watch=lambda: FakeWatch(1, stop)).run(stop)
+    assert asked == [] and not engine.provisional_stale  # still on the bridge: nothing to do
+    ports.ports.remove(ENO1)
+    stop.clear()
+    BridgePortWatcher(engine, on_change=asked.append, open_watch=lambda: FakeWatch(1, stop)).run(stop)
+    assert asked and engine.provisional_stale
+    engine.converge(full=True)
+    assert uplink_ports(firewall.applied[-1]) == [] and engine.provisional == ()
+    assert events(engine, "provisional-uplink-gone") == ["eno1"] and not engine.provisional_stale
+    ports.ports.append(ENO1)  # back on the bridge after the policy was applied: it gets nothing (fail closed)
+    assert engine.refresh_devices() and events(engine, "undeclared-device") == ["eno1"]
+    engine.converge(full=True)
+    assert uplink_ports(firewall.applied[-1]) == [] and engine.provisional == ()
