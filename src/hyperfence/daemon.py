@@ -310,6 +310,8 @@ class Daemon:
 
     def run(self) -> None:
         self.supervisor.start("control", self._serve)
+        if self.inventory is not None:  # libvirt's VMs are in the first converge, never cut off by it
+            self.inventory.prime()
         self._converge(full=True, cause="daemon start")
         self._tidy(full=True)
         self.supervisor.start("reconcile", self._reconcile)

@@ -151,8 +151,35 @@ class InventoryWatcher:
         if self.on_boot is not None:
             self.on_boot(uuid)
 
+    def prime(self) -> None:
+        """Read libvirt's VMs once before the daemon's first converge, without converging: a daemon that
+        restarts must not converge the kernel to a policy without them (their taps would get nothing until
+        the inventory's first read). Best effort: no policy yet, or libvirt unreadable, leaves it to `run`."""
+        try:
+            self.engine.compiled()  # the managed bridges come from the policy
+        except HyperfenceError as e:
+            log.warning("libvirt VMs not read before the first converge: %s", e)
+            return
+        self._read()
+
     def refresh(self) -> bool:
-        """Read every domain and converge if the VMs changed; False when libvirt could not be read.
+        """Read every domain and converge if the VMs changed; False when libvirt could not be read."""
+        changed = self._read()
+        if changed is None:
+            return False
+        if changed:
+            try:
+                self.engine.converge()
+            except HyperfenceError as e:
+                log.error("converge after an inventory change failed: %s", e)
+            for why in self.engine.skipped:
+                log.warning("%s", why)
+        self._report_unprotected(unprotected_nics(self.domains, managed_bridges(self.engine)))
+        return True
+
+    def _read(self) -> bool | None:
+        """Read every domain into the engine's discovered VMs; True when they changed, None when libvirt
+        could not be read (the last known VMs stay).
 
         Domains that started since the last read are told to `on_boot` first, before they join the
         policy (the first read tells nothing: what ran before the daemon started has its startup grace)."""
@@ -160,7 +187,7 @@ class InventoryWatcher:
             self.domains = self.inventory.domains()
         except HyperfenceError as e:
             log.warning("libvirt %s cannot be read (keeping the last known VMs): %s", self.uri, e)
-            return False
+            return None
         if self._ids is not None:
             for d in started_domains(self._ids, self.domains):
                 self._boot(d.uuid, d.name, "started")
@@ -168,16 +195,7 @@ class InventoryWatcher:
         bridges = managed_bridges(self.engine)
         self._report_lost_addresses(lost_addresses(self._guarded, self.domains, bridges))
         self._guarded = guarded(self.domains, bridges)
-        docs = vm_docs(self.domains, bridges)
-        if self.engine.set_discovered(docs):
-            try:
-                self.engine.converge()
-            except HyperfenceError as e:
-                log.error("converge after an inventory change failed: %s", e)
-            for why in self.engine.skipped:
-                log.warning("%s", why)
-        self._report_unprotected(unprotected_nics(self.domains, bridges))
-        return True
+        return self.engine.set_discovered(vm_docs(self.domains, bridges))
 
     def _report_lost_addresses(self, lost: list[tuple[DomainInfo, tuple[str, ...]]]) -> None:
         """A warning and an `address-lost` event per running VM whose metadata no longer has an address."""

@@ -263,6 +263,18 @@ def test_a_guest_boots_and_resets_unpunished_and_its_metadata_reaches_the_firewa
             virsh("reset", guest.uuid)
             paused = guest.wait_for("paused after the grace", lambda: guest.domain_state() == "paused", 20)
             assert "not heard since the VM started" in str(guest.row()["isolated"])
+        # A restarted daemon reads libvirt's VMs before its first converge: that converge finds the kernel
+        # right and writes nothing (before, it took the guest out of the firewall until the first read).
+        applied = len(engine.store.events(kind="applied"))
+        with daemon(plan, engine.state_dir) as log:
+            guest.log = log
+            guest.wait_for(
+                "the restarted daemon's first converge",
+                lambda: (request(guest.state, {"op": "status"}) or {}).get("policy") == f"gen:{generation}",
+                20,
+            )
+            time.sleep(1)  # the inventory loop's own first read
+            assert len(engine.store.events(kind="applied")) == applied, guest.context()
     finally:
         inventory.close()
     print(

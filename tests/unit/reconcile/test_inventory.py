@@ -152,6 +152,10 @@ class FakeEngine:
     def converge(self) -> None:
         self.told.append("converge")
 
+    def compiled(self) -> object:
+        self.told.append("compile")
+        return self.current
+
 
 class FakeInventory:
     def __init__(self) -> None:
@@ -186,6 +190,21 @@ def test_the_watcher_tells_a_start_before_the_vm_joins_the_policy_and_reports_a_
     ((kind, data, vm),) = engine.store.events
     assert (kind, vm, data["domain"], data["was"]) == ("address-lost", "uuid-web1", "web1", ["10.77.0.21"])
     assert "out of the firewall" in str(data["message"]) and "vm label" in str(data["message"])
+
+
+def test_priming_reads_the_vms_without_converging_so_the_first_converge_has_them() -> None:
+    """The daemon primes the watcher before its first converge: the policy is compiled (it names the
+    bridges) and libvirt read, but nothing converges; the watcher's first read then finds nothing new."""
+    told: list[str] = []
+    engine = FakeEngine(told)
+    watcher = InventoryWatcher(engine, "test:///nowhere")  # type: ignore[arg-type]
+    inventory = FakeInventory()
+    watcher.inventory = inventory  # type: ignore[assignment]
+    inventory.now = [dataclasses.replace(dom("web1"), domain_id=3)]
+    watcher.prime()
+    assert told == ["compile", "vms web1"]
+    told.clear()
+    assert watcher.refresh() and told == []  # already known: no converge, no start told
 
 
 def test_annotate_names_and_states_enrolled_domains(tmp_path: Path) -> None:
