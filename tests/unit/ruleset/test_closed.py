@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from hyperfence.model.kernel import Flavour
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.ruleset.build import BRIDGE
@@ -19,9 +22,9 @@ from tests.unit.ruleset.fake_kernel import FakeKernel
 RULES = [{"id": "a", "from": "vm:vm1", "to": "vm:vm2", "services": ["tcp/80"]}]
 
 
-def desired(**network: Any) -> Ruleset:
+def desired(flavour: Flavour = Flavour.BR_NETFILTER, **network: Any) -> Ruleset:
     nets = [{**BASE["networks"][0], **network}]
-    return compile_ruleset(resolve_policy(parse_policy(doc(networks=nets, rules=RULES))))
+    return compile_ruleset(resolve_policy(parse_policy(doc(networks=nets, rules=RULES))), flavour=flavour)
 
 
 def test_an_empty_kernel_is_closed_first_then_filled_exactly() -> None:
@@ -65,13 +68,14 @@ def test_one_missing_base_chain_is_closed_alone() -> None:
     assert closing is not None and closing.touched_chains == {(BRIDGE, "ingress")}
 
 
-def test_what_a_ruleset_in_the_kernel_lets_through() -> None:
+@pytest.mark.parametrize("flavour", list(Flavour))
+def test_what_a_ruleset_in_the_kernel_lets_through(flavour: Flavour) -> None:
     """No hyperfence bridge table: every port passes; with one, only its uplinks do (a VM's port is
-    filtered, any other port gets nothing)."""
+    filtered, any other port gets nothing), in either data plane."""
     from hyperfence.ruleset.closed import lets_through
 
     assert lets_through(Ruleset((), (), (), ()), "eno1")
-    with_uplink = desired(uplinks=["eno1"])
+    with_uplink = desired(flavour, uplinks=["eno1"])
     assert lets_through(with_uplink, "eno1")
     assert not lets_through(with_uplink, "eno2") and not lets_through(with_uplink, "vp1")
-    assert not lets_through(desired(), "eno1")
+    assert not lets_through(desired(flavour), "eno1")
