@@ -20,14 +20,13 @@ import socket
 import struct
 from collections.abc import Collection, Iterable
 
-from hyperfence.adapters.netlink import NETLINK_ROUTE, NLA_HDR, NLMSG_HDR, GroupWatch, attr, attrs
+from hyperfence.adapters.netlink import NETLINK_ROUTE, NLA_HDR, NLMSG_HDR, GroupWatch, attr, attrs, split_dump
 from hyperfence.adapters.netlink import netfilter_socket as open_netlink
 from hyperfence.errors import KernelError
 from hyperfence.model.ports import BridgePort
 
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_EXT_MASK = 3, 10, 18, 29
 IFLA_PARENT_DEV_NAME, IFLA_PARENT_DEV_BUS_NAME = 56, 57
@@ -64,27 +63,19 @@ def _name_of(data: bytes, off: int, end: int) -> str | None:
 def parse_links(data: bytes, *, bridge: str, known: Collection[str]) -> tuple[list[BridgePort], bool, int]:
     """(ports, done, errno) from one receive buffer of a link dump or get. Never reads past the buffer."""
     ports: list[BridgePort] = []
-    off = 0
-    while off + NLMSG_HDR.size <= len(data):
-        length, msg_type, _, _, _ = NLMSG_HDR.unpack_from(data, off)
-        if length < NLMSG_HDR.size or off + length > len(data):
-            break
-        if msg_type == NLMSG_DONE:
-            return ports, True, 0
-        if msg_type == NLMSG_ERROR:
-            return ports, True, -struct.unpack_from("=i", data, off + NLMSG_HDR.size)[0]
-        start = off + NLMSG_HDR.size + IFINFOMSG.size
-        if msg_type == RTM_NEWLINK and start <= off + length:
-            name = _name_of(data, start, off + length)
+    messages, done, err = split_dump(data)
+    for msg_type, payload, end in messages:
+        start = payload + IFINFOMSG.size
+        if msg_type == RTM_NEWLINK and start <= end:
+            name = _name_of(data, start, end)
             if name is not None and name not in known:
-                a = attrs(data, start, off + length)
+                a = attrs(data, start, end)
                 info = a.get(IFLA_LINKINFO, b"")
                 kind = _text(attrs(info, 0, len(info)).get(IFLA_INFO_KIND))
                 bus, dev = _text(a.get(IFLA_PARENT_DEV_BUS_NAME)), _text(a.get(IFLA_PARENT_DEV_NAME))
                 parent = f"{bus} {dev}".strip()
                 ports.append(BridgePort(bridge, name, kind, parent))
-        off += (length + 3) & ~3
-    return ports, False, 0
+    return ports, done, err
 
 
 def _index(sock: socket.socket, bridge: str, seq: int) -> int | None:

@@ -28,7 +28,14 @@ import struct
 from collections import Counter
 from collections.abc import Iterable
 
-from hyperfence.adapters.netlink import NLA_F_NESTED, NLMSG_HDR, netfilter_socket
+from hyperfence.adapters.netlink import (
+    NLA_F_NESTED,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_HDR,
+    netfilter_socket,
+    split_dump,
+)
 from hyperfence.adapters.netlink import attr as _attr
 from hyperfence.adapters.netlink import attrs as _attrs
 from hyperfence.errors import KernelError, PermissionDeniedError
@@ -38,7 +45,6 @@ IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 CTA_TUPLE_ORIG, CTA_TUPLE_IP, CTA_ZONE = 1, 1, 18
 CTA_IP_V4_SRC, CTA_IP_V4_DST = 1, 2
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 _RECV = 1 << 20
 TIMEOUT_S = 10.0
 # More entries than any conntrack table holds (nf_conntrack_max is at most a few million): a dump that
@@ -58,17 +64,10 @@ def matching_entries(data: bytes, addresses: frozenset[bytes]) -> tuple[list[byt
     """Pure: from one dump buffer, the delete keys (original tuple + zone attributes) of the entries whose
     original source or destination is in `addresses` (4-byte IPv4), whether the dump is done, and its errno."""
     keys: list[bytes] = []
-    off = 0
-    while off + NLMSG_HDR.size <= len(data):
-        length, msg_type, _, _, _ = NLMSG_HDR.unpack_from(data, off)
-        if length < NLMSG_HDR.size or off + length > len(data):
-            break
-        if msg_type == NLMSG_DONE:
-            return keys, True, 0
-        if msg_type == NLMSG_ERROR:
-            return keys, True, -struct.unpack_from("=i", data, off + NLMSG_HDR.size)[0]
+    messages, done, err = split_dump(data)
+    for msg_type, payload, end in messages:
         if msg_type == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
-            top = _attrs(data, off + NLMSG_HDR.size + 4, off + length)
+            top = _attrs(data, payload + 4, end)
             orig = top.get(CTA_TUPLE_ORIG)
             if orig is not None:
                 ip = _attrs(orig, 0, len(orig)).get(CTA_TUPLE_IP, b"")
@@ -78,8 +77,7 @@ def matching_entries(data: bytes, addresses: frozenset[bytes]) -> tuple[list[byt
                     if CTA_ZONE in top:
                         key += _attr(CTA_ZONE, top[CTA_ZONE])
                     keys.append(key)
-        off += (length + 3) & ~3
-    return keys, False, 0
+    return keys, done, err
 
 
 def forget_flows(netns: str | None, addresses: Iterable[ipaddress.IPv4Address]) -> int:

@@ -39,6 +39,30 @@ def attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
     return out
 
 
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+
+
+def split_dump(data: bytes) -> tuple[list[tuple[int, int, int]], bool, int]:
+    """One receive buffer of a netlink dump, split: its messages before NLMSG_DONE or an error, each as
+    (type, payload start, message end) offsets into `data`; whether the dump is done; its errno (0, or the
+    positive errno of an NLMSG_ERROR). Stops at the first malformed header: never reads past the buffer."""
+    messages: list[tuple[int, int, int]] = []
+    off = 0
+    while off + NLMSG_HDR.size <= len(data):
+        length, msg_type, _, _, _ = NLMSG_HDR.unpack_from(data, off)
+        if length < NLMSG_HDR.size or off + length > len(data):
+            break
+        if msg_type == NLMSG_DONE:
+            return messages, True, 0
+        if msg_type == NLMSG_ERROR:
+            if off + NLMSG_HDR.size + 4 > len(data):
+                return messages, True, 0
+            return messages, True, -struct.unpack_from("=i", data, off + NLMSG_HDR.size)[0]
+        messages.append((msg_type, off + NLMSG_HDR.size, off + length))
+        off += (length + 3) & ~3
+    return messages, False, 0
+
+
 def netfilter_socket(
     netns: str | None,
     *,

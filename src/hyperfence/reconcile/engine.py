@@ -217,26 +217,40 @@ class Engine:
         changed."""
         with self.lock:
             before, self.undeclared = self.undeclared, found
-        new = [d for d in found if d not in before]
-        gone = [d for d in before if d not in found]
+        return self._report_devices(
+            "undeclared-device",
+            before,
+            found,
+            "is not declared as an uplink: it gets nothing until declared (%s) or taken off the bridge",
+            "is no longer undeclared",
+        )
+
+    def _report_devices(
+        self,
+        kind: str,
+        before: tuple[UndeclaredDevice, ...],
+        after: tuple[UndeclaredDevice, ...],
+        added: str,
+        gone: str,
+    ) -> bool:
+        """Log and record what changed between two lists of devices (same bridge and port: the same device):
+        a warning ("network device P on bridge B (what) " + `added`, with the hint) and a `kind` event for
+        each new one, an info line (+ `gone`) and a `kind`-gone event for each one gone. True on a change."""
+        was = {(d.bridge, d.port) for d in before}
+        now = {(d.bridge, d.port) for d in after}
+        new = [d for d in after if (d.bridge, d.port) not in was]
+        old = [d for d in before if (d.bridge, d.port) not in now]
         for d in new:
-            log.warning(
-                "network device %s on bridge %s (%s) is not declared as an uplink: it gets nothing until "
-                "declared (%s) or taken off the bridge",
-                d.port,
-                d.bridge,
-                d.what,
-                d.hint,
-            )
-        for d in gone:
-            log.info("network device %s on bridge %s is no longer undeclared", d.port, d.bridge)
+            log.warning(f"network device %s on bridge %s (%s) {added}", d.port, d.bridge, d.what, d.hint)
+        for d in old:
+            log.info(f"network device %s on bridge %s {gone}", d.port, d.bridge)
         rows: list[tuple[str, str | None, dict[str, Any]]] = [
-            *(("undeclared-device", None, d.as_dict()) for d in new),
-            *(("undeclared-device-gone", None, d.as_dict()) for d in gone),
+            *((kind, None, d.as_dict()) for d in new),
+            *((f"{kind}-gone", None, d.as_dict()) for d in old),
         ]
         if rows:
             self.store.add_events(rows)
-        return bool(new or gone)
+        return bool(rows)
 
     def _settle_devices(
         self, found: tuple[UndeclaredDevice, ...], key: str, *, new: bool
@@ -266,30 +280,16 @@ class Engine:
         """Keep `devices` as the provisional uplinks; each new one is reported loudly (a `provisional-uplink`
         event and a warning: it passes unfiltered until declared), each one gone as
         `provisional-uplink-gone`."""
-        devices = tuple(sorted(devices, key=lambda d: (d.bridge, d.port)))
-        before = {(d.bridge, d.port) for d in self.provisional}
-        after = {(d.bridge, d.port) for d in devices}
-        added = [d for d in devices if (d.bridge, d.port) not in before]
-        gone = [d for d in self.provisional if (d.bridge, d.port) not in after]
-        self.provisional, self.provisional_stale = devices, False
-        for d in added:
-            log.warning(
-                "network device %s on bridge %s (%s) is not declared as an uplink; the policy would cut it "
-                "off, so it passes unfiltered as a provisional uplink until declared (%s) or taken off the "
-                "bridge",
-                d.port,
-                d.bridge,
-                d.what,
-                d.hint,
-            )
-        for d in gone:
-            log.info("network device %s on bridge %s is no longer a provisional uplink", d.port, d.bridge)
-        rows: list[tuple[str, str | None, dict[str, Any]]] = [
-            *(("provisional-uplink", None, d.as_dict()) for d in added),
-            *(("provisional-uplink-gone", None, d.as_dict()) for d in gone),
-        ]
-        if rows:
-            self.store.add_events(rows)
+        before, self.provisional = self.provisional, tuple(sorted(devices, key=lambda d: (d.bridge, d.port)))
+        self.provisional_stale = False
+        self._report_devices(
+            "provisional-uplink",
+            before,
+            self.provisional,
+            "is not declared as an uplink; the policy would cut it off, so it passes unfiltered as a "
+            "provisional uplink until declared (%s) or taken off the bridge",
+            "is no longer a provisional uplink",
+        )
 
     def set_quarantine(self, vms: frozenset[str]) -> bool:
         """Replace the set of quarantined VM ids; True when it changed (converge to apply it)."""

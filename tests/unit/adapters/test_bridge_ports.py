@@ -14,12 +14,10 @@ from hyperfence.adapters.bridge_ports import (
     IFLA_MASTER,
     IFLA_PARENT_DEV_BUS_NAME,
     IFLA_PARENT_DEV_NAME,
-    NLMSG_DONE,
-    NLMSG_ERROR,
     RTM_NEWLINK,
     parse_links,
 )
-from hyperfence.adapters.netlink import NLMSG_HDR, attr
+from hyperfence.adapters.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, attr
 from hyperfence.model.ports import BridgePort
 
 
