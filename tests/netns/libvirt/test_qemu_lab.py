@@ -37,12 +37,13 @@ from hyperfence.lab.guest_shell import GuestResult, run_in_guest, wait_for_shell
 from hyperfence.lab.image import build_image
 from hyperfence.lab.libvirtd import ensure_libvirtd, running_libvirtd
 from hyperfence.lab.plan import LabPlan, plan_lab
-from hyperfence.lab.qemu import define_lab_guest, down_qemu, qemu_policy, up_qemu
+from hyperfence.lab.qemu import define_lab_guest, qemu_policy, up_qemu
 from hyperfence.lab.session import lab_state_dir
-from hyperfence.lab.topology import create_lab, destroy_lab, run_in_host
+from hyperfence.lab.topology import run_in_host
 from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.inventory import InventoryWatcher
+from tests.netns.libvirt.qemu_lab import http_probe, qemu_lab
 
 pytestmark = [
     pytest.mark.kernel,
@@ -50,28 +51,11 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU"),
 ]
 
-PROBE = (
-    "import socket,sys;s=socket.socket();s.settimeout(3)\n"
-    "try:\n s.connect((sys.argv[1],8080));s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n');print(s.recv(12).decode())\n"
-    "except OSError as e: print('FAIL', e)"
-)
-
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[tuple[LabPlan, Engine]]:
-    if running_libvirtd() is not None:
-        pytest.skip("a libvirtd this test did not start is running (one per machine): not touching it")
-    plan = plan_lab(f"qm{secrets.token_hex(2)}", 2)
-    engine = Engine(netns=plan.host_netns, state_dir=str(tmp_path / "state"))
-    try:
-        create_lab(plan, only=0)
-        yield plan, engine
-    finally:
-        try:
-            down_qemu(plan)
-        finally:
-            engine.close()
-            destroy_lab(plan.name)
+    with qemu_lab(f"qm{secrets.token_hex(2)}", 2, tmp_path) as lab:
+        yield lab
 
 
 def web_policy(plan: LabPlan) -> dict[str, Any]:
@@ -84,7 +68,7 @@ def web_policy(plan: LabPlan) -> dict[str, Any]:
 
 
 def probe(plan: LabPlan, ip: str) -> str:
-    return run_in_host(plan, ["python3", "-c", PROBE, ip], timeout=15).stdout.decode().strip()
+    return http_probe(plan, ip, timeout=3).strip()
 
 
 def test_guests_found_in_libvirt_report_and_are_filtered(lab: tuple[LabPlan, Engine]) -> None:
