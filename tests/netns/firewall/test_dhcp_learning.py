@@ -197,6 +197,32 @@ def test_a_removed_vm_loses_its_learned_address(
         assert vm1 not in peers_of_vm2(lab)
 
 
+def test_an_expired_lease_is_released_and_its_address_passes_nothing(
+    lab: LabSession, learner: LeaseLearner, tmp_path: Path
+) -> None:
+    """A client that dies without a DHCPRELEASE keeps its address configured; when the lease ends (the
+    learner's clock is moved past it and its grace: dnsmasq's shortest lease is 2 minutes), the address is
+    released and the guest's packets from it get nothing."""
+    assert lab.engine is not None
+    vm1 = str(lab.plan.vm("vm1").ip)
+    lab.run("vm1", ["ip", "addr", "flush", "dev", "eth0"])
+    with dhcp_client(lab, tmp_path) as client:
+        wait_for("the lease is learned", lambda: learned(lab) == {IPv4Address(vm1)})
+        wait_for("udhcpc configured it", lambda: vm1 in addresses(lab, "vm1"))
+        assert ping_from(lab, vm1, "vm2") == 2
+        client.kill()  # no release: the guest keeps the address past its lease
+        client.wait()
+        (lease,) = lab.engine.leases
+        shift = lease.expires - time.time() + 3600
+        learner.clock = lambda: time.time() + shift
+        wait_for("the lease expires", lambda: learned(lab) == set())
+    assert lab.engine.store.leases() == ()
+    events = lab.engine.store.events(vm=f"{lab.plan.name}-vm1")
+    assert events[-1]["kind"] == "lease-expired" and events[-1]["ip"] == vm1, events
+    assert vm1 in addresses(lab, "vm1")
+    assert ping_from(lab, vm1, "vm2") == 0
+
+
 def peers_of_vm2(lab: LabSession) -> PeerRanges:
     """The addresses `vms` stands for in vm2's egress rule `all`."""
     assert lab.engine is not None
