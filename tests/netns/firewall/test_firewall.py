@@ -193,6 +193,9 @@ print(json.dumps(counts), flush=True)
 """
 
 
+LISTEN_FOR = 150
+
+
 def _frames_seen(
     lab: LabSession, receiver: str, sends: list[tuple[str, dict[str, str]]], *, count: int = 3
 ) -> dict[str, int]:
@@ -205,7 +208,10 @@ def _frames_seen(
     listener = topology.popen_in_vm(
         lab.plan,
         receiver,
-        [sys.executable, "-c", FRAME_LISTENER, str(count), last, "30"],
+        # Waits for the control at most LISTEN_FOR s: the senders' scapy starts take seconds each, and tens
+        # of seconds in the Debian-kernel guest under TCG on a busy machine (a 30 s wait once ended before
+        # the control was sent). It returns as soon as the control arrives, so passing runs do not wait.
+        [sys.executable, "-c", FRAME_LISTENER, str(count), last, str(LISTEN_FOR)],
         stdout=subprocess.PIPE,
     )
     try:
@@ -219,7 +225,7 @@ def _frames_seen(
                     for kind, frame in frames.items()
                 ),
             )
-        out, _ = listener.communicate(timeout=40)
+        out, _ = listener.communicate(timeout=LISTEN_FOR + 10)
     finally:
         topology.stop_process(listener)
     assert listener.returncode == 0 and out, f"the frame listener in {receiver} failed: {out!r}"
@@ -232,10 +238,10 @@ def _scapy(lab: LabSession, vm: str, script: str) -> None:
     argv = [sys.executable, "-c", "from scapy.all import *\n" + script]
     if vm.startswith("netns:"):
         r = subprocess.run(
-            ["ip", "netns", "exec", vm[6:], *argv], capture_output=True, timeout=60, check=False
+            ["ip", "netns", "exec", vm[6:], *argv], capture_output=True, timeout=LISTEN_FOR, check=False
         )
     else:
-        r = lab.run(vm, argv, timeout=60)
+        r = lab.run(vm, argv, timeout=LISTEN_FOR)
     assert r.returncode == 0, r.stderr.decode()
 
 
