@@ -1,0 +1,430 @@
+"""Where hyperfence's 64-byte packet rate goes: a ladder of rulesets, each one step more of hyperfence's real
+compiled ruleset, each measured paired against the bare bridge in the same repetition. Run as root from the
+repository root:
+
+    .venv/bin/python bench/breakdown.py                      # 5 repetitions of 2 s per flow (~5 min)
+    .venv/bin/python bench/breakdown.py --reps 3 --seconds 1 # shorter
+    .venv/bin/python bench/breakdown.py --only a,k2,k7       # some steps only (a, the baseline, always runs)
+    .venv/bin/python bench/breakdown.py --perf               # also: where the sender's CPU time per packet
+                                                             # goes, per step (perf samples by stack)
+
+The lab and the policy are those of bench/dataplane.py (1,000 VMs declared, vm1..vm3 created, a 10,000-address
+IP set), in a lab of its own (`pf<hex>`). hyperfence compiles and applies its ruleset once through the Engine;
+the benchmark then lists it (`nft list table ...`) and every step below is that listing with parts taken out,
+renamed to `bridge/inet hfstep` and loaded with `nft -f` (so the steps hold the very rules, sets and maps the
+Engine wrote, nothing hand-written):
+
+  a   bare bridge (br_netfilter on, the lab's NAT table => inet conntrack runs): the BASELINE
+  a0  bare bridge without the lab's NAT table, so without conntrack (reference only: what conntrack and
+        br_netfilter's inet hooks cost, which every step from k1 on pays in a too)
+  k1  + hyperfence's bridge table with its three base chains (guard prerouting -300, egress prerouting +10,
+        ingress postrouting +10), EMPTY, policy accept; every set, map and VM chain loaded but unused
+  k2  + the inet conntrack marker (`pre`/`out`: ct-mark, ct-clear), no connection caps
+  k3  + the guard's rules (anti-spoofing: VLAN check, identity sets, per-VM spoof chains), no counters/logs
+  k4  + egress/ingress rules: established shortcut, reject-ARP, port dispatch, the per-VM chains (this is the
+        whole policy) without counters and without log rules
+  k5  + counters (as compiled: on every decision rule, none on the established shortcut)
+  k6  + log rules (NFLOG, rate-limited: only on drops, so no packet of the benchmark flows meets them)
+  k7  + connection caps (`ct status ! confirmed ... vmap @cap_vms`): hyperfence's full ruleset, = case b of
+        bench/dataplane.py
+
+Flows (bench/common.py): 64-byte UDP vm1 -> vm2, `est` (the flow was answered once: conntrack says
+established) and `new` (never answered: every packet walks the policy). Only the 64-byte rate is measured
+(no TCP, no ping): this is the figure the 0.95x goal is about. Each repetition runs every step once, order
+rotated; the output gives, per step, the median over repetitions of (step / a) within a repetition, the
+spread of those paired ratios (min-max), and the step's increment over the step before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    SENDER_CPU,
+    BenchError,
+    build_udpflood,
+    conntrack_flush,
+    env_summary,
+    fmt,
+    fresh_lab,
+    host,
+    log,
+    median,
+    nft_delete_tables,
+    nft_load,
+    ping_ok,
+    require_tools,
+    udp_kpps,
+    workdir,
+)
+from dataplane import HF_TABLES, N_VMS, hyperfence_document
+
+from hyperfence.lab import topology
+from hyperfence.lab.plan import LabPlan, nat_ruleset, plan_lab
+from hyperfence.model.kernel import Flavour
+from hyperfence.reconcile.engine import Engine
+
+STEP_TABLES = [("bridge", "hfstep"), ("inet", "hfstep")]
+BASE_CHAINS = ("guard", "egress", "ingress")
+MARKER_COMMENTS = ('"sys:ct-mark"', '"sys:ct-clear"')
+CAP_COMMENTS = ('"sys:ct-cap-out"', '"sys:ct-cap-in"')
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Which parts of hyperfence's listing a step keeps."""
+
+    base_chains: bool = True  # the bridge table (its base chains; empty unless guard/policy)
+    marker: bool = False  # inet pre/out: ct-mark and ct-clear
+    guard: bool = False  # the guard chain's rules
+    policy: bool = False  # egress/ingress rules (and so the per-VM chains they reach)
+    counters: bool = False
+    logs: bool = False
+    caps: bool = False
+
+
+NO_CONNTRACK = Parts(base_chains=False)  # marks step a0: no table at all, the lab's NAT table removed too
+
+STEPS: list[tuple[str, str, Parts | None]] = [
+    ("a", "bare bridge (baseline)", None),
+    ("a0", "bare bridge, no conntrack (reference)", NO_CONNTRACK),
+    ("k1", "+ bridge table, 3 empty base chains", Parts()),
+    ("k2", "+ inet conntrack marker", Parts(marker=True)),
+    ("k3", "+ guard (anti-spoofing)", Parts(marker=True, guard=True)),
+    ("k4", "+ egress/ingress + per-VM chains", Parts(marker=True, guard=True, policy=True)),
+    ("k5", "+ counters", Parts(marker=True, guard=True, policy=True, counters=True)),
+    ("k6", "+ log rules (NFLOG)", Parts(marker=True, guard=True, policy=True, counters=True, logs=True)),
+    ("k7", "+ connection caps (= hyperfence)", Parts(True, True, True, True, True, True, True)),
+]
+
+
+def step_ruleset(listing: str, parts: Parts) -> str:
+    """hyperfence's listing (`nft list table` of its bridge and inet tables) reduced to `parts`, renamed to
+    the `hfstep` tables. Line-based: the listing has one rule per line, chains open with `chain NAME {` and
+    base chains carry a `type ... hook ...;` line."""
+    out = ["".join(f"add table {f} {n}\ndelete table {f} {n}\n" for f, n in STEP_TABLES)]
+    table = chain = ""
+    for line in listing.splitlines():
+        s = line.strip()
+        if m := re.match(r"table (\w+) (\w+) \{", s):
+            table, chain = m.group(1), ""
+            if table not in ("bridge", "inet") or (table == "inet" and not parts.marker):
+                table = "skip"
+                continue
+            out.append(f"table {table} hfstep {{")
+            continue
+        if table == "skip":
+            if s == "}" and line == "}":
+                table = ""
+            continue
+        if m := re.match(r"chain (\w+) \{", s):
+            chain = m.group(1)
+            out.append(line)
+            continue
+        if s.startswith("type ") and " hook " in s:
+            empty = table == "bridge" and chain in BASE_CHAINS and not _keeps_rules(chain, parts)
+            out.append(line.replace("policy drop;", "policy accept;") if empty else line)
+            continue
+        if chain and s and s != "}" and not _keep_rule(table, chain, s, parts):
+            continue
+        if s == "}" and line.startswith("\t}"):
+            chain = ""
+        out.append(line)
+    text = "\n".join(out) + "\n"
+    if not parts.counters:
+        text = re.sub(r"\bcounter packets \d+ bytes \d+\s*", "", text)
+    return text
+
+
+def _keeps_rules(chain: str, parts: Parts) -> bool:
+    return parts.guard if chain == "guard" else parts.policy
+
+
+def _keep_rule(table: str, chain: str, rule: str, parts: Parts) -> bool:
+    if " log prefix " in rule and not parts.logs:
+        return False
+    if table == "inet":
+        if any(c in rule for c in CAP_COMMENTS):
+            return parts.caps
+        if chain in ("pre", "out"):
+            return any(c in rule for c in MARKER_COMMENTS)
+        return True
+    if chain in BASE_CHAINS:
+        return _keeps_rules(chain, parts)
+    return True
+
+
+@dataclass
+class Step:
+    key: str
+    title: str
+    text: str | None  # None: the bare bridge
+    nat_off: bool = False  # a0: the lab's NAT table is removed for the measurement (no conntrack)
+    est: list[float] = field(default_factory=list)
+    new: list[float] = field(default_factory=list)
+
+
+def load(plan: LabPlan, step: Step) -> None:
+    if step.nat_off:
+        nft_delete_tables(plan, [("ip", plan.nat_table)])
+    if step.text is not None:
+        nft_load(plan, step.text)
+
+
+def unload(plan: LabPlan, step: Step) -> None:
+    if step.text is not None:
+        nft_delete_tables(plan, STEP_TABLES)
+    if step.nat_off:
+        nft_load(plan, nat_ruleset(plan))
+
+
+def measure(plan: LabPlan, tool: str, step: Step, seconds: float) -> None:
+    load(plan, step)
+    try:
+        conntrack_flush(plan)
+        if not ping_ok(plan, "vm1", "vm3"):
+            raise BenchError(f"step {step.key}: vm1 -> vm3 ping does not pass")
+        step.est.append(udp_kpps(plan, tool, "vm1", "vm2", seconds=seconds, mode="est"))
+        step.new.append(udp_kpps(plan, tool, "vm1", "vm2", seconds=seconds, mode="new"))
+    finally:
+        unload(plan, step)
+    log(f"  {step.key}: udp est {step.est[-1]:.0f} kpps, new {step.new[-1]:.0f} kpps")
+
+
+def paired(step: Step, base: Step, attr: str) -> list[float]:
+    return [x / y for x, y in zip(getattr(step, attr), getattr(base, attr), strict=True)]
+
+
+def report(steps: list[Step], reps: int, seconds: float) -> None:
+    base = steps[0]
+    print(f"hyperfence data-plane cost breakdown ({env_summary()}), {N_VMS} VMs declared, 3 created")
+    print(f"64-B UDP vm1->vm2, {seconds:g} s per flow, {reps} repetitions, order rotated; sender on CPU0")
+    print("paired ratio = step / a within one repetition; median [min-max] over repetitions; d = change")
+    print("of the median paired ratio from the step above\n")
+    head = f"{'step':<44} {'est kpps':>8} {'x est':>5} {'[spread]':>13} {'d':>6}   {'new kpps':>8} "
+    head += f"{'x new':>5} {'[spread]':>13} {'d':>6}"
+    print(head)
+    print("-" * len(head))
+    prev_e = prev_n = 1.0
+    for s in steps:
+        pe, pn = paired(s, base, "est"), paired(s, base, "new")
+        me, mn = median(pe), median(pn)
+        print(
+            f"{s.key + ' ' + s.title:<44} {median(s.est):>8.0f} {me:>5.2f} "
+            f"{'[' + fmt(min(pe)) + '-' + fmt(max(pe)) + ']':>13} {me - prev_e:>+6.2f}   "
+            f"{median(s.new):>8.0f} {mn:>5.2f} {'[' + fmt(min(pn)) + '-' + fmt(max(pn)) + ']':>13} "
+            f"{mn - prev_n:>+6.2f}"
+        )
+        prev_e, prev_n = me, mn
+    print("\nper repetition (run order), kpps:")
+    for s in steps:
+        print(f"  {s.key:<4} est {[round(x) for x in s.est]}  new {[round(x) for x in s.new]}")
+
+
+# ------------------------------------------------------------------------------------------------ perf
+
+SENDERS = ("udpflood", "ksoftirqd/0")  # the sender and, when softirq work is deferred, its CPU's ksoftirqd
+PERF_HZ = 2999
+# Where a sample of the sender's CPU time is spent, by the innermost frame of its stack that is one of these
+# (a sample in `nft_lookup` called by `nft_do_chain_bridge` is the bridge table's). A bridge-table sample is
+# placed in its hook by the frame that called the hook: the guard runs from `br_handle_frame` (bridge
+# prerouting, before br_netfilter), egress from `br_nf_hook_thresh` (bridge prerouting chains after
+# br_netfilter's own hook), ingress from `br_forward_finish` (bridge postrouting).
+CATEGORIES = {
+    "nft_do_chain_inet": "hyperfence inet table (pre: marker, caps)",
+    "nft_do_chain_ipv4": "the lab's ip NAT table (baseline too)",
+    "nf_conntrack_in": "conntrack lookup (baseline too)",
+    "__nf_conntrack_confirm": "conntrack confirm (baseline too)",
+    "nf_hook_slow": "netfilter hook dispatch (nf_hook_slow)",
+}
+BRIDGE_CALLERS = {
+    "br_handle_frame": "hyperfence bridge: guard (prerouting -300)",
+    "br_nf_hook_thresh": "hyperfence bridge: egress (prerouting +10)",
+    "br_forward_finish": "hyperfence bridge: ingress (postrouting +10)",
+}
+
+
+def classify(frames: list[str]) -> str:
+    """The category of one sample; `frames` innermost first."""
+    for i, f in enumerate(frames):
+        if f == "nft_do_chain_bridge":
+            caller = next((g for g in frames[i + 1 :] if g in BRIDGE_CALLERS), "")
+            return BRIDGE_CALLERS.get(caller, "hyperfence bridge: other hook")
+        if f in CATEGORIES:
+            return CATEGORIES[f]
+        if f.startswith("br_nf_"):
+            return "br_netfilter's own work (baseline too)"
+    return "everything else (socket, UDP/IP, veth, bridge forwarding, ...)"
+
+
+def perf_profile(plan: LabPlan, tool: str, step: Step, wd: Path, *, seconds: float, mode: str) -> Profile:
+    """The sender CPU's time while the `mode` flood runs through `step`, by category, and per packet."""
+    load(plan, step)
+    data = wd / f"perf-{step.key}-{mode}.data"
+    try:
+        conntrack_flush(plan)
+        rec = subprocess.Popen(
+            [
+                "perf",
+                "record",
+                "-q",
+                "-g",
+                "-F",
+                str(PERF_HZ),
+                "-C",
+                SENDER_CPU,
+                "-o",
+                str(data),
+                "--",
+                "sleep",
+                f"{seconds}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        kpps = udp_kpps(plan, tool, "vm1", "vm2", seconds=seconds + 1, mode=mode)
+        rec.wait(timeout=60)
+    finally:
+        unload(plan, step)
+    done = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "comm,ip,sym"], capture_output=True, text=True, check=False
+    )
+    if not done.stdout:
+        log(f"perf script gave nothing: {done.stderr[-300:]}")
+    data.unlink(missing_ok=True)
+    counts: dict[str, int] = {}
+    leaves: dict[tuple[str, str], int] = {}
+    for block in done.stdout.split("\n\n"):
+        lines = block.strip("\n").splitlines()
+        if not lines or lines[0].strip() not in SENDERS:
+            continue
+        frames = [ln.split(maxsplit=1)[1] if len(ln.split()) > 1 else "" for ln in lines[1:]]
+        cat = classify(frames)
+        counts[cat] = counts.get(cat, 0) + 1
+        if cat.startswith("hyperfence") and frames:
+            leaf = (cat, frames[0])
+            leaves[leaf] = leaves.get(leaf, 0) + 1
+    return Profile(step.key, mode, kpps, seconds, counts, leaves)
+
+
+@dataclass
+class Profile:
+    key: str
+    mode: str
+    kpps: float
+    seconds: float
+    counts: dict[str, int]
+    leaves: dict[tuple[str, str], int]  # (category, innermost function) -> samples, hyperfence's only
+
+    def us_per_packet(self, n: int) -> float:
+        """CPU µs per packet for `n` samples (packets approximated as the rate times the recorded time)."""
+        return n / PERF_HZ / (self.kpps * 1e3 * self.seconds) * 1e6
+
+
+def report_profiles(profiles: list[Profile]) -> None:
+    cats = sorted({c for p in profiles for c in p.counts})
+    for mode in ("est", "new"):
+        ps = [p for p in profiles if p.mode == mode]
+        if not ps:
+            continue
+        print(f"\nsender CPU time per 64-B packet, `{mode}` flood, by where it is spent (perf, {PERF_HZ} Hz")
+        print(
+            "cpu-clock samples of the sender and ksoftirqd/0 only; µs per packet, share of the step's total)"
+        )
+        print(f"{'':<52}" + "".join(f"{p.key:>14}" for p in ps))
+        for c in cats:
+            cells = "".join(
+                f"{p.us_per_packet(p.counts.get(c, 0)):>7.2f} {100 * p.counts.get(c, 0) / max(1, sum(p.counts.values())):>4.0f}%"
+                + " "
+                for p in ps
+            )
+            print(f"{c:<52}{cells}")
+        print(
+            f"{'total':<52}" + "".join(f"{p.us_per_packet(sum(p.counts.values())):>7.2f} {'':>6}" for p in ps)
+        )
+        print(f"{'samples':<52}" + "".join(f"{sum(p.counts.values()):>14}" for p in ps))
+        print(f"{'rate during the profile, kpps':<52}" + "".join(f"{p.kpps:>14.0f}" for p in ps))
+        last = ps[-1]
+        top = sorted(last.leaves.items(), key=lambda kv: -kv[1])[:12]
+        print(f"hottest functions inside hyperfence's chains in {last.key} ({mode}), µs per packet:")
+        for (cat, fn), n in top:
+            print(f"  {last.us_per_packet(n):5.3f}  {fn:<34} {cat}")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--only", default="", help="comma-separated step keys (a always runs)")
+    ap.add_argument("--perf", action="store_true", help="also profile every step with perf (needs `perf`)")
+    ap.add_argument("--dump", default="", help="write each step's nft text into this directory")
+    args = ap.parse_args()
+    require_tools("nft", "conntrack", "ping", "gcc", "taskset", *(["perf"] if args.perf else []))
+    wd = workdir("hf-bench-bd-")
+    plan = plan_lab("pf" + secrets.token_hex(2), N_VMS)
+    engine: Engine | None = None
+    t0 = time.perf_counter()
+    try:
+        tool = build_udpflood(wd)
+        log(f"creating lab {plan.name}: {N_VMS} VMs planned, 3 created")
+        fresh_lab(plan, only=3)
+        engine = Engine(netns=plan.host_netns, state_dir=str(wd / "state"), flavour=Flavour.BR_NETFILTER)
+        engine.store.put_policy(hyperfence_document(plan), source="bench/breakdown.py")
+        log("compiling and applying hyperfence's ruleset once, to list it")
+        engine.converge(full=True)
+        listing = "".join(host(plan, ["nft", "list", "table", f, n]) for f, n in HF_TABLES if f != "netdev")
+        nft_delete_tables(plan, HF_TABLES)
+        wanted = set(args.only.split(",")) | {"a"} if args.only else None
+        steps = [
+            Step(k, t, None if p in (None, NO_CONNTRACK) else step_ruleset(listing, p), p is NO_CONNTRACK)
+            for k, t, p in STEPS
+            if wanted is None or k in wanted
+        ]
+        if args.dump:
+            for s in steps:
+                if s.text is not None:
+                    Path(args.dump, f"{s.key}.nft").write_text(s.text, encoding="utf-8")
+        if args.reps:
+            run(plan, tool, steps, args.reps, args.seconds)
+            report(steps, args.reps, args.seconds)
+        if args.perf:
+            profiles = []
+            for s in steps:
+                for mode in ("est", "new"):
+                    log(f"perf: {s.key} {mode}")
+                    profiles.append(perf_profile(plan, tool, s, wd, seconds=args.seconds, mode=mode))
+            report_profiles(profiles)
+        print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
+        return 0
+    finally:
+        if engine is not None:
+            engine.close()
+        topology.destroy_lab(plan.name)
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+def run(plan: LabPlan, tool: str, steps: list[Step], reps: int, seconds: float) -> None:
+    measure_one: Callable[[Step], None] = lambda s: measure(plan, tool, s, seconds)  # noqa: E731
+    for rep in range(reps):
+        shift = rep % len(steps)
+        for s in steps[shift:] + steps[:shift]:
+            log(f"rep {rep + 1}/{reps}: {s.key} ({s.title})")
+            measure_one(s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
