@@ -38,13 +38,13 @@ spread of those paired ratios (min-max), and the step's increment over the step 
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import secrets
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,8 +171,10 @@ class Step:
     title: str
     text: str | None  # None: the bare bridge
     nat_off: bool = False  # a0: the lab's NAT table is removed for the measurement (no conntrack)
-    est: list[float] = field(default_factory=list)
+    est: list[float] = field(default_factory=list)  # kpps, the step's own floods
     new: list[float] = field(default_factory=list)
+    x_est: list[float] = field(default_factory=list)  # paired ratios vs a, one per repetition
+    x_new: list[float] = field(default_factory=list)
 
 
 def load(plan: LabPlan, step: Step) -> None:
@@ -189,36 +191,51 @@ def unload(plan: LabPlan, step: Step) -> None:
         nft_load(plan, nat_ruleset(plan))
 
 
+def flood(plan: LabPlan, tool: str, *, seconds: float, mode: str) -> float:
+    conntrack_flush(plan)
+    return udp_kpps(plan, tool, "vm1", "vm2", seconds=seconds, mode=mode)
+
+
 def measure(plan: LabPlan, tool: str, step: Step, seconds: float) -> None:
+    """One repetition of `step`, paired with the bare bridge right around it, in the order
+    a:est a:new | step:est step:new step:new step:est | a:new a:est, so that a drift of the machine's speed
+    during the repetition hits the step and its baseline alike (ABBA)."""
+    a_e1, a_n1 = (flood(plan, tool, seconds=seconds, mode=m) for m in ("est", "new"))
     load(plan, step)
     try:
-        conntrack_flush(plan)
         if not ping_ok(plan, "vm1", "vm3"):
             raise BenchError(f"step {step.key}: vm1 -> vm3 ping does not pass")
-        step.est.append(udp_kpps(plan, tool, "vm1", "vm2", seconds=seconds, mode="est"))
-        step.new.append(udp_kpps(plan, tool, "vm1", "vm2", seconds=seconds, mode="new"))
+        e1, n1, n2, e2 = (flood(plan, tool, seconds=seconds, mode=m) for m in ("est", "new", "new", "est"))
     finally:
         unload(plan, step)
-    log(f"  {step.key}: udp est {step.est[-1]:.0f} kpps, new {step.new[-1]:.0f} kpps")
-
-
-def paired(step: Step, base: Step, attr: str) -> list[float]:
-    return [x / y for x, y in zip(getattr(step, attr), getattr(base, attr), strict=True)]
+    a_n2, a_e2 = (flood(plan, tool, seconds=seconds, mode=m) for m in ("new", "est"))
+    step.est.append((e1 + e2) / 2)
+    step.new.append((n1 + n2) / 2)
+    step.x_est.append((e1 + e2) / (a_e1 + a_e2))
+    step.x_new.append((n1 + n2) / (a_n1 + a_n2))
+    log(
+        f"  {step.key}: udp est {step.est[-1]:.0f} kpps (x{step.x_est[-1]:.2f}), "
+        f"new {step.new[-1]:.0f} kpps (x{step.x_new[-1]:.2f}); a around it: est {a_e1:.0f}/{a_e2:.0f}, "
+        f"new {a_n1:.0f}/{a_n2:.0f}"
+    )
 
 
 def report(steps: list[Step], reps: int, seconds: float) -> None:
-    base = steps[0]
     print(f"hyperfence data-plane cost breakdown ({env_summary()}), {N_VMS} VMs declared, 3 created")
-    print(f"64-B UDP vm1->vm2, {seconds:g} s per flow, {reps} repetitions, order rotated; sender on CPU0")
-    print("paired ratio = step / a within one repetition; median [min-max] over repetitions; d = change")
-    print("of the median paired ratio from the step above\n")
+    print(
+        f"64-B UDP vm1->vm2, {seconds:g} s per flood, {reps} repetitions; sender on CPU0. Paired ratio of a"
+    )
+    print(
+        "repetition = (step's two floods) / (a's two floods right around them, ABBA); median [min-max] over"
+    )
+    print("repetitions; d = change of the median paired ratio from the step above\n")
     head = f"{'step':<44} {'est kpps':>8} {'x est':>5} {'[spread]':>13} {'d':>6}   {'new kpps':>8} "
     head += f"{'x new':>5} {'[spread]':>13} {'d':>6}"
     print(head)
     print("-" * len(head))
     prev_e = prev_n = 1.0
     for s in steps:
-        pe, pn = paired(s, base, "est"), paired(s, base, "new")
+        pe, pn = s.x_est, s.x_new
         me, mn = median(pe), median(pn)
         print(
             f"{s.key + ' ' + s.title:<44} {median(s.est):>8.0f} {me:>5.2f} "
@@ -226,10 +243,11 @@ def report(steps: list[Step], reps: int, seconds: float) -> None:
             f"{median(s.new):>8.0f} {mn:>5.2f} {'[' + fmt(min(pn)) + '-' + fmt(max(pn)) + ']':>13} "
             f"{mn - prev_n:>+6.2f}"
         )
-        prev_e, prev_n = me, mn
-    print("\nper repetition (run order), kpps:")
+        if s.key != "a0":
+            prev_e, prev_n = me, mn
+    print("\npaired ratios per repetition (run order):")
     for s in steps:
-        print(f"  {s.key:<4} est {[round(x) for x in s.est]}  new {[round(x) for x in s.new]}")
+        print(f"  {s.key:<4} est {[round(x, 2) for x in s.x_est]}  new {[round(x, 2) for x in s.x_new]}")
 
 
 # ------------------------------------------------------------------------------------------------ perf
@@ -243,10 +261,10 @@ PERF_HZ = 2999
 # br_netfilter's own hook), ingress from `br_forward_finish` (bridge postrouting).
 CATEGORIES = {
     "nft_do_chain_inet": "hyperfence inet table (pre: marker, caps)",
-    "nft_do_chain_ipv4": "the lab's ip NAT table (baseline too)",
+    "nft_do_chain_ipv4": "the lab's NAT table (baseline too)",
     "nf_conntrack_in": "conntrack lookup (baseline too)",
     "__nf_conntrack_confirm": "conntrack confirm (baseline too)",
-    "nf_hook_slow": "netfilter hook dispatch (nf_hook_slow)",
+    "nf_hook_slow": "hook dispatch (nf_hook_slow)",
 }
 BRIDGE_CALLERS = {
     "br_handle_frame": "hyperfence bridge: guard (prerouting -300)",
@@ -265,7 +283,7 @@ def classify(frames: list[str]) -> str:
             return CATEGORIES[f]
         if f.startswith("br_nf_"):
             return "br_netfilter's own work (baseline too)"
-    return "everything else (socket, UDP/IP, veth, bridge forwarding, ...)"
+    return "rest: socket, UDP/IP, veth, bridge forwarding"
 
 
 def perf_profile(plan: LabPlan, tool: str, step: Step, wd: Path, *, seconds: float, mode: str) -> Profile:
@@ -327,39 +345,85 @@ class Profile:
     counts: dict[str, int]
     leaves: dict[tuple[str, str], int]  # (category, innermost function) -> samples, hyperfence's only
 
-    def us_per_packet(self, n: int) -> float:
-        """CPU µs per packet for `n` samples (packets approximated as the rate times the recorded time)."""
-        return n / PERF_HZ / (self.kpps * 1e3 * self.seconds) * 1e6
-
 
 def report_profiles(profiles: list[Profile]) -> None:
+    """Per step and flow, the repetitions' samples and packets summed: µs of the sender's CPU per packet by
+    category, hyperfence's own share of it, and the rate ratio that share implies (1 - share: the step's
+    packet costs what the bare bridge's does plus hyperfence's part, measured within the same samples, so
+    the drift of the rest between runs cancels)."""
     cats = sorted({c for p in profiles for c in p.counts})
     for mode in ("est", "new"):
-        ps = [p for p in profiles if p.mode == mode]
-        if not ps:
+        keys = list(dict.fromkeys(p.key for p in profiles if p.mode == mode))
+        if not keys:
             continue
-        print(f"\nsender CPU time per 64-B packet, `{mode}` flood, by where it is spent (perf, {PERF_HZ} Hz")
+        merged = {k: _merge([p for p in profiles if p.mode == mode and p.key == k]) for k in keys}
+        reps = len([p for p in profiles if p.mode == mode and p.key == keys[0]])
         print(
-            "cpu-clock samples of the sender and ksoftirqd/0 only; µs per packet, share of the step's total)"
+            f"\nsender CPU time per 64-B packet, `{mode}` flood (perf cpu-clock at {PERF_HZ} Hz on CPU0, samples"
         )
-        print(f"{'':<52}" + "".join(f"{p.key:>14}" for p in ps))
+        print(
+            f"of the sender and ksoftirqd/0 only, {reps} profile(s) per step summed): µs per packet and share"
+        )
+        print(f"{'':<48}" + "".join(f"{k:>14}" for k in keys))
         for c in cats:
-            cells = "".join(
-                f"{p.us_per_packet(p.counts.get(c, 0)):>7.2f} {100 * p.counts.get(c, 0) / max(1, sum(p.counts.values())):>4.0f}%"
-                + " "
-                for p in ps
-            )
-            print(f"{c:<52}{cells}")
+            cells = "".join(f"{merged[k].us(c):>7.3f} {100 * merged[k].share(c):>4.0f}% " for k in keys)
+            print(f"{c:<48}{cells}")
+        print(f"{'total':<48}" + "".join(f"{merged[k].us(None):>7.3f} {'':>6}" for k in keys))
         print(
-            f"{'total':<52}" + "".join(f"{p.us_per_packet(sum(p.counts.values())):>7.2f} {'':>6}" for p in ps)
+            f"{'hyperfence (sum of its chains)':<48}"
+            + "".join(f"{merged[k].us(HF):>7.3f} {100 * merged[k].share(HF):>4.0f}% " for k in keys)
         )
-        print(f"{'samples':<52}" + "".join(f"{sum(p.counts.values()):>14}" for p in ps))
-        print(f"{'rate during the profile, kpps':<52}" + "".join(f"{p.kpps:>14.0f}" for p in ps))
-        last = ps[-1]
+        print(
+            f"{'implied ratio vs bare (1 - hyperfence share)':<48}"
+            + "".join(f"{1 - merged[k].share(HF):>14.2f}" for k in keys)
+        )
+        print(f"{'samples':<48}" + "".join(f"{merged[k].samples:>14}" for k in keys))
+        print(
+            f"{'rate during the profiles, kpps (median)':<48}"
+            + "".join(f"{merged[k].kpps:>14.0f}" for k in keys)
+        )
+        last = merged[keys[-1]]
         top = sorted(last.leaves.items(), key=lambda kv: -kv[1])[:12]
-        print(f"hottest functions inside hyperfence's chains in {last.key} ({mode}), µs per packet:")
+        print(f"hottest functions inside hyperfence's chains in {keys[-1]} ({mode}), µs per packet:")
         for (cat, fn), n in top:
-            print(f"  {last.us_per_packet(n):5.3f}  {fn:<34} {cat}")
+            print(f"  {n / PERF_HZ / last.packets * 1e6:5.3f}  {fn:<34} {cat}")
+
+
+HF = "hyperfence"
+
+
+@dataclass
+class Merged:
+    counts: dict[str, int]
+    leaves: dict[tuple[str, str], int]
+    samples: int
+    packets: float
+    kpps: float
+
+    def _n(self, cat: str | None) -> int:
+        if cat is None:
+            return self.samples
+        if cat == HF:
+            return sum(n for c, n in self.counts.items() if c.startswith(HF))
+        return self.counts.get(cat, 0)
+
+    def us(self, cat: str | None) -> float:
+        return self._n(cat) / PERF_HZ / self.packets * 1e6 if self.packets else float("nan")
+
+    def share(self, cat: str | None) -> float:
+        return self._n(cat) / self.samples if self.samples else float("nan")
+
+
+def _merge(ps: list[Profile]) -> Merged:
+    counts: dict[str, int] = {}
+    leaves: dict[tuple[str, str], int] = {}
+    for p in ps:
+        for c, n in p.counts.items():
+            counts[c] = counts.get(c, 0) + n
+        for lf, n in p.leaves.items():
+            leaves[lf] = leaves.get(lf, 0) + n
+    packets = sum(p.kpps * 1e3 * p.seconds for p in ps)
+    return Merged(counts, leaves, sum(counts.values()), packets, median([p.kpps for p in ps]))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -371,6 +435,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--only", default="", help="comma-separated step keys (a always runs)")
     ap.add_argument("--perf", action="store_true", help="also profile every step with perf (needs `perf`)")
+    ap.add_argument("--perf-seconds", type=float, default=2.0, help="length of one profiled flood")
+    ap.add_argument("--perf-reps", type=int, default=3, help="profiles per step and flow (summed)")
     ap.add_argument("--dump", default="", help="write each step's nft text into this directory")
     args = ap.parse_args()
     require_tools("nft", "conntrack", "ping", "gcc", "taskset", *(["perf"] if args.perf else []))
@@ -399,14 +465,14 @@ def main() -> int:
                 if s.text is not None:
                     Path(args.dump, f"{s.key}.nft").write_text(s.text, encoding="utf-8")
         if args.reps:
-            run(plan, tool, steps, args.reps, args.seconds)
-            report(steps, args.reps, args.seconds)
+            ladder = [s for s in steps if s.key != "a"]
+            run(plan, tool, ladder, args.reps, args.seconds)
+            report(ladder, args.reps, args.seconds)
         if args.perf:
             profiles = []
-            for s in steps:
-                for mode in ("est", "new"):
-                    log(f"perf: {s.key} {mode}")
-                    profiles.append(perf_profile(plan, tool, s, wd, seconds=args.seconds, mode=mode))
+            for rep, s, mode in itertools.product(range(args.perf_reps), steps, ("est", "new")):
+                log(f"perf {rep + 1}/{args.perf_reps}: {s.key} {mode}")
+                profiles.append(perf_profile(plan, tool, s, wd, seconds=args.perf_seconds, mode=mode))
             report_profiles(profiles)
         print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
         return 0
@@ -418,12 +484,11 @@ def main() -> int:
 
 
 def run(plan: LabPlan, tool: str, steps: list[Step], reps: int, seconds: float) -> None:
-    measure_one: Callable[[Step], None] = lambda s: measure(plan, tool, s, seconds)  # noqa: E731
     for rep in range(reps):
         shift = rep % len(steps)
         for s in steps[shift:] + steps[:shift]:
             log(f"rep {rep + 1}/{reps}: {s.key} ({s.title})")
-            measure_one(s)
+            measure(plan, tool, s, seconds)
 
 
 if __name__ == "__main__":
