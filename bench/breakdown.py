@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import re
 import secrets
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +108,50 @@ STEPS: list[tuple[str, str, Parts | None]] = [
     ("k5", "+ counters", Parts(marker=True, guard=True, policy=True, counters=True)),
     ("k6", "+ log rules (NFLOG)", Parts(marker=True, guard=True, policy=True, counters=True, logs=True)),
     ("k7", "+ connection caps (= hyperfence)", Parts(True, True, True, True, True, True, True)),
+]
+FULL = Parts(True, True, True, True, True, True, True)
+
+
+def vlan_after_identity(text: str, ifindex: dict[str, int]) -> str:
+    """k7 with `ether type` in the IPv4 identity key, so that a tagged frame can never match it, and the
+    VLAN rule moved right after that lookup: an untagged IPv4 frame is accepted by the guard's first rule.
+    (The identity rules' own dependency is `meta protocol`, which is the inner protocol of a frame whose
+    tag the driver carries out of band, so the VLAN rule must otherwise come first.)"""
+    del ifindex
+    vlan = re.search(r'^.*comment "sys:vlan-tagged"\n', text, flags=re.MULTILINE)
+    assert vlan is not None
+    text = text.replace(vlan.group(0), "")
+    a = text.index("set ident_ip {")
+    b = text.index("}", a)
+    body = text[a:b].replace(
+        "ifname . ether_addr . ipv4_addr", "ifname . ether_addr . ether_type . ipv4_addr"
+    )
+    body = re.sub(r'("vp\d+" \. [0-9a-f:]{17}) \. ', r"\1 . ip . ", body)
+    text = text[:a] + body + text[b:]
+    old = 'iifname . ether saddr . ip saddr @ident_ip accept comment "sys:ident-ip"\n'
+    new = 'iifname . ether saddr . ether type . ip saddr @ident_ip accept comment "sys:ident-ip"\n'
+    return text.replace(old, new + vlan.group(0))
+
+
+def identity_by_ifindex(text: str, ifindex: dict[str, int]) -> str:
+    """k7 with the IPv4 identity keyed by the port's index (`iif`, 4 bytes) instead of its name (`iifname`,
+    16 bytes). Ports that do not exist in the lab get made-up indexes. Not something hyperfence can do as
+    it stands: the compiler knows ports by name, and an index changes when a tap is recreated."""
+    a = text.index("set ident_ip {")
+    b = text.index("}", a)
+    body = text[a:b].replace("type ifname . ether_addr", "type iface_index . ether_addr")
+    body = re.sub(r'"(vp\d+)"', lambda m: str(ifindex.get(m.group(1), 100_000 + int(m.group(1)[2:]))), body)
+    text = text[:a] + body + text[b:]
+    return text.replace(
+        "iifname . ether saddr . ip saddr @ident_ip", "iif . ether saddr . ip saddr @ident_ip"
+    )
+
+
+# Changes tried on top of k7 (run them with --only, e.g. --only k7,x1,x2): measured, not adopted (see
+# bench/README.md).
+EXPERIMENTS: list[tuple[str, str, Callable[[str, dict[str, int]], str]]] = [
+    ("x1", "k7, VLAN check after the identity lookup", vlan_after_identity),
+    ("x2", "k7, identity keyed by ifindex", identity_by_ifindex),
 ]
 
 
@@ -459,6 +505,13 @@ def main() -> int:
             Step(k, t, None if p in (None, NO_CONNTRACK) else step_ruleset(listing, p), p is NO_CONNTRACK)
             for k, t, p in STEPS
             if wanted is None or k in wanted
+        ]
+        full = step_ruleset(listing, FULL)
+        ifindex = {
+            link["ifname"]: int(link["ifindex"]) for link in json.loads(host(plan, ["ip", "-j", "link"]))
+        }
+        steps += [
+            Step(k, t, fn(full, ifindex)) for k, t, fn in EXPERIMENTS if wanted is not None and k in wanted
         ]
         if args.dump:
             for s in steps:
