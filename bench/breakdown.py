@@ -217,6 +217,7 @@ class Step:
     title: str
     text: str | None  # None: the bare bridge
     nat_off: bool = False  # a0: the lab's NAT table is removed for the measurement (no conntrack)
+    filtering: bool = False  # the step holds the policy: vm3 -> vm2 (no rule allows it) must be dropped
     est: list[float] = field(default_factory=list)  # kpps, the step's own floods
     new: list[float] = field(default_factory=list)
     x_est: list[float] = field(default_factory=list)  # paired ratios vs a, one per repetition
@@ -251,6 +252,8 @@ def measure(plan: LabPlan, tool: str, step: Step, seconds: float) -> None:
     try:
         if not ping_ok(plan, "vm1", "vm3"):
             raise BenchError(f"step {step.key}: vm1 -> vm3 ping does not pass")
+        if ping_ok(plan, "vm3", "vm2") == step.filtering:
+            raise BenchError(f"step {step.key}: vm3 -> vm2 ping is {'not ' * (not step.filtering)}dropped")
         e1, n1, n2, e2 = (flood(plan, tool, seconds=seconds, mode=m) for m in ("est", "new", "new", "est"))
     finally:
         unload(plan, step)
@@ -502,16 +505,26 @@ def main() -> int:
         nft_delete_tables(plan, HF_TABLES)
         wanted = set(args.only.split(",")) | {"a"} if args.only else None
         steps = [
-            Step(k, t, None if p in (None, NO_CONNTRACK) else step_ruleset(listing, p), p is NO_CONNTRACK)
+            Step(
+                k,
+                t,
+                None if p in (None, NO_CONNTRACK) else step_ruleset(listing, p),
+                nat_off=p is NO_CONNTRACK,
+                filtering=p is not None and p.policy,
+            )
             for k, t, p in STEPS
             if wanted is None or k in wanted
         ]
         full = step_ruleset(listing, FULL)
+        if full.count(' comment "') != listing.count(' comment "'):  # every hyperfence rule has a comment
+            raise BenchError("step k7 lost rules of hyperfence's listing: the step builder is wrong")
         ifindex = {
             link["ifname"]: int(link["ifindex"]) for link in json.loads(host(plan, ["ip", "-j", "link"]))
         }
         steps += [
-            Step(k, t, fn(full, ifindex)) for k, t, fn in EXPERIMENTS if wanted is not None and k in wanted
+            Step(k, t, fn(full, ifindex), filtering=True)
+            for k, t, fn in EXPERIMENTS
+            if wanted is not None and k in wanted
         ]
         if args.dump:
             for s in steps:
