@@ -422,6 +422,8 @@ def report_profiles(profiles: list[Profile]) -> None:
             f"{'hyperfence (sum of its chains)':<48}"
             + "".join(f"{merged[k].us(HF):>7.3f} {100 * merged[k].share(HF):>4.0f}% " for k in keys)
         )
+        spread = {k: _hf_spread([p for p in profiles if p.mode == mode and p.key == k]) for k in keys}
+        print(f"{'  the same, each profile alone: min-max':<48}" + "".join(f"{spread[k]:>14}" for k in keys))
         print(
             f"{'implied ratio vs bare (1 - hyperfence share)':<48}"
             + "".join(f"{1 - merged[k].share(HF):>14.2f}" for k in keys)
@@ -461,6 +463,12 @@ class Merged:
 
     def share(self, cat: str | None) -> float:
         return self._n(cat) / self.samples if self.samples else float("nan")
+
+
+def _hf_spread(ps: list[Profile]) -> str:
+    """min-max over the profiles of hyperfence's µs per packet, each profile on its own."""
+    vals = [_merge([p]).us(HF) for p in ps]
+    return f"{min(vals):.3f}-{max(vals):.3f}"
 
 
 def _merge(ps: list[Profile]) -> Merged:
