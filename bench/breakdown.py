@@ -2,11 +2,11 @@
 compiled ruleset, each measured paired against the bare bridge in the same repetition. Run as root from the
 repository root:
 
-    .venv/bin/python bench/breakdown.py                      # 5 repetitions of 2 s per flow (~5 min)
-    .venv/bin/python bench/breakdown.py --reps 3 --seconds 1 # shorter
-    .venv/bin/python bench/breakdown.py --only a,k2,k7       # some steps only (a, the baseline, always runs)
-    .venv/bin/python bench/breakdown.py --perf               # also: where the sender's CPU time per packet
-                                                             # goes, per step (perf samples by stack)
+    .venv/bin/python bench/breakdown.py                  # 4 repetitions, 1 s floods (~6 min)
+    .venv/bin/python bench/breakdown.py --perf           # also: where the sender's CPU time per packet goes,
+                                                         # per step and hook (perf samples by stack; ~10 min)
+    .venv/bin/python bench/breakdown.py --only k2,k7     # some steps only (a, the baseline, always runs)
+    .venv/bin/python bench/breakdown.py --only k7,x1,x2 --reps 0 --perf --perf-reps 4   # the experiments
 
 The lab and the policy are those of bench/dataplane.py (1,000 VMs declared, vm1..vm3 created, a 10,000-address
 IP set), in a lab of its own (`pf<hex>`). hyperfence compiles and applies its ruleset once through the Engine;
@@ -31,8 +31,12 @@ Engine wrote, nothing hand-written):
 Flows (bench/common.py): 64-byte UDP vm1 -> vm2, `est` (the flow was answered once: conntrack says
 established) and `new` (never answered: every packet walks the policy). Only the 64-byte rate is measured
 (no TCP, no ping): this is the figure the 0.95x goal is about. Each repetition runs every step once, order
-rotated; the output gives, per step, the median over repetitions of (step / a) within a repetition, the
-spread of those paired ratios (min-max), and the step's increment over the step before it.
+rotated, each step between two measurements of a (ABBA, see `measure`); the output gives, per step, the
+median over repetitions of that paired ratio, its spread (min-max), and the change from the step before.
+
+With --perf, each step is also profiled (`perf_profile`): the sending CPU's own time per packet, split by the
+hook whose chain is on the sample's stack. That figure does not depend on how much CPU other jobs leave the
+benchmark, which the rates do; on a busy machine it is the one to read.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ class Parts:
     caps: bool = False
 
 
+FULL = Parts(marker=True, guard=True, policy=True, counters=True, logs=True, caps=True)
 NO_CONNTRACK = Parts(base_chains=False)  # marks step a0: no table at all, the lab's NAT table removed too
 
 STEPS: list[tuple[str, str, Parts | None]] = [
@@ -107,9 +112,8 @@ STEPS: list[tuple[str, str, Parts | None]] = [
     ("k4", "+ egress/ingress + per-VM chains", Parts(marker=True, guard=True, policy=True)),
     ("k5", "+ counters", Parts(marker=True, guard=True, policy=True, counters=True)),
     ("k6", "+ log rules (NFLOG)", Parts(marker=True, guard=True, policy=True, counters=True, logs=True)),
-    ("k7", "+ connection caps (= hyperfence)", Parts(True, True, True, True, True, True, True)),
+    ("k7", "+ connection caps (= hyperfence)", FULL),
 ]
-FULL = Parts(True, True, True, True, True, True, True)
 
 
 def vlan_after_identity(text: str, ifindex: dict[str, int]) -> str:
@@ -488,8 +492,8 @@ def _merge(ps: list[Profile]) -> Merged:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--reps", type=int, default=4, help="repetitions of the rate ladder (0: none)")
+    ap.add_argument("--seconds", type=float, default=1.0, help="length of one rate flood")
     ap.add_argument("--only", default="", help="comma-separated step keys (a always runs)")
     ap.add_argument("--perf", action="store_true", help="also profile every step with perf (needs `perf`)")
     ap.add_argument("--perf-seconds", type=float, default=2.0, help="length of one profiled flood")
