@@ -265,7 +265,7 @@ def measure(plan: LabPlan, tool: str, step: Step, seconds: float) -> None:
         if not ping_ok(plan, "vm1", "vm3"):
             raise BenchError(f"step {step.key}: vm1 -> vm3 ping does not pass")
         if ping_ok(plan, "vm3", "vm2") == step.filtering:
-            raise BenchError(f"step {step.key}: vm3 -> vm2 ping is {'not ' * (not step.filtering)}dropped")
+            raise BenchError(f"step {step.key}: vm3 -> vm2 ping is {'not ' * step.filtering}dropped")
         e1, n1, n2, e2 = (flood(plan, tool, seconds=seconds, mode=m) for m in ("est", "new", "new", "est"))
     finally:
         unload(plan, step)
