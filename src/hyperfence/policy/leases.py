@@ -8,6 +8,9 @@ its network, not the gateway, the network's or broadcast address, nor an address
 (declared addresses always win). A DHCPRELEASE from the VM, or a DHCPNAK to it, gives addresses back: that only
 takes rights away, so the VM's word is enough. A lease lasts at most `MAX_LEASE_SECONDS` and a VM holds at
 most `MAX_LEASES_PER_VM` addresses (the newest), so a broken or hostile server cannot grow the state.
+libvirt's lease lists are the second source (`from_libvirt`): believed as the host's own server's word,
+under the same checks; a snooped lease wins while it lasts. A DHCP request naming another MAC never reaches
+a server: the guard drops it (`ruleset/compile.py`, the chaddr guard).
 """
 
 from __future__ import annotations

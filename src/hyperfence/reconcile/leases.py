@@ -10,6 +10,9 @@ stored (leases survive a daemon restart until they end), recorded as an event of
 `lease-released`, `lease-expired`, `lease-ignored`), handed to the engine as an input next to the policy
 (`Engine.set_leases`) and converged. An address that goes away also loses its connections (conntrack).
 
+`LibvirtLeases` is the second source, libvirt's lease lists, read by the inventory watcher at each of its
+reads (`--libvirt`). Both write the same learned addresses, one read-modify-write at a time (`engine.lock`).
+
 Level-triggered where it can be: every round also drops leases that ended (`GRACE_SECONDS` after their end)
 and leases of VMs that left the policy or now declare their addresses, whatever frames came.
 """
