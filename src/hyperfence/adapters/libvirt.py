@@ -9,7 +9,7 @@ leave this module; callers get `DomainInfo`, `DomainEvent`, `VmAction` from `lib
   plus `define`/`start`/`undefine`/`set_labels` for whoever manages domains (the lab). Each action is
   reported to `on_action` as a `VmAction`. A connection that died (libvirtd restarted) is reopened once per
   call; if libvirtd is still away, `TemporaryError`.
-* `LibvirtEvents(uri, on_event)` watches lifecycle, device, reset (reboot) and metadata-change events on a
+* `LibvirtEvents(uri, on_event)` watches lifecycle, device, reset (reboot) and metadata-change events (and networks started or stopped) on a
   thread of its own and hands them on as `DomainEvent`s. It notices a lost libvirtd within ~15 s (keepalive 5 s × 3) or at once when the
   socket closes, reconnects with exponential backoff, and after every (re)connection emits ``resync``:
   events may have been missed, so the caller re-reads the inventory (level-triggered).
@@ -36,6 +36,7 @@ from hyperfence.adapters.libvirt_xml import (
     XMLNS_PREFIX,
     DomainEvent,
     DomainInfo,
+    NetworkLeases,
     VmAction,
     dac_baselabel,
     dac_label,
@@ -43,6 +44,7 @@ from hyperfence.adapters.libvirt_xml import (
     labels_xml,
     lifecycle_kind,
     metadata_detail,
+    network_lease,
     parse_domain_xml,
     state_name,
     with_fw_cfg_file,
@@ -55,6 +57,7 @@ from hyperfence.errors import (
     PermissionDeniedError,
     TemporaryError,
 )
+from hyperfence.model.lease import NetworkLease
 
 log = logging.getLogger("hyperfence.libvirt")
 
@@ -63,6 +66,8 @@ KEEPALIVE_INTERVAL = 5  # seconds between keepalive probes on the event connecti
 KEEPALIVE_COUNT = 3  # unanswered probes before the connection counts as dead
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 10.0
+MAX_NETWORKS = 256  # active libvirt networks whose leases are read, at most
+MAX_NETWORK_LEASES = 4096  # lease entries read at most, over all networks (more: the read is incomplete)
 
 T = TypeVar("T")
 OnEvent = Callable[[DomainEvent], None]
@@ -103,6 +108,8 @@ def _translate(exc: Any, *, uri: str, what: str) -> HyperfenceError:
     where = f"libvirt {uri}: {what}"
     if code == libvirt.VIR_ERR_NO_DOMAIN:
         return NotFoundError(f"{where}: no such domain ({message}); `virsh -c {uri} list --all` lists them")
+    if code == libvirt.VIR_ERR_NO_NETWORK:
+        return NotFoundError(f"{where}: no such network ({message}); `virsh -c {uri} net-list` lists them")
     if code in _TEMPORARY:
         return TemporaryError(
             f"{where}: libvirtd does not answer ({message}); is it running? Start it (`systemctl start "
@@ -140,6 +147,11 @@ def _running_reason(dom: Any) -> int | None:
     except libvirt.libvirtError:
         return None
     return int(reason) if state == RUNNING else None
+
+
+def _leases_of(net: Any) -> Callable[[Any], tuple[str, Any]]:
+    """For `_call`: the network's name and its raw lease list."""
+    return lambda _conn: (str(net.name()), net.DHCPLeases())
 
 
 def _is_alive(conn: Any) -> bool:
@@ -187,6 +199,38 @@ class LibvirtInventory:
             except NotFoundError:
                 continue
         return sorted(out, key=lambda d: (d.name, d.uuid))
+
+    def network_leases(self) -> NetworkLeases:
+        """The IPv4 leases of every active libvirt network (`virNetworkGetDHCPLeases`), each entry checked
+        (`network_lease`: guest-written, hostile). At most `MAX_NETWORKS` networks and `MAX_NETWORK_LEASES`
+        entries are looked at; beyond either the read says it is not `complete`. A network that goes away
+        while it is read has no leases any more."""
+        nets = self._call(
+            "list networks", lambda conn: conn.listAllNetworks(libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE)
+        )
+        complete = len(nets) <= MAX_NETWORKS
+        leases: list[NetworkLease] = []
+        refused: list[str] = []
+        seen = 0
+        for net in nets[:MAX_NETWORKS]:
+            try:
+                name, entries = self._call("read network leases", _leases_of(net))
+            except NotFoundError:
+                continue
+            if not isinstance(entries, list):
+                refused.append(f"network {name}: a lease list that is not a list")
+                continue
+            if seen + len(entries) > MAX_NETWORK_LEASES:
+                complete = False
+                entries = entries[: MAX_NETWORK_LEASES - seen]
+            seen += len(entries)
+            for raw in entries:
+                got = network_lease(raw, name)
+                if isinstance(got, str):
+                    refused.append(f"network {name}: {got}")
+                elif got is not None:
+                    leases.append(got)
+        return NetworkLeases(tuple(leases), tuple(refused), complete)
 
     def domain(self, uuid: str) -> DomainInfo:
         """The domain with `uuid`; `NotFoundError` if there is none."""
@@ -373,6 +417,7 @@ class LibvirtInventory:
 
 # ----------------------------------------------------------------------------------------------- events
 
+_NETWORK_EVENTS = {0: "defined", 1: "undefined", 2: "started", 3: "stopped"}  # virNetworkEventLifecycleType
 _loop_lock = threading.Lock()
 _loop_started = False
 
@@ -458,9 +503,10 @@ class LibvirtEvents:
             if not self._stop.is_set():
                 log.warning("libvirt %s: connection lost; reconnecting", self.uri)
 
-    def _connect(self) -> tuple[Any, list[int]]:
+    def _connect(self) -> tuple[Any, tuple[list[int], list[int]]]:
         conn = libvirt.open(self.uri)
         ids: list[int] = []
+        net_ids: list[int] = []
         try:
             conn.registerCloseCallback(self._on_close, None)
             conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
@@ -487,15 +533,23 @@ class LibvirtEvents:
                     None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._on_metadata, None
                 )
             )
+            net_ids.append(
+                conn.networkEventRegisterAny(
+                    None, libvirt.VIR_NETWORK_EVENT_ID_LIFECYCLE, self._on_network, None
+                )
+            )
         except libvirt.libvirtError:
-            self._disconnect(conn, ids)
+            self._disconnect(conn, (ids, net_ids))
             raise
-        return conn, ids
+        return conn, (ids, net_ids)
 
-    def _disconnect(self, conn: Any, ids: list[int]) -> None:
-        for cb_id in ids:
+    def _disconnect(self, conn: Any, ids: tuple[list[int], list[int]]) -> None:
+        for cb_id in ids[0]:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.domainEventDeregisterAny(cb_id)
+        for cb_id in ids[1]:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.networkEventDeregisterAny(cb_id)
         with contextlib.suppress(libvirt.libvirtError):
             conn.unregisterCloseCallback()
         with contextlib.suppress(libvirt.libvirtError):
@@ -529,6 +583,11 @@ class LibvirtEvents:
         self._emit(
             DomainEvent(dom.UUIDString().lower(), dom.name(), "metadata-changed", metadata_detail(kind, uri))
         )
+
+    def _on_network(self, _conn: Any, net: Any, event: int, _detail: int, _opaque: object) -> None:
+        """A network started or stopped (or was defined, undefined): its leases come or go. The event names
+        the network, not a domain (no UUID); the watcher re-reads everything on any event."""
+        self._emit(DomainEvent("", net.name(), "network", _NETWORK_EVENTS.get(event, str(event))))
 
     def _emit(self, event: DomainEvent) -> None:
         if self.on_event is None:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from hyperfence.errors import InvalidInputError, Problem
+from hyperfence.model.lease import NetworkLease
 
 XMLNS = "https://hyperfence.dev/xmlns/1"
 """The namespace of hyperfence's domain metadata; libvirt keys metadata by this URI."""
@@ -368,3 +370,62 @@ def with_fw_cfg_file(xml: str, name: str, path: str) -> str:
             sysinfo.remove(entry)
     ET.SubElement(sysinfo, "entry", name=name, file=path)
     return ET.tostring(root, encoding="unicode")
+
+
+# ------------------------------------------------------------------------------------- network leases
+
+LEASE_IPV4 = 0  # virIPAddrType VIR_IP_ADDR_TYPE_IPV4
+MAX_NETWORK_NAME = 255
+MAX_IFNAME = 15  # IFNAMSIZ - 1
+MAX_EXPIRY = 2**40  # seconds since the epoch: anything later is not a time
+
+
+def network_lease(raw: object, network: str) -> NetworkLease | str | None:
+    """One entry of `virNetworkGetDHCPLeases` on `network`, checked: a `NetworkLease`, None for an entry
+    that is not an IPv4 lease (IPv6 is not learned), or the reason it is refused.
+
+    libvirt writes its lease list from what dnsmasq's clients sent: the entry is hostile input. Only the
+    fields needed are read, each by type and size before it is parsed (`mac` 17 characters, `ipaddr` at
+    most 15, `iface` a device name, `expirytime` an integer in range); the guest-chosen `hostname` and
+    `clientid` are never read."""
+    if not isinstance(raw, Mapping):
+        return f"not a lease record ({type(raw).__name__})"
+    if raw.get("type") != LEASE_IPV4:
+        return None
+    mac, ip, iface, expiry = raw.get("mac"), raw.get("ipaddr"), raw.get("iface"), raw.get("expirytime")
+    if not isinstance(mac, str) or len(mac) != 17 or not _is_mac(mac.lower()):
+        return f"mac {_shown(mac)} is not a MAC address"
+    if not isinstance(ip, str) or not 7 <= len(ip) <= 15:
+        return f"ipaddr {_shown(ip)} is not an IPv4 address"
+    try:
+        address = IPv4Address(ip)
+    except ValueError:
+        return f"ipaddr {_shown(ip)} is not an IPv4 address"
+    if not isinstance(iface, str) or not 1 <= len(iface) <= MAX_IFNAME:
+        return f"iface {_shown(iface)} is not a device name"
+    if isinstance(expiry, bool) or not isinstance(expiry, int) or not 0 <= expiry < MAX_EXPIRY:
+        return f"expirytime {_shown(expiry)} is not a time"
+    return NetworkLease(network, iface, mac.lower(), address, float(expiry) if expiry else None)
+
+
+def _is_mac(text: str) -> bool:
+    return all(
+        len(part) == 2 and all(c in "0123456789abcdef" for c in part) for part in text.split(":")
+    ) and (text.count(":") == 5)
+
+
+def _shown(value: object) -> str:
+    """`value` for an error message, cut short (it may be long, and is not ours)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass(frozen=True)
+class NetworkLeases:
+    """What one read of every active libvirt network's lease list gave: the IPv4 `leases`, the entries
+    `refused` (with the reason), and whether the read is `complete` (False: a bound cut it short, so a
+    lease missing from it may still exist)."""
+
+    leases: tuple[NetworkLease, ...]
+    refused: tuple[str, ...] = ()
+    complete: bool = True

@@ -62,3 +62,17 @@ class Lease:
     learned: float
     server: IPv4Address | None = None
     source: LeaseSource = LeaseSource.DHCP
+
+
+@dataclass(frozen=True)
+class NetworkLease:
+    """One IPv4 lease from a libvirt network's lease list (`virNetworkGetDHCPLeases`), bounded and checked
+    (`adapters/libvirt_xml.network_lease`): libvirt's `network`, its bridge (`iface`), the client's `mac`,
+    the address, and `expires` (seconds since the epoch; None: libvirt gives no end, an infinite lease).
+    The guest-chosen strings of the entry (hostname, client id) are never kept."""
+
+    network: str
+    bridge: str
+    mac: str
+    ip: IPv4Address
+    expires: float | None

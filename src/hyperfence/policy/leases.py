@@ -8,6 +8,9 @@ its network, not the gateway, the network's or broadcast address, nor an address
 (declared addresses always win). A DHCPRELEASE from the VM, or a DHCPNAK to it, gives addresses back: that only
 takes rights away, so the VM's word is enough. A lease lasts at most `MAX_LEASE_SECONDS` and a VM holds at
 most `MAX_LEASES_PER_VM` addresses (the newest), so a broken or hostile server cannot grow the state.
+libvirt's lease lists are the second source (`from_libvirt`): believed as the host's own server's word,
+under the same checks; a snooped lease wins while it lasts. A DHCP request naming another MAC never reaches
+a server: the guard drops it (`ruleset/compile.py`, the chaddr guard).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from hyperfence.model.lease import DhcpMessage, DhcpType, Lease
+from hyperfence.model.lease import DhcpMessage, DhcpType, Lease, LeaseSource, NetworkLease
 from hyperfence.model.policy import Network, Policy, Vm
 
 GRACE_SECONDS = 30.0  # a lease's address is released this long after the lease ends (a late renewal)
@@ -158,6 +161,92 @@ def expire(leases: tuple[Lease, ...], now: float) -> tuple[tuple[Lease, ...], tu
 def next_expiry(leases: tuple[Lease, ...]) -> float | None:
     """When the next address is due to be released (None: no lease)."""
     return min((le.expires + GRACE_SECONDS for le in leases), default=None)
+
+
+@dataclass(frozen=True)
+class LeaseSync:
+    """What one read of libvirt's lease lists changes: the `leases` now held, those `learned` (with
+    `renewed`: the VM held that address already), those `released` and those `ignored`, with the reason."""
+
+    leases: tuple[Lease, ...]
+    learned: tuple[tuple[Lease, bool], ...] = ()
+    released: tuple[tuple[Lease, str], ...] = ()
+    ignored: tuple[tuple[Lease, str], ...] = ()
+
+
+def from_libvirt(
+    policy: Policy, held: tuple[Lease, ...], found: tuple[NetworkLease, ...], *, complete: bool, now: float
+) -> LeaseSync:
+    """`held` brought in step with libvirt's lease lists (`found`, every active network's): the same input as
+    the DHCP learner's, with the same checks (`lease_problem`), bounds and expiry.
+
+    * A listed lease teaches its address to the learning VM with that MAC, if the lease is on the VM's own
+      network (libvirt's bridge = the bridge of the VM's policy network). It lasts until libvirt's expiry
+      time (at most `MAX_LEASE_SECONDS`; libvirt's "no end" counts as that, from when it was first read).
+      A VM takes at most `MAX_LEASES_PER_VM` of them (those that end last).
+    * Which source wins: a lease learned from the VM's own DHCP exchange (`LeaseSource.DHCP`) is kept as it
+      is while it lasts: it is first-hand, and its renewals are seen as they happen. libvirt's list only
+      adds what snooping did not see. The two should agree (the same server granted both).
+    * A lease learned from libvirt that libvirt no longer lists is released (`complete` reads only: a read
+      cut short by a bound releases nothing but the leases of VMs that no longer learn).
+    """
+    learners = {vm.mac: vm for vm in policy.vms if vm.learns}
+    by_id = {vm.id: vm for vm in policy.vms if vm.learns}
+    bridges = {n.name: n.bridge for n in policy.networks}
+    cap = now + MAX_LEASE_SECONDS
+    per_vm: dict[str, list[NetworkLease]] = {}
+    ignored: list[tuple[Lease, str]] = []
+    for nl in found:
+        vm = learners.get(nl.mac)
+        if vm is None or (nl.expires is not None and nl.expires + GRACE_SECONDS < now):
+            continue
+        if nl.bridge != bridges.get(vm.network):
+            lease = Lease(vm.id, vm.mac, nl.ip, min(nl.expires or cap, cap), now, None, LeaseSource.LIBVIRT)
+            why = f"libvirt lists it on network {nl.network} (bridge {nl.bridge}), not on the VM's network"
+            ignored.append((lease, why))
+            continue
+        per_vm.setdefault(vm.id, []).append(nl)
+    leases = held
+    learned: list[tuple[Lease, bool]] = []
+    listed: set[tuple[str, IPv4Address]] = set()
+    for vm_id in sorted(per_vm):
+        vm = by_id[vm_id]
+        newest = sorted(per_vm[vm_id], key=lambda nl: (-(nl.expires or cap), nl.ip))[:MAX_LEASES_PER_VM]
+        for nl in sorted(newest, key=lambda nl: nl.ip):
+            listed.add((vm.id, nl.ip))
+            current = next((le for le in leases if le.vm == vm.id and le.ip == nl.ip), None)
+            end = min(nl.expires or cap, cap)
+            if current is not None and current.mac == vm.mac:
+                if current.source is LeaseSource.DHCP:  # snooped: first-hand, kept while it lasts
+                    continue
+                if current.expires == end or (nl.expires is None or nl.expires > cap):
+                    continue  # nothing new (an endless lease keeps the end it was first given)
+            lease = Lease(vm.id, vm.mac, nl.ip, end, now, None, LeaseSource.LIBVIRT)
+            problem = lease_problem(policy, lease)
+            if problem is not None:
+                ignored.append((lease, problem))
+                continue
+            leases = with_lease(leases, lease)
+            learned.append((lease, current is not None))
+    released: list[tuple[Lease, str]] = []
+    for le in leases:
+        if le.source is not LeaseSource.LIBVIRT or (le.vm, le.ip) in listed:
+            continue
+        vm = by_id.get(le.vm)
+        if vm is None or vm.mac != le.mac:
+            released.append((le, _gone_reason(policy, le)))
+        elif complete:
+            released.append((le, "libvirt no longer lists it"))
+    gone = {(le.vm, le.ip) for le, _ in released}
+    leases = _sorted(le for le in leases if (le.vm, le.ip) not in gone)
+    return LeaseSync(leases, tuple(learned), tuple(released), tuple(ignored))
+
+
+def _gone_reason(policy: Policy, lease: Lease) -> str:
+    vm = next((v for v in policy.vms if v.id == lease.vm), None)
+    if vm is None:
+        return "the VM was removed"
+    return "the VM declares its addresses" if not vm.learns else "the VM changed"
 
 
 def _sorted(leases: Iterable[Lease]) -> tuple[Lease, ...]:

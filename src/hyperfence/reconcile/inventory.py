@@ -7,6 +7,10 @@ cannot be read, the last known VMs stay (the kernel keeps their rules). A tap th
 rules are in the kernel is an unknown port on the bridge, and unknown ports get nothing: starting a VM is
 fail-closed, whether or not the daemon is running.
 
+The same reads (every event, every `resync` seconds) read libvirt's lease lists (`virNetworkGetDHCPLeases`
+of every active network): the addresses of VMs that learn them (no `ips`) can come from there as from their
+DHCP exchange (`LibvirtLeases`, docs/policy.md). A network started or stopped is an event too.
+
 Starts and resets are told to `on_boot` (the agent monitor: a VM that was off was not silent, its heartbeat
 clock starts with it). A start is seen level-triggered, as a running domain whose libvirt id changed since
 the last read (every start gets a new id), before the VM joins the policy; a reset keeps the id, so it
@@ -23,9 +27,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
-from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, DomainNic, VmAction
+from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, DomainNic, NetworkLeases, VmAction
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.leases import LibvirtLeases
 from hyperfence.reconcile.supervisor import on_stop
 
 log = logging.getLogger("hyperfence.inventory")
@@ -107,10 +112,13 @@ def managed_bridges(engine: Engine) -> dict[str, str]:
 
 
 class InventoryWatcher:
-    def __init__(self, engine: Engine, uri: str = "qemu:///system") -> None:
+    def __init__(self, engine: Engine, uri: str = "qemu:///system", *, resync: float = RESYNC_EVERY) -> None:
         self.engine = engine
         self.uri = uri
+        self.resync = resync  # seconds between reads when no event comes
         self.inventory = LibvirtInventory(uri, on_action=self._record)
+        # libvirt's lease lists, read with every read of the domains (VMs that learn their addresses)
+        self.leases = LibvirtLeases(engine, self._network_leases)
         self.events: queue.Queue[DomainEvent] = queue.Queue()
         self.domains: list[DomainInfo] = []
         self._reported: set[tuple[str, str]] = set()  # (uuid, mac) of unprotected NICs already reported
@@ -128,7 +136,7 @@ class InventoryWatcher:
             while not stop.is_set():
                 burst: list[DomainEvent] = []
                 try:
-                    burst.append(self.events.get(timeout=RESYNC_EVERY))
+                    burst.append(self.events.get(timeout=self.resync))
                     while not self.events.empty():  # a burst of events is one re-read
                         burst.append(self.events.get_nowait())
                 except queue.Empty:
@@ -145,6 +153,9 @@ class InventoryWatcher:
             forget()
             watcher.close()
             self.inventory.close()
+
+    def _network_leases(self) -> NetworkLeases:
+        return self.inventory.network_leases()  # looked up at each read: the inventory can be replaced
 
     def _boot(self, uuid: str, name: str, how: str) -> None:
         log.info("libvirt: %s %s: its heartbeat clock starts now", name, how)
@@ -175,6 +186,7 @@ class InventoryWatcher:
             for why in self.engine.skipped:
                 log.warning("%s", why)
         self._report_unprotected(unprotected_nics(self.domains, managed_bridges(self.engine)))
+        self.leases.sync()  # after the VMs: a lease counts for the VMs the policy has now
         return True
 
     def _read(self) -> bool | None:

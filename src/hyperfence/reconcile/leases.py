@@ -10,6 +10,9 @@ stored (leases survive a daemon restart until they end), recorded as an event of
 `lease-released`, `lease-expired`, `lease-ignored`), handed to the engine as an input next to the policy
 (`Engine.set_leases`) and converged. An address that goes away also loses its connections (conntrack).
 
+`LibvirtLeases` is the second source, libvirt's lease lists, read by the inventory watcher at each of its
+reads (`--libvirt`). Both write the same learned addresses, one read-modify-write at a time (`engine.lock`).
+
 Level-triggered where it can be: every round also drops leases that ended (`GRACE_SECONDS` after their end)
 and leases of VMs that left the policy or now declare their addresses, whatever frames came.
 """
@@ -24,16 +27,19 @@ from typing import Any, Protocol
 
 from hyperfence.adapters.bootp import MalformedDhcpError, parse_dhcp
 from hyperfence.adapters.conntrack import forget_flows
+from hyperfence.adapters.libvirt_xml import NetworkLeases
 from hyperfence.adapters.nflog import NflogReader
 from hyperfence.adapters.nflog_parse import NflogPacket
 from hyperfence.errors import HyperfenceError
-from hyperfence.model.lease import Lease
+from hyperfence.model.lease import Lease, LeaseSource
 from hyperfence.model.policy import Policy, Settings, Vm
 from hyperfence.policy.leases import (
     Ignored,
     Learned,
+    LeaseSync,
     Released,
     expire,
+    from_libvirt,
     lease_problem,
     next_expiry,
     read_message,
@@ -108,8 +114,14 @@ class LeaseLearner:
 
     def handle(self, packets: list[NflogPacket]) -> bool:
         """Learn from (or release by) the logged frames; True when the learned addresses changed."""
+        if not packets:
+            return False
+        with self.engine.lock:  # one read-modify-write of the leases at a time (libvirt's lists too)
+            return self._handle(packets)
+
+    def _handle(self, packets: list[NflogPacket]) -> bool:
         compiled = self.engine.current
-        if not packets or compiled is None:
+        if compiled is None:
             return False
         policy = compiled.policy
         learners = {vm_sid(vm.id): vm for vm in policy.vms if vm.learns}
@@ -174,6 +186,10 @@ class LeaseLearner:
     def tick(self) -> bool:
         """Drop the leases that ended and those of VMs that left (or now declare their addresses); True when
         the learned addresses changed."""
+        with self.engine.lock:  # one read-modify-write of the leases at a time (libvirt's lists too)
+            return self._tick()
+
+    def _tick(self) -> bool:
         leases, ended = expire(self.engine.leases, self.clock())
         events: list[Event] = [
             ("lease-expired", le.vm, {"ip": str(le.ip), "ended": when(le.expires)}) for le in ended
@@ -193,22 +209,127 @@ class LeaseLearner:
         return self._commit(leases, events, released)
 
     def _commit(self, leases: tuple[Lease, ...], events: list[Event], released: list[Lease]) -> bool:
-        """Store, record and converge; then cut the connections of the addresses that went away."""
-        if events:
-            self.engine.store.add_events(events)
-            for kind, vm, data in events:
-                log.info("%s %s: %s", kind, vm, data)
-        if not self.engine.set_leases(leases):
-            return False
-        self.engine.store.save_leases(leases)
+        return commit(self.engine, leases, events, released, self.cut_flows)
+
+
+def commit(
+    engine: Engine,
+    leases: tuple[Lease, ...],
+    events: list[Event],
+    released: list[Lease],
+    cut_flows: Callable[[Iterable[Any]], int],
+) -> bool:
+    """Record `events`, and if the learned addresses changed to `leases`: store them, converge, then cut the
+    connections of the addresses that went away. True when they changed. The caller holds `engine.lock`
+    from reading `engine.leases` to here (two sources write them: the DHCP learner and libvirt's lists)."""
+    if events:
+        engine.store.add_events(events)
+        for kind, vm, data in events:
+            log.info("%s %s: %s", kind, vm, data)
+    if not engine.set_leases(leases):
+        return False
+    engine.store.save_leases(leases)
+    try:
+        engine.converge()
+    except HyperfenceError as e:
+        log.error("converge after a lease change failed: %s", e)
+    gone = {le.ip for le in released} - {le.ip for le in leases}
+    if gone:
         try:
-            self.engine.converge()
+            cut_flows(gone)
         except HyperfenceError as e:
-            log.error("converge after a lease change failed: %s", e)
-        gone = {le.ip for le in released} - {le.ip for le in leases}
-        if gone:
-            try:
-                self.cut_flows(gone)
-            except HyperfenceError as e:
-                log.warning("connections of released addresses not cut: %s", e)
-        return True
+            log.warning("connections of released addresses not cut: %s", e)
+    return True
+
+
+MAX_REPORTED = 1024  # ignored libvirt leases remembered as reported (so each is reported once)
+
+
+class LibvirtLeases:
+    """libvirt's lease lists (`virNetworkGetDHCPLeases` of every active network) as a second source of
+    learned addresses, read level-triggered by the inventory watcher (`reconcile/inventory.py`) at each of
+    its reads: `sync()` reads them (`read`, bounded and checked in `adapters/libvirt.py`), brings the learned
+    addresses in step (`policy/leases.from_libvirt`: which source wins, what is released) and commits like
+    the DHCP learner (store, events, converge, cut flows). While libvirt cannot be read, nothing changes."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        read: Callable[[], NetworkLeases],
+        *,
+        cut_flows: Callable[[Iterable[Any]], int] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.read = read
+        self.cut_flows: Callable[[Iterable[Any]], int] = cut_flows or (
+            lambda ips: forget_flows(engine.netns, ips)
+        )
+        self.refused = 0  # lease entries refused (malformed), over all reads
+        self._reported: set[tuple[str, str, str]] = set()  # (vm, ip, reason) of ignored leases reported
+
+    def sync(self) -> bool:
+        """One read; True when the learned addresses changed."""
+        try:
+            found = self.read()
+        except HyperfenceError as e:
+            log.warning("libvirt's lease lists cannot be read (learned addresses kept): %s", e)
+            return False
+        if found.refused:
+            self.refused += len(found.refused)
+            log.warning(
+                "libvirt lease entries refused: %d (%s)", len(found.refused), "; ".join(found.refused[:3])
+            )
+        if not found.complete:
+            log.warning(
+                "libvirt's lease lists were read only in part (a bound was reached): nothing released"
+            )
+        with self.engine.lock:
+            compiled = self.engine.current
+            if compiled is None:
+                return False
+            result = from_libvirt(
+                compiled.policy,
+                self.engine.leases,
+                found.leases,
+                complete=found.complete,
+                now=self.clock(),
+            )
+            events = self._events(result)
+            return commit(
+                self.engine, result.leases, events, [le for le, _ in result.released], self.cut_flows
+            )
+
+    def clock(self) -> float:
+        return self.engine.clock()
+
+    def _events(self, result: LeaseSync) -> list[Event]:
+        events: list[Event] = [
+            (
+                "lease-learned",
+                le.vm,
+                {
+                    "ip": str(le.ip),
+                    "expires": when(le.expires),
+                    "seconds": round(le.expires - le.learned),
+                    "server": None,
+                    "renewed": renewed,
+                    "source": LeaseSource.LIBVIRT.value,
+                },
+            )
+            for le, renewed in result.learned
+        ]
+        events.extend(
+            ("lease-released", le.vm, {"ip": str(le.ip), "reason": why, "source": LeaseSource.LIBVIRT.value})
+            for le, why in result.released
+        )
+        reported = set()
+        for le, why in result.ignored:
+            key = (le.vm, str(le.ip), why)
+            reported.add(key)
+            if key not in self._reported:
+                log.warning("VM %s: libvirt's lease of %s ignored: %s", le.vm, le.ip, why)
+                events.append(
+                    ("lease-ignored", le.vm, {"ip": str(le.ip), "reason": why, "source": "libvirt"})
+                )
+        self._reported = reported if len(reported) <= MAX_REPORTED else set()
+        return events

@@ -7,7 +7,9 @@ Layout (see docs/design.md for the reasons and the hook evidence):
       chain out   output     -150   the same for packets the host itself sends
     table bridge hyperfence
       chain guard   prerouting -300  iifname vmap @guard_ports -> <vm>_guard: anti-spoofing, before
-                                     conntrack and before the bridge learns a MAC; unknown port -> drop
+                                     conntrack and before the bridge learns a MAC; unknown port -> drop.
+                                     First a DHCP request (udp 68 -> 67): iifname vmap @dhcp_ports ->
+                                     <vm>_dhcp, its BOOTP chaddr must be the VM's MAC (else logged drop)
       chain egress  prerouting +10   established -> accept; iifname vmap @out_ports -> <vm>_out
       chain ingress postrouting +10  established -> accept; oifname vmap @in_ports  -> <vm>_in
       set  <selector-hash>           addresses of a rule side (ipv4_addr, interval), shared by all rules
@@ -429,6 +431,7 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
     port_mac = [x.meta("iifname"), x.payload("ether", "saddr")]
     b.chain(BRIDGE, "guard", hook="prerouting", priority=-300, policy="drop")
     _vlan_drop(b, "guard", "out", uplinks)
+    _chaddr_dispatch(b, resolved)
     b.rule(
         BRIDGE,
         "guard",
@@ -500,6 +503,11 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
 
 
 LEARN_IN_MAP, LEARN_OUT_MAP = "learn_in", "learn_out"
+DHCP_MAP = "dhcp_ports"  # VM port -> its `<vm>_dhcp` chain (the chaddr guard)
+# Offsets (bits) from the transport header: the UDP header is 8 bytes, then the BOOTP message.
+BOOTP_HTYPE_HLEN = {"payload": {"base": "th", "offset": (8 + 1) * 8, "len": 16}}  # htype, hlen
+BOOTP_CHADDR = {"payload": {"base": "th", "offset": (8 + 28) * 8, "len": 48}}  # chaddr's first 6 bytes
+ETHERNET_HTYPE_HLEN = 0x0106  # htype 1 (Ethernet), hlen 6
 
 
 def is_learning(vp: VmPolicy) -> bool:
@@ -701,6 +709,7 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
     # Anti-spoofing happens in the guard base chain, one set lookup per frame (`ident_ip`, `ident_arp`,
     # `dhcp_clients`); a frame that fails it is dispatched here to be logged and dropped.
     b.logged_drop(BRIDGE, guard, "sys:spoof", log_prefix(sid, "out", "spoof", "sys:spoof"))
+    _chaddr_chain(b, vp, sid)
 
     endpoint = b.settings.agent_endpoint
     if endpoint is not None:  # the agent's channel to the host, whatever the policy says
@@ -752,6 +761,39 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
     b.logged_drop(BRIDGE, out, "sys:default-deny", log_prefix(sid, "out", "deny", "sys:default-deny"))
     b.logged_drop(BRIDGE, inn, "sys:default-deny", log_prefix(sid, "in", "deny", "sys:default-deny"))
     _cap_chains(b, vp, sid)
+
+
+def _chaddr_dispatch(b: Builder, resolved: Resolved) -> None:
+    """A DHCP request's client hardware address (`chaddr`) must be the VM's own MAC: the guard sends every
+    UDP 68 -> 67 frame from a VM's port to `<vm>_dhcp` before any identity accept (a renewal from the VM's
+    own address would pass `sys:ident-ip`, a DISCOVER `sys:dhcp-discover`). Two compares per frame on the
+    guard's path; only DHCP requests go further."""
+    b.verdict_map(DHCP_MAP, {vp.vm.port: x.jump(f"{vm_sid(vp.vm.id)}_dhcp") for vp in resolved.vms})
+    b.rule(
+        BRIDGE, "guard", "sys:dhcp-dispatch", [*_dhcp_udp(sport=68, dport=67), x.vmap("iifname", DHCP_MAP)]
+    )
+
+
+def _chaddr_chain(b: Builder, vp: VmPolicy, sid: str) -> None:
+    """`<vm>_dhcp`: every DHCP request the VM sends (UDP 68 -> 67, the guard's `sys:dhcp-chaddr` jumps
+    here) must name the VM's own MAC as its client (BOOTP htype 1, hlen 6, `chaddr` = the port's MAC), or
+    it is logged and dropped: a VM cannot ask for (and exhaust) leases in other MACs' names, nor have a
+    server record a lease for another VM's MAC. Written as "own MAC -> return, anything else -> drop", so a
+    message too short to hold a chaddr (the kernel cannot read the field: no match) is dropped too."""
+    chain = f"{sid}_dhcp"
+    b.chain(BRIDGE, chain)
+    b.rule(
+        BRIDGE,
+        chain,
+        "sys:dhcp-chaddr-own",
+        [
+            x.match(BOOTP_HTYPE_HLEN, ETHERNET_HTYPE_HLEN),
+            x.match(BOOTP_CHADDR, int(vp.vm.mac.replace(":", ""), 16)),
+            x.COUNTER,
+            x.RETURN,
+        ],
+    )
+    b.logged_drop(BRIDGE, chain, "sys:dhcp-chaddr", log_prefix(sid, "out", "spoof", "sys:dhcp-chaddr"))
 
 
 def _cap_chains(b: Builder, vp: VmPolicy, sid: str) -> None:

@@ -15,7 +15,8 @@ that a probe costs a pipe round trip instead of a process start:
   the next probe starts cold and has to resolve its peer's MAC through the firewall.
 * ``{"op": "tcp", "dst": A, "port": P, "timeout": T}``: connect and read the server's "OK".
 * ``{"op": "udp", "dst": A, "port": P, "timeout": T, "sport": S|null}``: a datagram on a connected socket
-  (so that an ICMP error comes back as an errno) and the server's "OK"; `sport` binds the source port.
+  (so that an ICMP error comes back as an errno) and the server's "OK"; `sport` binds the source port
+  (from 68, a DHCP client's, the datagram is a DHCPREQUEST naming IFACE's MAC, as a lease renewal is).
 * ``{"op": "ping", "dst": A, "timeout": T}``: one ICMP echo request on a raw socket; its echo reply, or an
   ICMP error quoting it.
 * ``{"op": "arp", "dst": A, "timeout": T}``: one ARP request (broadcast, from IFACE's own MAC and address)
@@ -148,7 +149,10 @@ def probe_tcp(dst: str, port: int, timeout: float) -> str:
             return "nodata:" + _errno_word(e)
 
 
-def probe_udp(dst: str, port: int, timeout: float, sport: int | None) -> str:
+def probe_udp(iface: str, dst: str, port: int, timeout: float, sport: int | None) -> str:
+    # From a DHCP client's port the datagram is what a client renewing its lease sends: a DHCPREQUEST naming
+    # IFACE's own MAC as chaddr (the guard drops a DHCP request that names any other: the chaddr guard).
+    payload = _bootp(1, random.randrange(1, 0xFFFFFFFF), b"\0" * 4, _iface_mac(iface), bytes([53, 1, 3]))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         if sport is not None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -156,7 +160,7 @@ def probe_udp(dst: str, port: int, timeout: float, sport: int | None) -> str:
         s.settimeout(timeout)
         try:
             s.connect((dst, port))
-            s.send(b"hi")
+            s.send(payload if sport == 68 else b"hi")
             return "ok" if s.recv(16).startswith(b"OK") else "nodata"
         except TimeoutError:
             return "timeout"
@@ -328,7 +332,7 @@ def handle(iface: str, cmd: dict[str, object]) -> dict[str, object]:
         result = probe_tcp(dst, int(cmd["port"]), timeout)  # type: ignore[call-overload]
     elif op == "udp":
         sport = cmd.get("sport")
-        result = probe_udp(dst, int(cmd["port"]), timeout, None if sport is None else int(sport))  # type: ignore[call-overload]
+        result = probe_udp(iface, dst, int(cmd["port"]), timeout, None if sport is None else int(sport))  # type: ignore[call-overload]
     elif op == "ping":
         result = probe_ping(dst, timeout)
     elif op == "arp":

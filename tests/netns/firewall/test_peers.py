@@ -44,14 +44,19 @@ def can(lab: LabSession, src: str, dst: str, *flow: str) -> tuple[bool, str]:
 
 def udp_from_port(lab: LabSession, vm: str, sport: int, dst: str, dport: int, *, timeout: float = 1.5) -> str:
     """A datagram from `vm`'s source port `sport` (a DHCP client's 68) and the responder's answer: OK or
-    TIMEOUT (or the error)."""
+    TIMEOUT (or the error). From 68 it is what a client renewing its lease sends, a DHCPREQUEST naming the
+    VM's own MAC as chaddr (the guard drops a DHCP request naming any other: the chaddr guard)."""
+    payload = "b'hi'"
+    if sport == 68:
+        payload = "bytes([1, 1, 6, 0]) + bytes(24) + mac + bytes(10 + 192) + bytes([99, 130, 83, 99, 53, 1, 3, 255])"
     code = (
         "import socket\n"
+        "mac = bytes.fromhex(open('/sys/class/net/eth0/address').read().strip().replace(':', ''))\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
         "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
         f"s.bind(('0.0.0.0', {sport})); s.settimeout({timeout})\n"
         f"s.connect(({dst!r}, {dport}))\n"
-        "try:\n    s.send(b'hi'); print('OK' if s.recv(16).startswith(b'OK') else 'NODATA')\n"
+        f"try:\n    s.send({payload}); print('OK' if s.recv(16).startswith(b'OK') else 'NODATA')\n"
         "except TimeoutError:\n    print('TIMEOUT')\n"
         "except OSError as e:\n    print('ERR', e.errno)\n"
     )

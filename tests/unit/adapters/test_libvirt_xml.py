@@ -21,6 +21,7 @@ from hyperfence.adapters.libvirt_xml import (
     labels_xml,
     lifecycle_kind,
     metadata_detail,
+    network_lease,
     parse_domain_xml,
     state_name,
     with_fw_cfg_file,
@@ -340,3 +341,58 @@ def test_a_fw_cfg_entry_qemu_would_not_take_is_refused_with_every_reason() -> No
     assert [p.path for p in exc.value.problems] == ["name", "path", "xml"]
     with pytest.raises(InvalidInputError, match="not XML"):
         with_fw_cfg_file("<domain", "opt/a/b", "/x")
+
+
+LEASE = {
+    "iface": "virbr0",
+    "expirytime": 1_800_000_000,
+    "type": 0,
+    "mac": "52:54:00:AA:bb:cc",
+    "ipaddr": "192.168.122.50",
+    "prefix": 24,
+    "hostname": "x" * 100_000,  # the guest's own words: never read
+    "clientid": None,
+    "iaid": None,
+}
+
+
+def test_a_libvirt_lease_entry_is_read_by_type_and_size_and_its_guest_strings_are_not_kept() -> None:
+    got = network_lease(LEASE, "default")
+    assert got is not None and not isinstance(got, str)
+    assert (got.network, got.bridge, got.mac, str(got.ip), got.expires) == (
+        "default",
+        "virbr0",
+        "52:54:00:aa:bb:cc",
+        "192.168.122.50",
+        1_800_000_000.0,
+    )
+    assert "x" * 50 not in repr(got)
+    assert network_lease({**LEASE, "expirytime": 0}, "default").expires is None  # type: ignore[union-attr]
+    assert network_lease({**LEASE, "type": 1, "ipaddr": "fd00::5"}, "default") is None  # IPv6: not learned
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"mac": "52:54:00:aa:bb"}, "mac"),
+        ({"mac": "52:54:00:aa:bb:gg"}, "mac"),
+        ({"mac": None}, "mac"),
+        ({"mac": "5" * 10_000}, "mac"),
+        ({"ipaddr": "192.168.122.256"}, "ipaddr"),
+        ({"ipaddr": "1" * 10_000}, "ipaddr"),
+        ({"ipaddr": 5}, "ipaddr"),
+        ({"iface": ""}, "iface"),
+        ({"iface": "a" * 16}, "iface"),
+        ({"expirytime": -1}, "expirytime"),
+        ({"expirytime": 2**62}, "expirytime"),
+        ({"expirytime": "soon"}, "expirytime"),
+        ({"expirytime": True}, "expirytime"),
+    ],
+)
+def test_a_malformed_libvirt_lease_entry_is_refused_with_the_field_and_a_short_value(
+    change: dict[str, object], reason: str
+) -> None:
+    got = network_lease({**LEASE, **change}, "default")
+    assert isinstance(got, str) and got.startswith(reason), got
+    assert len(got) < 120  # a huge value is cut short in the message
+    assert isinstance(network_lease(["not", "a", "dict"], "default"), str)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic
+from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic, NetworkLeases
+from hyperfence.model.lease import Lease
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
@@ -140,8 +143,17 @@ class FakeEngine:
         self.store = FakeStore()
         self.skipped: list[str] = []
         network = SimpleNamespace(bridge="br0", name="lab")
-        self.current = SimpleNamespace(policy=SimpleNamespace(networks=[network]))
+        self.current = SimpleNamespace(policy=SimpleNamespace(networks=[network], vms=[]))
         self.discovered: tuple[dict[str, object], ...] = ()
+        self.lock = threading.RLock()
+        self.leases: tuple[Lease, ...] = ()
+        self.clock = time.time
+
+    def set_leases(self, leases: tuple[Lease, ...]) -> bool:
+        changed, self.leases = leases != self.leases, leases
+        if changed:
+            self.told.append("leases")
+        return changed
 
     def set_discovered(self, docs: tuple[dict[str, object], ...]) -> bool:
         changed, self.discovered = docs != self.discovered, docs
@@ -163,6 +175,9 @@ class FakeInventory:
 
     def domains(self) -> list[DomainInfo]:
         return list(self.now)
+
+    def network_leases(self) -> NetworkLeases:
+        return NetworkLeases(())
 
 
 def test_the_watcher_tells_a_start_before_the_vm_joins_the_policy_and_reports_a_lost_address() -> None:

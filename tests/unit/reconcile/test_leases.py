@@ -8,10 +8,13 @@ from typing import Any
 
 import pytest
 
+from hyperfence.adapters.libvirt_xml import NetworkLeases
 from hyperfence.adapters.nflog_parse import NflogPacket
+from hyperfence.errors import TemporaryError
+from hyperfence.model.lease import LeaseSource, NetworkLease
 from hyperfence.policy.leases import GRACE_SECONDS
 from hyperfence.reconcile.engine import Engine
-from hyperfence.reconcile.leases import LeaseLearner
+from hyperfence.reconcile.leases import LeaseLearner, LibvirtLeases
 from hyperfence.ruleset.compile import vm_sid
 from tests.unit.adapters.dhcp_frames import VM_MAC, ack, bootp, dhcp_options, ip_udp
 from tests.unit.policy.test_parse import BASE
@@ -168,3 +171,57 @@ def test_a_vm_that_now_declares_its_address_keeps_only_the_declared_one(setup: A
     assert vm3_ips(engine) == (IPv4Address("10.77.0.20"),)
     learner.tick()
     assert engine.store.leases() == ()
+
+
+class Lists:
+    """libvirt's lease lists as a test sets them (or libvirtd away: `error`)."""
+
+    def __init__(self) -> None:
+        self.now: NetworkLeases = NetworkLeases(())
+        self.error: Exception | None = None
+
+    def __call__(self) -> NetworkLeases:
+        if self.error is not None:
+            raise self.error
+        return self.now
+
+
+def test_libvirts_lease_list_teaches_stores_records_and_releases(setup: Any) -> None:
+    engine, learner, clock, cut = setup
+    lists = Lists()
+    sync = LibvirtLeases(engine, lists, cut_flows=lambda ips: cut.append(set(ips)) or 0)  # type: ignore[func-returns-value]
+    lists.now = NetworkLeases(
+        (NetworkLease("default", "br0", VM_MAC, IP, clock.now + 600),), refused=("network default: mac 'x'",)
+    )
+    assert sync.sync() and vm3_ips(engine) == (IP,)
+    assert sync.refused == 1
+    (stored,) = engine.store.leases()
+    assert stored.source is LeaseSource.LIBVIRT and stored.ip == IP
+    event = engine.store.events(vm="vm3")[-1]
+    assert (event["kind"], event["source"], event["renewed"]) == ("lease-learned", "libvirt", False)
+    assert not sync.sync()  # the same list again: nothing changes
+    # libvirtd away: the learned addresses stay
+    lists.error = TemporaryError("libvirtd does not answer")
+    assert not sync.sync() and vm3_ips(engine) == (IP,)
+    lists.error = None
+    # no longer listed: released, its connections cut
+    lists.now = NetworkLeases(())
+    assert sync.sync() and vm3_ips(engine) == ()
+    assert engine.store.leases() == () and cut[-1] == {IP}
+    event = engine.store.events(vm="vm3")[-1]
+    assert (event["kind"], event["reason"]) == ("lease-released", "libvirt no longer lists it")
+    # and a libvirt lease that ends is expired by the learner's clock like a snooped one
+    lists.now = NetworkLeases((NetworkLease("default", "br0", VM_MAC, IP, clock.now + 10),))
+    assert sync.sync() and vm3_ips(engine) == (IP,)
+    clock.now += 10 + GRACE_SECONDS + 1
+    assert learner.tick() and vm3_ips(engine) == ()
+
+
+def test_an_ignored_libvirt_lease_is_reported_once(setup: Any) -> None:
+    engine, _, clock, _ = setup
+    lists = Lists()
+    sync = LibvirtLeases(engine, lists, cut_flows=lambda _: 0)
+    lists.now = NetworkLeases((NetworkLease("other", "virbr7", VM_MAC, IP, clock.now + 600),))
+    assert not sync.sync() and not sync.sync()
+    ignored = [e for e in engine.store.events(vm="vm3") if e["kind"] == "lease-ignored"]
+    assert len(ignored) == 1 and "virbr7" in ignored[0]["reason"]

@@ -7,6 +7,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from hyperfence.errors import InvalidInputError
+from hyperfence.model.kernel import Flavour
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.ruleset import expr as x
@@ -52,6 +53,7 @@ def test_every_rule_has_a_unique_id_per_chain_and_a_counter() -> None:
             # log rules, dispatch and the per-packet anti-spoofing accepts (the hot path) carry no counter
             if r.comment.endswith(":log") or r.comment in (
                 "sys:dispatch",
+                "sys:dhcp-dispatch",  # a DHCP request to the VM's chaddr guard, which counts
                 "sys:vlan-tagged",  # a tagged frame to vlan_out / vlan_in, which count the drop
                 "sys:ct-cap-out",  # dispatch to the VM's connection cap
                 "sys:ct-cap-in",
@@ -340,3 +342,29 @@ def test_a_denied_server_teaches_nothing() -> None:
     rs = compiled(_learning_doc(DHCP_FROM_HOST, deny))
     comments = [r.comment for r in rs.chain_rules()[(BRIDGE, f"{vm_sid('vm3')}_in")]]
     assert comments.index("rule:nohost#1") < comments.index("rule:lease#1:pair:learn")
+
+
+def test_every_dhcp_request_a_vm_sends_must_name_its_own_mac_as_the_client_in_both_flavours() -> None:
+    """The chaddr guard: before any identity accept in the guard, UDP 68 -> 67 from a VM's port jumps to
+    `<vm>_dhcp`, which returns only for BOOTP htype 1 / hlen 6 with chaddr = the VM's MAC, else logs and
+    drops (`sys:dhcp-chaddr`)."""
+    for flavour in Flavour:
+        rs = compile_ruleset(resolve_policy(parse_policy(doc(rules=RULES))), flavour=flavour)
+        rules = rs.chain_rules()
+        guard = [r.comment for r in rules[(BRIDGE, "guard")]]
+        assert guard.index("sys:dhcp-dispatch") < guard.index("sys:ident-ip"), flavour
+        dispatch = rules[(BRIDGE, "guard")][guard.index("sys:dhcp-dispatch")].statements()
+        assert x.match(x.payload("udp", "sport"), 68) in dispatch
+        assert x.match(x.payload("udp", "dport"), 67) in dispatch
+        ports = next(s for s in rs.sets if s.name == "dhcp_ports")
+        sid = vm_sid("vm1")
+        assert json.dumps(["vp1", {"jump": {"target": f"{sid}_dhcp"}}]) in {
+            json.dumps(json.loads(e)) for e in ports.elements
+        }
+        chain = rules[(BRIDGE, f"{sid}_dhcp")]
+        assert [r.comment for r in chain] == ["sys:dhcp-chaddr-own", "sys:dhcp-chaddr:log", "sys:dhcp-chaddr"]
+        own = chain[0].statements()
+        chaddr = {"payload": {"base": "th", "offset": 288, "len": 48}}
+        assert x.match(chaddr, 0x02770000000B) in own and x.RETURN in own
+        assert x.match({"payload": {"base": "th", "offset": 72, "len": 16}}, 0x0106) in own
+        assert x.DROP in chain[-1].statements()
