@@ -72,7 +72,7 @@ def ask(lab: LabSession, src: str, dst: str, flow: Flow) -> Answer:
     compiled = lab.engine.compiled()
     assert compiled is not None
     name = {"host": lab.ip("host"), "outside": lab.ip("outside")}
-    return can(compiled.resolved, name.get(src, src), name.get(dst, dst), flow)
+    return can(compiled.resolved, name.get(src, src), name.get(dst, dst), flow, flavour=compiled.flavour)
 
 
 def assert_reads_back(lab: LabSession) -> None:
