@@ -317,6 +317,26 @@ def parse_flow(
     )
 
 
+def serving_flavour(c: Ctx, engine: Engine) -> Flavour:
+    """The data plane `can` answers for: the forced one (`--flavour`, `HYPERFENCE_FLAVOUR`), else the running
+    daemon's (its status), else the one last applied to this state dir's kernel (the store's `applied`
+    events), else br_netfilter (what the compiler builds when nothing decided). Asks no kernel: `can` is a
+    question about the policy and works without privileges."""
+    if c.flavour is not None:
+        return c.flavour
+    from hyperfence.daemon import request  # noqa: PLC0415
+
+    try:
+        reply = request(c.state_dir, {"op": "status"}, timeout=5)
+    except (OSError, ValueError):  # a daemon that does not answer (in time, or sensibly): ask the store
+        reply = None
+    kernel = (reply or {}).get("kernel") or {}
+    running = {f.value: f for f in Flavour}.get(
+        str(kernel.get("flavour"))
+    )  # None: no daemon, or no probe yet
+    return running or engine.applied_flavour() or Flavour.BR_NETFILTER
+
+
 @app.command("can")
 def can_cmd(
     ctx: typer.Context,
@@ -335,7 +355,8 @@ def can_cmd(
 ) -> None:
     """Would the compiled policy let SRC open this flow to DST? Names the deciding rule. Exit 1 if not."""
     c: Ctx = ctx.obj
-    compiled = c.engine(policy).compiled()
+    engine = c.engine(policy)
+    compiled = engine.compiled()
     if compiled is None:
         raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
     flow = parse_flow(port, protocol, icmp_type, icmp_code)
@@ -347,7 +368,7 @@ def can_cmd(
                     f"VM {vm.name} has no address yet: it learns its addresses from DHCP "
                     "(`hyperfence vm list` shows them once it has a lease)"
                 )
-        answer = can(compiled.resolved, src, dst, flow)
+        answer = can(compiled.resolved, src, dst, flow, flavour=serving_flavour(c, engine))
     except ValueError:
         raise errors.InvalidInputError(
             f"{src!r} or {dst!r} is neither a VM name nor an IPv4 address"

@@ -101,13 +101,14 @@ def stats_rows(
     counters: dict[RuleKey, tuple[int, int]], sid_names: dict[str, str], *, by_vm: bool
 ) -> list[dict[str, Any]]:
     """Aggregate nft rule counters by policy rule (and VM): `rule:web#1` and `rule:web#2` count as `web`.
-    The bridge table's decisions, and the connection caps' drops (`sys:ct-cap`, inet table)."""
+    The bridge table's decisions, and the connection caps' drops (`sys:ct-cap`: inet table, and bridge table
+    under bridge_native)."""
     agg: dict[tuple[str, str, str], list[int]] = {}
     for (table, chain, comment), (packets, nbytes) in counters.items():
         if comment.endswith(":log"):
             continue
         sid, _, suffix = chain.partition("_")
-        if table == TableId("inet", "hyperfence") and suffix == "cap_drop":
+        if table in (TableId("inet", "hyperfence"), TableId("bridge", "hyperfence")) and suffix == "cap_drop":
             direction = "both"  # the connection cap counts what the VM opens and what is opened to it
         elif table == TableId("bridge", "hyperfence"):
             direction = {"out": "egress", "in": "ingress", "guard": "guard"}.get(suffix, chain)

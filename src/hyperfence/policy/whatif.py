@@ -8,6 +8,12 @@ a flow that is already established.
 An address that is no declared VM's but can only sit on a bridge port no declared VM holds is denied as
 the kernel denies it (`sys:unknown-port`), and the answer says whose an address is when that decides it
 (the host's, never routed, maybe behind an uplink).
+
+The answer is for one data plane flavour (model/kernel.py; the CLI asks the one the daemon runs). They decide
+the same, but answer a VM's rejected packet differently: br_netfilter answers from the host's IP stack (ICMP
+from the gateway, so the host and the VM may ARP each other: `sys:reject-arp`; a network without a gateway
+gets no answer), bridge_native from the bridge itself (addresses swapped, no gateway, no ARP, so no
+`sys:reject-arp` either).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
+from hyperfence.model.kernel import Flavour
 from hyperfence.model.policy import (
     Action,
     Direction,
@@ -119,6 +126,7 @@ def _neighbour_step(
     dst_ip: IPv4Address,
     *,
     sender_only: bool = False,
+    flavour: Flavour = Flavour.BR_NETFILTER,
 ) -> Step | None:
     """The first packet of an IP flow also needs its sender to resolve the next hop: an ARP request and its
     reply, each through the rules of the VMs on that link (implied ARP, or an explicit `arp` rule that may
@@ -128,7 +136,7 @@ def _neighbour_step(
     routed or bridged on, so nobody else needs to resolve its receiver)."""
     if dst_ip.is_multicast or dst_ip == IPv4Address("255.255.255.255") or dst_ip.is_unspecified:
         return None
-    answered = reject_arp_vms(resolved)
+    answered = _reject_arp(resolved, flavour)
     # (the VM that asks or None, the address that asks, the VM that answers or None, the address asked for)
     pairs: list[tuple[VmPolicy | None, IPv4Address, VmPolicy | None, IPv4Address]] = []
     if src_vm is not None:
@@ -166,9 +174,17 @@ def _unresolved(arp: Step, tail: str) -> str:
     )
 
 
-def _answer(flow: Flow, sender: VmPolicy | None) -> str:
-    """What the sender of a rejected first packet gets (ruleset/reject.py)."""
-    if sender is not None and sender.gateway is None:
+def _reject_arp(resolved: Resolved, flavour: Flavour) -> frozenset[str]:
+    """The VMs that may ARP with their gateway for the host's reject answers (`sys:reject-arp`): none under
+    bridge_native, where the bridge answers a VM's frame itself."""
+    return frozenset() if flavour is Flavour.BRIDGE_NATIVE else reject_arp_vms(resolved)
+
+
+def _answer(flow: Flow, sender: VmPolicy | None, flavour: Flavour) -> str:
+    """What the sender of a rejected first packet gets (ruleset/reject.py): a VM sender under bridge_native is
+    answered by the bridge, with or without a gateway; under br_netfilter (and any sender that is no VM,
+    answered by the host's IP stack) it needs the host's address on its network."""
+    if sender is not None and sender.gateway is None and flavour is not Flavour.BRIDGE_NATIVE:
         return "no answer: the host has no address on the sender's network"
     protocol = {"6": "tcp", "17": "udp"}.get(flow.protocol, flow.protocol)
     if protocol == "tcp":
@@ -289,8 +305,11 @@ def _allowed_by(steps: list[Step]) -> str:
     )
 
 
-def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
-    """Raises ValueError when src/dst is neither a VM nor an IPv4 address."""
+def can(
+    resolved: Resolved, src: str, dst: str, flow: Flow, *, flavour: Flavour = Flavour.BR_NETFILTER
+) -> Answer:
+    """Would `src` get this flow to `dst` started, on the data plane `flavour`? Raises ValueError when src/dst
+    is neither a VM nor an IPv4 address."""
     src_vm, src_ip = find_vm(resolved, src)
     dst_vm, dst_ip = find_vm(resolved, dst)
     if flow.protocol == "dhcp":
@@ -309,23 +328,25 @@ def can(resolved: Resolved, src: str, dst: str, flow: Flow) -> Answer:
                 return Answer(False, tuple(steps), f"{_unknown_port(addr, net)}: deny by sys:unknown-port")
             continue
         entries = vp.egress if direction is Direction.OUT else vp.ingress
-        answered = reject_arp_vms(resolved) if flow.protocol == "arp" else frozenset[str]()
+        answered = _reject_arp(resolved, flavour) if flow.protocol == "arp" else frozenset[str]()
         step = _walk(vp, entries, peer, flow, direction, reject_arp=answered)
         steps.append(step)
         if step.verdict is not Action.ALLOW:
             reason = f"{vp.vm.name} {side}: {step.verdict.value} by {step.rule}"
             if step.verdict is Action.REJECT and flow.protocol != "arp":
-                arp = _neighbour_step(resolved, src_vm, src_ip, dst_vm, dst_ip, sender_only=True)
+                arp = _neighbour_step(
+                    resolved, src_vm, src_ip, dst_vm, dst_ip, sender_only=True, flavour=flavour
+                )
                 if arp is not None:  # the packet never leaves the sender, so nothing can answer it
                     return Answer(
                         False, (*steps[:-1], arp), _unresolved(arp, f"; {reason} never sees it{note}")
                     )
-                reason += f" ({_answer(flow, src_vm)})"
+                reason += f" ({_answer(flow, src_vm, flavour)})"
             return Answer(False, tuple(steps), reason + note)
     if not steps:
         return Answer(True, (), f"neither {src} nor {dst} is a protected VM: hyperfence does not filter it")
     if flow.protocol != "arp":
-        arp = _neighbour_step(resolved, src_vm, src_ip, dst_vm, dst_ip)
+        arp = _neighbour_step(resolved, src_vm, src_ip, dst_vm, dst_ip, flavour=flavour)
         if arp is not None:
             return Answer(False, (*steps, arp), _unresolved(arp, f" (allowed by the rules){note}"))
     return Answer(True, tuple(steps), _allowed_by(steps) + note)

@@ -47,14 +47,15 @@ def tracked_per_vm(pairs: Mapping[tuple[bytes, bytes], int], vms: Iterable[Vm]) 
 
 
 def cap_drops_per_vm(counters: Mapping[RuleKey, tuple[int, int]], vms: Iterable[Vm]) -> dict[str, int]:
-    """Packets dropped by each VM's cap rule (`sys:ct-cap` in its `<sid>_cap_drop` chain: in the inet table
-    (br_netfilter) or the bridge table (bridge_native)), by VM id."""
+    """Packets dropped by each VM's cap rules (`sys:ct-cap` in its `<sid>_cap_drop` chains: in the inet table
+    (br_netfilter), or in the bridge table and in inet for what is routed to it (bridge_native), summed),
+    by VM id; a VM none of whose cap rules is in the counters has no entry."""
     out = {}
     for vm in vms:
         chain = f"{vm_sid(vm.id)}_cap_drop"
-        hit = counters.get((INET, chain, "sys:ct-cap")) or counters.get((BRIDGE, chain, "sys:ct-cap"))
-        if hit is not None:
-            out[vm.id] = hit[0]
+        hits = [counters.get((table, chain, "sys:ct-cap")) for table in (INET, BRIDGE)]
+        if any(h is not None for h in hits):
+            out[vm.id] = sum(h[0] for h in hits if h is not None)
     return out
 
 

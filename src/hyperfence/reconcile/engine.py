@@ -309,6 +309,14 @@ class Engine:
     def _compile_flavour(self) -> Flavour:
         return self._flavour or Flavour.BR_NETFILTER
 
+    def applied_flavour(self) -> Flavour | None:
+        """The data plane of the latest ruleset a converge applied to this state dir's kernel (its `applied`
+        event), None when none recorded one."""
+        for event in self.store.events(kind="applied", limit=1):
+            # (an event recorded before the field existed has none)
+            return {f.value: f for f in Flavour}.get(str(event.get("flavour")))
+        return None
+
     def use_flavour(self, caps: Capabilities) -> bool:
         """Decide the flavour from freshly probed capabilities (a forced flavour stays); True when it changed
         (converge to apply: the switch is one atomic batch like every change)."""
@@ -500,6 +508,7 @@ class Engine:
                     "applied",
                     {
                         "policy": compiled.key,
+                        "flavour": compiled.flavour.value,
                         "summary": result.summary,
                         "commands": result.commands,
                         "ms": round(result.seconds * 1000, 2),

@@ -475,6 +475,7 @@ def _base_chains(b: Builder, resolved: Resolved, settings: Settings) -> None:
     b.rule(BRIDGE, "egress", "sys:est", [established(b), x.ACCEPT])
     if b.flavour is Flavour.BRIDGE_NATIVE:
         _bridge_cap_dispatch(b, resolved.vms)
+        _routed_cap_dispatch(b, resolved.policy.networks, resolved.vms)
     b.rule(BRIDGE, "egress", "sys:reject-arp", _reject_arp(outbound=True))
     b.rule(BRIDGE, "egress", "sys:dispatch", [x.vmap("iifname", OUT_MAP)])
     b.logged_drop(BRIDGE, "egress", "sys:unknown-port", log_prefix("-", "out", "deny", "sys:unknown-port"))
@@ -666,6 +667,36 @@ def _bridge_cap_dispatch(b: Builder, vms: tuple[VmPolicy, ...]) -> None:
     b.rule(BRIDGE, "egress", "sys:ct-cap-in", [new, x.payload_vmap("ip", "daddr", CAP_MAP)])
 
 
+ROUTED_CAP_MAP = (
+    "icap_vms"  # bridge_native: VM address -> jump the VM's inet `<vm>_cap` (set names are unique)
+)
+ROUTED_CAP_CHAIN = "cap_fwd"
+
+
+def _routed_cap_dispatch(b: Builder, networks: tuple[Network, ...], vms: tuple[VmPolicy, ...]) -> None:
+    """bridge_native: connections routed towards a VM (from the outside, through the host's IP stack) get
+    their conntrack entry from inet conntrack, which confirms it at inet postrouting, before the packet
+    reaches the bridge: the bridge's cap rules (`ct status ! confirmed`) never see them. They are capped
+    here, in inet `forward` (priority -10: after conntrack, before `reject_fwd` at 0 and before the
+    confirmation), by destination address, in the VM's inet `<vm>_cap` chain: a list of its own, as large
+    as the cap (docs/host.md: what counts where). Packets routed from a managed bridge (a VM towards a VM of
+    another network) are left alone: the bridge's `egress` counted them for both VMs already."""
+    entries: dict[str, JSON] = {str(ip): x.jump(f"{vm_sid(vp.vm.id)}_cap") for vp in vms for ip in vp.vm.ips}
+    b.verdict_map(ROUTED_CAP_MAP, entries, table=INET, key_type="ipv4_addr")
+    b.chain(INET, ROUTED_CAP_CHAIN, hook="forward", priority=-10, policy="accept")
+    bridges = x.anon_set(sorted({n.bridge for n in networks}))
+    b.rule(
+        INET,
+        ROUTED_CAP_CHAIN,
+        "sys:ct-cap-in",
+        [
+            x.ct_unconfirmed(),
+            x.match(x.meta("iifname"), bridges, op="!="),
+            x.payload_vmap("ip", "daddr", ROUTED_CAP_MAP),
+        ],
+    )
+
+
 def _quarantine(b: Builder, resolved: Resolved) -> None:
     """Quarantined VMs (isolated by the agent monitor): their ports are dropped first in both base chains,
     before the established shortcut, so open connections stop too; only the agent's own flow to the host's
@@ -799,15 +830,27 @@ def _chaddr_chain(b: Builder, vp: VmPolicy, sid: str) -> None:
 def _cap_chains(b: Builder, vp: VmPolicy, sid: str) -> None:
     """The VM's connection cap: one `ct count` rule (one list of connections per VM, whichever way they
     were opened); beyond the cap, log within the log rate (direction: the VM sent it, or it was sent to
-    the VM) and drop, counted in `sys:ct-cap`."""
+    the VM) and drop, counted in `sys:ct-cap`. bridge_native has two such pairs of chains per VM, each with
+    a list of the cap's size: the bridge's (what the VM opens, what other VMs open to it) and the inet
+    table's (what is routed to it from elsewhere: `_routed_cap_dispatch`); a `ct count` list belongs to one
+    rule, and no rule sees both kinds of connection before conntrack confirms them."""
+    if b.flavour is Flavour.BRIDGE_NATIVE:
+        _cap_chain_pair(b, vp, sid, BRIDGE, (("out", "saddr"), ("in", "daddr")))
+        _cap_chain_pair(b, vp, sid, INET, (("in", "daddr"),))  # routed towards the VM: `cap_fwd`
+    else:
+        _cap_chain_pair(b, vp, sid, INET, (("out", "saddr"), ("in", "daddr")))
+
+
+def _cap_chain_pair(
+    b: Builder, vp: VmPolicy, sid: str, table: TableId, directions: tuple[tuple[str, str], ...]
+) -> None:
     cap, drop = f"{sid}_cap", f"{sid}_cap_drop"
-    table = BRIDGE if b.flavour is Flavour.BRIDGE_NATIVE else INET
     b.chain(table, cap)
     b.chain(table, drop)
     b.rule(table, cap, "sys:ct-count", [x.ct_count_over(vp.connection_cap.connections), x.goto(drop)])
     if vp.connection_cap.log and vp.vm.ips:
         s = b.settings
-        for direction, field in (("out", "saddr"), ("in", "daddr")):
+        for direction, field in directions:
             b.rule(
                 table,
                 drop,

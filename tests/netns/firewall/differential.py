@@ -43,6 +43,7 @@ from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan
 from hyperfence.lab.policy import lab_policy
 from hyperfence.lab.session import LabSession
+from hyperfence.model.kernel import Flavour
 from hyperfence.model.policy import Action
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy
@@ -520,7 +521,9 @@ def flow_of(service: str) -> tuple[Flow, str]:
     raise AssertionError(service)
 
 
-def expected(resolved: Resolved, plan: LabPlan, t: Triple) -> Expected:
+def expected(
+    resolved: Resolved, plan: LabPlan, t: Triple, *, flavour: Flavour = Flavour.BR_NETFILTER
+) -> Expected:
     """`can`'s answer for triple `t`, and the kernel answers that agree with it.
 
     A VM is named as `hyperfence can` takes it (its name) while the policy declares it, and by its address
@@ -540,7 +543,7 @@ def expected(resolved: Resolved, plan: LabPlan, t: Triple) -> Expected:
 
     flow, options = flow_of(t.service)
     src, dst = name(t.src), name(t.dst)
-    answer = can(resolved, src, dst, flow)
+    answer = can(resolved, src, dst, flow, flavour=flavour)
     command = f"hyperfence can {src} {dst} {options}"
     if answer.allowed:
         return Expected("allow", frozenset({"ok"}), command, answer.reason)
@@ -750,7 +753,8 @@ def run_version(
     )
     outcome = Outcome(doc, version.removed, apply_error=failure)
     for t in version.triples:
-        want = expected(resolved, lab.plan, t)
+        assert lab.engine is not None
+        want = expected(resolved, lab.plan, t, flavour=lab.engine.flavour)
         got = agents.probe(t, timeout=timeout)
         outcome.triples += 1
         outcome.kernel[got] = outcome.kernel.get(got, 0) + 1

@@ -24,6 +24,7 @@ import pytest
 
 from hyperfence.lab import topology
 from hyperfence.lab.session import LabSession
+from hyperfence.model.kernel import Flavour
 from hyperfence.policy.whatif import Answer, Flow, can
 from tests.netns.firewall.test_firewall import counter
 
@@ -72,7 +73,7 @@ def ask(lab: LabSession, src: str, dst: str, flow: Flow) -> Answer:
     compiled = lab.engine.compiled()
     assert compiled is not None
     name = {"host": lab.ip("host"), "outside": lab.ip("outside")}
-    return can(compiled.resolved, name.get(src, src), name.get(dst, dst), flow)
+    return can(compiled.resolved, name.get(src, src), name.get(dst, dst), flow, flavour=compiled.flavour)
 
 
 def assert_reads_back(lab: LabSession) -> None:
@@ -144,6 +145,22 @@ def test_a_reject_implies_arp_so_the_sender_gets_its_answer(lab: LabSession) -> 
     assert lab.tcp("vm3", "vm2", 22, timeout=5) in ("TIMEOUT", "UNREACHABLE")
     assert "lladdr" not in neighbour(lab, "vm3", "vm2")
     assert not ask(lab, "vm3", "vm2", ARP).allowed
+
+
+def test_the_host_resolves_a_vm_for_its_icmp_answers_only_where_it_sends_them(lab: LabSession) -> None:
+    """A UDP reject is answered by ICMP. Under br_netfilter the host's IP stack sends it, so the host and
+    the rejected VM may ARP each other (`sys:reject-arp`, no rule of theirs needed); under bridge_native the
+    bridge answers the frame itself and nothing lets them resolve each other. Either way the sender gets its
+    answer, and `can`, asked for the lab's flavour, says what the kernel does."""
+    assert lab.engine is not None
+    lab.apply([{"id": "rej", "from": "vm:vm1", "to": "vm:vm2", "services": ["udp/53"], "action": "reject"}])
+    assert lab.udp("vm1", "vm2", 53, timeout=5) == "REFUSED"
+    host_answers = lab.engine.flavour is Flavour.BR_NETFILTER
+    assert resolves(lab, "host", "vm1") is host_answers, neighbour(lab, "host", "vm1")
+    answer = ask(lab, "host", "vm1", ARP)
+    assert answer.allowed is host_answers, answer.reason
+    assert (answer.deciding is not None and answer.deciding.rule == "sys:reject-arp") is host_answers
+    assert (counter(lab, "ingress", "sys:reject-arp") > 0) is host_answers
 
 
 def test_an_arp_rule_works_both_ways(lab: LabSession) -> None:

@@ -40,7 +40,7 @@ def can_open(s: LabSession, src: str, dst: str, flow: Flow) -> tuple[bool, str]:
     assert s.engine is not None
     compiled = s.engine.compiled()
     assert compiled is not None
-    answer = can(compiled.resolved, src, dst, flow)
+    answer = can(compiled.resolved, src, dst, flow, flavour=compiled.flavour)
     return answer.allowed, answer.reason
 
 

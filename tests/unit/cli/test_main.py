@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from hyperfence.adapters.store import Store
+from hyperfence.model.kernel import FLAVOUR_ENV
+
 HYPERFENCE = os.path.join(os.path.dirname(sys.executable), "hyperfence")
 
 POLICY = """\
@@ -192,3 +195,42 @@ def test_can_says_a_learning_vm_has_no_address_yet(tmp_path: Path) -> None:
     assert r.returncode == 3 and "VM a has no address yet" in r.stderr and "Traceback" not in r.stderr, (
         r.stderr
     )
+
+
+def test_can_answers_for_the_data_plane_forced_or_last_applied(tmp_path: Path) -> None:
+    """A rejected VM on a network without a gateway: br_netfilter (the default) has no address there to
+    answer from, bridge_native's bridge answers it. `can` asks the forced flavour, else the one last applied
+    to the state dir's kernel (the store's `applied` event; a running daemon's status comes before it)."""
+    (tmp_path / "p.yaml").write_text(
+        "networks: [{name: lab, bridge: br0, subnet: 10.77.0.0/22}]\n"
+        "vms:\n"
+        "  - {name: a, port: vp1, mac: '52:54:00:00:00:01', ips: [10.77.0.11]}\n"
+        "  - {name: b, port: vp2, mac: '52:54:00:00:00:02', ips: [10.77.0.12]}\n"
+        "rules:\n"
+        "  - {id: rej, from: vm:a, to: vm:b, services: [udp/53], action: reject}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != FLAVOUR_ENV}
+
+    ask = ["can", "a", "b", "--port", "53/udp", "--policy", "p.yaml"]
+
+    def answer(*extra: str) -> str:
+        r = subprocess.run(
+            [HYPERFENCE, "--state-dir", str(tmp_path / "state"), *extra, *ask],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env={**env, "COLUMNS": "200"},
+        )
+        assert r.returncode == 1, r.stdout + r.stderr
+        return r.stdout
+
+    native = "a egress: reject by rej (the sender gets ICMP port unreachable)"
+    assert "no answer: the host has no address on the sender's network" in answer()
+    assert native in answer("--flavour", "bridge_native")
+    store = Store(str(tmp_path / "state"))
+    store.add_event("applied", {"policy": "gen:1", "flavour": "bridge_native"})
+    store.close()
+    assert native in answer()
+    assert "no answer" in answer("--flavour", "br_netfilter")

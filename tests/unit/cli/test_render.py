@@ -33,6 +33,16 @@ def test_stats_sum_policy_rules_and_show_the_connection_caps_drops() -> None:
     ]
 
 
+def test_stats_count_bridge_native_cap_drops_of_both_tables_as_the_caps() -> None:
+    counters = {
+        (BRIDGE, "v1_cap_drop", "sys:ct-cap"): (40, 4000),
+        (INET, "v1_cap_drop", "sys:ct-cap"): (2, 200),
+    }
+    assert stats_rows(counters, {"v1": "vm1"}, by_vm=True) == [
+        {"rule": "sys:ct-cap", "vm": "vm1", "direction": "both", "packets": 42, "bytes": 4200},
+    ]
+
+
 def test_the_cap_rules_read_as_nft_writes_them() -> None:
     assert statement_text(x.ct_count_over(200)) == "ct count over 200"
     assert statement_text(x.ct_unconfirmed()) == "ct status ! 8"

@@ -37,3 +37,12 @@ def test_cap_drops_come_from_each_vms_cap_rule() -> None:
         (BRIDGE, f"{vm_sid('id3')}_out", "sys:ct-cap"): (9, 9),  # not a cap rule
     }
     assert cap_drops_per_vm(counters, [VM1, VM2, VM3]) == {"id1": 42, "id2": 0}
+
+
+def test_bridge_native_cap_drops_sum_the_bridge_and_the_routed_budget() -> None:
+    counters = {
+        (BRIDGE, f"{vm_sid('id1')}_cap_drop", "sys:ct-cap"): (40, 4000),  # opened by it or by other VMs
+        (INET, f"{vm_sid('id1')}_cap_drop", "sys:ct-cap"): (2, 200),  # routed to it from the outside
+        (BRIDGE, f"{vm_sid('id2')}_cap_drop", "sys:ct-cap"): (7, 700),
+    }
+    assert cap_drops_per_vm(counters, [VM1, VM2, VM3]) == {"id1": 42, "id2": 7}

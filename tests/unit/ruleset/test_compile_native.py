@@ -55,10 +55,12 @@ def test_the_default_flavour_is_br_netfilter() -> None:
 def test_established_flows_are_accepted_by_bridge_conntrack_without_an_inet_marker() -> None:
     rs = compiled(doc(rules=RULES))
     chains = rs.chain_rules()
-    assert not [
-        c for c in rs.chains if c.table == INET
-    ]  # no marker, no cap, no reject chain: nothing in inet
-    assert not [s for s in rs.sets if s.table == INET]
+    # no marker, no reject chain in inet: only the caps of connections routed towards a VM
+    sid1, sid2 = sids()
+    assert sorted(c.name for c in rs.chains if c.table == INET) == sorted(
+        ["cap_fwd", *(f"{sid}_{suffix}" for sid in (sid1, sid2) for suffix in ("cap", "cap_drop"))]
+    )
+    assert [s.name for s in rs.sets if s.table == INET] == ["icap_vms"]
     for base in ("egress", "ingress"):
         (est,) = [r for r in chains[(BRIDGE, base)] if r.comment == "sys:est"]
         assert est.statements() == [EST, x.ACCEPT]
@@ -95,6 +97,33 @@ def test_connection_caps_count_in_the_bridge_by_port_and_by_destination() -> Non
         (count,) = chains[(BRIDGE, f"{sid}_cap")]
         assert count.statements() == [{"ct count": {"val": cap, "inv": True}}, x.goto(f"{sid}_cap_drop")]
         assert chains[(BRIDGE, f"{sid}_cap_drop")][-1].statements() == [x.COUNTER, x.DROP]
+
+
+def test_connections_routed_to_a_vm_are_capped_in_inet_forward_before_confirmation() -> None:
+    rs = compiled(doc(rules=RULES, limits=[{"id": "small", "vms": "vm:vm1", "connections": 200}]))
+    sid1, sid2 = sids()
+    chains = rs.chain_rules()
+    fwd = rs.chain_by_key()[(INET, "cap_fwd")]
+    # forward: only routed packets; -10: after conntrack, before reject_fwd (0) and the confirmation
+    assert (fwd.hook, fwd.priority, fwd.policy) == ("forward", -10, "accept")
+    (dispatch,) = chains[(INET, "cap_fwd")]
+    assert dispatch.comment == "sys:ct-cap-in"
+    assert dispatch.statements() == [
+        NEW,
+        # routed from a managed bridge (a VM): its bridge's egress counted it already
+        {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "br0"}},
+        {"vmap": {"key": {"payload": {"protocol": "ip", "field": "daddr"}}, "data": "@icap_vms"}},
+    ]
+    icap = {s.name: s for s in rs.sets}["icap_vms"]
+    assert (icap.table, icap.key_type) == (INET, "ipv4_addr")
+    assert {json.loads(e)[1]["jump"]["target"] for e in icap.elements} == {f"{sid1}_cap", f"{sid2}_cap"}
+    for sid, cap in ((sid1, 200), (sid2, 16_384)):
+        (count,) = chains[(INET, f"{sid}_cap")]
+        assert count.statements() == [{"ct count": {"val": cap, "inv": True}}, x.goto(f"{sid}_cap_drop")]
+        drop = chains[(INET, f"{sid}_cap_drop")]
+        assert drop[-1].statements() == [x.COUNTER, x.DROP]
+        # only ever sent to the VM: the log says `in`
+        assert [r.comment for r in drop] == ["sys:ct-cap:in:log", "sys:ct-cap"]
 
 
 def test_rejects_are_decided_in_bridge_prerouting_by_port_then_the_receivers_rules() -> None:
