@@ -49,7 +49,8 @@ SUBSET = (
 # engine and every `hyperfence` process the tests start honour it): br_netfilter's own preconditions; for
 # bridge_native (no br_netfilter loaded at all: the lab loads none for it) the connection cap of a VM, for
 # what it opens and for what is routed to it from the outside (capped in inet: docs/host.md), and a reject's
-# ICMP answer that needs no ARP between the host and the VM (as `can` says for this flavour).
+# ICMP answer that needs no ARP between the host and the VM (as `can` says for this flavour), and the chaddr
+# guard's raw payload match on a DHCP request.
 FLAVOUR_TESTS = {
     "br_netfilter": ((FW + "test_preconditions.py",), 10),  # the parametrized test counts twice, 3 here
     "bridge_native": (
@@ -58,8 +59,10 @@ FLAVOUR_TESTS = {
             + "test_conntrack_cap.py::test_a_flooding_vm_holds_at_most_its_cap_and_its_neighbour_keeps_working",
             FW + "test_conntrack_cap.py::test_a_flood_from_outside_at_a_vm_is_capped_on_that_vm",
             FW + "test_arp.py::test_the_host_resolves_a_vm_for_its_icmp_answers_only_where_it_sends_them",
+            FW
+            + "test_dhcp_chaddr.py::test_a_dhcp_request_naming_another_mac_gets_no_offer_and_is_logged[0.0.0.0]",
         ),
-        10,
+        11,
     ),
 }
 SUBSET_TIMEOUT = 840.0

@@ -2,8 +2,8 @@
 client (BOOTP chaddr), or it is dropped in the VM's `<vm>_dhcp` chain, counted and logged; the lab's dnsmasq
 (a `static` range: it answers each planned MAC with that VM's address) then never sees it. Both ways a
 request leaves a VM: from 0.0.0.0 (a DISCOVER, `sys:dhcp-discover`) and from its own address (a renewal,
-`sys:ident-ip`). The data plane here is br_netfilter's; the guard's chains are the same in both flavours
-(tests/unit/ruleset/test_compile.py)."""
+`sys:ident-ip`). The guard's chains are the same in both flavours (tests/unit/ruleset/test_compile.py); the
+DISCOVER case also runs on Debian's kernel under bridge_native (tests/guest/test_debian_kernel.py)."""
 
 from __future__ import annotations
 
