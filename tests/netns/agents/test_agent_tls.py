@@ -6,11 +6,8 @@ live connection are untouched."""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +22,6 @@ from hyperfence.reconcile.agents import AgentMonitor, enroll
 pytestmark = pytest.mark.kernel
 
 PING = {"id": "ping", "from": "vms", "to": "vms", "protocol": "icmp"}
-
-
-@pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "t" + secrets.token_hex(3)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
 
 
 def wait(cond: object, timeout: float = 15.0) -> bool:

@@ -3,23 +3,12 @@ intervals and can no longer reach a peer its policy allows; it is released when 
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Iterator
-
 import pytest
 
 from hyperfence.lab.agent_experiment import run_agent_experiment
 from hyperfence.lab.session import LabSession
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "a" + secrets.token_hex(3)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
 
 
 def test_a_killed_agent_isolates_its_vm_and_its_return_releases_it(lab: LabSession) -> None:

@@ -5,20 +5,18 @@ log, agent channels, and the libvirt inventory, which waits up to 30 s for an ev
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hyperfence.daemon import Daemon, request
-from hyperfence.lab.agents import lab_vms
+from hyperfence.lab.agents import lab_vms as planned_vms
 from hyperfence.lab.session import LabSession
 from hyperfence.reconcile.agents import AgentMonitor, enroll
 from hyperfence.reconcile.inventory import InventoryWatcher
@@ -46,13 +44,18 @@ NO_LIBVIRTD = "qemu:///system?socket=/nonexistent/hyperfence-test/libvirt-sock"
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[LabSession]:
-    with LabSession("op" + secrets.token_hex(2), 2, state_dir=str(tmp_path / "state")) as s:
-        s.apply([])
-        assert s.engine is not None
-        for vm in lab_vms(s.plan):  # each agent channel is a listening socket in the daemon
-            enroll(s.engine, vm, "unix", interval=1.0)
-        yield s
+def lab_vms() -> int:
+    return 2
+
+
+@pytest.fixture
+def lab(lab: LabSession) -> LabSession:
+    """The shared lab (tests/netns/conftest.py), set up for this module."""
+    lab.apply([])
+    assert lab.engine is not None
+    for vm in planned_vms(lab.plan):  # each agent channel is a listening socket in the daemon
+        enroll(lab.engine, vm, "unix", interval=1.0)
+    return lab
 
 
 def start_daemon(lab: LabSession, log: Path) -> subprocess.Popen[bytes]:

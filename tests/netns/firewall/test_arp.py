@@ -12,12 +12,9 @@ compared with `can`'s answer.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,13 +26,6 @@ from hyperfence.policy.whatif import Answer, Flow, can
 from tests.netns.firewall.test_firewall import counter
 
 pytestmark = pytest.mark.kernel
-
-
-@pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "ar" + secrets.token_hex(2)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
 
 
 def mac(lab: LabSession, who: str) -> str:

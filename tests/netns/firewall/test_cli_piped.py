@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -21,13 +19,18 @@ ADDRESSES = [f"10.1.{i // 100}.{i % 100 * 2 + 1}" for i in range(40)]  # none ad
 
 
 @pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    with LabSession("op" + secrets.token_hex(2), 2, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        s.apply(
-            [{"id": "partners", "from": "ipset:partners", "to": "vm:vm1", "services": ["tcp/443"]}],
-            ipsets={"partners": ADDRESSES},
-        )
-        yield s
+def lab_vms() -> int:
+    return 2
+
+
+@pytest.fixture
+def lab(lab: LabSession) -> LabSession:
+    """The shared lab (tests/netns/conftest.py), set up for this module."""
+    lab.apply(
+        [{"id": "partners", "from": "ipset:partners", "to": "vm:vm1", "services": ["tcp/443"]}],
+        ipsets={"partners": ADDRESSES},
+    )
+    return lab
 
 
 def hyperfence(lab: LabSession, *args: str) -> subprocess.CompletedProcess[str]:

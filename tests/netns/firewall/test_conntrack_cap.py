@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -93,13 +91,6 @@ while not stop.is_set():
     time.sleep(0.02)
 print(json.dumps(r), flush=True)
 """
-
-
-@pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "ct" + secrets.token_hex(3)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
 
 
 def apply(lab: LabSession, caps: dict[str, int]) -> None:

@@ -7,11 +7,8 @@ DISCOVER case also runs on Debian's kernel under bridge_native (tests/guest/test
 
 from __future__ import annotations
 
-import os
-import secrets
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,12 +26,17 @@ RULES = [{"id": "lease", "from": "vm:vm1", "to": "host", "services": ["dhcp"]}]
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[LabSession]:
-    with LabSession("ls" + secrets.token_hex(2), 2, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        assert s.engine is not None
-        s.engine.store_policy(s.document(RULES), source="test")
-        s.engine.converge(full=True)
-        yield s
+def lab_vms() -> int:
+    return 2
+
+
+@pytest.fixture
+def lab(lab: LabSession) -> LabSession:
+    """The shared lab (tests/netns/conftest.py), set up for this module."""
+    assert lab.engine is not None
+    lab.engine.store_policy(lab.document(RULES), source="test")
+    lab.engine.converge(full=True)
+    return lab
 
 
 def ask(lab: LabSession, chaddr: str) -> str:

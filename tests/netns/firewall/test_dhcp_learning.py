@@ -5,8 +5,6 @@ the learn group, and real packets for what the learned address may and may not d
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 import signal
 import subprocess
 import threading
@@ -56,13 +54,12 @@ def learning_document(
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[LabSession]:
-    name = "dh" + secrets.token_hex(2)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        assert s.engine is not None
-        s.engine.store_policy(learning_document(s, RULES), source="test")
-        s.engine.converge(full=True)
-        yield s
+def lab(lab: LabSession) -> LabSession:
+    """The shared lab (tests/netns/conftest.py), set up for this module."""
+    assert lab.engine is not None
+    lab.engine.store_policy(learning_document(lab, RULES), source="test")
+    lab.engine.converge(full=True)
+    return lab
 
 
 @pytest.fixture

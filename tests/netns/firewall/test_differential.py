@@ -60,9 +60,7 @@ shrink a failing policy: slow, each attempt is real traffic), HYPERFENCE_DIFF_TI
 from __future__ import annotations
 
 import os
-import secrets
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
@@ -98,10 +96,8 @@ RUN_TIMEOUT = max(300, int(EXAMPLES * (20 + TRIPLES * (2 * TIMEOUT + RETRY_TIMEO
 
 
 @pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "df" + secrets.token_hex(2)
-    with LabSession(name, 4, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
+def lab_vms() -> int:
+    return 4
 
 
 def run_differential(lab: LabSession, space: Space) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import signal
 import stat
 import subprocess
@@ -49,13 +48,6 @@ PING_1_2 = {"id": "ping", "from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp"}
 UDP_2_1 = {"id": "udp5000", "from": "vm:vm2", "to": "vm:vm1", "protocol": "udp", "ports": [5000]}
 UDP_3_1 = {"id": "udp3-5000", "from": "vm:vm3", "to": "vm:vm1", "protocol": "udp", "ports": [5000]}
 UDP_3_2 = {"id": "udp7000", "from": "vm:vm3", "to": "vm:vm2", "protocol": "udp", "ports": [7000]}
-
-
-@pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "f" + secrets.token_hex(3)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
 
 
 def counter(s: LabSession, chain_suffix: str, comment: str) -> int:

@@ -6,11 +6,8 @@ The flood is a small Python sender, not hping3: hping3 sometimes died here with 
 
 from __future__ import annotations
 
-import os
-import secrets
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -41,10 +38,8 @@ for i in range(count):
 
 
 @pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "l" + secrets.token_hex(3)
-    with LabSession(name, 2, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
+def lab_vms() -> int:
+    return 2
 
 
 def apply(lab: LabSession, limits: list[dict[str, Any]], *, settings: dict[str, Any] | None = None) -> None:

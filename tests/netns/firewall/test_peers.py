@@ -6,12 +6,9 @@ reads the host's addresses from the lab's host namespace as the daemon does) and
 
 from __future__ import annotations
 
-import os
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,13 +19,6 @@ from tests.netns.firewall.daemon_process import start_daemon
 pytestmark = pytest.mark.kernel
 
 UNANSWERED = ("TIMEOUT", "UNREACHABLE")
-
-
-@pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "p" + secrets.token_hex(3)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
 
 
 def hf(lab: LabSession) -> list[str]:

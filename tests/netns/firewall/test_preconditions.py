@@ -6,12 +6,9 @@ dropped (issue 12's finding): the daemon restores it within 0.1 s, and without a
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,12 +22,16 @@ SYSCTL = "net.bridge.bridge-nf-call-iptables"
 
 
 @pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "pc" + secrets.token_hex(2)
-    with LabSession(name, 2, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        s.serve("vm2", tcp=[8080])
-        s.apply([TCP_1_2])
-        yield s
+def lab_vms() -> int:
+    return 2
+
+
+@pytest.fixture
+def lab(lab: LabSession) -> LabSession:
+    """The shared lab (tests/netns/conftest.py), set up for this module."""
+    lab.serve("vm2", tcp=[8080])
+    lab.apply([TCP_1_2])
+    return lab
 
 
 def sysctl(lab: LabSession, value: str | None = None) -> str:

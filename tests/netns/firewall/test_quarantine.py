@@ -3,12 +3,9 @@ its established flows included, other VMs are untouched, and releasing it restor
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,13 +16,6 @@ from tests.netns.firewall.test_firewall import counter
 pytestmark = pytest.mark.kernel
 
 PING = {"id": "ping", "from": "vms", "to": "vms", "protocol": "icmp"}
-
-
-@pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "q" + secrets.token_hex(3)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
 
 
 def vm_id(lab: LabSession, name: str) -> str:

@@ -5,11 +5,8 @@ is asked the same questions."""
 
 from __future__ import annotations
 
-import os
-import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,13 +24,6 @@ ARP = [
     {"id": "arp12", "from": "vm:vm1", "to": "vm:vm2", "services": ["arp"]},
     {"id": "arp21", "from": "vm:vm2", "to": "vm:vm1", "services": ["arp"]},
 ]
-
-
-@pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "rj" + secrets.token_hex(3)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
 
 
 def can_open(s: LabSession, src: str, dst: str, flow: Flow) -> tuple[bool, str]:

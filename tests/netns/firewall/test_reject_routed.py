@@ -3,10 +3,7 @@ through the host's uplink) and the host itself. Real namespaces, real packets, r
 
 from __future__ import annotations
 
-import os
-import secrets
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -48,13 +45,6 @@ RULES = [
         "priority": 2000,
     },
 ]
-
-
-@pytest.fixture
-def lab(tmp_path: object) -> Iterator[LabSession]:
-    name = "r" + secrets.token_hex(3)
-    with LabSession(name, 3, state_dir=os.path.join(str(tmp_path), "state")) as s:
-        yield s
 
 
 def counter(s: LabSession, table: TableId, chain_suffix: str, comment: str) -> int:

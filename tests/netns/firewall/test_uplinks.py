@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -34,12 +33,6 @@ FAR_IP = "10.77.0.200"
 DEVICE = "vx0"
 ALLOWED, OTHER = 7000, 7001
 FAR_TO_VM2 = {"id": "far", "from": FAR_IP, "to": "vm:vm2", "services": [f"udp/{ALLOWED}"]}
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[LabSession]:
-    with LabSession("up" + secrets.token_hex(2), 3, state_dir=str(tmp_path / "state")) as s:
-        yield s
 
 
 @dataclass

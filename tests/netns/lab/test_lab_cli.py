@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from hyperfence.daemon import request
-from hyperfence.lab import topology
+from hyperfence.lab import records, topology
 from hyperfence.lab.session import OWNED_MARK, lab_state_dir
 
 pytestmark = pytest.mark.kernel
@@ -43,14 +43,14 @@ def test_down_removes_the_state_up_made_with_the_agents_keys(name: str) -> None:
     assert (state / OWNED_MARK).is_file()
     keys = sorted(p.name for p in (state / "agents").iterdir())
     assert "vm1.json" in keys and "vm2.json" in keys  # each VM's agent config, its key in it
-    policy = topology.state_dir(name) / "policy.yaml"
+    policy = records.state_dir(name) / "policy.yaml"
     assert hf("--lab", name, "policy", "apply", str(policy)).returncode == 0
     assert (state / "hyperfence.db").exists()
 
     down = hf("lab", "down", "--name", name)
     assert down.returncode == 0, down.stderr
     assert down.stdout == f"lab {name!r} is down (its state {state} removed)\n"
-    assert not state.exists() and not topology.state_dir(name).exists()
+    assert not state.exists() and not records.state_dir(name).exists()
     assert not any(ns.startswith(f"hf-{name}-") for ns in topology._list_netns())
     again = hf("lab", "down", "--name", name)  # idempotent
     assert (again.returncode, again.stdout) == (0, f"lab {name!r} is down\n")
@@ -71,7 +71,7 @@ def test_down_leaves_a_state_directory_up_did_not_make(name: str) -> None:
 def test_down_keeps_the_state_of_a_daemon_that_still_runs(name: str) -> None:
     state = lab_state_dir(name)
     assert hf("lab", "up", "--name", name, "--vms", "1", "--no-agents").returncode == 0
-    assert hf("--lab", name, "policy", "apply", str(topology.state_dir(name) / "policy.yaml")).returncode == 0
+    assert hf("--lab", name, "policy", "apply", str(records.state_dir(name) / "policy.yaml")).returncode == 0
     daemon = subprocess.Popen([*HF, "--lab", name, "daemon"], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
