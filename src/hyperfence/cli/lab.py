@@ -15,7 +15,7 @@ from hyperfence.cli.output import out, table
 from hyperfence.errors import InvalidInputError, NotFoundError, Problem
 from hyperfence.lab import agents as lab_agents
 from hyperfence.lab import domains as lab_domains
-from hyperfence.lab import hostroot_guest, topology
+from hyperfence.lab import hostroot_guest, records, topology
 from hyperfence.lab import image as lab_image
 from hyperfence.lab import qemu as lab_qemu
 from hyperfence.lab.guest_shell import run_in_guest
@@ -76,7 +76,7 @@ def up(
             out.print(f"agents running in {len(pids)} VMs (pids {', '.join(str(p) for p in pids.values())})")
     finally:
         engine.close()
-    policy_file = os.path.join(str(topology.state_dir(name)), "policy.yaml")
+    policy_file = os.path.join(str(records.state_dir(name)), "policy.yaml")
     if not os.path.exists(policy_file):
         with open(policy_file, "w", encoding="utf-8") as f:
             yaml.safe_dump(lab_qemu.qemu_policy(plan) if qemu else lab_policy(plan), f, sort_keys=False)

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, open_private, write_private
 from hyperfence.agent.build import build_zipapp
-from hyperfence.lab import topology
+from hyperfence.lab import records, topology
 from hyperfence.lab.plan import LabPlan
 from hyperfence.lab.policy import lab_policy
 from hyperfence.model.policy import Vm
@@ -113,7 +113,7 @@ class LabAgents:
 
 
 def _record_path(plan: LabPlan) -> Path:
-    return topology.state_dir(plan.name) / "agents.json"
+    return records.state_dir(plan.name) / "agents.json"
 
 
 def start_detached(engine: Engine, plan: LabPlan) -> dict[str, int]:

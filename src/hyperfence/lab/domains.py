@@ -37,7 +37,7 @@ from hyperfence.adapters.libvirt import LibvirtInventory
 from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, AGENT_FW_CFG, QEMU_USER, DomainInfo, labels_xml
 from hyperfence.adapters.qemu_files import QemuUser, write_for_qemu
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError, Problem
-from hyperfence.lab import guest_init, topology
+from hyperfence.lab import guest_init, records
 from hyperfence.lab.plan import LabPlan
 
 EMULATOR = "/usr/bin/qemu-system-x86_64"
@@ -73,7 +73,7 @@ def domain_name(plan: LabPlan, vm: str) -> str:
 
 def qemu_dir(plan: LabPlan) -> Path:
     """Where the lab's agent sockets and console logs are (``<lab run dir>/qemu``)."""
-    return topology.state_dir(plan.name) / "qemu"
+    return records.state_dir(plan.name) / "qemu"
 
 
 def lab_file(plan: LabPlan, vm: str, kind: str) -> Path:

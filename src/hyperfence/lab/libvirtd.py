@@ -41,7 +41,7 @@ from pathlib import Path
 from hyperfence.adapters.libvirt import DEFAULT_URI, LibvirtInventory
 from hyperfence.adapters.netns import netns_path
 from hyperfence.errors import ConflictError, KernelError, NotFoundError, PermissionDeniedError, TemporaryError
-from hyperfence.lab import topology
+from hyperfence.lab import records
 from hyperfence.lab.plan import LabPlan
 
 log = logging.getLogger("hyperfence.lab.libvirtd")
@@ -155,7 +155,7 @@ def _same_netns(pid: int, netns: str) -> bool:
 
 
 def _record_path(plan: LabPlan) -> Path:
-    return topology.state_dir(plan.name) / "libvirtd.json"
+    return records.state_dir(plan.name) / "libvirtd.json"
 
 
 def _read_record(plan: LabPlan) -> dict[str, dict[str, int]]:
@@ -232,7 +232,7 @@ def ensure_libvirtd(
         as_root = bool(record.get("options", {}).get("qemu_as_root")) and started
         return LabLibvirtd(uri=uri, pid=pid, started=started, qemu_as_root=as_root)
 
-    sdir = topology.state_dir(plan.name)
+    sdir = records.state_dir(plan.name)
     sdir.mkdir(parents=True, exist_ok=True)
     if not _live(_pidfile_pid(VIRTLOGD_PIDFILE), "virtlogd"):
         virtlogd = _spawn([VIRTLOGD], sdir / "virtlogd.log")

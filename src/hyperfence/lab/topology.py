@@ -1,8 +1,7 @@
 """Build, inspect, use and destroy a lab on the real kernel. Root only. The layout is in `hyperfence.lab.plan`.
 
-A lab is recorded in ``/run/hyperfence/labs/<lab>.json`` (its plan, how many VMs really exist, dnsmasq's PID
-and command line); dnsmasq's leases, log and PID file live in ``/run/hyperfence/labs/<lab>/``. The record is
-written *before* anything is created, so `destroy_lab` can always find what a crashed `create_lab` left.
+A lab is recorded (`lab/records.py`) *before* anything is created, so `destroy_lab` can always find what a
+crashed `create_lab` left.
 
 Tools, and why each:
 
@@ -17,33 +16,21 @@ Tools, and why each:
 - dnsmasq and commands "in a VM": ``ip netns exec NS ARGV...``, which execs ARGV (same PID, so a PID we hold is
   the command's own), each in a new session so that stopping it stops its children too.
 
-Processes. dnsmasq runs in the foreground as a child of the process that called `create_lab`; `destroy_lab`
-in that process stops it by PID and reaps it. Called from another process, `destroy_lab` can only signal it:
-the dead dnsmasq then stays a zombie of its parent, or of PID 1, which does not reap orphans here. A zombie
-holds no namespace, and the lab treats a zombie as dead. Processes started with ``popen_in_*`` are also
-remembered per lab and stopped by `destroy_lab` (or earlier with `stop_process`).
-
-Every command runs in its own session; stopping one kills its whole session. So that what a dying command
-leaves behind does not end up a zombie of PID 1, the first ``run_in_*``/``popen_in_*`` call makes the calling
-process a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``): such orphans become its children, and are
-killed and reaped when their session is stopped. Orphans of anything else would then also become zombies of
-this process rather than of PID 1; the lab never touches them.
+Split by concern: the record and state paths are in `lab/records.py`, dnsmasq's supervision in
+`lab/dnsmasq.py`, process sessions and reaping in `lab/processes.py`; this module makes and inspects the lab
+and runs commands in it. Processes started with ``popen_in_*`` are remembered per lab and stopped by
+`destroy_lab` (or earlier with `stop_process`).
 
 Not safe to call concurrently for the *same* lab name; different labs are independent.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import functools
-import json
 import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,28 +50,32 @@ from hyperfence.errors import (
     PermissionDeniedError,
     Problem,
 )
+from hyperfence.lab.dnsmasq import ensure_dnsmasq, stop_dnsmasq
 from hyperfence.lab.plan import (
-    STATE_VERSION,
     LabPlan,
     LabVm,
     dnsmasq_command,
     is_lab_netns,
     lab_netns,
     nat_ruleset,
-    plan_from_dict,
     plan_lab,
-    plan_to_dict,
     validate_lab_name,
 )
+from hyperfence.lab.processes import (
+    STOP_TIMEOUT,
+    become_subreaper,
+    end_session,
+    is_process,
+    kill_leftovers,
+    read_pid_file,
+    signal_group,
+)
+from hyperfence.lab.records import Record, read_record, state_dir, state_file, write_record
 from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, parse_flavour
 
-STATE_ROOT = Path("/run/hyperfence/labs")
 NETNS_DIR = Path("/run/netns")
-DNSMASQ_READY_TIMEOUT = 5.0
-STOP_TIMEOUT = 3.0
 
 _EEXIST = 17
-_PR_SET_CHILD_SUBREAPER = 36
 _IFF_UP = 0x1
 _IFF_LOWER_UP = 0x10000
 _HOST_SYSCTLS = (
@@ -100,7 +91,6 @@ _HOST_SYSCTLS = (
 T = TypeVar("T")
 
 # Children of *this* process, per lab, so they can be reaped (PID 1 here does not reap orphans).
-_DNSMASQ: dict[str, subprocess.Popen[bytes]] = {}
 _PROCESSES: dict[str, list[subprocess.Popen[bytes]]] = {}
 
 
@@ -147,25 +137,7 @@ class LabStatus:
         )
 
 
-@dataclass(frozen=True)
-class _Record:
-    plan: LabPlan
-    created_vms: int
-    dnsmasq_pid: int | None
-    dnsmasq_argv: tuple[str, ...] | None
-
-
 # ---------------------------------------------------------------------------------------------- public API
-
-
-def state_file(name: str) -> Path:
-    """Where lab `name` is recorded."""
-    return STATE_ROOT / f"{validate_lab_name(name)}.json"
-
-
-def state_dir(name: str) -> Path:
-    """The directory holding lab `name`'s dnsmasq leases (``leases``), log (``dnsmasq.log``) and PID file."""
-    return STATE_ROOT / validate_lab_name(name)
 
 
 def create_lab(plan: LabPlan, *, only: int | None = None) -> None:
@@ -195,7 +167,7 @@ def create_lab(plan: LabPlan, *, only: int | None = None) -> None:
             f"lab {plan.name!r}: invalid create",
             [Problem("only", f"{only!r} is out of range (expected 0..{len(plan.vms)} or None)")],
         )
-    record = _read_record(plan.name)
+    record = read_record(plan.name)
     if record is not None:
         declared = len(record.plan.vms)
         if declared > len(plan.vms):
@@ -209,7 +181,7 @@ def create_lab(plan: LabPlan, *, only: int | None = None) -> None:
     sdir.mkdir(parents=True, exist_ok=True)
     old_pid = record.dnsmasq_pid if record else None
     old_argv = record.dnsmasq_argv if record else None
-    _write_record(_Record(plan, wanted, old_pid, old_argv))
+    write_record(Record(plan, wanted, old_pid, old_argv))
 
     vms = plan.vms[:wanted]
     if not _bridge_native_wanted():
@@ -221,8 +193,8 @@ def create_lab(plan: LabPlan, *, only: int | None = None) -> None:
         _in_netns(vm.netns, functools.partial(_configure_vm, plan, vm))
     _apply_nat(plan)
     argv = dnsmasq_command(plan, state_dir=sdir)
-    pid = _ensure_dnsmasq(plan, argv=argv, old_pid=old_pid)
-    _write_record(_Record(plan, wanted, pid, argv))
+    pid = ensure_dnsmasq(plan, argv=argv, old_pid=old_pid)
+    write_record(Record(plan, wanted, pid, argv))
 
 
 def destroy_lab(name: str) -> None:
@@ -241,7 +213,7 @@ def destroy_lab(name: str) -> None:
     _require_root()
     failures: list[str] = []
     try:
-        record = _read_record(name)
+        record = read_record(name)
     except ConflictError:  # an unreadable record: find dnsmasq by its PID file, the namespaces by name
         record = None
 
@@ -249,9 +221,9 @@ def destroy_lab(name: str) -> None:
         stop_process(proc)
 
     sdir = state_dir(name)
-    pid = record.dnsmasq_pid if record else _read_pid_file(sdir / "dnsmasq.pid")
+    pid = record.dnsmasq_pid if record else read_pid_file(sdir / "dnsmasq.pid")
     try:
-        _stop_dnsmasq(name, pid)
+        stop_dnsmasq(name, pid)
     except OSError as exc:
         failures.append(f"stopping dnsmasq (pid {pid}): {exc}")
 
@@ -276,13 +248,13 @@ def read_lab(name: str) -> LabPlan | None:
     Raises `InvalidInputError` for a bad name and `ConflictError` when the record is unreadable
     (`destroy_lab` removes it).
     """
-    record = _read_record(validate_lab_name(name))
+    record = read_record(validate_lab_name(name))
     return record.plan if record else None
 
 
 def lab_status(name: str) -> LabStatus:
     """What the kernel holds of lab `name` now (reads only; needs root for the port and NAT checks)."""
-    record = _read_record(validate_lab_name(name))
+    record = read_record(validate_lab_name(name))
     existing = set(_list_netns())
     if record is None:
         return LabStatus(
@@ -311,7 +283,7 @@ def lab_status(name: str) -> LabStatus:
         for vm in plan.vms[: record.created_vms]
     )
     pid = record.dnsmasq_pid
-    alive = pid is not None and record.dnsmasq_argv is not None and _is_process(pid, record.dnsmasq_argv)
+    alive = pid is not None and record.dnsmasq_argv is not None and is_process(pid, record.dnsmasq_argv)
     nat = host_exists and _run_nft(plan, ["nft", "list", "table", "ip", plan.nat_table]).returncode == 0
     return LabStatus(
         name=name,
@@ -420,7 +392,7 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = STOP_TIMEOUT
     Reaps it and whatever its session left behind, closes its pipes and returns its exit status (negative:
     killed by that signal). Safe to call on a process that already exited.
     """
-    _end_session(proc, grace=timeout)
+    end_session(proc, grace=timeout)
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:
             pipe.close()
@@ -428,52 +400,6 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout: float = STOP_TIMEOUT
         if proc in procs:
             procs.remove(proc)
     return proc.returncode
-
-
-# ------------------------------------------------------------------------------------------------ record
-
-
-def _read_record(name: str) -> _Record | None:
-    path = state_file(name)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    try:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
-            raise ValueError(f"expected a version {STATE_VERSION} lab record")
-        plan = plan_from_dict(data["plan"])
-        created = data["created_vms"]
-        pid = data["dnsmasq_pid"]
-        argv = data["dnsmasq_argv"]
-        if not isinstance(created, int) or not 0 <= created <= len(plan.vms):
-            raise ValueError(f"created_vms: {created!r} is out of range")
-        if pid is not None and (not isinstance(pid, int) or pid <= 1):
-            raise ValueError(f"dnsmasq_pid: {pid!r} is not a PID")
-        if argv is not None and (not isinstance(argv, list) or not all(isinstance(a, str) for a in argv)):
-            raise ValueError(f"dnsmasq_argv: {argv!r} is not a command line")
-    except (ValueError, KeyError, TypeError, InvalidInputError) as exc:
-        raise ConflictError(
-            f"lab {name!r}: the record {path} is unreadable ({exc}); destroy_lab({name!r}) removes the lab"
-        ) from exc
-    return _Record(plan, created, pid, tuple(argv) if argv is not None else None)
-
-
-def _write_record(record: _Record) -> None:
-    """Replace the record atomically (write a temporary file, then rename it over the old one)."""
-    path = state_file(record.plan.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {
-        "version": STATE_VERSION,
-        "plan": plan_to_dict(record.plan),
-        "created_vms": record.created_vms,
-        "dnsmasq_pid": record.dnsmasq_pid,
-        "dnsmasq_argv": list(record.dnsmasq_argv) if record.dnsmasq_argv is not None else None,
-    }
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- namespaces, links
@@ -708,176 +634,16 @@ def _apply_nat(plan: LabPlan) -> None:
         raise KernelError(f"lab {plan.name!r}: nft refused the NAT table (nothing applied): {stderr}")
 
 
-def _read_pid_file(path: Path) -> int | None:
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
-        return None
-    return int(text) if text.isdigit() and int(text) > 1 else None
-
-
-def _is_process(pid: int, argv: Sequence[str]) -> bool:
-    """Whether `pid` is a living (not zombie) process with exactly this command line."""
-    return _is_alive(pid) and _cmdline(pid) == list(argv)
-
-
-def _is_alive(pid: int) -> bool:
-    """Whether `pid` exists and is not a zombie (a zombie is dead, only not yet reaped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    state = stat.rpartition(")")[2].split()
-    return bool(state) and state[0] not in {"Z", "X"}
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
-
-
-def _is_lab_dnsmasq(name: str, pid: int) -> bool:
-    """Whether `pid` is a living dnsmasq of lab `name` (its PID file is in the lab's state directory)."""
-    cmd = _cmdline(pid)
-    pid_file = f"--pid-file={state_dir(name) / 'dnsmasq.pid'}"
-    return _is_alive(pid) and bool(cmd) and os.path.basename(cmd[0]) == "dnsmasq" and pid_file in cmd
-
-
-def _stop_dnsmasq(name: str, pid: int | None) -> None:
-    """Stop lab `name`'s dnsmasq: our child by `Popen` (reaped), else `pid` if it is really this lab's."""
-    child = _DNSMASQ.pop(name, None)
-    if child is not None:
-        _stop_child(child)
-        if child.pid == pid:
-            return
-    if pid is None or not _is_lab_dnsmasq(name, pid):
-        return  # gone, a zombie, or a recycled PID that is not ours
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while _is_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if _is_alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-def _stop_child(proc: subprocess.Popen[bytes]) -> None:
-    _end_session(proc, grace=STOP_TIMEOUT)
-
-
-def _ensure_dnsmasq(plan: LabPlan, *, argv: Sequence[str], old_pid: int | None) -> int:
-    """The PID of a dnsmasq serving `plan`: the running one if its command line is `argv`, else a new one."""
-    child = _DNSMASQ.get(plan.name)
-    if child is not None and child.poll() is not None:
-        del _DNSMASQ[plan.name]  # died; poll() reaped it
-    if old_pid is not None and _is_process(old_pid, argv):
-        return old_pid
-    _stop_dnsmasq(plan.name, old_pid)
-    return _start_dnsmasq(plan, argv)
-
-
-def _start_dnsmasq(plan: LabPlan, argv: Sequence[str]) -> int:
-    """Start dnsmasq in the host namespace and wait until it wrote its PID file (its sockets are bound then)."""
-    sdir = state_dir(plan.name)
-    pid_file = sdir / "dnsmasq.pid"
-    pid_file.unlink(missing_ok=True)
-    err_path = sdir / "dnsmasq.stderr"
-    with open(err_path, "wb") as err:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", plan.host_netns, *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,
-        )
-    _DNSMASQ[plan.name] = proc
-    deadline = time.monotonic() + DNSMASQ_READY_TIMEOUT
-    while _read_pid_file(pid_file) != proc.pid:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_child(proc)
-            del _DNSMASQ[plan.name]
-            stderr = err_path.read_text(errors="replace").strip()
-            raise KernelError(
-                f"lab {plan.name!r}: dnsmasq did not start (exit {proc.returncode}): {stderr or 'no output'}"
-            )
-        time.sleep(0.005)
-    return proc.pid
-
-
 def _require_netns(netns: str) -> None:
     if not _is_mounted_netns(NETNS_DIR / netns):
         raise NotFoundError(f"netns {netns} does not exist: create_lab the lab (with enough VMs) first")
-
-
-@functools.cache
-def _become_subreaper() -> None:
-    """Make this process a child subreaper (once), so that the orphans of a lab command become ours.
-
-    PID 1 does not reap orphans on this machine: when a command's session leader dies, what it started would
-    stay a zombie forever. As a subreaper we inherit those orphans and `_kill_leftovers` reaps them (only
-    them: it touches our children in the command's own process group). Best effort: without it, leftovers
-    are only killed, and stay zombies of PID 1.
-    """
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def _end_session(proc: subprocess.Popen[bytes], *, grace: float) -> None:
-    """Stop `proc` (a session leader we started) and everything in its session; reap them all.
-
-    The whole group is signalled only while the leader is unreaped: until then its PID, hence the group id,
-    cannot belong to anyone else.
-    """
-    if proc.poll() is None:
-        if grace > 0:
-            _signal_group(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(grace)
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGKILL)
-            proc.wait()
-    _kill_leftovers(proc.pid)
-
-
-def _kill_leftovers(pgid: int) -> None:
-    """SIGKILL and reap our children still in process group `pgid` (orphans we inherited as subreaper)."""
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while (pids := _children_in_group(pgid)) and time.monotonic() < deadline:
-        for pid in pids:  # our unreaped children: these PIDs cannot have been recycled
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in pids:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-
-
-def _children_in_group(pgid: int) -> list[int]:
-    me = os.getpid()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(entry.path, "stat").read_text(errors="replace").rpartition(")")[2].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if len(fields) > 2 and int(fields[1]) == me and int(fields[2]) == pgid:
-            found.append(int(entry.name))
-    return found
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, sig)
 
 
 def _run_in(
     netns: str, argv: Sequence[str], *, timeout: float, input: bytes | None
 ) -> subprocess.CompletedProcess[bytes]:
     _require_netns(netns)
-    _become_subreaper()
+    become_subreaper()
     cmd = ["ip", "netns", "exec", netns, *argv]
     with subprocess.Popen(
         cmd,
@@ -889,12 +655,12 @@ def _run_in(
         try:
             out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(proc.pid, signal.SIGKILL)  # unreaped leader: the group is ours
+            signal_group(proc.pid, signal.SIGKILL)  # unreaped leader: the group is ours
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
         finally:
             if proc.returncode is not None:
-                _kill_leftovers(proc.pid)
+                kill_leftovers(proc.pid)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -902,7 +668,7 @@ def _popen_in(
     plan: LabPlan, netns: str, argv: Sequence[str], *, stdin: _Stdio, stdout: _Stdio, stderr: _Stdio
 ) -> subprocess.Popen[bytes]:
     _require_netns(netns)
-    _become_subreaper()
+    become_subreaper()
     procs = _PROCESSES.setdefault(plan.name, [])
     procs[:] = [p for p in procs if p.poll() is None]
     proc = subprocess.Popen(
