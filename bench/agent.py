@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from agent_ingest import ingest, print_ingest
 from common import cpu_ticks, env_summary, log, median, percentile, rss_mb, workdir
 
-from hyperfence.agent import wire
+from hyperfence import wire
 from hyperfence.agent.build import build_zipapp
 from hyperfence.agent.collect import Collector
 from hyperfence.agent.sockets import SocketTable, read_sockets

@@ -24,7 +24,7 @@ from typing import Any
 
 from common import cpu_ticks, log, rss_mb
 
-from hyperfence.agent import wire
+from hyperfence import wire
 from hyperfence.daemon import request
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.lab.plan import plan_lab

@@ -45,7 +45,6 @@ import threading
 import time
 from typing import Any
 
-from hyperfence.adapters.state_dir import write_private
 from hyperfence.errors import ConflictError, HyperfenceError
 from hyperfence.model.kernel import Flavour
 from hyperfence.model.text import printable
@@ -58,6 +57,7 @@ from hyperfence.reconcile.inventory import InventoryWatcher
 from hyperfence.reconcile.preconditions import Preconditions
 from hyperfence.reconcile.supervisor import StopSignal, Supervisor, wake_fd
 from hyperfence.ruleset.compile import TABLES
+from hyperfence.system.state_dir import write_private
 
 log = logging.getLogger("hyperfence.daemon")
 

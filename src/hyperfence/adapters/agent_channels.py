@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hyperfence.agent import wire
+from hyperfence import wire
 
 log = logging.getLogger("hyperfence.agents")
 

@@ -20,10 +20,11 @@ import socket
 import struct
 from collections.abc import Collection, Iterable
 
-from hyperfence.adapters.netlink import NETLINK_ROUTE, NLA_HDR, NLMSG_HDR, GroupWatch, attr, attrs, split_dump
-from hyperfence.adapters.netlink import netfilter_socket as open_netlink
+from hyperfence.codec.netlink import NLA_HDR, NLMSG_HDR, attr, attrs, split_dump
 from hyperfence.errors import KernelError
 from hyperfence.model.ports import BridgePort
+from hyperfence.system.netlink import NETLINK_ROUTE, GroupWatch
+from hyperfence.system.netlink import netfilter_socket as open_netlink
 
 RTM_NEWLINK, RTM_GETLINK = 16, 18
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300

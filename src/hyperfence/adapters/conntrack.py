@@ -28,17 +28,11 @@ import struct
 from collections import Counter
 from collections.abc import Iterable
 
-from hyperfence.adapters.netlink import (
-    NLA_F_NESTED,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    NLMSG_HDR,
-    netfilter_socket,
-    split_dump,
-)
-from hyperfence.adapters.netlink import attr as _attr
-from hyperfence.adapters.netlink import attrs as _attrs
+from hyperfence.codec.netlink import NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, split_dump
+from hyperfence.codec.netlink import attr as _attr
+from hyperfence.codec.netlink import attrs as _attrs
 from hyperfence.errors import KernelError, PermissionDeniedError
+from hyperfence.system.netlink import netfilter_socket
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2

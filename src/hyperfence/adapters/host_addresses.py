@@ -19,10 +19,10 @@ from ipaddress import IPv4Network
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from hyperfence.adapters.netlink import GroupWatch
-from hyperfence.adapters.netns import NetnsThread, netns_path
 from hyperfence.errors import KernelError, NotFoundError
 from hyperfence.model.policy import AddressRange
+from hyperfence.system.netlink import GroupWatch
+from hyperfence.system.netns import NetnsThread, netns_path
 
 RT_TABLE_LOCAL = 255
 RTN_LOCAL, RTN_BROADCAST = 2, 3

@@ -15,14 +15,24 @@ that has it. A bridge-native reject must sit where the sender's frame enters (pr
 from __future__ import annotations
 
 import subprocess
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
-from hyperfence.adapters.nft import Nft
 from hyperfence.errors import KernelError
 from hyperfence.model.kernel import CALL_IPTABLES, Capabilities
 
+T = TypeVar("T")
+
 SYSCTL_PATH = "/proc/sys/" + CALL_IPTABLES.replace(".", "/")
 PROBE_TABLE = "hyperfence_probe"  # never created: only ever in dry-run batches
+
+
+class NftContext(Protocol):
+    """What the probe needs of an nftables context in the bridges' namespace (adapters/nft.py `Nft`)."""
+
+    def check(self, batch: dict[str, Any]) -> str | None: ...
+
+    def in_netns(self, fn: Callable[[], T]) -> T: ...
 
 
 def _dry_run(stmt: dict[str, Any], *, hook: str = "forward") -> dict[str, Any]:
@@ -43,7 +53,7 @@ REJECT = {"reject": None}
 ACCEPT = {"accept": None}  # the control: a batch any kernel takes
 
 
-def read_call_iptables(nft: Nft) -> bool | None:
+def read_call_iptables(nft: NftContext) -> bool | None:
     """The sysctl in nft's namespace: None when br_netfilter is not there at all."""
 
     def read() -> bool | None:
@@ -56,7 +66,7 @@ def read_call_iptables(nft: Nft) -> bool | None:
     return nft.in_netns(read)
 
 
-def set_call_iptables(nft: Nft) -> None:
+def set_call_iptables(nft: NftContext) -> None:
     """Turn the sysctl on in nft's namespace. KernelError (with what to do) when it cannot be written."""
 
     def write() -> None:
@@ -83,7 +93,7 @@ def load_br_netfilter() -> str | None:
     return None if done.returncode == 0 else (done.stderr.strip() or f"exit status {done.returncode}")
 
 
-def probe(nft: Nft) -> Capabilities:
+def probe(nft: NftContext) -> Capabilities:
     control = nft.check(_dry_run(ACCEPT))
     if control is not None:  # then a refused ct or reject rule would say nothing about the kernel
         raise KernelError(f"the kernel refused the probe's control batch (nothing was changed): {control}")

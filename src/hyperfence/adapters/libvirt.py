@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import libvirt  # type: ignore[import-untyped]
 
-from hyperfence.adapters.libvirt_xml import (
+from hyperfence.codec.libvirt_xml import (
     RESUMED,
     RUNNING,
     XMLNS,

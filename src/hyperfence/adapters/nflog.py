@@ -28,8 +28,7 @@ import time
 from types import TracebackType
 from typing import Self
 
-from hyperfence.adapters.netlink import netfilter_socket
-from hyperfence.adapters.nflog_parse import (
+from hyperfence.codec.nflog import (
     NFNL_SUBSYS_ULOG,
     NFULNL_MSG_CONFIG,
     NLA_HDR,
@@ -46,6 +45,7 @@ from hyperfence.errors import (
     PermissionDeniedError,
     Problem,
 )
+from hyperfence.system.netlink import netfilter_socket
 
 __all__ = ["NflogPacket", "NflogReader", "parse_nflog", "parse_nflog_batch"]
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import errno
 import json
+import os
+import socket
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
 
-from hyperfence.adapters import nft_rules
-from hyperfence.adapters.netns import NetnsThread
+from hyperfence.codec import nft_rules
 from hyperfence.errors import KernelError, NotFoundError
+from hyperfence.system.netlink import NETLINK_NETFILTER
+from hyperfence.system.netns import NetnsThread
 
 T = TypeVar("T")
 
@@ -73,7 +77,7 @@ class Nft:
         self._lib = _load()
         self._thread = NetnsThread(netns, name="hyperfence-nft")
         self._ctx: int = self._thread.call(self._new_ctx)
-        self._sock = self._thread.call(nft_rules.open_socket)
+        self._sock = self._thread.call(_open_socket)
         self._seq = 0
 
     @property
@@ -150,7 +154,7 @@ class Nft:
         """(handle, comment) of every rule of one chain, in order, straight from the kernel ([] if absent)."""
         self._seq += 1
         seq = self._seq
-        return self._thread.call(lambda: nft_rules.read_rule_ids(self._sock, family, table, chain, seq))
+        return self._thread.call(lambda: _read_rule_ids(self._sock, family, table, chain, seq))
 
     def close(self) -> None:
         self._sock.close()
@@ -164,3 +168,31 @@ class Nft:
 def _trim(err: str, limit: int = 2000) -> str:
     err = err.strip()
     return err if len(err) <= limit else err[:limit] + " ..."
+
+
+# Rule ids straight from the kernel (one chain, without libnftables' whole-table cache): see codec/nft_rules.py.
+
+
+def _read_rule_ids(
+    sock: socket.socket, family: str, table: str, chain: str, seq: int
+) -> list[tuple[int, str]]:
+    """Dump one chain. Must run where `sock` was made (any thread; the socket fixes the namespace)."""
+    sock.send(nft_rules.dump_request(family, table, chain, seq))
+    out: list[tuple[int, str]] = []
+    while True:
+        data = sock.recv(1 << 20)
+        rules, done, err = nft_rules.parse_dump(data)
+        out.extend(rules)
+        if err == errno.ENOENT:
+            return []
+        if err:
+            raise KernelError(f"nf_tables: dumping chain {family} {table} {chain} failed: {os.strerror(err)}")
+        if done:
+            return out
+
+
+def _open_socket() -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    s.bind((0, 0))
+    s.settimeout(5)
+    return s

@@ -9,7 +9,7 @@ committed it and how many of its messages named one of the watched tables.
 Why a netlink socket of our own and not an `nft monitor` child process: the same events reach us without a
 26 ms process start, a child to supervise, reap and kill (PID 1 here reaps nothing, and a `kill -9` of the
 daemon would leave it running), or a text format to parse; `nft -j monitor` (nft 1.0.6) does not even print
-the generation line, which is the one that says who committed. It is how `adapters/nft_rules.py` and
+the generation line, which is the one that says who committed. It is how `codec/nft_rules.py` and
 `adapters/nflog.py` already talk to the kernel. Decoding is pure (`GenerationParser`) and unit-tested with
 built messages; the kernel test compares it with what real commits send.
 
@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from hyperfence.adapters.netlink import NLA_HDR, NLMSG_HDR, netfilter_socket
-from hyperfence.adapters.netlink import attrs as _attrs
+from hyperfence.codec.netlink import NLA_HDR, NLMSG_HDR
+from hyperfence.codec.netlink import attrs as _attrs
 from hyperfence.errors import BugError, KernelError
+from hyperfence.system.netlink import netfilter_socket
 
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10

@@ -27,8 +27,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyperfence.adapters.state_dir import write_private
 from hyperfence.errors import InvalidInputError, Problem
+from hyperfence.system.state_dir import write_private
 
 DIR_MODE = 0o710  # root:<QEMU's group>: QEMU passes through; nobody else enters or lists
 FILE_MODE = 0o600  # owned by QEMU's user (write_private's mode)

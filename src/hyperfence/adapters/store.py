@@ -1,4 +1,4 @@
-"""The embedded store: SQLite (WAL) in the state directory (private: `adapters/state_dir.py`).
+"""The embedded store: SQLite (WAL) in the state directory (private: `system/state_dir.py`).
 
 Policies are kept as generations (the document as the user wrote it, already validated), never edited in
 place; events (drift repaired, applies) are appended. A second process can read while the daemon writes.
@@ -19,10 +19,10 @@ from typing import Any
 
 import orjson
 
-from hyperfence.adapters.state_dir import open_private, secure_state_dir
 from hyperfence.errors import TemporaryError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease, LeaseSource
+from hyperfence.system.state_dir import open_private, secure_state_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS policy (

@@ -3,7 +3,7 @@
 `ensure_certificates` makes them once (ECDSA P-256, the CA valid 10 years, the server certificate 2 years,
 for the endpoint's address as an IP subject-alternative name); the CA certificate goes into each guest with
 the agent's config (the agent verifies the host with it). Every file is written 0600 in a 0700 directory
-(`adapters/state_dir.py`), whatever the umask.
+(`system/state_dir.py`), whatever the umask.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
+from hyperfence.system.state_dir import DIR_MODE, make_dirs, write_private
 
 
 def tls_dir(state_dir: str) -> Path:

@@ -1,5 +1,6 @@
 """Builds the agent's zipapp: one executable file holding only `hyperfence/__init__.py` (empty),
-`hyperfence/agent/*.py` and a root `__main__.py`, run by any Python >= 3.9 in the guest:
+`hyperfence/wire.py` (the wire format, which the host imports too), `hyperfence/agent/*.py` and a root
+`__main__.py`, run by any Python >= 3.9 in the guest:
 
     python3 hyperfence-agent.pyz --config /etc/hyperfence/agent.json
 
@@ -28,6 +29,7 @@ def build_zipapp(out: Path) -> Path:
     package = Path(__file__).resolve().parent
     sources = sorted(p for p in package.glob("*.py") if p.is_file())
     entries = [("__main__.py", ROOT_MAIN.encode()), ("hyperfence/__init__.py", b"")]
+    entries.append(("hyperfence/wire.py", (package.parent / "wire.py").read_bytes()))
     entries += [(f"hyperfence/agent/{p.name}", p.read_bytes()) for p in sources]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ import threading
 import time
 from typing import Any, Protocol
 
-from hyperfence.agent import AGENT_VERSION, wire
+from hyperfence import wire
+from hyperfence.agent import AGENT_VERSION
 from hyperfence.agent.channel import Channel, Transport, make_transport
 from hyperfence.agent.collect import Collector
 from hyperfence.agent.config import Config, ConfigError, load_config

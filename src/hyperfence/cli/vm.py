@@ -13,10 +13,9 @@ import typer
 from rich.text import Text
 
 from hyperfence import errors
-from hyperfence.adapters.libvirt_xml import AGENT_FW_CFG
 from hyperfence.adapters.qemu_files import QemuUser, check_reachable, qemu_user, write_for_qemu
-from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
 from hyperfence.cli.output import err, out, plain, table
+from hyperfence.codec.libvirt_xml import AGENT_FW_CFG
 from hyperfence.daemon import request
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.model.policy import Policy, Vm
@@ -24,6 +23,7 @@ from hyperfence.policy.syntax import LABEL_RE, parse_ipv4
 from hyperfence.reconcile.agents import channels_dir, enroll
 from hyperfence.reconcile.conntrack import read_vm_connections
 from hyperfence.reconcile.engine import Engine
+from hyperfence.system.state_dir import DIR_MODE, make_dirs, write_private
 
 vm_app = typer.Typer(no_args_is_help=True, help="VMs' agents: enrol, list, events, release.")
 agent_app = typer.Typer(no_args_is_help=True, help="The guest agent.")

@@ -18,7 +18,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from hyperfence.agent import wire
+from hyperfence import wire
 from hyperfence.model.policy import Heartbeat, Release, SilenceAction
 
 REASONS = (

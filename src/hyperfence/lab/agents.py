@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, open_private, write_private
 from hyperfence.agent.build import build_zipapp
 from hyperfence.lab import records, topology
 from hyperfence.lab.plan import LabPlan
@@ -30,6 +29,7 @@ from hyperfence.model.policy import Vm
 from hyperfence.policy.parse import parse_policy
 from hyperfence.reconcile.agents import channels_dir, enroll
 from hyperfence.reconcile.engine import Engine
+from hyperfence.system.state_dir import DIR_MODE, make_dirs, open_private, write_private
 
 PYTHON = "/usr/bin/python3"  # the guest's interpreter: Debian's, not the host's virtualenv
 

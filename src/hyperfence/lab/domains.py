@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperfence.adapters.libvirt import LibvirtInventory
-from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, AGENT_FW_CFG, QEMU_USER, DomainInfo, labels_xml
 from hyperfence.adapters.qemu_files import QemuUser, write_for_qemu
+from hyperfence.codec.libvirt_xml import AGENT_CHANNEL, AGENT_FW_CFG, QEMU_USER, DomainInfo, labels_xml
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError, Problem
 from hyperfence.lab import guest_init, records
 from hyperfence.lab.plan import LabPlan

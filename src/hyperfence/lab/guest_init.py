@@ -33,7 +33,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from hyperfence.adapters.libvirt_xml import AGENT_CHANNEL, AGENT_FW_CFG
+from hyperfence.codec.libvirt_xml import AGENT_CHANNEL, AGENT_FW_CFG
 from hyperfence.errors import InvalidInputError, Problem
 
 AGENT_PORT_NAME = AGENT_CHANNEL

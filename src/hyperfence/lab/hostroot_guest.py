@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from hyperfence.adapters.state_dir import DIR_MODE, make_dirs
 from hyperfence.errors import BugError, NotFoundError, PermissionDeniedError
 from hyperfence.lab import hostroot
 from hyperfence.lab.guest_kernel import download_package, find_kernel_package
 from hyperfence.lab.image import BUSYBOX, DEFAULT_OUT, locked
+from hyperfence.system.state_dir import DIR_MODE, make_dirs
 
 BUILDER = 1  # bump when the boot files' layout changes: older ones are rebuilt
 SUBDIR = "hostroot"

@@ -28,11 +28,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hyperfence.adapters.state_dir import DIR_MODE, make_dirs
 from hyperfence.agent.build import build_zipapp
 from hyperfence.errors import BugError, NotFoundError, PermissionDeniedError
 from hyperfence.lab import guest_init, guest_python
 from hyperfence.lab.guest_kernel import KernelPackage, download_package, extract_kernel, find_kernel_package
+from hyperfence.system.state_dir import DIR_MODE, make_dirs
 
 DEFAULT_OUT = Path("/var/lib/hyperfence/images")
 BUILDER = 1  # bump when the image's layout changes: every image built before is rebuilt

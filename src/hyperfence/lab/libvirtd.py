@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperfence.adapters.libvirt import DEFAULT_URI, LibvirtInventory
-from hyperfence.adapters.netns import netns_path
 from hyperfence.errors import ConflictError, KernelError, NotFoundError, PermissionDeniedError, TemporaryError
 from hyperfence.lab import records
 from hyperfence.lab.plan import LabPlan
+from hyperfence.system.netns import netns_path
 
 log = logging.getLogger("hyperfence.lab.libvirtd")
 

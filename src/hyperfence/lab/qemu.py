@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hyperfence.adapters.libvirt import LibvirtInventory
-from hyperfence.adapters.libvirt_xml import DomainInfo
 from hyperfence.adapters.qemu_files import qemu_user
+from hyperfence.codec.libvirt_xml import DomainInfo
 from hyperfence.errors import HyperfenceError
 from hyperfence.lab.domains import (
     agent_config_file,

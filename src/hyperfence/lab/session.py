@@ -17,7 +17,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from hyperfence.adapters.state_dir import DIR_MODE, make_dirs, write_private
 from hyperfence.errors import BugError
 from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan, plan_lab, validate_lab_name
@@ -25,6 +24,7 @@ from hyperfence.lab.policy import lab_policy
 from hyperfence.model.kernel import FLAVOUR_ENV, parse_flavour
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.firewall import ConvergeResult
+from hyperfence.system.state_dir import DIR_MODE, make_dirs, write_private
 
 STATE_ROOT = "/var/lib/hyperfence/labs"
 PROBE = [sys.executable, "-m", "hyperfence.lab.probe"]

@@ -41,7 +41,6 @@ from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from hyperfence.adapters import kernel_probe
-from hyperfence.adapters.netns import NetnsThread
 from hyperfence.errors import (
     ConflictError,
     InvalidInputError,
@@ -72,6 +71,7 @@ from hyperfence.lab.processes import (
 )
 from hyperfence.lab.records import Record, read_record, state_dir, state_file, write_record
 from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, parse_flavour
+from hyperfence.system.netns import NetnsThread
 
 NETNS_DIR = Path("/run/netns")
 

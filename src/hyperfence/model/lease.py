@@ -27,7 +27,7 @@ class DhcpType(enum.IntEnum):
 
 @dataclass(frozen=True)
 class DhcpMessage:
-    """The fields of one DHCP message that learning needs, taken from a frame (`adapters/bootp.py`).
+    """The fields of one DHCP message that learning needs, taken from a frame (`codec/bootp.py`).
 
     `op` 1 is a client's request, 2 a server's reply; `chaddr` the client's MAC (lower case, colon
     separated); `lease_time` is option 51 in seconds (None when absent); `server_id` option 54. `src` and
@@ -67,7 +67,7 @@ class Lease:
 @dataclass(frozen=True)
 class NetworkLease:
     """One IPv4 lease from a libvirt network's lease list (`virNetworkGetDHCPLeases`), bounded and checked
-    (`adapters/libvirt_xml.network_lease`): libvirt's `network`, its bridge (`iface`), the client's `mac`,
+    (`codec/libvirt_xml.network_lease`): libvirt's `network`, its bridge (`iface`), the client's `mac`,
     the address, and `expires` (seconds since the epoch; None: libvirt gives no end, an infinite lease).
     The guest-chosen strings of the entry (hostname, client id) are never kept."""
 

@@ -29,10 +29,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from hyperfence import wire
 from hyperfence.adapters.agent_channels import Hub
-from hyperfence.adapters.netns import NetnsThread
 from hyperfence.adapters.tls import ensure_certificates, server_context
-from hyperfence.agent import wire
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.health.tracker import AgentRecord, Decision, Ingested, Tracker
@@ -40,6 +39,7 @@ from hyperfence.model.policy import Heartbeat, Policy, Vm
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.supervisor import wake_fd
 from hyperfence.ruleset.compile import vm_sid
+from hyperfence.system.netns import NetnsThread
 
 log = logging.getLogger("hyperfence.agents")
 

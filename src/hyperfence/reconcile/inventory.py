@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
-from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, DomainNic, NetworkLeases, VmAction
+from hyperfence.codec.libvirt_xml import DomainEvent, DomainInfo, DomainNic, NetworkLeases, VmAction
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.leases import LibvirtLeases

@@ -4,7 +4,7 @@
 logs there only (`ruleset/compile.py`): the DHCP answers a learning VM's ingress rules accept from a server
 its `dhcp` rules name (the first packet of a flow right before the rule that accepts it, a renewal's answer
 before the established shortcut), and what such a VM sends to a server's port. Each frame is decoded with
-bounds (`adapters/bootp.py`) and judged (`policy/leases.py`): a DHCPACK for the VM's MAC teaches its address
+bounds (`codec/bootp.py`) and judged (`policy/leases.py`): a DHCPACK for the VM's MAC teaches its address
 until the lease ends; a DHCPRELEASE from the VM or a DHCPNAK to it gives addresses back. Every change is
 stored (leases survive a daemon restart until they end), recorded as an event of the VM (`lease-learned`,
 `lease-released`, `lease-expired`, `lease-ignored`), handed to the engine as an input next to the policy
@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from hyperfence.adapters.bootp import MalformedDhcpError, parse_dhcp
 from hyperfence.adapters.conntrack import forget_flows
-from hyperfence.adapters.libvirt_xml import NetworkLeases
 from hyperfence.adapters.nflog import NflogReader
-from hyperfence.adapters.nflog_parse import NflogPacket
+from hyperfence.codec.bootp import MalformedDhcpError, parse_dhcp
+from hyperfence.codec.libvirt_xml import NetworkLeases
+from hyperfence.codec.nflog import NflogPacket
 from hyperfence.errors import HyperfenceError
 from hyperfence.model.lease import Lease, LeaseSource
 from hyperfence.model.policy import Policy, Settings, Vm

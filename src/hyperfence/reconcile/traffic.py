@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
 from hyperfence.adapters.nflog import NflogReader
-from hyperfence.adapters.nflog_parse import NflogPacket
-from hyperfence.adapters.state_dir import open_private
+from hyperfence.codec.nflog import NflogPacket
 from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.supervisor import wake_fd
 from hyperfence.ruleset.compile import LOG_PREFIX, vm_sid
+from hyperfence.system.state_dir import open_private
 
 log = logging.getLogger("hyperfence.traffic")
 

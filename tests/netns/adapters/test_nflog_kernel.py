@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from hyperfence.adapters.netns import NetnsThread
 from hyperfence.adapters.nflog import NflogPacket, NflogReader
 from hyperfence.errors import BugError, InvalidInputError, KernelError, NotFoundError
+from hyperfence.system.netns import NetnsThread
 
 pytestmark = [
     pytest.mark.kernel,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperfence.agent import wire
+from hyperfence import wire
 from hyperfence.agent.build import build_zipapp
 from hyperfence.lab import topology
 from hyperfence.lab.agents import agent_argv, zipapp_path

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hyperfence.adapters.nflog import NflogReader
-from hyperfence.adapters.nflog_parse import NflogPacket
+from hyperfence.codec.nflog import NflogPacket
 from hyperfence.lab.session import LabSession
 from hyperfence.ruleset.build import TABLES, log_prefix, vm_sid
 from hyperfence.ruleset.readback import rule_counters

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from hyperfence.agent import wire
+from hyperfence import wire
 from hyperfence.lab.guest_init import AGENT_PORT_NAME, kernel_cmdline
 from hyperfence.lab.image import DEFAULT_OUT, GuestImage, build_image
 

@@ -23,9 +23,9 @@ import pytest
 from typer.testing import CliRunner
 
 from hyperfence.adapters.libvirt import LibvirtInventory
-from hyperfence.adapters.libvirt_xml import DomainInfo
 from hyperfence.adapters.qemu_files import DIR_MODE, qemu_user
 from hyperfence.cli.main import app
+from hyperfence.codec.libvirt_xml import DomainInfo
 from hyperfence.errors import InvalidInputError
 from hyperfence.lab.domains import define_lab_domain, lab_domain_spec, lab_domains, prepare_qemu_dir
 from hyperfence.lab.libvirtd import ensure_libvirtd, running_libvirtd, stop_libvirtd

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from hyperfence.adapters.libvirt import LibvirtInventory
-from hyperfence.adapters.libvirt_xml import XMLNS
+from hyperfence.codec.libvirt_xml import XMLNS
 from hyperfence.daemon import request
 from hyperfence.lab.domains import prepare_qemu_dir, qemu_dir
 from hyperfence.lab.image import build_image

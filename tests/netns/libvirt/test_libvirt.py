@@ -24,8 +24,8 @@ import pytest
 from typer.testing import CliRunner
 
 from hyperfence.adapters.libvirt import LibvirtEvents, LibvirtInventory
-from hyperfence.adapters.libvirt_xml import DomainEvent, DomainInfo, VmAction
 from hyperfence.cli.main import app
+from hyperfence.codec.libvirt_xml import DomainEvent, DomainInfo, VmAction
 from hyperfence.errors import ConflictError, InvalidInputError, NotFoundError, TemporaryError
 from hyperfence.lab.domains import define_lab_domain, lab_domain_spec, lab_domains, prepare_qemu_dir
 from hyperfence.lab.libvirtd import ensure_libvirtd, kill_libvirtd, running_libvirtd, stop_libvirtd

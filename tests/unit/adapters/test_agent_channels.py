@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from hyperfence import wire
 from hyperfence.adapters import agent_channels as ch
 from hyperfence.adapters.tls import ensure_certificates, server_context
-from hyperfence.agent import wire
 from hyperfence.health.tracker import AgentRecord, Tracker
 
 KEYS = {"a": b"A" * 32, "b": b"B" * 32, "t": b"T" * 32}

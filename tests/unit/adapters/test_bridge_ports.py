@@ -17,7 +17,7 @@ from hyperfence.adapters.bridge_ports import (
     RTM_NEWLINK,
     parse_links,
 )
-from hyperfence.adapters.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, attr
+from hyperfence.codec.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, attr
 from hyperfence.model.ports import BridgePort
 
 

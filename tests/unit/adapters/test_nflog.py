@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hyperfence.adapters.nflog_parse import (
+from hyperfence.codec.nflog import (
     NetlinkAck,
     NflogBatch,
     NflogPacket,

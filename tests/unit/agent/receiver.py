@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hyperfence.agent import wire
+from hyperfence import wire
 
 KEY = bytes(range(32))
 VM = "vm-test"

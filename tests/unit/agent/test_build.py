@@ -23,11 +23,11 @@ def test_the_zipapp_holds_only_the_agent(tmp_path: Path) -> None:
         names = set(z.namelist())
         assert z.read("hyperfence/__init__.py") == b""
         assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in z.infolist())
-    expected = {"__main__.py", "hyperfence/__init__.py"} | {
+    expected = {"__main__.py", "hyperfence/__init__.py", "hyperfence/wire.py"} | {
         f"hyperfence/agent/{p.name}" for p in SRC.glob("*.py")
     }
     assert names == expected
-    assert "hyperfence/agent/wire.py" in names and not any("__pycache__" in n for n in names)
+    assert "hyperfence/wire.py" in names and not any("__pycache__" in n for n in names)
 
 
 def test_builds_are_reproducible(tmp_path: Path) -> None:

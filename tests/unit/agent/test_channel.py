@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperfence.agent import wire
+from hyperfence import wire
 from hyperfence.agent.channel import Backoff, Channel, TlsTransport, Transport, UnixTransport, VirtioTransport
 from tests.unit.agent.receiver import KEY, VM, Receiver, make_certs, server_context
 

@@ -95,7 +95,7 @@ def test_what_a_guest_chose_is_printed_as_text_never_as_markup_or_control(tmp_pa
     import sys
     import time
 
-    from hyperfence.agent import wire
+    from hyperfence import wire
     from hyperfence.reconcile.agents import AgentMonitor
 
     store_policy(tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 
-from hyperfence.agent import wire
+from hyperfence import wire
 from hyperfence.health.tracker import AgentRecord, Tracker
 from hyperfence.model.policy import Heartbeat, Release, SilenceAction
 

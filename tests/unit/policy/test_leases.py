@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from hyperfence.adapters.bootp import parse_dhcp
+from hyperfence.codec.bootp import parse_dhcp
 from hyperfence.model.lease import Lease, LeaseSource, NetworkLease
 from hyperfence.policy.leases import (
     GRACE_SECONDS,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hyperfence.agent import wire
+from hyperfence import wire
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.engine import Engine

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from hyperfence.adapters.libvirt_xml import DomainInfo, DomainNic, NetworkLeases
+from hyperfence.codec.libvirt_xml import DomainInfo, DomainNic, NetworkLeases
 from hyperfence.model.lease import Lease
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy

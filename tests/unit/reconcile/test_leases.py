@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from hyperfence.adapters.libvirt_xml import NetworkLeases
-from hyperfence.adapters.nflog_parse import NflogPacket
+from hyperfence.codec.libvirt_xml import NetworkLeases
+from hyperfence.codec.nflog import NflogPacket
 from hyperfence.errors import TemporaryError
 from hyperfence.model.lease import LeaseSource, NetworkLease
 from hyperfence.policy.leases import GRACE_SECONDS

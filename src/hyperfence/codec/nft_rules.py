@@ -1,4 +1,4 @@
-"""List the ids and handles of one chain's rules straight from the kernel (nf_tables netlink, stdlib only).
+"""The nf_tables netlink messages that list one chain's rules (pure: the socket is adapters/nft.py's).
 
 Why: through libnftables, listing even one chain loads every rule of the table into its cache (~36 ms at
 1,000 VMs). The kernel itself can dump a single chain. This reads, for each rule in order, its handle and its
@@ -9,20 +9,15 @@ chain holds the right rules in the right order and to learn the handles of the r
 
 from __future__ import annotations
 
-import errno
-import os
-import socket
 import struct
 
-from hyperfence.adapters.netlink import attr as _attr
-from hyperfence.adapters.netlink import attrs as _attrs
-from hyperfence.errors import KernelError
+from hyperfence.codec.netlink import NLMSG_HDR, split_dump
+from hyperfence.codec.netlink import attr as _attr
+from hyperfence.codec.netlink import attrs as _attrs
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETRULE = 7
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_HANDLE, NFTA_RULE_USERDATA = 1, 2, 3, 7
 NFTNL_UDATA_RULE_COMMENT = 0
 FAMILIES = {"ip": 2, "inet": 1, "bridge": 7, "netdev": 5, "arp": 3, "ip6": 10}
@@ -32,7 +27,7 @@ def dump_request(family: str, table: str, chain: str, seq: int) -> bytes:
     body = struct.pack("=BBH", FAMILIES[family], 0, 0)  # nfgenmsg: family, version, res_id
     body += _attr(NFTA_RULE_TABLE, table.encode() + b"\0") + _attr(NFTA_RULE_CHAIN, chain.encode() + b"\0")
     msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
-    return struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+    return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
 
 
 def comment_of(udata: bytes) -> str:
@@ -49,45 +44,11 @@ def comment_of(udata: bytes) -> str:
 def parse_dump(data: bytes) -> tuple[list[tuple[int, str]], bool, int]:
     """(rules as (handle, comment), done, errno) from one receive buffer."""
     rules: list[tuple[int, str]] = []
-    off = 0
-    while off + 16 <= len(data):
-        length, msg_type, _, _, _ = struct.unpack_from("=IHHII", data, off)
-        if length < 16 or off + length > len(data):
-            break
-        if msg_type == NLMSG_DONE:
-            return rules, True, 0
-        if msg_type == NLMSG_ERROR:
-            err = -struct.unpack_from("=i", data, off + 16)[0]
-            return rules, True, err
+    messages, done, err = split_dump(data)
+    for msg_type, payload, end in messages:
         if msg_type == (NFNL_SUBSYS_NFTABLES << 8) | 6:  # NFT_MSG_NEWRULE (what a dump returns)
-            attrs = _attrs(data, off + 20, off + length)
-            if NFTA_RULE_HANDLE in attrs:
+            attrs = _attrs(data, payload + 4, end)  # after nfgenmsg
+            if NFTA_RULE_HANDLE in attrs and len(attrs[NFTA_RULE_HANDLE]) == 8:
                 handle = struct.unpack(">Q", attrs[NFTA_RULE_HANDLE])[0]
                 rules.append((handle, comment_of(attrs.get(NFTA_RULE_USERDATA, b""))))
-        off += (length + 3) & ~3
-    return rules, False, 0
-
-
-def read_rule_ids(
-    sock: socket.socket, family: str, table: str, chain: str, seq: int
-) -> list[tuple[int, str]]:
-    """Dump one chain. Must run where `sock` was made (any thread; the socket fixes the namespace)."""
-    sock.send(dump_request(family, table, chain, seq))
-    out: list[tuple[int, str]] = []
-    while True:
-        data = sock.recv(1 << 20)
-        rules, done, err = parse_dump(data)
-        out.extend(rules)
-        if err == errno.ENOENT:
-            return []
-        if err:
-            raise KernelError(f"nf_tables: dumping chain {family} {table} {chain} failed: {os.strerror(err)}")
-        if done:
-            return out
-
-
-def open_socket() -> socket.socket:
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-    s.bind((0, 0))
-    s.settimeout(5)
-    return s
+    return rules, done, err

@@ -1,11 +1,11 @@
-"""Netlink framing shared by hyperfence's readers of the kernel (adapters/netlink.py): pure, no socket."""
+"""Netlink framing shared by hyperfence's readers of the kernel (codec/netlink.py): pure, no socket."""
 
 from __future__ import annotations
 
 import errno
 import struct
 
-from hyperfence.adapters.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, split_dump
+from hyperfence.codec.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, split_dump
 
 
 def test_split_dump_stops_at_done_or_error_and_never_reads_past_the_buffer() -> None:

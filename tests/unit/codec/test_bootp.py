@@ -9,10 +9,10 @@ from ipaddress import IPv4Address
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tests.unit.adapters.dhcp_frames import VM_MAC, ack, bootp, dhcp_options, ip_udp
 
-from hyperfence.adapters.bootp import MalformedDhcpError, parse_dhcp
+from hyperfence.codec.bootp import MalformedDhcpError, parse_dhcp
 from hyperfence.model.lease import DhcpType
+from tests.unit.adapters.dhcp_frames import VM_MAC, ack, bootp, dhcp_options, ip_udp
 
 
 def test_an_ack_gives_the_address_the_client_and_the_lease() -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hyperfence.agent import wire
+from hyperfence import wire
 
 KEY = b"k" * 32
 VM = "vm-1"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hyperfence.adapters.state_dir import make_dirs, open_private, secure_state_dir, write_private
 from hyperfence.adapters.store import Store
 from hyperfence.adapters.tls import ensure_certificates
 from hyperfence.errors import InvalidInputError, PermissionDeniedError
+from hyperfence.system.state_dir import make_dirs, open_private, secure_state_dir, write_private
 
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")

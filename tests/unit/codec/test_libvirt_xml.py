@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hyperfence.adapters.libvirt_xml import (
+from hyperfence.codec.libvirt_xml import (
     AGENT_CHANNEL,
     XMLNS,
     DomainInfo,
