@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from hyperfence.errors import ConflictError
 from hyperfence.health.tracker import AgentRecord
@@ -63,8 +66,8 @@ class FakePolicyRepository(_Locked):
                     f"policy generation {expected} was expected to be the latest, but the store holds "
                     f"generation {latest} now: read it again and retry"
                 )
-            # a deep copy: what was stored cannot change afterwards (the SQLite store keeps JSON text)
-            self.versions.append(StoredPolicy(latest + 1, self.clock(), source, copy.deepcopy(document)))
+            # as JSON, as the SQLite store keeps it: what was stored cannot change afterwards
+            self.versions.append(StoredPolicy(latest + 1, self.clock(), source, _as_json(document)))
             self._cond.notify_all()
             return latest + 1
 
@@ -108,12 +111,14 @@ class FakeEventLog(_Locked):
         self.add_events([(kind, vm, data)])
 
     def add_events(self, rows: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+        # as the SQLite store keeps them: JSON text (what cannot be JSON is refused, the whole batch)
+        texts = [(kind, vm, json.dumps(data, sort_keys=True)) for kind, vm, data in rows]
         with self._cond:
             now = self.clock()
-            for kind, vm, data in rows:
-                # as the SQLite store returns them: id, time, kind and vm, then the data (a copy)
+            for kind, vm, text in texts:
+                # as the SQLite store returns them: id, time, kind and vm, then the data
                 self.rows.append(
-                    {"id": len(self.rows) + 1, "time": now, "kind": kind, "vm": vm, **copy.deepcopy(data)}
+                    {"id": len(self.rows) + 1, "time": now, "kind": kind, "vm": vm, **json.loads(text)}
                 )
 
     def events(
@@ -195,6 +200,10 @@ class FakeLeaseStore(_Locked):
 class FakeStore(FakePolicyRepository, FakeEventLog, FakeAgentState, FakeLeaseStore):
     """Every repository port in memory, sharing one lock and one clock (the base classes' constructors
     run in turn through `super()`)."""
+
+
+def _as_json(document: Any) -> Any:
+    return orjson.loads(orjson.dumps(document, option=orjson.OPT_SORT_KEYS))
 
 
 def _copied(p: StoredPolicy) -> StoredPolicy:
