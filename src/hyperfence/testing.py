@@ -201,6 +201,9 @@ class FakeStore(FakePolicyRepository, FakeEventLog, FakeAgentState, FakeLeaseSto
     """Every repository port in memory, sharing one lock and one clock (the base classes' constructors
     run in turn through `super()`)."""
 
+    def close(self) -> None:
+        """Nothing to release (as `Store.close`, so that a fake can stand in an `Engine`)."""
+
 
 def _as_json(document: Any) -> Any:
     return orjson.loads(orjson.dumps(document, option=orjson.OPT_SORT_KEYS))

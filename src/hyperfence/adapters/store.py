@@ -144,7 +144,7 @@ class Store:
                 "INSERT INTO policy(created, source, document) VALUES (?, ?, ?)", (time.time(), source, text)
             )
             generation = int(cur.lastrowid or 0)
-        self._feed.notify()
+        self._feed.announce(generation)
         return generation
 
     def wait_for_change(

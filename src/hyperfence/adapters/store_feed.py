@@ -2,12 +2,17 @@
 
 Two sources wake the waiters (a `threading.Condition`):
 
-* a put through the same `Store` object (`notify`, called by `Store.put_policy` after its commit);
-* a commit by another process (`hyperfence policy apply`, a benchmark) or another connection: a watcher
-  thread, started at the first wait, blocks on inotify for writes to the database and its write-ahead log,
-  then asks its own connection `PRAGMA data_version` (which moves only when another connection committed)
-  and, if it moved, `MAX(generation)`; only a new generation wakes the waiters. The daemon's own event and
-  agent writes and its checkpoints thus cost the watcher one cheap query each, and wake nobody.
+* a put through the same `Store` object (`announce`, called by `Store.put_policy` after its commit);
+* a put by another process (`hyperfence policy apply`, a benchmark) or another `Store`: a watcher thread,
+  started at the first wait, blocks on inotify for writes to the state directory's database files, then
+  asks its own connection `PRAGMA data_version` (which moves only when another connection committed) and,
+  if it moved, `MAX(generation)`; only a new generation wakes the waiters. The daemon's own event and agent
+  writes and its checkpoints thus cost the watcher one cheap query each, and wake nobody.
+
+  The write-ahead log's write event can come before the commit is visible (SQLite publishes a commit in
+  the shared-memory index, through mmap, which inotify does not see), so a put also writes its generation
+  to a marker file (`<db>-generation`) after its commit: that event always finds the commit. A writer that
+  is not a `Store` (the sqlite3 shell) is seen through the log's events, or at the waiters' timeout.
 
 Without inotify (another OS, or `inotify_init1` refused) the feed degrades to the waiters' timeout (the
 daemon's `--poll`), logged once. The watcher's connection is used by its thread only.
@@ -25,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from hyperfence.adapters.inotify import OVERFLOW, DirectoryWatch
+from hyperfence.adapters.state_dir import open_private
 
 log = logging.getLogger("hyperfence.store")
 
@@ -32,7 +38,9 @@ log = logging.getLogger("hyperfence.store")
 class ChangeFeed:
     def __init__(self, db_path: str) -> None:
         self.db_path = db_path
-        self._names = {os.path.basename(db_path), os.path.basename(db_path) + "-wal", OVERFLOW}
+        self.marker = db_path + "-generation"
+        name = os.path.basename(db_path)
+        self._names = {name, name + "-wal", name + "-generation", OVERFLOW}
         self._cond = threading.Condition()
         self._bumps = 0  # new generations seen (in this process or from the watcher)
         self._thread: threading.Thread | None = None
@@ -41,10 +49,22 @@ class ChangeFeed:
         self.watched = False  # whether another process's commits wake the waiters (inotify works)
 
     def notify(self) -> None:
-        """A new generation was committed: wake every waiter."""
+        """A new generation was committed: wake every waiter in this process."""
         with self._cond:
             self._bumps += 1
             self._cond.notify_all()
+
+    def announce(self, generation: int) -> None:
+        """Generation `generation` was committed: wake every waiter, in this process and in others."""
+        self.notify()
+        try:
+            fd = open_private(self.marker, os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.write(fd, f"{generation}\n".encode())
+            finally:
+                os.close(fd)
+        except OSError as e:  # the generation is stored; other processes see it at their timeout
+            log.warning("store change feed: cannot write %s: %s", self.marker, e.strerror)
 
     def wake(self) -> None:
         """Make every wait in progress ask its `cancelled` again."""
@@ -60,6 +80,8 @@ class ChangeFeed:
     ) -> int:
         """Until `latest()` is above `after` (returned), `timeout` passes or `cancelled()` says so (checked
         first and at each `wake`); the latest is returned either way."""
+        if cancelled is not None and cancelled():
+            return latest()
         self._start()
         deadline = time.monotonic() + timeout
         with self._cond:
