@@ -1,8 +1,11 @@
 """`hyperfence daemon`: the composition root. Keeps the kernel holding the policy, forever.
 
-* Reconcile loop: the policy is polled cheaply (store generation or file mtime, every `poll` seconds) and a
-  change is converged incrementally; every `resync` seconds a full read of the kernel finds and repairs
-  drift (a hand-run `nft flush ruleset`), which is recorded as an event.
+* Reconcile loop: a new policy version is converged incrementally as soon as it is stored: the store's
+  change feed (`PolicyRepository.wait_for_change`, on which the loop sleeps) wakes it, without polling, for
+  a version put by this process or by another (`hyperfence policy apply`); `poll` is only the feed's safety
+  net (the longest it sleeps without an event, FEED_TIMEOUT by default). A policy file is still checked by its mtime
+  every `poll` seconds (FILE_POLL by default). Every `resync` seconds a full read of the kernel finds and
+  repairs drift (a hand-run `nft flush ruleset`), which is recorded as an event.
 * Drift watch (`reconcile/drift.py`): the kernel's nftables events; a commit by anyone else that touches
   hyperfence's tables asks for that full converge at once (repaired within milliseconds at a few VMs).
 * Address watch (`reconcile/host_addresses.py`): the host's own addresses are an input like the policy
@@ -55,7 +58,7 @@ from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.host_addresses import HostAddressWatcher
 from hyperfence.reconcile.inventory import InventoryWatcher
 from hyperfence.reconcile.preconditions import Preconditions
-from hyperfence.reconcile.supervisor import StopSignal, Supervisor, wake_fd
+from hyperfence.reconcile.supervisor import StopSignal, Supervisor, on_stop, wake_fd
 from hyperfence.ruleset.compile import TABLES
 from hyperfence.system.state_dir import write_private
 
@@ -68,6 +71,8 @@ AGENT_OPS = ("agents", "agents-reload", "release")
 CHECKPOINT_IDLE = 2.0  # seconds without a change before the store's write-ahead log is checkpointed
 ACCEPT_TIMEOUT = 0.5  # how often the control loop looks at a plain `stop` Event (a StopSignal wakes it)
 JOIN_TIMEOUT = 2.0  # how long a stop waits for the loops to finish
+FILE_POLL = 0.2  # seconds between checks of a policy file's mtime (`--poll` unset)
+FEED_TIMEOUT = 5.0  # the store's change feed: longest wait without an event (`--poll` unset)
 
 
 class PrintableFormatter(logging.Formatter):
@@ -118,7 +123,7 @@ class Daemon:
         self,
         engine: Engine,
         *,
-        poll: float = 0.2,
+        poll: float | None = None,
         resync: float = 10.0,
         traffic_log: bool = True,
         agents: AgentMonitor | None = None,
@@ -134,7 +139,8 @@ class Daemon:
         self.preconditions = preconditions
         self.agents = agents
         self.inventory = inventory
-        self.poll = poll
+        # `poll`: a policy file's check period; with the store, the change feed's safety-net timeout
+        self.poll = poll if poll is not None else (FILE_POLL if engine.policy_file else FEED_TIMEOUT)
         self.resync = resync
         self.traffic_log = traffic_log
         self.watch_drift = watch_drift
@@ -147,6 +153,8 @@ class Daemon:
         self._repair_lock = threading.Lock()
         self.supervisor = Supervisor(self.stop_event, on_failure=self._loop_failed)
         self.last_key: str | None = None
+        # the policy version the last changing converge applied, and its answer (see `_dispatch`)
+        self._last_applied: tuple[str, dict[str, Any]] | None = None
         self._last_change: float | None = None  # monotonic time of the last applied change (None: none since
         # the last store checkpoint)
 
@@ -202,7 +210,13 @@ class Daemon:
     def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "reconcile":
-            return self._converge(full=bool(req.get("full")))
+            reply = self._converge(full=bool(req.get("full")))
+            applied = self._last_applied
+            if reply.get("ok") and not reply.get("changed") and applied and applied[0] == reply.get("policy"):
+                # The reconcile loop, woken by the store's change feed when the caller stored this version,
+                # applied it first: the caller is told what applying it changed.
+                return applied[1]
+            return reply
         if op == "status":
             return {"ok": True, **self.health()}
         if op in AGENT_OPS:
@@ -270,7 +284,7 @@ class Daemon:
         with self._repair_lock:
             if len(self._repair_causes) < MAX_CAUSES:
                 self._repair_causes.append(cause)
-        self._wake.set()
+        self._nudge()
 
     def _take_repair_causes(self) -> list[str]:
         with self._repair_lock:
@@ -298,7 +312,7 @@ class Daemon:
             log.warning("drift repaired: %s", "; ".join(result.drift[:10]))
         if result.changed:
             log.info("applied %s: %s in %.1f ms", compiled.key, result.summary, result.seconds * 1000)
-        return {
+        reply = {
             "ok": True,
             "policy": compiled.key,
             "changed": result.changed,
@@ -307,6 +321,9 @@ class Daemon:
             "ms": round((time.monotonic() - t0) * 1000, 3),  # all of it: load, compile, apply, verify
             "kernel_ms": round(result.seconds * 1000, 3),  # plan, apply and verify only
         }
+        if result.changed:
+            self._last_applied = (compiled.key, reply)
+        return reply
 
     def run(self) -> None:
         self.supervisor.start("control", self._serve)
@@ -342,30 +359,65 @@ class Daemon:
         self.stop_event.wait()
         self._shutdown()
 
+    def _nudge(self) -> None:
+        """Wake the reconcile loop, whether it waits on `_wake` (a policy file) or on the store's change
+        feed (which asks `_wake.is_set` when woken: the flag is set first, so no wake-up is lost)."""
+        self._wake.set()
+        self.engine.store.wake()
+
+    def _wait_time(self, next_resync: float) -> float:
+        """How long the reconcile loop may sleep when nothing wakes it: until the next resync or the idle
+        checkpoint is due, and at most `poll` (a policy file's check period; the store feed's safety net)."""
+        now = time.monotonic()
+        wait = min(next_resync - now, self.poll)
+        if self._last_change is not None:
+            wait = min(wait, self._last_change + CHECKPOINT_IDLE - now)
+        return max(wait, 0.0)
+
     def _reconcile(self, stop: threading.Event) -> None:
-        """Converge when the policy changed (checked every `poll` s) and fully every `resync` s."""
+        """Converge when the policy changed and fully every `resync` s. The loop sleeps on the store's change
+        feed, which returns as soon as a newer generation is committed (by anyone) or `_nudge` is called
+        (`repair_now`, a stop); a policy file is checked every `poll` s."""
         next_resync = time.monotonic() + self.resync
-        while not stop.is_set():
-            self._wake.wait(self.poll)
-            self._wake.clear()
-            if stop.is_set():
-                break
-            causes = self._take_repair_causes()
-            full = time.monotonic() >= next_resync or bool(causes)
-            try:
-                key = self.engine.policy_key()
-                # A refused version is tried again by a full converge (resync, link change), not every poll.
-                changed = key not in (self.last_key, self.engine.refused_key)
-            except HyperfenceError as e:
-                log.error("%s", e)
-                changed = False
-            if full or changed:
-                reply = self._converge(full=full, cause="; ".join(causes) or "periodic resync")
-                if full or reply.get("changed"):
-                    self._tidy(full=full)
-            if full:
-                next_resync = time.monotonic() + self.resync
-            self._checkpoint_when_idle()
+        seen = 0  # the latest generation the feed reported
+        forget = on_stop(stop, self._nudge)
+        try:
+            while not stop.is_set():
+                if self.engine.policy_file:
+                    self._wake.wait(self._wait_time(next_resync))
+                else:
+                    seen = max(
+                        seen,
+                        self.engine.store.wait_for_change(
+                            seen, self._wait_time(next_resync), cancelled=self._wake.is_set
+                        ),
+                    )
+                self._wake.clear()
+                if stop.is_set():
+                    break
+                if self._look(next_resync=next_resync):
+                    next_resync = time.monotonic() + self.resync
+                self._checkpoint_when_idle()
+        finally:
+            forget()
+
+    def _look(self, *, next_resync: float) -> bool:
+        """After a wake-up: converge if the policy changed or a full converge is due (resync, repair
+        causes); True when it was a full one."""
+        causes = self._take_repair_causes()
+        full = time.monotonic() >= next_resync or bool(causes)
+        try:
+            key = self.engine.policy_key()
+            # A refused version is tried again by a full converge (resync, link change), not every wake-up.
+            changed = key not in (self.last_key, self.engine.refused_key)
+        except HyperfenceError as e:
+            log.error("%s", e)
+            changed = False
+        if full or changed:
+            reply = self._converge(full=full, cause="; ".join(causes) or "periodic resync")
+            if full or reply.get("changed"):
+                self._tidy(full=full)
+        return full
 
     def _tidy(self, *, full: bool) -> None:
         """After a change, so none of it lands inside the next apply: freeze the objects that exist now (a
@@ -397,7 +449,7 @@ class Daemon:
 
     def stop(self) -> None:
         self.stop_event.set()
-        self._wake.set()
+        self._nudge()
 
     def _shutdown(self) -> None:
         """Every loop woke when `stop_event` was set; wait for them to finish (each closes what it opened:
@@ -414,7 +466,7 @@ def run_daemon(
     netns: str | None,
     state_dir: str,
     policy_file: str | None,
-    poll: float,
+    poll: float | None,
     resync: float,
     libvirt: str | None = None,
     flavour: Flavour | None = None,

@@ -162,7 +162,64 @@ def test_repair_requests_are_coalesced_into_one_full_converge_with_their_causes(
     finally:
         d.stop()
         t.join(5)
+        d.engine.close()  # the address watcher may have opened the kernel (a socket) meanwhile
     assert calls == [
         (True, "daemon start"),
         (True, "generation 5 by process 7 (nft); generation 6 by process 7 (nft)"),
     ]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "fake"])
+def test_a_stored_version_wakes_the_reconcile_loop_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """The loop sleeps on the store's change feed: a new generation (from another process for SQLite, a
+    second connection standing in for it; from another thread for the fake) is converged long before `poll`
+    (60 s here) would have looked, and a stop ends the sleep at once."""
+    from hyperfence.adapters.store import Store
+    from hyperfence.testing import FakeStore
+
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    if backend == "fake":
+        engine.store.close()
+        engine.store = FakeStore()  # type: ignore[assignment]
+    d = Daemon(
+        engine,
+        traffic_log=False,
+        watch_drift=False,
+        watch_addresses=False,
+        learn_leases=False,
+        watch_ports=False,
+        poll=60,
+        resync=3600,
+    )
+    converged: list[tuple[float, str | None]] = []
+    monkeypatch.setattr(
+        d,
+        "_converge",
+        lambda *, full, cause=None: converged.append((time.monotonic(), engine.policy_key())) or {"ok": True},
+    )
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not converged and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the loop is asleep on the feed now
+        assert [key for _, key in converged] == [None]  # the start's converge; no policy yet
+        other = Store(str(tmp_path)) if backend == "sqlite" else engine.store
+        t0 = time.monotonic()
+        other.put_policy({"networks": []}, source="another writer")
+        while len(converged) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert [key for _, key in converged] == [None, "gen:1"]
+        assert converged[1][0] - t0 < 5  # woken by the feed, not by the 60 s poll
+        if other is not engine.store:
+            other.close()
+    finally:
+        t1 = time.monotonic()
+        d.stop()
+        t.join(5)
+        stopped = time.monotonic() - t1
+        engine.close()
+    assert not t.is_alive() and stopped < 2

@@ -400,7 +400,13 @@ def daemon_cmd(
     ctx: typer.Context,
     policy: Annotated[str | None, typer.Option(help="Follow this policy file instead of the store.")] = None,
     resync: Annotated[float, typer.Option(help="Seconds between full kernel checks.")] = 10.0,
-    poll: Annotated[float, typer.Option(help="Seconds between policy change checks.")] = 0.2,
+    poll: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds between checks of a --policy file (default 0.2). With the store, changes are seen "
+            "as soon as they are written; this is only the longest wait without a change event (default 5)."
+        ),
+    ] = None,
     libvirt: Annotated[
         str | None,
         typer.Option(help="Take VMs from this libvirt URI too (e.g. qemu:///system); see docs/libvirt.md."),
@@ -410,7 +416,8 @@ def daemon_cmd(
     from hyperfence.daemon import configure_logging, run_daemon  # noqa: PLC0415
 
     c: Ctx = ctx.obj
-    check_seconds("--poll", poll, example=0.2)
+    if poll is not None:
+        check_seconds("--poll", poll, example=0.2)
     check_seconds("--resync", resync, example=10)
     configure_logging()
     run_daemon(

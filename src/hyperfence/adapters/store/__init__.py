@@ -1,7 +1,17 @@
 """The embedded store: SQLite (WAL) in the state directory (private: `system/state_dir.py`).
 
+Implements the repository ports (`hyperfence/ports.py`: PolicyRepository, EventLog, AgentState, LeaseStore).
 Policies are kept as generations (the document as the user wrote it, already validated), never edited in
-place; events (drift repaired, applies) are appended. A second process can read while the daemon writes.
+place; a put can be a compare-and-swap on the latest generation. Events (drift repaired, applies) are
+appended.
+
+Concurrency: one connection per `Store`, shared by the daemon's threads (reconcile, agents, inventory, lease
+learner, control socket handlers) under one lock: no statement or transaction of one thread interleaves
+with another's (measured cheaper than a connection per thread: docs/design.md). Between processes (the
+CLI writes while the daemon writes) WAL lets readers run beside the writer and `busy_timeout` makes a
+writer wait up to BUSY_TIMEOUT for the other's write to end instead of failing with "database is locked";
+every write transaction is `BEGIN IMMEDIATE`, so none fails on upgrading a read lock. New generations are
+announced without polling by the change feed (`adapters/store/feed.py`).
 """
 
 from __future__ import annotations
@@ -12,17 +22,22 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from typing import Any
 
 import orjson
 
-from hyperfence.errors import TemporaryError
+from hyperfence.adapters.store.feed import ChangeFeed
+from hyperfence.errors import ConflictError, TemporaryError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease, LeaseSource
+from hyperfence.ports import Repository, StoredPolicy
 from hyperfence.system.state_dir import open_private, secure_state_dir
+
+__all__ = ["BUSY_TIMEOUT", "Store", "StoredPolicy"]
+
+BUSY_TIMEOUT = 10.0  # seconds a write waits for another connection's write transaction to end
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS policy (
@@ -70,14 +85,6 @@ CREATE TABLE IF NOT EXISTS agent_samples (
 """
 
 
-@dataclass(frozen=True)
-class StoredPolicy:
-    generation: int
-    created: float
-    source: str
-    document: Any  # plain data (dict), as parsed from YAML/JSON
-
-
 class Store:
     def __init__(self, state_dir: str) -> None:
         # Every start checks (and repairs) that the state directory and the keys in it are private.
@@ -86,7 +93,11 @@ class Store:
         # 0600 before SQLite opens it: SQLite would create it 0644 (less the umask), and gives its -wal and
         # -shm files the database file's mode.
         os.close(open_private(self.path, os.O_RDWR))
-        self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
+        # (`timeout` is SQLite's busy timeout; said again so that it reads as the contract it is)
+        self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         # A policy of 1,000 VMs is ~1 MB per generation: with the default (1,000 pages) a writer would fold
@@ -97,6 +108,7 @@ class Store:
         # One connection, used by the daemon's threads in turn: a transaction must not take in another
         # thread's statements, nor one thread's BEGIN meet another's open transaction.
         self._lock = threading.RLock()
+        self._feed = ChangeFeed(self.path)
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         try:
@@ -115,12 +127,35 @@ class Store:
         with self._lock:
             return self._exec(sql, args).fetchall()
 
-    def put_policy(self, document: Any, *, source: str) -> int:
-        cur = self._exec(
-            "INSERT INTO policy(created, source, document) VALUES (?, ?, ?)",
-            (time.time(), source, orjson.dumps(document, option=orjson.OPT_SORT_KEYS).decode()),
-        )
-        return int(cur.lastrowid or 0)
+    def put_policy(self, document: Any, *, source: str, expected: int | None = None) -> int:
+        """A new generation (see `ports.PolicyRepository.put_policy`): with `expected`, only if the latest
+        generation is still `expected` (checked and written in one write transaction, so two processes
+        racing for the same generation cannot both win), else `ConflictError`."""
+        text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS).decode()
+        with self._transaction():
+            if expected is not None:
+                latest = int(self._db.execute("SELECT MAX(generation) FROM policy").fetchone()[0] or 0)
+                if latest != expected:
+                    raise ConflictError(
+                        f"policy generation {expected} was expected to be the latest, but the store holds "
+                        f"generation {latest} now: read it again and retry"
+                    )
+            cur = self._db.execute(
+                "INSERT INTO policy(created, source, document) VALUES (?, ?, ?)", (time.time(), source, text)
+            )
+            generation = int(cur.lastrowid or 0)
+        self._feed.announce(generation)
+        return generation
+
+    def wait_for_change(
+        self, after: int, timeout: float, *, cancelled: Callable[[], bool] | None = None
+    ) -> int:
+        """See `ports.PolicyRepository.wait_for_change`: a put through this object wakes the wait at once,
+        a commit by another process through inotify (`adapters/store/feed.py`)."""
+        return self._feed.wait(after, timeout, self.latest_generation, cancelled)
+
+    def wake(self) -> None:
+        self._feed.wake()
 
     def latest_generation(self) -> int:
         row = self._row("SELECT MAX(generation) FROM policy")
@@ -306,4 +341,11 @@ class Store:
         self._exec("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
-        self._db.close()
+        self._feed.close()
+        with self._lock:
+            self._db.close()
+
+
+def _implements_ports(store: Store) -> Repository:
+    """(mypy checks here that `Store` satisfies every repository port)"""
+    return store

@@ -1,0 +1,233 @@
+"""The repository ports' contract (`hyperfence/ports.py`), run against the SQLite store and the in-memory
+fakes alike, so that a test written against a fake means the same against the real store."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import pytest
+
+from hyperfence.adapters.store import Store
+from hyperfence.errors import ConflictError
+from hyperfence.health.tracker import AgentRecord
+from hyperfence.model.lease import Lease, LeaseSource
+from hyperfence.ports import Repository
+from hyperfence.testing import FakeStore
+
+
+@pytest.fixture(params=["sqlite", "fake"])
+def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Repository]:
+    if request.param == "fake":
+        yield FakeStore()
+        return
+    store = Store(str(tmp_path))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# --- PolicyRepository ------------------------------------------------------------------------------------
+
+
+def test_generations_start_at_one_grow_and_keep_each_document(repo: Repository) -> None:
+    assert repo.latest_generation() == 0
+    assert repo.get_policy() is None
+    assert repo.put_policy({"vms": [{"name": "a"}]}, source="one") == 1
+    assert repo.put_policy({"vms": []}, source="two") == 2
+    assert repo.latest_generation() == 2
+    latest = repo.get_policy()
+    assert latest is not None and (latest.generation, latest.source, latest.document) == (
+        2,
+        "two",
+        {"vms": []},
+    )
+    first = repo.get_policy(1)
+    assert first is not None and first.document == {"vms": [{"name": "a"}]} and first.source == "one"
+    assert repo.get_policy(3) is None
+    assert repo.get_policy(0) is None
+
+
+def test_a_stored_document_cannot_be_changed_through_the_caller_s_object(repo: Repository) -> None:
+    doc = {"vms": [{"name": "a"}]}
+    repo.put_policy(doc, source="s")
+    doc["vms"].append({"name": "b"})
+    got = repo.get_policy(1)
+    assert got is not None and got.document == {"vms": [{"name": "a"}]}
+    got.document["vms"].clear()
+    again = repo.get_policy(1)
+    assert again is not None and again.document == {"vms": [{"name": "a"}]}
+
+
+def test_a_compare_and_swap_put_wins_only_on_the_expected_latest_generation(repo: Repository) -> None:
+    assert repo.put_policy({"n": 1}, source="s", expected=0) == 1
+    with pytest.raises(ConflictError) as e:
+        repo.put_policy({"n": 2}, source="s", expected=0)
+    assert "generation 0" in str(e.value) and "generation 1" in str(e.value)
+    assert repo.latest_generation() == 1  # nothing stored by the loser
+    assert repo.put_policy({"n": 2}, source="s", expected=1) == 2
+    with pytest.raises(ConflictError, match=r"generation 5 .* generation 2"):
+        repo.put_policy({"n": 3}, source="s", expected=5)  # from the future: a conflict too
+    assert repo.put_policy({"n": 3}, source="s") == 3  # without `expected`: always a new generation
+
+
+def test_wait_for_change_returns_at_once_when_a_newer_generation_exists(repo: Repository) -> None:
+    repo.put_policy({}, source="s")
+    t0 = time.monotonic()
+    assert repo.wait_for_change(0, 10) == 1
+    assert time.monotonic() - t0 < 1
+
+
+def test_wait_for_change_times_out_with_the_latest_generation(repo: Repository) -> None:
+    repo.put_policy({}, source="s")
+    t0 = time.monotonic()
+    assert repo.wait_for_change(1, 0.3) == 1
+    assert time.monotonic() - t0 >= 0.29
+
+
+def test_a_put_from_another_thread_ends_the_wait_at_once(repo: Repository) -> None:
+    timer = threading.Timer(0.2, lambda: repo.put_policy({}, source="other thread"))
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        assert repo.wait_for_change(0, 20) == 1
+        waited = time.monotonic() - t0
+    finally:
+        timer.join()
+    assert 0.15 <= waited < 5  # woken by the put (~0.2 s), not by the 20 s timeout
+
+
+def test_a_cancelled_wait_returns_when_woken(repo: Repository) -> None:
+    stop = threading.Event()
+
+    def cancel() -> None:
+        stop.set()
+        repo.wake()
+
+    timer = threading.Timer(0.2, cancel)
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        assert repo.wait_for_change(0, 20, cancelled=stop.is_set) == 0
+        waited = time.monotonic() - t0
+    finally:
+        timer.join()
+    assert waited < 5
+    t0 = time.monotonic()
+    assert repo.wait_for_change(0, 20, cancelled=stop.is_set) == 0  # cancelled before it waits
+    assert time.monotonic() - t0 < 1
+
+
+def test_a_wake_without_cancel_does_not_end_the_wait(repo: Repository) -> None:
+    timer = threading.Timer(0.1, repo.wake)
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        assert repo.wait_for_change(0, 0.5, cancelled=lambda: False) == 0
+        assert time.monotonic() - t0 >= 0.49
+    finally:
+        timer.join()
+
+
+# --- EventLog --------------------------------------------------------------------------------------------
+
+
+def test_events_come_oldest_first_with_their_fields_and_filters(repo: Repository) -> None:
+    repo.add_event("applied", {"summary": "+1"})
+    repo.add_events([("isolated", "vm1", {"why": "silent"}), ("released", "vm1", {}), ("applied", None, {})])
+    repo.add_event("isolated", {"why": "x"}, vm="vm2")
+    every = repo.events()
+    assert [(e["kind"], e["vm"]) for e in every] == [
+        ("applied", None),
+        ("isolated", "vm1"),
+        ("released", "vm1"),
+        ("applied", None),
+        ("isolated", "vm2"),
+    ]
+    ids = [e["id"] for e in every]
+    assert ids == sorted(ids) and len(set(ids)) == 5
+    assert every[0]["summary"] == "+1" and isinstance(every[0]["time"], float)
+    assert [e["vm"] for e in repo.events(kind="isolated")] == ["vm1", "vm2"]
+    assert [e["kind"] for e in repo.events(vm="vm1")] == ["isolated", "released"]
+    assert [e["kind"] for e in repo.events(kind="isolated", vm="vm2")] == ["isolated"]
+    assert [e["id"] for e in repo.events(after=ids[2])] == ids[3:]
+    assert [e["id"] for e in repo.events(limit=2)] == ids[3:]  # the latest two, oldest first
+
+
+def test_a_failing_batch_of_events_stores_none_of_them(repo: Repository) -> None:
+    with pytest.raises(TypeError):
+        repo.add_events([("ok", None, {}), ("bad", None, {"x": object()})])
+    assert repo.events() == []
+
+
+# --- AgentState ------------------------------------------------------------------------------------------
+
+
+def _record(vm: str, **kw: object) -> AgentRecord:
+    return AgentRecord(vm=vm, key=b"k" * 32, channel={"type": "unix", "path": f"/run/{vm}.sock"}, **kw)  # type: ignore[arg-type]
+
+
+def test_agents_enrol_save_and_a_sequence_never_goes_back(repo: Repository) -> None:
+    repo.enroll_agent(_record("vm2"))
+    repo.enroll_agent(_record("vm1"))
+    assert list(repo.agents()) == ["vm1", "vm2"]
+    rec = repo.agents()["vm1"]
+    assert (rec.key, rec.channel, rec.last_seq, rec.isolated) == (
+        b"k" * 32,
+        {"type": "unix", "path": "/run/vm1.sock"},
+        0,
+        None,
+    )
+    repo.save_agents(
+        [_record("vm1", last_seq=7, last_seen=5.0, agent="1.0", isolated="silent", isolated_since=4.0)]
+    )
+    repo.save_agents([_record("ghost", last_seq=3)])  # not enrolled: ignored
+    assert "ghost" not in repo.agents()
+    repo.save_seqs({"vm1": 5, "vm2": 9, "ghost": 1})  # 5 < 7: kept at 7
+    got = repo.agents()
+    assert (got["vm1"].last_seq, got["vm1"].last_seen, got["vm1"].agent) == (7, 5.0, "1.0")
+    assert (got["vm1"].isolated, got["vm1"].isolated_since) == ("silent", 4.0)
+    assert got["vm2"].last_seq == 9
+    repo.save_agents([_record("vm1", last_seq=2, isolated=None)])
+    assert repo.agents()["vm1"].last_seq == 7 and repo.agents()["vm1"].isolated is None
+
+
+def test_a_new_enrolment_replaces_the_key_and_resets_the_sequence(repo: Repository) -> None:
+    repo.enroll_agent(_record("vm1"))
+    repo.save_agents([_record("vm1", last_seq=7, isolated="silent", isolated_since=1.0)])
+    repo.enroll_agent(AgentRecord(vm="vm1", key=b"n" * 32, channel={"type": "tcp"}))
+    rec = repo.agents()["vm1"]
+    assert (rec.key, rec.channel, rec.last_seq, rec.isolated) == (b"n" * 32, {"type": "tcp"}, 0, "silent")
+
+
+# --- LeaseStore ------------------------------------------------------------------------------------------
+
+
+def _lease(vm: str, ip: str, **kw: object) -> Lease:
+    args: dict[str, object] = {
+        "vm": vm,
+        "mac": "52:54:00:00:00:01",
+        "ip": IPv4Address(ip),
+        "expires": 100.0,
+        "learned": 50.0,
+        "server": IPv4Address("10.0.0.1"),
+        "source": LeaseSource.DHCP,
+    }
+    args.update(kw)
+    return Lease(**args)  # type: ignore[arg-type]
+
+
+def test_leases_are_replaced_whole_and_come_ordered(repo: Repository) -> None:
+    assert repo.leases() == ()
+    first = (_lease("vm2", "10.0.0.5"), _lease("vm1", "10.0.0.9", server=None, source=LeaseSource.LIBVIRT))
+    repo.save_leases(first)
+    assert repo.leases() == (first[1], first[0])
+    second = (_lease("vm3", "10.0.0.7"),)
+    repo.save_leases(second)
+    assert repo.leases() == second
+    repo.save_leases(())
+    assert repo.leases() == ()
