@@ -158,6 +158,8 @@ class VmPolicy:
     # Its share of the host's connection tracking: the first `limits` entry with `connections` that selects
     # it, else the settings' default.
     connection_cap: ConnectionCap = DEFAULT_CAP
+    # An overlay shields it (policy/overlays.py): no new inbound IPv4 flow reaches it.
+    shielded: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,8 @@ class Resolved:
     host: tuple[AddressRange, ...]
     # The lookups this resolve used: valid for the next one while VMs, networks and IP sets are the same.
     index: _Index | None = field(default=None, compare=False, repr=False)
-    # VMs in quarantine (an overlay from the agent monitor, not from the policy): every packet to and from
-    # them is dropped, established flows included.
+    # VMs in quarantine (isolated by an overlay of some producer, not by the policy: policy/overlays.py):
+    # every packet to and from them is dropped, established flows included.
     quarantine: frozenset[str] = frozenset()
 
 
