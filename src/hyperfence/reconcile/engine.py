@@ -332,13 +332,13 @@ class Engine:
         self, set_: tuple[Overlay, ...], released: tuple[Overlay, ...], *, why: str | None
     ) -> None:
         rows: list[tuple[str, str | None, dict[str, Any]]] = []
-        for o in set_:
-            data = o.as_dict()
-            del data["vm"]
+        for o in set_:  # (`overlay`: the event's own `kind` is overlay-set)
+            data = {k: v for k, v in o.as_dict().items() if k not in ("vm", "kind")}
+            data["overlay"] = o.kind.value
             rows.append(("overlay-set", o.vm, data))
             log.warning("VM %s: %s by %s: %s", o.vm, o.kind.value, o.producer, o.reason)
         for o in released:
-            data = {"producer": o.producer, "kind": o.kind.value, "reason": o.reason}
+            data = {"producer": o.producer, "overlay": o.kind.value, "reason": o.reason}
             if why:
                 data["why"] = why
             rows.append(("overlay-released", o.vm, data))
