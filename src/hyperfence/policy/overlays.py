@@ -15,10 +15,7 @@ from hyperfence.errors import InvalidInputError, Problem
 from hyperfence.model.overlay import MAX_RATE, MAX_REASON, MIN_RATE, PRODUCERS, Merged, Overlay, OverlayKind
 from hyperfence.model.policy import Direction, FloodLimit
 from hyperfence.model.text import printable
-from hyperfence.policy.resolve import Resolved
-
-# The id of an overlay's rate limit among the VM's flood limits: its rules are `sys:flood:overlay`.
-RATE_LIMIT_ID = "overlay"
+from hyperfence.policy.resolve import OVERLAY_LIMIT_ID, Resolved
 
 DURATION_RE = re.compile(r"(\d{1,9})([smhd]?)")
 UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -115,7 +112,7 @@ def parse_overlay(data: Any, *, producer: str, now: float) -> Overlay:
 def overlay_limit(rate: int) -> FloodLimit:
     """A rate-limit overlay as a flood limit on what the VM sends (docs/policy.md, `limits`): new flows
     beyond `rate` a second (bursts of twice that, as a policy limit's default) are dropped and logged."""
-    return FloodLimit(id=RATE_LIMIT_ID, vms=(), directions=(Direction.OUT,), rate=rate, burst=2 * rate)
+    return FloodLimit(id=OVERLAY_LIMIT_ID, vms=(), directions=(Direction.OUT,), rate=rate, burst=2 * rate)
 
 
 def with_overlays(resolved: Resolved, merged: Merged) -> Resolved:

@@ -136,6 +136,11 @@ class ArpSource:
         return self.peers == ANY
 
 
+# The id of an overlay's rate limit among a VM's flood limits (policy/overlays.py), so its rules are
+# `sys:flood:overlay:rate`: a ':' no policy id may hold, so it never meets a policy limit's rules.
+OVERLAY_LIMIT_ID = "overlay:rate"
+
+
 @dataclass(frozen=True)
 class VmPolicy:
     vm: Vm

@@ -91,7 +91,7 @@ def test_overlays_on_a_resolved_policy() -> None:
     out = with_overlays(r, merged)
     vm1, vm2 = out.vms
     assert out.quarantine == {ids["vm2"]}
-    assert [lim.id for lim in vm1.limits_out] == ["l0", "overlay"]  # the policy's limit stays
+    assert [lim.id for lim in vm1.limits_out] == ["l0", "overlay:rate"]  # the policy's limit stays
     assert (vm1.limits_out[-1].rate, vm1.limits_out[-1].directions) == (7, (Direction.OUT,))
     assert vm1.shielded and not vm2.shielded
     assert vm2 is r.vms[1]  # a VM without a rate limit or shield keeps its very object

@@ -161,8 +161,8 @@ def test_a_rate_limit_and_a_shield_reach_the_vms_chains(engine: Engine) -> None:
     compiled = engine.compiled()
     assert compiled is not None
     rules = [r.comment for r in compiled.ruleset.rules]
-    assert "sys:flood:overlay" in rules and "sys:shield" in rules
+    assert "sys:flood:overlay:rate" in rules and "sys:shield" in rules
     engine.set_overlays("operator", ())
     compiled = engine.compiled()
     assert compiled is not None
-    assert not {"sys:flood:overlay", "sys:shield"} & {r.comment for r in compiled.ruleset.rules}
+    assert not {"sys:flood:overlay:rate", "sys:shield"} & {r.comment for r in compiled.ruleset.rules}

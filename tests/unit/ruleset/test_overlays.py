@@ -37,14 +37,14 @@ def test_a_rate_limit_is_a_flood_limit_on_what_the_vm_sends(flavour: Flavour) ->
     r, a, _ = resolved()
     rs = compile_ruleset(with_overlays(r, Merged(rate_limits=((a, 25),))), flavour=flavour)
     out = chain(rs, f"{vm_sid(a)}_out")
-    (rule,) = [rl for rl in out if rl.comment == "sys:flood:overlay"]
+    (rule,) = [rl for rl in out if rl.comment == "sys:flood:overlay:rate"]
     assert rule.statements() == [
         x.match(x.payload("ip", "version"), 4),
         x.limit_over(25, 50),
         x.COUNTER,
         x.DROP,
     ]
-    assert "sys:flood:overlay" not in [rl.comment for rl in chain(rs, f"{vm_sid(a)}_in")]
+    assert "sys:flood:overlay:rate" not in [rl.comment for rl in chain(rs, f"{vm_sid(a)}_in")]
 
 
 @FLAVOURS
