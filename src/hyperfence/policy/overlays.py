@@ -69,7 +69,8 @@ def parse_overlay(data: Any, *, producer: str, now: float) -> Overlay:
     vm = data.get("vm")
     if not isinstance(vm, str) or not vm or len(vm) > 128:
         problems.append(Problem("vm", f"{str(vm)[:40]!r} is not a VM id"))
-    kind = KINDS.get(data.get("kind")) if isinstance(data.get("kind"), str) else None
+    raw_kind = data.get("kind")
+    kind = KINDS.get(raw_kind) if isinstance(raw_kind, str) else None
     if kind is None:
         problems.append(
             Problem(
