@@ -324,8 +324,6 @@ def can(
     is neither a VM nor an IPv4 address."""
     src_vm, src_ip = find_vm(resolved, src)
     dst_vm, dst_ip = find_vm(resolved, dst)
-    if flow.protocol == "dhcp":
-        return _lease(resolved, src_vm, src_ip, dst_vm, dst_ip)
     for vp, direction in ((src_vm, Direction.OUT), (dst_vm, Direction.IN)):
         if vp is not None and vp.vm.id in resolved.quarantine:
             step = Step(vp.vm.name, direction, Action.DENY, "sys:quarantine")
@@ -335,6 +333,8 @@ def can(
                 f"{vp.vm.name} is isolated by an overlay (`hyperfence vm list` says who set it): nothing "
                 "passes to or from it, established flows neither: deny by sys:quarantine",
             )
+    if flow.protocol == "dhcp":
+        return _lease(resolved, src_vm, src_ip, dst_vm, dst_ip)
     notes = [n for n in (_address_note(resolved, src_ip), _address_note(resolved, dst_ip)) if n]
     notes += [
         f"{vp.vm.name} sends new flows at most at its overlay's rate limit ({lim.rate} a second)"
