@@ -166,3 +166,29 @@ def test_repair_requests_are_coalesced_into_one_full_converge_with_their_causes(
         (True, "daemon start"),
         (True, "generation 5 by process 7 (nft); generation 6 by process 7 (nft)"),
     ]
+
+
+def test_overlay_ops_keep_the_error_kind_and_converge_only_on_a_change(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.unit.policy.test_parse import doc  # noqa: PLC0415
+
+    daemon.engine.store_policy(doc(), source="test")
+    converges: list[bool] = []
+    monkeypatch.setattr(daemon, "_converge", lambda *, full: converges.append(full) or {"ok": True})
+    bad = daemon._dispatch({"op": "overlay-set", "overlay": {"vm": "ghost", "kind": "isolate"}})
+    assert bad["ok"] is False and bad["error_kind"] == "InvalidInputError"
+    assert "vm: 'ghost' is not a VM of the policy" in bad["error"] and "reason:" in bad["error"]
+    req = {"op": "overlay-set", "overlay": {"vm": "vm1", "kind": "isolate", "reason": "r", "for": "1h"}}
+    ok = daemon._dispatch(req)
+    assert ok["ok"] and ok["changed"] and ok["overlay"]["producer"] == "operator"
+    assert converges == [False]
+    released = daemon._dispatch({"op": "overlay-release", "vm": "vm1", "producer": "heartbeat"})
+    assert released["ok"] and not released["changed"] and released["isolated"]  # the operator's stays
+    assert converges == [False]
+    released = daemon._dispatch({"op": "overlay-release", "vm": "vm1", "producer": "operator"})
+    assert released["ok"] and released["changed"] and not released["isolated"]
+    assert [o["kind"] for o in released["released"]] == ["isolate"]
+    assert converges == [False, False]
+    nobody = daemon._dispatch({"op": "overlay-release", "vm": "vm1", "producer": "nobody"})
+    assert nobody["error_kind"] == "InvalidInputError" and "producer: 'nobody'" in nobody["error"]
