@@ -171,7 +171,7 @@ def test_repair_requests_are_coalesced_into_one_full_converge_with_their_causes(
 def test_overlay_ops_keep_the_error_kind_and_converge_only_on_a_change(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.unit.policy.test_parse import doc  # noqa: PLC0415
+    from tests.unit.policy.test_parse import doc
 
     daemon.engine.store_policy(doc(), source="test")
     converges: list[bool] = []

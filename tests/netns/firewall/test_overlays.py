@@ -17,7 +17,6 @@ import pytest
 from hyperfence.lab import topology
 from hyperfence.lab.session import LabSession
 from hyperfence.model.overlay import Overlay, OverlayKind
-from hyperfence.reconcile.engine import Engine
 from tests.netns.firewall.daemon_process import start_daemon
 from tests.netns.firewall.test_firewall import counter
 from tests.netns.firewall.test_flood import FLOOD, SENT, UDP_1_2
@@ -102,6 +101,7 @@ def test_an_operator_rate_limit_holds_a_flooding_vm_to_its_rate(lab: LabSession)
 def test_a_shield_cuts_new_inbound_connections_and_keeps_an_established_one(lab: LabSession) -> None:
     lab.apply([PING, TCP])
     lab.serve("vm1", tcp=[7100])
+    lab.serve("vm2", tcp=[7200])  # answers "OK" to every new connection
     server = topology.popen_in_vm(
         lab.plan, "vm2", [sys.executable, "-c", ECHO_SERVER, "7000"], stdout=subprocess.PIPE
     )
@@ -117,9 +117,10 @@ def test_a_shield_cuts_new_inbound_connections_and_keeps_an_established_one(lab:
         )
         assert client.stdout is not None and client.stdin is not None
         assert client.stdout.readline().strip() == b"a"  # established before the shield
+        assert lab.tcp("vm1", "vm2", 7200) == "OK"  # the control: new connections reach it
 
         overlay(lab, Overlay("operator", vm_id(lab, "vm2"), OverlayKind.SHIELD, "attacked", time.time()))
-        assert lab.tcp("vm1", "vm2", 7000) != "OK"  # a new inbound connection: cut
+        assert lab.tcp("vm1", "vm2", 7200) == "TIMEOUT"  # a new inbound connection: dropped
         assert lab.ping("vm1", "vm2")[0] == 0  # a new inbound ping flow too
         assert counter(lab, "_in", "sys:shield") >= 1
         client.stdin.write(b"go\n")
@@ -129,7 +130,7 @@ def test_a_shield_cuts_new_inbound_connections_and_keeps_an_established_one(lab:
         assert lab.ping("vm2", "vm1")[0] == 2
 
         overlay(lab)  # released
-        assert lab.tcp("vm1", "vm2", 7000) == "OK"
+        assert lab.tcp("vm1", "vm2", 7200) == "OK"
     finally:
         for p in (client, server):
             if p is not None:
@@ -151,16 +152,34 @@ def hf(lab: LabSession, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+# The heartbeat producer in a process of its own (what the agent monitor does in the daemon): an engine on
+# the lab's state, which reads every producer's overlays from the store, sets the heartbeat's and converges.
+# (A process, not a second engine in this one: two stores of one database in one process break each
+# other's SQLite locks, since `Store.__init__` opens and closes the file itself.)
+HEARTBEAT = """
+import os, sys, time
+from hyperfence.model.kernel import FLAVOUR_ENV, parse_flavour
+from hyperfence.model.overlay import Overlay, OverlayKind
+from hyperfence.reconcile.engine import Engine
+netns, state, vm, isolate = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+flavour = parse_flavour(os.environ.get(FLAVOUR_ENV), field=FLAVOUR_ENV)
+engine = Engine(netns=netns, state_dir=state, flavour=flavour)
+try:
+    ov = (Overlay("heartbeat", vm, OverlayKind.ISOLATE, "silent", time.time()),)
+    engine.set_overlays("heartbeat", ov if isolate else ())
+    engine.converge()
+finally:
+    engine.close()
+"""
+
+
 def heartbeat(lab: LabSession, vm: str, *, isolate: bool) -> None:
-    """The heartbeat producer isolates or releases `vm` in a process of its own (what the agent monitor
-    does in the daemon): a fresh engine on the lab's state, which reads every producer's overlays."""
-    engine = Engine(netns=lab.plan.host_netns, state_dir=lab.state_dir, flavour=lab.engine.flavour)  # type: ignore[union-attr]
-    try:
-        ov = (Overlay("heartbeat", vm_id(lab, vm), OverlayKind.ISOLATE, "silent", time.time()),)
-        engine.set_overlays("heartbeat", ov if isolate else ())
-        engine.converge()
-    finally:
-        engine.close()
+    """The heartbeat producer isolates or releases `vm`."""
+    args = [lab.plan.host_netns, lab.state_dir, vm_id(lab, vm), "1" if isolate else "0"]
+    r = subprocess.run(
+        [sys.executable, "-c", HEARTBEAT, *args], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
 
 
 def cut(lab: LabSession) -> bool:
