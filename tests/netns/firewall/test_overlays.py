@@ -220,9 +220,11 @@ def test_a_vm_stays_cut_until_both_producers_release_it(lab: LabSession) -> None
     assert "Traceback" not in r.stderr
 
 
-def test_with_a_daemon_the_operator_asks_it_and_the_heartbeat_release_leaves_the_isolation(
+def test_with_a_daemon_the_operator_asks_it_and_another_producers_release_leaves_its_isolation(
     lab: LabSession,
 ) -> None:
+    """The daemon path: the CLI asks the daemon (which stores, converges, answers); releasing the heartbeat
+    producer (which holds nothing here) leaves the operator's isolation; bad input keeps exit code 2."""
     lab.apply([PING])
     daemon, _ = start_daemon(lab)
     try:
