@@ -26,7 +26,10 @@ from hyperfence.reconcile.conntrack import read_vm_connections
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.overlays import RELEASE_CHOICES, release, set_operator_overlay
 
-vm_app = typer.Typer(no_args_is_help=True, help="VMs' agents: enrol, list, events, release.")
+vm_app = typer.Typer(
+    no_args_is_help=True,
+    help="VMs: agents (enrol, list, events) and overlays (isolate, rate-limit, shield, release).",
+)
 agent_app = typer.Typer(no_args_is_help=True, help="The guest agent.")
 
 
