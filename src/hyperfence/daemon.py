@@ -57,6 +57,7 @@ from hyperfence.reconcile.drift import DriftWatcher
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.host_addresses import HostAddressWatcher
 from hyperfence.reconcile.inventory import InventoryWatcher
+from hyperfence.reconcile.overlays import release, set_operator_overlay
 from hyperfence.reconcile.preconditions import Preconditions
 from hyperfence.reconcile.supervisor import StopSignal, Supervisor, on_stop, wake_fd
 from hyperfence.ruleset.compile import TABLES
@@ -68,6 +69,7 @@ CONTROL_SOCKET = "daemon.sock"
 MAX_REQUEST = 64 * 1024
 MAX_CAUSES = 10  # reasons kept for one coalesced repair
 AGENT_OPS = ("agents", "agents-reload", "release")
+OVERLAY_OPS = ("overlay-set", "overlay-release")
 CHECKPOINT_IDLE = 2.0  # seconds without a change before the store's write-ahead log is checkpointed
 ACCEPT_TIMEOUT = 0.5  # how often the control loop looks at a plain `stop` Event (a StopSignal wakes it)
 JOIN_TIMEOUT = 2.0  # how long a stop waits for the loops to finish
@@ -221,10 +223,30 @@ class Daemon:
             return {"ok": True, **self.health()}
         if op in AGENT_OPS:
             return self._agent_op(op, req)
+        if op in OVERLAY_OPS:
+            return self._overlay_op(op, req)
         return {
             "ok": False,
-            "error": f"unknown op {op!r} (expected reconcile, status, {', '.join(AGENT_OPS)})",
+            "error": f"unknown op {op!r} (expected reconcile, status, {', '.join(AGENT_OPS + OVERLAY_OPS)})",
         }
+
+    def _overlay_op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
+        """The operator producer's requests (reconcile/overlays.py): stored, then converged before the
+        answer. A refusal keeps its kind (`error_kind`), so the CLI exits as it would without a daemon."""
+        try:
+            if op == "overlay-set":
+                data = req.get("overlay")
+                overlay, changed = set_operator_overlay(self.engine, data if isinstance(data, dict) else {})
+                reply: dict[str, Any] = {"overlay": overlay.as_dict(), "changed": changed}
+            else:
+                reply = release(self.engine, req.get("vm"), req.get("producer"), self.agents)
+        except HyperfenceError as e:
+            return {"ok": False, "error": str(e), "error_kind": type(e).__name__}
+        if reply["changed"]:
+            applied = self._converge(full=False)
+            if not applied.get("ok"):
+                return {"ok": False, "error": f"stored, not applied yet: {applied.get('error')}"}
+        return {"ok": True, **reply}
 
     def _agent_op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
         if self.agents is None:
@@ -366,10 +388,14 @@ class Daemon:
         self.engine.store.wake()
 
     def _wait_time(self, next_resync: float) -> float:
-        """How long the reconcile loop may sleep when nothing wakes it: until the next resync or the idle
-        checkpoint is due, and at most `poll` (a policy file's check period; the store feed's safety net)."""
+        """How long the reconcile loop may sleep when nothing wakes it: until the next resync, the idle
+        checkpoint or an overlay's end is due, and at most `poll` (a policy file's check period; the store
+        feed's safety net)."""
         now = time.monotonic()
         wait = min(next_resync - now, self.poll)
+        ends = self.engine.next_overlay_end()  # an overlay whose time is up is released on time
+        if ends is not None:
+            wait = min(wait, ends - self.engine.clock() + 0.01)
         if self._last_change is not None:
             wait = min(wait, self._last_change + CHECKPOINT_IDLE - now)
         return max(wait, 0.0)
@@ -410,6 +436,7 @@ class Daemon:
             key = self.engine.policy_key()
             # A refused version is tried again by a full converge (resync, link change), not every wake-up.
             changed = key not in (self.last_key, self.engine.refused_key)
+            changed = self.engine.expire_overlays() or changed  # an overlay's time is up
         except HyperfenceError as e:
             log.error("%s", e)
             changed = False

@@ -50,7 +50,7 @@ SUBSET = (
 # bridge_native (no br_netfilter loaded at all: the lab loads none for it) the connection cap of a VM, for
 # what it opens and for what is routed to it from the outside (capped in inet: docs/host.md), and a reject's
 # ICMP answer that needs no ARP between the host and the VM (as `can` says for this flavour), and the chaddr
-# guard's raw payload match on a DHCP request.
+# guard's raw payload match on a DHCP request, and the overlays' rate limit and shield.
 FLAVOUR_TESTS = {
     "br_netfilter": ((FW + "test_preconditions.py",), 10),  # the parametrized test counts twice, 3 here
     "bridge_native": (
@@ -61,8 +61,11 @@ FLAVOUR_TESTS = {
             FW + "test_arp.py::test_the_host_resolves_a_vm_for_its_icmp_answers_only_where_it_sends_them",
             FW
             + "test_dhcp_chaddr.py::test_a_dhcp_request_naming_another_mac_gets_no_offer_and_is_logged[0.0.0.0]",
+            # overlays (docs/overlays.md): a rate limit and a shield on bridge conntrack
+            FW + "test_overlays.py::test_an_operator_rate_limit_holds_a_flooding_vm_to_its_rate",
+            FW + "test_overlays.py::test_a_shield_cuts_new_inbound_connections_and_keeps_an_established_one",
         ),
-        11,
+        13,
     ),
 }
 SUBSET_TIMEOUT = 840.0

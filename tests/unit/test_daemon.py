@@ -223,3 +223,44 @@ def test_a_stored_version_wakes_the_reconcile_loop_at_once(
         stopped = time.monotonic() - t1
         engine.close()
     assert not t.is_alive() and stopped < 2
+
+
+def test_overlay_ops_keep_the_error_kind_and_converge_only_on_a_change(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.unit.policy.test_parse import doc
+
+    daemon.engine.store_policy(doc(), source="test")
+    converges: list[bool] = []
+    monkeypatch.setattr(daemon, "_converge", lambda *, full: converges.append(full) or {"ok": True})
+    bad = daemon._dispatch({"op": "overlay-set", "overlay": {"vm": "ghost", "kind": "isolate"}})
+    assert bad["ok"] is False and bad["error_kind"] == "InvalidInputError"
+    assert "vm: 'ghost' is not a VM of the policy" in bad["error"] and "reason:" in bad["error"]
+    req = {"op": "overlay-set", "overlay": {"vm": "vm1", "kind": "isolate", "reason": "r", "for": "1h"}}
+    ok = daemon._dispatch(req)
+    assert ok["ok"] and ok["changed"] and ok["overlay"]["producer"] == "operator"
+    assert converges == [False]
+    released = daemon._dispatch({"op": "overlay-release", "vm": "vm1", "producer": "heartbeat"})
+    assert released["ok"] and not released["changed"] and released["isolated"]  # the operator's stays
+    assert converges == [False]
+    released = daemon._dispatch({"op": "overlay-release", "vm": "vm1", "producer": "operator"})
+    assert released["ok"] and released["changed"] and not released["isolated"]
+    assert [o["kind"] for o in released["released"]] == ["isolate"]
+    assert converges == [False, False]
+    nobody = daemon._dispatch({"op": "overlay-release", "vm": "vm1", "producer": "nobody"})
+    assert nobody["error_kind"] == "InvalidInputError" and "producer: 'nobody'" in nobody["error"]
+
+
+def test_the_loop_wakes_when_an_overlay_runs_out(daemon: Daemon) -> None:
+    """An operator's `--for 90s` is released on time, not at the feed's safety-net timeout (`poll`)."""
+    from hyperfence.model.overlay import Overlay, OverlayKind
+
+    daemon.poll = 60
+    far = time.monotonic() + 3600
+    assert daemon._wait_time(far) == 60
+    now = daemon.engine.clock()
+    daemon.engine.overlays = (
+        Overlay("operator", "vm1", OverlayKind.ISOLATE, "r", now, until=now + 2),
+        Overlay("operator", "vm2", OverlayKind.SHIELD, "r", now),  # until released: no end
+    )
+    assert 1.5 < daemon._wait_time(far) <= 2.1

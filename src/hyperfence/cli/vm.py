@@ -23,9 +23,13 @@ from hyperfence.policy.syntax import LABEL_RE, parse_ipv4
 from hyperfence.reconcile.agents import channels_dir, enroll
 from hyperfence.reconcile.conntrack import read_vm_connections
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.overlays import RELEASE_CHOICES, release, set_operator_overlay
 from hyperfence.system.state_dir import DIR_MODE, make_dirs, write_private
 
-vm_app = typer.Typer(no_args_is_help=True, help="VMs' agents: enrol, list, events, release.")
+vm_app = typer.Typer(
+    no_args_is_help=True,
+    help="VMs: agents (enrol, list, events) and overlays (isolate, rate-limit, shield, release).",
+)
 agent_app = typer.Typer(no_args_is_help=True, help="The guest agent.")
 
 
@@ -297,6 +301,7 @@ def vm_list(
             for r in engine.store.agents().values()
         ]
     problems = _with_connections(engine, rows)
+    _with_overlays(engine, rows)
     for p in problems:
         err.print(plain(p))
     if as_json:
@@ -315,6 +320,7 @@ def vm_list(
         "conns / cap",
         "cap drops",
         "learned addresses",
+        "overlays",
     )
     for row in rows:
         refused = {k: v for k, v in row.get("counts", {}).items() if k != "accepted" and v}
@@ -329,8 +335,50 @@ def vm_list(
             plain(row.get("agent") or "-"),
             *_connections_cells(row.get("connections")),
             _learned_cell(row),
+            _overlays_cell(row["overlays"]),
         )
     out.print(grid)
+
+
+def _with_overlays(engine: Engine, rows: list[dict[str, Any]]) -> None:
+    """Each VM's overlays in force (`overlays`: producer, kind, reason, since, until, rate), from the store
+    (every producer stores its overlays before they are applied); a VM with overlays and no row gets one."""
+    now = time.time()
+    by_vm: dict[str, list[dict[str, object]]] = {}
+    for o in engine.store.overlays():
+        if o.is_active(now):
+            by_vm.setdefault(o.vm, []).append(o.as_dict())
+    known = {row["vm"] for row in rows}
+    for vm in sorted(set(by_vm) - known):
+        rows.append(
+            {
+                "vm": vm,
+                "name": vm,
+                "state": None,
+                "status": "no agent",
+                "last_seen": None,
+                "seq": None,
+                "agent": None,
+                "isolated": None,
+                "counts": {},
+            }
+        )
+    for row in rows:
+        row["overlays"] = by_vm.get(row["vm"], [])
+
+
+def _overlays_cell(overlays: list[dict[str, Any]]) -> Text:
+    """`isolate by operator since T until T: reason`, one line each (plain text, never markup)."""
+    if not overlays:
+        return Text("-")
+    lines = []
+    for o in overlays:
+        rate = f" {o['rate']}/s" if o.get("rate") else ""
+        until = "released" if o["until"] is None else _when(float(o["until"]))
+        lines.append(
+            f"{o['kind']}{rate} by {o['producer']} since {_when(float(o['since']))} until {until}: {o['reason']}"
+        )
+    return Text("\n".join(lines))
 
 
 def _policy_names(engine: Engine) -> dict[str, str]:
@@ -400,15 +448,120 @@ def vm_events(
         time.sleep(0.5)
 
 
-@vm_app.command("release")
-def vm_release(ctx: typer.Context, vm: Annotated[str, typer.Argument(help="VM name (or id).")]) -> None:
-    """Take the VM out of isolation now (its silence is counted again from now)."""
+def _ask_typed(engine: Engine, payload: dict[str, Any]) -> dict[str, Any] | None:
+    """Ask the daemon; a refusal is raised as the error class the daemon named (`error_kind`), so the
+    exit code is the one the command has without a daemon."""
+    reply = request(engine.state_dir, payload)
+    if reply is not None and not reply.get("ok"):
+        cls = getattr(errors, str(reply.get("error_kind")), None)
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, errors.HyperfenceError)
+            and cls is not errors.HyperfenceError
+        ):
+            raise cls(str(reply.get("error")))
+        raise errors.ConflictError(f"the daemon refused: {reply.get('error')}")
+    return reply
+
+
+ReasonOpt = Annotated[
+    str | None, typer.Option("--reason", help="Why (required): shown in `vm list` and the events.")
+]
+ForOpt = Annotated[
+    str | None,
+    typer.Option("--for", help="For how long: 90s, 15m, 2h, 1d (default: until `hyperfence vm release`)."),
+]
+
+
+def _set_overlay(ctx: typer.Context, request_: dict[str, Any]) -> None:
+    """The operator producer's overlay: through the daemon, or without one on this command's own engine
+    (stored, then converged). Every problem of the request is reported at once (the VM too), with the
+    same exit code with a daemon or without (`_ask_typed`)."""
     engine = _engine(ctx)
+    reply = _ask_typed(engine, {"op": "overlay-set", "overlay": request_})
+    if reply is not None:
+        shown, how = reply["overlay"], "applied by the daemon"
+    else:
+        overlay, changed = set_operator_overlay(engine, request_)
+        if changed:
+            engine.converge()
+        shown, how = overlay.as_dict(), "applied (no daemon is running)"
+    until = shown["until"]
+    end = "until released" if until is None else f"until {_when(until)}"
+    rate = f" at {shown['rate']} new flows a second" if shown.get("rate") else ""
+    out.print(plain(f"{request_['vm']}: {shown['kind']}{rate} by operator, {end}: {how}"))
+
+
+@vm_app.command("isolate")
+def vm_isolate(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name (or id).")],
+    reason: ReasonOpt = None,
+    for_: ForOpt = None,
+) -> None:
+    """Isolate the VM (the operator's overlay): every packet to and from it is dropped, open flows too."""
+    _set_overlay(ctx, {"vm": vm, "kind": "isolate", "reason": reason, "for": for_})
+
+
+@vm_app.command("rate-limit")
+def vm_rate_limit(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name (or id).")],
+    rate: Annotated[str, typer.Argument(help="New flows a second the VM may open (1 to 10,000,000).")],
+    reason: ReasonOpt = None,
+    for_: ForOpt = None,
+) -> None:
+    """Hold the new flows the VM sends to RATE a second (bursts of twice that); established flows are
+    not counted. Of several producers' rate limits on a VM the strictest holds."""
+    _set_overlay(ctx, {"vm": vm, "kind": "rate-limit", "reason": reason, "for": for_, "rate": rate})
+
+
+@vm_app.command("shield")
+def vm_shield(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name (or id).")],
+    reason: ReasonOpt = None,
+    for_: ForOpt = None,
+) -> None:
+    """Shield the VM (a victim under attack): no new inbound flow reaches it; its established flows and
+    its own outbound flows go on."""
+    _set_overlay(ctx, {"vm": vm, "kind": "shield", "reason": reason, "for": for_})
+
+
+@vm_app.command("release")
+def vm_release(
+    ctx: typer.Context,
+    vm: Annotated[str, typer.Argument(help="VM name (or id).")],
+    producer: Annotated[
+        str,
+        typer.Option(
+            help="Whose overlays: operator (isolate, rate-limit, shield), heartbeat (the agent monitor's "
+            "isolation; its silence counts again from now) or all (every producer's, the detector's too)."
+        ),
+    ] = "all",
+) -> None:
+    """Release the VM from a producer's overlays now (default: every producer's). Another producer's
+    isolation stays: `vm list` shows who holds what."""
+    engine = _engine(ctx)
+    if producer not in RELEASE_CHOICES:
+        raise errors.InvalidInputError(
+            "vm release",
+            [errors.Problem("--producer", f"{producer!r} is not one of {', '.join(RELEASE_CHOICES)}")],
+        )
     vm_id, name = _target(engine, vm)
-    reply = _ask(engine, {"op": "release", "vm": vm_id})
+    reply = _ask_typed(engine, {"op": "overlay-release", "vm": vm_id, "producer": producer})
     if reply is None:
-        raise errors.TemporaryError("no daemon is running: start `hyperfence daemon`, then release")
-    out.print(plain(f"{name}: " + ("released" if reply.get("released") else "was not isolated")))
+        reply = release(engine, vm_id, producer, None)
+        if reply["changed"]:
+            engine.converge()
+    released = reply["released"]
+    what = ", ".join(f"{o['kind']} by {o['producer']}" for o in released) or "nothing to release"
+    still = "; still isolated by another producer (see `hyperfence vm list`)" if reply.get("isolated") else ""
+    out.print(plain(f"{name}: " + ("released " if released else "") + what + still))
+
+
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
 
 
 @vm_app.command("label")

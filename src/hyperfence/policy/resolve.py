@@ -136,6 +136,11 @@ class ArpSource:
         return self.peers == ANY
 
 
+# The id of an overlay's rate limit among a VM's flood limits (policy/overlays.py), so its rules are
+# `sys:flood:overlay:rate`: a ':' no policy id may hold, so it never meets a policy limit's rules.
+OVERLAY_LIMIT_ID = "overlay:rate"
+
+
 @dataclass(frozen=True)
 class VmPolicy:
     vm: Vm
@@ -158,6 +163,8 @@ class VmPolicy:
     # Its share of the host's connection tracking: the first `limits` entry with `connections` that selects
     # it, else the settings' default.
     connection_cap: ConnectionCap = DEFAULT_CAP
+    # An overlay shields it (policy/overlays.py): no new inbound IPv4 flow reaches it.
+    shielded: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,8 +175,8 @@ class Resolved:
     host: tuple[AddressRange, ...]
     # The lookups this resolve used: valid for the next one while VMs, networks and IP sets are the same.
     index: _Index | None = field(default=None, compare=False, repr=False)
-    # VMs in quarantine (an overlay from the agent monitor, not from the policy): every packet to and from
-    # them is dropped, established flows included.
+    # VMs in quarantine (isolated by an overlay of some producer, not by the policy: policy/overlays.py):
+    # every packet to and from them is dropped, established flows included.
     quarantine: frozenset[str] = frozenset()
 
 

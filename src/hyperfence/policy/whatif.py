@@ -9,6 +9,10 @@ An address that is no declared VM's but can only sit on a bridge port no declare
 the kernel denies it (`sys:unknown-port`), and the answer says whose an address is when that decides it
 (the host's, never routed, maybe behind an uplink).
 
+Overlays (policy/overlays.py) decide before the rules: a VM some producer isolates sends and receives
+nothing (`sys:quarantine`, established flows too); a shielded VM receives no new flow (`sys:shield`). A rate
+limit decides no single flow (it counts them), so it only adds a note.
+
 The answer is for one data plane flavour (model/kernel.py; the CLI asks the one the daemon runs). They decide
 the same, but answer a VM's rejected packet differently: br_netfilter answers from the host's IP stack (ICMP
 from the gateway, so the host and the VM may ARP each other: `sys:reject-arp`; a network without a gateway
@@ -33,7 +37,15 @@ from hyperfence.model.policy import (
     Service,
     SpecialService,
 )
-from hyperfence.policy.resolve import Entry, Resolved, VmPolicy, contains, dhcp_ports, reject_arp_vms
+from hyperfence.policy.resolve import (
+    OVERLAY_LIMIT_ID,
+    Entry,
+    Resolved,
+    VmPolicy,
+    contains,
+    dhcp_ports,
+    reject_arp_vms,
+)
 
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "icmp": 1}
 
@@ -312,9 +324,25 @@ def can(
     is neither a VM nor an IPv4 address."""
     src_vm, src_ip = find_vm(resolved, src)
     dst_vm, dst_ip = find_vm(resolved, dst)
+    for vp, direction in ((src_vm, Direction.OUT), (dst_vm, Direction.IN)):
+        if vp is not None and vp.vm.id in resolved.quarantine:
+            step = Step(vp.vm.name, direction, Action.DENY, "sys:quarantine")
+            return Answer(
+                False,
+                (step,),
+                f"{vp.vm.name} is isolated by an overlay (`hyperfence vm list` says who set it): nothing "
+                "passes to or from it, established flows neither: deny by sys:quarantine",
+            )
     if flow.protocol == "dhcp":
         return _lease(resolved, src_vm, src_ip, dst_vm, dst_ip)
     notes = [n for n in (_address_note(resolved, src_ip), _address_note(resolved, dst_ip)) if n]
+    notes += [
+        f"{vp.vm.name} sends new flows at most at its overlay's rate limit ({lim.rate} a second)"
+        for vp in (src_vm,)
+        if vp is not None
+        for lim in vp.limits_out
+        if lim.id == OVERLAY_LIMIT_ID
+    ]
     note = "".join(f"; {n}" for n in notes)
     steps: list[Step] = []
     for vp, side, peer, direction, addr in (
@@ -327,6 +355,14 @@ def can(
                 steps.append(Step(str(addr), direction, Action.DENY, "sys:unknown-port"))
                 return Answer(False, tuple(steps), f"{_unknown_port(addr, net)}: deny by sys:unknown-port")
             continue
+        if direction is Direction.IN and vp.shielded and flow.protocol != "arp":
+            steps.append(Step(vp.vm.name, direction, Action.DENY, "sys:shield"))
+            return Answer(
+                False,
+                tuple(steps),
+                f"{vp.vm.name} ingress: shielded by an overlay (no new flow reaches it; its established "
+                f"flows and its own go on): deny by sys:shield{note}",
+            )
         entries = vp.egress if direction is Direction.OUT else vp.ingress
         answered = _reject_arp(resolved, flavour) if flow.protocol == "arp" else frozenset[str]()
         step = _walk(vp, entries, peer, flow, direction, reject_arp=answered)

@@ -2,9 +2,10 @@
 
 Runs in the daemon (one thread). Every round: read what the channels have (`Hub.poll`), make the sequence
 numbers just accepted durable, then decide per VM from its heartbeat policy (`Tracker.decide`) and carry the
-decisions out: isolate = the VM's ports join the quarantine overlay and the firewall converges; pause = the
-hypervisor pauses the VM where one is known (`pause` callback), else isolate; alert = an event; release =
-the overlay drops the VM.
+decisions out: isolate = the heartbeat producer's isolate overlay on the VM (model/overlay.py: other
+producers' overlays are its own business) and the firewall converges; pause = the hypervisor pauses the VM
+where one is known (`pause` callback), else isolate; alert = an event; release = the heartbeat producer
+drops its overlay (an operator's isolation of the same VM stays).
 
 Replay protection survives a crash: the last accepted seq of every VM that sent something is written to the
 store (one transaction) in the round that accepted it, before any decision follows from those frames, so a
@@ -35,6 +36,7 @@ from hyperfence.adapters.tls import ensure_certificates, server_context
 from hyperfence.errors import HyperfenceError, InvalidInputError, NotFoundError
 from hyperfence.health.heartbeat import heartbeat_for
 from hyperfence.health.tracker import AgentRecord, Decision, Ingested, Tracker
+from hyperfence.model.overlay import Overlay, OverlayKind
 from hyperfence.model.policy import Heartbeat, Policy, Vm
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.supervisor import wake_fd
@@ -48,6 +50,7 @@ LOG_EVERY = 10.0
 EVENTS_PER_MINUTE = 60  # security events stored per VM and minute; the rest is counted
 ROUND = 0.2
 ENDPOINT_RETRY = 10.0
+PRODUCER = "heartbeat"  # the overlay producer this monitor is
 
 Pause = Callable[[str], bool]  # VM id -> paused?
 
@@ -74,8 +77,10 @@ class AgentMonitor:
         self.pause = pause
         self.lock = threading.Lock()
         self.tracker = Tracker(engine.store.agents(), started=clock(), startup_grace=startup_grace)
-        # Isolation survives a restart: the overlay is in place before the daemon's first converge.
-        engine.set_quarantine(self.tracker.isolated())
+        # Isolation survives a restart: the overlay is in place before the daemon's first converge (the
+        # engine read every producer's overlays from the store; this agrees with the agents' records).
+        self._overlays_pending = False
+        self._set_overlays()
         self.hub = self._new_hub()
         self._resync_channels = threading.Event()
         self._endpoint: tuple[Any, int] | None = None  # the endpoint of the policy last seen
@@ -127,6 +132,8 @@ class AgentMonitor:
             if self._endpoint and self._endpoint_open
             else None,
         }
+        if self._overlays_pending:
+            self._apply_quarantine()
         now = self.clock()
         with self.lock:
             decisions = self.tracker.decide(self.heartbeats(), now)
@@ -308,10 +315,35 @@ class AgentMonitor:
         self._event("isolated", d.vm, {"reason": d.reason, "action": d.action, "how": how})
         self._apply_quarantine()
 
-    def _apply_quarantine(self) -> None:
+    def heartbeat_overlays(self) -> tuple[Overlay, ...]:
+        """This producer's overlays: an isolation for every VM the tracker holds isolated."""
         with self.lock:
-            isolated = self.tracker.isolated()
-        if self.engine.set_quarantine(isolated):
+            return tuple(
+                Overlay(
+                    producer=PRODUCER,
+                    vm=vm,
+                    kind=OverlayKind.ISOLATE,
+                    reason=rec.isolated or "heartbeat",
+                    since=rec.isolated_since if rec.isolated_since is not None else self.clock(),
+                )
+                for vm, rec in sorted(self.tracker.records.items())
+                if rec.isolated is not None
+            )
+
+    def _set_overlays(self) -> bool:
+        """Hand the heartbeat producer's overlays to the engine; True when the merge changed. A store error
+        leaves them pending: every round tries again."""
+        try:
+            changed = self.engine.set_overlays(PRODUCER, self.heartbeat_overlays())
+        except HyperfenceError as e:
+            log.error("heartbeat isolation not stored (retried next round): %s", e)
+            self._overlays_pending = True
+            return False
+        self._overlays_pending = False
+        return changed
+
+    def _apply_quarantine(self) -> None:
+        if self._set_overlays():
             try:
                 self.engine.converge()
             except HyperfenceError as e:  # the next round or the daemon's resync retries

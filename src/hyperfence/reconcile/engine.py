@@ -6,7 +6,6 @@ follow exactly the same path: policy -> resolve -> compile -> converge (plan, on
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
@@ -24,11 +23,13 @@ from hyperfence.adapters.store import Store
 from hyperfence.errors import ConflictError, HyperfenceError, NotFoundError
 from hyperfence.model.kernel import Capabilities, Flavour, choose
 from hyperfence.model.lease import Lease
+from hyperfence.model.overlay import NOTHING, Merged, Overlay, expired, merge_overlays, replace_producer
 from hyperfence.model.policy import AddressRange, Policy
 from hyperfence.model.ports import BridgePort
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.leases import apply_leases, expire
+from hyperfence.policy.overlays import with_overlays
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
 from hyperfence.policy.syntax import format_range
@@ -90,6 +91,9 @@ class Compiled:
     flavour: Flavour = Flavour.BR_NETFILTER  # the data plane it was compiled for
     # and the network devices passed as provisional uplinks (in `resolved`'s policy, not in `policy`)
     provisional: tuple[UndeclaredDevice, ...] = ()
+    # and the merged overlays (`resolved` has them on; `plain` is the policy's resolve without them)
+    overlays: Merged = NOTHING
+    plain: Resolved | None = None
 
 
 class Engine:
@@ -126,8 +130,9 @@ class Engine:
         self._compiled: Compiled | None = None
         self._cache = CompileCache()
         self.lock = threading.RLock()
-        # VMs isolated by the agent monitor: an overlay on the policy (see `set_quarantine`).
-        self.quarantine: frozenset[str] = frozenset()
+        # Every producer's overlays (isolation, rate limits, shields; model/overlay.py), from the store: so
+        # they are in place before the first converge (see `set_overlays`).
+        self.overlays: tuple[Overlay, ...] = self.store.overlays()
         # VMs discovered from the hypervisor, as `vms` items (see `set_discovered`).
         self.discovered: tuple[dict[str, Any], ...] = ()
         self.skipped: list[str] = []  # discovered VMs left out, and why
@@ -291,12 +296,70 @@ class Engine:
             "is no longer a provisional uplink",
         )
 
-    def set_quarantine(self, vms: frozenset[str]) -> bool:
-        """Replace the set of quarantined VM ids; True when it changed (converge to apply it)."""
+    def set_overlays(self, producer: str, overlays: tuple[Overlay, ...]) -> bool:
+        """Replace `producer`'s overlays with `overlays` (every one of that producer: an empty tuple
+        releases them all); the other producers' are kept. Stored first (one transaction: a store error
+        is raised and nothing changed), then each overlay set or released is recorded as an
+        `overlay-set` / `overlay-released` event of its VM with the producer. True when what the compiler
+        sees (the merge of all producers' overlays) changed: converge to apply."""
         with self.lock:
-            changed = vms != self.quarantine
-            self.quarantine = vms
-            return changed
+            now = self.clock()
+            before = merge_overlays(self.overlays, now)
+            after, set_, released = replace_producer(self.overlays, producer, overlays)
+            if not set_ and not released:
+                return False
+            self.store.save_overlays(producer, tuple(o for o in after if o.producer == producer))
+            self.overlays = after
+            changed = merge_overlays(after, now) != before
+        self._record_overlays(set_, released, why=None)
+        return changed
+
+    def next_overlay_end(self) -> float | None:
+        """When the first overlay with an end runs out (the engine's clock), None when none has one: the
+        daemon wakes for it."""
+        ends = [o.until for o in self.overlays if o.until is not None]
+        return min(ends) if ends else None
+
+    def expire_overlays(self) -> bool:
+        """Drop the overlays whose time is up (from the store too), each recorded as `overlay-released`
+        (`why: expired`). True when what the compiler sees changed. The daemon calls it every poll."""
+        with self.lock:
+            gone = expired(self.overlays, self.clock())
+            if not gone:
+                return False
+            keep = tuple(o for o in self.overlays if o not in gone)
+            for producer in sorted({o.producer for o in gone}):
+                self.store.save_overlays(producer, tuple(o for o in keep if o.producer == producer))
+            self.overlays = keep
+        self._record_overlays((), gone, why="expired")
+        return True  # an expired overlay already counted for nothing; a converge drops its rules
+
+    def _record_overlays(
+        self, set_: tuple[Overlay, ...], released: tuple[Overlay, ...], *, why: str | None
+    ) -> None:
+        rows: list[tuple[str, str | None, dict[str, Any]]] = []
+        for o in set_:  # (`overlay`: the event's own `kind` is overlay-set)
+            data = {k: v for k, v in o.as_dict().items() if k not in ("vm", "kind")}
+            data["overlay"] = o.kind.value
+            rows.append(("overlay-set", o.vm, data))
+            log.warning("VM %s: %s by %s: %s", o.vm, o.kind.value, o.producer, o.reason)
+        for o in released:
+            data = {"producer": o.producer, "overlay": o.kind.value, "reason": o.reason}
+            if why:
+                data["why"] = why
+            rows.append(("overlay-released", o.vm, data))
+            log.info("VM %s: %s by %s released%s", o.vm, o.kind.value, o.producer, f" ({why})" if why else "")
+        if rows:
+            self.store.add_events(rows)
+
+    def merged_overlays(self) -> Merged:
+        """What all producers' overlays amount to now (expired ones count for nothing)."""
+        return merge_overlays(self.overlays, self.clock())
+
+    @property
+    def quarantine(self) -> frozenset[str]:
+        """The VMs some producer isolates now."""
+        return self.merged_overlays().isolated
 
     @property
     def flavour(self) -> Flavour:
@@ -377,6 +440,7 @@ class Engine:
         if key is None:
             return None
         host = self.known_host_addresses()
+        merged = self.merged_overlays()
         previous = self._compiled
         if (
             previous is not None
@@ -386,12 +450,9 @@ class Engine:
             and previous.leases is self.leases
             and previous.provisional == self.provisional
         ):
-            if (
-                previous.resolved.quarantine == self.quarantine
-                and previous.flavour is self._compile_flavour()
-            ):
+            if previous.overlays == merged and previous.flavour is self._compile_flavour():
                 return previous
-            policy, resolved = previous.policy, previous.resolved
+            policy, resolved = previous.policy, previous.plain or previous.resolved
         else:
             document, source = self._load_document()
             if self.discovered and isinstance(document, dict):
@@ -399,21 +460,23 @@ class Engine:
             policy = self._with_leases(parse_policy(document, source=source))
             passed = with_uplinks(policy, self.provisional)
             resolved = (
-                resolve_update(previous.resolved, passed, host_addresses=host)
+                resolve_update(previous.plain or previous.resolved, passed, host_addresses=host)
                 if previous is not None
                 else None
             ) or resolve_policy(passed, host_addresses=host)
-        resolved = dataclasses.replace(resolved, quarantine=self.quarantine)
+        overlaid = with_overlays(resolved, merged)
         self._compiled = Compiled(
             key,
             policy,
-            resolved,
-            compile_ruleset(resolved, self._cache, flavour=self._compile_flavour()),
+            overlaid,
+            compile_ruleset(overlaid, self._cache, flavour=self._compile_flavour()),
             discovered=self.discovered,
             host_addresses=host,
             leases=self.leases,
             flavour=self._compile_flavour(),
             provisional=self.provisional,
+            overlays=merged,
+            plain=resolved,
         )
         return self._compiled
 

@@ -157,6 +157,7 @@ def _vm_key(vp: VmPolicy, settings: Settings) -> _Key:
             vp.limits_out,
             vp.limits_in,
             vp.connection_cap,
+            vp.shielded,
             settings,
         )
     )
@@ -751,6 +752,8 @@ def _vm_chains(b: Builder, vp: VmPolicy) -> None:
     endpoint = b.settings.agent_endpoint
     if endpoint is not None:  # the agent's channel to the host, whatever the policy says
         b.rule(BRIDGE, out, "sys:agent", [*_agent_flow(endpoint, outbound=True), x.COUNTER, x.ACCEPT])
+    if vp.shielded:
+        _shield_rules(b, vp, sid, inn)
     _flood_rules(b, sid, out, "out", vp.limits_out)
     _flood_rules(b, sid, inn, "in", vp.limits_in)
     if not vp.dhcp_server:
@@ -868,6 +871,32 @@ def _cap_chain_pair(
                 ],
             )
     b.rule(table, drop, "sys:ct-cap", [x.COUNTER, x.DROP])
+
+
+def _shield_rules(b: Builder, vp: VmPolicy, sid: str, inn: str) -> None:
+    """A shielded VM (an overlay: policy/overlays.py): first in `<vm>_in`, which only sees what is not part
+    of an established flow (the base chain's shortcut took those, in both flavours), every IPv4 packet is
+    logged (within the log rate) and dropped: no new inbound flow reaches the VM, while its established
+    flows and the replies to its own outbound go on. ARP is not dropped (the VM's own flows need its
+    neighbours' answers); for a DHCP client, the server's answers (UDP to port 68) go on to its rules."""
+    s = b.settings
+    ipv4 = x.match(x.payload("ip", "version"), 4)
+    keep: list[list[JSON]] = [[]]
+    if vp.dhcp_client:  # two rules: not UDP, or UDP not to 68 (a negated port match needs UDP first)
+        keep = [
+            [x.match(x.meta("l4proto"), 17, op="!=")],
+            [x.match(x.payload("udp", "dport"), 68, op="!=")],
+        ]
+    prefix = log_prefix(sid, "in", "deny", "sys:shield")
+    for n, matches in enumerate(keep, start=1):
+        comment = "sys:shield" if n == 1 else f"sys:shield#{n}"  # comments are unique in a chain
+        b.rule(
+            BRIDGE,
+            inn,
+            comment + ":log",
+            [ipv4, *matches, x.limit(s.log_rate_per_second, s.log_burst), x.log(prefix, s.nflog_group)],
+        )
+        b.rule(BRIDGE, inn, comment, [ipv4, *matches, x.COUNTER, x.DROP])
 
 
 def _flood_rules(b: Builder, sid: str, chain: str, direction: str, limits: tuple[FloodLimit, ...]) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from hyperfence.lab import topology
 from hyperfence.lab.session import LabSession
+from hyperfence.model.overlay import Overlay, OverlayKind
 from tests.netns.firewall.test_firewall import counter
 
 pytestmark = pytest.mark.kernel
@@ -25,7 +26,10 @@ def vm_id(lab: LabSession, name: str) -> str:
 
 def quarantine(lab: LabSession, *names: str) -> None:
     assert lab.engine is not None
-    lab.engine.set_quarantine(frozenset(vm_id(lab, n) for n in names))
+    lab.engine.set_overlays(  # the heartbeat producer's isolation (model/overlay.py)
+        "heartbeat",
+        tuple(Overlay("heartbeat", vm_id(lab, n), OverlayKind.ISOLATE, "test", time.time()) for n in names),
+    )
     _, result = lab.engine.converge()
     assert result is not None
 

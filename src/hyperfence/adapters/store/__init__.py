@@ -32,6 +32,7 @@ from hyperfence.adapters.store.feed import ChangeFeed
 from hyperfence.errors import ConflictError, TemporaryError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease, LeaseSource
+from hyperfence.model.overlay import Overlay, OverlayKind
 from hyperfence.ports import Repository, StoredPolicy
 from hyperfence.system.state_dir import open_private, secure_state_dir
 
@@ -75,6 +76,16 @@ CREATE TABLE IF NOT EXISTS leases (
     server TEXT,
     source TEXT NOT NULL,
     PRIMARY KEY (vm, ip)
+);
+CREATE TABLE IF NOT EXISTS overlays (
+    producer TEXT NOT NULL,
+    vm TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    until REAL,
+    rate INTEGER,
+    PRIMARY KEY (producer, vm, kind)
 );
 CREATE TABLE IF NOT EXISTS agent_samples (
     vm TEXT NOT NULL,
@@ -245,6 +256,35 @@ class Store:
                     )
                     for le in leases
                 ],
+            )
+
+    # --- overlays (isolation, rate limits, shields by producer: model/overlay.py) ----------------------
+
+    def overlays(self) -> tuple[Overlay, ...]:
+        """Every producer's overlays, expired ones too (until their producer or the daemon drops them)."""
+        rows = self._rows(
+            "SELECT producer, vm, kind, reason, since, until, rate FROM overlays ORDER BY producer, vm, kind"
+        )
+        return tuple(
+            Overlay(
+                producer=r[0],
+                vm=r[1],
+                kind=OverlayKind(r[2]),
+                reason=r[3],
+                since=float(r[4]),
+                until=None if r[5] is None else float(r[5]),
+                rate=None if r[6] is None else int(r[6]),
+            )
+            for r in rows
+        )
+
+    def save_overlays(self, producer: str, overlays: tuple[Overlay, ...]) -> None:
+        """Replace `producer`'s overlays with `overlays` (all of that producer), in one transaction."""
+        with self._transaction():
+            self._db.execute("DELETE FROM overlays WHERE producer = ?", (producer,))
+            self._db.executemany(
+                "INSERT INTO overlays(producer, vm, kind, reason, since, until, rate) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(o.producer, o.vm, o.kind.value, o.reason, o.since, o.until, o.rate) for o in overlays],
             )
 
     # --- agents ---------------------------------------------------------------------------------------
