@@ -120,6 +120,25 @@ def open_private(path: str | Path, flags: int) -> int:
     return fd
 
 
+def make_private_file(path: str | Path) -> None:
+    """Create `path` 0600 if it is missing, else narrow it to 0600, *without opening it*: closing any
+    descriptor of a file drops every POSIX lock this process holds on it, SQLite's among them, so opening
+    the database to fix its mode while another connection of this process holds a lock on it would let a
+    second writer in. `InvalidInputError` when `path` is a link or not a regular file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            os.close(open_private(path, os.O_RDWR | os.O_EXCL))
+            return
+        except FileExistsError:  # created meanwhile
+            st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInputError(f"{path} is not a regular file (a link or a device?): move it away")
+    if stat.S_IMODE(st.st_mode) != FILE_MODE:
+        os.chmod(path, FILE_MODE)
+
+
 def write_private(path: str | Path, data: bytes | str, *, owner: tuple[int, int] | None = None) -> None:
     """Replace `path` with `data`, atomically, mode 0600 (owned by `owner` = (uid, gid) if given).
 

@@ -299,3 +299,28 @@ def test_a_writer_waits_for_another_process_s_write_instead_of_failing(
     finally:
         store.close()
         other.close()
+
+
+def test_an_existing_database_file_is_never_opened_behind_sqlites_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POSIX locks belong to the process and go when *any* descriptor of the file is closed (SQLite's "how to
+    corrupt" 2.2): a `Store` that opened the database file to fix its mode dropped the locks of another
+    connection of this process (seen as `disk I/O error` with two stores in one process). Its mode is still
+    narrowed to 0600."""
+    import os as real_os
+
+    Store(str(tmp_path)).close()
+    db = tmp_path / "hyperfence.db"
+    db.chmod(0o644)
+    opened: list[str] = []
+    real_open = real_os.open
+
+    def spy(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        opened.append(str(path))
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(real_os, "open", spy)
+    Store(str(tmp_path)).close()
+    assert str(db) not in opened
+    assert db.stat().st_mode & 0o777 == 0o600

@@ -34,7 +34,7 @@ from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease, LeaseSource
 from hyperfence.model.overlay import Overlay, OverlayKind
 from hyperfence.ports import Repository, StoredPolicy
-from hyperfence.system.state_dir import open_private, secure_state_dir
+from hyperfence.system.state_dir import make_private_file, secure_state_dir
 
 __all__ = ["BUSY_TIMEOUT", "Store", "StoredPolicy"]
 
@@ -102,8 +102,8 @@ class Store:
         self.repaired = secure_state_dir(state_dir)
         self.path = os.path.join(state_dir, "hyperfence.db")
         # 0600 before SQLite opens it: SQLite would create it 0644 (less the umask), and gives its -wal and
-        # -shm files the database file's mode.
-        os.close(open_private(self.path, os.O_RDWR))
+        # -shm files the database file's mode. Never by opening it: see `make_private_file`.
+        make_private_file(self.path)
         self._db = sqlite3.connect(
             self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
         )
