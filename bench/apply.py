@@ -825,11 +825,13 @@ def print_scaling(results: list[dict[str, Any]]) -> None:
             )
 
 
-def phase_lines(spent: dict[str, float], total: float, unit: float = 1000.0, suffix: str = "ms") -> list[str]:
-    """`label value` pairs, largest first (zeros left out), plus what no wrapped call accounts for."""
-    parts = sorted(((v, k) for k, v in spent.items() if v * unit >= 0.05), reverse=True)
+def phase_lines(spent: dict[str, float], total: float, *, seconds: bool = False) -> list[str]:
+    """`label value` pairs (ms, or s with `seconds`), largest first, zeros left out, then what no wrapped
+    call accounts for ("other"); five to a line."""
+    unit, nd, suffix = (1.0, 2, "s") if seconds else (1000.0, 1, "ms")
+    parts = sorted(((v, k) for k, v in spent.items() if round(v * unit, nd)), reverse=True)
     rest = total - sum(spent.values())
-    items = [f"{k} {v * unit:.1f}" for v, k in parts] + [f"other {rest * unit:.1f}"]
+    items = [f"{k} {v * unit:.{nd}f}" for v, k in parts] + [f"other {rest * unit:.{nd}f}"]
     return [
         f"    {', '.join(items[i : i + 5])}" + (f" {suffix}" if i + 5 >= len(items) else ",")
         for i in range(0, len(items), 5)
@@ -845,20 +847,20 @@ def print_breakdown(b: dict[str, Any]) -> None:
         f"policy), converge {ini['converge_s']:.2f} s ({ini['commands']} commands); by phase, s:"
     )
     total = ini["compile_s"] + ini["converge_s"]
-    for line in phase_lines(ini["phases"], total, unit=1.0, suffix="s"):
-        print(line.replace(".1f", ""))
+    for line in phase_lines(ini["phases"], total, seconds=True):
+        print(line)
     noop = b["noop"]
     print(f"  no-op full converge (what a restart pays besides compiling): {noop['s']:.2f} s; by phase, s:")
-    for line in phase_lines(noop["phases"], noop["s"], unit=1.0, suffix="s"):
+    for line in phase_lines(noop["phases"], noop["s"], seconds=True):
         print(line)
     rows = b["changes"]
-    med = {k: median([r[k] for r in rows]) for k in rows[0]}
-    total = med.pop("total")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    total = mean.pop("total")
     print(
-        f"  one-rule change (store write not included: engine.converge() after it; median of {len(rows)} "
-        f"after a warm-up): {total * 1000:.1f} ms; by phase (medians), ms:"
+        f"  one-rule change (engine.converge() after the store write, {len(rows)} after a warm-up): median "
+        f"{median([r['total'] for r in rows]) * 1000:.1f} ms, mean {total * 1000:.1f} ms; by phase (means), ms:"
     )
-    for line in phase_lines(med, total):
+    for line in phase_lines(mean, total):
         print(line)
     print(
         f"  one more change under cProfile: {b['profiled_s'] * 1000:.0f} ms (the profiler's overhead included)"
