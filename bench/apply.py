@@ -662,6 +662,8 @@ def breakdown(n: int, wd: Path, *, changes: int, top: int) -> dict[str, Any]:
         assert not result.changed
         out["noop"] = {"s": time.perf_counter() - t3, "phases": phases.take()}
         out["changes"] = timed_changes(engine, phases, docs, changes)
+        phases.restore()  # the profile without our wrappers
+        phases = None
         engine.store.put_policy(docs[PORTS[(changes + 2) % 2]], source="bench/apply.py")
         prof = cProfile.Profile()
         t5 = time.perf_counter()
