@@ -21,15 +21,17 @@ over its control socket to reconcile, and wait for its answer. The change toggle
 5201 <-> 5202 (the kernel must replace one rule in vm1's egress chain and one in vm2's ingress chain).
 Measured per change, all from just before the store write:
   - wall: until the daemon's answer arrived (what `policy apply` waits for);
-  - kernel: until `nft monitor` (its own process in the host namespace) printed the first event of the
-    change's transaction: the kernel committed it then;
+  - kernel: until the first nftables event of the change's transaction reached a netlink listener of our
+    own in the host namespace (`NL_LISTENER`, its own process): the kernel committed it then (earlier
+    runs used `nft -j monitor`, which cannot start at 10,000 VMs in reasonable time);
   - daemon: the `ms` of the daemon's answer (all of its work: load, parse, resolve, compile, plan, apply,
     verify) and its `kernel_ms` (plan, apply, verify only), where the daemon reports them.
 After each answer the rule is read back with libnftables (our own context) and must carry the new port.
 Printed at the end: p50 and p99 of each at every N and the ratios N / smallest N.
 
 Restart at each N: SIGKILL the daemon, start it again, time until its first converge finished (its control
-socket reports a policy); `nft monitor` must see no event, and every object handle must be unchanged.
+socket reports a policy), then until it is idle (its drift watch asks for one more full converge when it
+starts); the listener must see no nftables event, and every object handle must be unchanged.
 Also at each N: the initial apply (empty kernel -> the whole policy: time, the daemon's RSS, the kernel's
 unreclaimable slab growth), and parse / resolve / compile of the whole document in this process.
 
@@ -277,34 +279,62 @@ class DaemonProc:
             self.proc.wait()
 
 
+# Listens to the nftables event group of the namespace it runs in and prints, per datagram received, the
+# time of arrival (CLOCK_MONOTONIC, which is time.perf_counter on Linux, so comparable across processes),
+# the number of nftables messages in it and how many of them closed a transaction (NEWGEN). No cache, no
+# decoding: unlike `nft monitor`, which first loads the whole ruleset into its cache (at 10,000 VMs it had
+# not printed anything after 3 minutes of CPU) and then keeps that cache up to date at every event.
+NL_LISTENER = r"""
+import socket, struct, sys, time
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12)  # NETLINK_NETFILTER
+s.setsockopt(socket.SOL_SOCKET, 33, 256 << 20)  # SO_RCVBUFFORCE
+s.bind((0, 1 << 6))  # NFNLGRP_NFTABLES (7)
+out = sys.stdout
+out.write("ready\n"); out.flush()
+buf = bytearray(1 << 20)
+while True:
+    try:
+        n = s.recv_into(buf)
+    except OSError as e:
+        if e.errno != 105:  # ENOBUFS: events were lost
+            raise
+        out.write("%.6f lost\n" % time.perf_counter()); out.flush()
+        continue
+    t = time.perf_counter()
+    off = msgs = gens = 0
+    while off + 16 <= n:
+        length, kind = struct.unpack_from("=IH", buf, off)
+        if length < 16:
+            break
+        if kind >> 8 == 10:  # NFNL_SUBSYS_NFTABLES
+            msgs += 1
+            gens += (kind & 0xFF) == 15  # NFT_MSG_NEWGEN
+        off += (length + 3) & ~3
+    out.write("%.6f %d %d\n" % (t, msgs, gens)); out.flush()
+"""
+
+
 class Monitor:
-    """`nft -j monitor` in the host namespace; every line is timestamped on arrival."""
+    """The nftables events of the host namespace (`NL_LISTENER`, its own process there): one line per
+    netlink datagram, with the time it arrived, its nftables messages and the transactions it closed."""
 
     def __init__(self, plan: LabPlan) -> None:
-        self.proc = topology.popen_in_host(plan, ["nft", "-j", "monitor"], stdout=subprocess.PIPE)
+        assert "CLOCK_MONOTONIC" in time.get_clock_info("perf_counter").implementation
+        self.proc = topology.popen_in_host(
+            plan, [str(VENV_BIN / "python"), "-c", NL_LISTENER], stdout=subprocess.PIPE
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != b"ready":
+            raise BenchError("the nftables event listener did not start")
         self.q: queue.Queue[tuple[float, str]] = queue.Queue()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
-        time.sleep(0.3)  # let it subscribe
-
-    def wait_ready(self, plan: LabPlan, timeout: float = 300.0) -> float:
-        """Seconds until `nft monitor` prints events: a table of our own (`ip hfbap_probe`, not one of
-        hyperfence's, so the daemon's drift watch ignores it) is added and deleted until one shows up. A
-        monitor may load the ruleset into its cache before it listens; at 10,000 VMs that takes a while."""
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < timeout:
-            host_cmd = "add table ip hfbap_probe\ndelete table ip hfbap_probe\n"
-            topology.run_in_host(plan, ["nft", "-f", "-"], input=host_cmd.encode(), timeout=60)
-            if self.first_after(0.0, timeout=1.0) is not None:
-                time.sleep(0.2)
-                self.drain()
-                return time.perf_counter() - t0
-        raise BenchError(f"nft monitor printed nothing within {timeout:.0f} s")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.q.put((time.perf_counter(), line.decode(errors="replace").strip()))
+        for raw in self.proc.stdout:
+            stamp, _, rest = raw.decode(errors="replace").strip().partition(" ")
+            self.q.put((float(stamp), rest))
 
     def drain(self) -> list[tuple[float, str]]:
         out = []
@@ -313,7 +343,13 @@ class Monitor:
                 out.append(self.q.get_nowait())
         return out
 
+    @staticmethod
+    def messages(lines: list[tuple[float, str]]) -> int:
+        """nftables messages in `lines` (a lost-events line counts as one: something was written)."""
+        return sum(1 if rest == "lost" else int(rest.split()[0]) for _, rest in lines)
+
     def first_after(self, t0: float, timeout: float = 2.0) -> tuple[float, str] | None:
+        """The first datagram that arrived at or after `t0` (perf_counter), waiting up to `timeout`."""
         deadline = time.perf_counter() + timeout
         while True:
             left = deadline - time.perf_counter()
@@ -323,11 +359,37 @@ class Monitor:
                 t, line = self.q.get(timeout=left)
             except queue.Empty:
                 return None
-            if t >= t0 and line:
+            if t >= t0:
                 return t, line
 
     def close(self) -> None:
         topology.stop_process(self.proc)
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+def settle(pid: int, *, window: float = 1.0, quiet: int = 3, timeout: float = 1800.0) -> float:
+    """Seconds until process `pid` used fewer than `quiet` clock ticks of CPU in `window` seconds (it has
+    finished what it was doing: e.g. a full converge it asked itself for)."""
+    t0 = time.perf_counter()
+    before = cpu_ticks(pid)
+    while time.perf_counter() - t0 < timeout:
+        time.sleep(window)
+        now = cpu_ticks(pid)
+        if now - before < quiet:
+            return time.perf_counter() - t0 - window
+        before = now
+    raise BenchError(f"process {pid} still busy after {timeout:.0f} s")
+
+
+def log_lines(path: Path, *needles: str) -> list[str]:
+    """The lines of a daemon log that contain one of `needles`."""
+    if not path.exists():
+        return []
+    return [ln for ln in path.read_text(errors="replace").splitlines() if any(n in ln for n in needles)]
 
 
 def rule_ports(nft: Nft, chain: str, comment: str) -> str:
@@ -381,10 +443,10 @@ def measure_changes(
         if not reply.get("changed"):
             unchanged += 1  # the daemon's poll loop applied it first; our request found nothing to do
         if first is None:
-            raise BenchError(f"change {i}: nft monitor saw no event")
+            raise BenchError(f"change {i}: no nftables event")
         kernels.append((first[0] - t0) * 1000)
         time.sleep(0.05)
-        events.append(len(monitor.drain()) + 1)
+        events.append(Monitor.messages([first, *monitor.drain()]))
     return {
         "wall": walls,
         "kernel": kernels,
@@ -404,11 +466,16 @@ def measure_restart(daemon: DaemonProc, store: Store, nft: Nft, monitor: Monitor
     monitor.drain()
     daemon.kill()
     restart_s = daemon.start(wait_converged=True)
+    assert daemon.proc is not None
+    # What it does after its first converge (its drift watch asks for a full one when it starts) must not
+    # write either: watched until it is idle.
+    quiet_s = settle(daemon.proc.pid)
     time.sleep(0.5)
     new_events = store.events(limit=100000)[events_before:]
     return {
         "restart_s": restart_s,
-        "restart_nft_events": [line for _, line in monitor.drain()],
+        "restart_settle_s": quiet_s,
+        "restart_nft_events": [f"{rest} message(s)" for _, rest in monitor.drain()],
         "restart_handles_same": handles(nft) == before,
         "restart_objects": len(before),
         "restart_store_events": [e["kind"] for e in new_events],
@@ -493,8 +560,11 @@ def run_n(n: int, changes: int, wd: Path) -> dict[str, Any]:
         assert daemon.proc is not None
         res.update(initial_apply(sd, store, docs[PORTS[0]], daemon.proc.pid))
 
+        # The daemon may still be busy: its own drift watch may have lost events during a big apply (the
+        # receive buffer overran) and asked for a full converge. Changes are measured once it is idle.
+        res["settle_s"] = settle(daemon.proc.pid)
+        res["daemon_log_notes"] = log_lines(daemon.log_path, "lost", "repairing", "drift")
         monitor = Monitor(plan)
-        res["monitor_ready_s"] = monitor.wait_ready(plan)
         log(f"N={n}: {changes} one-rule changes")
         res.update(measure_changes(sd=sd, store=store, nft=nft, monitor=monitor, docs=docs, changes=changes))
         res["daemon_rss_changes"] = proc_mem_mb(daemon.proc.pid)
@@ -734,16 +804,20 @@ def print_size(r: dict[str, Any]) -> None:
         f"+{r['kernel_slab_mb']:.0f} MB, MemAvailable -{r['avail_drop_mb']:.0f} MB (machine-wide: other jobs "
         f"move these)"
     )
-    print(f"  nft monitor ready {r['monitor_ready_s']:.1f} s after it started")
+    print(
+        f"  the daemon was idle {r['settle_s']:.1f} s after its reply; its log about drift and lost events:"
+    )
+    for line in r["daemon_log_notes"][:6] or ["(nothing)"]:
+        print(f"    {line[:220]}")
     print(f"  one-rule change ({len(r['wall'])} changes, last summary {r['summary']}):")
     print(pct_line("wall (store write -> daemon reply)", r["wall"]))
-    print(pct_line("kernel (store write -> nft monitor)", r["kernel"]))
+    print(pct_line("kernel (store write -> nft event)", r["kernel"]))
     print(pct_line("daemon-reported ms (all its work)", r["daemon"]))
     print(pct_line("daemon-reported kernel_ms (converge)", r["daemon_kernel"]))
     print(pct_line("store write (policy apply side)", r["store"]))
     print(
         f"  the daemon's poll loop applied {r['unchanged']} of {len(r['wall'])} changes before our request "
-        f"(reply changed=false); nft monitor lines per change: {r['events']:.0f}; daemon RSS after the "
+        f"(reply changed=false); nftables messages per change: {r['events']:.0f}; daemon RSS after the "
         f"changes {r['daemon_rss_changes'][0]:.0f} MB (peak {r['daemon_rss_changes'][1]:.0f} MB)"
     )
     print(
@@ -755,8 +829,9 @@ def print_size(r: dict[str, Any]) -> None:
         verdict = "PASS" if percentile(r["wall"], 99) <= 50 else "FAIL"
         print(f"  goal p99 <= 50 ms at 1,000 VMs (wall): {percentile(r['wall'], 99):.0f} ms {verdict}")
     print(
-        f"  restart (SIGKILL, start, first converge done): {r['restart_s']:.2f} s; nft monitor events during "
-        f"restart: {len(r['restart_nft_events'])}; all {r['restart_objects']} object handles unchanged: "
+        f"  restart (SIGKILL, start, first converge done): {r['restart_s']:.2f} s (idle after "
+        f"{r['restart_settle_s']:.1f} s more); nftables events from the kill until idle: "
+        f"{len(r['restart_nft_events'])}; all {r['restart_objects']} object handles unchanged: "
         f"{r['restart_handles_same']}; new store events: {r['restart_store_events'] or 'none'}; daemon RSS "
         f"after it {r['daemon_rss_restart'][0]:.0f} MB (peak {r['daemon_rss_restart'][1]:.0f} MB)"
     )
@@ -770,7 +845,7 @@ def print_size(r: dict[str, Any]) -> None:
 
 
 METRICS = (
-    ("kernel", "kernel (store write -> nft monitor)"),
+    ("kernel", "kernel (store write -> nft event)"),
     ("wall", "wall (store write -> daemon reply)"),
     ("daemon", "daemon-reported ms (all its work)"),
     ("daemon_kernel", "daemon-reported kernel_ms"),
