@@ -332,9 +332,10 @@ class Monitor:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            stamp, _, rest = raw.decode(errors="replace").strip().partition(" ")
-            self.q.put((float(stamp), rest))
+        with contextlib.suppress(ValueError, OSError):  # the pipe closed under us by `close`
+            for raw in self.proc.stdout:
+                stamp, _, rest = raw.decode(errors="replace").strip().partition(" ")
+                self.q.put((float(stamp), rest))
 
     def drain(self) -> list[tuple[float, str]]:
         out = []
