@@ -802,7 +802,7 @@ def print_size(r: dict[str, Any]) -> None:
     )
     print(
         f"  memory after it: daemon RSS {rss:.0f} MB (peak {hwm:.0f} MB); kernel unreclaimable slab "
-        f"+{r['kernel_slab_mb']:.0f} MB, MemAvailable -{r['avail_drop_mb']:.0f} MB (machine-wide: other jobs "
+        f"{r['kernel_slab_mb']:+.0f} MB, MemAvailable {-r['avail_drop_mb']:+.0f} MB (machine-wide: other jobs "
         f"move these)"
     )
     print(
