@@ -202,6 +202,21 @@ def _ago(t: float | None) -> str:
     return f"{max(0.0, time.time() - t):.1f} s ago"
 
 
+def no_agent_row(vm: str, name: str) -> dict[str, Any]:
+    """`vm list`'s row of a VM no agent is enrolled for (shaped like the agent monitor's rows)."""
+    return {
+        "vm": vm,
+        "name": name,
+        "state": None,
+        "status": "no agent",
+        "last_seen": None,
+        "seq": None,
+        "agent": None,
+        "isolated": None,
+        "counts": {},
+    }
+
+
 def _with_connections(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
     """Add every VM of the policy that has no agent row, and each VM's share of connection tracking
     (`connections`: cap, tracked now, cap drops; read from the kernel). Returns what could not be read."""
@@ -211,19 +226,7 @@ def _with_connections(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
     known = {row["vm"] for row in rows}
     for vm in compiled.policy.vms:
         if vm.id not in known:
-            rows.append(
-                {
-                    "vm": vm.id,
-                    "name": vm.name,
-                    "state": None,
-                    "status": "no agent",
-                    "last_seen": None,
-                    "seq": None,
-                    "agent": None,
-                    "isolated": None,
-                    "counts": {},
-                }
-            )
+            rows.append(no_agent_row(vm.id, vm.name))
     figures, problems = read_vm_connections(compiled.resolved, netns=engine.netns)
     learners = {vm.id for vm in compiled.policy.vms if vm.learns}
     for row in rows:
@@ -350,19 +353,7 @@ def _with_overlays(engine: Engine, rows: list[dict[str, Any]]) -> None:
             by_vm.setdefault(o.vm, []).append(o.as_dict())
     known = {row["vm"] for row in rows}
     for vm in sorted(set(by_vm) - known):
-        rows.append(
-            {
-                "vm": vm,
-                "name": vm,
-                "state": None,
-                "status": "no agent",
-                "last_seen": None,
-                "seq": None,
-                "agent": None,
-                "isolated": None,
-                "counts": {},
-            }
-        )
+        rows.append(no_agent_row(vm, vm))
     for row in rows:
         row["overlays"] = by_vm.get(row["vm"], [])
 
