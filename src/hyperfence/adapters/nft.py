@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -79,6 +80,8 @@ class Nft:
         self._ctx: int = self._thread.call(self._new_ctx)
         self._sock = self._thread.call(_open_socket)
         self._seq = 0
+        # Which namespace this is (its generation numbers mean nothing in another one, or a re-created one).
+        self._netns_id = self._thread.call(_namespace_id)
 
     @property
     def thread_id(self) -> int:
@@ -156,6 +159,21 @@ class Nft:
         seq = self._seq
         return self._thread.call(lambda: _read_rule_ids(self._sock, family, table, chain, seq))
 
+    def table_rule_ids(self, family: str, table: str) -> builtins.list[tuple[str, int, str]]:
+        """(chain, handle, comment) of every rule of one table, straight from the kernel ([] if absent)."""
+        self._seq += 1
+        seq = self._seq
+        return self._thread.call(lambda: _read_table_rule_ids(self._sock, family, table, seq))
+
+    def generation(self) -> nft_rules.Generation:
+        """The namespace's nftables generation: changed by every commit, by anyone (codec/nft_rules.py);
+        with the namespace's identity, so that no other namespace's generation can equal it."""
+        self._seq += 1
+        seq = self._seq
+        return nft_rules.Generation(
+            self._netns_id, self._thread.call(lambda: _read_generation(self._sock, seq))
+        )
+
     def close(self) -> None:
         self._sock.close()
         ctx = self._ctx
@@ -189,6 +207,40 @@ def _read_rule_ids(
             raise KernelError(f"nf_tables: dumping chain {family} {table} {chain} failed: {os.strerror(err)}")
         if done:
             return out
+
+
+def _read_table_rule_ids(
+    sock: socket.socket, family: str, table: str, seq: int
+) -> list[tuple[str, int, str]]:
+    sock.send(nft_rules.table_dump_request(family, table, seq))
+    out: list[tuple[str, int, str]] = []
+    while True:
+        rules, done, err = nft_rules.parse_table_dump(sock.recv(1 << 20))
+        out.extend(rules)
+        if err == errno.ENOENT:
+            return []
+        if err:
+            raise KernelError(f"nf_tables: dumping table {family} {table} failed: {os.strerror(err)}")
+        if done:
+            return out
+
+
+def _read_generation(sock: socket.socket, seq: int) -> int:
+    sock.send(nft_rules.generation_request(seq))
+    while True:
+        gen, err = nft_rules.parse_generation(sock.recv(65536))
+        if gen is not None:
+            return gen
+        if err:
+            raise KernelError(f"nf_tables: reading the ruleset generation failed: {os.strerror(err)}")
+
+
+def _namespace_id() -> str:
+    """The network namespace of the calling thread: its inode and the boot that numbered it."""
+    st = os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    return f"{boot}:{st.st_dev}:{st.st_ino}"
 
 
 def _open_socket() -> socket.socket:

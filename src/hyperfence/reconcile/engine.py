@@ -14,6 +14,8 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from hyperfence.adapters import kernel_probe
 from hyperfence.adapters.bridge_ports import read_bridge_ports
 from hyperfence.adapters.conntrack import forget_flows
@@ -34,10 +36,11 @@ from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
 from hyperfence.policy.syntax import format_range
 from hyperfence.policy.uplinks import UndeclaredDevice, refusal, undeclared_devices, with_uplinks
-from hyperfence.reconcile.firewall import ConvergeResult, Firewall
+from hyperfence.reconcile.firewall import ConvergeResult, Firewall, Record
 from hyperfence.ruleset.closed import lets_through
 from hyperfence.ruleset.compile import BRIDGE, TABLES, CompileCache, compile_ruleset, vm_sid
 from hyperfence.ruleset.ir import Ruleset
+from hyperfence.system.state_dir import write_private
 
 log = logging.getLogger("hyperfence.engine")
 AddressReader = Callable[[str | None], tuple[AddressRange, ...]]
@@ -94,6 +97,28 @@ class Compiled:
     # and the merged overlays (`resolved` has them on; `plain` is the policy's resolve without them)
     overlays: Merged = NOTHING
     plain: Resolved | None = None
+
+
+RECORD_FILE = "kernel.json"  # what the kernel was verified to hold, at which nftables generation
+
+
+class RecordFile:
+    """The firewall's `Record` in a 0600 file of the state directory: a missing, unreadable or damaged one
+    only means a slower start (everything is read from the kernel)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> Record | None:
+        try:
+            with open(self.path, "rb") as f:
+                data = orjson.loads(f.read(4096))
+        except (OSError, orjson.JSONDecodeError):
+            return None
+        return Record.from_dict(data) if isinstance(data, dict) else None
+
+    def save(self, record: Record) -> None:
+        write_private(self.path, orjson.dumps(record.as_dict()))
 
 
 class Engine:
@@ -401,7 +426,7 @@ class Engine:
     @property
     def firewall(self) -> Firewall:
         if self._firewall is None:
-            self._firewall = Firewall(self.nft, TABLES)
+            self._firewall = Firewall(self.nft, TABLES, RecordFile(os.path.join(self.state_dir, RECORD_FILE)))
         return self._firewall
 
     def store_policy(self, document: Any, *, source: str) -> tuple[int, Policy]:

@@ -7,18 +7,31 @@ batch shuts every VM port first, `ruleset/closed.py`); otherwise it plans agains
 after its previous apply and re-reads only what it touched, which keeps a one-rule change in the
 milliseconds at 1,000 VMs. If an incremental batch is refused (someone changed the kernel meanwhile), it
 falls back to a full read and a fresh plan.
+
+What it knows without reading. Every nftables commit in a namespace, by anyone, changes the namespace's
+generation (codec/nft_rules.py), and nothing else changes rules, chains or sets (hyperfence has no sets that
+packets fill). So after the kernel was verified to hold a ruleset, as long as the generation has not moved it
+still holds it: a full converge then skips listing the tables (seconds at 10,000 VMs), and a daemon that
+restarts compares the ruleset it compiles (its digest, ruleset/digest.py) and the generation with what it
+recorded (`Record`) and, when both match, only fetches the rule handles (one netlink dump per table) instead
+of listing everything. Whether rule *bodies* were read back exactly (`Record.exact`) is kept too: after an
+incremental apply only the touched chains' rule ids were, so the next full converge still lists everything
+once, as before.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hyperfence.errors import DriftError, KernelError
+from hyperfence.codec.nft_rules import Generation
+from hyperfence.errors import BugError, DriftError, HyperfenceError, KernelError
 from hyperfence.ruleset.closed import fail_closed
+from hyperfence.ruleset.digest import digest, digest_after
 from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, Ruleset, TableId
 from hyperfence.ruleset.plan import Plan, plan_changes
 from hyperfence.ruleset.readback import Actual, RuleKey, parse_listing
@@ -30,6 +43,50 @@ class NftPort(Protocol):
     def apply(self, batch: dict[str, JSON]) -> None: ...
     def list(self, what: dict[str, JSON]) -> list[JSON]: ...
     def rule_ids(self, family: str, table: str, chain: str) -> builtins.list[tuple[int, str]]: ...
+    def table_rule_ids(self, family: str, table: str) -> builtins.list[tuple[str, int, str]]: ...
+    def generation(self) -> Generation: ...
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the kernel was verified to hold: the ruleset's digest, at this generation; `exact` when rule
+    bodies were read back (a full read), not only the touched chains' rule ids."""
+
+    generation: Generation
+    digest: int
+    exact: bool
+
+    def as_dict(self) -> dict[str, JSON]:
+        return {
+            "namespace": self.generation.namespace,
+            "generation": self.generation.number,
+            "digest": f"{self.digest:032x}",
+            "exact": self.exact,
+        }
+
+    @staticmethod
+    def from_dict(data: JSON) -> Record | None:
+        """None for anything but a record `as_dict` wrote (an old or damaged file is only a slower start)."""
+        try:
+            gen = Generation(str(data["namespace"]), int(data["generation"]))
+            return Record(gen, int(str(data["digest"]), 16), data["exact"] is True)
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+class RecordStore(Protocol):
+    """Where the last `Record` survives a restart (the daemon: a file in its state directory)."""
+
+    def load(self) -> Record | None: ...
+    def save(self, record: Record) -> None: ...
+
+
+class NoRecords:
+    def load(self) -> Record | None:
+        return None
+
+    def save(self, record: Record) -> None:
+        pass
 
 
 @dataclass
@@ -90,10 +147,14 @@ def _only(rs: Ruleset, plan: Plan) -> Ruleset:
 
 
 class Firewall:
-    def __init__(self, nft: NftPort, tables: tuple[TableId, ...]) -> None:
+    def __init__(self, nft: NftPort, tables: tuple[TableId, ...], records: RecordStore | None = None) -> None:
         self.nft = nft
         self.tables = tables
         self.actual: Actual | None = None
+        self.records = records or NoRecords()
+        self.record: Record | None = None  # what `actual` is known to be, and since which generation
+        self._last_digest: tuple[Ruleset, int] | None = None  # the last ruleset digested, and its digest
+        self.skipped_reads = 0  # full converges that found the generation unchanged (for tests and status)
 
     def read(self) -> Actual:
         objs: list[JSON] = []
@@ -104,19 +165,33 @@ class Firewall:
     def converge(self, desired: Ruleset, *, full: bool = False) -> ConvergeResult:
         t0 = time.monotonic()
         drift: list[str] = []
-        if full or self.actual is None:
+        if self.actual is None:
+            self.actual = self._recall(desired)
+        if (full or self.actual is None) and not self._unchanged():
             first_look = self.actual is None
+            before = self._generation()
             self.actual = self.read()
+            self._remember(None)
             # No hyperfence table at all on our first look is a first install, not drift.
             if not (first_look and not self.actual.ruleset.tables):
                 drift = describe_drift(desired, self.actual.ruleset)
             closing = fail_closed(desired, self.actual.ruleset)
             if closing is not None:  # shut the VM ports now; the full batch below takes long at scale
                 self.nft.apply(closing.batch())
+                before = self._generation()
                 self.actual = self.read()
+            read_at = before if before is not None and self._generation() == before else None
+        else:
+            read_at = None
+        if self.actual is None:  # (only when `_unchanged`, which needs it)
+            raise BugError("the firewall converged without knowing the kernel's state")
         plan = plan_changes(desired, self.actual)
         if plan.empty:
+            if read_at is not None:  # read between two equal generations, and it is `desired`
+                self._remember(Record(read_at, self._digest(desired), exact=True))
             return ConvergeResult(changed=False, drift=drift, seconds=time.monotonic() - t0)
+        before = self._generation()
+        self._remember(None)
         try:
             self.nft.apply(plan.batch())
         except KernelError:
@@ -126,8 +201,12 @@ class Firewall:
             self.actual = self.read()
             drift = describe_drift(desired, self.actual.ruleset)
             plan = plan_changes(desired, self.actual)
+            before = self._generation()
             self.nft.apply(plan.batch())
-        self._verify(desired, plan)
+        exact = self._verify(desired, plan)
+        after = self._generation()
+        if before is not None and after is not None and after.follows(before):
+            self._remember(Record(after, self._digest(desired), exact=exact))
         return ConvergeResult(
             changed=True,
             drift=drift,
@@ -137,8 +216,66 @@ class Firewall:
             seconds=time.monotonic() - t0,
         )
 
-    def _verify(self, desired: Ruleset, plan: Plan) -> None:
-        """Re-read what the batch touched and check it is exactly what we wanted."""
+    # --- what is known without reading ----------------------------------------------------------------
+
+    def _generation(self) -> Generation | None:
+        try:
+            return self.nft.generation()
+        except HyperfenceError:  # unknown: everything is read, as without generations
+            return None
+
+    def _unchanged(self) -> bool:
+        """The kernel still holds exactly `actual`, rule bodies read back included: nobody committed since."""
+        rec = self.record
+        if rec is None or not rec.exact or self.actual is None or self._generation() != rec.generation:
+            return False
+        self.skipped_reads += 1
+        return True
+
+    def _digest(self, desired: Ruleset) -> int:
+        last = self._last_digest
+        if last is not None and last[0] is desired:
+            return last[1]
+        value = digest(desired) if last is None else digest_after(desired, last[0], last[1])
+        self._last_digest = (desired, value)
+        return value
+
+    def _remember(self, record: Record | None) -> None:
+        """Keep `record`, and save it for the next start. (Forgetting is not saved: a saved record is
+        outdated by any commit, which moves the generation.)"""
+        if record == self.record:
+            return
+        self.record = record
+        if record is None:
+            return
+        with contextlib.suppress(OSError, HyperfenceError):  # only a slower next start
+            self.records.save(record)
+
+    def _recall(self, desired: Ruleset) -> Actual | None:
+        """At the first converge: when the recorded generation is the kernel's and the recorded digest is
+        `desired`'s, the kernel holds `desired`: fetch only its rule handles (and check the rule ids chain by
+        chain). None: read everything."""
+        rec = self.records.load()
+        if rec is None or self._generation() != rec.generation or self._digest(desired) != rec.digest:
+            return None
+        handles: dict[RuleKey, int] = {}
+        held: dict[tuple[TableId, str], list[str]] = {}
+        try:
+            for t in self.tables:
+                for chain, handle, comment in self.nft.table_rule_ids(t.family, t.name):
+                    held.setdefault((t, chain), []).append(comment)
+                    handles[(t, chain, comment)] = handle
+        except HyperfenceError:
+            return None
+        want = {key: [r.comment for r in rules] for key, rules in desired.chain_rules().items() if rules}
+        if held != want or self._generation() != rec.generation:
+            return None
+        self.record = rec
+        return Actual(desired, handles)
+
+    def _verify(self, desired: Ruleset, plan: Plan) -> bool:
+        """Re-read what the batch touched and check it is exactly what we wanted. True when everything was
+        read back, rule bodies included (not only the touched chains' rule ids)."""
         old = self.actual
         if (
             old is None
@@ -148,15 +285,18 @@ class Firewall:
             actual = self.read()
             problems = describe_drift(desired, actual.ruleset)
             handles = actual.handles
+            exact = True
         else:  # only what the batch touched is re-read, so only that is compared
             touched, handles = self._reread_touched(plan, desired, old)
             problems = describe_drift(_only(desired, plan), touched)
+            exact = False
         if problems:
             self.actual = None  # unknown: the next converge reads everything
             raise DriftError("the kernel does not hold what was just applied: " + "; ".join(problems[:5]))
         # Verified: what the kernel holds is the desired ruleset (what the plan left alone already was). Keep
         # the desired objects themselves, so the next plan compares most chains by identity.
         self.actual = Actual(desired, handles)
+        return exact
 
     def _reread_touched(
         self, plan: Plan, desired: Ruleset, old: Actual

@@ -1,0 +1,123 @@
+"""What the firewall knows without reading the kernel (reconcile/firewall.py `Record`): the namespace's
+nftables generation, recorded when the kernel was verified, tells a restarted engine and a full converge
+that nothing was committed since, so they skip listing the tables; any commit, by anyone, to any table,
+makes them read everything again. Real kernel, lab namespaces."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from hyperfence.lab.session import LabSession
+from hyperfence.reconcile.engine import RECORD_FILE, Engine
+from hyperfence.ruleset.compile import vm_sid
+
+pytestmark = pytest.mark.kernel
+
+PING_1_2 = {"id": "ping", "from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp"}
+UDP_2_1 = {"id": "udp5000", "from": "vm:vm2", "to": "vm:vm1", "protocol": "udp", "ports": [5000]}
+
+
+class Listings:
+    """Counts an engine's libnftables `list` calls (the whole-table reads the record saves)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.calls = 0
+        real = engine.nft.list
+
+        def counted(what: dict[str, Any]) -> list[Any]:
+            self.calls += 1
+            return real(what)
+
+        engine.nft.list = counted  # type: ignore[method-assign]
+
+    def take(self) -> int:
+        calls, self.calls = self.calls, 0
+        return calls
+
+
+@contextlib.contextmanager
+def restarted(lab: LabSession) -> Iterator[tuple[Engine, Listings]]:
+    """A second engine on the lab's state directory and namespace (what a restarted daemon builds), and
+    its listings counted."""
+    engine = Engine(netns=lab.plan.host_netns, state_dir=lab.state_dir)
+    try:
+        yield engine, Listings(engine)
+    finally:
+        engine.close()
+
+
+def test_a_restart_that_finds_its_generation_fetches_only_the_rule_handles(lab: LabSession) -> None:
+    lab.apply([PING_1_2])
+    assert lab.engine is not None
+    _, checked = lab.engine.converge(full=True)  # a full read: rule bodies verified
+    assert checked is not None and not checked.changed
+    with restarted(lab) as (engine, listings):
+        _, result = engine.converge(full=True)
+        assert result is not None and not result.changed and result.drift == []
+        assert listings.take() == 0  # nothing listed: the generation and the digest matched
+        assert engine.firewall.record is not None and engine.firewall.record.exact
+        # the handles it fetched are the kernel's: a change through it is applied and verified
+        engine.store_policy(lab.document([PING_1_2, UDP_2_1]), source="test")
+        _, changed = engine.converge()
+        assert changed is not None and changed.changed and changed.summary
+        assert lab.ping("vm1", "vm2")[0] == 2
+        assert lab.ping("vm3", "vm2")[0] == 0
+    # and what it applied is exactly what a full read without a record finds
+    os.unlink(os.path.join(lab.state_dir, RECORD_FILE))
+    with restarted(lab) as (engine, listings):
+        _, again = engine.converge(full=True)
+        assert again is not None and not again.changed and again.drift == []
+        assert listings.take() > 0
+
+
+def test_any_commit_since_makes_a_restart_read_everything(lab: LabSession) -> None:
+    lab.apply([PING_1_2])
+    foreign = "hfforeign" + secrets.token_hex(2)
+    lab.run("host", ["nft", "add", "table", "inet", foreign]).check_returncode()  # not even our table
+    try:
+        with restarted(lab) as (engine, listings):
+            # not `full`: a one-shot command's converge, which only the recall itself can send to a read
+            _, result = engine.converge()
+            assert result is not None and not result.changed and result.drift == []
+            assert listings.take() > 0
+    finally:
+        lab.run("host", ["nft", "delete", "table", "inet", foreign])
+
+
+def test_a_policy_that_changed_meanwhile_is_read_and_applied(lab: LabSession) -> None:
+    lab.apply([PING_1_2])
+    with restarted(lab) as (engine, listings):
+        engine.store_policy(lab.document([PING_1_2, UDP_2_1]), source="test")  # another digest
+        _, result = engine.converge(full=True)
+        assert result is not None and result.changed
+        assert listings.take() > 0
+
+
+def test_a_full_converge_skips_the_read_only_while_nothing_was_committed(lab: LabSession) -> None:
+    lab.apply([PING_1_2])
+    assert lab.engine is not None
+    listings = Listings(lab.engine)
+    fw = lab.engine.firewall
+    # after an incremental apply only rule ids were read back: the next full converge reads everything
+    _, first = lab.engine.converge(full=True)
+    assert first is not None and not first.changed
+    assert listings.take() > 0
+    skipped = fw.skipped_reads
+    _, second = lab.engine.converge(full=True)
+    assert second is not None and not second.changed
+    assert listings.take() == 0 and fw.skipped_reads == skipped + 1
+    # a hand change is a commit: read, found and repaired
+    vm2 = next(v for v in lab.engine.current.policy.vms if v.name == "vm2")  # type: ignore[union-attr]
+    lab.run(
+        "host", ["nft", "flush", "chain", "bridge", "hyperfence", f"{vm_sid(vm2.id)}_in"]
+    ).check_returncode()
+    _, repaired = lab.engine.converge(full=True)
+    assert repaired is not None and repaired.changed and repaired.drift
+    assert listings.take() > 0
+    assert lab.ping("vm1", "vm2")[0] == 2
