@@ -287,6 +287,7 @@ class Firewall:
             handles = actual.handles
             exact = True
         else:  # only what the batch touched is re-read, so only that is compared
+            self.actual = None  # `old.handles` is updated in place: until verified, the state is unknown
             touched, handles = self._reread_touched(plan, desired, old)
             problems = describe_drift(_only(desired, plan), touched)
             exact = False
@@ -301,8 +302,10 @@ class Firewall:
     def _reread_touched(
         self, plan: Plan, desired: Ruleset, old: Actual
     ) -> tuple[Ruleset, dict[RuleKey, int]]:
-        """The touched chains and sets as the kernel holds them now, and the rule handles updated."""
-        handles = dict(old.handles)
+        """The touched chains and sets as the kernel holds them now, and the rule handles updated: `old`'s
+        own dict, changed in place (copying 200,000 handles at 10,000 VMs cost 10 ms a change); the caller
+        no longer uses `old`."""
+        handles = old.handles
         old_rules = old.ruleset.chain_rules()
         desired_chains, desired_rules, desired_sets = (
             desired.chain_by_key(),

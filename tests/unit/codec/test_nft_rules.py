@@ -9,11 +9,11 @@ import struct
 from hyperfence.codec.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR, attr, attrs
 from hyperfence.codec.nft_rules import (
     FAMILIES,
+    NFTA_GEN_ID,
     NFTA_RULE_CHAIN,
     NFTA_RULE_HANDLE,
     NFTA_RULE_TABLE,
     NFTA_RULE_USERDATA,
-    NFTA_GEN_ID,
     NFTNL_UDATA_RULE_COMMENT,
     Generation,
     comment_of,
