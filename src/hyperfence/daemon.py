@@ -362,6 +362,7 @@ class Daemon:
                 tables=[(t.family, t.name) for t in TABLES],
                 is_own=self.engine.owns_commit,
                 repair=self.repair_now,
+                untouched=self.engine.note_untouched,
             )
             self.supervisor.start("drift", drift.run)
         if self.watch_addresses:  # the host's addresses: what `host` covers and `outside` leaves out

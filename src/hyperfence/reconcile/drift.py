@@ -13,7 +13,9 @@ the daemon's own applies, including the repair itself, start no converge: a one-
 1,000 VMs stays in the tens of milliseconds instead of paying a full read of the kernel after every change.
 Were the filter ever wrong (say, a commit of ours misattributed), the result is one more full converge that
 finds the kernel right and writes nothing, hence sends no event: there is no loop either way. Commits by
-others that touch only other tables (a NAT table, libvirt's) are ignored.
+others that touch only other tables (a NAT table, libvirt's) start nothing; their generation numbers are told
+to `untouched` (the firewall then knows its record of the kernel still holds, and the next periodic resync
+skips reading the kernel: reconcile/firewall.py). Never after lost events: then nothing is told.
 
 Coalescing: `repair` only records the cause and wakes the daemon's loop; events that arrive while a converge
 runs lead to one more converge after it, never to one per event. Lost events (receive buffer overrun) and a
@@ -54,6 +56,7 @@ class DriftWatcher:
         tables: Iterable[tuple[str, str]],
         is_own: Callable[[int], bool],
         repair: Callable[[str], None],
+        untouched: Callable[[list[int]], None] | None = None,
         open_monitor: Callable[[], Monitor] | None = None,
         backoff: tuple[float, float] = (BACKOFF_MIN, BACKOFF_MAX),
     ) -> None:
@@ -61,6 +64,7 @@ class DriftWatcher:
         self.netns = netns
         self.is_own = is_own
         self.repair = repair
+        self.untouched = untouched
         self.open_monitor: Callable[[], Monitor] = open_monitor or (lambda: NftMonitor(tables, netns=netns))
         self.backoff = backoff
         self.restarts = 0  # watches that failed and were reopened (for tests and status)
@@ -100,6 +104,10 @@ class DriftWatcher:
             if batch.lost:
                 log.warning("nftables events were lost (receive buffer overrun): checking the kernel")
                 self.repair("nftables events were lost (receive buffer overrun)")
+            if self.untouched is not None and not batch.lost:
+                quiet = [g.gen_id for g in batch.generations if not g.touched]
+                if quiet:
+                    self.untouched(quiet)
             foreign = [g for g in batch.generations if g.touched and not self.is_own(g.pid)]
             if foreign:
                 g = foreign[-1]

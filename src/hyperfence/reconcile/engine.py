@@ -520,6 +520,13 @@ class Engine:
             )
         return policy
 
+    def note_untouched(self, numbers: list[int]) -> None:
+        """nftables commits that touched none of hyperfence's tables (reconcile/drift.py): the firewall's
+        record of the kernel still holds after them. Safe from any thread."""
+        with self.lock:
+            if self._firewall is not None:
+                self._firewall.advance(numbers)
+
     def owns_commit(self, pid: int) -> bool:
         """Was an nftables commit reported as "by process `pid`" made by this engine? (Its libnftables
         context commits from one worker thread; see adapters/nft_monitor.py.) Safe from any thread."""

@@ -25,6 +25,7 @@ import builtins
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -250,6 +251,23 @@ class Firewall:
             return
         with contextlib.suppress(OSError, HyperfenceError):  # only a slower next start
             self.records.save(record)
+
+    def advance(self, numbers: Iterable[int]) -> bool:
+        """Commits `numbers` (in order) were seen to touch none of hyperfence's tables (reconcile/drift.py):
+        each one that directly follows the recorded generation moves the record along, so a full converge
+        after them still skips the read. True when the record moved. (Called with the engine's lock held.)"""
+        rec = self.record
+        if rec is None:
+            return False
+        moved = rec
+        for number in numbers:
+            nxt = Generation(moved.generation.namespace, number)
+            if nxt.follows(moved.generation):
+                moved = Record(nxt, moved.digest, moved.exact)
+        if moved == rec:
+            return False
+        self._remember(moved)
+        return True
 
     def _recall(self, desired: Ruleset) -> Actual | None:
         """At the first converge: when the recorded generation is the kernel's and the recorded digest is

@@ -8,14 +8,17 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from hyperfence.lab.session import LabSession
+from hyperfence.reconcile.drift import DriftWatcher
 from hyperfence.reconcile.engine import RECORD_FILE, Engine
-from hyperfence.ruleset.compile import vm_sid
+from hyperfence.ruleset.compile import TABLES, vm_sid
 
 pytestmark = pytest.mark.kernel
 
@@ -121,3 +124,56 @@ def test_a_full_converge_skips_the_read_only_while_nothing_was_committed(lab: La
     assert repaired is not None and repaired.changed and repaired.drift
     assert listings.take() > 0
     assert lab.ping("vm1", "vm2")[0] == 2
+
+
+def test_commits_elsewhere_seen_by_the_drift_watch_keep_the_record(lab: LabSession) -> None:
+    """A busy host commits to its own tables (libvirt's NAT, a container runtime): the drift watch sees those
+    commits touch nothing of ours, and the resync after them still skips the read. A commit to our tables
+    is repaired and read."""
+    lab.apply([PING_1_2])
+    assert lab.engine is not None
+    engine = lab.engine
+    engine.converge(full=True)  # rule bodies read back: an exact record
+    listings = Listings(engine)
+    causes: list[str] = []
+    stop = threading.Event()
+    watcher = DriftWatcher(
+        netns=lab.plan.host_netns,
+        tables=[(t.family, t.name) for t in TABLES],
+        is_own=engine.owns_commit,
+        repair=causes.append,
+        untouched=engine.note_untouched,
+    )
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    foreign = "hfforeign" + secrets.token_hex(2)
+    try:
+        deadline = time.monotonic() + 10
+        while not causes and time.monotonic() < deadline:  # the watch listens once it says it (re)started
+            time.sleep(0.02)
+        record = engine.firewall.record
+        assert record is not None
+        lab.run("host", ["nft", "add", "table", "inet", foreign]).check_returncode()
+        lab.run("host", ["nft", "add", "chain", "inet", foreign, "c"]).check_returncode()
+        while engine.firewall.record == record and time.monotonic() < deadline:
+            time.sleep(0.02)
+        moved = engine.firewall.record
+        assert moved is not None and moved.generation.number == record.generation.number + 2
+        _, result = engine.converge(full=True)
+        assert result is not None and not result.changed
+        assert listings.take() == 0
+        assert len(causes) == 1  # (the watch's start) nothing else asked for a repair
+        vm2 = next(v for v in engine.current.policy.vms if v.name == "vm2")  # type: ignore[union-attr]
+        lab.run(
+            "host", ["nft", "flush", "chain", "bridge", "hyperfence", f"{vm_sid(vm2.id)}_in"]
+        ).check_returncode()
+        while len(causes) < 2 and time.monotonic() < deadline + 10:
+            time.sleep(0.02)
+        assert "changed hyperfence's tables" in causes[-1]
+        _, repaired = engine.converge(full=True)
+        assert repaired is not None and repaired.changed and repaired.drift
+        assert listings.take() > 0
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        lab.run("host", ["nft", "delete", "table", "inet", foreign])

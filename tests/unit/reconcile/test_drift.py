@@ -34,8 +34,11 @@ class FakeMonitor:
         self.closed = True
 
 
-def watch(scripts: list[list[Batch] | Exception]) -> tuple[list[str], list[FakeMonitor], DriftWatcher]:
-    """Run the watcher over one script per (re)opened monitor (an exception: that opening fails)."""
+def watch(
+    scripts: list[list[Batch] | Exception], untouched: list[list[int]] | None = None
+) -> tuple[list[str], list[FakeMonitor], DriftWatcher]:
+    """Run the watcher over one script per (re)opened monitor (an exception: that opening fails); what it
+    tells of commits that touched nothing of ours goes to `untouched`."""
     stop = threading.Event()
     causes: list[str] = []
     opened: list[FakeMonitor] = []
@@ -52,6 +55,7 @@ def watch(scripts: list[list[Batch] | Exception]) -> tuple[list[str], list[FakeM
         tables=[("bridge", "hyperfence")],
         is_own=lambda pid: pid == OWN,
         repair=causes.append,
+        untouched=untouched.append if untouched is not None else None,
         open_monitor=open_monitor,
         backoff=(0.0, 0.0),
     )
@@ -126,3 +130,10 @@ def test_backoff_doubles_up_to_its_maximum() -> None:
     )
     w.run(Stop())
     assert waits == [0.5, 1.0, 2.0, 2.0, 2.0]
+
+
+def test_commits_that_touched_nothing_of_ours_are_told_in_order_unless_events_were_lost() -> None:
+    told: list[list[int]] = []
+    quiet = [Generation(7, 4242, "libvirtd", 0), Generation(8, OWN, "hf", 3), Generation(9, 1, "nft", 0)]
+    watch([[Batch(tuple(quiet)), Batch((Generation(10, 1, "nft", 0),), lost=True)]], told)
+    assert told == [[7, 9]]  # our own commit (8) touched our tables; the batch with lost events tells nothing
