@@ -351,10 +351,7 @@ class Daemon:
         self.supervisor.start("control", self._serve)
         if self.inventory is not None:  # libvirt's VMs are in the first converge, never cut off by it
             self.inventory.prime()
-        # Not `full`: an engine that starts reads the kernel whole unless its record says what the kernel
-        # holds (reconcile/firewall.py); the full read that also checks rule bodies comes right after, when
-        # the drift watch starts, so being ready does not wait for it (seconds at 10,000 VMs).
-        self._converge(full=False, cause="daemon start")
+        self._converge(full=True, cause="daemon start")
         self._tidy(full=True)
         self.supervisor.start("reconcile", self._reconcile)
         if self.preconditions is not None:

@@ -166,9 +166,14 @@ class Firewall:
     def converge(self, desired: Ruleset, *, full: bool = False) -> ConvergeResult:
         t0 = time.monotonic()
         drift: list[str] = []
+        recalled = False
         if self.actual is None:
             self.actual = self._recall(desired)
-        if (full or self.actual is None) and not self._unchanged():
+            # The recall just proved what the kernel holds (generation, digest, rule ids): even a full converge
+            # (a daemon's first) does not read it again now; rule bodies, if the record did not read them
+            # back, are checked by the next full converge (the drift watch asks for one when it starts).
+            recalled = self.actual is not None
+        if (full or self.actual is None) and not recalled and not self._unchanged():
             first_look = self.actual is None
             before = self._generation()
             self.actual = self.read()

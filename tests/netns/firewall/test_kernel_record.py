@@ -177,3 +177,22 @@ def test_commits_elsewhere_seen_by_the_drift_watch_keep_the_record(lab: LabSessi
         stop.set()
         thread.join(timeout=5)
         lab.run("host", ["nft", "delete", "table", "inet", foreign])
+
+
+def test_after_incremental_applies_a_restart_is_ready_at_once_and_checks_bodies_next(lab: LabSession) -> None:
+    """After one-rule changes only rule ids were read back: a restarted engine's first (full) converge is
+    ready without listing, and the full converge after it reads everything once to check rule bodies."""
+    lab.apply([PING_1_2])
+    lab.apply([PING_1_2, UDP_2_1])  # incremental: the record is not exact
+    assert lab.engine is not None and lab.engine.firewall.record is not None
+    assert not lab.engine.firewall.record.exact
+    with restarted(lab) as (engine, listings):
+        _, first = engine.converge(full=True)
+        assert first is not None and not first.changed
+        assert listings.take() == 0
+        _, second = engine.converge(full=True)
+        assert second is not None and not second.changed and second.drift == []
+        assert listings.take() > 0
+        assert engine.firewall.record is not None and engine.firewall.record.exact
+        _, third = engine.converge(full=True)
+        assert third is not None and listings.take() == 0
