@@ -159,12 +159,6 @@ class Nft:
         seq = self._seq
         return self._thread.call(lambda: _read_rule_ids(self._sock, family, table, chain, seq))
 
-    def table_rule_ids(self, family: str, table: str) -> builtins.list[tuple[str, int, str]]:
-        """(chain, handle, comment) of every rule of one table, straight from the kernel ([] if absent)."""
-        self._seq += 1
-        seq = self._seq
-        return self._thread.call(lambda: _read_table_rule_ids(self._sock, family, table, seq))
-
     def generation(self) -> nft_rules.Generation:
         """The namespace's nftables generation: changed by every commit, by anyone (codec/nft_rules.py);
         with the namespace's identity, so that no other namespace's generation can equal it."""
@@ -205,22 +199,6 @@ def _read_rule_ids(
             return []
         if err:
             raise KernelError(f"nf_tables: dumping chain {family} {table} {chain} failed: {os.strerror(err)}")
-        if done:
-            return out
-
-
-def _read_table_rule_ids(
-    sock: socket.socket, family: str, table: str, seq: int
-) -> list[tuple[str, int, str]]:
-    sock.send(nft_rules.table_dump_request(family, table, seq))
-    out: list[tuple[str, int, str]] = []
-    while True:
-        rules, done, err = nft_rules.parse_table_dump(sock.recv(1 << 20))
-        out.extend(rules)
-        if err == errno.ENOENT:
-            return []
-        if err:
-            raise KernelError(f"nf_tables: dumping table {family} {table} failed: {os.strerror(err)}")
         if done:
             return out
 

@@ -51,13 +51,6 @@ class Generation(NamedTuple):
         return self.namespace == before.namespace and self.number == (before.number + 1) % (1 << 32)
 
 
-def table_dump_request(family: str, table: str, seq: int) -> bytes:
-    """Dump every rule of one table (each message names its chain)."""
-    body = struct.pack("=BBH", FAMILIES[family], 0, 0) + _attr(NFTA_RULE_TABLE, table.encode() + b"\0")
-    msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE
-    return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
-
-
 def generation_request(seq: int) -> bytes:
     body = struct.pack("=BBH", 0, 0, 0)  # NFPROTO_UNSPEC: the generation is the namespace's
     msg_type = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN
