@@ -16,7 +16,7 @@ import errno
 import json
 import os
 import socket
-import threading
+import struct
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -162,6 +162,10 @@ class Nft:
     def generation(self) -> nft_rules.Generation:
         """The namespace's nftables generation: changed by every commit, by anyone (codec/nft_rules.py);
         with the namespace's identity, so that no other namespace's generation can equal it."""
+        if self._netns_id is None:
+            raise KernelError(
+                "this kernel does not identify network namespaces (SO_NETNS_COOKIE, Linux 5.14)"
+            )
         self._seq += 1
         seq = self._seq
         return nft_rules.Generation(
@@ -213,12 +217,21 @@ def _read_generation(sock: socket.socket, seq: int) -> int:
             raise KernelError(f"nf_tables: reading the ruleset generation failed: {os.strerror(err)}")
 
 
-def _namespace_id() -> str:
-    """The network namespace of the calling thread: its inode and the boot that numbered it."""
-    st = os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net")
-    with open("/proc/sys/kernel/random/boot_id") as f:
-        boot = f.read().strip()
-    return f"{boot}:{st.st_dev}:{st.st_ino}"
+SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux 5.14+
+
+
+def _namespace_id() -> str | None:
+    """The calling thread's network namespace: this boot's id and the namespace's cookie, which the kernel
+    never gives to another namespace until it reboots (an inode number can be reused by a re-created one).
+    None on a kernel without cookies: then no generation is trusted (everything is read, as before)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            cookie = struct.unpack("=Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        return None
+    return f"{boot}:{cookie}"
 
 
 def _open_socket() -> socket.socket:

@@ -40,8 +40,8 @@ def dump_request(family: str, table: str, chain: str, seq: int) -> bytes:
 
 
 class Generation(NamedTuple):
-    """A namespace's nftables generation: `namespace` says which namespace (boot, device and inode of it),
-    `number` counts its commits."""
+    """A namespace's nftables generation: `namespace` says which namespace (boot id and the namespace's
+    cookie: unique until a reboot), `number` counts its commits."""
 
     namespace: str
     number: int

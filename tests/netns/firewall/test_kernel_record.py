@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from hyperfence.adapters.nft import Nft
 from hyperfence.lab.session import LabSession
 from hyperfence.reconcile.drift import DriftWatcher
 from hyperfence.reconcile.engine import RECORD_FILE, Engine
@@ -196,3 +197,17 @@ def test_after_incremental_applies_a_restart_is_ready_at_once_and_checks_bodies_
         assert engine.firewall.record is not None and engine.firewall.record.exact
         _, third = engine.converge(full=True)
         assert third is not None and listings.take() == 0
+
+
+def test_each_namespace_has_its_own_identity_and_generations(lab: LabSession) -> None:
+    host, vm = Nft(lab.plan.host_netns), Nft(lab.plan.vms[0].netns)
+    try:
+        g_host, g_vm = host.generation(), vm.generation()
+        assert g_host.namespace != g_vm.namespace
+        assert host.generation() == g_host  # nothing committed: the same generation
+        lab.run("vm1", ["nft", "add", "table", "inet", "hfgen"]).check_returncode()
+        assert vm.generation().follows(g_vm)
+        assert host.generation() == g_host  # a commit in another namespace is not this one's
+    finally:
+        host.close()
+        vm.close()
