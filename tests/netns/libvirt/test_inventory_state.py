@@ -302,6 +302,8 @@ def test_policy_apply_with_the_daemon_stopped_keeps_the_discovered_vms_rules(
     assert applied.returncode == 0 and "applied" in applied.stdout, applied.stdout + applied.stderr
     assert env.ping(0, 1).ok  # kept
     assert env.ping(1, 0).ok  # and the new rule is in
+    again = env.cli("policy", "apply", "--dry-run", str(path))  # the plan counts the discovered VMs too
+    assert again.stdout.strip() == "would send 0 commands: nothing to change", again.stdout + again.stderr
     diff = env.cli("ruleset", "diff")
     assert diff.returncode == 0, diff.stdout + diff.stderr
 
