@@ -6,8 +6,9 @@ the real daemon (`hyperfence daemon --libvirt`, a process of its own) and CLI:
 - a daemon restart, with libvirtd up and with libvirtd down, writes nothing to the kernel (`nft monitor` in
   the lab's host namespace prints nothing between two markers) and loses no ping between the guests
   (50 a second across the restart);
-- with the daemon stopped, `policy apply` keeps the discovered VMs' rules, and `vm isolate` / `vm events` /
-  `vm release` take a discovered VM's name and the kernel follows.
+- with the daemon stopped, `policy apply` (and its `--dry-run`) keeps the discovered VMs' rules, `vm list`
+  shows them as policy VMs, and `vm isolate` / `vm events` / `vm release` take a discovered VM's name and the
+  kernel follows.
 
 One lab and one boot of two guests for the module; the tests run in order on it (each leaves the daemon
 running, except where it says). Skipped when a libvirtd not started here is running (one per machine).
@@ -308,10 +309,15 @@ def test_policy_apply_with_the_daemon_stopped_keeps_the_discovered_vms_rules(
     assert diff.returncode == 0, diff.stdout + diff.stderr
 
 
-def test_vm_isolate_events_and_release_take_a_discovered_vms_name(env: Env) -> None:
-    """With no daemon (the previous test stopped it): the CLI's own engine finds the VM by its name."""
-    assert env.daemon is None
+def test_vm_list_isolate_events_and_release_take_a_discovered_vms_name(env: Env) -> None:
+    """With no daemon: the CLI's own engine finds the VM by its name."""
+    env.stop_daemon()  # (the previous test stopped it already)
     vm2 = env.names[1]
+    listed = env.cli("vm", "list")
+    assert listed.returncode == 0 and all(n in listed.stdout for n in env.names), (
+        listed.stdout + listed.stderr
+    )
+    assert "not in policy" not in listed.stdout, listed.stdout  # the guests are policy VMs, as the daemon saw
     isolated = env.cli("vm", "isolate", vm2, "--reason", "test")
     assert isolated.returncode == 0, isolated.stdout + isolated.stderr
     assert not env.ping(0, 1).ok  # the kernel cut it off
