@@ -4,8 +4,9 @@
     EventLog           append-only events (drift repaired, applies, agent decisions), queried newest last
     AgentState         the enrolled agents: key, channel, sequence, isolation (survives a restart)
     LeaseStore         the DHCP leases that taught VMs their addresses
+    InventoryStore     the last known inventory: the VMs discovered from the hypervisor, and when it was read
 
-Implemented by `adapters/store:Store` (SQLite in the state directory, one object for all four) and by
+Implemented by `adapters/store:Store` (SQLite in the state directory, one object for all five) and by
 the in-memory fakes in `hyperfence/testing.py`; `tests/unit/test_ports_contract.py` runs the same contract
 against both, so they cannot drift apart. A cluster store is a third implementation of these Protocols.
 
@@ -106,5 +107,28 @@ class LeaseStore(Protocol):
         ...
 
 
-class Repository(PolicyRepository, EventLog, AgentState, LeaseStore, Protocol):
-    """All four ports, as one store provides them."""
+@dataclass(frozen=True)
+class StoredInventory:
+    """The VMs discovered from the hypervisor at its last successful read (plain `vms` items, as
+    `policy/inventory.py merge_discovered` takes them), and when that read was (the writer's clock)."""
+
+    vms: tuple[dict[str, Any], ...]
+    read: float
+
+
+class InventoryStore(Protocol):
+    """The last known inventory, part of the desired state: what the daemon merged into the policy, kept so
+    that every use case (a CLI command, a daemon that restarts while the hypervisor cannot be read) compiles
+    the same VMs as the daemon that read them."""
+
+    def inventory(self) -> StoredInventory | None:
+        """The last saved inventory, None when none was ever saved."""
+        ...
+
+    def save_inventory(self, vms: tuple[dict[str, Any], ...], *, read: float) -> None:
+        """Replace the stored inventory with `vms` read at `read`, all or none (`vms` must be JSON data)."""
+        ...
+
+
+class Repository(PolicyRepository, EventLog, AgentState, LeaseStore, InventoryStore, Protocol):
+    """All five ports, as one store provides them."""

@@ -2,7 +2,7 @@
 without a state directory. They keep the same contract as the SQLite store: `tests/unit/test_ports_contract.py`
 runs one suite against both.
 
-`FakeStore` is all four ports in one object, as `adapters/store:Store` is; each method takes one lock,
+`FakeStore` is all five ports in one object, as `adapters/store:Store` is; each method takes one lock,
 so the fakes are as safe to share between threads as the real store.
 """
 
@@ -21,12 +21,13 @@ import orjson
 from hyperfence.errors import ConflictError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease
-from hyperfence.ports import Repository, StoredPolicy
+from hyperfence.ports import Repository, StoredInventory, StoredPolicy
 
 __all__ = [
     "FakeAgentState",
     "FakeClock",
     "FakeEventLog",
+    "FakeInventoryStore",
     "FakeLeaseStore",
     "FakePolicyRepository",
     "FakeStore",
@@ -197,7 +198,24 @@ class FakeLeaseStore(_Locked):
             self.stored = tuple(by_key[k] for k in sorted(by_key, key=lambda k: (k[0], str(k[1]))))
 
 
-class FakeStore(FakePolicyRepository, FakeEventLog, FakeAgentState, FakeLeaseStore):
+class FakeInventoryStore(_Locked):
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        super().__init__(clock)
+        self.stored_inventory: StoredInventory | None = None
+
+    def inventory(self) -> StoredInventory | None:
+        with self._cond:
+            got = self.stored_inventory
+            return None if got is None else StoredInventory(copy.deepcopy(got.vms), got.read)
+
+    def save_inventory(self, vms: tuple[dict[str, Any], ...], *, read: float) -> None:
+        # as JSON, as the SQLite store keeps it (what cannot be JSON is refused, nothing changed)
+        stored = StoredInventory(tuple(_as_json(list(vms))), float(read))
+        with self._cond:
+            self.stored_inventory = stored
+
+
+class FakeStore(FakePolicyRepository, FakeEventLog, FakeAgentState, FakeLeaseStore, FakeInventoryStore):
     """Every repository port in memory, sharing one lock and one clock (the base classes' constructors
     run in turn through `super()`)."""
 

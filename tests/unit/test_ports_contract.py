@@ -231,3 +231,60 @@ def test_leases_are_replaced_whole_and_come_ordered(repo: Repository) -> None:
     assert repo.leases() == second
     repo.save_leases(())
     assert repo.leases() == ()
+
+
+# --- InventoryStore --------------------------------------------------------------------------------------
+
+
+def _vm_doc(name: str, ip: str | None = None) -> dict[str, object]:
+    return {
+        "name": name,
+        "id": f"uuid-{name}",
+        "network": "lan",
+        "port": f"tap-{name}",
+        "mac": "52:54:00:00:00:01",
+        **({"ips": [ip]} if ip else {}),
+        "labels": {"tier": "web"},
+    }
+
+
+def test_the_inventory_is_replaced_whole_and_read_back_equal(repo: Repository) -> None:
+    assert repo.inventory() is None
+    first = (_vm_doc("a", "10.0.0.2"), _vm_doc("b"))
+    repo.save_inventory(first, read=100.5)
+    got = repo.inventory()
+    assert got is not None and (got.vms, got.read) == (first, 100.5)
+    repo.save_inventory((), read=200.0)
+    got = repo.inventory()
+    assert got is not None and (got.vms, got.read) == ((), 200.0)
+
+
+def test_a_stored_inventory_cannot_be_changed_through_the_caller_s_objects(repo: Repository) -> None:
+    vm = _vm_doc("a", "10.0.0.2")
+    repo.save_inventory((vm,), read=1.0)
+    vm["ips"] = ["10.0.0.99"]
+    got = repo.inventory()
+    assert got is not None
+    got.vms[0]["labels"]["tier"] = "db"
+    again = repo.inventory()
+    assert again is not None and again.vms == (_vm_doc("a", "10.0.0.2"),)
+
+
+def test_an_inventory_that_is_not_json_is_refused_and_the_old_one_kept(repo: Repository) -> None:
+    repo.save_inventory((_vm_doc("a"),), read=1.0)
+    with pytest.raises(TypeError):
+        repo.save_inventory(({"name": object()},), read=2.0)
+    got = repo.inventory()
+    assert got is not None and got.vms == (_vm_doc("a"),) and got.read == 1.0
+
+
+def test_the_sqlite_inventory_outlives_the_process_that_wrote_it(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    store.save_inventory((_vm_doc("a", "10.0.0.2"),), read=5.0)
+    store.close()
+    again = Store(str(tmp_path))
+    try:
+        got = again.inventory()
+        assert got is not None and got.vms == (_vm_doc("a", "10.0.0.2"),) and got.read == 5.0
+    finally:
+        again.close()

@@ -17,6 +17,8 @@ from hyperfence.cli import render
 from hyperfence.cli.output import err, out, plain, plain_lines, styled, table
 from hyperfence.cli.vm import agent_app, vm_app
 from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, describe, parse_flavour
+from hyperfence.policy.desired import desired_policy
+from hyperfence.policy.overlays import with_overlays
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.policy.whatif import Flow, can
@@ -154,8 +156,12 @@ def policy_apply(
     checked = parse_policy(document, source=file)
     check_devices(c.netns, checked)  # before anything is stored
     engine = c.engine()
-    if dry_run:
-        resolved = resolve_policy(checked, host_addresses=engine.known_host_addresses())
+    if dry_run:  # the desired state as the daemon would compile it: with the VMs it discovered, overlays on
+        desired = desired_policy(document, source=file, discovered=engine.discovered, leases=engine.leases)
+        resolved = with_overlays(
+            resolve_policy(desired.policy, host_addresses=engine.known_host_addresses()),
+            engine.merged_overlays(),
+        )
         plan = plan_changes(compile_ruleset(resolved, flavour=engine.flavour), engine.firewall.read())
         out.print(f"would send {len(plan.commands)} commands: {plan.summary or 'nothing to change'}")
         return

@@ -28,9 +28,9 @@ from hyperfence.model.lease import Lease
 from hyperfence.model.overlay import NOTHING, Merged, Overlay, expired, merge_overlays, replace_producer
 from hyperfence.model.policy import AddressRange, Policy
 from hyperfence.model.ports import BridgePort
+from hyperfence.policy.desired import desired_policy
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
-from hyperfence.policy.inventory import merge_discovered
-from hyperfence.policy.leases import apply_leases, expire
+from hyperfence.policy.leases import expire
 from hyperfence.policy.overlays import with_overlays
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
@@ -158,8 +158,11 @@ class Engine:
         # Every producer's overlays (isolation, rate limits, shields; model/overlay.py), from the store: so
         # they are in place before the first converge (see `set_overlays`).
         self.overlays: tuple[Overlay, ...] = self.store.overlays()
-        # VMs discovered from the hypervisor, as `vms` items (see `set_discovered`).
-        self.discovered: tuple[dict[str, Any], ...] = ()
+        # VMs discovered from the hypervisor, as `vms` items (see `set_discovered`): the last known ones
+        # from the store, so that every engine compiles the VMs the daemon last read, and a daemon that
+        # restarts converges to them before it reads the hypervisor (or while it cannot).
+        stored = self.store.inventory()
+        self.discovered: tuple[dict[str, Any], ...] = () if stored is None else stored.vms
         self.skipped: list[str] = []  # discovered VMs left out, and why
         # The host's own addresses in the bridges' namespace, an input next to the policy like the discovered
         # VMs (see `refresh_host_addresses`); None until first read.
@@ -186,10 +189,16 @@ class Engine:
         self.provisional_stale = False  # one of them left its bridge or was declared: converge to apply
 
     def set_discovered(self, vms: tuple[dict[str, Any], ...]) -> bool:
-        """Replace the discovered VMs; True when they changed (converge to apply)."""
+        """Replace the discovered VMs; True when they changed (converge to apply). A change is stored as
+        the last known inventory first (`ports.InventoryStore`); a store that cannot take it is logged and
+        the engine goes on with the new VMs (the kernel must follow the hypervisor)."""
         with self.lock:
             changed = vms != self.discovered
             if changed:
+                try:
+                    self.store.save_inventory(vms, read=self.clock())
+                except HyperfenceError as e:
+                    log.warning("the VMs discovered were not stored (a restart uses the older ones): %s", e)
                 self.discovered = vms
             return changed
 
@@ -480,9 +489,10 @@ class Engine:
             policy, resolved = previous.policy, previous.plain or previous.resolved
         else:
             document, source = self._load_document()
-            if self.discovered and isinstance(document, dict):
-                document, self.skipped = merge_discovered(document, self.discovered)
-            policy = self._with_leases(parse_policy(document, source=source))
+            desired = desired_policy(document, source=source, discovered=self.discovered, leases=self.leases)
+            self.skipped = list(desired.skipped)
+            policy = desired.policy
+            self._note_ignored_leases(desired.ignored_leases)
             passed = with_uplinks(policy, self.provisional)
             resolved = (
                 resolve_update(previous.plain or previous.resolved, passed, host_addresses=host)
@@ -505,10 +515,9 @@ class Engine:
         )
         return self._compiled
 
-    def _with_leases(self, policy: Policy) -> Policy:
-        """`policy` with the learned addresses in place; a lease newly left out is logged and recorded as a
+    def _note_ignored_leases(self, ignored: tuple[tuple[Lease, str], ...]) -> None:
+        """Keep the learned addresses the policy left out; one newly left out is logged and recorded as a
         `lease-ignored` event of its VM (e.g. a VM now declares its address)."""
-        policy, ignored = apply_leases(policy, self.leases)
         before = {lease for lease, _ in self.ignored_leases}
         fresh = [(lease, why) for lease, why in ignored if lease not in before]
         self.ignored_leases = ignored
@@ -518,7 +527,6 @@ class Engine:
             self.store.add_events(
                 [("lease-ignored", lease.vm, {"ip": str(lease.ip), "reason": why}) for lease, why in fresh]
             )
-        return policy
 
     def note_untouched(self, numbers: list[int]) -> None:
         """nftables commits that touched none of hyperfence's tables (reconcile/drift.py): the firewall's

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from hyperfence.codec.libvirt_xml import DomainInfo, DomainNic, NetworkLeases
+from hyperfence.errors import TemporaryError
+from hyperfence.model.kernel import Flavour
 from hyperfence.model.lease import Lease
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.parse import parse_policy
@@ -240,3 +245,84 @@ def test_annotate_names_and_states_enrolled_domains(tmp_path: Path) -> None:
         {"vm": "uuid-gone", "name": "uuid-gone", "status": "not in policy", "state": None},
     ]
     engine.close()
+
+
+# --- the last known inventory, in the store --------------------------------------------------------------
+
+LAB = {"name": "lab", "bridge": "br0", "subnet": "10.77.0.0/22", "gateway": "10.77.0.1"}
+WEB1 = {
+    "name": "web1",
+    "id": "uuid-web1",
+    "network": "lab",
+    "port": "vnet1",
+    "mac": "52:54:00:00:00:02",
+    "ips": ["10.77.0.21"],
+    "labels": {"tier": "web"},
+}
+
+
+def stored_engine(state: Path) -> Engine:
+    """An engine on `state` that reads nothing from the kernel (no host address, br_netfilter)."""
+    return Engine(
+        netns=None, state_dir=str(state), read_addresses=lambda _ns: (), flavour=Flavour.BR_NETFILTER
+    )
+
+
+def test_discovered_vms_are_stored_and_every_later_engine_compiles_them(tmp_path: Path) -> None:
+    """What a daemon read from libvirt is what a CLI command or a restarted daemon compiles: stored when it
+    changes, loaded when an engine starts, and the same read again changes nothing (no converge)."""
+    first = stored_engine(tmp_path)
+    first.store_policy({"networks": [LAB], "vms": [], "settings": {"inventory": "libvirt"}}, source="t")
+    assert first.set_discovered((WEB1,))
+    stored = first.store.inventory()
+    assert stored is not None and stored.vms == (WEB1,) and stored.read > 0
+    first.close()
+    again = stored_engine(tmp_path)
+    try:
+        compiled = again.compiled()
+        assert compiled is not None and [v.name for v in compiled.policy.vms] == ["web1"]
+        assert not again.set_discovered(
+            vm_docs([dataclasses.replace(dom("web1"), labels={"tier": "web"})], {"br0": "lab"})
+        )
+        assert again.set_discovered(())  # the VM stopped: stored too
+    finally:
+        again.close()
+    third = stored_engine(tmp_path)
+    try:
+        compiled = third.compiled()
+        assert compiled is not None and compiled.policy.vms == ()
+    finally:
+        third.close()
+
+
+class DownInventory:
+    """libvirt that cannot be read (libvirtd down)."""
+
+    def domains(self) -> list[DomainInfo]:
+        raise TemporaryError("cannot connect to qemu:///system: libvirtd is not running")
+
+    def network_leases(self) -> NetworkLeases:
+        raise TemporaryError("cannot connect")
+
+
+def test_a_restart_with_libvirt_down_keeps_the_last_known_vms(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = stored_engine(tmp_path)
+    before.store_policy({"networks": [LAB], "vms": [], "settings": {"inventory": "libvirt"}}, source="t")
+    before.set_discovered((WEB1,))
+    before.close()
+    engine = stored_engine(tmp_path)
+    watcher = InventoryWatcher(engine, "test:///down")
+    watcher.inventory = DownInventory()  # type: ignore[assignment]
+    try:
+        with caplog.at_level(logging.WARNING, logger="hyperfence.inventory"):
+            watcher.prime()
+            assert not watcher.refresh()
+        assert "keeping the last known VMs" in caplog.text
+        compiled = engine.compiled()
+        assert compiled is not None and [v.name for v in compiled.policy.vms] == ["web1"]
+        stored = engine.store.inventory()
+        assert stored is not None and stored.vms == (WEB1,)
+    finally:
+        engine.close()

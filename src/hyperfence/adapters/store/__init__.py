@@ -1,6 +1,7 @@
 """The embedded store: SQLite (WAL) in the state directory (private: `system/state_dir.py`).
 
-Implements the repository ports (`hyperfence/ports.py`: PolicyRepository, EventLog, AgentState, LeaseStore).
+Implements the repository ports (`hyperfence/ports.py`: PolicyRepository, EventLog, AgentState, LeaseStore,
+InventoryStore).
 Policies are kept as generations (the document as the user wrote it, already validated), never edited in
 place; a put can be a compare-and-swap on the latest generation. Events (drift repaired, applies) are
 appended.
@@ -33,7 +34,7 @@ from hyperfence.errors import ConflictError, TemporaryError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease, LeaseSource
 from hyperfence.model.overlay import Overlay, OverlayKind
-from hyperfence.ports import Repository, StoredPolicy
+from hyperfence.ports import Repository, StoredInventory, StoredPolicy
 from hyperfence.system.state_dir import make_private_file, secure_state_dir
 
 __all__ = ["BUSY_TIMEOUT", "Store", "StoredPolicy"]
@@ -86,6 +87,11 @@ CREATE TABLE IF NOT EXISTS overlays (
     until REAL,
     rate INTEGER,
     PRIMARY KEY (producer, vm, kind)
+);
+CREATE TABLE IF NOT EXISTS inventory (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    read REAL NOT NULL,
+    vms TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS agent_samples (
     vm TEXT NOT NULL,
@@ -286,6 +292,20 @@ class Store:
                 "INSERT INTO overlays(producer, vm, kind, reason, since, until, rate) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(o.producer, o.vm, o.kind.value, o.reason, o.since, o.until, o.rate) for o in overlays],
             )
+
+    # --- the last known inventory (VMs discovered from the hypervisor) ----------------------------------
+
+    def inventory(self) -> StoredInventory | None:
+        """The VMs of the hypervisor's last successful read and when it was; None when never saved."""
+        row = self._row("SELECT read, vms FROM inventory WHERE id = 1")
+        if row is None:
+            return None
+        return StoredInventory(tuple(orjson.loads(row[1])), float(row[0]))
+
+    def save_inventory(self, vms: tuple[dict[str, Any], ...], *, read: float) -> None:
+        """Replace the stored inventory (one row: a few hundred bytes per VM)."""
+        text = orjson.dumps(list(vms), option=orjson.OPT_SORT_KEYS).decode()
+        self._exec("INSERT OR REPLACE INTO inventory(id, read, vms) VALUES (1, ?, ?)", (read, text))
 
     # --- agents ---------------------------------------------------------------------------------------
 
