@@ -86,6 +86,7 @@ from hyperfence.daemon import request
 from hyperfence.lab import topology
 from hyperfence.lab.plan import MAX_VMS, LabPlan, LabVm, lab_netns, plan_lab
 from hyperfence.lab.policy import lab_policy
+from hyperfence.policy import desired as desired_module
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
 from hyperfence.reconcile import engine as engine_module
@@ -594,9 +595,12 @@ class Phases:
     and its Firewall call are wrapped where they look them up (module globals, instance attributes) and put
     back by `restore`. Times are exclusive: a wrapped call inside another counts only for itself."""
 
-    ENGINE = (  # (label, function looked up in hyperfence.reconcile.engine)
+    DESIRED = (  # (label, function looked up in hyperfence.policy.desired: the desired policy's parts)
         ("parse", "parse_policy"),
         ("leases", "apply_leases"),
+        ("inventory merge", "merge_discovered"),
+    )
+    ENGINE = (  # (label, function looked up in hyperfence.reconcile.engine)
         ("uplinks", "with_uplinks"),
         ("resolve (incremental)", "resolve_update"),
         ("resolve (whole)", "resolve_policy"),
@@ -608,6 +612,8 @@ class Phases:
         self.spent: dict[str, float] = {}
         self._children: list[float] = []
         self._undo: list[Callable[[], None]] = []
+        for label, name in self.DESIRED:
+            self._wrap(desired_module, name, label)
         for label, name in self.ENGINE:
             self._wrap(engine_module, name, label)
         self._wrap(firewall_module, "plan_changes", "plan")
