@@ -19,6 +19,7 @@ from hyperfence.cli import render
 from hyperfence.cli.output import err, out, plain, plain_lines, styled, table
 from hyperfence.cli.vm import agent_app, vm_app
 from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, parse_flavour
+from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.whatif import Flow, can
 from hyperfence.reconcile.engine import Engine, read_policy_file
 from hyperfence.services import policy as policy_service
@@ -142,10 +143,11 @@ def policy_apply(
 
     c: Ctx = ctx.obj
     document = read_policy_file(file)
+    parsed = parse_policy(document, source=file)  # an invalid file is refused before the store is opened
     engine = c.engine()
     try:
         if dry_run:
-            preview = policy_service.preview_policy(document, source=file, kernel=engine)
+            preview = policy_service.preview_policy(document, source=file, kernel=engine, parsed=parsed)
             out.print(f"would send {preview.commands} commands: {preview.summary or 'nothing to change'}")
             for line in preview.differences:
                 out.print(f"- {plain(line)}")
@@ -156,6 +158,7 @@ def policy_apply(
             kernel=engine,
             policies=engine.store,
             ask=lambda payload: request(c.state_dir, payload),
+            parsed=parsed,
         )
     finally:
         engine.close()

@@ -79,12 +79,18 @@ class Preview:
 
 
 def preview_policy(
-    document: Any, *, source: str, kernel: Kernel, read_ports: PortReader = read_bridge_ports
+    document: Any,
+    *,
+    source: str,
+    kernel: Kernel,
+    parsed: Policy | None = None,
+    read_ports: PortReader = read_bridge_ports,
 ) -> Preview:
-    """Validate `document`, check the bridges' devices, compile it for the kernel's data plane with the
-    host's addresses, and plan it against what the kernel holds; the planned batch goes to the kernel as a
-    dry run. Nothing is stored or applied. `KernelError` when the kernel would refuse the batch."""
-    policy = _checked(document, source=source, netns=kernel.netns, read_ports=read_ports)
+    """Validate `document` (unless `parsed`, its `parse_policy` a caller already made, is given), check the
+    bridges' devices, compile it for the kernel's data plane with the host's addresses, and plan it against
+    what the kernel holds; the planned batch goes to the kernel as a dry run. Nothing is stored or applied.
+    `KernelError` when the kernel would refuse the batch."""
+    policy = _checked(document, parsed, source=source, netns=kernel.netns, read_ports=read_ports)
     resolved = resolve_policy(policy, host_addresses=kernel.known_host_addresses())
     desired = compile_ruleset(resolved, flavour=kernel.flavour)
     actual = kernel.firewall.read()
@@ -126,14 +132,16 @@ def apply_policy(
     policies: PolicyRepository,
     ask: Ask | None = None,
     expected: int | None = None,
+    parsed: Policy | None = None,
     read_ports: PortReader = read_bridge_ports,
 ) -> Applied:
-    """Validate `document`, check the bridges' devices, store it as a new generation (a compare-and-swap
+    """Validate `document` (unless `parsed` is given, as in `preview_policy`), check the bridges' devices,
+    store it as a new generation (a compare-and-swap
     when `expected`, the generation the caller read as the latest, is given) and make the kernel hold it:
     a running daemon (`ask`) is asked to converge now, which it does as one atomic batch; with none, this
     process converges `kernel` itself (a full read of the kernel first). A daemon's refusal is raised with
     its own kind (a `ConflictError` stays one), prefixed with the generation it concerns."""
-    policy = _checked(document, source=source, netns=kernel.netns, read_ports=read_ports)
+    policy = _checked(document, parsed, source=source, netns=kernel.netns, read_ports=read_ports)
     generation = policies.put_policy(document, source=source, expected=expected)
     reply = ask({"op": "reconcile"}) if ask is not None else None
     if reply is not None:
@@ -176,8 +184,11 @@ def show_policy(policies: PolicyRepository, generation: int | None = None) -> St
     raise NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
 
 
-def _checked(document: Any, *, source: str, netns: str | None, read_ports: PortReader) -> Policy:
-    """The valid policy in `document` that leaves no network device on its bridges undeclared."""
-    policy = parse_policy(document, source=source)
+def _checked(
+    document: Any, parsed: Policy | None, *, source: str, netns: str | None, read_ports: PortReader
+) -> Policy:
+    """The valid policy in `document` (`parsed`, when the caller parsed it) that leaves no network device on
+    its bridges undeclared."""
+    policy = parsed if parsed is not None else parse_policy(document, source=source)
     check_devices(netns, policy, read_ports)
     return policy

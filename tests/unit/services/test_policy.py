@@ -171,3 +171,22 @@ def test_show_returns_a_generation_or_says_what_exists() -> None:
     assert show_policy(engine.store, 1).document == doc()
     with pytest.raises(NotFoundError, match=r"no generation 5 \(the latest is 2\)"):
         show_policy(engine.store, 5)
+
+
+def test_a_document_the_caller_parsed_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hyperfence.policy.parse import parse_policy
+    from hyperfence.services import policy as service
+
+    parsed = parse_policy(doc(rules=[RULE]), source="p")
+    monkeypatch.setattr(service, "parse_policy", lambda *a, **k: pytest.fail("parsed twice"))
+    engine = FakeEngine()
+    p = preview_policy(doc(rules=[RULE]), source="p", kernel=engine, parsed=parsed, read_ports=NO_DEVICES)
+    a = apply_policy(
+        doc(rules=[RULE]),
+        source="p",
+        kernel=engine,
+        policies=engine.store,
+        parsed=parsed,
+        read_ports=NO_DEVICES,
+    )
+    assert (p.rules, a.rules, a.generation) == (1, 1, 1)
