@@ -48,7 +48,16 @@ import threading
 import time
 from typing import Any
 
-from hyperfence.errors import ConflictError, HyperfenceError
+from hyperfence.errors import (
+    BugError,
+    ConflictError,
+    HyperfenceError,
+    InvalidInputError,
+    Problem,
+    from_wire,
+    prefixed,
+    to_wire,
+)
 from hyperfence.model.kernel import Flavour
 from hyperfence.model.text import printable
 from hyperfence.reconcile.agents import AgentMonitor
@@ -200,16 +209,24 @@ class Daemon:
                 req = json.loads(buf or b"{}")
                 reply = self._dispatch(req if isinstance(req, dict) else {})
             except (ValueError, OSError, RecursionError) as e:
-                reply = {"ok": False, "error": f"bad request: {str(e)[:200]}"}
+                reply = to_wire(InvalidInputError(f"bad request: {str(e)[:200]}"))
             except Exception as e:  # a bug: answered, logged, and this connection's thread ends cleanly
                 log.exception("control request failed")
-                reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {str(e)[:200]}"}
+                reply = to_wire(BugError(f"internal error: {type(e).__name__}: {str(e)[:200]}"))
             with contextlib.suppress(OSError):
                 conn.sendall(json.dumps(reply).encode() + b"\n")
             if reply.get("changed"):
                 self._tidy(full=False)  # after the answer: `policy apply` does not wait for it
 
     def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The answer to one request; a refusal is answered with its kind, message, problems and retry
+        delay (`errors.to_wire`), which the client raises again (`errors.from_wire`)."""
+        try:
+            return self._answer(req)
+        except HyperfenceError as e:
+            return to_wire(e)
+
+    def _answer(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "reconcile":
             reply = self._converge(full=bool(req.get("full")))
@@ -225,49 +242,42 @@ class Daemon:
             return self._agent_op(op, req)
         if op in OVERLAY_OPS:
             return self._overlay_op(op, req)
-        return {
-            "ok": False,
-            "error": f"unknown op {op!r} (expected reconcile, status, {', '.join(AGENT_OPS + OVERLAY_OPS)})",
-        }
+        raise InvalidInputError(
+            f"unknown op {op!r} (expected reconcile, status, {', '.join(AGENT_OPS + OVERLAY_OPS)})"
+        )
 
     def _overlay_op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
         """The operator producer's requests (reconcile/overlays.py): stored, then converged before the
-        answer. A refusal keeps its kind (`error_kind`), so the CLI exits as it would without a daemon."""
-        try:
-            if op == "overlay-set":
-                data = req.get("overlay")
-                overlay, changed = set_operator_overlay(self.engine, data if isinstance(data, dict) else {})
-                reply: dict[str, Any] = {"overlay": overlay.as_dict(), "changed": changed}
-            else:
-                reply = release(self.engine, req.get("vm"), req.get("producer"), self.agents)
-        except HyperfenceError as e:
-            return {"ok": False, "error": str(e), "error_kind": type(e).__name__}
+        answer. A refusal keeps its kind (`to_wire`), so the CLI exits as it would without a daemon."""
+        if op == "overlay-set":
+            data = req.get("overlay")
+            overlay, changed = set_operator_overlay(self.engine, data if isinstance(data, dict) else {})
+            reply: dict[str, Any] = {"overlay": overlay.as_dict(), "changed": changed}
+        else:
+            reply = release(self.engine, req.get("vm"), req.get("producer"), self.agents)
         if reply["changed"]:
             applied = self._converge(full=False)
             if not applied.get("ok"):
-                return {"ok": False, "error": f"stored, not applied yet: {applied.get('error')}"}
+                raise prefixed(from_wire(applied), "stored, not applied yet: ")
         return {"ok": True, **reply}
 
     def _agent_op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
         if self.agents is None:
-            return {"ok": False, "error": "this daemon runs without the agent monitor"}
-        try:
-            if op == "agents":
-                rows = self.agents.snapshot()
-                if self.inventory is not None:
-                    self.inventory.annotate(rows)
-                for row in rows:
-                    row.setdefault("state", None)  # not a libvirt VM, or no libvirt inventory
-                return {"ok": True, "agents": rows}
-            if op == "agents-reload":
-                self.agents.reload()
-                return {"ok": True}
-            vm = req.get("vm")
-            if not isinstance(vm, str):
-                return {"ok": False, "error": "release needs a VM id in field 'vm'"}
-            return {"ok": True, **self.agents.release(vm)}
-        except HyperfenceError as e:
-            return {"ok": False, "error": str(e)}
+            raise ConflictError("this daemon runs without the agent monitor")
+        if op == "agents":
+            rows = self.agents.snapshot()
+            if self.inventory is not None:
+                self.inventory.annotate(rows)
+            for row in rows:
+                row.setdefault("state", None)  # not a libvirt VM, or no libvirt inventory
+            return {"ok": True, "agents": rows}
+        if op == "agents-reload":
+            self.agents.reload()
+            return {"ok": True}
+        vm = req.get("vm")
+        if not isinstance(vm, str):
+            raise InvalidInputError("release", [Problem("vm", f"{vm!r} is not a VM id (expected a string)")])
+        return {"ok": True, **self.agents.release(vm)}
 
     def health(self) -> dict[str, Any]:
         """What `hyperfence status` shows: the policy applied, each loop's state, the agent channels, what
@@ -323,7 +333,8 @@ class Daemon:
                 log.error("converge failed: %s", e)
                 self.engine.store.add_event("converge-failed", {"error": str(e)[:2000]})
             self._last_refusal = refusal
-            return {"ok": False, "error": str(e), "conflict": refusal is not None}
+            # (`conflict`: what a client from before error kinds reads)
+            return {**to_wire(e), "conflict": refusal is not None}
         self._last_refusal = None
         if compiled is None or result is None:
             return {"ok": True, "policy": None}

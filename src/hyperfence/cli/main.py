@@ -1,4 +1,6 @@
-"""`hyperfence <noun> <verb>`: the command line. Errors become exit codes in one place (`main`)."""
+"""`hyperfence <noun> <verb>`: the command line. A command parses its arguments, calls its use case in
+`hyperfence/services/` and renders the answer; errors become exit codes in one place (`main`, through the
+table in `errors.py`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 import yaml
@@ -16,29 +18,13 @@ from hyperfence import errors
 from hyperfence.cli import render
 from hyperfence.cli.output import err, out, plain, plain_lines, styled, table
 from hyperfence.cli.vm import agent_app, vm_app
-from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, describe, parse_flavour
-from hyperfence.policy.desired import desired_policy
-from hyperfence.policy.overlays import with_overlays
+from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, parse_flavour
 from hyperfence.policy.parse import parse_policy
-from hyperfence.policy.resolve import resolve_policy
 from hyperfence.policy.whatif import Flow, can
-from hyperfence.reconcile import preconditions
-from hyperfence.reconcile.engine import Engine, check_devices, read_policy_file
-from hyperfence.reconcile.firewall import describe_drift
-from hyperfence.ruleset.compile import TABLES, compile_ruleset
-from hyperfence.ruleset.plan import plan_changes
-from hyperfence.ruleset.readback import rule_counters
-
-EXIT_CODES: dict[type[errors.HyperfenceError], int] = {
-    errors.InvalidInputError: 2,
-    errors.NotFoundError: 3,
-    errors.ConflictError: 4,
-    errors.PermissionDeniedError: 5,
-    errors.TemporaryError: 6,
-    errors.KernelError: 7,
-    errors.DriftError: 8,
-    errors.BugError: 70,
-}
+from hyperfence.reconcile.engine import Engine, read_policy_file
+from hyperfence.services import policy as policy_service
+from hyperfence.services import ruleset as ruleset_service
+from hyperfence.services import status as status_service
 
 DEFAULT_STATE = "/var/lib/hyperfence"
 
@@ -129,15 +115,13 @@ def policy_check(
 ) -> None:
     """Validate FILE; list every problem with its path and value. Changes nothing."""
     c: Ctx = ctx.obj
-    policy = parse_policy(read_policy_file(file), source=file)
-    rs = compile_ruleset(resolve_policy(policy))
-    if kernel or c.netns is not None:
-        check_devices(c.netns, policy)
-    counts = rs.counts()
+    r = policy_service.check_policy(
+        read_policy_file(file), source=file, netns=c.netns, devices=kernel or c.netns is not None
+    )
     out.print(
-        f"{plain(file)}: ok — {len(policy.vms)} VMs, {len(policy.rules)} rules, {len(policy.ipsets)} IP sets "
-        f"-> {counts['chains']} chains, {counts['rules']} nft rules, {counts['sets']} sets"
-        + ("; no undeclared network device on its bridges" if kernel or c.netns is not None else "")
+        f"{plain(file)}: ok — {r.vms} VMs, {r.rules} rules, {r.ipsets} IP sets "
+        f"-> {r.chains} chains, {r.nft_rules} nft rules, {r.sets} sets"
+        + ("; no undeclared network device on its bridges" if r.devices_checked else "")
     )
 
 
@@ -145,7 +129,13 @@ def policy_check(
 def policy_apply(
     ctx: typer.Context,
     file: str,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show the plan.")] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Only show the plan and what differs, after the kernel checked the batch as a dry run.",
+        ),
+    ] = False,
 ) -> None:
     """Validate FILE, store it as a new generation and make the kernel hold it (atomically). Refused,
     changing nothing, while a network device on one of its bridges is not declared as an uplink."""
@@ -153,37 +143,35 @@ def policy_apply(
 
     c: Ctx = ctx.obj
     document = read_policy_file(file)
-    checked = parse_policy(document, source=file)
-    check_devices(c.netns, checked)  # before anything is stored
+    parsed = parse_policy(document, source=file)  # an invalid file is refused before the store is opened
     engine = c.engine()
-    if dry_run:  # the desired state as the daemon would compile it: with the VMs it discovered, overlays on
-        desired = desired_policy(document, source=file, discovered=engine.discovered, leases=engine.leases)
-        resolved = with_overlays(
-            resolve_policy(desired.policy, host_addresses=engine.known_host_addresses()),
-            engine.merged_overlays(),
+    try:
+        if dry_run:
+            preview = policy_service.preview_policy(document, source=file, kernel=engine, parsed=parsed)
+            out.print(f"would send {preview.commands} commands: {preview.summary or 'nothing to change'}")
+            for line in preview.differences:
+                out.print(f"- {plain(line)}")
+            return
+        applied = policy_service.apply_policy(
+            document,
+            source=os.path.abspath(file),
+            kernel=engine,
+            policies=engine.store,
+            ask=lambda payload: request(c.state_dir, payload),
+            parsed=parsed,
         )
-        plan = plan_changes(compile_ruleset(resolved, flavour=engine.flavour), engine.firewall.read())
-        out.print(f"would send {len(plan.commands)} commands: {plan.summary or 'nothing to change'}")
-        return
-    generation, policy = engine.store_policy(document, source=os.path.abspath(file))
-    reply = request(c.state_dir, {"op": "reconcile"})
-    if reply is not None:
-        if not reply.get("ok"):
-            cls = errors.ConflictError if reply.get("conflict") else errors.KernelError
-            raise cls(f"the daemon could not apply generation {generation}: {reply.get('error')}")
+    finally:
+        engine.close()
+    if applied.by_daemon:
         out.print(
-            f"generation {generation} applied by the daemon: {reply.get('summary') or 'no change'} "
-            f"({reply.get('ms')} ms)"
+            f"generation {applied.generation} applied by the daemon: {applied.summary or 'no change'} "
+            f"({applied.ms} ms)"
         )
-        return
-    _, result = engine.converge(full=True)
-    if result is None:
-        raise errors.BugError("converge returned no result right after storing a policy")
-    out.print(
-        f"generation {generation} applied: {result.summary or 'no change'} "
-        f"({result.seconds * 1000:.1f} ms; {len(policy.vms)} VMs, {len(policy.rules)} rules)"
-    )
-    engine.close()
+    else:
+        out.print(
+            f"generation {applied.generation} applied: {applied.summary or 'no change'} "
+            f"({applied.ms or 0:.1f} ms; {applied.vms} VMs, {applied.rules} rules)"
+        )
 
 
 @policy_app.command("show")
@@ -192,15 +180,7 @@ def policy_show(
 ) -> None:
     """Print the stored policy (YAML)."""
     c: Ctx = ctx.obj
-    engine = c.engine()
-    stored = engine.store.get_policy(generation)
-    latest = engine.store.latest_generation()
-    if stored is None and generation is not None and latest:
-        raise errors.NotFoundError(
-            f"--generation: there is no generation {generation} (the latest is {latest})"
-        )
-    if stored is None:
-        raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
+    stored = policy_service.show_policy(c.engine().store, generation)
     out.print(f"# generation {stored.generation} from {plain(stored.source)}")
     out.print(yaml.safe_dump(stored.document, sort_keys=False))  # YAML escapes control characters
 
@@ -218,20 +198,13 @@ def ruleset_show(
     """Show hyperfence's nftables state (desired or actual) in nft syntax, after comment lines saying what
     the kernel offers and whether the stateful path holds."""
     c: Ctx = ctx.obj
-    engine = c.engine(policy)
     if desired and actual:
         raise errors.InvalidInputError("--desired and --actual: choose one")
-    caps, broken = preconditions.check(engine)
-    out.print(f"# {describe(caps, engine.flavour)}", highlight=False)
-    for p in broken:
+    shown = ruleset_service.show_ruleset(c.engine(policy), desired=desired)
+    out.print(f"# {shown.kernel.description}", highlight=False)
+    for p in shown.kernel.broken:
         out.print(f"# BROKEN: {p}", highlight=False)
-    if desired:
-        compiled = engine.compiled()
-        if compiled is None:
-            raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
-        out.print(render.ruleset_text(compiled.ruleset), highlight=False)
-    else:
-        out.print(render.ruleset_text(engine.firewall.read().ruleset), highlight=False)
+    out.print(render.ruleset_text(shown.ruleset), highlight=False)
 
 
 @ruleset_app.command("diff")
@@ -241,21 +214,14 @@ def ruleset_diff(
 ) -> None:
     """What differs between the desired ruleset and the kernel. Exit 1 when they differ."""
     c: Ctx = ctx.obj
-    engine = c.engine(policy)
-    _, broken = preconditions.check(engine)  # the flavour; and the rules can be right and still not work
-    compiled = engine.compiled()
-    if compiled is None:
-        raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
-    actual = engine.firewall.read()
-    problems = describe_drift(compiled.ruleset, actual.ruleset)
-    plan = plan_changes(compiled.ruleset, actual)
-    if not problems and plan.empty and not broken:
+    diff = ruleset_service.diff_ruleset(c.engine(policy))
+    if diff.in_sync:
         out.print("in sync: the kernel holds exactly the desired ruleset")
         return
-    for p in [*broken, *problems]:
+    for p in [*diff.broken, *diff.differences]:
         out.print(f"- {plain(p)}")
-    if not plan.empty:
-        out.print(f"a reconcile would send {len(plan.commands)} commands: {plan.summary}")
+    if diff.commands:
+        out.print(f"a reconcile would send {diff.commands} commands: {diff.summary}")
     raise typer.Exit(1)
 
 
@@ -267,17 +233,7 @@ def ruleset_stats(
 ) -> None:
     """Packet and byte counters per policy rule (summed over the VMs it applies to)."""
     c: Ctx = ctx.obj
-    engine = c.engine()
-    compiled = engine.compiled()
-    sid_names = {}
-    if compiled is not None:
-        from hyperfence.ruleset.compile import vm_sid  # noqa: PLC0415
-
-        sid_names = {vm_sid(v.id): v.name for v in compiled.policy.vms}
-    objs: list[Any] = []
-    for t in TABLES:
-        objs.extend(engine.nft.list({"table": {"family": t.family, "name": t.name}}))
-    rows = render.stats_rows(rule_counters(objs), sid_names, by_vm=by_vm)
+    rows = ruleset_service.ruleset_stats(c.engine(), by_vm=by_vm)
     if as_json:
         out.print_json(json.dumps(rows))
         return
@@ -450,11 +406,9 @@ def status_cmd(
     from hyperfence.daemon import request  # noqa: PLC0415
 
     c: Ctx = ctx.obj
-    reply = request(c.state_dir, {"op": "status"}, timeout=5)
-    if reply is None:
-        raise errors.TemporaryError(
-            f"no daemon is running for state dir {c.state_dir}: start `hyperfence daemon`"
-        )
+    reply = status_service.daemon_status(
+        lambda payload: request(c.state_dir, payload, timeout=5), state_dir=c.state_dir
+    )
     if as_json:
         typer.echo(json.dumps(reply, sort_keys=True))
     else:
@@ -516,7 +470,7 @@ def main() -> None:
         sys.exit(code if isinstance(code, int) else 0)
     except errors.HyperfenceError as e:
         err.print(styled("error:", "red"), plain_lines(e))
-        sys.exit(next((code for cls, code in EXIT_CODES.items() if isinstance(e, cls)), 1))
+        sys.exit(errors.exit_code(e))  # the one table (errors.KINDS)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):

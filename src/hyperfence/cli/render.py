@@ -1,12 +1,14 @@
-"""Text for people: the IR in nft syntax, counters per rule. Pure."""
+"""Text for people: the IR in nft syntax. Pure. (The counters per rule are `services/ruleset.py`'s
+`stats_rows`, data that every front end shows; kept importable from here.)"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from hyperfence.ruleset.ir import JSON, Ruleset, TableId
-from hyperfence.ruleset.readback import RuleKey
+from hyperfence.ruleset.ir import JSON, Ruleset
+from hyperfence.services.ruleset import stats_rows
+
+__all__ = ["ruleset_text", "statement_text", "stats_rows"]
 
 
 def _value(v: JSON) -> str:
@@ -95,32 +97,3 @@ def ruleset_text(rs: Ruleset) -> str:
             lines.append("  }")
         lines.append("}")
     return "\n".join(lines)
-
-
-def stats_rows(
-    counters: dict[RuleKey, tuple[int, int]], sid_names: dict[str, str], *, by_vm: bool
-) -> list[dict[str, Any]]:
-    """Aggregate nft rule counters by policy rule (and VM): `rule:web#1` and `rule:web#2` count as `web`.
-    The bridge table's decisions, and the connection caps' drops (`sys:ct-cap`: inet table, and bridge table
-    under bridge_native)."""
-    agg: dict[tuple[str, str, str], list[int]] = {}
-    for (table, chain, comment), (packets, nbytes) in counters.items():
-        if comment.endswith(":log"):
-            continue
-        sid, _, suffix = chain.partition("_")
-        if table in (TableId("inet", "hyperfence"), TableId("bridge", "hyperfence")) and suffix == "cap_drop":
-            direction = "both"  # the connection cap counts what the VM opens and what is opened to it
-        elif table == TableId("bridge", "hyperfence"):
-            direction = {"out": "egress", "in": "ingress", "guard": "guard"}.get(suffix, chain)
-        else:
-            continue
-        vm = sid_names.get(sid, "-") if suffix else "-"
-        rule = comment.removeprefix("rule:").split("#", 1)[0] if comment.startswith("rule:") else comment
-        key = (rule, vm if by_vm else "", direction)
-        acc = agg.setdefault(key, [0, 0])
-        acc[0] += packets
-        acc[1] += nbytes
-    return [
-        {"rule": k[0], "vm": k[1], "direction": k[2], "packets": v[0], "bytes": v[1]}
-        for k, v in sorted(agg.items())
-    ]
