@@ -219,10 +219,11 @@ class Daemon:
         op = req.get("op")
         if op == "reconcile":
             reply = self._converge(full=bool(req.get("full")))
-            applied = self._last_applied
-            if reply.get("ok") and not reply.get("changed") and applied and applied[0] == reply.get("policy"):
-                # The reconcile loop, woken by the store's change feed when the caller stored this version,
-                # applied it first: the caller is told what applying it changed.
+            applied, stored = self._last_applied, req.get("policy")
+            if reply.get("ok") and not reply.get("changed") and applied and applied[0] == stored:
+                # The caller stored this version ("policy": its key) and the reconcile loop, woken by the
+                # store's change feed, applied it first: the caller is told what applying it changed. A
+                # caller that does not say which version it stored is answered for this converge only.
                 return applied[1]
             return reply
         if op == "status":

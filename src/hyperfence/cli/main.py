@@ -160,7 +160,7 @@ def policy_apply(
         out.print(f"would send {len(plan.commands)} commands: {plan.summary or 'nothing to change'}")
         return
     generation, policy = engine.store_policy(document, source=os.path.abspath(file))
-    reply = request(c.state_dir, {"op": "reconcile"})
+    reply = request(c.state_dir, {"op": "reconcile", "policy": f"gen:{generation}"})  # the version stored
     if reply is not None:
         if not reply.get("ok"):
             cls = errors.ConflictError if reply.get("conflict") else errors.KernelError
