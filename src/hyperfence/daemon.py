@@ -23,9 +23,13 @@
 * Traffic log: NFLOG events from the rules -> JSON lines in `<state>/traffic.jsonl`.
 * Lease learner (`reconcile/leases.py`): VMs without declared addresses learn them from the DHCP leases their
   rules let them take; learned addresses are an input like the policy, stored, released when they end.
-* Every long-running loop (control socket, reconcile, traffic log, inventory, agents) runs under a
-  `Supervisor`: a loop that fails is logged, recorded as a `loop-failed` event and restarted with backoff;
-  the `status` op (`hyperfence status`) says which loops run and which are down.
+* The watches above and below are monitors (`reconcile/monitor.py`), one list of them in
+  `reconcile/monitors.py`: `Daemon.run` starts each in order without naming any, so a new monitor is one
+  class and one line in that list.
+* Every long-running loop (control socket, reconcile, every monitor) runs under a `Supervisor`: a loop that
+  fails is logged, recorded as a `loop-failed` event and restarted with backoff; the `status` op
+  (`hyperfence status`) says which loops run and which are down. The store's change feed fails the
+  reconcile loop when its watcher dies, so that is reported and restarted the same way.
 * Stop (SIGTERM, SIGINT): `stop_event` is a `StopSignal`, and every loop wakes on it rather than finishing
   a sleep or a poll (`reconcile/supervisor.py`), so the process exits within tens of milliseconds (measured
   ~20 ms, `tests/netns/daemon/test_stop.py`); a loop that hangs is given up after JOIN_TIMEOUT and logged.
