@@ -138,8 +138,9 @@ class Daemon:
         learn_leases: bool = True,
         watch_ports: bool = True,
     ) -> None:
-        """The flags and the monitors given pick the monitors (`reconcile/monitors.py`: the one list), built
-        here and kept in `self.monitors`, which `run` starts in order; one may be added before `run`."""
+        """The flags and the `preconditions`, `inventory` and `agents` given pick the monitors from the one
+        list (`reconcile/monitors.py`); they are kept in `self.monitors`, which `run` starts in order (one
+        may be appended before `run`)."""
         self.engine = engine
         self.preconditions = preconditions
         self.agents = agents
