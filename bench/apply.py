@@ -428,9 +428,9 @@ def measure_changes(
         monitor.drain()
         time.sleep(0.05)
         t0 = time.perf_counter()
-        store.put_policy(docs[port], source="bench/apply.py")
+        gen = store.put_policy(docs[port], source="bench/apply.py")
         puts.append((time.perf_counter() - t0) * 1000)
-        reply = request(str(sd), {"op": "reconcile"}, timeout=600)
+        reply = request(str(sd), {"op": "reconcile", "policy": f"gen:{gen}"}, timeout=600)
         t1 = time.perf_counter()
         if not reply or not reply.get("ok"):
             raise BenchError(f"change {i}: the daemon failed: {reply}")
@@ -516,8 +516,8 @@ def initial_apply(sd: Path, store: Store, doc: dict[str, Any], pid: int) -> dict
     """Empty kernel -> the whole policy, through the daemon (process `pid`): time and memory."""
     slab0, avail0 = meminfo_mb("SUnreclaim"), meminfo_mb("MemAvailable")
     t0 = time.perf_counter()
-    store.put_policy(doc, source="bench/apply.py")
-    reply = request(str(sd), {"op": "reconcile"}, timeout=1800)
+    gen = store.put_policy(doc, source="bench/apply.py")
+    reply = request(str(sd), {"op": "reconcile", "policy": f"gen:{gen}"}, timeout=1800)
     wall_ms = (time.perf_counter() - t0) * 1000
     if not reply or not reply.get("ok"):
         raise BenchError(f"initial apply failed: {reply}")

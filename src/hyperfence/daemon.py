@@ -23,9 +23,13 @@
 * Traffic log: NFLOG events from the rules -> JSON lines in `<state>/traffic.jsonl`.
 * Lease learner (`reconcile/leases.py`): VMs without declared addresses learn them from the DHCP leases their
   rules let them take; learned addresses are an input like the policy, stored, released when they end.
-* Every long-running loop (control socket, reconcile, traffic log, inventory, agents) runs under a
-  `Supervisor`: a loop that fails is logged, recorded as a `loop-failed` event and restarted with backoff;
-  the `status` op (`hyperfence status`) says which loops run and which are down.
+* The watches above and below are monitors (`reconcile/monitor.py`), one list of them in
+  `reconcile/monitors.py`: `Daemon.run` starts each in order without naming any, so a new monitor is one
+  class and one line in that list.
+* Every long-running loop (control socket, reconcile, every monitor) runs under a `Supervisor`: a loop that
+  fails is logged, recorded as a `loop-failed` event and restarted with backoff; the `status` op
+  (`hyperfence status`) says which loops run and which are down. The store's change feed fails the
+  reconcile loop when its watcher dies, so that is reported and restarted the same way.
 * Stop (SIGTERM, SIGINT): `stop_event` is a `StopSignal`, and every loop wakes on it rather than finishing
   a sleep or a poll (`reconcile/supervisor.py`), so the process exits within tens of milliseconds (measured
   ~20 ms, `tests/netns/daemon/test_stop.py`); a loop that hangs is given up after JOIN_TIMEOUT and logged.
@@ -61,15 +65,13 @@ from hyperfence.errors import (
 from hyperfence.model.kernel import Flavour
 from hyperfence.model.text import printable
 from hyperfence.reconcile.agents import AgentMonitor
-from hyperfence.reconcile.bridge_ports import BridgePortWatcher
-from hyperfence.reconcile.drift import DriftWatcher
 from hyperfence.reconcile.engine import Engine
-from hyperfence.reconcile.host_addresses import HostAddressWatcher
 from hyperfence.reconcile.inventory import InventoryWatcher
+from hyperfence.reconcile.monitor import Monitor, Primed
+from hyperfence.reconcile.monitors import MonitorOptions, monitors
 from hyperfence.reconcile.overlays import release, set_operator_overlay
 from hyperfence.reconcile.preconditions import Preconditions
 from hyperfence.reconcile.supervisor import StopSignal, Supervisor, on_stop, wake_fd
-from hyperfence.ruleset.compile import TABLES
 from hyperfence.system.state_dir import write_private
 
 log = logging.getLogger("hyperfence.daemon")
@@ -145,24 +147,33 @@ class Daemon:
         learn_leases: bool = True,
         watch_ports: bool = True,
     ) -> None:
+        """The flags and the `preconditions`, `inventory` and `agents` given pick the monitors from the one
+        list (`reconcile/monitors.py`); they are kept in `self.monitors`, which `run` starts in order (one
+        may be appended before `run`)."""
         self.engine = engine
-        self.learn_leases = learn_leases
         self.preconditions = preconditions
         self.agents = agents
         self.inventory = inventory
         # `poll`: a policy file's check period; with the store, the change feed's safety-net timeout
         self.poll = poll if poll is not None else (FILE_POLL if engine.policy_file else FEED_TIMEOUT)
         self.resync = resync
-        self.traffic_log = traffic_log
-        self.watch_drift = watch_drift
-        self.watch_addresses = watch_addresses
-        self.watch_ports = watch_ports
         self._last_refusal: str | None = None  # a refusal is logged and recorded once, not at every retry
         self.stop_event = StopSignal()
         self._wake = threading.Event()
         self._repair_causes: list[str] = []  # why a full converge was asked for (see `repair_now`)
         self._repair_lock = threading.Lock()
         self.supervisor = Supervisor(self.stop_event, on_failure=self._loop_failed)
+        options = MonitorOptions(
+            watch_drift=watch_drift,
+            watch_addresses=watch_addresses,
+            watch_ports=watch_ports,
+            traffic_log=traffic_log,
+            learn_leases=learn_leases,
+            preconditions=preconditions,
+            inventory=inventory,
+            agents=agents,
+        )
+        self.monitors: list[Monitor] = monitors(engine, options, repair=self.repair_now)
         self.last_key: str | None = None
         # the policy version the last changing converge applied, and its answer (see `_dispatch`)
         self._last_applied: tuple[str, dict[str, Any]] | None = None
@@ -230,10 +241,11 @@ class Daemon:
         op = req.get("op")
         if op == "reconcile":
             reply = self._converge(full=bool(req.get("full")))
-            applied = self._last_applied
-            if reply.get("ok") and not reply.get("changed") and applied and applied[0] == reply.get("policy"):
-                # The reconcile loop, woken by the store's change feed when the caller stored this version,
-                # applied it first: the caller is told what applying it changed.
+            applied, stored = self._last_applied, req.get("policy")
+            if reply.get("ok") and not reply.get("changed") and applied and applied[0] == stored:
+                # The caller stored this version ("policy": its key) and the reconcile loop, woken by the
+                # store's change feed, applied it first: the caller is told what applying it changed. A
+                # caller that does not say which version it stored is answered for this converge only.
                 return applied[1]
             return reply
         if op == "status":
@@ -359,37 +371,19 @@ class Daemon:
         return reply
 
     def run(self) -> None:
+        """Start everything in this order, then wait for the stop: the control socket (it answers `status`
+        while the rest starts); the monitors' `prime` (libvirt's VMs are in the first converge, never cut off
+        by it); the first converge; the reconcile loop; every monitor of `self.monitors` in its order (after
+        the first compile: the policy names the NFLOG groups and the managed bridges they watch)."""
         self.supervisor.start("control", self._serve)
-        if self.inventory is not None:  # libvirt's VMs are in the first converge, never cut off by it
-            self.inventory.prime()
+        for monitor in self.monitors:
+            if isinstance(monitor, Primed):
+                monitor.prime()
         self._converge(full=True, cause="daemon start")
         self._tidy(full=True)
         self.supervisor.start("reconcile", self._reconcile)
-        if self.preconditions is not None:
-            self.supervisor.start("kernel", self.preconditions.run)
-        if self.watch_drift:
-            drift = DriftWatcher(
-                netns=self.engine.netns,
-                tables=[(t.family, t.name) for t in TABLES],
-                is_own=self.engine.owns_commit,
-                repair=self.repair_now,
-                untouched=self.engine.note_untouched,
-            )
-            self.supervisor.start("drift", drift.run)
-        if self.watch_addresses:  # the host's addresses: what `host` covers and `outside` leaves out
-            self.supervisor.start("addresses", HostAddressWatcher(self.engine).run)
-        if self.watch_ports:  # network devices that join a managed bridge undeclared
-            self.supervisor.start("ports", BridgePortWatcher(self.engine, on_change=self.repair_now).run)
-        if self.traffic_log:  # after the first compile: the policy names the NFLOG group
-            self.supervisor.start("traffic", self.read_traffic)
-        if self.learn_leases:  # after the first compile: the policy names the learn group
-            from hyperfence.reconcile.leases import LeaseLearner  # noqa: PLC0415 - optional at import
-
-            self.supervisor.start("leases", LeaseLearner(self.engine).run)
-        if self.inventory is not None:  # after the first compile: the policy names the managed bridges
-            self.supervisor.start("inventory", self.inventory.run)
-        if self.agents is not None:
-            self.supervisor.start("agents", self.agents.run)
+        for monitor in self.monitors:
+            self.supervisor.start(monitor.name, monitor.run)
         self.stop_event.wait()
         self._shutdown()
 
@@ -480,11 +474,6 @@ class Daemon:
             self.engine.store.checkpoint()
         except HyperfenceError as e:
             log.warning("store checkpoint skipped: %s", e)
-
-    def read_traffic(self, stop: threading.Event) -> None:
-        from hyperfence.reconcile.traffic import run_traffic_log  # noqa: PLC0415 - optional at import
-
-        run_traffic_log(self.engine, stop)
 
     def stop(self) -> None:
         self.stop_event.set()

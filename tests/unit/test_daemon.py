@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -264,3 +265,194 @@ def test_the_loop_wakes_when_an_overlay_runs_out(daemon: Daemon) -> None:
         Overlay("operator", "vm2", OverlayKind.SHIELD, "r", now),  # until released: no end
     )
     assert 1.5 < daemon._wait_time(far) <= 2.1
+
+
+class Failing:
+    """A monitor that raises on every tick (a `Ticker`; run through `Ticking`), noting when it ticked."""
+
+    name = "failing"
+    interval = 0.01
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+
+    def tick(self) -> None:
+        self.ticks.append(time.monotonic())
+        raise RuntimeError("a bug in a tick")
+
+
+class Counting:
+    """A healthy periodic monitor: counts its ticks."""
+
+    name = "counting"
+    interval = 0.01
+
+    def __init__(self) -> None:
+        self.ticks = 0
+
+    def tick(self) -> None:
+        self.ticks += 1
+
+
+def test_a_monitor_that_raises_on_every_tick_is_restarted_with_backoff_reported_and_the_others_keep_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The acceptance of issue 13's monitors: the daemon's real composition (its list of monitors, the agent
+    monitor among them, the control socket and the reconcile loop) on an in-memory store, with one more
+    monitor that raises on every tick and one that is healthy."""
+    from hyperfence.daemon import request
+    from hyperfence.reconcile import supervisor
+    from hyperfence.reconcile.agents import AgentMonitor
+    from hyperfence.reconcile.monitor import Ticking
+    from hyperfence.testing import FakeStore
+
+    monkeypatch.setattr(supervisor, "BACKOFF_MIN", 0.1)
+    monkeypatch.setattr(supervisor, "BACKOFF_MAX", 0.8)
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    engine.store.close()
+    store = engine.store = FakeStore()  # type: ignore[assignment]
+    d = Daemon(
+        engine,
+        traffic_log=False,
+        agents=AgentMonitor(engine),
+        watch_drift=False,
+        watch_addresses=False,
+        learn_leases=False,
+        watch_ports=False,
+        poll=60,
+        resync=3600,
+    )
+    assert [m.name for m in d.monitors] == ["agents"]
+    failing, counting = Failing(), Counting()
+    d.monitors += [Ticking(failing), Ticking(counting)]  # a monitor is one more entry in the list
+    converged: list[str | None] = []
+    monkeypatch.setattr(
+        d, "_converge", lambda *, full, cause=None: converged.append(engine.policy_key()) or {"ok": True}
+    )
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(failing.ticks) < 5:
+            assert time.monotonic() < deadline, failing.ticks
+            time.sleep(0.01)
+        # restarted after 0.1, 0.2, 0.4, 0.8 s (the backoff doubles up to its maximum); a loaded machine
+        # only makes a gap longer, by less than a second
+        gaps = [b - a for a, b in itertools.pairwise(failing.ticks[:5])]
+        for gap, backoff in zip(gaps, [0.1, 0.2, 0.4, 0.8], strict=True):
+            assert backoff <= gap < backoff + 1.0, gaps
+        status = request(str(tmp_path), {"op": "status"}, timeout=5)
+        assert status is not None and status["healthy"] is False, status
+        loop = status["loops"]["failing"]
+        assert loop["failures"] >= 4 and loop["last_error"] == "RuntimeError: a bug in a tick", loop
+        assert status["down"] in ([], ["failing"])  # down between its runs; running for a tick
+        events = store.events(kind="loop-failed")
+        assert [(e["loop"], e["failures"]) for e in events][:4] == [("failing", n) for n in range(1, 5)]
+        assert events[0]["error"] == "RuntimeError: a bug in a tick"
+        # meanwhile the others keep working: the healthy monitor ticks, the agents' and the control
+        # socket run, and a stored version is converged by the reconcile loop
+        ticked = counting.ticks
+        store.put_policy({"networks": []}, source="test")
+        while "gen:1" not in converged or counting.ticks < ticked + 10:
+            assert time.monotonic() < deadline, (converged, counting.ticks)
+            time.sleep(0.01)
+        states = {name: loop["state"] for name, loop in d.supervisor.status().items()}
+        assert {n: s for n, s in states.items() if n != "failing"} == dict.fromkeys(
+            ["control", "reconcile", "agents", "counting"], "running"
+        )
+        assert all(loop["failures"] == 0 for n, loop in d.supervisor.status().items() if n != "failing")
+    finally:
+        d.stop()
+        t.join(5)
+        engine.close()
+    assert not t.is_alive()
+
+
+def test_a_change_feed_that_fails_fails_the_reconcile_loop_which_is_reported_and_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's change-feed watcher is no unsupervised thread: its death fails the reconcile loop that
+    waits on it (a `loop-failed` event naming it, the status), the supervisor restarts that loop, whose
+    next wait starts a new watcher: another writer's version is converged at once again, not at `poll`."""
+    from hyperfence.adapters.store import Store
+    from hyperfence.adapters.store import feed as store_feed
+    from hyperfence.reconcile import supervisor
+
+    monkeypatch.setattr(supervisor, "BACKOFF_MIN", 0.3)
+    broken = [1]
+
+    class FailingWatch(store_feed.DirectoryWatch):
+        def read(self) -> set[str]:
+            if broken[0]:
+                broken[0] -= 1
+                raise OSError(9, "Bad file descriptor")
+            return super().read()
+
+    monkeypatch.setattr(store_feed, "DirectoryWatch", FailingWatch)
+    engine = Engine(netns=None, state_dir=str(tmp_path))
+    d = Daemon(
+        engine,
+        traffic_log=False,
+        watch_drift=False,
+        watch_addresses=False,
+        learn_leases=False,
+        watch_ports=False,
+        poll=60,
+        resync=3600,
+    )
+    converged: list[str | None] = []
+    monkeypatch.setattr(
+        d, "_converge", lambda *, full, cause=None: converged.append(engine.policy_key()) or {"ok": True}
+    )
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    other = Store(str(tmp_path))  # another writer (as `hyperfence policy apply` is)
+    try:
+        deadline = time.monotonic() + 20
+        while not converged:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)  # the reconcile loop is asleep on the feed now
+        other.add_event("x", {})  # a write: the watcher reads its events, and fails
+        while not engine.store.events(kind="loop-failed"):
+            assert time.monotonic() < deadline, d.supervisor.status()
+            time.sleep(0.01)
+        (event,) = engine.store.events(kind="loop-failed")
+        assert event["loop"] == "reconcile" and event["failures"] == 1
+        assert "change feed failed (OSError: [Errno 9] Bad file descriptor)" in event["error"]
+        assert d.health()["loops"]["reconcile"]["failures"] == 1
+        while d.supervisor.status()["reconcile"]["state"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)  # asleep on the feed again, with a new watcher
+        t0 = time.monotonic()
+        other.put_policy({"networks": []}, source="another writer")
+        while "gen:1" not in converged:
+            assert time.monotonic() < deadline, converged
+            time.sleep(0.01)
+        assert time.monotonic() - t0 < 10  # the feed, not the 60 s safety net
+        assert engine.store._feed.restarts == 1
+    finally:
+        d.stop()
+        t.join(5)
+        other.close()
+        engine.close()
+
+
+def test_a_reconcile_request_gets_the_loop_s_answer_only_for_the_version_it_says_it_stored(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`policy apply` stores generation N, then asks the daemon; when the reconcile loop (woken by the
+    store) applied N first, the caller is told what applying N changed. A bare `reconcile`, or one for
+    another version, is answered for its own converge: it must not be told of a change it did not cause."""
+    applied = {"ok": True, "policy": "gen:1", "changed": True, "summary": "+1 rule", "ms": 3.0}
+    daemon._last_applied = ("gen:1", applied)
+    monkeypatch.setattr(
+        daemon, "_converge", lambda *, full: {"ok": True, "policy": "gen:1", "changed": False, "summary": ""}
+    )
+    assert daemon._dispatch({"op": "reconcile", "policy": "gen:1"}) == applied
+    bare = daemon._dispatch({"op": "reconcile"})
+    assert bare["ok"] and bare["changed"] is False and bare["summary"] == ""
+    other = daemon._dispatch({"op": "reconcile", "policy": "gen:2"})
+    assert other["changed"] is False
+    assert daemon._dispatch({"op": "reconcile", "policy": 1})["changed"] is False

@@ -13,11 +13,11 @@ from rich.console import Console
 
 from hyperfence.cli import render
 from hyperfence.cli.output import plain
-from hyperfence.daemon import Daemon
 from hyperfence.lab.agent_experiment import run_agent_experiment
 from hyperfence.lab.experiment import run_experiment
 from hyperfence.lab.session import LabSession
-from hyperfence.reconcile.traffic import TRAFFIC_FILE
+from hyperfence.reconcile.supervisor import StopSignal
+from hyperfence.reconcile.traffic import TRAFFIC_FILE, TrafficLog
 from hyperfence.ruleset.compile import TABLES, vm_sid
 from hyperfence.ruleset.readback import rule_counters
 
@@ -41,12 +41,12 @@ def demo_cmd(
             path = os.path.join(s.state_dir, f)
             if os.path.exists(path):
                 os.unlink(path)
-        daemon = Daemon(s.engine, resync=3600, poll=3600)
-        logger = threading.Thread(target=daemon.read_traffic, daemon=True)
+        stop = StopSignal()  # the daemon's traffic log alone (reconcile/traffic.py)
+        logger = threading.Thread(target=TrafficLog(s.engine).run, args=(stop,), daemon=True)
         logger.start()
         obs = run_experiment(s, out.print)
         time.sleep(1.0)  # let the last log batch arrive
-        daemon.stop()
+        stop.set()
         logger.join(timeout=3)
         _show_logs(os.path.join(s.state_dir, TRAFFIC_FILE))
         _show_stats(s)

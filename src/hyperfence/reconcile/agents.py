@@ -64,6 +64,8 @@ def new_key() -> bytes:
 
 
 class AgentMonitor:
+    name = "agents"  # a monitor (reconcile/monitor.py)
+
     def __init__(
         self,
         engine: Engine,

@@ -33,6 +33,8 @@ READ_TIMEOUT = 0.5  # how often the loop looks at `stop` while nothing happens
 
 
 class BridgePortWatcher:
+    name = "ports"  # a monitor (reconcile/monitor.py)
+
     def __init__(
         self,
         engine: Engine,

@@ -49,6 +49,8 @@ class Monitor(Protocol):
 class DriftWatcher:
     """Watches hyperfence's `tables` in namespace `netns` (None: the daemon's own); see the module doc."""
 
+    name = "drift"  # a monitor (reconcile/monitor.py)
+
     def __init__(
         self,
         *,

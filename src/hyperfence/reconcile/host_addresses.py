@@ -33,6 +33,8 @@ class Watch(Protocol):
 
 
 class HostAddressWatcher:
+    name = "addresses"  # a monitor (reconcile/monitor.py)
+
     def __init__(self, engine: Engine, *, open_watch: Callable[[], Watch] | None = None) -> None:
         self.engine = engine
         self.open_watch: Callable[[], Watch] = open_watch or (lambda: AddressWatch(engine.netns))

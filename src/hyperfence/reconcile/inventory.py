@@ -112,6 +112,8 @@ def managed_bridges(engine: Engine) -> dict[str, str]:
 
 
 class InventoryWatcher:
+    name = "inventory"  # a monitor (reconcile/monitor.py)
+
     def __init__(self, engine: Engine, uri: str = "qemu:///system", *, resync: float = RESYNC_EVERY) -> None:
         self.engine = engine
         self.uri = uri

@@ -70,6 +70,8 @@ def when(t: float) -> str:
 
 
 class LeaseLearner:
+    name = "leases"  # a monitor (reconcile/monitor.py)
+
     def __init__(
         self,
         engine: Engine,

@@ -9,7 +9,7 @@ why), and say so loudly when they cannot be.
 * At daemon start, `ensure()` probes the bridges' namespace. br_netfilter missing: `modprobe br_netfilter`;
   still missing, the daemon refuses to start with what to do (a firewall whose allowed connections all time
   out is worse than none that says so). The sysctl off: it is turned on, with a warning and an event.
-* While the daemon runs, `run(stop)` reads the sysctl every `interval` (0.1 s: one small file read in the
+* While the daemon runs, `tick()` reads the sysctl every `interval` (0.1 s: one small file read in the
   namespace; no kernel event reports a sysctl write) and probes everything again every `reprobe` seconds. A
   precondition that disappears (someone ran `sysctl -w ...=0`, a tuning script, a container runtime) is
   drift like a deleted rule: restored at once (`precondition-repaired` event, warning), or, when it cannot
@@ -30,6 +30,7 @@ from hyperfence.adapters.nft import Nft
 from hyperfence.errors import HyperfenceError, KernelError
 from hyperfence.model.kernel import CALL_IPTABLES, Capabilities, Flavour, describe, problems
 from hyperfence.reconcile.engine import Engine
+from hyperfence.reconcile.monitor import Ticking
 
 log = logging.getLogger("hyperfence.kernel")
 
@@ -38,6 +39,10 @@ REPROBE = 10.0
 
 
 class Preconditions:
+    """The kernel's preconditions, kept in place: a periodic monitor (`reconcile/monitor.py`, `Ticker`)."""
+
+    name = "kernel"
+
     def __init__(
         self,
         engine: Engine,
@@ -60,6 +65,7 @@ class Preconditions:
         self.broken: list[str] = []  # what breaks the stateful path now, with what to do
         self.repairs = 0
         self.last_repair: float | None = None  # wall clock
+        self._next_probe: float | None = None  # monotonic time of the next full probe (set at the first tick)
 
     # --- start ---------------------------------------------------------------------------------------
 
@@ -95,23 +101,29 @@ class Preconditions:
     # --- while running -------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        next_probe = time.monotonic() + self.reprobe
-        while not stop.wait(self.interval):
-            if time.monotonic() >= next_probe:
-                next_probe = time.monotonic() + self.reprobe
-                self._set(self._probe(self.engine.nft))
-            if self.engine.flavour is Flavour.BRIDGE_NATIVE:  # no sysctl to watch
-                continue
-            if self._read(self.engine.nft) is True:
-                if self.broken:
-                    self._set(self._probe(self.engine.nft))
-                continue
-            try:
-                self._repair_sysctl()
-            except KernelError as e:
-                self._report_broken(str(e))
-                continue
+        """`tick` every `interval` seconds until `stop` (what the daemon runs, through `Ticking`)."""
+        Ticking(self).run(stop)
+
+    def tick(self) -> None:
+        """One round: re-probe when `reprobe` seconds passed, read the sysctl and restore it if it is off."""
+        now = time.monotonic()
+        if self._next_probe is None:
+            self._next_probe = now + self.reprobe
+        elif now >= self._next_probe:
+            self._next_probe = now + self.reprobe
             self._set(self._probe(self.engine.nft))
+        if self.engine.flavour is Flavour.BRIDGE_NATIVE:  # no sysctl to watch
+            return
+        if self._read(self.engine.nft) is True:
+            if self.broken:
+                self._set(self._probe(self.engine.nft))
+            return
+        try:
+            self._repair_sysctl()
+        except KernelError as e:
+            self._report_broken(str(e))
+            return
+        self._set(self._probe(self.engine.nft))
 
     def _repair_sysctl(self) -> None:
         was = self._read(self.engine.nft)

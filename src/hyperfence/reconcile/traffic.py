@@ -122,3 +122,16 @@ def run_traffic_log(engine: _EngineLike, stop: threading.Event, *, group: int | 
                     out = _open_log(path)
     finally:
         out.close()
+
+
+class TrafficLog:
+    """The traffic log as a monitor (reconcile/monitor.py): `run_traffic_log` on the engine. Started after
+    the first compile, which names the NFLOG group."""
+
+    name = "traffic"
+
+    def __init__(self, engine: _EngineLike) -> None:
+        self.engine = engine
+
+    def run(self, stop: threading.Event) -> None:
+        run_traffic_log(self.engine, stop)

@@ -151,7 +151,9 @@ def apply_policy(
     its own kind (a `ConflictError` stays one), prefixed with the generation it concerns."""
     policy = _checked(document, parsed, source=source, netns=kernel.netns, read_ports=read_ports)
     generation = policies.put_policy(document, source=source, expected=expected)
-    reply = ask({"op": "reconcile"}) if ask is not None else None
+    # The version stored is named: the daemon then answers what applying it changed, even when its
+    # reconcile loop (woken by the store's change feed) applied it first.
+    reply = ask({"op": "reconcile", "policy": f"gen:{generation}"}) if ask is not None else None
     if reply is not None:
         if not reply.get("ok"):
             # (a daemon from before error kinds said only whether it was a conflict)

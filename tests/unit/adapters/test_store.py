@@ -18,7 +18,7 @@ import pytest
 
 from hyperfence.adapters.store import Store
 from hyperfence.adapters.store import feed as store_feed
-from hyperfence.errors import ConflictError
+from hyperfence.errors import ConflictError, TemporaryError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease
 
@@ -145,6 +145,46 @@ def test_without_inotify_a_put_in_this_process_still_wakes_at_once_and_another_s
         t0 = time.monotonic()
         assert store.wait_for_change(1, 2.0) == 2  # seen at the safety net's timeout, not at once
         assert time.monotonic() - t0 >= 1.99
+        timer.join()
+        finish(proc)
+    finally:
+        store.close()
+
+
+def test_a_watcher_that_fails_is_reported_to_a_wait_and_the_next_wait_starts_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feed's watcher thread dying (here: its inotify read raises once) is no silent fall-back to the
+    waits' timeout: the wait in progress raises at once, naming it, and the next wait watches again."""
+    broken = [1]
+
+    class FailingWatch(store_feed.DirectoryWatch):
+        def read(self) -> set[str]:
+            if broken[0]:
+                broken[0] -= 1
+                raise OSError(9, "Bad file descriptor")
+            return super().read()
+
+    monkeypatch.setattr(store_feed, "DirectoryWatch", FailingWatch)
+    store = Store(str(tmp_path))
+    try:
+        assert store.wait_for_change(0, 0.01) == 0  # starts the watcher
+        timer = threading.Timer(0.2, lambda: store.add_event("x", {}))  # a write: the watcher reads
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(TemporaryError) as e:
+            store.wait_for_change(0, 20)
+        timer.join()
+        assert time.monotonic() - t0 < 10  # at once, not at the 20 s timeout
+        assert "change feed failed (OSError: [Errno 9] Bad file descriptor)" in str(e.value)
+        assert store._feed.failure is not None and store._feed.restarts == 0
+        proc = writer(tmp_path, "put", 1)
+        timer = threading.Timer(0.2, go, (proc,))  # the other process writes 0.2 s into the next wait
+        timer.start()
+        t0 = time.monotonic()
+        assert store.wait_for_change(0, 30) == 1  # a new watcher saw it, not the 30 s safety net
+        assert time.monotonic() - t0 < 20
+        assert store._feed.restarts == 1 and store._feed.failure is None
         timer.join()
         finish(proc)
     finally:

@@ -101,7 +101,7 @@ def test_apply_without_a_daemon_stores_and_converges_here() -> None:
         read_ports=NO_DEVICES,
     )
     assert (a.generation, a.by_daemon, a.vms, a.rules) == (1, False, 2, 1) and a.summary and a.ms is not None
-    assert seen == [{"op": "reconcile"}] and engine.converges == [True]
+    assert seen == [{"op": "reconcile", "policy": "gen:1"}] and engine.converges == [True]
     compiled = engine.compiled()
     assert compiled is not None and engine.nft.model.ruleset().chain_rules() == compiled.ruleset.chain_rules()
     stored = engine.store.get_policy()

@@ -16,6 +16,12 @@ Two sources wake the waiters (a `threading.Condition`):
 
 Without inotify (another OS, or `inotify_init1` refused) the feed degrades to the waiters' timeout (the
 daemon's `--poll`), logged once. The watcher's connection is used by its thread only.
+
+A watcher that fails (its inotify descriptor or select raises, a bug) is never a silent fall-back to the
+timeout: it is logged with its traceback, the waiters in progress are woken, and one of them (or, when none
+was waiting, the next wait) raises `TemporaryError` naming the failure; the wait after that starts a new
+watcher. The daemon's reconcile loop runs under its supervisor, so the failure is reported like a loop's
+(`loop-failed`, `hyperfence status`) and the watcher is back after the supervisor's backoff.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from hyperfence.errors import TemporaryError
 from hyperfence.system.inotify import OVERFLOW, DirectoryWatch
 from hyperfence.system.state_dir import open_private
 
@@ -47,6 +54,9 @@ class ChangeFeed:
         self._stop_r, self._stop_w = -1, -1
         self._started = False
         self.watched = False  # whether another process's commits wake the waiters (inotify works)
+        self.failure: str | None = None  # why the watcher ended, until the wait after its report restarts it
+        self._reported = False  # whether a wait raised `failure` already
+        self.restarts = 0  # watchers started again after a failure
 
     def notify(self) -> None:
         """A new generation was committed: wake every waiter in this process."""
@@ -79,12 +89,14 @@ class ChangeFeed:
         cancelled: Callable[[], bool] | None = None,
     ) -> int:
         """Until `latest()` is above `after` (returned), `timeout` passes or `cancelled()` says so (checked
-        first and at each `wake`); the latest is returned either way."""
+        first and at each `wake`); the latest is returned either way. `TemporaryError` when the watcher
+        failed (see the module doc); the next wait starts a new one."""
         if cancelled is not None and cancelled():
             return latest()
         self._start()
         deadline = time.monotonic() + timeout
         with self._cond:
+            self._raise_failure()
             bumps = self._bumps
         while True:
             gen = latest()  # read after noting the counter: a put in between is not missed
@@ -92,6 +104,7 @@ class ChangeFeed:
                 return gen
             with self._cond:
                 while self._bumps == bumps:
+                    self._raise_failure()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or (cancelled is not None and cancelled()):
                         # (at a timeout, the safety net: a change no event announced is seen here)
@@ -99,8 +112,23 @@ class ChangeFeed:
                     self._cond.wait(remaining)
                 bumps = self._bumps
 
+    def _raise_failure(self) -> None:
+        """With `_cond` held: raise the watcher's failure, once."""
+        if self.failure is None or self._reported:
+            return
+        self._reported = True
+        raise TemporaryError(
+            f"the store's change feed failed ({self.failure}): another process's policy versions would be "
+            "seen only at the wait's timeout; the next wait starts a new watcher"
+        )
+
     def _start(self) -> None:
         with self._cond:
+            if self.failure is not None and self._reported:  # the failure was told: start again
+                self.failure, self._reported = None, False
+                self._started = False
+                self.restarts += 1
+                self._close_thread()
             if self._started:
                 return
             self._started = True
@@ -135,12 +163,21 @@ class ChangeFeed:
                 if now[1] != seen[1]:
                     self.notify()
                 seen = now
+        except Exception as e:  # never a silent fall-back to the timeout: the waiters are told
+            log.exception("store change feed: the watcher failed")
+            with self._cond:
+                self.failure = f"{type(e).__name__}: {e}"[:300]
+                self._reported = False
+                self._cond.notify_all()
         finally:
             watch.close()
             db.close()
 
     def close(self) -> None:
         """Stop the watcher (it holds a connection and an inotify descriptor)."""
+        self._close_thread()
+
+    def _close_thread(self) -> None:
         if self._thread is not None:
             with contextlib.suppress(OSError):
                 os.write(self._stop_w, b"x")
@@ -148,6 +185,7 @@ class ChangeFeed:
             for fd in (self._stop_r, self._stop_w):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            self._stop_r, self._stop_w = -1, -1
             self._thread = None
 
 
