@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease
+from hyperfence.model.overlay import Overlay
 
 
 @dataclass(frozen=True)
@@ -130,5 +131,18 @@ class InventoryStore(Protocol):
         ...
 
 
-class Repository(PolicyRepository, EventLog, AgentState, LeaseStore, InventoryStore, Protocol):
-    """All five ports, as one store provides them."""
+class OverlayStore(Protocol):
+    """Every producer's overlays (isolation, rate limits, shields: model/overlay.py), kept per producer so
+    that one producer's write never touches another's."""
+
+    def overlays(self) -> tuple[Overlay, ...]:
+        """Every producer's overlays, expired ones too, ordered by producer, VM and kind."""
+        ...
+
+    def save_overlays(self, producer: str, overlays: tuple[Overlay, ...]) -> None:
+        """Replace `producer`'s overlays with `overlays`, all or none; other producers' stay."""
+        ...
+
+
+class Repository(PolicyRepository, EventLog, AgentState, LeaseStore, InventoryStore, OverlayStore, Protocol):
+    """All six ports, as one store provides them."""

@@ -21,6 +21,7 @@ import orjson
 from hyperfence.errors import ConflictError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease
+from hyperfence.model.overlay import Overlay
 from hyperfence.ports import Repository, StoredInventory, StoredPolicy
 
 __all__ = [
@@ -215,7 +216,28 @@ class FakeInventoryStore(_Locked):
             self.stored_inventory = stored
 
 
-class FakeStore(FakePolicyRepository, FakeEventLog, FakeAgentState, FakeLeaseStore, FakeInventoryStore):
+class FakeOverlayStore(_Locked):
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        super().__init__(clock)
+        self.stored_overlays: tuple[Overlay, ...] = ()
+
+    def overlays(self) -> tuple[Overlay, ...]:
+        with self._cond:
+            every = self.stored_overlays
+        return tuple(sorted(every, key=lambda o: (o.producer, o.vm, o.kind.value)))
+
+    def save_overlays(self, producer: str, overlays: tuple[Overlay, ...]) -> None:
+        # as the SQLite store: `producer`'s rows go, `overlays` come in (Overlay is frozen: no copies needed)
+        with self._cond:
+            self.stored_overlays = (
+                *(o for o in self.stored_overlays if o.producer != producer),
+                *overlays,
+            )
+
+
+class FakeStore(
+    FakePolicyRepository, FakeEventLog, FakeAgentState, FakeLeaseStore, FakeInventoryStore, FakeOverlayStore
+):
     """Every repository port in memory, sharing one lock and one clock (the base classes' constructors
     run in turn through `super()`)."""
 

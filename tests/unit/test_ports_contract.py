@@ -15,6 +15,7 @@ from hyperfence.adapters.store import Store
 from hyperfence.errors import ConflictError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease, LeaseSource
+from hyperfence.model.overlay import Overlay, OverlayKind
 from hyperfence.ports import Repository
 from hyperfence.testing import FakeStore
 
@@ -288,3 +289,17 @@ def test_the_sqlite_inventory_outlives_the_process_that_wrote_it(tmp_path: Path)
         assert got is not None and got.vms == (_vm_doc("a", "10.0.0.2"),) and got.read == 5.0
     finally:
         again.close()
+
+
+def test_each_producer_s_overlays_are_replaced_without_touching_the_others(repo: Repository) -> None:
+    assert repo.overlays() == ()
+    op = Overlay("operator", "vm2", OverlayKind.ISOLATE, "probe", since=10.0, until=None)
+    hb = Overlay("heartbeat", "vm2", OverlayKind.ISOLATE, "silent", since=11.0, until=None)
+    rate = Overlay("operator", "vm1", OverlayKind.RATE_LIMIT, "noisy", since=12.0, until=99.5, rate=100)
+    repo.save_overlays("operator", (op, rate))
+    repo.save_overlays("heartbeat", (hb,))
+    assert repo.overlays() == (hb, rate, op)  # by producer, VM, kind
+    repo.save_overlays("heartbeat", ())  # the heartbeat releases its own: the operator's stay
+    assert repo.overlays() == (rate, op)
+    repo.save_overlays("operator", (op,))
+    assert repo.overlays() == (op,)
