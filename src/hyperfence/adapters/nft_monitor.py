@@ -23,7 +23,9 @@ Kernel behaviour this relies on (kernel 6.x, checked by tests/netns/adapters/tes
   `NFTA_RULE_TABLE`, `NFTA_SET_TABLE`, `NFTA_SET_ELEM_LIST_TABLE`, `NFTA_OBJ_TABLE`, ...) and the nfgenmsg
   family is the table's family; a `flush ruleset` sends a delete message for every object of every table;
 * when the socket's receive buffer overflows, the kernel drops messages and the next `recv` fails once with
-  ENOBUFS: then anything may have changed (`Batch.lost`).
+  ENOBUFS: then anything may have changed (`Batch.lost`). The commit whose messages were lost may end in a
+  later read: the batch holding the first generation after the loss is reported as lost too, since its
+  count of messages that touched a watched table is unknown.
 """
 
 from __future__ import annotations
@@ -161,6 +163,9 @@ class NftMonitor:
         self._parser = GenerationParser(tables)
         self._buf = bytearray(_RECV_BUFSIZE)
         self._sock: socket.socket | None = self._open(netns, rcvbuf)
+        # Events were lost and the commit they belonged to has not ended yet: its count is unknown, so the
+        # batch that holds its generation is reported as lost too (never as a commit that touched nothing).
+        self._interrupted = False
 
     def _open(self, netns: str | None, rcvbuf: int) -> socket.socket:
         return netfilter_socket(
@@ -188,12 +193,16 @@ class NftMonitor:
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     lost = True
+                    self._interrupted = True
                     self._parser.reset()
                     continue
                 raise KernelError(f"{self._where}: receive failed: {exc.strerror or exc}") from None
             if n == 0:
                 raise KernelError(f"{self._where}: the socket was closed")
             generations.extend(self._parser.feed(bytes(self._buf[:n])))
+        if self._interrupted and (lost or generations):
+            lost = True  # this batch holds (or may hold) the interrupted commit's generation
+            self._interrupted = not generations
         return Batch(tuple(generations), lost)
 
     def _live(self) -> socket.socket:

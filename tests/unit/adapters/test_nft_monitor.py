@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import struct
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hyperfence.adapters.nft_monitor import FAMILIES, NFT_MSG_NEWGEN, Generation, GenerationParser
+from hyperfence.adapters.nft_monitor import FAMILIES, NFT_MSG_NEWGEN, Generation, GenerationParser, NftMonitor
 
 NEWTABLE, NEWCHAIN, DELRULE, NEWSETELEM = 0, 3, 8, 12
 TABLES = [("bridge", "hyperfence"), ("inet", "hyperfence"), ("netdev", "hyperfence")]
@@ -74,3 +76,58 @@ def test_describe_names_the_committer() -> None:
 @given(st.binary(max_size=300))
 def test_any_bytes_are_a_valid_argument(data: bytes) -> None:
     GenerationParser(TABLES).feed(data)
+
+
+class ScriptedSocket:
+    """Readable (a socketpair end with a byte in it) and handing out scripted datagrams or errors."""
+
+    def __init__(self, script: list[bytes | OSError]) -> None:
+        self.pair = socket.socketpair()
+        self.pair[1].send(b"x")
+        self.script = script
+
+    def fileno(self) -> int:
+        return self.pair[0].fileno()
+
+    def recv_into(self, buf: bytearray) -> int:
+        if not self.script:
+            raise BlockingIOError
+        item = self.script.pop(0)
+        if isinstance(item, OSError):
+            raise item
+        buf[: len(item)] = item
+        return len(item)
+
+    def close(self) -> None:
+        for s in self.pair:
+            s.close()
+
+
+class ScriptedMonitor(NftMonitor):
+    def __init__(self, script: list[bytes | OSError]) -> None:
+        self.script = script
+        super().__init__(TABLES)
+
+    def _open(self, netns: str | None, rcvbuf: int) -> socket.socket:
+        return ScriptedSocket(self.script)  # type: ignore[return-value]
+
+    def then(self, *items: bytes | OSError) -> None:
+        self.script.extend(items)
+
+
+def test_the_generation_that_ends_an_interrupted_commit_is_reported_as_lost() -> None:
+    """Events lost mid-commit: the rest of that commit's messages (none naming our tables) and its NEWGEN
+    come in a later read; that read must not pass for one commit that touched nothing of ours."""
+    m = ScriptedMonitor([obj(NEWTABLE, "bridge", "hyperfence"), OSError(errno.ENOBUFS, "overrun")])
+    try:
+        first = m.read(0.1)
+        assert first.lost and first.generations == ()
+        m.then(obj(NEWTABLE, "ip", "nat"), newgen(8, 42, "nft"))
+        second = m.read(0.1)
+        assert second.lost  # generation 8's count is unknown
+        assert [g.gen_id for g in second.generations] == [8]
+        m.then(obj(NEWTABLE, "ip", "nat"), newgen(9, 42, "nft"))
+        third = m.read(0.1)  # after it, counts are whole again
+        assert not third.lost and third.generations == (Generation(9, 42, "nft", 0),)
+    finally:
+        m.close()
