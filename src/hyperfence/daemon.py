@@ -69,9 +69,9 @@ from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.inventory import InventoryWatcher
 from hyperfence.reconcile.monitor import Monitor, Primed
 from hyperfence.reconcile.monitors import MonitorOptions, monitors
-from hyperfence.reconcile.overlays import release, set_operator_overlay
 from hyperfence.reconcile.preconditions import Preconditions
 from hyperfence.reconcile.supervisor import StopSignal, Supervisor, on_stop, wake_fd
+from hyperfence.services.overlays import release, set_operator_overlay
 from hyperfence.system.state_dir import write_private
 
 log = logging.getLogger("hyperfence.daemon")
@@ -259,7 +259,7 @@ class Daemon:
         )
 
     def _overlay_op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
-        """The operator producer's requests (reconcile/overlays.py): stored, then converged before the
+        """The operator producer's requests (services/overlays.py): stored, then converged before the
         answer. A refusal keeps its kind (`to_wire`), so the CLI exits as it would without a daemon."""
         if op == "overlay-set":
             data = req.get("overlay")

@@ -20,8 +20,9 @@ from hyperfence.cli.output import err, out, plain, plain_lines, styled, table
 from hyperfence.cli.vm import agent_app, vm_app
 from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, parse_flavour
 from hyperfence.policy.parse import parse_policy
-from hyperfence.policy.whatif import Flow, can
+from hyperfence.policy.whatif import Flow
 from hyperfence.reconcile.engine import Engine, read_policy_file
+from hyperfence.services import can as can_service
 from hyperfence.services import policy as policy_service
 from hyperfence.services import ruleset as ruleset_service
 from hyperfence.services import status as status_service
@@ -318,23 +319,8 @@ def can_cmd(
     """Would the compiled policy let SRC open this flow to DST? Names the deciding rule. Exit 1 if not."""
     c: Ctx = ctx.obj
     engine = c.engine(policy)
-    compiled = engine.compiled()
-    if compiled is None:
-        raise errors.NotFoundError("no policy stored yet: run `hyperfence policy apply FILE`")
     flow = parse_flow(port, protocol, icmp_type, icmp_code)
-    try:
-        for name in (src, dst):  # a VM that learns its addresses has none before its first lease
-            vm = next((v for v in compiled.policy.vms if name in (v.name, v.id)), None)
-            if vm is not None and not vm.ips:
-                raise errors.NotFoundError(
-                    f"VM {vm.name} has no address yet: it learns its addresses from DHCP "
-                    "(`hyperfence vm list` shows them once it has a lease)"
-                )
-        answer = can(compiled.resolved, src, dst, flow, flavour=serving_flavour(c, engine))
-    except ValueError:
-        raise errors.InvalidInputError(
-            f"{src!r} or {dst!r} is neither a VM name nor an IPv4 address"
-        ) from None
+    answer = can_service.check_flow(engine, src, dst, flow, flavour=lambda: serving_flavour(c, engine))
     verdict = styled("allowed", "green") if answer.allowed else styled("denied", "red")
     out.print(verdict, f": {plain(answer.reason)}", sep="")
     if not answer.allowed:

@@ -23,7 +23,8 @@ from hyperfence.policy.syntax import LABEL_RE, parse_ipv4
 from hyperfence.reconcile.agents import channels_dir, enroll
 from hyperfence.reconcile.conntrack import read_vm_connections
 from hyperfence.reconcile.engine import Engine
-from hyperfence.reconcile.overlays import RELEASE_CHOICES, release, set_operator_overlay
+from hyperfence.services.events import list_events
+from hyperfence.services.overlays import RELEASE_CHOICES, release, set_operator_overlay
 from hyperfence.system.state_dir import DIR_MODE, make_dirs, write_private
 
 vm_app = typer.Typer(
@@ -426,7 +427,7 @@ def vm_events(
         vm_id = found
     last = 0
     while True:
-        for ev in engine.store.events(vm=vm_id, after=last, limit=limit):
+        for ev in list_events(engine.store, vm=vm_id, after=last, limit=limit):
             last = ev["id"]
             when = datetime.fromtimestamp(ev.pop("time"), UTC).isoformat(timespec="seconds")
             kind = ev.pop("kind")
