@@ -260,3 +260,18 @@ def _record_copy(r: AgentRecord) -> AgentRecord:
 def _implements_ports(store: FakeStore) -> Repository:
     """(mypy checks here that `FakeStore` satisfies every repository port)"""
     return store
+
+
+class FailingTicker:
+    """A monitor that raises on every tick (a `Ticker`, run through `reconcile/monitor.py:Ticking`), noting
+    when it ticked: what the supervisor must restart with backoff and report, while the others go on."""
+
+    name = "failing"
+    interval = 0.01
+
+    def __init__(self) -> None:
+        self.ticks: list[float] = []
+
+    def tick(self) -> None:
+        self.ticks.append(time.monotonic())
+        raise RuntimeError("a bug in a tick")

@@ -12,6 +12,7 @@ import pytest
 
 from hyperfence.daemon import CHECKPOINT_IDLE, Daemon
 from hyperfence.reconcile.engine import Engine
+from hyperfence.testing import FailingTicker
 
 
 @pytest.fixture
@@ -267,20 +268,6 @@ def test_the_loop_wakes_when_an_overlay_runs_out(daemon: Daemon) -> None:
     assert 1.5 < daemon._wait_time(far) <= 2.1
 
 
-class Failing:
-    """A monitor that raises on every tick (a `Ticker`; run through `Ticking`), noting when it ticked."""
-
-    name = "failing"
-    interval = 0.01
-
-    def __init__(self) -> None:
-        self.ticks: list[float] = []
-
-    def tick(self) -> None:
-        self.ticks.append(time.monotonic())
-        raise RuntimeError("a bug in a tick")
-
-
 class Counting:
     """A healthy periodic monitor: counts its ticks."""
 
@@ -323,7 +310,7 @@ def test_a_monitor_that_raises_on_every_tick_is_restarted_with_backoff_reported_
         resync=3600,
     )
     assert [m.name for m in d.monitors] == ["agents"]
-    failing, counting = Failing(), Counting()
+    failing, counting = FailingTicker(), Counting()
     d.monitors += [Ticking(failing), Ticking(counting)]  # a monitor is one more entry in the list
     converged: list[str | None] = []
     monkeypatch.setattr(

@@ -24,26 +24,13 @@ from hyperfence.reconcile.agents import AgentMonitor
 from hyperfence.reconcile.monitor import Ticking
 from hyperfence.reconcile.preconditions import Preconditions
 from hyperfence.ruleset.compile import vm_sid
+from hyperfence.testing import FailingTicker
 
 pytestmark = pytest.mark.kernel
 
 PING_1_2 = {"id": "ping", "from": "vm:vm1", "to": "vm:vm2", "protocol": "icmp"}
 BACKOFFS = [0.2, 0.4, 0.8, 1.6]  # BACKOFF_MIN doubling up to BACKOFF_MAX (set below)
 REAL = ["kernel", "drift", "addresses", "ports", "traffic", "leases", "agents"]  # `hyperfence daemon`'s
-
-
-class Failing:
-    """Raises on every tick; notes when it ticked."""
-
-    name = "failing"
-    interval = 0.01
-
-    def __init__(self) -> None:
-        self.ticks: list[float] = []
-
-    def tick(self) -> None:
-        self.ticks.append(time.monotonic())
-        raise RuntimeError("a bug in a tick")
 
 
 @pytest.fixture
@@ -120,7 +107,7 @@ def test_a_monitor_that_raises_on_every_tick_is_restarted_reported_and_the_other
     assert lab.ping("vm1", "vm2")[0] == 0
     daemon = Daemon(engine, resync=3600, agents=AgentMonitor(engine), preconditions=Preconditions(engine))
     assert [m.name for m in daemon.monitors] == REAL  # the daemon's own list
-    failing = Failing()
+    failing = FailingTicker()
     daemon.monitors.append(Ticking(failing))  # next to the real ones
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()
