@@ -315,6 +315,7 @@ class Daemon:
             "refused": refused,
             "loops": self.supervisor.status(),
             "agent_channels": dict(self.agents.channel_stats) if self.agents is not None else None,
+            "kernel_record": self.engine.kernel_record(),
         }
 
     def _loop_failed(self, name: str, error: str, failures: int) -> None:

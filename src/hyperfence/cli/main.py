@@ -418,6 +418,15 @@ def status_cmd(
             out.print(plain(f"{kernel.get('summary')}; stateful path {kernel.get('stateful')}{repairs}"))
             for p in kernel.get("problems") or []:
                 out.print(styled(plain(f"- {p}"), "red"))
+        record = reply.get("kernel_record") or {}
+        if record:
+            known = (
+                f"known at nftables generation {record.get('generation')} (rule bodies read back: "
+                f"{'yes' if record.get('exact') else 'not yet'})"
+                if record.get("generation") is not None
+                else "read at the next converge"
+            )
+            out.print(plain(f"kernel state {known}; full reads skipped: {record.get('full_reads_skipped')}"))
         for d in reply.get("undeclared_devices") or []:
             out.print(
                 styled("cut off:", "red"),

@@ -528,6 +528,20 @@ class Engine:
                 [("lease-ignored", lease.vm, {"ip": str(lease.ip), "reason": why}) for lease, why in fresh]
             )
 
+    def kernel_record(self) -> dict[str, Any] | None:
+        """What the firewall knows of the kernel without reading it (reconcile/firewall.py `Record`): the
+        nftables generation it was verified at, whether rule bodies were read back, and how many full
+        converges skipped reading the kernel. None before the first converge."""
+        fw = self._firewall
+        if fw is None:
+            return None
+        rec = fw.record
+        return {
+            "generation": None if rec is None else rec.generation.number,
+            "exact": None if rec is None else rec.exact,
+            "full_reads_skipped": fw.skipped_reads,
+        }
+
     def note_untouched(self, numbers: list[int]) -> None:
         """nftables commits that touched none of hyperfence's tables (reconcile/drift.py): the firewall's
         record of the kernel still holds after them. Safe from any thread."""

@@ -116,6 +116,12 @@ def test_a_full_converge_skips_the_read_only_while_nothing_was_committed(lab: La
     _, second = lab.engine.converge(full=True)
     assert second is not None and not second.changed
     assert listings.take() == 0 and fw.skipped_reads == skipped + 1
+    # what `hyperfence status` shows of it
+    assert lab.engine.kernel_record() == {
+        "generation": lab.engine.nft.generation().number,
+        "exact": True,
+        "full_reads_skipped": skipped + 1,
+    }
     # a hand change is a commit: read, found and repaired
     vm2 = next(v for v in lab.engine.current.policy.vms if v.name == "vm2")  # type: ignore[union-attr]
     lab.run(
