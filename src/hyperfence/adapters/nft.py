@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from hyperfence.codec import nft_rules
+from hyperfence.codec import nft_batch, nft_rules
 from hyperfence.errors import KernelError, NotFoundError
 from hyperfence.system.netlink import NETLINK_NETFILTER
 from hyperfence.system.netns import NetnsThread
@@ -82,6 +82,10 @@ class Nft:
         self._seq = 0
         # Which namespace this is (its generation numbers mean nothing in another one, or a re-created one).
         self._netns_id = self._thread.call(_namespace_id)
+        # For rule changes sent to nf_tables directly (`encode_rules`, `commit_rules`): a libnftables context
+        # in a private, nearly empty namespace, and a socket of our own for the batches' acknowledgements.
+        self._stage: tuple[NetnsThread, int, socket.socket] | None = None
+        self._commit_sock: socket.socket | None = None
 
     @property
     def thread_id(self) -> int:
@@ -172,7 +176,87 @@ class Nft:
             self._netns_id, self._thread.call(lambda: _read_generation(self._sock, seq))
         )
 
+    def encode_rules(
+        self, setup: dict[str, Any], family: str, table: str, chains: builtins.list[str]
+    ) -> dict[tuple[str, str], tuple[bytes, bytes]]:
+        """Let libnftables encode rules without paying for this namespace's cache: `setup` (a JSON batch that
+        creates `table`, the sets and chains its rules name, and the rules) is applied in a private namespace
+        that holds nothing else, and every rule of `chains` there is read back as nf_tables holds it: (chain,
+        comment) -> (expressions, userdata), ready for `commit_rules`. KernelError when it cannot."""
+        if self._stage is None:
+            stage = NetnsThread(None, name="hyperfence-nft-stage", private=True)
+            try:
+                self._stage = (stage, stage.call(self._new_ctx), stage.call(_open_socket))
+            except BaseException:
+                stage.close()
+                raise
+        thread, ctx, sock = self._stage
+        lib = self._lib
+
+        def call() -> dict[tuple[str, str], tuple[bytes, bytes]]:
+            rc = lib.nft_run_cmd_from_buffer(ctx, orjson.dumps(setup))
+            lib.nft_ctx_get_output_buffer(ctx)
+            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode(errors="replace")
+            if rc != 0:
+                raise KernelError(f"libnftables could not encode the rules: {_trim(err, 500)}")
+            bodies: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+            for n, chain in enumerate(chains):
+                sock.send(nft_rules.dump_request(family, table, chain, n + 1))
+                while True:
+                    rules, done, errno_ = nft_batch.parse_rule_bodies(sock.recv(1 << 20))
+                    for ch, comment, expressions, userdata in rules:
+                        bodies[(ch, comment)] = (expressions, userdata)
+                    if errno_:
+                        raise KernelError(f"nf_tables: reading encoded rules failed: {os.strerror(errno_)}")
+                    if done:
+                        break
+            return bodies
+
+        return thread.call(call)
+
+    def commit_rules(self, changes: builtins.list[nft_batch.DeleteRule | nft_batch.AppendRule]) -> None:
+        """Delete and append rules in one transaction, straight to nf_tables, from this context's thread (so
+        the commit is this engine's, as `thread_id` says). KernelError when the kernel refuses any of it:
+        then nothing was applied (a batch is atomic)."""
+        self._seq += len(changes) + 2
+        first = self._seq - len(changes) - 1
+
+        def call() -> None:
+            if self._commit_sock is None:
+                self._commit_sock = _open_socket()
+            sock = self._commit_sock
+            data, seqs = nft_batch.rule_batch(changes, first)
+            pending = set(seqs)
+            failed: list[int] = []
+            try:
+                sock.send(data)
+                while pending:
+                    acks, _ = nft_batch.parse_acks(sock.recv(1 << 16))
+                    for seq, err in acks:
+                        pending.discard(seq)
+                        if err:
+                            failed.append(err)
+            except OSError as e:  # no answer: whether it was applied is unknown (the caller reads the kernel)
+                self._commit_sock = None
+                sock.close()
+                raise KernelError(f"nf_tables did not acknowledge the rule batch: {e}") from None
+            if failed:
+                raise KernelError(
+                    f"nf_tables refused the rule batch ({len(changes)} changes); nothing was changed: "
+                    f"{os.strerror(failed[0])}"
+                )
+
+        self._thread.call(call)
+
     def close(self) -> None:
+        if self._stage is not None:
+            thread, ctx, sock = self._stage
+            sock.close()
+            thread.call(lambda: self._lib.nft_ctx_free(ctx))
+            thread.close()
+            self._stage = None
+        if self._commit_sock is not None:
+            self._commit_sock.close()
         self._sock.close()
         ctx = self._ctx
         if ctx:

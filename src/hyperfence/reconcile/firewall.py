@@ -29,12 +29,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hyperfence.codec.nft_batch import AppendRule, DeleteRule
 from hyperfence.codec.nft_rules import Generation
 from hyperfence.errors import BugError, DriftError, HyperfenceError, KernelError
 from hyperfence.ruleset.closed import fail_closed
 from hyperfence.ruleset.digest import digest, digest_after
 from hyperfence.ruleset.ir import JSON, Chain, NftSet, Rule, Ruleset, TableId
-from hyperfence.ruleset.plan import Plan, plan_changes
+from hyperfence.ruleset.plan import Plan, plan_changes, set_obj
 from hyperfence.ruleset.readback import Actual, RuleKey, parse_listing
 
 VERIFY_PARTIAL_LIMIT = 64  # above this many touched objects, verification re-reads whole tables
@@ -45,6 +46,10 @@ class NftPort(Protocol):
     def list(self, what: dict[str, JSON]) -> list[JSON]: ...
     def rule_ids(self, family: str, table: str, chain: str) -> builtins.list[tuple[int, str]]: ...
     def generation(self) -> Generation: ...
+    def encode_rules(
+        self, setup: dict[str, JSON], family: str, table: str, chains: builtins.list[str]
+    ) -> dict[tuple[str, str], tuple[bytes, bytes]]: ...
+    def commit_rules(self, changes: builtins.list[DeleteRule | AppendRule]) -> None: ...
 
 
 class ChainHandles(dict[RuleKey, int]):
@@ -177,6 +182,7 @@ class Firewall:
         self.record: Record | None = None  # what `actual` is known to be, and since which generation
         self._last_digest: tuple[Ruleset, int] | None = None  # the last ruleset digested, and its digest
         self.skipped_reads = 0  # full converges that found the generation unchanged (for tests and status)
+        self.direct_applies = 0  # incremental batches sent to nf_tables directly (`_direct`)
 
     def read(self) -> Actual:
         objs: list[JSON] = []
@@ -220,7 +226,8 @@ class Firewall:
         before = self._generation()
         self._remember(None)
         try:
-            self.nft.apply(plan.batch())
+            if full or not self._direct(desired, plan):
+                self.nft.apply(plan.batch())
         except KernelError:
             if full:
                 raise
@@ -242,6 +249,38 @@ class Firewall:
             full_replace=plan.full_replace,
             seconds=time.monotonic() - t0,
         )
+
+    # --- rule changes straight to nf_tables ---------------------------------------------------------------
+
+    def _direct(self, desired: Ruleset, plan: Plan) -> bool:
+        """Apply `plan` without libnftables' cache when it only deletes rules and appends rules to chains
+        that exist, naming only sets, maps and chains that exist (no anonymous set): libnftables encodes
+        the new rules in a private namespace holding just what they name (`Nft.encode_rules`), and the
+        deletes and appends go to nf_tables in one batch (`Nft.commit_rules`). False: not such a plan, or
+        the encoding failed (nothing was sent; the caller applies it through libnftables). KernelError:
+        the kernel refused the batch (nothing applied)."""
+        staged = _staging(desired, self.actual, plan) if self.actual is not None else None
+        if staged is None:
+            return False
+        setup, family, table, chains = staged
+        try:
+            bodies = self.nft.encode_rules(setup, family, table, chains)
+        except (HyperfenceError, OSError):
+            return False
+        changes: list[DeleteRule | AppendRule] = []
+        for cmd in plan.commands:
+            if "delete" in cmd:
+                r = cmd["delete"]["rule"]
+                changes.append(DeleteRule(r["family"], r["table"], r["chain"], r["handle"]))
+            else:
+                r = cmd["add"]["rule"]
+                body = bodies.get((r["chain"], r["comment"]))
+                if body is None:
+                    return False
+                changes.append(AppendRule(r["family"], r["table"], r["chain"], body))
+        self.nft.commit_rules(changes)
+        self.direct_applies += 1
+        return True
 
     # --- what is known without reading ----------------------------------------------------------------
 
@@ -374,3 +413,65 @@ class Firewall:
             )
         # The batch created any missing table (it applied atomically, or we would not be here).
         return Ruleset(desired.tables, tuple(chains), tuple(sets), tuple(rules)), handles
+
+
+def _names(value: JSON, sets: set[str], chains: set[str]) -> bool:
+    """Collect the set/map names (`@name`) and jump/goto targets a rule's statements name; False when they
+    hold an anonymous set or map (which the kernel must create in the same batch)."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if key in ("set", "map", "elem"):
+                return False
+            if key in ("jump", "goto") and isinstance(inner, dict) and isinstance(inner.get("target"), str):
+                chains.add(inner["target"])
+            elif not _names(inner, sets, chains):
+                return False
+        return True
+    if isinstance(value, list):
+        return all(_names(v, sets, chains) for v in value)
+    if isinstance(value, str) and value.startswith("@"):
+        sets.add(value[1:])
+    return True
+
+
+def _staging(
+    desired: Ruleset, actual: Actual, plan: Plan
+) -> tuple[dict[str, JSON], str, str, list[str]] | None:
+    """For a plan of rule deletes and appends in one table: the JSON batch that makes a private namespace
+    hold that table with every set, map and chain the appended rules name (empty, as in `desired`) and the
+    rules themselves; its family, name, and the chains to read back. None: not such a plan."""
+    tables: set[TableId] = set()
+    sets: set[str] = set()
+    chains: set[str] = set()
+    rules: list[JSON] = []
+    for cmd in plan.commands:
+        if set(cmd) == {"delete"} and set(cmd["delete"]) == {"rule"}:
+            r = cmd["delete"]["rule"]
+        elif set(cmd) == {"add"} and set(cmd["add"]) == {"rule"}:
+            r = cmd["add"]["rule"]
+            if not _names(r["expr"], sets, chains):
+                return None
+            chains.add(r["chain"])
+            rules.append(cmd)
+        else:
+            return None
+        tables.add(TableId(r["family"], r["table"]))
+    if len(tables) != 1 or not rules:
+        return None
+    (table,) = tables
+    des_sets, act_sets = desired.set_by_key(), actual.ruleset.set_by_key()
+    des_chains, act_chains = desired.chain_by_key(), actual.ruleset.chain_by_key()
+    setup: list[JSON] = [{"add": {"table": {"family": table.family, "name": table.name}}}]
+    setup.append({"delete": {"table": {"family": table.family, "name": table.name}}})
+    setup.append({"add": {"table": {"family": table.family, "name": table.name}}})
+    for name in sorted(sets):
+        key = (table, name)
+        if key not in des_sets or act_sets.get(key) is None or act_sets[key].shape() != des_sets[key].shape():
+            return None
+        setup.append({"add": {des_sets[key].kind: set_obj(des_sets[key], with_elements=False)}})
+    for name in sorted(chains):
+        if (table, name) not in des_chains or (table, name) not in act_chains:
+            return None
+        setup.append({"add": {"chain": {"family": table.family, "table": table.name, "name": name}}})
+    setup.extend(rules)
+    return {"nftables": setup}, table.family, table.name, sorted({c["add"]["rule"]["chain"] for c in rules})

@@ -57,8 +57,10 @@ class NetnsThread:
     time, in order, which also serialises access to non-thread-safe handles such as a libnftables context.
     """
 
-    def __init__(self, netns: str | None, *, name: str = "hyperfence-netns") -> None:
+    def __init__(self, netns: str | None, *, name: str = "hyperfence-netns", private: bool = False) -> None:
+        """`private`: the thread lives in a new, empty namespace of its own (gone with its last socket)."""
         self.netns = netns
+        self.private = private
         if netns is not None:
             netns_path(netns)  # validate early, in the caller's thread
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
@@ -74,7 +76,11 @@ class NetnsThread:
         self.native_id: int = self.call(threading.get_native_id)
 
     def _enter(self) -> None:
-        if self.netns is not None:
+        if self.private:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+        elif self.netns is not None:
             enter_netns(self.netns)
 
     def call(self, fn: Callable[[], T]) -> T:
