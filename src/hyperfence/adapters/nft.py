@@ -85,6 +85,7 @@ class Nft:
         # For rule changes sent to nf_tables directly (`encode_rules`, `commit_rules`): a libnftables context
         # in a private, nearly empty namespace, and a socket of our own for the batches' acknowledgements.
         self._stage: tuple[NetnsThread, int, socket.socket] | None = None
+        self._stage_failed: str | None = None
         self._commit_sock: socket.socket | None = None
 
     @property
@@ -184,7 +185,13 @@ class Nft:
         that holds nothing else, and every rule of `chains` there is read back as nf_tables holds it: (chain,
         comment) -> (expressions, userdata), ready for `commit_rules`. KernelError when it cannot."""
         if self._stage is None:
-            stage = NetnsThread(None, name="hyperfence-nft-stage", private=True)
+            if self._stage_failed is not None:  # tried once: not again at every change
+                raise KernelError(self._stage_failed)
+            try:
+                stage = NetnsThread(None, name="hyperfence-nft-stage", private=True)
+            except OSError as e:  # e.g. no CAP_SYS_ADMIN for a namespace of its own
+                self._stage_failed = f"no private namespace to encode rules in: {e}"
+                raise KernelError(self._stage_failed) from None
             try:
                 self._stage = (stage, stage.call(self._new_ctx), stage.call(_open_socket))
             except BaseException:
