@@ -59,6 +59,7 @@ def restarted(lab: LabSession) -> Iterator[tuple[Engine, Listings]]:
 def test_a_restart_that_finds_its_generation_fetches_only_the_rule_handles(lab: LabSession) -> None:
     lab.apply([PING_1_2])
     assert lab.engine is not None
+    lab.engine.firewall.bodies_every = 0.0
     _, checked = lab.engine.converge(full=True)  # a full read: rule bodies verified
     assert checked is not None and not checked.changed
     with restarted(lab) as (engine, listings):
@@ -108,7 +109,12 @@ def test_a_full_converge_skips_the_read_only_while_nothing_was_committed(lab: La
     assert lab.engine is not None
     listings = Listings(lab.engine)
     fw = lab.engine.firewall
-    # after an incremental apply only rule ids were read back: the next full converge reads everything
+    # after an incremental apply only rule ids were read back: a full converge skips the read for up to
+    # `bodies_every` seconds (nobody committed), then reads everything once to check the rule bodies
+    _, early = lab.engine.converge(full=True)
+    assert early is not None and not early.changed
+    assert listings.take() == 0
+    fw.bodies_every = 0.0
     _, first = lab.engine.converge(full=True)
     assert first is not None and not first.changed
     assert listings.take() > 0
@@ -140,6 +146,7 @@ def test_commits_elsewhere_seen_by_the_drift_watch_keep_the_record(lab: LabSessi
     lab.apply([PING_1_2])
     assert lab.engine is not None
     engine = lab.engine
+    engine.firewall.bodies_every = 0.0
     engine.converge(full=True)  # rule bodies read back: an exact record
     listings = Listings(engine)
     causes: list[str] = []
@@ -188,7 +195,8 @@ def test_commits_elsewhere_seen_by_the_drift_watch_keep_the_record(lab: LabSessi
 
 def test_after_incremental_applies_a_restart_is_ready_at_once_and_checks_bodies_next(lab: LabSession) -> None:
     """After one-rule changes only rule ids were read back: a restarted engine's first (full) converge is
-    ready without listing, and the full converge after it reads everything once to check rule bodies."""
+    ready without listing, and the first full converge once `bodies_every` has passed reads everything
+    once to check rule bodies."""
     lab.apply([PING_1_2])
     lab.apply([PING_1_2, UDP_2_1])  # incremental: the record is not exact
     assert lab.engine is not None and lab.engine.firewall.record is not None
@@ -197,6 +205,7 @@ def test_after_incremental_applies_a_restart_is_ready_at_once_and_checks_bodies_
         _, first = engine.converge(full=True)
         assert first is not None and not first.changed
         assert listings.take() == 0
+        engine.firewall.bodies_every = 0.0
         _, second = engine.converge(full=True)
         assert second is not None and not second.changed and second.drift == []
         assert listings.take() > 0
