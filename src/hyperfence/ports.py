@@ -1,6 +1,8 @@
 """The repository ports: what the core needs from a store, as `typing.Protocol`s.
 
-    PolicyRepository   policy versions (generations): put with compare-and-swap, get, and a change feed
+    PolicyRepository   policy versions (generations): put with compare-and-swap, get, and a change feed;
+                       each version is also kept as objects (a VM, a rule, ...: policy/objects.py), written
+                       one by one (`put_objects`) and read back as what changed (`policy_changes`)
     EventLog           append-only events (drift repaired, applies, agent decisions), queried newest last
     AgentState         the enrolled agents: key, channel, sequence, isolation (survives a restart)
     LeaseStore         the DHCP leases that taught VMs their addresses
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease
 from hyperfence.model.overlay import Overlay
+from hyperfence.policy.objects import ObjectChange
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,20 @@ class PolicyRepository(Protocol):
         """Store `document` (already validated) as a new generation and return it. With `expected` (the
         generation the caller read as the latest, 0 for none), the put is a compare-and-swap: when the
         latest generation is no longer `expected`, nothing is stored and `ConflictError` names both."""
+        ...
+
+    def put_objects(self, changes: list[ObjectChange], *, source: str, expected: int | None = None) -> int:
+        """Store a new generation made of the latest one with `changes` (objects written or deleted:
+        `policy/objects.py`) and return it; `expected` as for `put_policy`. The caller validated the document
+        they make. `ConflictError` when the latest generation is not kept as objects."""
+        ...
+
+    def policy_changes(self, after: int, upto: int) -> list[ObjectChange] | None:
+        """The net object changes from generation `after` to generation `upto` (`policy/objects.py fold`):
+        what a reader holding `after` makes to hold `upto`, at the cost of the change, not of the policy.
+        None when they are not known (`after` is 0; `after`, or a generation after it, was not kept as
+        objects): read
+        `upto` whole."""
         ...
 
     def latest_generation(self) -> int:

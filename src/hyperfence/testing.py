@@ -22,6 +22,7 @@ from hyperfence.errors import ConflictError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease
 from hyperfence.model.overlay import Overlay
+from hyperfence.policy import objects
 from hyperfence.ports import Repository, StoredInventory, StoredPolicy
 
 __all__ = [
@@ -59,19 +60,58 @@ class FakePolicyRepository(_Locked):
     def __init__(self, clock: Callable[[], float] | None = None) -> None:
         super().__init__(clock)
         self.versions: list[StoredPolicy] = []
+        self.objects: dict[objects.Key, objects.Stored] = {}
+        self.changes: list[list[objects.ObjectChange] | None] = []  # each generation's, None: not as objects
+
+    def _check(self, expected: int | None) -> None:
+        latest = len(self.versions)
+        if expected is not None and latest != expected:
+            raise ConflictError(
+                f"policy generation {expected} was expected to be the latest, but the store holds "
+                f"generation {latest} now: read it again and retry"
+            )
 
     def put_policy(self, document: Any, *, source: str, expected: int | None = None) -> int:
         with self._cond:
-            latest = len(self.versions)
-            if expected is not None and latest != expected:
-                raise ConflictError(
-                    f"policy generation {expected} was expected to be the latest, but the store holds "
-                    f"generation {latest} now: read it again and retry"
-                )
+            self._check(expected)
             # as JSON, as the SQLite store keeps it: what was stored cannot change afterwards
-            self.versions.append(StoredPolicy(latest + 1, self.clock(), source, _as_json(document)))
-            self._cond.notify_all()
-            return latest + 1
+            document = _as_json(document)
+            changes = objects.diff(self.objects, document) if isinstance(document, dict) else None
+            return self._put(document, changes, source)
+
+    def _put(self, document: Any, changes: list[objects.ObjectChange] | None, source: str) -> int:
+        if changes is None:
+            self.objects = {}
+        else:
+            objects.changed(self.objects, changes)
+        self.changes.append(changes)
+        self.versions.append(StoredPolicy(len(self.versions) + 1, self.clock(), source, document))
+        self._cond.notify_all()
+        return len(self.versions)
+
+    def put_objects(
+        self, changes: list[objects.ObjectChange], *, source: str, expected: int | None = None
+    ) -> int:
+        with self._cond:
+            self._check(expected)
+            if not self.objects and self.versions:
+                raise ConflictError(
+                    "the latest policy is not kept as objects (it is not a mapping of sections): "
+                    "apply a whole policy with `hyperfence policy apply FILE` first"
+                )
+            held = dict(self.objects)
+            objects.changed(held, [_as_json_change(ch) for ch in changes])
+            document = objects.assemble((key, s.pos, orjson.loads(s.text)) for key, s in held.items())
+            return self._put(document, [_as_json_change(ch) for ch in changes], source)
+
+    def policy_changes(self, after: int, upto: int) -> list[objects.ObjectChange] | None:
+        with self._cond:
+            if after <= 0 or upto < after or upto > len(self.versions):
+                return None
+            batches = self.changes[after:upto]
+            if self.changes[after - 1] is None or any(b is None for b in batches):
+                return None
+            return objects.fold(copy.deepcopy([b for b in batches if b is not None]))
 
     def latest_generation(self) -> int:
         with self._cond:
@@ -247,6 +287,10 @@ class FakeStore(
 
 def _as_json(document: Any) -> Any:
     return orjson.loads(orjson.dumps(document, option=orjson.OPT_SORT_KEYS))
+
+
+def _as_json_change(ch: objects.ObjectChange) -> objects.ObjectChange:
+    return ch if ch.deleted else dataclasses.replace(ch, body=_as_json(ch.body))
 
 
 def _copied(p: StoredPolicy) -> StoredPolicy:

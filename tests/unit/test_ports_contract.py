@@ -16,6 +16,7 @@ from hyperfence.errors import ConflictError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease, LeaseSource
 from hyperfence.model.overlay import Overlay, OverlayKind
+from hyperfence.policy.objects import ObjectChange
 from hyperfence.ports import Repository
 from hyperfence.testing import FakeStore
 
@@ -303,3 +304,50 @@ def test_each_producer_s_overlays_are_replaced_without_touching_the_others(repo:
     assert repo.overlays() == (rate, op)
     repo.save_overlays("operator", (op,))
     assert repo.overlays() == (op,)
+
+
+# --- PolicyRepository: the policy as objects --------------------------------------------------------------
+
+BASE = {"networks": [{"name": "lan"}], "rules": [{"id": "r1", "ports": 1}, {"id": "r2", "ports": 2}]}
+
+
+def test_a_whole_document_is_kept_as_the_object_changes_it_makes(repo: Repository) -> None:
+    assert repo.policy_changes(0, 0) is None  # nothing held yet: read whole
+    g1 = repo.put_policy(BASE, source="s")
+    g2 = repo.put_policy({**BASE, "rules": [{"id": "r1", "ports": 9}, BASE["rules"][1]]}, source="s")
+    assert repo.policy_changes(g1, g2) == [ObjectChange("rules", "r1", 0, {"id": "r1", "ports": 9})]
+    assert repo.policy_changes(g2, g2) == []
+    g3 = repo.put_policy({**BASE, "rules": [{"id": "r1", "ports": 9}]}, source="s")
+    assert repo.policy_changes(g2, g3) == [ObjectChange("rules", "r2", -1, deleted=True)]
+    folded = repo.policy_changes(g1, g3)
+    assert folded is not None and {c.name for c in folded} == {"r1", "r2"}
+    assert repo.policy_changes(g1, g3 + 1) is None  # not there (yet)
+
+
+def test_objects_written_one_by_one_make_a_generation_readable_whole(repo: Repository) -> None:
+    g1 = repo.put_policy(BASE, source="s")
+    g2 = repo.put_objects([ObjectChange("rules", "r3", 2, {"id": "r3"})], source="api", expected=g1)
+    with pytest.raises(ConflictError):
+        repo.put_objects([ObjectChange("rules", "r4", 3, {"id": "r4"})], source="api", expected=g1)
+    g3 = repo.put_objects([ObjectChange("rules", "r1", -1, deleted=True)], source="api")
+    assert repo.policy_changes(g1, g2) == [ObjectChange("rules", "r3", 2, {"id": "r3"})]
+    latest = repo.get_policy()
+    assert latest is not None and latest.generation == g3 and latest.source == "api"
+    assert latest.document == {
+        "networks": [{"name": "lan"}],
+        "rules": [{"id": "r2", "ports": 2}, {"id": "r3"}],
+    }
+    older = repo.get_policy(g2)
+    assert older is not None and older.document["rules"] == [*BASE["rules"], {"id": "r3"}]
+    g4 = repo.put_policy(BASE, source="file")  # a whole document again: back to what it says
+    assert repo.policy_changes(g3, g4) is not None
+    assert (got := repo.get_policy()) is not None and got.document == BASE
+
+
+def test_objects_cannot_be_written_over_a_document_that_is_not_a_mapping(repo: Repository) -> None:
+    g1 = repo.put_policy(["not", "a", "policy"], source="s")
+    with pytest.raises(ConflictError, match="policy apply"):
+        repo.put_objects([ObjectChange("rules", "r1", 0, {"id": "r1"})], source="api")
+    g2 = repo.put_policy(BASE, source="s")
+    assert repo.policy_changes(g1, g2) is None  # across a generation not kept as objects: read whole
+    assert (got := repo.get_policy(g1)) is not None and got.document == ["not", "a", "policy"]

@@ -21,6 +21,7 @@ from hyperfence.adapters.store import feed as store_feed
 from hyperfence.errors import ConflictError, TemporaryError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease
+from hyperfence.policy.objects import ObjectChange
 
 # A second process on the same state directory: `put N` stores N generations (compare-and-swap, retried on a
 # conflict) and prints each attempt; `events N` adds N events, one transaction each.
@@ -364,3 +365,37 @@ def test_an_existing_database_file_is_never_opened_behind_sqlites_back(
     Store(str(tmp_path)).close()
     assert str(db) not in opened
     assert db.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_store_from_before_objects_is_upgraded_and_its_documents_stay_readable(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = {"networks": [{"name": "lan"}], "rules": [{"id": "r1"}]}
+    db = sqlite3.connect(tmp_path / "hyperfence.db")
+    db.execute(
+        "CREATE TABLE policy (generation INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, "
+        "source TEXT NOT NULL, document TEXT NOT NULL)"
+    )
+    db.execute("INSERT INTO policy(created, source, document) VALUES (1.0, 'old', ?)", (json.dumps(old),))
+    db.commit()
+    db.close()
+    tmp_path.chmod(0o700)
+    (tmp_path / "hyperfence.db").chmod(0o600)
+    store = Store(str(tmp_path))
+    try:
+        assert (got := store.get_policy(1)) is not None and got.document == old
+        # the latest document's objects are there: a change written as objects builds on it
+        g2 = store.put_objects([ObjectChange("rules", "r2", 1, {"id": "r2"})], source="api", expected=1)
+        assert (got := store.get_policy(g2)) is not None and got.document["rules"] == [
+            {"id": "r1"},
+            {"id": "r2"},
+        ]
+        assert store.policy_changes(1, g2) is None  # generation 1 was not kept as objects: read whole
+        assert store.policy_changes(g2, g2) == []
+    finally:
+        store.close()
+    again = Store(str(tmp_path))  # a second open upgrades nothing more
+    try:
+        assert (got := again.get_policy()) is not None and got.generation == g2
+    finally:
+        again.close()

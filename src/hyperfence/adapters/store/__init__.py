@@ -34,6 +34,7 @@ from hyperfence.errors import ConflictError, TemporaryError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease, LeaseSource
 from hyperfence.model.overlay import Overlay, OverlayKind
+from hyperfence.policy import objects
 from hyperfence.ports import Repository, StoredInventory, StoredPolicy
 from hyperfence.system.state_dir import make_private_file, secure_state_dir
 
@@ -47,6 +48,25 @@ CREATE TABLE IF NOT EXISTS policy (
     created REAL NOT NULL,
     source TEXT NOT NULL,
     document TEXT NOT NULL
+);
+-- The latest policy as objects (policy/objects.py), and what each generation changed in them: what lets the
+-- daemon read a change as itself (`policy_changes`). `policy.objects` is 1 for a generation whose changes
+-- are in policy_change; `policy.document` is '' for one written as objects only (`put_objects`).
+CREATE TABLE IF NOT EXISTS policy_object (
+    section TEXT NOT NULL,
+    name TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    PRIMARY KEY (section, name)
+);
+CREATE TABLE IF NOT EXISTS policy_change (
+    generation INTEGER NOT NULL,
+    section TEXT NOT NULL,
+    name TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    body TEXT,
+    PRIMARY KEY (generation, section, name)
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -125,6 +145,7 @@ class Store:
         # One connection, used by the daemon's threads in turn: a transaction must not take in another
         # thread's statements, nor one thread's BEGIN meet another's open transaction.
         self._lock = threading.RLock()
+        self._upgrade()
         self._feed = ChangeFeed(self.path)
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
@@ -144,25 +165,127 @@ class Store:
         with self._lock:
             return self._exec(sql, args).fetchall()
 
+    def _upgrade(self) -> None:
+        """A store written before policies were kept as objects: add `policy.objects`, and the latest
+        document's objects (its generations before stay readable as the documents they are)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(policy)")}
+        if "objects" in columns:
+            return
+        with self._transaction():
+            self._db.execute("ALTER TABLE policy ADD COLUMN objects INTEGER NOT NULL DEFAULT 0")
+            row = self._db.execute(
+                "SELECT generation, document FROM policy ORDER BY generation DESC LIMIT 1"
+            ).fetchone()
+            if row is not None:
+                self._write_objects(int(row[0]), objects.diff({}, orjson.loads(row[1])), record=False)
+
+    def _latest(self) -> int:
+        return int(self._db.execute("SELECT MAX(generation) FROM policy").fetchone()[0] or 0)
+
+    def _check_expected(self, expected: int | None) -> None:
+        if expected is None:
+            return
+        latest = self._latest()
+        if latest != expected:
+            raise ConflictError(
+                f"policy generation {expected} was expected to be the latest, but the store holds "
+                f"generation {latest} now: read it again and retry"
+            )
+
+    def _current_objects(self) -> dict[objects.Key, objects.Stored]:
+        return {
+            (section, name): objects.Stored(pos, body)
+            for section, name, pos, body in self._db.execute(
+                "SELECT section, name, pos, body FROM policy_object"
+            )
+        }
+
+    def _write_objects(self, generation: int, changes: list[objects.ObjectChange], *, record: bool) -> None:
+        rows = [
+            (ch.section, ch.name, ch.pos, None if ch.deleted else objects.canonical(ch.body))
+            for ch in changes
+        ]
+        self._db.executemany(
+            "DELETE FROM policy_object WHERE section = ? AND name = ?",
+            [(section, name) for section, name, _, body in rows if body is None],
+        )
+        self._db.executemany(
+            "INSERT OR REPLACE INTO policy_object(section, name, pos, body, generation) VALUES (?, ?, ?, ?, ?)",
+            [(section, name, pos, body, generation) for section, name, pos, body in rows if body is not None],
+        )
+        if record:
+            self._db.executemany(
+                "INSERT INTO policy_change(generation, section, name, pos, body) VALUES (?, ?, ?, ?, ?)",
+                [(generation, *row) for row in rows],
+            )
+
     def put_policy(self, document: Any, *, source: str, expected: int | None = None) -> int:
         """A new generation (see `ports.PolicyRepository.put_policy`): with `expected`, only if the latest
         generation is still `expected` (checked and written in one write transaction, so two processes
-        racing for the same generation cannot both win), else `ConflictError`."""
+        racing for the same generation cannot both win), else `ConflictError`. The document is kept whole,
+        and as the object changes it makes (`policy/objects.py diff`)."""
         text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS).decode()
         with self._transaction():
-            if expected is not None:
-                latest = int(self._db.execute("SELECT MAX(generation) FROM policy").fetchone()[0] or 0)
-                if latest != expected:
-                    raise ConflictError(
-                        f"policy generation {expected} was expected to be the latest, but the store holds "
-                        f"generation {latest} now: read it again and retry"
-                    )
+            self._check_expected(expected)
+            split = isinstance(document, dict)
             cur = self._db.execute(
-                "INSERT INTO policy(created, source, document) VALUES (?, ?, ?)", (time.time(), source, text)
+                "INSERT INTO policy(created, source, document, objects) VALUES (?, ?, ?, ?)",
+                (time.time(), source, text, int(split)),
             )
             generation = int(cur.lastrowid or 0)
+            if split:
+                self._write_objects(generation, objects.diff(self._current_objects(), document), record=True)
+            else:  # not a policy's shape (only tests store such): no objects, readers load it whole
+                self._db.execute("DELETE FROM policy_object")
         self._feed.announce(generation)
         return generation
+
+    def put_objects(
+        self, changes: list[objects.ObjectChange], *, source: str, expected: int | None = None
+    ) -> int:
+        """See `ports.PolicyRepository.put_objects`."""
+        with self._transaction():
+            self._check_expected(expected)
+            if not self._db.execute("SELECT 1 FROM policy_object LIMIT 1").fetchone() and self._latest():
+                raise ConflictError(
+                    "the latest policy is not kept as objects (it is not a mapping of sections): "
+                    "apply a whole policy with `hyperfence policy apply FILE` first"
+                )
+            cur = self._db.execute(
+                "INSERT INTO policy(created, source, document, objects) VALUES (?, ?, '', 1)",
+                (time.time(), source),
+            )
+            generation = int(cur.lastrowid or 0)
+            self._write_objects(generation, changes, record=True)
+        self._feed.announce(generation)
+        return generation
+
+    def policy_changes(self, after: int, upto: int) -> list[objects.ObjectChange] | None:
+        """See `ports.PolicyRepository.policy_changes`."""
+        if after <= 0 or upto < after:
+            return None
+        with self._lock:
+            recorded = self._db.execute(
+                "SELECT COUNT(*), MIN(objects) FROM policy WHERE generation >= ? AND generation <= ?",
+                (after, upto),
+            ).fetchone()
+            if int(recorded[0]) != upto - after + 1 or not recorded[1]:
+                return None
+            rows = self._db.execute(
+                "SELECT generation, section, name, pos, body FROM policy_change "
+                "WHERE generation > ? AND generation <= ? ORDER BY generation",
+                (after, upto),
+            ).fetchall()
+        return objects.fold(
+            [
+                [
+                    objects.ObjectChange(
+                        section, name, pos, None if body is None else orjson.loads(body), body is None
+                    )
+                    for _, section, name, pos, body in rows
+                ]
+            ]
+        )
 
     def wait_for_change(
         self, after: int, timeout: float, *, cancelled: Callable[[], bool] | None = None
@@ -175,21 +298,52 @@ class Store:
         self._feed.wake()
 
     def latest_generation(self) -> int:
-        row = self._row("SELECT MAX(generation) FROM policy")
-        return int(row[0] or 0)
+        with self._lock:
+            return self._latest()
 
     def get_policy(self, generation: int | None = None) -> StoredPolicy | None:
-        if generation is None:
-            row = self._row(
-                "SELECT generation, created, source, document FROM policy ORDER BY generation DESC LIMIT 1"
+        with self._lock:
+            if generation is None:
+                row = self._db.execute(
+                    "SELECT generation, created, source, document FROM policy ORDER BY generation DESC LIMIT 1"
+                ).fetchone()
+            else:
+                row = self._db.execute(
+                    "SELECT generation, created, source, document FROM policy WHERE generation = ?",
+                    (generation,),
+                ).fetchone()
+            if row is None:
+                return None
+            gen, created, source, text = int(row[0]), float(row[1]), str(row[2]), str(row[3])
+            document = orjson.loads(text) if text else self._document_at(gen)
+        return StoredPolicy(gen, created, source, document)
+
+    def _document_at(self, generation: int) -> Any:
+        """The document of a generation written as objects: its objects as they are now when it is the
+        latest, else the last whole document before it with the changes after (up to it) made."""
+        if generation == self._latest():
+            return objects.assemble(
+                ((section, name), pos, orjson.loads(body))
+                for section, name, pos, body in self._db.execute(
+                    "SELECT section, name, pos, body FROM policy_object"
+                )
             )
-        else:
-            row = self._row(
-                "SELECT generation, created, source, document FROM policy WHERE generation = ?", (generation,)
-            )
-        if row is None:
-            return None
-        return StoredPolicy(int(row[0]), float(row[1]), str(row[2]), orjson.loads(row[3]))
+        base = self._db.execute(
+            "SELECT generation, document FROM policy WHERE generation < ? AND document != '' "
+            "ORDER BY generation DESC LIMIT 1",
+            (generation,),
+        ).fetchone()
+        held = objects.split(orjson.loads(base[1])) if base is not None else {}
+        for section, name, pos, body in self._db.execute(
+            "SELECT section, name, pos, body FROM policy_change WHERE generation > ? AND generation <= ? "
+            "ORDER BY generation",
+            (0 if base is None else int(base[0]), generation),
+        ):
+            if body is None:
+                held.pop((section, name), None)
+            else:
+                held[(section, name)] = (pos, orjson.loads(body))
+        return objects.assemble((key, pos, body) for key, (pos, body) in held.items())
 
     def add_event(self, kind: str, data: dict[str, Any], *, vm: str | None = None) -> None:
         self._exec(

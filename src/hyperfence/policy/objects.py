@@ -1,0 +1,213 @@
+"""A policy document as objects with their own versions (pure).
+
+The repository keeps a policy as the objects it is made of, not as one text: each VM, network, rule, limit,
+heartbeat and IP set is one object, and so is `settings`. A change is then the objects it touches — what the
+REST API (one rule at a time) and a cluster key-value store write — and a whole document applied with
+`hyperfence policy apply` becomes the set of object changes it implies (`diff`). The daemon learns what
+changed from the repository and patches the document it holds (`patch`), so that a one-rule change is read,
+validated, resolved and compiled as itself.
+
+An object's key is (section, name):
+
+    (K, "#")          the head of top-level key K: what K is (a list, a mapping, or a plain value, held)
+    (K, NAME)         an item of a list section (`networks`, `vms`: its `name`; `rules`, `limits`,
+                      `heartbeats`: its `id`), or an entry of a mapping section (`ipsets`: its key)
+    (K, "#<i>")       an item of a list section without a usable name (none, not text, starting with '#',
+                      or taken by an earlier item): named by its position
+
+Each object also has its position in its section (`pos`), so that `assemble(split(doc)) == doc`, order
+included: an item that moves is a changed object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+HEAD = "#"
+# The field that names an item of each list section (items of other lists are named by position).
+NAMED_BY = {"networks": "name", "vms": "name", "rules": "id", "limits": "id", "heartbeats": "id"}
+MAP_SECTIONS = frozenset({"ipsets"})
+LIST_HEAD: dict[str, Any] = {"list": True}
+MAP_HEAD: dict[str, Any] = {"map": True}
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class ObjectChange:
+    """One object written (`body`, at `pos` of its section) or deleted (`body` None)."""
+
+    section: str
+    name: str
+    pos: int
+    body: Any = None
+    deleted: bool = False
+
+    @property
+    def key(self) -> Key:
+        return (self.section, self.name)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An object as the repository holds it: its position and its canonical JSON text."""
+
+    pos: int
+    text: str
+
+
+def canonical(body: Any) -> str:
+    """The text an object is stored and compared as: JSON with sorted keys."""
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def item_names(section: str, items: list[Any]) -> list[str]:
+    """The name of each item of list section `section` (see the module's docstring)."""
+    field = NAMED_BY.get(section)
+    names: list[str] = []
+    taken: set[str] = set()
+    for i, item in enumerate(items):
+        name = item.get(field) if field is not None and isinstance(item, dict) else None
+        if not isinstance(name, str) or not name or name.startswith("#") or name in taken:
+            name = f"#{i}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _map_name(key: str) -> str:
+    return "#" + key if key.startswith("#") else key
+
+
+def split(document: Any) -> dict[Key, tuple[int, Any]]:
+    """Every object of `document` (a mapping of sections), by key, with its position and body."""
+    if not isinstance(document, dict):
+        raise ValueError(f"a policy document is a mapping of sections, not {type(document).__name__}")
+    out: dict[Key, tuple[int, Any]] = {}
+    for pos, (section, value) in enumerate(document.items()):
+        if isinstance(value, list):
+            out[(section, HEAD)] = (pos, LIST_HEAD)
+            out.update(
+                ((section, name), (i, item))
+                for i, (name, item) in enumerate(zip(item_names(section, value), value, strict=True))
+            )
+        elif isinstance(value, dict) and section in MAP_SECTIONS:
+            out[(section, HEAD)] = (pos, MAP_HEAD)
+            out.update(((section, _map_name(k)), (i, [k, v])) for i, (k, v) in enumerate(value.items()))
+        else:
+            out[(section, HEAD)] = (pos, {"value": value})
+    return out
+
+
+def stored(document: Any) -> dict[Key, Stored]:
+    """`split`, each body as its canonical text (what `diff` compares)."""
+    return {key: Stored(pos, canonical(body)) for key, (pos, body) in split(document).items()}
+
+
+def diff(old: Mapping[Key, Stored], document: Any) -> list[ObjectChange]:
+    """The object changes that turn the objects `old` into `document`: objects whose position or body
+    differs, then deletions."""
+    new = split(document)
+    changes: list[ObjectChange] = []
+    for key, (pos, body) in new.items():
+        was = old.get(key)
+        if was is None or was.pos != pos or was.text != canonical(body):
+            changes.append(ObjectChange(key[0], key[1], pos, body))
+    changes.extend(ObjectChange(key[0], key[1], -1, deleted=True) for key in old.keys() - new.keys())
+    return changes
+
+
+def assemble(objects: Iterable[tuple[Key, int, Any]]) -> dict[str, Any]:
+    """The document made of `objects` ((key, pos, body) of every object, in any order)."""
+    heads: dict[str, tuple[int, Any]] = {}
+    items: dict[str, list[tuple[int, Any]]] = {}
+    for (section, name), pos, body in objects:
+        if name == HEAD:
+            heads[section] = (pos, body)
+        else:
+            items.setdefault(section, []).append((pos, body))
+    document: dict[str, Any] = {}
+    for section, (_, head) in sorted(heads.items(), key=lambda kv: kv[1][0]):
+        members = [body for _, body in sorted(items.get(section, ()), key=lambda pb: pb[0])]
+        if head == LIST_HEAD:
+            document[section] = members
+        elif head == MAP_HEAD:
+            document[section] = dict(members)
+        else:
+            document[section] = head["value"]
+    return document
+
+
+def patch(document: dict[str, Any], changes: Iterable[ObjectChange]) -> dict[str, Any] | None:
+    """`document` with `changes` made, sharing every untouched section and item with it (same objects: what
+    lets the parser see at a glance what did not change). Handles the changes one write makes most: items
+    edited in place and items appended (lists), entries edited or added (mappings), plain sections
+    replaced. None for any other (deletions, moves, a section changing kind): assemble the document from
+    the repository instead."""
+    out = dict(document)
+    order = list(out)
+    copied: dict[str, dict[str, int]] = {}  # section -> its items' positions by name (once copied)
+    for ch in changes:
+        if ch.deleted:
+            return None
+        current = out.get(ch.section)
+        is_map = isinstance(current, dict) and ch.section in MAP_SECTIONS
+        if ch.name == HEAD:
+            if ch.section not in out or order.index(ch.section) != ch.pos:
+                return None
+            kind_now = LIST_HEAD if isinstance(current, list) else MAP_HEAD if is_map else None
+            if ch.body in (LIST_HEAD, MAP_HEAD) or kind_now is not None:
+                if ch.body != kind_now:
+                    return None
+                continue
+            out[ch.section] = ch.body["value"]
+        elif isinstance(current, list):
+            if ch.section not in copied:
+                current = out[ch.section] = list(current)
+                copied[ch.section] = {n: i for i, n in enumerate(item_names(ch.section, current))}
+            at = copied[ch.section]
+            if at.get(ch.name) == ch.pos:
+                current[ch.pos] = ch.body
+            elif ch.pos == len(current) and ch.name not in at:
+                current.append(ch.body)
+                at[ch.name] = ch.pos
+            else:
+                return None
+        elif isinstance(current, dict) and ch.section in MAP_SECTIONS:
+            if not (isinstance(ch.body, list) and len(ch.body) == 2 and isinstance(ch.body[0], str)):
+                return None
+            k, v = ch.body
+            if ch.section not in copied:
+                current = out[ch.section] = dict(current)
+                copied[ch.section] = {_map_name(key): i for i, key in enumerate(current)}
+            at = copied[ch.section]
+            if _map_name(k) != ch.name or at.get(ch.name, len(at)) != ch.pos:
+                return None
+            current[k] = v
+            at[ch.name] = ch.pos
+        else:
+            return None
+    return out
+
+
+def fold(batches: Iterable[Iterable[ObjectChange]]) -> list[ObjectChange]:
+    """The net change of consecutive batches (oldest first): the last write or deletion of each object,
+    section by section, heads first, items in position order (as `patch` takes them)."""
+    last: dict[Key, ObjectChange] = {}
+    for batch in batches:
+        for ch in batch:
+            last[ch.key] = ch
+    return sorted(last.values(), key=lambda ch: (ch.section, ch.name != HEAD, ch.pos))
+
+
+def changed(objects: dict[Key, Stored], changes: Iterable[ObjectChange]) -> None:
+    """Make `changes` in `objects` (in place)."""
+    for ch in changes:
+        if ch.deleted:
+            objects.pop(ch.key, None)
+        else:
+            objects[ch.key] = Stored(ch.pos, canonical(ch.body))

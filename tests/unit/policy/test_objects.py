@@ -1,0 +1,108 @@
+"""policy/objects.py: a document as objects, the changes between two documents, and patching a document
+with them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hyperfence.policy.objects import (
+    HEAD,
+    ObjectChange,
+    assemble,
+    changed,
+    diff,
+    fold,
+    item_names,
+    patch,
+    split,
+    stored,
+)
+
+DOC: dict[str, Any] = {
+    "settings": {"inventory": "none"},
+    "networks": [{"name": "lan", "subnet": "10.0.0.0/24"}],
+    "vms": [{"name": "a", "port": "p1"}, {"name": "b", "port": "p2"}],
+    "ipsets": {"web": ["10.1.0.0/24"], "#odd": ["10.2.0.1"]},
+    "rules": [{"id": "r1", "from": "vm:a", "to": "vm:b"}, {"from": "vm:b", "to": "vm:a"}],
+}
+
+
+def rebuilt(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    held = stored(old)
+    changed(held, diff(held, new))
+    return assemble((key, s.pos, __import__("orjson").loads(s.text)) for key, s in held.items())
+
+
+def test_a_document_is_its_objects_order_included() -> None:
+    objects = split(DOC)
+    assert objects[("vms", "a")] == (0, {"name": "a", "port": "p1"})
+    assert objects[("rules", "#1")][0] == 1  # no id: named by its position
+    assert objects[("ipsets", "##odd")] == (1, ["#odd", ["10.2.0.1"]])
+    assert objects[("settings", HEAD)] == (0, {"value": {"inventory": "none"}})
+    assert assemble((k, pos, body) for k, (pos, body) in objects.items()) == DOC
+    assert list(assemble((k, pos, body) for k, (pos, body) in reversed(objects.items()))) == list(DOC)
+
+
+def test_names_taken_twice_or_unusable_are_positions() -> None:
+    items = [{"id": "x"}, {"id": "x"}, {"id": "#1"}, "text", {"id": 5}, {"id": ""}]
+    assert item_names("rules", items) == ["x", "#1", "#2", "#3", "#4", "#5"]
+
+
+def test_a_one_rule_change_is_one_object_and_patch_shares_the_rest() -> None:
+    new = {**DOC, "rules": [{"id": "r1", "from": "vm:a", "to": "vm:b", "ports": 22}, DOC["rules"][1]]}
+    changes = diff(stored(DOC), new)
+    assert [(c.section, c.name) for c in changes] == [("rules", "r1")]
+    got = patch(DOC, changes)
+    assert got == new
+    assert got is not None and got["vms"] is DOC["vms"] and got["rules"][1] is DOC["rules"][1]
+    assert DOC["rules"][0] == {"id": "r1", "from": "vm:a", "to": "vm:b"}  # the old document is untouched
+
+
+def test_appends_are_patched_deletions_and_moves_are_not() -> None:
+    appended = {
+        **DOC,
+        "vms": [*DOC["vms"], {"name": "c", "port": "p3"}],
+        "ipsets": {**DOC["ipsets"], "n": []},
+    }
+    assert patch(DOC, diff(stored(DOC), appended)) == appended
+    deleted = {**DOC, "vms": DOC["vms"][:1]}
+    assert patch(DOC, diff(stored(DOC), deleted)) is None
+    moved = {**DOC, "vms": DOC["vms"][::-1]}
+    assert patch(DOC, diff(stored(DOC), moved)) is None
+    assert rebuilt(DOC, deleted) == deleted and rebuilt(DOC, moved) == moved
+
+
+def test_fold_keeps_the_last_write_of_each_object() -> None:
+    one = [ObjectChange("rules", "r1", 0, {"id": "r1", "v": 1})]
+    two = [ObjectChange("rules", "r1", 0, {"id": "r1", "v": 2}), ObjectChange("vms", "c", 2, {"name": "c"})]
+    assert fold([one, two]) == [two[0], two[1]]
+
+
+names = st.sampled_from(["a", "b", "c", "d", "#1", ""])
+items = st.fixed_dictionaries({"name": names}, optional={"port": st.integers(0, 3)})
+rules = st.fixed_dictionaries({}, optional={"id": names, "to": st.integers(0, 3)})
+documents = st.fixed_dictionaries(
+    {},
+    optional={
+        "settings": st.none() | st.dictionaries(st.sampled_from(["x", "y"]), st.integers(0, 2)),
+        "vms": st.lists(items, max_size=5),
+        "rules": st.lists(rules, max_size=5),
+        "ipsets": st.dictionaries(names, st.lists(st.integers(0, 2), max_size=2), max_size=3),
+        "version": st.just(1),
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents, documents)
+def test_any_two_documents_diff_fold_and_patch_exactly(old: dict[str, Any], new: dict[str, Any]) -> None:
+    assert assemble((k, pos, body) for k, (pos, body) in split(new).items()) == new
+    changes = diff(stored(old), new)
+    assert rebuilt(old, new) == new
+    got = patch(old, fold([changes]))
+    assert got is None or got == new
+    if not changes:
+        assert got == old
