@@ -135,4 +135,7 @@ def with_overlays(resolved: Resolved, merged: Merged) -> Resolved:
             else vp
             for vp in resolved.vms
         )
-    return dataclasses.replace(resolved, vms=vms, quarantine=merged.isolated)
+    if vms is resolved.vms:
+        return dataclasses.replace(resolved, quarantine=merged.isolated)
+    # (what changed since the resolve's `base` is not known any more: the compiler looks at every VM)
+    return dataclasses.replace(resolved, vms=vms, quarantine=merged.isolated, base=None, changed=None)

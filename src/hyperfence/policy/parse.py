@@ -13,7 +13,9 @@ its item, and an item that is wrong (a VM with a bad MAC) is not reported again 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterable
 from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -43,6 +45,7 @@ from hyperfence.model.policy import (
 from hyperfence.policy import syntax
 from hyperfence.policy.collector import ALL, Collector, Strict, key_path, one_or_list, shown
 from hyperfence.policy.document import load_document
+from hyperfence.policy.objects import HEAD, ObjectChange
 from hyperfence.policy.sections import parse_heartbeats, parse_limits, parsed_selectors
 
 T = TypeVar("T")
@@ -576,7 +579,6 @@ def _rules(
     memo = _RULES_MEMO[1] if _RULES_MEMO is not None and _RULES_MEMO[0] == token else {}
     fresh: dict[int, tuple[Any, Rule]] = {}
     for i, raw in enumerate(items):
-        p = f"rules[{i}]"
         # Compared with a private copy of the item as it was validated (a plain `==`, no serialisation).
         seen = memo.get(i)
         if seen is not None and seen[0] == raw and ids.setdefault(seen[1].id, i) == i:
@@ -584,42 +586,103 @@ def _rules(
             fresh[i] = seen
             continue
         before = len(c.problems)
-        got = c.fields(RuleDoc, raw, p, required=RULE_REQUIRED)
-        if got is None:
+        rule = _rule(c, raw, i, vm_names, ipsets, ids=ids, strict_names=strict_names)
+        if rule is None:
             continue
-        doc, bad = got
-        rule_id = None
-        if "id" not in bad:
-            rule_id = c.value(lambda s: syntax.parse_id(s, "rule id"), doc.id or f"r{i}", f"{p}.id")
-        if rule_id is not None and (first := ids.setdefault(rule_id, i)) != i:
-            c.add(f"{p}.id", f"{rule_id!r} is also the id of rules[{first}] (expected unique ids)")
-        sides = {
-            side: _rule_side(c, value, f"{p}.{side}", vm_names, ipsets, strict_names=strict_names)
-            for side, value in (("from", doc.from_), ("to", doc.to))
-            if side not in bad
-        }
-        services = _rule_services(c, doc, p)
-        action = Action(doc.action)
-        if action is Action.REJECT and any(
-            isinstance(s, NamedService) and s.kind is not SpecialService.ANY for s in services
-        ):
-            c.add(f"{p}.action", "reject applies to IP traffic only (expected deny for arp/dhcp services)")
-        if rule_id is None or len(sides) != 2:
-            continue
-        rule = Rule(
-            id=rule_id,
-            index=i,
-            from_=sides["from"],
-            to=sides["to"],
-            services=services,
-            action=action,
-            priority=doc.priority,
-            log=doc.log,
-            description=doc.description,
-        )
         out.append(rule)
         if len(c.problems) == before and (copy := _plain_copy(raw)) is not None:
             fresh[i] = (copy, rule)
     if not c.problems:
         _RULES_MEMO = (token, fresh)
     return out
+
+
+def _rule(
+    c: Collector,
+    raw: Any,
+    i: int,
+    vm_names: set[str],
+    ipsets: dict[str, tuple[AddressRange, ...]],
+    *,
+    ids: dict[str, int],
+    strict_names: bool,
+) -> Rule | None:
+    """Item `i` of `rules` (its problems added to `c`; None when it cannot be made). `ids`: the rule ids
+    taken so far, by item (this one's is added)."""
+    p = f"rules[{i}]"
+    got = c.fields(RuleDoc, raw, p, required=RULE_REQUIRED)
+    if got is None:
+        return None
+    doc, bad = got
+    rule_id = None
+    if "id" not in bad:
+        rule_id = c.value(lambda s: syntax.parse_id(s, "rule id"), doc.id or f"r{i}", f"{p}.id")
+    if rule_id is not None and (first := ids.setdefault(rule_id, i)) != i:
+        c.add(f"{p}.id", f"{rule_id!r} is also the id of rules[{first}] (expected unique ids)")
+    sides = {
+        side: _rule_side(c, value, f"{p}.{side}", vm_names, ipsets, strict_names=strict_names)
+        for side, value in (("from", doc.from_), ("to", doc.to))
+        if side not in bad
+    }
+    services = _rule_services(c, doc, p)
+    action = Action(doc.action)
+    if action is Action.REJECT and any(
+        isinstance(s, NamedService) and s.kind is not SpecialService.ANY for s in services
+    ):
+        c.add(f"{p}.action", "reject applies to IP traffic only (expected deny for arp/dhcp services)")
+    if rule_id is None or len(sides) != 2:
+        return None
+    return Rule(
+        id=rule_id,
+        index=i,
+        from_=sides["from"],
+        to=sides["to"],
+        services=services,
+        action=action,
+        priority=doc.priority,
+        log=doc.log,
+        description=doc.description,
+    )
+
+
+def parse_rules_changed(
+    previous: Policy, before: dict[str, Any], document: dict[str, Any], changes: Iterable[ObjectChange]
+) -> Policy | None:
+    """`parse_policy(document)`, made from `previous` (= `parse_policy(before)`) when `changes` (the object
+    changes from `before` to `document`: policy/objects.py) only edit or append rules and every other
+    section of `document` is the very object it was in `before`: each changed rule is validated as itself
+    (against the same VMs and IP sets), the other rules are `previous`'s objects. None when the change is of
+    another kind, or a changed rule has a problem: parse the whole document (which says what, where)."""
+    if document.keys() != before.keys() or any(
+        document[k] is not before[k] for k in document if k != "rules"
+    ):
+        return None
+    items = document.get("rules")
+    if not isinstance(items, list) or len(items) < len(previous.rules):
+        return None
+    edits: list[int] = []
+    for ch in changes:
+        if ch.section != "rules" or ch.deleted or ch.name == HEAD or not 0 <= ch.pos < len(items):
+            return None
+        edits.append(ch.pos)
+    if len(items) != len(previous.rules) + sum(1 for i in edits if i >= len(previous.rules)):
+        return None
+    c = Collector()
+    taken = {r.id for r in previous.rules}
+    for i in edits:
+        if i < len(previous.rules):
+            taken.discard(previous.rules[i].id)
+    vm_names = {v.name for v in previous.vms}
+    ipsets = dict(previous.ipsets)
+    strict = previous.settings.inventory == "none"
+    rules = list(previous.rules)
+    for i in sorted(edits):
+        rule = _rule(c, items[i], i, vm_names, ipsets, ids={}, strict_names=strict)
+        if rule is None or c.problems or rule.id in taken:
+            return None  # the whole parse says what is wrong, where (a taken id: at the later rule)
+        taken.add(rule.id)
+        if i < len(rules):
+            rules[i] = rule
+        else:
+            rules.append(rule)
+    return dataclasses.replace(previous, rules=tuple(rules))

@@ -7,6 +7,7 @@ to answer what-if questions, so both always agree.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -178,6 +179,11 @@ class Resolved:
     # VMs in quarantine (isolated by an overlay of some producer, not by the policy: policy/overlays.py):
     # every packet to and from them is dropped, established flows included.
     quarantine: frozenset[str] = frozenset()
+    # Set by `resolve_update`: the VMs (ids) whose `VmPolicy` may differ from `base`'s (the `vms` it was made
+    # from); every other VM's is the very object it was in `base`. What lets the compiler look at the
+    # changed VMs only.
+    base: tuple[VmPolicy, ...] | None = field(default=None, compare=False, repr=False)
+    changed: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
 
 class _Index:
@@ -197,6 +203,49 @@ class _Index:
                 self.by_label.setdefault(label, []).append(vm)
         self._addresses: dict[tuple[Selector, ...], tuple[AddressRange, ...]] = {}
         self._workloads: dict[tuple[Selector, ...], tuple[list[Vm], frozenset[str]]] = {}
+        # The rules that select each VM (by VM id, then rule id), of one version of the rules: made by the
+        # first `with_rules`, then carried from version to version.
+        self._rules_of: dict[str, dict[str, Rule]] | None = None
+
+    def rules_of(self, vm_id: str) -> Iterable[Rule]:
+        """The rules that select VM `vm_id` on either side (only after `with_rules`)."""
+        if self._rules_of is None:
+            raise RuntimeError("_Index.rules_of is known only on an index made by with_rules")
+        return self._rules_of.get(vm_id, {}).values()
+
+    def with_rules(
+        self, rules: tuple[Rule, ...], changed: list[tuple[Rule | None, Rule | None]]
+    ) -> tuple[_Index, set[str]]:
+        """A copy of this index (sharing its lookups: they do not depend on the rules) for `rules` with the
+        `changed` (old, new) rules made, and the VMs they select before or after."""
+        rules_of = self._rules_of
+        if rules_of is None:
+            rules_of = {}
+            for each in rules:
+                for vid in self._selected_by(each):
+                    rules_of.setdefault(vid, {})[each.id] = each
+        rules_of = dict(rules_of)
+        affected: set[str] = set()
+        copied: set[str] = set()
+        for old, new in changed:
+            for version, keep in ((old, False), (new, True)):
+                if version is None:
+                    continue
+                for vid in self._selected_by(version):
+                    affected.add(vid)
+                    if vid not in copied:
+                        rules_of[vid] = dict(rules_of.get(vid, {}))
+                        copied.add(vid)
+                    if keep:
+                        rules_of[vid][version.id] = version
+                    else:
+                        rules_of[vid].pop(version.id, None)
+        index = copy.copy(self)
+        index._rules_of = rules_of
+        return index, affected
+
+    def _selected_by(self, rule: Rule) -> frozenset[str]:
+        return self.workload_ids(rule.from_) | self.workload_ids(rule.to)
 
     def workloads(self, selectors: tuple[Selector, ...]) -> list[Vm]:
         """The VMs `selectors` select, in policy order (a shared list: do not change it)."""
@@ -450,42 +499,60 @@ def resolve_update(
         or old.connection_caps != policy.connection_caps
     ):
         return None
-    old_rules = {r.id: r for r in old.rules}
-    new_rules = {r.id: r for r in policy.rules}
-    changed = [i for i in old_rules.keys() | new_rules.keys() if old_rules.get(i) != new_rules.get(i)]
-    if len(changed) > MAX_INCREMENTAL_RULES:
+    changed = _changed_rules(old.rules, policy.rules)
+    if changed is None:
         return None
     # Same VMs, networks and IP sets (checked above): the previous lookups still hold.
     index = prev.index if prev.index is not None else _Index(policy, prev.outside, prev.host)
-    affected: set[str] = set()
-    for rid in changed:
-        for rule in (old_rules.get(rid), new_rules.get(rid)):
-            if rule is not None:
-                affected.update(v.id for v in index.workloads(rule.from_))
-                affected.update(v.id for v in index.workloads(rule.to))
+    if not changed:
+        return Resolved(policy=policy, vms=prev.vms, outside=prev.outside, host=prev.host, index=index)
+    index, affected = index.with_rules(old.rules, changed)
     if not affected:
         return Resolved(policy=policy, vms=prev.vms, outside=prev.outside, host=prev.host, index=index)
     egress: dict[str, list[Entry]] = {vid: [] for vid in affected}
     ingress: dict[str, list[Entry]] = {vid: [] for vid in affected}
-    for rule in sorted(policy.rules, key=lambda r: r.order):
+    selecting = {rule.id: rule for vid in affected for rule in index.rules_of(vid)}
+    for rule in sorted(selecting.values(), key=lambda r: r.order):
         _rule_entries(rule, index, egress, ingress, only=affected)
     nets = {n.name: n for n in policy.networks}
     arp_cache: dict[tuple[object, ...], tuple[AddressRange, ...]] = {}
-    vms = tuple(
-        _vm_policy(
-            vp.vm,
-            nets[vp.vm.network],
-            egress[vp.vm.id],
-            ingress[vp.vm.id],
-            arp_cache,
-            index=index,
-            policy=policy,
+    vms = list(prev.vms)
+    for vid in affected:
+        at = index.order[vid]
+        vm = vms[at].vm
+        vms[at] = _vm_policy(
+            vm, nets[vm.network], egress[vid], ingress[vid], arp_cache, index=index, policy=policy
         )
-        if vp.vm.id in affected
-        else vp
-        for vp in prev.vms
+    return Resolved(
+        policy=policy,
+        vms=tuple(vms),
+        outside=prev.outside,
+        host=prev.host,
+        index=index,
+        base=prev.vms,
+        changed=frozenset(affected),
     )
-    return Resolved(policy=policy, vms=vms, outside=prev.outside, host=prev.host, index=index)
+
+
+def _changed_rules(
+    old: tuple[Rule, ...], new: tuple[Rule, ...]
+) -> list[tuple[Rule | None, Rule | None]] | None:
+    """The rules that differ, as (old, new) by id (None: not there), unchanged rules being the same objects
+    (what the parser keeps: a one-rule change costs a pass of identity checks); None when more than
+    `MAX_INCREMENTAL_RULES` differ."""
+    if len(old) == len(new):
+        pairs = [(o, n) for o, n in zip(old, new, strict=True) if o is not n]
+        if all(o.id == n.id for o, n in pairs):
+            changed: list[tuple[Rule | None, Rule | None]] = [(o, n) for o, n in pairs if o != n]
+            return changed if len(changed) <= MAX_INCREMENTAL_RULES else None
+    old_rules = {r.id: r for r in old}
+    new_rules = {r.id: r for r in new}
+    changed = [
+        (old_rules.get(i), new_rules.get(i))
+        for i in old_rules.keys() | new_rules.keys()
+        if old_rules.get(i) is not new_rules.get(i) and old_rules.get(i) != new_rules.get(i)
+    ]
+    return changed if len(changed) <= MAX_INCREMENTAL_RULES else None
 
 
 def _arp_reachable(

@@ -67,7 +67,7 @@ from hyperfence.ruleset.build import (
     service_matches,
     vm_sid,
 )
-from hyperfence.ruleset.ir import JSON, Chain, Delta, NftSet, Rule, Ruleset, TableId
+from hyperfence.ruleset.ir import JSON, Chain, ChainedRules, Delta, NftSet, Rule, Ruleset, TableId
 from hyperfence.ruleset.reject import reject_chains
 
 __all__ = [
@@ -112,6 +112,7 @@ class CompileCache(BuildMemo):
         self.set_users: dict[str, int] = {}
         self.reject_vms = 0
         self.flavour: Flavour | None = None  # what all of the above was built for
+        self.compiled_vms: tuple[VmPolicy, ...] | None = None  # the VMs of the last compile
 
     def for_flavour(self, flavour: Flavour) -> None:
         """Forget everything when the flavour changes: nothing built for one data plane serves the other."""
@@ -176,6 +177,7 @@ def compile_ruleset(
     rs = _compile_all(resolved, cache, flavour)
     if cache is not None:
         cache.prev = rs
+        cache.compiled_vms = resolved.vms
         cache.set_users = {}
         for _, _, _, vm_sets in cache.last.values():
             for name in {n.name for n in vm_sets}:
@@ -223,18 +225,11 @@ def _compile_changed_vms(resolved: Resolved, cache: CompileCache) -> Ruleset | N
     prev, settings = cache.prev, resolved.policy.settings
     if prev is None or cache.base is None or cache.reject_vms or len(resolved.vms) != len(cache.last):
         return None
-    if cache.base[0] != _base_key(resolved, settings):
+    changed = _changed_vms(resolved, cache)
+    if changed is None:
         return None
-    changed: list[VmPolicy] = []
-    for vp in resolved.vms:
-        seen = cache.last.get(vp.vm.id)
-        if seen is None:
-            return None
-        if seen[0] is not vp:
-            changed.append(vp)
-            if len(changed) > MAX_CHANGED_VMS or vp.rejects_in or vp.rejects_out:
-                return None
     if not changed:
+        cache.compiled_vms = resolved.vms
         return prev
     flavour = cache.flavour or Flavour.BR_NETFILTER
     b = Builder(settings, cache, flavour)
@@ -253,10 +248,12 @@ def _compile_changed_vms(resolved: Resolved, cache: CompileCache) -> Ruleset | N
     chains: set[tuple[TableId, str]] = set()
     sets: set[tuple[TableId, str]] = set()
     touched: set[str] = set()
+    grown = 0
     for vp, key, frag, vm_sets in rebuilt:
         _, _, old_key, old_sets = cache.last[vp.vm.id]
         for ck, rules in frag.rules.items():
             if by_chain[ck] is not rules and by_chain[ck] != rules:
+                grown += len(rules) - len(by_chain[ck])
                 by_chain[ck] = rules
                 chains.add(ck)
         for name in {n.name for n in old_sets}:
@@ -281,13 +278,63 @@ def _compile_changed_vms(resolved: Resolved, cache: CompileCache) -> Ruleset | N
         tables=prev.tables,
         chains=prev.chains,
         sets=tuple(sorted(set_map.values(), key=lambda s: s.name)) if sets else prev.sets,
-        rules=tuple(itertools.chain.from_iterable(by_chain.values())) if chains else prev.rules,
+        rules=ChainedRules(by_chain, len(prev.rules) + grown) if chains else prev.rules,
         delta=Delta(weakref.ref(prev), frozenset(chains), frozenset(sets)),
     )
     rs.preset_chain_rules(by_chain)
     rs.preset_lookups(prev.chain_by_key(), set_map)
     cache.prev = rs
+    cache.compiled_vms = resolved.vms
     return rs
+
+
+def _changed_vms(resolved: Resolved, cache: CompileCache) -> list[VmPolicy] | None:
+    """The VMs whose `VmPolicy` is not the one compiled last; None when a change is not for
+    `_compile_changed_vms` (see there)."""
+    candidates = _hinted(resolved, cache)
+    if (
+        candidates is None
+        and cache.base is not None
+        and cache.base[0] != _base_key(resolved, resolved.policy.settings)
+    ):
+        return None
+    changed: list[VmPolicy] = []
+    for vp in resolved.vms if candidates is None else candidates:
+        seen = cache.last.get(vp.vm.id)
+        if seen is None:
+            return None
+        if seen[0] is not vp:
+            changed.append(vp)
+            if len(changed) > MAX_CHANGED_VMS or vp.rejects_in or vp.rejects_out:
+                return None
+    return changed
+
+
+def _hinted(resolved: Resolved, cache: CompileCache) -> list[VmPolicy] | None:
+    """The VMs that may have changed since the last compile, when the resolve says (`Resolved.changed`,
+    relative to the very VMs compiled last) and nothing that `_base_key` holds changed: the other VMs are
+    the same objects, so only these need a look. None: look at every VM."""
+    base, index, ids = resolved.base, resolved.index, resolved.changed
+    if base is None or index is None or ids is None or base is not cache.compiled_vms or cache.base is None:
+        return None
+    key = cache.base[0]
+    if not isinstance(key, tuple) or len(key) != 5:
+        return None
+    vms, networks, settings, _, quarantine = key
+    policy = resolved.policy
+    if (
+        vms != policy.vms  # (equal tuples of the very same VMs: a pass of identity checks)
+        or networks != policy.networks
+        or settings != policy.settings
+        or quarantine != resolved.quarantine
+    ):
+        return None
+    out = [resolved.vms[index.order[vid]] for vid in ids]
+    for vp in out:
+        seen = cache.last.get(vp.vm.id)
+        if seen is None or seen[0].dhcp_client != vp.dhcp_client:
+            return None
+    return out
 
 
 def _base_key(resolved: Resolved, settings: Settings) -> object:

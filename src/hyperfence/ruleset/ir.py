@@ -9,10 +9,12 @@ comparison, not a guess.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 JSON = Any
 
@@ -100,12 +102,54 @@ class Delta:
     sets: frozenset[tuple[TableId, str]]
 
 
+class ChainedRules(Sequence[Rule]):
+    """Every rule of a ruleset in chain order, as the rules of its chains one after the other: what an
+    incremental compile gives instead of a new tuple of all rules (at 10,000 VMs, 200,000 of them: 9 ms a
+    change). Made into one tuple only when indexed; equal to the tuple of the same rules."""
+
+    def __init__(self, by_chain: dict[tuple[TableId, str], list[Rule]], count: int) -> None:
+        self._by_chain = by_chain
+        self._count = count
+        self._flat: tuple[Rule, ...] | None = None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Rule]:
+        return itertools.chain.from_iterable(self._by_chain.values())
+
+    def _tuple(self) -> tuple[Rule, ...]:
+        if self._flat is None:
+            self._flat = tuple(self)
+        return self._flat
+
+    @overload
+    def __getitem__(self, i: int) -> Rule: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> tuple[Rule, ...]: ...
+
+    def __getitem__(self, i: int | slice) -> Rule | tuple[Rule, ...]:
+        return self._tuple()[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ChainedRules | tuple):
+            return len(self) == len(other) and self._tuple() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._tuple())
+
+    def __repr__(self) -> str:
+        return f"ChainedRules({self._count} rules in {len(self._by_chain)} chains)"
+
+
 @dataclass(frozen=True)
 class Ruleset:
     tables: tuple[TableId, ...]
     chains: tuple[Chain, ...]
     sets: tuple[NftSet, ...]
-    rules: tuple[Rule, ...]  # in chain order
+    rules: tuple[Rule, ...] | ChainedRules  # in chain order
     # Set by an incremental compile: how this ruleset differs from the one compiled before it.
     delta: Delta | None = field(default=None, compare=False, hash=False, repr=False)
 
