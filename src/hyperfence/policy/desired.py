@@ -15,15 +15,17 @@ producers' overlays (`policy/overlays.py`) and the compiler.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hyperfence.model.lease import Lease
 from hyperfence.model.policy import Policy
 from hyperfence.policy.inventory import merge_discovered
 from hyperfence.policy.leases import apply_leases
-from hyperfence.policy.parse import parse_policy
+from hyperfence.policy.objects import ObjectChange
+from hyperfence.policy.parse import parse_policy, parse_rules_changed
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,10 @@ class DesiredPolicy:
     policy: Policy
     skipped: tuple[str, ...] = ()  # discovered VMs left out, and why
     ignored_leases: tuple[tuple[Lease, str], ...] = ()  # learned addresses left out, and why
+    # What `desired_update` starts from: the document with the discovered VMs merged in (the one parsed),
+    # and its parse before the learned addresses were applied.
+    merged: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    parsed: Policy | None = field(default=None, compare=False, repr=False)
 
 
 def desired_policy(
@@ -42,5 +48,37 @@ def desired_policy(
     skipped: list[str] = []
     if discovered and isinstance(document, dict):
         document, skipped = merge_discovered(document, tuple(discovered))
-    policy, ignored = apply_leases(parse_policy(document, source=source), tuple(leases))
-    return DesiredPolicy(policy, tuple(skipped), ignored)
+    parsed = parse_policy(document, source=source)
+    policy, ignored = apply_leases(parsed, tuple(leases))
+    return DesiredPolicy(
+        policy,
+        tuple(skipped),
+        ignored,
+        merged=document if isinstance(document, dict) else None,
+        parsed=parsed,
+    )
+
+
+def desired_update(
+    previous: DesiredPolicy, before: dict[str, Any], document: dict[str, Any], changes: Sequence[ObjectChange]
+) -> DesiredPolicy | None:
+    """`desired_policy(document, ...)` made from `previous` (= `desired_policy(before, ...)` with the very
+    same discovered VMs and leases) when `changes` (the object changes from `before` to `document`) only edit
+    or append rules: the changed rules are validated as themselves (`parse_rules_changed`), the VMs, the
+    discovered ones and the learned addresses are `previous`'s (rules change none of them). None for any
+    other change: call `desired_policy`."""
+    if previous.merged is None or previous.parsed is None:
+        return None
+    if any(document[k] is not before[k] for k in document.keys() & before.keys() if k != "rules"):
+        return None
+    # The discovered VMs were merged into `vms` (the only section the merge changes), from the same inputs.
+    merged = {**document, "vms": previous.merged["vms"]} if "vms" in previous.merged else document
+    parsed = parse_rules_changed(previous.parsed, previous.merged, merged, changes)
+    if parsed is None:
+        return None
+    return dataclasses.replace(
+        previous,
+        policy=dataclasses.replace(previous.policy, rules=parsed.rules),
+        merged=merged,
+        parsed=parsed,
+    )

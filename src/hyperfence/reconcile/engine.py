@@ -28,9 +28,10 @@ from hyperfence.model.lease import Lease
 from hyperfence.model.overlay import NOTHING, Merged, Overlay, expired, merge_overlays, replace_producer
 from hyperfence.model.policy import AddressRange, Policy
 from hyperfence.model.ports import BridgePort
-from hyperfence.policy.desired import desired_policy
+from hyperfence.policy.desired import DesiredPolicy, desired_policy, desired_update
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
 from hyperfence.policy.leases import expire
+from hyperfence.policy.objects import ObjectChange, patch
 from hyperfence.policy.overlays import with_overlays
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
@@ -97,6 +98,11 @@ class Compiled:
     # and the merged overlays (`resolved` has them on; `plain` is the policy's resolve without them)
     overlays: Merged = NOTHING
     plain: Resolved | None = None
+    # The document as loaded (for the store: generation `generation`), and what it made: what the next
+    # generation is made from when only a few of its objects changed (`Engine._load_document`).
+    document: Any = None
+    generation: int | None = None
+    desired: DesiredPolicy | None = None
 
 
 RECORD_FILE = "kernel.json"  # what the kernel was verified to hold, at which nftables generation
@@ -455,13 +461,27 @@ class Engine:
         gen = self.store.latest_generation()
         return f"gen:{gen}" if gen else None
 
-    def _load_document(self) -> tuple[Any, str]:
+    def _load_document(
+        self, key: str, previous: Compiled | None
+    ) -> tuple[Any, str, int | None, list[ObjectChange] | None]:
+        """The document of policy version `key`, where it came from, its store generation, and the object
+        changes that made it from `previous`'s document (None: loaded whole). A store generation after the
+        one `previous` holds is read as what changed (`policy_changes`: the size of the change, not of the
+        policy) and made in a copy of `previous`'s document that shares every untouched part."""
         if self.policy_file:
-            return read_policy_file(self.policy_file), self.policy_file
-        stored = self.store.get_policy()
+            return read_policy_file(self.policy_file), self.policy_file, None, None
+        generation = int(key.removeprefix("gen:"))
+        source = f"store generation {generation}"
+        if previous is not None and previous.generation is not None and isinstance(previous.document, dict):
+            changes = self.store.policy_changes(previous.generation, generation)
+            if changes is not None:
+                document = patch(previous.document, changes) if changes else previous.document
+                if document is not None:
+                    return document, source, generation, changes
+        stored = self.store.get_policy(generation)
         if stored is None:
             raise NotFoundError("no policy in the store yet: run `hyperfence policy apply FILE`")
-        return stored.document, f"store generation {stored.generation}"
+        return stored.document, source, stored.generation, None
 
     @property
     def current(self) -> Compiled | None:
@@ -487,9 +507,22 @@ class Engine:
             if previous.overlays == merged and previous.flavour is self._compile_flavour():
                 return previous
             policy, resolved = previous.policy, previous.plain or previous.resolved
+            document, generation, desired = previous.document, previous.generation, previous.desired
         else:
-            document, source = self._load_document()
-            desired = desired_policy(document, source=source, discovered=self.discovered, leases=self.leases)
+            document, source, generation, changes = self._load_document(key, previous)
+            desired = None
+            if (
+                changes is not None
+                and previous is not None
+                and previous.desired is not None
+                and previous.discovered is self.discovered
+                and previous.leases is self.leases
+            ):
+                desired = desired_update(previous.desired, previous.document, document, changes)
+            if desired is None:
+                desired = desired_policy(
+                    document, source=source, discovered=self.discovered, leases=self.leases
+                )
             self.skipped = list(desired.skipped)
             policy = desired.policy
             self._note_ignored_leases(desired.ignored_leases)
@@ -512,6 +545,9 @@ class Engine:
             provisional=self.provisional,
             overlays=merged,
             plain=resolved,
+            document=document,
+            generation=generation,
+            desired=desired,
         )
         return self._compiled
 
