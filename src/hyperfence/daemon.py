@@ -71,6 +71,7 @@ from hyperfence.reconcile.monitor import Monitor, Primed
 from hyperfence.reconcile.monitors import MonitorOptions, monitors
 from hyperfence.reconcile.preconditions import Preconditions
 from hyperfence.reconcile.supervisor import StopSignal, Supervisor, on_stop, wake_fd
+from hyperfence.services.edit import edit_from_wire, store_edit
 from hyperfence.services.overlays import release, set_operator_overlay
 from hyperfence.system.state_dir import write_private
 
@@ -177,6 +178,9 @@ class Daemon:
         self.last_key: str | None = None
         # the policy version the last changing converge applied, and its answer (see `_dispatch`)
         self._last_applied: tuple[str, dict[str, Any]] | None = None
+        # One converge at a time, its `_last_applied` set before the next starts: a request whose version the
+        # loop applied an instant earlier finds it there.
+        self._converging = threading.Lock()
         self._last_change: float | None = None  # monotonic time of the last applied change (None: none since
         # the last store checkpoint)
 
@@ -250,13 +254,43 @@ class Daemon:
             return reply
         if op == "status":
             return {"ok": True, **self.health()}
+        if op == "policy-edit":
+            return self._edit(req)
         if op in AGENT_OPS:
             return self._agent_op(op, req)
         if op in OVERLAY_OPS:
             return self._overlay_op(op, req)
         raise InvalidInputError(
-            f"unknown op {op!r} (expected reconcile, status, {', '.join(AGENT_OPS + OVERLAY_OPS)})"
+            f"unknown op {op!r} (expected reconcile, status, policy-edit, {', '.join(AGENT_OPS + OVERLAY_OPS)})"
         )
+
+    def _edit(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One policy object written or removed (services/edit.py): validated against the policy this
+        daemon holds, stored, then converged before the answer (the change is read as itself)."""
+        source = req.get("source")
+        stored = store_edit(
+            edit_from_wire(req),
+            kernel=self.engine,
+            policies=self.engine.store,
+            source=source[:500] if isinstance(source, str) and source else "policy-edit",
+        )
+        reply: dict[str, Any] = {
+            "ok": True,
+            "generation": stored.generation,
+            "changes": len(stored.changes),
+            "checked": stored.checked,
+        }
+        if stored.changes:
+            applied = self._converge(full=False)
+            if not applied.get("ok"):
+                raise prefixed(
+                    from_wire(applied), f"generation {stored.generation} stored, not applied yet: "
+                )
+            last = self._last_applied
+            if not applied.get("changed") and last is not None and last[0] == f"gen:{stored.generation}":
+                applied = last[1]  # the reconcile loop, woken by the store's feed, applied it first
+            reply.update({k: applied[k] for k in ("summary", "ms", "kernel_ms", "policy") if k in applied})
+        return reply
 
     def _overlay_op(self, op: str, req: dict[str, Any]) -> dict[str, Any]:
         """The operator producer's requests (services/overlays.py): stored, then converged before the
@@ -337,6 +371,10 @@ class Daemon:
         return causes
 
     def _converge(self, *, full: bool, cause: str | None = None) -> dict[str, Any]:
+        with self._converging:
+            return self._converge_now(full=full, cause=cause)
+
+    def _converge_now(self, *, full: bool, cause: str | None) -> dict[str, Any]:
         t0 = time.monotonic()
         try:
             compiled, result = self.engine.converge(full=full, cause=cause)

@@ -27,6 +27,9 @@ from typing import Any
 
 import orjson
 
+from hyperfence.errors import InvalidInputError, NotFoundError, Problem
+from hyperfence.policy.collector import shown
+
 HEAD = "#"
 # The field that names an item of each list section (items of other lists are named by position).
 NAMED_BY = {"networks": "name", "vms": "name", "rules": "id", "limits": "id", "heartbeats": "id"}
@@ -81,6 +84,14 @@ def item_names(section: str, items: list[Any]) -> list[str]:
 
 def _map_name(key: str) -> str:
     return "#" + key if key.startswith("#") else key
+
+
+def _head(section: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return LIST_HEAD
+    if isinstance(value, dict) and section in MAP_SECTIONS:
+        return MAP_HEAD
+    return {"value": value}
 
 
 def split(document: Any) -> dict[Key, tuple[int, Any]]:
@@ -211,3 +222,158 @@ def changed(objects: dict[Key, Stored], changes: Iterable[ObjectChange]) -> None
             objects.pop(ch.key, None)
         else:
             objects[ch.key] = Stored(ch.pos, canonical(ch.body))
+
+
+# The sections of a policy document (policy/parse.py PolicyDoc), and what an item of each is.
+SECTIONS = ("version", "settings", "networks", "vms", "ipsets", "rules", "limits", "heartbeats")
+
+
+def _section(section: object) -> str:
+    if section not in SECTIONS:
+        raise InvalidInputError(
+            "no such policy section",
+            [
+                Problem(
+                    "section",
+                    f"{shown(section)} is not a policy section (expected one of {', '.join(SECTIONS)})",
+                )
+            ],
+        )
+    return str(section)
+
+
+def write_item(document: dict[str, Any], section: str, item: Any) -> list[ObjectChange]:
+    """The object changes that write `item` into `document`'s `section`: in a list section, the item named
+    as `item` is (`NAMED_BY`) is replaced where it is, or `item` is appended; in `ipsets`, `item` is one
+    `{NAME: addresses}` entry, replaced or added; any other section is replaced by `item` whole.
+    `InvalidInputError` naming what is wrong with `section` or `item`. (Validating the document they make is
+    the caller's: `services/edit.py`.)"""
+    section = _section(section)
+    current = document.get(section)
+    head_pos = list(document).index(section) if section in document else len(document)
+    if section in NAMED_BY:
+        field = NAMED_BY[section]
+        name = item.get(field) if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name or name.startswith("#"):
+            raise InvalidInputError(
+                f"a {section} item needs its {field}",
+                [
+                    Problem(
+                        field,
+                        f"{shown(name)} (expected a mapping with its {field}: text not starting with '#')",
+                    )
+                ],
+            )
+        if current is None:
+            return [ObjectChange(section, HEAD, head_pos, LIST_HEAD), ObjectChange(section, name, 0, item)]
+        if not isinstance(current, list):
+            raise InvalidInputError(f"section {section} is not a list", [Problem(section, "expected a list")])
+        names = item_names(section, current)
+        return [ObjectChange(section, name, names.index(name) if name in names else len(current), item)]
+    if section in MAP_SECTIONS:
+        if not (isinstance(item, dict) and len(item) == 1):
+            raise InvalidInputError(
+                f"a {section} entry is one name and its value",
+                [Problem(section, f"{shown(item)} (expected a mapping of one name to its addresses)")],
+            )
+        ((key, value),) = item.items()
+        if current is None:
+            return [
+                ObjectChange(section, HEAD, head_pos, MAP_HEAD),
+                ObjectChange(section, _map_name(key), 0, [key, value]),
+            ]
+        if not isinstance(current, dict):
+            raise InvalidInputError(
+                f"section {section} is not a mapping", [Problem(section, "expected a mapping")]
+            )
+        keys = list(current)
+        pos = keys.index(key) if key in current else len(keys)
+        return [ObjectChange(section, _map_name(key), pos, [key, value])]
+    return [ObjectChange(section, HEAD, head_pos, {"value": item})]
+
+
+def remove_item(document: dict[str, Any], section: str, name: str) -> list[ObjectChange]:
+    """The object changes that remove item `name` from `section` (a list's item by its name, an `ipsets`
+    entry by its name, or the whole of any other section: `name` "") — the items after it move up one.
+    `NotFoundError` when there is no such item."""
+    section = _section(section)
+    current = document.get(section)
+    if section in NAMED_BY or section in MAP_SECTIONS:
+        if isinstance(current, list):
+            names = item_names(section, current)
+            if name not in names:
+                listed = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+                raise NotFoundError(
+                    f"{section} has no item {name!r} ({'it has: ' + listed if names else 'it is empty'})"
+                )
+            at = names.index(name)
+            rest = current[:at] + current[at + 1 :]
+            return _moved(
+                section,
+                list(zip(names, current, strict=True)),
+                list(zip(item_names(section, rest), rest, strict=True)),
+            )
+        if isinstance(current, dict):
+            if name not in current:
+                raise NotFoundError(f"{section} has no entry {name!r}")
+            old = [(_map_name(k), [k, v]) for k, v in current.items()]
+            return _moved(section, old, [(n, body) for n, body in old if n != _map_name(name)])
+        raise NotFoundError(f"the policy has no section {section}")
+    if section not in document:
+        raise NotFoundError(f"the policy has no section {section}")
+    order = [s for s in document if s != section]
+    return [ObjectChange(section, HEAD, -1, deleted=True)] + [
+        ObjectChange(s, HEAD, i, split({s: document[s]})[(s, HEAD)][1])
+        for i, s in enumerate(order)
+        if list(document).index(s) != i
+    ]
+
+
+def _moved(section: str, old: list[tuple[str, Any]], new: list[tuple[str, Any]]) -> list[ObjectChange]:
+    """The changes from `old` to `new` items (name, body) of one section: what left, and what is new or moved."""
+    was = {name: (pos, body) for pos, (name, body) in enumerate(old)}
+    kept = {name for name, _ in new}
+    changes = [ObjectChange(section, name, -1, deleted=True) for name in was if name not in kept]
+    for pos, (name, body) in enumerate(new):
+        before = was.get(name)
+        if (
+            before is None
+            or before[0] != pos
+            or (before[1] is not body and canonical(before[1]) != canonical(body))
+        ):
+            changes.append(ObjectChange(section, name, pos, body))
+    return changes
+
+
+def apply_changes(document: dict[str, Any], changes: list[ObjectChange]) -> dict[str, Any]:
+    """`document` with `changes` made: `patch` when it can, else through its objects."""
+    patched = patch(document, changes)
+    if patched is not None:
+        return patched
+    held = split(document)
+    for ch in changes:
+        if ch.deleted:
+            held.pop(ch.key, None)
+        else:
+            held[ch.key] = (ch.pos, ch.body)
+    return assemble((key, pos, body) for key, (pos, body) in held.items())
+
+
+def holds(document: dict[str, Any], ch: ObjectChange) -> bool:
+    """Whether `document` already holds what `ch` (a write from `write_item`) writes, where it writes it."""
+    current = document.get(ch.section)
+    if ch.deleted or current is None:
+        return False
+    if ch.name == HEAD:
+        return list(document).index(ch.section) == ch.pos and canonical(ch.body) == canonical(
+            _head(ch.section, current)
+        )
+    if isinstance(current, list):
+        return ch.pos < len(current) and canonical(current[ch.pos]) == canonical(ch.body)
+    if isinstance(current, dict) and isinstance(ch.body, list) and len(ch.body) == 2:
+        keys = list(current)
+        key = ch.body[0]
+        return (
+            key in current and keys.index(key) == ch.pos and canonical(current[key]) == canonical(ch.body[1])
+        )
+    return False

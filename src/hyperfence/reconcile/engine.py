@@ -160,6 +160,9 @@ class Engine:
         self._firewall: Firewall | None = None
         self._compiled: Compiled | None = None
         self._cache = CompileCache()
+        # How new policy versions were read: "changes" (as the objects they changed), "whole" (loaded and
+        # parsed whole); "parsed_changes": of those read as changes, how many were parsed as themselves.
+        self.policy_reads: dict[str, int] = {"changes": 0, "parsed_changes": 0, "whole": 0}
         self.lock = threading.RLock()
         # Every producer's overlays (isolation, rate limits, shields; model/overlay.py), from the store: so
         # they are in place before the first converge (see `set_overlays`).
@@ -477,10 +480,12 @@ class Engine:
             if changes is not None:
                 document = patch(previous.document, changes) if changes else previous.document
                 if document is not None:
+                    self.policy_reads["changes"] += 1
                     return document, source, generation, changes
         stored = self.store.get_policy(generation)
         if stored is None:
             raise NotFoundError("no policy in the store yet: run `hyperfence policy apply FILE`")
+        self.policy_reads["whole"] += 1
         return stored.document, source, stored.generation, None
 
     @property
@@ -489,7 +494,13 @@ class Engine:
         return self._compiled
 
     def compiled(self) -> Compiled | None:
-        """The compiled current policy (cached while the policy does not change)."""
+        """The compiled current policy (cached while the policy does not change). Under the engine's lock:
+        a control request (a policy edit, an overlay) compiles beside the daemon's reconcile loop, and the
+        compile cache is one."""
+        with self.lock:
+            return self._compiled_now()
+
+    def _compiled_now(self) -> Compiled | None:
         key = self.policy_key()
         if key is None:
             return None
@@ -519,6 +530,7 @@ class Engine:
                 and previous.leases is self.leases
             ):
                 desired = desired_update(previous.desired, previous.document, document, changes)
+                self.policy_reads["parsed_changes"] += desired is not None
             if desired is None:
                 desired = desired_policy(
                     document, source=source, discovered=self.discovered, leases=self.leases
@@ -576,6 +588,7 @@ class Engine:
             "generation": None if rec is None else rec.generation.number,
             "exact": None if rec is None else rec.exact,
             "full_reads_skipped": fw.skipped_reads,
+            "policy_reads": dict(self.policy_reads),
         }
 
     def note_untouched(self, numbers: list[int]) -> None:

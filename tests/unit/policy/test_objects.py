@@ -106,3 +106,31 @@ def test_any_two_documents_diff_fold_and_patch_exactly(old: dict[str, Any], new:
     assert got is None or got == new
     if not changes:
         assert got == old
+
+
+def test_writing_and_removing_one_item_makes_the_document_it_says() -> None:
+    from hyperfence.policy.objects import apply_changes, holds, remove_item, write_item
+
+    for section, item in (
+        ("vms", {"name": "b", "port": "p9"}),  # replaced in place
+        ("vms", {"name": "z", "port": "p9"}),  # appended
+        ("ipsets", {"#odd": ["10.2.0.9"]}),
+        ("ipsets", {"new": []}),
+        ("settings", {"inventory": "libvirt"}),
+        ("limits", {"id": "l1", "vms": "vms"}),  # a section the document does not have yet
+    ):
+        changes = write_item(DOC, section, item)
+        got = apply_changes(DOC, changes)
+        assert got == rebuilt(DOC, got)
+        assert all(holds(got, ch) for ch in changes) and not all(holds(DOC, ch) for ch in changes)
+    # removing an item moves the ones after it, positional names included
+    doc = {**DOC, "rules": [{"id": "a"}, {"x": 1}, {"x": 2}]}
+    changes = remove_item(doc, "rules", "a")
+    assert (
+        apply_changes(doc, changes)
+        == {**doc, "rules": [{"x": 1}, {"x": 2}]}
+        == rebuilt(doc, apply_changes(doc, changes))
+    )
+    assert apply_changes(DOC, remove_item(DOC, "ipsets", "#odd"))["ipsets"] == {"web": ["10.1.0.0/24"]}
+    without = apply_changes(DOC, remove_item(DOC, "settings", ""))
+    assert without == {k: v for k, v in DOC.items() if k != "settings"} and list(without) == list(DOC)[1:]
