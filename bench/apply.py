@@ -461,6 +461,43 @@ def measure_changes(
     }
 
 
+def measure_edits(*, sd: Path, nft: Nft, monitor: Monitor, changes: int, after: int) -> dict[str, Any]:
+    """The same one-rule change written as one object, as `hyperfence policy set rules` does through a
+    running daemon (the control op `policy-edit`: the daemon validates the rule as itself, stores it as one
+    object and converges, reading the generation as that change). Timed from just before the request.
+    `after`: how many whole-document changes came before (the port the kernel holds)."""
+    chain_out = f"{vm_sid(f'{LAB}-vm1')}_out"
+    walls, kernels, daemons = [], [], []
+    reply: dict[str, Any] | None = None
+    for i in range(changes):
+        port = PORTS[(after + i + 1) % 2]
+        rule = {"id": "bench", "from": "vm:vm1", "to": "vm:vm2", "services": [f"tcp/{port}"]}
+        monitor.drain()
+        time.sleep(0.05)
+        t0 = time.perf_counter()
+        reply = request(str(sd), {"op": "policy-edit", "section": "rules", "item": rule}, timeout=600)
+        t1 = time.perf_counter()
+        if not reply or not reply.get("ok") or reply.get("changes") != 1 or reply.get("checked") != "item":
+            raise BenchError(f"edit {i}: the daemon answered {reply}")
+        first = monitor.first_after(t0)
+        expr = rule_ports(nft, chain_out, "rule:bench#1")
+        if f'"right": {port}' not in expr:
+            raise BenchError(f"edit {i}: {chain_out} does not hold port {port}: {expr}")
+        if first is None:
+            raise BenchError(f"edit {i}: no nftables event")
+        walls.append((t1 - t0) * 1000)
+        kernels.append((first[0] - t0) * 1000)
+        daemons.append(float(reply.get("ms") or "nan"))
+        time.sleep(0.05)
+        monitor.drain()
+    return {
+        "edit_wall": walls,
+        "edit_kernel": kernels,
+        "edit_daemon": daemons,
+        "edit_summary": reply and reply.get("summary"),
+    }
+
+
 def measure_restart(daemon: DaemonProc, store: Store, nft: Nft, monitor: Monitor) -> dict[str, Any]:
     """SIGKILL, start again, time to the end of the first converge; nothing may be written to the kernel."""
     before = handles(nft)
@@ -569,6 +606,8 @@ def run_n(n: int, changes: int, wd: Path) -> dict[str, Any]:
         monitor = Monitor(plan)
         log(f"N={n}: {changes} one-rule changes")
         res.update(measure_changes(sd=sd, store=store, nft=nft, monitor=monitor, docs=docs, changes=changes))
+        log(f"N={n}: {changes} one-rule changes written as one object (policy set)")
+        res.update(measure_edits(sd=sd, nft=nft, monitor=monitor, changes=changes, after=changes))
         res["daemon_rss_changes"] = proc_mem_mb(daemon.proc.pid)
         log(f"N={n}: daemon restart")
         res.update(measure_restart(daemon, store, nft, monitor))
@@ -597,11 +636,13 @@ class Phases:
 
     DESIRED = (  # (label, function looked up in hyperfence.policy.desired: the desired policy's parts)
         ("parse", "parse_policy"),
+        ("parse (changed rules only)", "parse_rules_changed"),
         ("leases", "apply_leases"),
         ("inventory merge", "merge_discovered"),
     )
     ENGINE = (  # (label, function looked up in hyperfence.reconcile.engine)
         ("uplinks", "with_uplinks"),
+        ("patch the held document", "patch"),
         ("resolve (incremental)", "resolve_update"),
         ("resolve (whole)", "resolve_policy"),
         ("compile", "compile_ruleset"),
@@ -619,6 +660,7 @@ class Phases:
         self._wrap(firewall_module, "plan_changes", "plan")
         self._wrap(firewall_module, "describe_drift", "describe_drift")
         self._wrap(engine.store, "get_policy", "store read (SQLite + orjson)")
+        self._wrap(engine.store, "policy_changes", "store read of the change")
         self._wrap(engine.store, "latest_generation", "store generation")
         self._wrap(engine.store, "add_event", "store event write")
         fw = engine.firewall
@@ -823,6 +865,12 @@ def print_size(r: dict[str, Any]) -> None:
     print(pct_line("daemon-reported kernel_ms (converge)", r["daemon_kernel"]))
     print(pct_line("store write (policy apply side)", r["store"]))
     print(
+        f"  the same change written as one object (policy set rules, {len(r['edit_wall'])} changes, last summary {r['edit_summary']}):"
+    )
+    print(pct_line("wall (request -> daemon reply)", r["edit_wall"]))
+    print(pct_line("kernel (request -> nft event)", r["edit_kernel"]))
+    print(pct_line("daemon-reported converge ms", r["edit_daemon"]))
+    print(
         f"  the daemon's poll loop applied {r['unchanged']} of {len(r['wall'])} changes before our request "
         f"(reply changed=false); nftables messages per change: {r['events']:.0f}; daemon RSS after the "
         f"changes {r['daemon_rss_changes'][0]:.0f} MB (peak {r['daemon_rss_changes'][1]:.0f} MB)"
@@ -852,6 +900,8 @@ def print_size(r: dict[str, Any]) -> None:
 
 
 METRICS = (
+    ("edit_kernel", "policy set: request -> nft event"),
+    ("edit_wall", "policy set: request -> reply"),
     ("kernel", "kernel (store write -> nft event)"),
     ("wall", "wall (store write -> daemon reply)"),
     ("daemon", "daemon-reported ms (all its work)"),
@@ -892,7 +942,7 @@ def print_scaling(results: list[dict[str, Any]]) -> None:
     print(f"  {'restart wrote to the kernel?':<38}{wrote}")
     big = results[-1]["n"]
     if len(results) > 1:
-        for key in ("kernel", "wall"):
+        for key in ("edit_kernel", "kernel", "wall"):
             r50, r99 = ratios[f"{key}:{big}"]
             verdict = "PASS" if r50 <= 2 and r99 <= 2 else "FAIL"
             print(

@@ -350,6 +350,7 @@ class Daemon:
             "loops": self.supervisor.status(),
             "agent_channels": dict(self.agents.channel_stats) if self.agents is not None else None,
             "kernel_record": self.engine.kernel_record(),
+            "policy_reads": dict(self.engine.policy_reads),
         }
 
     def _loop_failed(self, name: str, error: str, failures: int) -> None:

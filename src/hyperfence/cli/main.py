@@ -494,7 +494,7 @@ def status_cmd(
                 else "read at the next converge"
             )
             out.print(plain(f"kernel state {known}; full reads skipped: {record.get('full_reads_skipped')}"))
-            reads = record.get("policy_reads") or {}
+            reads = reply.get("policy_reads") or {}
             if reads:
                 out.print(
                     plain(

@@ -588,7 +588,6 @@ class Engine:
             "generation": None if rec is None else rec.generation.number,
             "exact": None if rec is None else rec.exact,
             "full_reads_skipped": fw.skipped_reads,
-            "policy_reads": dict(self.policy_reads),
         }
 
     def note_untouched(self, numbers: list[int]) -> None:

@@ -93,7 +93,7 @@ def test_edits_through_the_daemon_are_read_as_themselves(lab: LabSession, tmp_pa
         assert status is not None
         # The first converge read the policy whole, and so was the edit that removed a rule (a deletion
         # moves what follows); the two that wrote a rule were read and parsed as their change.
-        assert status["kernel_record"]["policy_reads"] == {"whole": 2, "changes": 2, "parsed_changes": 2}
+        assert status["policy_reads"] == {"whole": 2, "changes": 2, "parsed_changes": 2}
     finally:
         p.terminate()
         p.wait(timeout=10)
