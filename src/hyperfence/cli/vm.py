@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,19 +12,17 @@ import typer
 from rich.text import Text
 
 from hyperfence import errors
-from hyperfence.adapters.qemu_files import QemuUser, check_reachable, qemu_user, write_for_qemu
 from hyperfence.cli.output import err, out, plain, table
 from hyperfence.codec.libvirt_xml import AGENT_FW_CFG
 from hyperfence.daemon import request
-from hyperfence.health.heartbeat import heartbeat_for
-from hyperfence.model.policy import Policy, Vm
 from hyperfence.policy.syntax import LABEL_RE, parse_ipv4
-from hyperfence.reconcile.agents import channels_dir, enroll
 from hyperfence.reconcile.conntrack import read_vm_connections
 from hyperfence.reconcile.engine import Engine
+from hyperfence.services.enroll import Enrolment, enroll_vm, fw_cfg_dir
 from hyperfence.services.events import list_events
 from hyperfence.services.overlays import RELEASE_CHOICES, release, set_operator_overlay
-from hyperfence.system.state_dir import DIR_MODE, make_dirs, write_private
+
+__all__ = ["agent_app", "fw_cfg_dir", "vm_app"]  # fw_cfg_dir: now services/enroll.py's
 
 vm_app = typer.Typer(
     no_args_is_help=True,
@@ -37,50 +34,6 @@ agent_app = typer.Typer(no_args_is_help=True, help="The guest agent.")
 def _engine(ctx: typer.Context) -> Engine:
     engine: Engine = ctx.obj.engine()
     return engine
-
-
-def _vm(engine: Engine, name: str) -> tuple[Vm, Policy]:
-    compiled = engine.compiled()
-    if compiled is None:
-        raise errors.NotFoundError("no policy yet: run `hyperfence policy apply FILE` first")
-    for vm in compiled.policy.vms:
-        if name in (vm.name, vm.id):
-            return vm, compiled.policy
-    names = ", ".join(sorted(v.name for v in compiled.policy.vms)[:10])
-    raise errors.NotFoundError(f"VM {name!r} is not in the policy (expected one of: {names})")
-
-
-def _libvirt_vm(engine: Engine, name: str, uri: str) -> tuple[Vm, Policy, str]:
-    """A libvirt domain (running or not) as the VM to enrol, its policy, and its agent channel's socket."""
-    from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only with --libvirt
-
-    compiled = engine.compiled()
-    if compiled is None:
-        raise errors.NotFoundError("no policy yet: run `hyperfence policy apply FILE` first")
-    inventory = LibvirtInventory(uri)
-    try:
-        domain = next((d for d in inventory.domains() if name in (d.name, d.uuid)), None)
-    finally:
-        inventory.close()
-    if domain is None:
-        raise errors.NotFoundError(f"libvirt {uri} has no domain {name!r} (see `virsh list --all`)")
-    if domain.agent_socket is None:
-        raise errors.InvalidInputError(
-            f"domain {domain.name} has no agent channel: add a <channel type='unix'> with target virtio name "
-            "'org.hyperfence.agent.0' (docs/libvirt.md)"
-        )
-    # Only its identity matters for enrolment (id, name, labels for the heartbeat policy); the inventory
-    # gives the daemon the rest while the domain runs.
-    vm = Vm(
-        id=domain.uuid,
-        name=domain.name,
-        network=compiled.policy.networks[0].name,
-        port="",
-        mac="",
-        ips=(),
-        labels=tuple(sorted(domain.labels.items())),
-    )
-    return vm, compiled.policy, domain.agent_socket
 
 
 def _ask(engine: Engine, payload: dict[str, Any]) -> dict[str, Any] | None:
@@ -120,80 +73,34 @@ def vm_enroll(
 ) -> None:
     """Issue a new key for VM's agent and write the agent's config file (copy it into the guest, or --fw-cfg)."""
     engine = _engine(ctx)
-    host_path = None
-    if fw_cfg and not libvirt:
-        raise errors.InvalidInputError(
-            "--fw-cfg needs --libvirt URI", [errors.Problem("--fw-cfg", "given without --libvirt")]
-        )
+    hypervisor = None
     if libvirt:
-        target, policy, host_path = _libvirt_vm(engine, vm, libvirt)
-    else:
-        target, policy = _vm(engine, vm)
-    if out_file:
-        path = Path(out_file)
-    elif fw_cfg:
-        path = fw_cfg_dir(engine.state_dir) / f"{target.name}.agent.json"
-    else:
-        path = Path(channels_dir(engine.state_dir)) / f"{target.name}.json"
-    qemu = None
-    if fw_cfg and libvirt:  # before anything changes: the domain could not start if QEMU cannot read it
-        qemu = _qemu_user(libvirt, target.id)
-        check_reachable(path, qemu)
-    hb = heartbeat_for(policy, target)
-    _, config = enroll(
-        engine, target, "virtio" if libvirt else channel, interval=hb.interval, host_path=host_path
-    )
-    text = json.dumps(config, indent=1) + "\n"
+        from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only with --libvirt
+
+        hypervisor = LibvirtInventory(libvirt)
+    try:
+        done = enroll_vm(
+            Enrolment(vm, channel=channel, out=out_file, fw_cfg=fw_cfg),
+            engine=engine,
+            hypervisor=hypervisor,
+            ask=lambda payload: request(engine.state_dir, payload),
+        )
+    finally:
+        if hypervisor is not None:
+            hypervisor.close()
     handover = ""
-    if qemu is not None and libvirt:
-        write_for_qemu(path, text, qemu)
-        handover = _hand_over_by_fw_cfg(libvirt, target.id, path, qemu)
-    else:
-        make_dirs(path.parent, mode=DIR_MODE)
-        write_private(path, text)
-    reloaded = _ask(engine, {"op": "agents-reload"}) is not None
+    if done.qemu is not None:
+        handover = (
+            f"; readable by QEMU's user {done.qemu.name} ({done.qemu.source}) only; the domain hands it over as "
+            f"firmware config {AGENT_FW_CFG} from its next boot (in the guest: modprobe qemu_fw_cfg; agent "
+            f"--config /sys/firmware/qemu_fw_cfg/by_name/{AGENT_FW_CFG}/raw)"
+        )
     out.print(
         plain(
-            f"enrolled {target.name} ({target.id}): agent config {path} (contains the key: mode 0600)"
+            f"enrolled {done.vm.name} ({done.vm.id}): agent config {done.path} (contains the key: mode 0600)"
             + handover
-            + ("" if reloaded else "; no daemon is running: it reads the enrolment when it starts")
+            + ("" if done.reloaded else "; no daemon is running: it reads the enrolment when it starts")
         )
-    )
-
-
-def fw_cfg_dir(state_dir: str) -> Path:
-    """Where `--fw-cfg` puts agent configs by default: ``<state dir>-fw-cfg`` (``/var/lib/hyperfence-fw-cfg``),
-    a directory of its own beside the state directory. Not inside it: the state directory is 0700 root, and
-    QEMU, running as its own user, could not reach a file there. `write_for_qemu` creates it so that only
-    QEMU's group may pass (adapters/qemu_files.py)."""
-    state = Path(os.path.abspath(state_dir))
-    return state.with_name(f"{state.name}-fw-cfg")
-
-
-def _qemu_user(uri: str, uuid: str) -> QemuUser:
-    """Whom libvirt runs the domain's QEMU as (its DAC label, or libvirt's default for it)."""
-    from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only with --libvirt
-
-    inventory = LibvirtInventory(uri)
-    try:
-        return qemu_user(*inventory.qemu_label(uuid))
-    finally:
-        inventory.close()
-
-
-def _hand_over_by_fw_cfg(uri: str, uuid: str, path: Path, qemu: QemuUser) -> str:
-    """Name the config in the domain (QEMU opens it as `qemu`, who owns it)."""
-    from hyperfence.adapters.libvirt import LibvirtInventory  # noqa: PLC0415 - only with --libvirt
-
-    inventory = LibvirtInventory(uri)
-    try:
-        inventory.set_fw_cfg_file(uuid, AGENT_FW_CFG, str(path.resolve()))
-    finally:
-        inventory.close()
-    return (
-        f"; readable by QEMU's user {qemu.name} ({qemu.source}) only; the domain hands it over as firmware "
-        f"config {AGENT_FW_CFG} from its next boot (in the guest: modprobe qemu_fw_cfg; agent --config "
-        f"/sys/firmware/qemu_fw_cfg/by_name/{AGENT_FW_CFG}/raw)"
     )
 
 
