@@ -216,7 +216,7 @@ class Firewall:
             self.actual = self._recall(desired)
             # The recall just proved what the kernel holds (generation, digest, rule ids): even a full converge
             # (a daemon's first) does not read it again now; rule bodies, if the record did not read them
-            # back, are checked by the next full converge (the drift watch asks for one when it starts).
+            # back, are checked by the first full converge at least `bodies_every` seconds later.
             recalled = self.actual is not None
         if (full or self.actual is None) and not recalled and not self._unchanged():
             first_look = self.actual is None
