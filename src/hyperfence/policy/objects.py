@@ -21,9 +21,9 @@ included: an item that moves is a changed object.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import orjson
 
@@ -55,9 +55,9 @@ class ObjectChange:
         return (self.section, self.name)
 
 
-@dataclass(frozen=True)
-class Stored:
-    """An object as the repository holds it: its position and its canonical JSON text."""
+class Stored(NamedTuple):
+    """An object as the repository holds it: its position and its canonical JSON text. (A tuple: a store
+    builds one per object of a section it diffs.)"""
 
     pos: int
     text: str
@@ -71,15 +71,27 @@ def canonical(body: Any) -> str:
 def item_names(section: str, items: list[Any]) -> list[str]:
     """The name of each item of list section `section` (see the module's docstring)."""
     field = NAMED_BY.get(section)
-    names: list[str] = []
+    if field is None:
+        return [f"#{i}" for i in range(len(items))]
+    names = [item.get(field) if type(item) is dict else None for item in items]
+    # The common case at C speed: every item named by distinct text not starting with '#'.
+    if (
+        set(map(type, names)) <= {str}
+        and len(set(names)) == len(names)
+        and not any(map(_unusable, cast(list[str], names)))
+    ):
+        return cast(list[str], names)
+    out: list[str] = []
     taken: set[str] = set()
-    for i, item in enumerate(items):
-        name = item.get(field) if field is not None and isinstance(item, dict) else None
-        if not isinstance(name, str) or not name or name.startswith("#") or name in taken:
-            name = f"#{i}"
+    for i, given in enumerate(names):
+        name = given if isinstance(given, str) and not _unusable(given) and given not in taken else f"#{i}"
         taken.add(name)
-        names.append(name)
-    return names
+        out.append(name)
+    return out
+
+
+def _unusable(name: str) -> bool:
+    return not name or name[0] == "#"
 
 
 def _map_name(key: str) -> str:
@@ -94,12 +106,16 @@ def _head(section: str, value: Any) -> Any:
     return {"value": value}
 
 
-def split(document: Any) -> dict[Key, tuple[int, Any]]:
-    """Every object of `document` (a mapping of sections), by key, with its position and body."""
+def split(document: Any, *, only: Collection[str] | None = None) -> dict[Key, tuple[int, Any]]:
+    """Every object of `document` (a mapping of sections), by key, with its position and body; with `only`,
+    the items of those sections only (and every section's head)."""
     if not isinstance(document, dict):
         raise ValueError(f"a policy document is a mapping of sections, not {type(document).__name__}")
     out: dict[Key, tuple[int, Any]] = {}
     for pos, (section, value) in enumerate(document.items()):
+        if only is not None and section not in only:
+            out[(section, HEAD)] = (pos, _head(section, value))
+            continue
         if isinstance(value, list):
             out[(section, HEAD)] = (pos, LIST_HEAD)
             out.update(
@@ -119,10 +135,59 @@ def stored(document: Any) -> dict[Key, Stored]:
     return {key: Stored(pos, canonical(body)) for key, (pos, body) in split(document).items()}
 
 
-def diff(old: Mapping[Key, Stored], document: Any) -> list[ObjectChange]:
+def section_texts(document: dict[str, Any]) -> dict[str, bytes]:
+    """Each section's canonical text (what a writer keeps to diff the next whole document against)."""
+    return {section: orjson.dumps(value, option=orjson.OPT_SORT_KEYS) for section, value in document.items()}
+
+
+def section_changes(section: str, old: Any, new: Any, new_text: bytes) -> list[ObjectChange] | None:
+    """The item changes from `old` to `new` values of one list or mapping section when they are edits in
+    place (an item keeps its name) and appends (compared as values, then checked against `new_text`, the
+    new section's canonical text, so that `1` and `true` never pass for each other); None for anything else
+    (diff by objects)."""
+    if isinstance(old, list) and isinstance(new, list):
+        old_items, new_items = old, new
+    elif isinstance(old, dict) and isinstance(new, dict) and section in MAP_SECTIONS:
+        old_items, new_items = [[k, v] for k, v in old.items()], [[k, v] for k, v in new.items()]
+    else:
+        return None
+    n = len(old_items)
+    if len(new_items) < n:
+        return None
+    at = [i for i, (a, b) in enumerate(zip(old_items, new_items[:n], strict=True)) if a != b]
+    field = NAMED_BY.get(section)
+    for i in at:  # an edit in place keeps the item's name (a name depends only on the items up to it)
+        a, b = old_items[i], new_items[i]
+        if isinstance(new, dict):
+            if a[0] != b[0]:
+                return None
+        elif (
+            field is None
+            or not (isinstance(a, dict) and isinstance(b, dict))
+            or canonical(a.get(field)) != canonical(b.get(field))
+        ):
+            return None
+    at += range(n, len(new_items))
+    rebuilt = list(old_items)
+    for i in at:
+        if i < n:
+            rebuilt[i] = new_items[i]
+        else:
+            rebuilt.append(new_items[i])
+    made = rebuilt if isinstance(new, list) else dict(rebuilt)
+    if orjson.dumps(made, option=orjson.OPT_SORT_KEYS) != new_text:
+        return None
+    names = item_names(section, new) if isinstance(new, list) else [_map_name(k) for k in new]
+    return [ObjectChange(section, names[i], i, new_items[i]) for i in at]
+
+
+def diff(
+    old: Mapping[Key, Stored], document: Any, *, only: Collection[str] | None = None
+) -> list[ObjectChange]:
     """The object changes that turn the objects `old` into `document`: objects whose position or body
-    differs, then deletions."""
-    new = split(document)
+    differs, then deletions. With `only`, the items of the other sections are known to be unchanged: `old`
+    need hold only every head and those sections' items."""
+    new = split(document, only=only)
     changes: list[ObjectChange] = []
     for key, (pos, body) in new.items():
         was = old.get(key)

@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hyperfence.adapters.store import Store
 from hyperfence.adapters.store import feed as store_feed
 from hyperfence.errors import ConflictError, TemporaryError
 from hyperfence.health.tracker import AgentRecord
 from hyperfence.model.lease import Lease
-from hyperfence.policy.objects import ObjectChange
+from hyperfence.policy.objects import ObjectChange, apply_changes
 
 # A second process on the same state directory: `put N` stores N generations (compare-and-swap, retried on a
 # conflict) and prints each attempt; `events N` adds N events, one transaction each.
@@ -399,3 +401,63 @@ def test_a_store_from_before_objects_is_upgraded_and_its_documents_stay_readable
         assert (got := again.get_policy()) is not None and got.generation == g2
     finally:
         again.close()
+
+
+_names = st.sampled_from(["a", "b", "c", "#1", ""])
+_values = st.one_of(st.integers(0, 2), st.booleans(), st.floats(0, 2).filter(lambda f: f in (0.0, 1.0, 1.5)))
+_docs = st.fixed_dictionaries(
+    {},
+    optional={
+        "settings": st.dictionaries(st.sampled_from(["x", "y"]), _values, max_size=2),
+        "vms": st.lists(st.fixed_dictionaries({"name": _names}, optional={"v": _values}), max_size=4),
+        "rules": st.lists(st.fixed_dictionaries({}, optional={"id": _names, "v": _values}), max_size=4),
+        "ipsets": st.dictionaries(_names, st.lists(_values, max_size=2), max_size=3),
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(versions=st.lists(_docs, min_size=1, max_size=5))
+def test_any_documents_stored_in_turn_are_their_objects_and_their_changes(
+    tmp_path_factory: pytest.TempPathFactory, versions: list[dict[str, Any]]
+) -> None:
+    """Whole documents put one after the other (sections compared as values when they can be: `1`, `1.0`
+    and `true` are equal values, never equal objects): the latest objects make the latest document, and the
+    changes between two generations make one from the other."""
+    store = Store(str(tmp_path_factory.mktemp("store")))
+    try:
+        previous: tuple[int, dict[str, Any]] | None = None
+        for document in versions:
+            generation = store.put_policy(document, source="t")
+            # (as the store keeps JSON: mappings' keys sorted; list order and value types kept)
+            assert json.dumps(store._document_at(generation), sort_keys=True) == json.dumps(
+                document, sort_keys=True
+            )
+            if previous is not None:
+                changes = store.policy_changes(previous[0], generation)
+                assert changes is not None
+                made = apply_changes(previous[1], changes)
+                assert json.dumps(made, sort_keys=True) == json.dumps(document, sort_keys=True)
+            previous = (generation, document)
+    finally:
+        store.close()
+
+
+def test_values_equal_in_python_but_not_in_json_are_changes(tmp_path: Path) -> None:
+    store = Store(str(tmp_path))
+    try:
+        versions: list[dict[str, Any]] = [
+            {"rules": [{"id": "a", "v": 1}, {"id": "b"}], "ipsets": {"s": [0]}},
+            {"rules": [{"id": "a", "v": True}, {"id": "b"}], "ipsets": {"s": [0.0]}},  # == the one before
+            {"rules": [{"id": "a", "v": 1.0}, {"id": "b", "v": 2}], "ipsets": {"s": [False]}},
+        ]
+        for before, document in zip([None, *versions], versions, strict=False):
+            generation = store.put_policy(document, source="t")
+            assert json.dumps(store._document_at(generation)) == json.dumps(document)
+            if before is not None:
+                changes = store.policy_changes(generation - 1, generation)
+                assert changes is not None and json.dumps(apply_changes(before, changes)) == json.dumps(
+                    document
+                )
+    finally:
+        store.close()

@@ -68,6 +68,13 @@ CREATE TABLE IF NOT EXISTS policy_change (
     body TEXT,
     PRIMARY KEY (generation, section, name)
 );
+-- The canonical text of each section of the latest policy (objects.section_texts), when known: a whole
+-- document stored again is diffed only in the sections whose text moved, as values (an edit by objects
+-- forgets the texts of its sections).
+CREATE TABLE IF NOT EXISTS policy_text (
+    section TEXT PRIMARY KEY,
+    text BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     time REAL NOT NULL,
@@ -192,13 +199,43 @@ class Store:
                 f"generation {latest} now: read it again and retry"
             )
 
-    def _current_objects(self) -> dict[objects.Key, objects.Stored]:
-        return {
+    def _diff(self, document: dict[str, Any]) -> list[objects.ObjectChange]:
+        """The object changes `document` makes: sections whose text did not move have none; one edited in
+        place or appended to is compared as values against its last text (`objects.section_changes`);
+        any other is diffed object by object. Then the new texts are kept."""
+        texts = objects.section_texts(document)
+        known = dict(self._db.execute("SELECT section, text FROM policy_text").fetchall())
+        self._db.execute("DELETE FROM policy_text")
+        heads = {
             (section, name): objects.Stored(pos, body)
             for section, name, pos, body in self._db.execute(
-                "SELECT section, name, pos, body FROM policy_object"
+                "SELECT section, name, pos, body FROM policy_object WHERE name = ?", (objects.HEAD,)
             )
         }
+        quick: list[objects.ObjectChange] = []
+        slow = {s for s, _ in heads if s not in document}
+        for section, text in texts.items():
+            was = known.get(section)
+            if was == text:
+                continue
+            found = None
+            if was is not None:
+                found = objects.section_changes(section, orjson.loads(was), document[section], text)
+            if found is None:
+                slow.add(section)
+            else:
+                quick += found
+        held = dict(heads)
+        for section in slow:
+            held.update(
+                ((section, name), objects.Stored(pos, body))
+                for name, pos, body in self._db.execute(
+                    "SELECT name, pos, body FROM policy_object WHERE section = ? AND name != ?",
+                    (section, objects.HEAD),
+                ).fetchall()
+            )
+        self._db.executemany("INSERT INTO policy_text(section, text) VALUES (?, ?)", list(texts.items()))
+        return objects.diff(held, document, only=slow) + quick
 
     def _write_objects(self, generation: int, changes: list[objects.ObjectChange], *, record: bool) -> None:
         rows = [
@@ -234,9 +271,10 @@ class Store:
             )
             generation = int(cur.lastrowid or 0)
             if split:
-                self._write_objects(generation, objects.diff(self._current_objects(), document), record=True)
+                self._write_objects(generation, self._diff(document), record=True)
             else:  # not a policy's shape (only tests store such): no objects, readers load it whole
                 self._db.execute("DELETE FROM policy_object")
+                self._db.execute("DELETE FROM policy_text")
         self._feed.announce(generation)
         return generation
 
@@ -257,6 +295,9 @@ class Store:
             )
             generation = int(cur.lastrowid or 0)
             self._write_objects(generation, changes, record=True)
+            self._db.executemany(
+                "DELETE FROM policy_text WHERE section = ?", [(s,) for s in {ch.section for ch in changes}]
+            )
         self._feed.announce(generation)
         return generation
 
