@@ -11,7 +11,8 @@ An object's key is (section, name):
 
     (K, "#")          the head of top-level key K: what K is (a list, a mapping, or a plain value, held)
     (K, NAME)         an item of a list section (`networks`, `vms`: its `name`; `rules`, `limits`,
-                      `heartbeats`: its `id`), or an entry of a mapping section (`ipsets`: its key)
+                      `heartbeats`: its `id`), or an entry of a mapping section (`ipsets`: its key, with
+                      one more '#' in front when it starts with one; its body is [key, value])
     (K, "#<i>")       an item of a list section without a usable name (none, not text, starting with '#',
                       or taken by an earlier item): named by its position
 
@@ -42,7 +43,7 @@ Key = tuple[str, str]
 
 @dataclass(frozen=True)
 class ObjectChange:
-    """One object written (`body`, at `pos` of its section) or deleted (`body` None)."""
+    """One object written (`body`, at `pos` of its section) or deleted (`deleted`; `pos` -1)."""
 
     section: str
     name: str

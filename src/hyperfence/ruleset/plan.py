@@ -103,6 +103,8 @@ def _create_all(plan: Plan, desired: Ruleset, tables: set[TableId]) -> None:
 def plan_changes(desired: Ruleset, actual: Actual) -> Plan:
     """The incremental batch from `actual` to `desired` (empty when they are equal)."""
     act = actual.ruleset
+    if desired is act:  # the very ruleset the kernel was verified to hold: nothing to compare
+        return _plan(desired, actual, _Scope([], [], [], []))
     delta = desired.delta
     if delta is not None and delta.base() is act and desired.tables == act.tables:
         # `desired` was compiled from the very ruleset the kernel was verified to hold: only the chains and

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import Resolved, resolve_policy, resolve_update
+from hyperfence.ruleset import plan as plan_module
 from hyperfence.ruleset.compile import INET, CompileCache, compile_ruleset, vm_sid
 from hyperfence.ruleset.ir import Ruleset
 from hyperfence.ruleset.plan import Plan, plan_changes
@@ -124,3 +126,20 @@ def test_a_cap_change_for_one_vm_touches_only_that_vms_count_rule() -> None:
     kernel = FakeKernel(actual.ruleset, actual.handles)
     kernel.apply(plan.commands)
     assert kernel.ruleset().chain_rules() == second.chain_rules()
+
+
+def test_the_ruleset_the_kernel_was_verified_to_hold_plans_nothing_without_comparing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A converge with nothing new (the reconcile op after the loop applied the version) costs no comparison
+    of the whole ruleset (~80 ms at 10,000 VMs)."""
+
+    def compared(*_a: object) -> None:
+        raise AssertionError("the whole ruleset was compared")
+
+    desired = compile_ruleset(resolve_policy(parse_policy(doc(rules=[]))))
+    actual = Actual(desired, {(r.table, r.chain, r.comment): i + 1 for i, r in enumerate(desired.rules)})
+    monkeypatch.setattr(plan_module._Scope, "everything", staticmethod(compared))
+    assert plan_changes(desired, actual).empty
+    with pytest.raises(AssertionError, match="compared"):
+        plan_changes(dataclasses.replace(desired), actual)  # an equal copy is compared

@@ -205,7 +205,6 @@ class Store:
         any other is diffed object by object. Then the new texts are kept."""
         texts = objects.section_texts(document)
         known = dict(self._db.execute("SELECT section, text FROM policy_text").fetchall())
-        self._db.execute("DELETE FROM policy_text")
         heads = {
             (section, name): objects.Stored(pos, body)
             for section, name, pos, body in self._db.execute(
@@ -234,7 +233,14 @@ class Store:
                     (section, objects.HEAD),
                 ).fetchall()
             )
-        self._db.executemany("INSERT INTO policy_text(section, text) VALUES (?, ?)", list(texts.items()))
+        # (only what moved is written again: a one-rule change of a 10,000-VM policy rewrites its rules)
+        self._db.executemany(
+            "INSERT OR REPLACE INTO policy_text(section, text) VALUES (?, ?)",
+            [(section, text) for section, text in texts.items() if known.get(section) != text],
+        )
+        self._db.executemany(
+            "DELETE FROM policy_text WHERE section = ?", [(s,) for s in known if s not in texts]
+        )
         return objects.diff(held, document, only=slow) + quick
 
     def _write_objects(self, generation: int, changes: list[objects.ObjectChange], *, record: bool) -> None:
