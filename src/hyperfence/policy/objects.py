@@ -219,6 +219,29 @@ def assemble(objects: Iterable[tuple[Key, int, Any]]) -> dict[str, Any]:
     return document
 
 
+def _listed(ch: ObjectChange, items: list[Any], names: dict[str, int]) -> bool:
+    """Make `ch` in list `items` (a copy) if it is an item edited where it is or appended; False if not.
+    A named item is checked by its own name (the repository's keys are unique: no pass over the section);
+    one named by its position needs every name before it (`names`: the section's, filled the first time)."""
+    if ch.name.startswith(HEAD):
+        if not names:
+            names.update((n, i) for i, n in enumerate(item_names(ch.section, items)))
+        edit = names.get(ch.name) == ch.pos
+    else:
+        field = NAMED_BY.get(ch.section)
+        here = items[ch.pos] if ch.pos < len(items) else None
+        edit = field is not None and isinstance(here, dict) and here.get(field) == ch.name
+    if edit:
+        items[ch.pos] = ch.body
+    elif ch.pos == len(items) and ch.name not in names:
+        items.append(ch.body)
+        if names:
+            names[ch.name] = ch.pos
+    else:
+        return False
+    return True
+
+
 def patch(document: dict[str, Any], changes: Iterable[ObjectChange]) -> dict[str, Any] | None:
     """`document` with `changes` made, sharing every untouched section and item with it (same objects: what
     lets the parser see at a glance what did not change). Handles the changes one write makes most: items
@@ -245,14 +268,8 @@ def patch(document: dict[str, Any], changes: Iterable[ObjectChange]) -> dict[str
         elif isinstance(current, list):
             if ch.section not in copied:
                 current = out[ch.section] = list(current)
-                copied[ch.section] = {n: i for i, n in enumerate(item_names(ch.section, current))}
-            at = copied[ch.section]
-            if at.get(ch.name) == ch.pos:
-                current[ch.pos] = ch.body
-            elif ch.pos == len(current) and ch.name not in at:
-                current.append(ch.body)
-                at[ch.name] = ch.pos
-            else:
+                copied[ch.section] = {}
+            if not _listed(ch, current, copied[ch.section]):
                 return None
         elif isinstance(current, dict) and ch.section in MAP_SECTIONS:
             if not (isinstance(ch.body, list) and len(ch.body) == 2 and isinstance(ch.body[0], str)):

@@ -668,11 +668,10 @@ def parse_rules_changed(
     if len(items) != len(previous.rules) + sum(1 for i in edits if i >= len(previous.rules)):
         return None
     c = Collector()
-    taken = {r.id for r in previous.rules}
+    vm_names, taken = _rule_context(previous)
     for i in edits:
         if i < len(previous.rules):
             taken.discard(previous.rules[i].id)
-    vm_names = {v.name for v in previous.vms}
     ipsets = dict(previous.ipsets)
     strict = previous.settings.inventory == "none"
     rules = list(previous.rules)
@@ -685,4 +684,20 @@ def parse_rules_changed(
             rules[i] = rule
         else:
             rules.append(rule)
-    return dataclasses.replace(previous, rules=tuple(rules))
+    made = dataclasses.replace(previous, rules=tuple(rules))
+    global _CONTEXT  # noqa: PLW0603 - a one-entry memo of a pure function
+    _CONTEXT = (made.vms, made.rules, vm_names, frozenset(taken))
+    return made
+
+
+# The VM names and rule ids of the policy `parse_rules_changed` made last (by the identity of its VMs and
+# rules): the next one-rule change starts from them instead of a pass over 10,000 VMs and rules.
+_CONTEXT: tuple[tuple[Vm, ...], tuple[Rule, ...], set[str], frozenset[str]] | None = None
+
+
+def _rule_context(policy: Policy) -> tuple[set[str], set[str]]:
+    """The VM names (shared: not to be changed) and a fresh set of the rule ids of `policy`."""
+    memo = _CONTEXT
+    names = memo[2] if memo is not None and memo[0] is policy.vms else {v.name for v in policy.vms}
+    ids = set(memo[3]) if memo is not None and memo[1] is policy.rules else {r.id for r in policy.rules}
+    return names, ids

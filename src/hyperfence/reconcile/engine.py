@@ -610,8 +610,9 @@ class Engine:
         nftables commit that triggered it) is recorded in the `drift-repaired` event when drift is found.
 
         Never cut the host off its network: before a policy version is applied for the first time (a new
-        generation, an edited policy file, the first converge of this engine), and at every full converge,
-        the managed bridges' ports are read. A network device on them that the version leaves undeclared,
+        generation, an edited policy file, the first converge of this engine) unless it declares the very
+        VMs, networks and uplinks of the version applied last (a change of rules only), and at every full
+        converge, the managed bridges' ports are read. A network device on them that the version leaves undeclared,
         and that the kernel lets through now, is never cut off: a one-shot engine refuses the version with a
         `ConflictError` (naming each device and how to declare it; nothing is changed), the daemon's applies
         it with the device as a provisional uplink (`_settle_devices`). A device the kernel already gives
@@ -636,7 +637,7 @@ class Engine:
                 return None, None
             new = self.applied is None or compiled.key != self.applied.key
             devices = None
-            if full or new:
+            if full or (new and not self._declares_the_same_ports(compiled)):
                 try:
                     devices = find_undeclared(self.netns, compiled.policy, self._read_ports)
                 except HyperfenceError as e:
@@ -680,6 +681,19 @@ class Engine:
                     },
                 )
             return compiled, result
+
+    def _declares_the_same_ports(self, compiled: Compiled) -> bool:
+        """Whether `compiled` declares the very VMs, networks (uplinks) and provisional uplinks of the version
+        applied last (a change of rules only): what each device on the bridges gets is then unchanged, and
+        the bridges' ports need no read before it is applied (a device that joined since is the port
+        watch's: `refresh_devices`)."""
+        applied = self.applied
+        return (
+            applied is not None
+            and compiled.policy.vms is applied.policy.vms
+            and compiled.policy.networks is applied.policy.networks
+            and compiled.provisional == applied.provisional
+        )
 
     def close(self) -> None:
         if self._nft is not None:
