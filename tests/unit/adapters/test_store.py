@@ -461,3 +461,28 @@ def test_values_equal_in_python_but_not_in_json_are_changes(tmp_path: Path) -> N
                 )
     finally:
         store.close()
+
+
+def test_a_generation_read_as_objects_never_meets_a_later_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`get_policy` of the latest generation, when it was written as objects, assembles it from the objects:
+    a generation another process commits meanwhile must not leak into it (one read transaction)."""
+    reader, writer = Store(str(tmp_path)), Store(str(tmp_path))
+    try:
+        g1 = writer.put_policy({"rules": [{"id": "a"}]}, source="t")
+        g2 = writer.put_objects([ObjectChange("rules", "b", 1, {"id": "b"})], source="t", expected=g1)
+        real = reader._latest
+
+        def latest_then_another_commit() -> int:
+            seen = real()
+            if seen == g2:  # the reader now knows g2 as the latest: a writer commits g3 right after
+                writer.put_objects([ObjectChange("rules", "c", 2, {"id": "c"})], source="t", expected=g2)
+            return seen
+
+        monkeypatch.setattr(reader, "_latest", latest_then_another_commit)
+        got = reader.get_policy(g2)
+        assert got is not None and got.document == {"rules": [{"id": "a"}, {"id": "b"}]}
+    finally:
+        reader.close()
+        writer.close()

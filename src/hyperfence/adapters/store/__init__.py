@@ -349,7 +349,9 @@ class Store:
             return self._latest()
 
     def get_policy(self, generation: int | None = None) -> StoredPolicy | None:
-        with self._lock:
+        # One read transaction: a generation assembled from the latest objects must not meet the objects of
+        # a generation another process commits between two of these statements.
+        with self._lock, self._snapshot():
             if generation is None:
                 row = self._db.execute(
                     "SELECT generation, created, source, document FROM policy ORDER BY generation DESC LIMIT 1"
@@ -582,6 +584,15 @@ class Store:
                 "INSERT INTO events(time, kind, vm, data) VALUES (?, ?, ?, ?)",
                 [(now, kind, vm, json.dumps(data, sort_keys=True)) for kind, vm, data in rows],
             )
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """A read transaction (the caller holds `_lock`): every statement in it sees the same commit."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._db.execute("COMMIT")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
