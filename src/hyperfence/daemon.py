@@ -244,14 +244,8 @@ class Daemon:
     def _answer(self, req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "reconcile":
-            reply = self._converge(full=bool(req.get("full")))
-            applied, stored = self._last_applied, req.get("policy")
-            if reply.get("ok") and not reply.get("changed") and applied and applied[0] == stored:
-                # The caller stored this version ("policy": its key) and the reconcile loop, woken by the
-                # store's change feed, applied it first: the caller is told what applying it changed. A
-                # caller that does not say which version it stored is answered for this converge only.
-                return applied[1]
-            return reply
+            # A caller that does not say which version it stored is answered for this converge only.
+            return self._answer_for(req.get("policy"), self._converge(full=bool(req.get("full"))))
         if op == "status":
             return {"ok": True, **self.health()}
         if op == "policy-edit":
@@ -263,6 +257,14 @@ class Daemon:
         raise InvalidInputError(
             f"unknown op {op!r} (expected reconcile, status, policy-edit, {', '.join(AGENT_OPS + OVERLAY_OPS)})"
         )
+
+    def _answer_for(self, key: object, reply: dict[str, Any]) -> dict[str, Any]:
+        """The answer for the policy version `key` a caller stored: when the reconcile loop, woken by the
+        store's change feed, applied it first (this converge changed nothing), what applying it changed."""
+        applied = self._last_applied
+        if reply.get("ok") and not reply.get("changed") and applied is not None and applied[0] == key:
+            return applied[1]
+        return reply
 
     def _edit(self, req: dict[str, Any]) -> dict[str, Any]:
         """One policy object written or removed (services/edit.py): validated against the policy this
@@ -286,9 +288,7 @@ class Daemon:
                 raise prefixed(
                     from_wire(applied), f"generation {stored.generation} stored, not applied yet: "
                 )
-            last = self._last_applied
-            if not applied.get("changed") and last is not None and last[0] == f"gen:{stored.generation}":
-                applied = last[1]  # the reconcile loop, woken by the store's feed, applied it first
+            applied = self._answer_for(f"gen:{stored.generation}", applied)
             reply.update({k: applied[k] for k in ("summary", "ms", "kernel_ms", "policy") if k in applied})
         return reply
 

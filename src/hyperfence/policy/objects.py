@@ -114,20 +114,16 @@ def split(document: Any, *, only: Collection[str] | None = None) -> dict[Key, tu
         raise ValueError(f"a policy document is a mapping of sections, not {type(document).__name__}")
     out: dict[Key, tuple[int, Any]] = {}
     for pos, (section, value) in enumerate(document.items()):
+        head = out[(section, HEAD)] = (pos, _head(section, value))
         if only is not None and section not in only:
-            out[(section, HEAD)] = (pos, _head(section, value))
             continue
-        if isinstance(value, list):
-            out[(section, HEAD)] = (pos, LIST_HEAD)
+        if head[1] == LIST_HEAD:
             out.update(
                 ((section, name), (i, item))
                 for i, (name, item) in enumerate(zip(item_names(section, value), value, strict=True))
             )
-        elif isinstance(value, dict) and section in MAP_SECTIONS:
-            out[(section, HEAD)] = (pos, MAP_HEAD)
+        elif head[1] == MAP_HEAD:
             out.update(((section, _map_name(k)), (i, [k, v])) for i, (k, v) in enumerate(value.items()))
-        else:
-            out[(section, HEAD)] = (pos, {"value": value})
     return out
 
 
@@ -255,13 +251,12 @@ def patch(document: dict[str, Any], changes: Iterable[ObjectChange]) -> dict[str
         if ch.deleted:
             return None
         current = out.get(ch.section)
-        is_map = isinstance(current, dict) and ch.section in MAP_SECTIONS
         if ch.name == HEAD:
             if ch.section not in out or order.index(ch.section) != ch.pos:
                 return None
-            kind_now = LIST_HEAD if isinstance(current, list) else MAP_HEAD if is_map else None
-            if ch.body in (LIST_HEAD, MAP_HEAD) or kind_now is not None:
-                if ch.body != kind_now:
+            now = _head(ch.section, current)
+            if ch.body in (LIST_HEAD, MAP_HEAD) or now in (LIST_HEAD, MAP_HEAD):
+                if ch.body != now:  # a list or mapping stays what it is (its items are objects)
                     return None
                 continue
             out[ch.section] = ch.body["value"]
@@ -406,7 +401,7 @@ def remove_item(document: dict[str, Any], section: str, name: str) -> list[Objec
         raise NotFoundError(f"the policy has no section {section}")
     order = [s for s in document if s != section]
     return [ObjectChange(section, HEAD, -1, deleted=True)] + [
-        ObjectChange(s, HEAD, i, split({s: document[s]})[(s, HEAD)][1])
+        ObjectChange(s, HEAD, i, _head(s, document[s]))
         for i, s in enumerate(order)
         if list(document).index(s) != i
     ]
@@ -428,17 +423,22 @@ def _moved(section: str, old: list[tuple[str, Any]], new: list[tuple[str, Any]])
     return changes
 
 
+def replay(held: dict[Key, tuple[int, Any]], changes: Iterable[ObjectChange]) -> None:
+    """Make `changes` in `held` (objects as `split` gives them: key -> (pos, body)), in place."""
+    for ch in changes:
+        if ch.deleted:
+            held.pop(ch.key, None)
+        else:
+            held[ch.key] = (ch.pos, ch.body)
+
+
 def apply_changes(document: dict[str, Any], changes: list[ObjectChange]) -> dict[str, Any]:
     """`document` with `changes` made: `patch` when it can, else through its objects."""
     patched = patch(document, changes)
     if patched is not None:
         return patched
     held = split(document)
-    for ch in changes:
-        if ch.deleted:
-            held.pop(ch.key, None)
-        else:
-            held[ch.key] = (ch.pos, ch.body)
+    replay(held, changes)
     return assemble((key, pos, body) for key, (pos, body) in held.items())
 
 

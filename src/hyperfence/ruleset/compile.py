@@ -30,9 +30,10 @@ import itertools
 import weakref
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import NamedTuple
 
 from hyperfence.model.kernel import Flavour
-from hyperfence.model.policy import Action, Direction, FloodLimit, Network, Settings
+from hyperfence.model.policy import Action, Direction, FloodLimit, Network, Settings, Vm
 from hyperfence.policy.resolve import (
     ANY,
     ARP_SERVICE,
@@ -105,7 +106,7 @@ class CompileCache(BuildMemo):
         self.vms: dict[_Key, _VmFragment] = {}
         self.last: dict[str, tuple[VmPolicy, Settings, _Key, list[NftSet]]] = {}
         # The base chains, maps and identity sets, valid while the VMs, networks and settings are the same.
-        self.base: tuple[object, list[Chain], list[Rule], dict[str, NftSet]] | None = None
+        self.base: tuple[_BaseKey, list[Chain], list[Rule], dict[str, NftSet]] | None = None
         # The last result, how many VMs use each VM address set, and how many VMs have reject rules: what
         # a compile that rebuilds only the changed VMs starts from.
         self.prev: Ruleset | None = None
@@ -317,16 +318,12 @@ def _hinted(resolved: Resolved, cache: CompileCache) -> list[VmPolicy] | None:
     base, index, ids = resolved.base, resolved.index, resolved.changed
     if base is None or index is None or ids is None or base is not cache.compiled_vms or cache.base is None:
         return None
-    key = cache.base[0]
-    if not isinstance(key, tuple) or len(key) != 5:
-        return None
-    vms, networks, settings, _, quarantine = key
-    policy = resolved.policy
+    key, policy = cache.base[0], resolved.policy
     if (
-        vms != policy.vms  # (equal tuples of the very same VMs: a pass of identity checks)
-        or networks != policy.networks
-        or settings != policy.settings
-        or quarantine != resolved.quarantine
+        key.vms != policy.vms  # (equal tuples of the very same VMs: a pass of identity checks)
+        or key.networks != policy.networks
+        or key.settings != policy.settings
+        or key.quarantine != resolved.quarantine
     ):
         return None
     out = [resolved.vms[index.order[vid]] for vid in ids]
@@ -337,8 +334,18 @@ def _hinted(resolved: Resolved, cache: CompileCache) -> list[VmPolicy] | None:
     return out
 
 
-def _base_key(resolved: Resolved, settings: Settings) -> object:
-    return (
+class _BaseKey(NamedTuple):
+    """What the base chains, maps and identity sets depend on."""
+
+    vms: tuple[Vm, ...]
+    networks: tuple[Network, ...]
+    settings: Settings
+    dhcp_clients: tuple[bool, ...]
+    quarantine: frozenset[str]
+
+
+def _base_key(resolved: Resolved, settings: Settings) -> _BaseKey:
+    return _BaseKey(
         resolved.policy.vms,
         resolved.policy.networks,
         settings,

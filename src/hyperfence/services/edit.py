@@ -55,7 +55,8 @@ def store_edit(
     """Validate `edit` against the current policy and store it as a new generation (see the module).
     `InvalidInputError` (what is wrong, where), `NotFoundError` (no policy, no such item), `ConflictError`
     (the engine applies a policy file; other writers kept winning)."""
-    for attempt in range(ATTEMPTS):
+    attempt = 0
+    while True:
         compiled = kernel.compiled()
         if compiled is None:
             raise NotFoundError("no policy stored yet: run `hyperfence policy apply FILE` first")
@@ -76,11 +77,11 @@ def store_edit(
         try:
             generation = policies.put_objects(changes, source=source, expected=compiled.generation)
         except ConflictError:
-            if attempt == ATTEMPTS - 1:
+            attempt += 1
+            if attempt == ATTEMPTS:
                 raise
             continue
         return Stored(generation, tuple(changes), checked)
-    raise ConflictError("the policy kept changing while this edit was validated: retry")  # not reached
 
 
 @dataclass(frozen=True)

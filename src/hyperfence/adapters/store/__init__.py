@@ -318,21 +318,7 @@ class Store:
             ).fetchone()
             if int(recorded[0]) != upto - after + 1 or not recorded[1]:
                 return None
-            rows = self._db.execute(
-                "SELECT generation, section, name, pos, body FROM policy_change "
-                "WHERE generation > ? AND generation <= ? ORDER BY generation",
-                (after, upto),
-            ).fetchall()
-        return objects.fold(
-            [
-                [
-                    objects.ObjectChange(
-                        section, name, pos, None if body is None else orjson.loads(body), body is None
-                    )
-                    for _, section, name, pos, body in rows
-                ]
-            ]
-        )
+            return objects.fold([self._changes(after, upto)])
 
     def wait_for_change(
         self, after: int, timeout: float, *, cancelled: Callable[[], bool] | None = None
@@ -383,16 +369,21 @@ class Store:
             (generation,),
         ).fetchone()
         held = objects.split(orjson.loads(base[1])) if base is not None else {}
-        for section, name, pos, body in self._db.execute(
-            "SELECT section, name, pos, body FROM policy_change WHERE generation > ? AND generation <= ? "
-            "ORDER BY generation",
-            (0 if base is None else int(base[0]), generation),
-        ):
-            if body is None:
-                held.pop((section, name), None)
-            else:
-                held[(section, name)] = (pos, orjson.loads(body))
+        objects.replay(held, self._changes(0 if base is None else int(base[0]), generation))
         return objects.assemble((key, pos, body) for key, (pos, body) in held.items())
+
+    def _changes(self, after: int, upto: int) -> list[objects.ObjectChange]:
+        """The recorded object changes of generations `after` (excluded) to `upto`, oldest first."""
+        return [
+            objects.ObjectChange(
+                section, name, pos, None if body is None else orjson.loads(body), body is None
+            )
+            for section, name, pos, body in self._db.execute(
+                "SELECT section, name, pos, body FROM policy_change WHERE generation > ? AND generation <= ? "
+                "ORDER BY generation",
+                (after, upto),
+            )
+        ]
 
     def add_event(self, kind: str, data: dict[str, Any], *, vm: str | None = None) -> None:
         self._exec(
