@@ -71,7 +71,7 @@ def _load_json(text: str, source: str) -> Any:
     levels); only a document that is too deep is scanned again, for the place to report."""
     try:
         data = json.loads(text)
-        too_deep = _is_too_deep(data)
+        too_deep = is_too_deep(data)
     except RecursionError:
         too_deep = True
     except json.JSONDecodeError as e:
@@ -84,11 +84,11 @@ def _load_json(text: str, source: str) -> Any:
             raise json_error from None
     if too_deep:
         offset = _json_nesting_over_limit(text)
-        raise _Limit("is nested too deeply", "" if offset is None else _where(text, offset), _DEPTH_MESSAGE)
+        raise _Limit("is nested too deeply", "" if offset is None else _where(text, offset), DEPTH_MESSAGE)
     return data
 
 
-def _is_too_deep(data: Any) -> bool:
+def is_too_deep(data: Any) -> bool:
     """True when lists and mappings nest deeper than `MAX_POLICY_DEPTH` (walked without recursion)."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
@@ -100,7 +100,7 @@ def _is_too_deep(data: Any) -> bool:
     return False
 
 
-_DEPTH_MESSAGE = (
+DEPTH_MESSAGE = (
     f"more than {MAX_POLICY_DEPTH} nested lists or mappings (expected at most {MAX_POLICY_DEPTH}; "
     "a policy needs 5)"
 )
@@ -196,7 +196,7 @@ class _BoundedLoader(yaml.SafeLoader):
         nests = not isinstance(event, yaml.ScalarEvent)  # lists and mappings nest; as in JSON, text does not
         self._depth += nests
         if self._depth > MAX_POLICY_DEPTH:
-            raise _Limit("is nested too deeply", _mark(event.start_mark), _DEPTH_MESSAGE)
+            raise _Limit("is nested too deeply", _mark(event.start_mark), DEPTH_MESSAGE)
         start = self._nodes
         self._nodes += 1
         node = super().compose_node(parent, index)

@@ -30,6 +30,7 @@ import orjson
 
 from hyperfence.errors import InvalidInputError, NotFoundError, Problem
 from hyperfence.policy.collector import shown
+from hyperfence.policy.document import DEPTH_MESSAGE, is_too_deep
 
 HEAD = "#"
 # The field that names an item of each list section (items of other lists are named by position).
@@ -320,6 +321,13 @@ def _section(section: object) -> str:
     return str(section)
 
 
+def check_depth(item: Any) -> None:
+    """`InvalidInputError` at `item` when it nests lists and mappings deeper than a policy may
+    (`policy/document.py`): what a writer checks before the item meets anything that recurses."""
+    if isinstance(item, dict | list) and is_too_deep(item):
+        raise InvalidInputError("the item is nested too deeply", [Problem("item", DEPTH_MESSAGE)])
+
+
 def write_item(document: dict[str, Any], section: str, item: Any) -> list[ObjectChange]:
     """The object changes that write `item` into `document`'s `section`: in a list section, the item named
     as `item` is (`NAMED_BY`) is replaced where it is, or `item` is appended; in `ipsets`, `item` is one
@@ -327,6 +335,7 @@ def write_item(document: dict[str, Any], section: str, item: Any) -> list[Object
     `InvalidInputError` naming what is wrong with `section` or `item`. (Validating the document they make is
     the caller's: `services/edit.py`.)"""
     section = _section(section)
+    check_depth(item)
     current = document.get(section)
     head_pos = list(document).index(section) if section in document else len(document)
     if section in NAMED_BY:

@@ -18,7 +18,7 @@ from hyperfence.adapters.bridge_ports import read_bridge_ports
 from hyperfence.errors import ConflictError, InvalidInputError, NotFoundError, Problem, from_wire
 from hyperfence.policy.collector import shown
 from hyperfence.policy.desired import desired_update
-from hyperfence.policy.objects import ObjectChange, apply_changes, holds, remove_item, write_item
+from hyperfence.policy.objects import ObjectChange, apply_changes, check_depth, holds, remove_item, write_item
 from hyperfence.policy.parse import parse_policy
 from hyperfence.ports import PolicyRepository
 from hyperfence.reconcile.engine import PortReader, check_devices
@@ -112,6 +112,7 @@ def edit_from_wire(req: dict[str, Any]) -> Edit:
         problems.append(Problem("name", f"{shown(name)} (expected the name of the item to remove)"))
     if problems:
         raise InvalidInputError("bad policy-edit request", problems)
+    check_depth(req.get("item"))
     return Edit(str(section), req.get("item"), bool(remove), str(name))
 
 

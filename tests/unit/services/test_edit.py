@@ -122,3 +122,22 @@ def test_a_policy_file_is_not_edited_and_bad_requests_name_their_field(tmp_path:
         edit_from_wire({"section": 3, "remove": "yes", "name": None})
     assert [p.path for p in err.value.problems] == ["section", "remove", "name"]
     assert edit_from_wire({"section": "rules", "item": R1}) == Edit("rules", R1)
+
+
+def test_an_item_nested_too_deeply_is_refused_where_it_comes_in(engine: Engine) -> None:
+    deep: Any = "x"
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(InvalidInputError) as err:
+        edit_from_wire({"section": "rules", "item": {**R1, "description": deep}})
+    assert [p.path for p in err.value.problems] == ["item"] and "nested" in str(err.value.problems[0])
+    before = engine.store.latest_generation()
+    with pytest.raises(InvalidInputError):
+        edit(engine, Edit("rules", {**R1, "description": deep}))
+    assert engine.store.latest_generation() == before
+
+
+def test_a_removal_request_has_no_item_and_that_is_fine() -> None:
+    assert edit_from_wire({"section": "rules", "remove": True, "name": "r1"}) == Edit(
+        "rules", remove=True, name="r1"
+    )
