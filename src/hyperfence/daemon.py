@@ -351,6 +351,7 @@ class Daemon:
             "agent_channels": dict(self.agents.channel_stats) if self.agents is not None else None,
             "kernel_record": self.engine.kernel_record(),
             "policy_reads": dict(self.engine.policy_reads),
+            "vms": self.engine.chained(),
         }
 
     def _loop_failed(self, name: str, error: str, failures: int) -> None:
@@ -538,12 +539,18 @@ def run_daemon(
     resync: float,
     libvirt: str | None = None,
     flavour: Flavour | None = None,
+    local_only: bool = True,
 ) -> None:
     # A policy of 1,000 VMs is a few hundred thousand small objects: with the default thresholds a full
     # collection lands in the middle of an apply every few changes (+60 ms). Collect less often.
     gc.set_threshold(200_000, 50, 100)
     engine = Engine(
-        netns=netns, state_dir=state_dir, policy_file=policy_file, flavour=flavour, provisional_uplinks=True
+        netns=netns,
+        state_dir=state_dir,
+        policy_file=policy_file,
+        flavour=flavour,
+        provisional_uplinks=True,
+        local_only=local_only,
     )
     preconditions = Preconditions(engine)
     try:

@@ -6,8 +6,9 @@ then one dump of the links whose master it is (the kernel filters by IFLA_MASTER
 Per port: its name, its kind (IFLA_LINKINFO / IFLA_INFO_KIND: `tun`, `veth`, `vxlan`, ...) and its parent
 device on a bus (IFLA_PARENT_DEV_BUS_NAME / _NAME, Linux 5.16+: what makes a device without a kind a
 physical NIC; read from netlink because /sys/class/net shows the namespace that mounted /sys, not the
-bridges'). Ports named in `known` (the declared VMs' ports and uplinks) are skipped after their name, so at
-1,000 VMs the read costs ~3 ms, nearly all of it the kernel's (pyroute2 took 0.44 s for the same dump).
+bridges'). Ports named in `known` (the declared VMs' ports and uplinks) are listed by their name alone (their
+other attributes are not parsed), so at 1,000 VMs the read costs ~3 ms, nearly all of it the kernel's
+(pyroute2 took 0.44 s for the same dump). The names tell which declared VMs are on this host.
 
 `LinkWatch` tells when the ports may have changed: the RTNLGRP_LINK events of the namespace.
 """
@@ -69,7 +70,9 @@ def parse_links(data: bytes, *, bridge: str, known: Collection[str]) -> tuple[li
         start = payload + IFINFOMSG.size
         if msg_type == RTM_NEWLINK and start <= end:
             name = _name_of(data, start, end)
-            if name is not None and name not in known:
+            if name is not None and name in known:
+                ports.append(BridgePort(bridge, name))
+            elif name is not None:
                 a = attrs(data, start, end)
                 info = a.get(IFLA_LINKINFO, b"")
                 kind = _text(attrs(info, 0, len(info)).get(IFLA_INFO_KIND))
@@ -110,7 +113,7 @@ def _ports(
 def read_bridge_ports(
     netns: str | None, bridges: Iterable[str], *, known: Collection[str] = ()
 ) -> tuple[BridgePort, ...]:
-    """The ports of `bridges` in namespace `netns` (None: ours), except those named in `known`. A bridge
+    """The ports of `bridges` in namespace `netns` (None: ours); those named in `known` by their name alone. A bridge
     that does not exist has none. Raises `NotFoundError` (no such namespace), `PermissionDeniedError`
     (entering it needs root) or `KernelError`."""
     sock = open_netlink(netns, what="bridge ports", protocol=NETLINK_ROUTE)

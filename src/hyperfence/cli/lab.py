@@ -23,6 +23,7 @@ from hyperfence.lab.plan import plan_lab
 from hyperfence.lab.policy import lab_policy
 from hyperfence.lab.session import claim_state_dir, lab_state_dir, remove_state_dir
 from hyperfence.model.kernel import FLAVOUR_ENV, parse_flavour
+from hyperfence.policy.local import CHAINS_ENV, parse_chains
 from hyperfence.reconcile.engine import Engine
 
 app = typer.Typer(no_args_is_help=True, help="A lab of VMs as network namespaces (for the demo and tests).")
@@ -51,6 +52,7 @@ def up(
         netns=plan.host_netns,
         state_dir=str(claim_state_dir(name)),
         flavour=parse_flavour(os.environ.get(FLAVOUR_ENV), field=FLAVOUR_ENV),
+        local_only=parse_chains(os.environ.get(CHAINS_ENV), field=CHAINS_ENV),
     )
     try:
         if qemu:

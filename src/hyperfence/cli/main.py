@@ -20,6 +20,7 @@ from hyperfence.cli.output import err, out, plain, plain_lines, styled, table
 from hyperfence.cli.vm import agent_app, vm_app
 from hyperfence.model.kernel import FLAVOUR_ENV, Flavour, parse_flavour
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
+from hyperfence.policy.local import CHAINS_ENV, parse_chains
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.whatif import Flow
 from hyperfence.reconcile.engine import Engine, read_policy_file
@@ -52,10 +53,15 @@ class Ctx:
     netns: str | None
     state_dir: str
     flavour: Flavour | None = None  # forced data plane; None: picked from what the kernel offers
+    local_only: bool = True  # only the VMs whose port is on this host's bridges get chains (--chains)
 
     def engine(self, policy_file: str | None = None) -> Engine:
         return Engine(
-            netns=self.netns, state_dir=self.state_dir, policy_file=policy_file, flavour=self.flavour
+            netns=self.netns,
+            state_dir=self.state_dir,
+            policy_file=policy_file,
+            flavour=self.flavour,
+            local_only=self.local_only,
         )
 
 
@@ -91,13 +97,25 @@ def _global(
             "reject, else br_netfilter), br_netfilter or bridge_native.",
         ),
     ] = None,
+    chains: Annotated[
+        str,
+        typer.Option(
+            envvar=CHAINS_ENV,
+            help="Which declared VMs get chains in this host's kernel: local (default: the VMs whose port "
+            "is on its bridges; the others stay addresses in the rules' sets) or declared (every VM the "
+            "policy declares). Give every command on a host the same.",
+        ),
+    ] = "local",
 ) -> None:
     if lab:
         lab_ns, lab_state = lab_target(lab)
         netns = netns or lab_ns
         state_dir = state_dir or lab_state
     ctx.obj = Ctx(
-        netns=netns, state_dir=state_dir or DEFAULT_STATE, flavour=parse_flavour(flavour, field="--flavour")
+        netns=netns,
+        state_dir=state_dir or DEFAULT_STATE,
+        flavour=parse_flavour(flavour, field="--flavour"),
+        local_only=parse_chains(chains),
     )
 
 
@@ -443,6 +461,7 @@ def daemon_cmd(
         resync=resync,
         libvirt=libvirt,
         flavour=c.flavour,
+        local_only=c.local_only,
     )
 
 
@@ -502,6 +521,19 @@ def status_cmd(
                         f"themselves: {reads.get('parsed_changes')}), read whole: {reads.get('whole')}"
                     )
                 )
+        vms = reply.get("vms") or {}
+        if vms:
+            out.print(
+                plain(
+                    f"VMs with chains here: {vms.get('here')} of {vms.get('declared')} declared (--chains "
+                    f"{vms.get('chains')}"
+                    + (
+                        ": the others' ports are not on this host's bridges)"
+                        if vms.get("chains") == "local"
+                        else ")"
+                    )
+                )
+            )
         for d in reply.get("undeclared_devices") or []:
             out.print(
                 styled("cut off:", "red"),

@@ -22,6 +22,7 @@ from hyperfence.lab import topology
 from hyperfence.lab.plan import LabPlan, plan_lab, validate_lab_name
 from hyperfence.lab.policy import lab_policy
 from hyperfence.model.kernel import FLAVOUR_ENV, parse_flavour
+from hyperfence.policy.local import CHAINS_ENV, parse_chains
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.firewall import ConvergeResult
 from hyperfence.system.state_dir import DIR_MODE, make_dirs, write_private
@@ -80,6 +81,7 @@ class LabSession:
                 netns=self.plan.host_netns,
                 state_dir=self.state_dir,
                 flavour=parse_flavour(os.environ.get(FLAVOUR_ENV), field=FLAVOUR_ENV),
+                local_only=parse_chains(os.environ.get(CHAINS_ENV), field=CHAINS_ENV),
             )
         except BaseException:
             self.close()

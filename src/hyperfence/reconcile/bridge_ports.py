@@ -10,6 +10,10 @@ log and a line of `hyperfence status`. It stays without traffic until the operat
 triggered like the address watch (events are not parsed; a burst is one read); opening the watch reads once;
 the daemon's supervisor restarts it with backoff, and every full resync reads the ports too (the safety net).
 
+A declared VM whose port joins a bridge gets its chains at once (a converge; until it lands, the guard drops
+what an unknown port sends: fail closed), and a VM whose port leaves loses them (`Engine.local_only`: only
+the VMs on this host's bridges get chains).
+
 While a new policy version is refused (it would cut a device off; one-shot engines only), each link change
 asks for a full converge (`on_change`): taking the device off the bridge lifts the refusal at once. The
 daemon passes such a device as a provisional uplink instead (`Engine.converge`); when it leaves its bridge,
@@ -23,6 +27,7 @@ import threading
 from collections.abc import Callable
 
 from hyperfence.adapters.bridge_ports import LinkWatch
+from hyperfence.errors import HyperfenceError
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.host_addresses import Watch
 from hyperfence.reconcile.supervisor import wake_fd
@@ -58,9 +63,15 @@ class BridgePortWatcher:
             watch.close()
 
     def refresh(self) -> None:
-        """Read the bridges' ports and report what changed; while a policy version is refused, ask for a
-        converge (the refusal may be over)."""
+        """Read the bridges' ports and report what changed; converge when a declared VM's port came or went
+        (it gets its chains here, or they go: `Engine.local_only`); while a policy version is refused, ask
+        for a full converge (the refusal may be over)."""
         self.engine.refresh_devices()
+        if self.engine.local_stale:
+            try:
+                self.engine.converge(cause="a VM's port joined or left a bridge")
+            except HyperfenceError as e:  # the next link event or full resync tries again
+                log.error("converge after a VM's port joined or left a bridge failed: %s", e)
         if self.engine.refused_key is not None:
             self.on_change("the bridges' ports changed while a policy version is refused")
         elif self.engine.provisional_stale:

@@ -31,6 +31,7 @@ from hyperfence.model.ports import BridgePort
 from hyperfence.policy.desired import DesiredPolicy, desired_policy, desired_update
 from hyperfence.policy.document import MAX_POLICY_BYTES, load_document
 from hyperfence.policy.leases import expire
+from hyperfence.policy.local import with_local
 from hyperfence.policy.objects import ObjectChange, patch
 from hyperfence.policy.overlays import with_overlays
 from hyperfence.policy.parse import parse_policy
@@ -53,14 +54,32 @@ class PortReader(Protocol):
     ) -> tuple[BridgePort, ...]: ...
 
 
+def read_policy_ports(
+    netns: str | None, policy: Policy, read_ports: PortReader = read_bridge_ports
+) -> tuple[BridgePort, ...]:
+    """The ports of the policy's bridges in namespace `netns` (the ones it declares, as uplinks or VMs'
+    ports, by name alone). One netlink dump per bridge."""
+    known = {u for n in policy.networks for u in n.uplinks} | {v.port for v in policy.vms}
+    return read_ports(netns, [n.bridge for n in policy.networks], known=known)
+
+
 def find_undeclared(
     netns: str | None, policy: Policy, read_ports: PortReader = read_bridge_ports
 ) -> tuple[UndeclaredDevice, ...]:
     """The network devices on the policy's bridges (in namespace `netns`) that it declares neither as
-    uplinks nor as VMs' ports (`policy/uplinks.py`). One netlink dump per bridge."""
-    known = {u for n in policy.networks for u in n.uplinks} | {v.port for v in policy.vms}
-    ports = read_ports(netns, [n.bridge for n in policy.networks], known=known)
-    return undeclared_devices(policy, ports)
+    uplinks nor as VMs' ports (`policy/uplinks.py`)."""
+    return undeclared_devices(policy, read_policy_ports(netns, policy, read_ports))
+
+
+def port_names(ports: Iterable[BridgePort]) -> frozenset[tuple[str, str]]:
+    """(bridge, port) of each port."""
+    return frozenset((p.bridge, p.name) for p in ports)
+
+
+def local_ports(policy: Policy, ports: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """Those of `ports` that are declared VMs' ports: the VMs on this host (`policy/local.py`)."""
+    declared = {v.port for v in policy.vms}
+    return frozenset(p for p in ports if p[1] in declared)
 
 
 def check_devices(netns: str | None, policy: Policy, read_ports: PortReader = read_bridge_ports) -> None:
@@ -93,6 +112,8 @@ class Compiled:
     host_addresses: tuple[AddressRange, ...] = ()  # and the host's addresses
     leases: tuple[Lease, ...] = ()  # and the learned addresses (`policy` has them in its VMs' `ips`)
     flavour: Flavour = Flavour.BR_NETFILTER  # the data plane it was compiled for
+    # and the managed bridges' ports as read (None: every declared VM gets chains; see `Engine.local_only`)
+    ports: frozenset[tuple[str, str]] | None = None
     # and the network devices passed as provisional uplinks (in `resolved`'s policy, not in `policy`)
     provisional: tuple[UndeclaredDevice, ...] = ()
     # and the merged overlays (`resolved` has them on; `plain` is the policy's resolve without them)
@@ -140,6 +161,7 @@ class Engine:
         flavour: Flavour | None = None,
         probe: Callable[[Nft], Capabilities] = kernel_probe.probe,
         provisional_uplinks: bool = False,
+        local_only: bool = False,
     ) -> None:
         """`flavour`: the data plane to build (model/kernel.py), None to pick it from what the kernel offers
         (`probe`, at the first converge; the daemon's preconditions loop re-decides with `use_flavour`).
@@ -148,7 +170,12 @@ class Engine:
 
         `provisional_uplinks` (the daemon): a policy version that would cut a network device off is applied
         with that device passed as a provisional uplink instead of being refused (see `converge`); a one-shot
-        command refuses it, so the operator who typed it sees why at once."""
+        command refuses it, so the operator who typed it sees why at once.
+
+        `local_only` (the daemon and the CLI): only the VMs whose port is on this host's bridges get chains
+        (`policy/local.py`); the others stay addresses in the sets of the rules that name them. The bridges'
+        ports are read with the first compile, again by the port watch (`refresh_devices`) and every full
+        converge. False compiles every declared VM (an engine that must not read the kernel, e.g. in units)."""
         self.netns = netns
         self.forced_flavour = flavour
         self._flavour = flavour
@@ -196,6 +223,14 @@ class Engine:
         self.allow_provisional = provisional_uplinks
         self.provisional: tuple[UndeclaredDevice, ...] = ()
         self.provisional_stale = False  # one of them left its bridge or was declared: converge to apply
+        # The managed bridges' ports as last read, (bridge, port) each, and the bridges they were read on
+        # (None: not read yet); with `local_only`, the declared VMs among them get chains.
+        self.local_only = local_only
+        self.bridge_ports: frozenset[tuple[str, str]] | None = None
+        self._ports_of: frozenset[str] = frozenset()
+        self._last_read: tuple[Policy, tuple[BridgePort, ...]] | None = (
+            None  # the last read, for which policy
+        )
 
     def set_discovered(self, vms: tuple[dict[str, Any], ...]) -> bool:
         """Replace the discovered VMs; True when they changed (converge to apply). A change is stored as
@@ -252,11 +287,60 @@ class Engine:
             applied = self.applied
             if applied is None:
                 return False
-            found = find_undeclared(self.netns, applied.policy, self._read_ports)
+            found = undeclared_devices(applied.policy, self._read_bridge_ports(applied.policy))
             passed = {(d.bridge, d.port) for d in self.provisional}
             if passed - {(d.bridge, d.port) for d in found}:
                 self.provisional_stale = True
             return self.note_undeclared(tuple(d for d in found if (d.bridge, d.port) not in passed))
+
+    def chained(self) -> dict[str, Any] | None:
+        """Which declared VMs the applied ruleset has chains for (`hyperfence status`): the setting, how
+        many VMs have chains here and how many the policy declares; None before the first converge."""
+        applied = self.applied
+        if applied is None:
+            return None
+        declared = len(applied.policy.vms)
+        here = declared if applied.ports is None else len(local_ports(applied.policy, applied.ports))
+        return {"chains": "local" if self.local_only else "declared", "here": here, "declared": declared}
+
+    def _read_bridge_ports(self, policy: Policy) -> tuple[BridgePort, ...]:
+        """Read the ports of `policy`'s bridges and keep them as the bridges' ports; a declared VM's port that
+        came or went since is logged (with `local_only`, the next compile gives it chains or takes them)."""
+        ports = read_policy_ports(self.netns, policy, self._read_ports)
+        self._last_read = (policy, ports)
+        now = port_names(ports)
+        before, self.bridge_ports = self.bridge_ports, now
+        self._ports_of = frozenset(n.bridge for n in policy.networks)
+        if before is not None and self.local_only:
+            was, here = local_ports(policy, before), local_ports(policy, now)
+            for bridge, port in sorted(here - was):
+                log.info("VM port %s joined bridge %s: its VM gets its chains here", port, bridge)
+            for bridge, port in sorted(was - here):
+                log.info("VM port %s left bridge %s: its VM's chains go", port, bridge)
+        return ports
+
+    @property
+    def local_stale(self) -> bool:
+        """With `local_only`: the VMs on this host's bridges are not the ones the applied ruleset has chains
+        for (a VM's port came or went: converge to apply)."""
+        applied = self.applied
+        return (
+            self.local_only
+            and applied is not None
+            and applied.ports is not None
+            and self.bridge_ports is not None
+            and local_ports(applied.policy, applied.ports) != local_ports(applied.policy, self.bridge_ports)
+        )
+
+    def ports_for(self, policy: Policy) -> frozenset[tuple[str, str]] | None:
+        """With `local_only`, the bridges' ports to compile `policy` with (read when the bridges it declares
+        were not all read yet); None without."""
+        if not self.local_only:
+            return None
+        bridges = {n.bridge for n in policy.networks}
+        if self.bridge_ports is None or not bridges <= self._ports_of:
+            self._read_bridge_ports(policy)
+        return self.bridge_ports
 
     def note_undeclared(self, found: tuple[UndeclaredDevice, ...]) -> bool:
         """Keep `found` as the network devices the applied policy leaves undeclared. Each new one is
@@ -515,7 +599,11 @@ class Engine:
             and previous.leases is self.leases
             and previous.provisional == self.provisional
         ):
-            if previous.overlays == merged and previous.flavour is self._compile_flavour():
+            if (
+                previous.overlays == merged
+                and previous.flavour is self._compile_flavour()
+                and previous.ports == self.ports_for(previous.policy)
+            ):
                 return previous
             policy, resolved = previous.policy, previous.plain or previous.resolved
             document, generation, desired = previous.document, previous.generation, previous.desired
@@ -545,15 +633,17 @@ class Engine:
                 else None
             ) or resolve_policy(passed, host_addresses=host)
         overlaid = with_overlays(resolved, merged)
+        ports = self.ports_for(policy)
         self._compiled = Compiled(
             key,
             policy,
             overlaid,
-            compile_ruleset(overlaid, self._cache, flavour=self._compile_flavour()),
+            compile_ruleset(with_local(overlaid, ports), self._cache, flavour=self._compile_flavour()),
             discovered=self.discovered,
             host_addresses=host,
             leases=self.leases,
             flavour=self._compile_flavour(),
+            ports=ports,
             provisional=self.provisional,
             overlays=merged,
             plain=resolved,
@@ -632,6 +722,7 @@ class Engine:
                         raise
                     log.warning("keeping the host's last known addresses: %s", e)
             _ = self.flavour  # decided before compiling what the kernel will hold
+            read = self._last_read
             compiled = self.compiled()
             if compiled is None:
                 return None, None
@@ -639,14 +730,22 @@ class Engine:
             devices = None
             if full or (new and not self._declares_the_same_ports(compiled)):
                 try:
-                    devices = find_undeclared(self.netns, compiled.policy, self._read_ports)
+                    last = self._last_read
+                    # (the compile above may have read them for this very version: once is enough)
+                    ports = (
+                        last[1]
+                        if last is not None and last is not read and last[0] is compiled.policy
+                        else self._read_bridge_ports(compiled.policy)
+                    )
+                    devices = undeclared_devices(compiled.policy, ports)
                 except HyperfenceError as e:
                     if new:  # unchecked, a new version is not applied
                         raise
                     log.warning("the bridges' ports were not read (the resync goes on): %s", e)
                 if devices is not None:
                     devices = self._settle_devices(devices, compiled.key, new=new)
-                    compiled = self.compiled() or compiled  # with the provisional uplinks as they are now
+                    # with the provisional uplinks and the VMs on the bridges as they are now
+                    compiled = self.compiled() or compiled
             result = self.firewall.converge(compiled.ruleset, full=full)
             self.applied, self.refused_key, self.refused = compiled, None, None
             if devices is not None:

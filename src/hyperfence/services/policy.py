@@ -14,6 +14,7 @@ from hyperfence.adapters.bridge_ports import read_bridge_ports
 from hyperfence.errors import BugError, ConflictError, KernelError, NotFoundError, from_wire, prefixed
 from hyperfence.model.policy import Policy
 from hyperfence.policy.desired import desired_policy
+from hyperfence.policy.local import with_local
 from hyperfence.policy.overlays import with_overlays
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
@@ -100,7 +101,7 @@ def preview_policy(
     resolved = with_overlays(
         resolve_policy(wanted.policy, host_addresses=kernel.known_host_addresses()), kernel.merged_overlays()
     )
-    desired = compile_ruleset(resolved, flavour=kernel.flavour)
+    desired = compile_ruleset(with_local(resolved, kernel.ports_for(wanted.policy)), flavour=kernel.flavour)
     actual = kernel.firewall.read()
     plan = plan_changes(desired, actual)
     if not plan.empty:

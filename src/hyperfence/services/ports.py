@@ -14,7 +14,7 @@ from hyperfence.adapters.kernel_probe import NftContext
 from hyperfence.model.kernel import Capabilities, Flavour
 from hyperfence.model.lease import Lease
 from hyperfence.model.overlay import Merged
-from hyperfence.model.policy import AddressRange
+from hyperfence.model.policy import AddressRange, Policy
 from hyperfence.reconcile.engine import Compiled
 from hyperfence.reconcile.firewall import ConvergeResult
 from hyperfence.ruleset.readback import Actual
@@ -58,6 +58,11 @@ class Kernel(Protocol):
         ...
 
     def known_host_addresses(self) -> tuple[AddressRange, ...]: ...
+
+    def ports_for(self, policy: Policy) -> frozenset[tuple[str, str]] | None:
+        """The bridges' ports (bridge, port) that `policy`'s VMs get chains by (`policy/local.py`); None:
+        every declared VM gets chains."""
+        ...
 
     @property
     def discovered(self) -> tuple[dict[str, Any], ...]:

@@ -47,9 +47,9 @@ def test_ports_with_kind_and_parent_and_the_end_of_the_dump() -> None:
     ]
 
 
-def test_known_ports_are_skipped_and_a_dump_goes_on_until_done() -> None:
+def test_known_ports_are_listed_by_name_alone_and_a_dump_goes_on_until_done() -> None:
     ports, finished, _ = parse_links(link("vp1", "veth") + link("vx0", "vxlan"), bridge="br0", known={"vp1"})
-    assert ports == [BridgePort("br0", "vx0", "vxlan")] and not finished
+    assert ports == [BridgePort("br0", "vp1"), BridgePort("br0", "vx0", "vxlan")] and not finished
 
 
 def test_an_error_is_reported_and_a_truncated_buffer_is_never_read_past() -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from hyperfence.adapters.store import Store
 from hyperfence.health.tracker import AgentRecord
+from hyperfence.policy.local import CHAINS_ENV
 from hyperfence.reconcile.engine import Engine
 from hyperfence.reconcile.traffic import TRAFFIC_FILE
 from tests.unit.policy.test_parse import doc
@@ -40,7 +41,8 @@ def hyperfence(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "COLUMNS": "80"},
+        # every declared VM gets chains: nothing here reads the bridges' ports (this host has none of them)
+        env={**os.environ, "COLUMNS": "80", CHAINS_ENV: "declared"},
     )
 
 

@@ -40,7 +40,11 @@ class FakePorts:
         self.reads += 1
         if self.broken:
             raise KernelError("bridge ports: boom")
-        return tuple(p for p in self.ports if p.bridge in set(bridges) and p.name not in known)
+        return tuple(
+            (BridgePort(p.bridge, p.name) if p.name in known else p)
+            for p in self.ports
+            if p.bridge in set(bridges)
+        )
 
 
 class FakeFirewall:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from hyperfence.model.kernel import Capabilities, Flavour
 from hyperfence.model.lease import Lease
 from hyperfence.model.overlay import Merged, Overlay, merge_overlays
-from hyperfence.model.policy import AddressRange
+from hyperfence.model.policy import AddressRange, Policy
 from hyperfence.model.ports import BridgePort
 from hyperfence.policy.parse import parse_policy
 from hyperfence.policy.resolve import resolve_policy
@@ -93,6 +93,9 @@ class FakeEngine:
     def known_host_addresses(self) -> tuple[AddressRange, ...]:
         return ()
 
+    def ports_for(self, policy: Policy) -> frozenset[tuple[str, str]] | None:
+        return None  # every declared VM gets chains
+
     def use_flavour(self, caps: Capabilities) -> bool:
         self.caps.append(caps)
         return False
@@ -117,13 +120,15 @@ class FakeEngine:
 
 
 def ports_reader(*found: BridgePort) -> Callable[..., tuple[BridgePort, ...]]:
-    """A bridge port reader (`reconcile.engine.PortReader`) that finds `found`, less the known ports."""
+    """A bridge port reader (`reconcile.engine.PortReader`) that finds `found` (the known ones by name alone)."""
 
     def read(
         netns: str | None, bridges: Iterable[str], *, known: Collection[str] = ()
     ) -> tuple[BridgePort, ...]:
         wanted = set(bridges)
-        return tuple(p for p in found if p.bridge in wanted and p.name not in known)
+        return tuple(
+            (BridgePort(p.bridge, p.name) if p.name in known else p) for p in found if p.bridge in wanted
+        )
 
     return read
 
