@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Iterable
 
 from hyperfence.errors import InvalidInputError
+from hyperfence.model.policy import Vm
 from hyperfence.policy.resolve import Resolved
 
 CHAINS_ENV = "HYPERFENCE_CHAINS"  # the setting (local, declared) for the CLI, the daemon, the lab, tests
@@ -37,15 +38,40 @@ def parse_chains(text: str | None, *, field: str = "--chains") -> bool:
 
 def with_local(resolved: Resolved, ports: Iterable[tuple[str, str]] | None) -> Resolved:
     """`resolved` with only the VMs whose port is one of `ports` (the managed bridges' ports as read from
-    the kernel, (bridge, port) each; a port counts on any managed bridge, as the ruleset's dispatch does); all of them when `ports` is None (not read: compile every declared VM, as before). The
-    VMs kept are the very objects of `resolved` (the compiler's cache keys on them), and the policy it holds
-    declares only them (what the compiler's base chains depend on: a port that comes or goes changes them)."""
+    the kernel, (bridge, port) each; a port counts on any managed bridge, as the ruleset's dispatch does);
+    all of them when `ports` is None (not read: compile every declared VM, as before). The VMs kept are the
+    very objects of `resolved` (the compiler's cache keys on them), and the policy it holds declares only
+    them (what the compiler's base chains depend on: a port that comes or goes changes them).
+
+    The size of this host's ports, not of the policy: the VMs are found by port through a map kept while
+    the policy's VMs are the same objects (a change of rules keeps them)."""
     if ports is None:
         return resolved
     present = {port for _, port in ports}  # (the ruleset dispatches by port name on every managed bridge)
-    vms = tuple(vp for vp in resolved.vms if vp.vm.port in present)
+    if len(resolved.vms) == len(resolved.policy.vms):  # (in the policy's order: resolve_policy)
+        by_port = _positions(resolved.policy.vms)
+        at = sorted(i for port in present for i in by_port.get(port, ()))
+        vms = tuple(resolved.vms[i] for i in at)
+    else:
+        vms = tuple(vp for vp in resolved.vms if vp.vm.port in present)
     if len(vms) == len(resolved.vms):
         return resolved
     # (which VMs changed since the resolve's `base` no longer maps onto these: the compiler looks at each)
     policy = dataclasses.replace(resolved.policy, vms=tuple(vp.vm for vp in vms))
     return dataclasses.replace(resolved, policy=policy, vms=vms, base=None, changed=None)
+
+
+# The last policy's VMs and the positions of each port among them (one tuple: replaced whole, read whole).
+_MEMO: list[tuple[tuple[Vm, ...], dict[str, tuple[int, ...]]]] = [((), {})]
+
+
+def _positions(vms: tuple[Vm, ...]) -> dict[str, tuple[int, ...]]:
+    """Port -> the positions of the VMs of `vms` with that port (memo of the last `vms`, by identity)."""
+    seen, by_port = _MEMO[0]
+    if seen is not vms:
+        found: dict[str, list[int]] = {}
+        for i, vm in enumerate(vms):
+            found.setdefault(vm.port, []).append(i)
+        by_port = {port: tuple(at) for port, at in found.items()}
+        _MEMO[0] = (vms, by_port)
+    return by_port

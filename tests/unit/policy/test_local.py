@@ -28,3 +28,18 @@ def test_only_vms_on_this_hosts_bridges_get_chains_and_peers_stay_in_sets() -> N
     # vm1's egress rule towards vm2 is still there, with vm2's address in its set
     assert any(r.comment == "rule:web#1" for r in rs.rules)
     assert any("10.77.0.12" in e for s in rs.sets for e in s.elements)
+
+
+def test_the_vms_found_by_port_are_those_a_scan_finds_in_policy_order_for_any_policy() -> None:
+    """The port map is the last policy's: a policy with other VMs (another order) gets its own."""
+    vms = [
+        {"name": f"vm{i}", "port": f"vp{i}", "mac": f"02:77:00:00:01:{i:02x}", "ips": [f"10.77.1.{i}"]}
+        for i in range(1, 9)
+    ]
+    for order in (vms, vms[::-1], vms[2:5]):
+        resolved = resolve_policy(parse_policy(doc(vms=order, rules=[])))
+        for ports in ([], ["vp3"], ["vp7", "vp2", "vp5"], ["vp4", "nic0", "vp9"]):
+            here = with_local(resolved, [("br0", p) for p in ports])
+            scanned = [vp for vp in resolved.vms if vp.vm.port in ports]
+            assert list(here.vms) == scanned and all(a is b for a, b in zip(here.vms, scanned, strict=True))
+            assert here.policy.vms == tuple(vp.vm for vp in scanned)
