@@ -92,6 +92,41 @@ def item_names(section: str, items: list[Any]) -> list[str]:
     return out
 
 
+# Per list section: the last lists of items whose names were looked up, and each name's position (newest
+# first; a writer edits a version and the engine makes the same version again from it: two are kept). A list
+# that `patch` makes from one of them by editing items in place (same names) and appending is given them
+# carried, so a one-rule write finds its rule among 10,000 at the size of the change. (Replaced whole.)
+_NAMED: dict[str, list[tuple[list[Any], dict[str, int]]]] = {}
+_NAMED_KEEP = 2
+
+
+def _named(section: str, items: list[Any]) -> dict[str, int] | None:
+    return next((at for seen, at in _NAMED.get(section, ()) if seen is items), None)
+
+
+def _remember(section: str, items: list[Any], at: dict[str, int]) -> None:
+    kept = [e for e in _NAMED.get(section, ()) if e[0] is not items]
+    _NAMED[section] = [(items, at), *kept][:_NAMED_KEEP]
+
+
+def item_position(section: str, items: list[Any], name: str) -> int | None:
+    """The position of the item named `name` among `items` of list section `section` (`item_names`);
+    None when none is."""
+    at = _named(section, items)
+    if at is None:
+        at = {n: i for i, n in enumerate(item_names(section, items))}
+        _remember(section, items, at)
+    return at.get(name)
+
+
+def _carry_names(section: str, source: list[Any], new: list[Any], kept: bool, added: dict[str, int]) -> None:
+    """`new` is `source` with items edited in place keeping their names (`kept`: only such edits) and the
+    items `added` (name -> position) appended: carry `source`'s names to it, if they were looked up."""
+    at = _named(section, source)
+    if at is not None and kept:
+        _remember(section, new, {**at, **added} if added else at)
+
+
 def _unusable(name: str) -> bool:
     return not name or name[0] == "#"
 
@@ -216,27 +251,29 @@ def assemble(objects: Iterable[tuple[Key, int, Any]]) -> dict[str, Any]:
     return document
 
 
-def _listed(ch: ObjectChange, items: list[Any], names: dict[str, int]) -> bool:
-    """Make `ch` in list `items` (a copy) if it is an item edited where it is or appended; False if not.
-    A named item is checked by its own name (the repository's keys are unique: no pass over the section);
-    one named by its position needs every name before it (`names`: the section's, filled the first time)."""
+def _listed(ch: ObjectChange, items: list[Any], names: dict[str, int]) -> str | None:
+    """Make `ch` in list `items` (a copy) if it is an item edited where it is or appended: "kept" (an edit
+    whose item keeps its name), "edited" (another edit), "appended"; None if not. A named item is checked by
+    its own name (the repository's keys are unique: no pass over the section); one named by its position
+    needs every name before it (`names`: the section's, filled the first time)."""
+    field = NAMED_BY.get(ch.section)
     if ch.name.startswith(HEAD):
         if not names:
             names.update((n, i) for i, n in enumerate(item_names(ch.section, items)))
         edit = names.get(ch.name) == ch.pos
     else:
-        field = NAMED_BY.get(ch.section)
         here = items[ch.pos] if ch.pos < len(items) else None
         edit = field is not None and isinstance(here, dict) and here.get(field) == ch.name
     if edit:
         items[ch.pos] = ch.body
-    elif ch.pos == len(items) and ch.name not in names:
+        named = field is not None and isinstance(ch.body, dict) and ch.body.get(field) == ch.name
+        return "kept" if named else "edited"
+    if ch.pos == len(items) and ch.name not in names:
         items.append(ch.body)
         if names:
             names[ch.name] = ch.pos
-    else:
-        return False
-    return True
+        return "appended"
+    return None
 
 
 def patch(document: dict[str, Any], changes: Iterable[ObjectChange]) -> dict[str, Any] | None:
@@ -248,6 +285,7 @@ def patch(document: dict[str, Any], changes: Iterable[ObjectChange]) -> dict[str
     out = dict(document)
     order = list(out)
     copied: dict[str, dict[str, int]] = {}  # section -> its items' positions by name (once copied)
+    lists: dict[str, tuple[list[Any], bool, dict[str, int]]] = {}  # list section -> (source, kept, added)
     for ch in changes:
         if ch.deleted:
             return None
@@ -263,10 +301,16 @@ def patch(document: dict[str, Any], changes: Iterable[ObjectChange]) -> dict[str
             out[ch.section] = ch.body["value"]
         elif isinstance(current, list):
             if ch.section not in copied:
+                lists[ch.section] = (current, True, {})
                 current = out[ch.section] = list(current)
                 copied[ch.section] = {}
-            if not _listed(ch, current, copied[ch.section]):
+            how = _listed(ch, current, copied[ch.section])
+            if how is None:
                 return None
+            source, kept, added = lists[ch.section]
+            if how == "appended":
+                added[ch.name] = ch.pos
+            lists[ch.section] = (source, kept and how != "edited", added)
         elif isinstance(current, dict) and ch.section in MAP_SECTIONS:
             if not (isinstance(ch.body, list) and len(ch.body) == 2 and isinstance(ch.body[0], str)):
                 return None
@@ -281,6 +325,8 @@ def patch(document: dict[str, Any], changes: Iterable[ObjectChange]) -> dict[str
             at[ch.name] = ch.pos
         else:
             return None
+    for section, (source, kept, added) in lists.items():
+        _carry_names(section, source, out[section], kept, added)
     return out
 
 
@@ -355,8 +401,8 @@ def write_item(document: dict[str, Any], section: str, item: Any) -> list[Object
             return [ObjectChange(section, HEAD, head_pos, LIST_HEAD), ObjectChange(section, name, 0, item)]
         if not isinstance(current, list):
             raise InvalidInputError(f"section {section} is not a list", [Problem(section, "expected a list")])
-        names = item_names(section, current)
-        return [ObjectChange(section, name, names.index(name) if name in names else len(current), item)]
+        at = item_position(section, current, name)
+        return [ObjectChange(section, name, len(current) if at is None else at, item)]
     if section in MAP_SECTIONS:
         if not (isinstance(item, dict) and len(item) == 1):
             raise InvalidInputError(

@@ -42,6 +42,7 @@ from hyperfence.model.policy import (
     Vm,
     VmSelector,
 )
+from hyperfence.policy import edits as edits_module
 from hyperfence.policy import syntax
 from hyperfence.policy.collector import ALL, Collector, Strict, key_path, one_or_list, shown
 from hyperfence.policy.document import load_document
@@ -668,36 +669,42 @@ def parse_rules_changed(
     if len(items) != len(previous.rules) + sum(1 for i in edits if i >= len(previous.rules)):
         return None
     c = Collector()
-    vm_names, taken = _rule_context(previous)
-    for i in edits:
-        if i < len(previous.rules):
-            taken.discard(previous.rules[i].id)
+    vm_names, ids = _rule_context(previous)
+    freed = {previous.rules[i].id for i in edits if i < len(previous.rules)}  # the edited rules' old ids
+    added: set[str] = set()
     ipsets = dict(previous.ipsets)
     strict = previous.settings.inventory == "none"
     rules = list(previous.rules)
-    for i in sorted(edits):
+    at = tuple(sorted(set(edits)))
+    for i in at:
         rule = _rule(c, items[i], i, vm_names, ipsets, ids={}, strict_names=strict)
-        if rule is None or c.problems or rule.id in taken:
+        if rule is None or c.problems or rule.id in added or (rule.id in ids and rule.id not in freed):
             return None  # the whole parse says what is wrong, where (a taken id: at the later rule)
-        taken.add(rule.id)
+        added.add(rule.id)
         if i < len(rules):
             rules[i] = rule
         else:
             rules.append(rule)
     made = dataclasses.replace(previous, rules=tuple(rules))
-    global _CONTEXT  # noqa: PLW0603 - a one-entry memo of a pure function
-    _CONTEXT = (made.vms, made.rules, vm_names, frozenset(taken))
+    global _CONTEXTS  # noqa: PLW0603 - a small memo of a pure function
+    made_ids = ids if added == freed else (ids - freed) | added
+    _CONTEXTS = [(made.vms, made.rules, vm_names, made_ids), (previous.vms, previous.rules, vm_names, ids)]
+    edits_module.record(previous.rules, made.rules, at)
     return made
 
 
-# The VM names and rule ids of the policy `parse_rules_changed` made last (by the identity of its VMs and
-# rules): the next one-rule change starts from them instead of a pass over 10,000 VMs and rules.
-_CONTEXT: tuple[tuple[Vm, ...], tuple[Rule, ...], set[str], frozenset[str]] | None = None
+# The VM names and rule ids of the policies `parse_rules_changed` made last and made it from (by the
+# identity of their VMs and rules): the next one-rule change starts from them instead of a pass over 10,000
+# VMs and rules (the daemon validates an edit, then compiles it: twice from the same policy).
+_CONTEXTS: list[tuple[tuple[Vm, ...], tuple[Rule, ...], set[str], frozenset[str]]] = []
 
 
-def _rule_context(policy: Policy) -> tuple[set[str], set[str]]:
-    """The VM names (shared: not to be changed) and a fresh set of the rule ids of `policy`."""
-    memo = _CONTEXT
-    names = memo[2] if memo is not None and memo[0] is policy.vms else {v.name for v in policy.vms}
-    ids = set(memo[3]) if memo is not None and memo[1] is policy.rules else {r.id for r in policy.rules}
-    return names, ids
+def _rule_context(policy: Policy) -> tuple[set[str], frozenset[str]]:
+    """The VM names and the rule ids of `policy` (both shared: not to be changed)."""
+    memo = _CONTEXTS
+    names = next((m[2] for m in memo if m[0] is policy.vms), None)
+    ids = next((m[3] for m in memo if m[1] is policy.rules), None)
+    return (
+        {v.name for v in policy.vms} if names is None else names,
+        frozenset(r.id for r in policy.rules) if ids is None else ids,
+    )

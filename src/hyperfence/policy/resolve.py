@@ -38,6 +38,7 @@ from hyperfence.model.policy import (
     Vm,
     VmSelector,
 )
+from hyperfence.policy import edits
 
 DHCP_SERVICES = (NamedService(SpecialService.DHCP), NamedService(SpecialService.DHCP_SERVER))
 # DHCP's addresses that are nobody's: a client without an address yet sends from 0.0.0.0, and requests (and
@@ -540,6 +541,17 @@ def _changed_rules(
     """The rules that differ, as (old, new) by id (None: not there), unchanged rules being the same objects
     (what the parser keeps: a one-rule change costs a pass of identity checks); None when more than
     `MAX_INCREMENTAL_RULES` differ."""
+    known = edits.edited(old, new)
+    if known is not None:  # what the parser edited: the size of the change
+        out: list[tuple[Rule | None, Rule | None]] = []
+        for i in known:
+            o, n = (old[i] if i < len(old) else None), new[i]
+            if o is not None and o.id != n.id:
+                break  # (an id that changed: by id, below)
+            if o != n:
+                out.append((o, n))
+        else:
+            return out if len(out) <= MAX_INCREMENTAL_RULES else None
     if len(old) == len(new):
         pairs = [(o, n) for o, n in zip(old, new, strict=True) if o is not n]
         if all(o.id == n.id for o, n in pairs):

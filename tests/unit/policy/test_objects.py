@@ -134,3 +134,43 @@ def test_writing_and_removing_one_item_makes_the_document_it_says() -> None:
     assert apply_changes(DOC, remove_item(DOC, "ipsets", "#odd"))["ipsets"] == {"web": ["10.1.0.0/24"]}
     without = apply_changes(DOC, remove_item(DOC, "settings", ""))
     assert without == {k: v for k, v in DOC.items() if k != "settings"} and list(without) == list(DOC)[1:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(rules, max_size=6), st.lists(rules.filter(lambda r: bool(r.get("id"))), max_size=6))
+def test_items_written_one_by_one_are_found_where_a_fresh_look_finds_them(
+    start: list[dict[str, Any]], writes: list[dict[str, Any]]
+) -> None:
+    """The names `patch` carries from one version's list to the next are the names a pass over it gives."""
+    from hyperfence.policy.objects import apply_changes, item_names, item_position, write_item
+
+    document: dict[str, Any] = {"rules": start}
+    for item in writes:
+        if item["id"].startswith("#"):
+            continue  # (refused: a name that is a position)
+        document = apply_changes(document, write_item(document, "rules", item))
+        fresh = item_names("rules", document["rules"])
+        for name in {*fresh, "a", "b", "c", "d"}:
+            assert item_position("rules", document["rules"], name) == (
+                fresh.index(name) if name in fresh else None
+            )
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents, documents)
+def test_names_carried_through_any_patch_are_those_a_fresh_look_gives(
+    old: dict[str, Any], new: dict[str, Any]
+) -> None:
+    from hyperfence.policy.objects import item_names, item_position
+
+    for section in ("vms", "rules"):
+        if isinstance(old.get(section), list):
+            item_position(section, old[section], "a")  # looked up: what a patch of it carries
+    got = patch(old, fold([diff(stored(old), new)]))
+    for section in ("vms", "rules"):
+        if got is not None and isinstance(got.get(section), list):
+            fresh = item_names(section, got[section])
+            for name in {*fresh, "a", "b", "#1"}:
+                assert item_position(section, got[section], name) == (
+                    fresh.index(name) if name in fresh else None
+                )
