@@ -108,8 +108,10 @@ def run_traffic_log(engine: _EngineLike, stop: threading.Event, *, group: int | 
                 if not packets:
                     continue
                 if engine.current is not compiled:
-                    compiled = engine.current
-                    names = _vm_names(compiled)
+                    was, compiled = compiled, engine.current
+                    # (a change of rules keeps the very VMs: no pass over them all again)
+                    if was is None or compiled is None or compiled.policy.vms is not was.policy.vms:
+                        names = _vm_names(compiled)
                 now = time.time()
                 for pkt in packets:
                     rec = traffic_record(pkt, names, now=now)
