@@ -523,17 +523,11 @@ def status_cmd(
                 )
         vms = reply.get("vms") or {}
         if vms:
-            out.print(
-                plain(
-                    f"VMs with chains here: {vms.get('here')} of {vms.get('declared')} declared (--chains "
-                    f"{vms.get('chains')}"
-                    + (
-                        ": the others' ports are not on this host's bridges)"
-                        if vms.get("chains") == "local"
-                        else ")"
-                    )
-                )
+            elsewhere = (
+                ": the others' ports are not on this host's bridges" if vms.get("chains") == "local" else ""
             )
+            here = f"{vms.get('here')} of {vms.get('declared')} declared (--chains {vms.get('chains')}{elsewhere})"
+            out.print(plain(f"VMs with chains here: {here}"))
         for d in reply.get("undeclared_devices") or []:
             out.print(
                 styled("cut off:", "red"),
