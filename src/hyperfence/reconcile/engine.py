@@ -50,7 +50,12 @@ AddressReader = Callable[[str | None], tuple[AddressRange, ...]]
 
 class PortReader(Protocol):
     def __call__(
-        self, netns: str | None, bridges: Iterable[str], *, known: Collection[str] = ()
+        self,
+        netns: str | None,
+        bridges: Iterable[str],
+        *,
+        known: Collection[str] = (),
+        list_known: bool = False,
     ) -> tuple[BridgePort, ...]: ...
 
 
@@ -60,7 +65,7 @@ def read_policy_ports(
     """The ports of the policy's bridges in namespace `netns` (the ones it declares, as uplinks or VMs'
     ports, by name alone). One netlink dump per bridge."""
     known = {u for n in policy.networks for u in n.uplinks} | {v.port for v in policy.vms}
-    return read_ports(netns, [n.bridge for n in policy.networks], known=known)
+    return read_ports(netns, [n.bridge for n in policy.networks], known=known, list_known=True)
 
 
 def find_undeclared(

@@ -35,7 +35,12 @@ class FakePorts:
         self.reads = 0
 
     def __call__(
-        self, netns: str | None, bridges: Iterable[str], *, known: Collection[str] = ()
+        self,
+        netns: str | None,
+        bridges: Iterable[str],
+        *,
+        known: Collection[str] = (),
+        list_known: bool = False,
     ) -> tuple[BridgePort, ...]:
         self.reads += 1
         if self.broken:
@@ -43,7 +48,7 @@ class FakePorts:
         return tuple(
             (BridgePort(p.bridge, p.name) if p.name in known else p)
             for p in self.ports
-            if p.bridge in set(bridges)
+            if p.bridge in set(bridges) and (list_known or p.name not in known)
         )
 
 

@@ -120,20 +120,23 @@ class FakeEngine:
 
 
 def ports_reader(*found: BridgePort) -> Callable[..., tuple[BridgePort, ...]]:
-    """A bridge port reader (`reconcile.engine.PortReader`) that finds `found` (the known ones by name alone)."""
+    """A bridge port reader (`reconcile.engine.PortReader`) that finds `found`, less the known ports (or
+    those by their name alone: `list_known`)."""
 
     def read(
-        netns: str | None, bridges: Iterable[str], *, known: Collection[str] = ()
+        netns: str | None, bridges: Iterable[str], *, known: Collection[str] = (), list_known: bool = False
     ) -> tuple[BridgePort, ...]:
         wanted = set(bridges)
         return tuple(
-            (BridgePort(p.bridge, p.name) if p.name in known else p) for p in found if p.bridge in wanted
+            (BridgePort(p.bridge, p.name) if p.name in known else p)
+            for p in found
+            if p.bridge in wanted and (list_known or p.name not in known)
         )
 
     return read
 
 
 def no_ports_read(
-    netns: str | None, bridges: Iterable[str], *, known: Collection[str] = ()
+    netns: str | None, bridges: Iterable[str], *, known: Collection[str] = (), list_known: bool = False
 ) -> tuple[BridgePort, ...]:
     raise AssertionError("the bridges' ports were read")
