@@ -115,7 +115,7 @@ def _global(
         netns=netns,
         state_dir=state_dir or DEFAULT_STATE,
         flavour=parse_flavour(flavour, field="--flavour"),
-        local_only=parse_chains(chains),
+        local_only=parse_chains(chains, field=f"--chains ({CHAINS_ENV})"),
     )
 
 

@@ -229,13 +229,12 @@ class Engine:
         self.provisional: tuple[UndeclaredDevice, ...] = ()
         self.provisional_stale = False  # one of them left its bridge or was declared: converge to apply
         # The managed bridges' ports as last read, (bridge, port) each, and the bridges they were read on
-        # (None: not read yet); with `local_only`, the declared VMs among them get chains.
+        # (None: not read yet); with `local_only`, the declared VMs among them get chains. And the last
+        # read itself, with the policy it was made for (a converge uses the read its compile just made).
         self.local_only = local_only
         self.bridge_ports: frozenset[tuple[str, str]] | None = None
         self._ports_of: frozenset[str] = frozenset()
-        self._last_read: tuple[Policy, tuple[BridgePort, ...]] | None = (
-            None  # the last read, for which policy
-        )
+        self._last_read: tuple[Policy, tuple[BridgePort, ...]] | None = None
 
     def set_discovered(self, vms: tuple[dict[str, Any], ...]) -> bool:
         """Replace the discovered VMs; True when they changed (converge to apply). A change is stored as
