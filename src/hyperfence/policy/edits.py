@@ -9,23 +9,20 @@ same policy), so the last two are kept.
 from __future__ import annotations
 
 from hyperfence.model.policy import Rule
+from hyperfence.policy.memo import Recent
 
-KEEP = 2
-# (the rules before, the rules after, the positions that may differ): newest first, replaced whole.
-_EDITS: list[tuple[tuple[Rule, ...], tuple[Rule, ...], tuple[int, ...]]] = []
+# The rules after an edit -> (the rules before, the positions that may differ).
+_EDITS: Recent[tuple[Rule, ...], tuple[tuple[Rule, ...], tuple[int, ...]]] = Recent(2)
 
 
 def record(before: tuple[Rule, ...], after: tuple[Rule, ...], positions: tuple[int, ...]) -> None:
     """`after` is `before` with only the rules at `positions` edited or appended (the others: the very
     objects of `before`)."""
-    global _EDITS  # noqa: PLW0603 - a small memo of what a pure function made
-    _EDITS = [(before, after, positions), *(e for e in _EDITS if e[1] is not after)][:KEEP]
+    _EDITS.put(after, (before, positions))
 
 
 def edited(before: tuple[Rule, ...], after: tuple[Rule, ...]) -> tuple[int, ...] | None:
     """The positions at which `after` may differ from `before`, when a recorded edit made one from the
     other (by identity); None when unknown."""
-    for b, a, positions in _EDITS:
-        if a is after and b is before:
-            return positions
-    return None
+    found = _EDITS.get(after)
+    return found[1] if found is not None and found[0] is before else None

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 from hyperfence.errors import InvalidInputError
 from hyperfence.model.policy import Vm
+from hyperfence.policy.memo import Recent
 from hyperfence.policy.resolve import Resolved
 
 CHAINS_ENV = "HYPERFENCE_CHAINS"  # the setting (local, declared) for the CLI, the daemon, the lab, tests
@@ -61,17 +62,17 @@ def with_local(resolved: Resolved, ports: Iterable[tuple[str, str]] | None) -> R
     return dataclasses.replace(resolved, policy=policy, vms=vms, base=None, changed=None)
 
 
-# The last policy's VMs and the positions of each port among them (one tuple: replaced whole, read whole).
-_MEMO: list[tuple[tuple[Vm, ...], dict[str, tuple[int, ...]]]] = [((), {})]
+# The last policy's VMs -> the positions of each port among them.
+_BY_PORT: Recent[tuple[Vm, ...], dict[str, tuple[int, ...]]] = Recent(1)
 
 
 def _positions(vms: tuple[Vm, ...]) -> dict[str, tuple[int, ...]]:
-    """Port -> the positions of the VMs of `vms` with that port (memo of the last `vms`, by identity)."""
-    seen, by_port = _MEMO[0]
-    if seen is not vms:
+    """Port -> the positions of the VMs of `vms` with that port."""
+    by_port = _BY_PORT.get(vms)
+    if by_port is None:
         found: dict[str, list[int]] = {}
         for i, vm in enumerate(vms):
             found.setdefault(vm.port, []).append(i)
         by_port = {port: tuple(at) for port, at in found.items()}
-        _MEMO[0] = (vms, by_port)
+        _BY_PORT.put(vms, by_port)
     return by_port

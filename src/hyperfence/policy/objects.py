@@ -31,6 +31,7 @@ import orjson
 from hyperfence.errors import InvalidInputError, NotFoundError, Problem
 from hyperfence.policy.collector import shown
 from hyperfence.policy.document import DEPTH_MESSAGE, is_too_deep
+from hyperfence.policy.memo import Recent
 
 HEAD = "#"
 # The field that names an item of each list section (items of other lists are named by position).
@@ -96,35 +97,26 @@ def item_names(section: str, items: list[Any]) -> list[str]:
 # first; a writer edits a version and the engine makes the same version again from it: two are kept). A list
 # that `patch` makes from one of them by editing items in place (same names) and appending is given them
 # carried, so a one-rule write finds its rule among 10,000 at the size of the change. (Replaced whole.)
-_NAMED: dict[str, list[tuple[list[Any], dict[str, int]]]] = {}
-_NAMED_KEEP = 2
-
-
-def _named(section: str, items: list[Any]) -> dict[str, int] | None:
-    return next((at for seen, at in _NAMED.get(section, ()) if seen is items), None)
-
-
-def _remember(section: str, items: list[Any], at: dict[str, int]) -> None:
-    kept = [e for e in _NAMED.get(section, ()) if e[0] is not items]
-    _NAMED[section] = [(items, at), *kept][:_NAMED_KEEP]
+# (A list's items are only of one section: one memo for all.)
+_NAMED: Recent[list[Any], dict[str, int]] = Recent(4)
 
 
 def item_position(section: str, items: list[Any], name: str) -> int | None:
     """The position of the item named `name` among `items` of list section `section` (`item_names`);
     None when none is."""
-    at = _named(section, items)
+    at = _NAMED.get(items)
     if at is None:
         at = {n: i for i, n in enumerate(item_names(section, items))}
-        _remember(section, items, at)
+        _NAMED.put(items, at)
     return at.get(name)
 
 
-def _carry_names(section: str, source: list[Any], new: list[Any], kept: bool, added: dict[str, int]) -> None:
+def _carry_names(source: list[Any], new: list[Any], kept: bool, added: dict[str, int]) -> None:
     """`new` is `source` with items edited in place keeping their names (`kept`: only such edits) and the
     items `added` (name -> position) appended: carry `source`'s names to it, if they were looked up."""
-    at = _named(section, source)
+    at = _NAMED.get(source)
     if at is not None and kept:
-        _remember(section, new, {**at, **added} if added else at)
+        _NAMED.put(new, {**at, **added} if added else at)
 
 
 def _unusable(name: str) -> bool:
@@ -326,7 +318,7 @@ def patch(document: dict[str, Any], changes: Iterable[ObjectChange]) -> dict[str
         else:
             return None
     for section, (source, kept, added) in lists.items():
-        _carry_names(section, source, out[section], kept, added)
+        _carry_names(source, out[section], kept, added)
     return out
 
 

@@ -46,6 +46,7 @@ from hyperfence.policy import edits as edits_module
 from hyperfence.policy import syntax
 from hyperfence.policy.collector import ALL, Collector, Strict, key_path, one_or_list, shown
 from hyperfence.policy.document import load_document
+from hyperfence.policy.memo import Recent
 from hyperfence.policy.objects import HEAD, ObjectChange
 from hyperfence.policy.sections import parse_heartbeats, parse_limits, parsed_selectors
 
@@ -686,24 +687,23 @@ def parse_rules_changed(
         else:
             rules.append(rule)
     made = dataclasses.replace(previous, rules=tuple(rules))
-    global _CONTEXTS  # noqa: PLW0603 - a small memo of a pure function
-    made_ids = ids if added == freed else (ids - freed) | added
-    _CONTEXTS = [(made.vms, made.rules, vm_names, made_ids), (previous.vms, previous.rules, vm_names, ids)]
+    _NAMES.put(previous.vms, vm_names)
+    _IDS.put(previous.rules, ids)
+    _IDS.put(made.rules, ids if added == freed else (ids - freed) | added)
     edits_module.record(previous.rules, made.rules, at)
     return made
 
 
-# The VM names and rule ids of the policies `parse_rules_changed` made last and made it from (by the
-# identity of their VMs and rules): the next one-rule change starts from them instead of a pass over 10,000
-# VMs and rules (the daemon validates an edit, then compiles it: twice from the same policy).
-_CONTEXTS: list[tuple[tuple[Vm, ...], tuple[Rule, ...], set[str], frozenset[str]]] = []
+# The VM names and rule ids of the policies `parse_rules_changed` made last and made them from: the next
+# one-rule change starts from them instead of a pass over 10,000 VMs and rules (the daemon validates an
+# edit, then compiles it: twice from the same policy).
+_NAMES: Recent[tuple[Vm, ...], set[str]] = Recent(2)
+_IDS: Recent[tuple[Rule, ...], frozenset[str]] = Recent(3)
 
 
 def _rule_context(policy: Policy) -> tuple[set[str], frozenset[str]]:
     """The VM names and the rule ids of `policy` (both shared: not to be changed)."""
-    memo = _CONTEXTS
-    names = next((m[2] for m in memo if m[0] is policy.vms), None)
-    ids = next((m[3] for m in memo if m[1] is policy.rules), None)
+    names, ids = _NAMES.get(policy.vms), _IDS.get(policy.rules)
     return (
         {v.name for v in policy.vms} if names is None else names,
         frozenset(r.id for r in policy.rules) if ids is None else ids,

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -74,6 +74,15 @@ def find_undeclared(
     """The network devices on the policy's bridges (in namespace `netns`) that it declares neither as
     uplinks nor as VMs' ports (`policy/uplinks.py`)."""
     return undeclared_devices(policy, read_policy_ports(netns, policy, read_ports))
+
+
+class PortsRead(NamedTuple):
+    """One read of the bridges' ports: the policy whose bridges were read, the ports, and (bridge, port) of
+    each."""
+
+    policy: Policy
+    ports: tuple[BridgePort, ...]
+    names: frozenset[tuple[str, str]]
 
 
 def port_names(ports: Iterable[BridgePort]) -> frozenset[tuple[str, str]]:
@@ -228,13 +237,10 @@ class Engine:
         self.allow_provisional = provisional_uplinks
         self.provisional: tuple[UndeclaredDevice, ...] = ()
         self.provisional_stale = False  # one of them left its bridge or was declared: converge to apply
-        # The managed bridges' ports as last read, (bridge, port) each, and the bridges they were read on
-        # (None: not read yet); with `local_only`, the declared VMs among them get chains. And the last
-        # read itself, with the policy it was made for (a converge uses the read its compile just made).
+        # The last read of the managed bridges' ports (None: not read yet); with `local_only`, the declared
+        # VMs among them get chains.
         self.local_only = local_only
-        self.bridge_ports: frozenset[tuple[str, str]] | None = None
-        self._ports_of: frozenset[str] = frozenset()
-        self._last_read: tuple[Policy, tuple[BridgePort, ...]] | None = None
+        self._ports_read: PortsRead | None = None
 
     def set_discovered(self, vms: tuple[dict[str, Any], ...]) -> bool:
         """Replace the discovered VMs; True when they changed (converge to apply). A change is stored as
@@ -291,7 +297,7 @@ class Engine:
             applied = self.applied
             if applied is None:
                 return False
-            found = undeclared_devices(applied.policy, self._read_bridge_ports(applied.policy))
+            found = undeclared_devices(applied.policy, self._read_bridge_ports(applied.policy).ports)
             passed = {(d.bridge, d.port) for d in self.provisional}
             if passed - {(d.bridge, d.port) for d in found}:
                 self.provisional_stale = True
@@ -307,21 +313,25 @@ class Engine:
         here = declared if applied.ports is None else len(local_ports(applied.policy, applied.ports))
         return {"chains": "local" if self.local_only else "declared", "here": here, "declared": declared}
 
-    def _read_bridge_ports(self, policy: Policy) -> tuple[BridgePort, ...]:
+    @property
+    def bridge_ports(self) -> frozenset[tuple[str, str]] | None:
+        """The managed bridges' ports as last read, (bridge, port) each; None before the first read."""
+        read = self._ports_read
+        return None if read is None else read.names
+
+    def _read_bridge_ports(self, policy: Policy) -> PortsRead:
         """Read the ports of `policy`'s bridges and keep them as the bridges' ports; a declared VM's port that
         came or went since is logged (with `local_only`, the next compile gives it chains or takes them)."""
         ports = read_policy_ports(self.netns, policy, self._read_ports)
-        self._last_read = (policy, ports)
-        now = port_names(ports)
-        before, self.bridge_ports = self.bridge_ports, now
-        self._ports_of = frozenset(n.bridge for n in policy.networks)
+        before, now = self.bridge_ports, port_names(ports)
+        read = self._ports_read = PortsRead(policy, ports, now)
         if before is not None and self.local_only:
             was, here = local_ports(policy, before), local_ports(policy, now)
             for bridge, port in sorted(here - was):
                 log.info("VM port %s joined bridge %s: its VM gets its chains here", port, bridge)
             for bridge, port in sorted(was - here):
                 log.info("VM port %s left bridge %s: its VM's chains go", port, bridge)
-        return ports
+        return read
 
     @property
     def local_stale(self) -> bool:
@@ -341,10 +351,11 @@ class Engine:
         were not all read yet); None without."""
         if not self.local_only:
             return None
-        bridges = {n.bridge for n in policy.networks}
-        if self.bridge_ports is None or not bridges <= self._ports_of:
-            self._read_bridge_ports(policy)
-        return self.bridge_ports
+        read = self._ports_read
+        wanted = {n.bridge for n in policy.networks}
+        if read is None or not wanted <= {n.bridge for n in read.policy.networks}:
+            read = self._read_bridge_ports(policy)
+        return read.names
 
     def note_undeclared(self, found: tuple[UndeclaredDevice, ...]) -> bool:
         """Keep `found` as the network devices the applied policy leaves undeclared. Each new one is
@@ -726,7 +737,7 @@ class Engine:
                         raise
                     log.warning("keeping the host's last known addresses: %s", e)
             _ = self.flavour  # decided before compiling what the kernel will hold
-            read = self._last_read
+            read = self._ports_read
             compiled = self.compiled()
             if compiled is None:
                 return None, None
@@ -734,12 +745,12 @@ class Engine:
             devices = None
             if full or (new and not self._declares_the_same_ports(compiled)):
                 try:
-                    last = self._last_read
+                    last = self._ports_read
                     # (the compile above may have read them for this very version: once is enough)
                     ports = (
-                        last[1]
-                        if last is not None and last is not read and last[0] is compiled.policy
-                        else self._read_bridge_ports(compiled.policy)
+                        last.ports
+                        if last is not None and last is not read and last.policy is compiled.policy
+                        else self._read_bridge_ports(compiled.policy).ports
                     )
                     devices = undeclared_devices(compiled.policy, ports)
                 except HyperfenceError as e:
